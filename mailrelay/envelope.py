@@ -1,0 +1,53 @@
+"""Plain values that travel between the stages: who the client is, and a message's envelope.
+
+Frozen dataclasses, no behaviour beyond (de)serialisation, so every stage may hold them safely.
+The spool stores `Envelope.to_json()`; nothing here is pickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the session knows about its peer when it asks the policy for a decision."""
+    address: str                      # peer IP as text ("127.0.0.2", "::1"); IPv4-mapped already unmapped
+    port: int = 0
+    helo: str = ""                    # the EHLO/HELO argument (validated: no CR/LF/controls)
+    listener: str = "relay"           # "relay" | "submission" | "submissions"
+    user: Optional[str] = None        # authenticated user name, None when not authenticated
+    tls: Optional[str] = None         # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", None in plaintext
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One accepted message's envelope, as written to the spool before the body."""
+    sender: str                       # "" is the null reverse-path <>
+    recipients: tuple[str, ...]
+    received_at: float                # unix time the DATA phase began
+    client_address: str = ""
+    client_helo: str = ""
+    identity: Optional[str] = None    # authenticated user, or the permit rule that matched ("permit[0]")
+    body: str = "7BIT"                # BODY= parameter: "7BIT" | "8BITMIME"
+    smtputf8: bool = False
+    tls: Optional[str] = None
+    params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["recipients"] = list(self.recipients)
+        return json.dumps(d, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Envelope":
+        d = json.loads(data)
+        d["recipients"] = tuple(d["recipients"])
+        return cls(**d)
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of `local@domain` ('' for the null path or a bare local part)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at else ""

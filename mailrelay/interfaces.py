@@ -1,0 +1,103 @@
+"""The seams between the stages of a message's journey.
+
+    server (session, policy) --IIncomingQueue--> spool --IScheduler--> delivery (router, next hop) --> dsn
+
+Each stage depends only on the interfaces here and on the plain values in `envelope`, so a test (or an
+embedding application) can put any piece in place of another, as twisted.names does with IResolver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply with its RFC 3463 enhanced status code, e.g. Reply(550, "5.7.1", "Relay access denied")."""
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+class IRelayPolicy(Interface):
+    """Decides who may relay what (the one place issue 'access control' replaces). All methods are
+    synchronous and cheap; None means accepted, a Reply means refused with that reply."""
+
+    def identify(client):
+        """The identity a client relays as (user name, or the permit rule that matched, e.g. "permit[0]"),
+        or None when no rule matches this client at all."""
+
+    def check_sender(client, sender):
+        """MAIL FROM: `client` is an envelope.ClientInfo, `sender` the address ("" for <>)."""
+
+    def check_recipient(client, sender, recipient):
+        """RCPT TO: may `client` relay mail from `sender` to `recipient`?"""
+
+    def check_message(client, sender, headers):
+        """After DATA: `headers` is the message's header block (bytes, CRLF line ends)."""
+
+
+class IMessageWriter(Interface):
+    """One message being received. Lines arrive already un-dot-stuffed and with CRLF line ends."""
+
+    queue_id = Attribute("The queue id given to this message, known before the first byte is written.")
+
+    def write(data):
+        """Append bytes of the message (headers and body). Memory use must not grow with message size."""
+
+    def commit():
+        """Make the message durable (fsync file, rename, fsync directory). Returns a Deferred firing with
+        the queue id once it is; only then may the server answer 250."""
+
+    def abort():
+        """Throw the partial message away. Safe to call more than once, and after a failed commit."""
+
+
+class IIncomingQueue(Interface):
+    """What the server hands accepted messages to."""
+
+    def new_message(envelope):
+        """Start receiving a message with this envelope.Envelope; returns an IMessageWriter."""
+
+
+class ISpool(IIncomingQueue):
+    """The durable queue directory: one file per message (envelope + body), plus per-recipient state."""
+
+    def queue_ids():
+        """The ids of every complete message in the spool, oldest first."""
+
+    def load(queue_id):
+        """A spool.SpooledMessage: envelope, body access and per-recipient state."""
+
+    def save_state(queue_id, state):
+        """Atomically replace the per-recipient delivery state of a message (a JSON-able dict)."""
+
+    def remove(queue_id):
+        """Delete a message once every recipient has a final answer."""
+
+
+class IScheduler(Interface):
+    """Runs the queue: decides when each message is tried, and by which route."""
+
+    def enqueue(queue_id):
+        """A message was committed to the spool: try it as soon as limits allow."""
+
+
+class INextHop(Interface):
+    """One way out: a smarthost transport, or direct MX delivery."""
+
+    def deliver(message, recipients):
+        """Send a spooled message to `recipients` (all of one route) in one transaction.
+
+        Returns a Deferred firing with a list of delivery.RecipientResult, one per recipient, each with
+        the reply that settles it (2xx delivered, 4xx retry, 5xx bounce). Connection-level failures give
+        every recipient a 4xx result; the Deferred itself does not fail."""
+
+
+class IRouter(Interface):
+    def route(sender, recipient, attempts):
+        """The config.Route that applies (first match), or None for direct MX delivery."""
+
