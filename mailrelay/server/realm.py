@@ -10,6 +10,11 @@ from twisted.cred.portal import IRealm, Portal
 from zope.interface import Interface, implementer
 
 
+class TemporaryAuthFailure(Exception):
+    """A checker could not decide (directory unreachable, timeout): the session answers 454 4.7.0 and the
+    client may try again later. Wrong credentials are twisted.cred.error.UnauthorizedLogin (535 5.7.8)."""
+
+
 class IRelayUser(Interface):
     """An authenticated client identity (attribute `name`)."""
 
