@@ -5,14 +5,24 @@ First stage of the journey: everything the relay does is decided by one `Config`
 `str()` is one line naming the file, the key path (`route[2].transport`) and what is wrong.
 
 Durations: "90s", "5m", "4h", "5d" or bare seconds.  Sizes: "50MiB", "10MB", "512KiB" or bytes.
-Relative paths are resolved against the directory of the config file.
+Relative paths are resolved against the directory of the config file.  Files the relay must read at
+start (TLS certificate and key, DKIM keys, LDAP CA and secret, transport secrets and CAs) are opened
+here, so a typo is refused at start and not at the first message.  `auth.password_file` is not:
+`mailrelay passwd` creates it.
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from types import MappingProxyType
+from typing import Any, Mapping, NoReturn, Optional
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -21,6 +31,7 @@ class ConfigError(Exception):
     """A config problem: `file: key: message`, one line."""
 
     def __init__(self, file: str, key: str, message: str):
+        message = " ".join(str(message).split())   # one line, whatever tomllib or the OS said
         self.file, self.key, self.message = str(file), key, message
         super().__init__(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
 
@@ -194,6 +205,3 @@ class Config:
     sendmail: SendmailConfig = SendmailConfig()
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a tap.conf; raise ConfigError (one line) on any problem."""
-    raise NotImplementedError
