@@ -13,6 +13,7 @@ setup(
         "service-identity",
         "cryptography",
         "dkimpy",
+        "pynacl",          # dkimpy needs it to verify Ed25519 signatures (RFC 8463)
         "dnspython>=2.4",
         "argon2-cffi",
         "bcrypt",

@@ -1,0 +1,147 @@
+"""`mailrelay check --config FILE`: validate a tap.conf and say what it means, before the relay runs it.
+
+Not a stage of the message's journey but its rehearsal: in, a config path; out, a few human-readable
+lines on stdout (hostname, spool, listeners, auth, permit rules, DKIM keys, queue timings, delivery
+policy, transports, routes) and exit 0, or the loader's one-line error on stderr and exit 2.  Never a
+traceback, whatever the file is (missing, a directory, binary, not TOML).  Secrets are never printed:
+only the paths of the files that hold them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mailrelay.config import Config, ConfigError, LDAPConfig, Permit, load
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+
+_LISTENER_TLS = {
+    "relay": "STARTTLS offered",
+    "submission": "STARTTLS required before AUTH and MAIL",
+    "submissions": "implicit TLS",
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check", help="validate a config file and print what it means",
+        description="Validate a tap.conf and print what the relay would do with it.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="the tap.conf to check")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:   # a loader bug must still be one line, not a traceback
+        print(f"{args.config}: cannot check: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_CONFIG
+    for label, text in describe(config):
+        print(f"{label:<12} {text}")
+    print(f"ok: {config.path}")
+    return EXIT_OK
+
+
+def human_duration(seconds: float) -> str:
+    """300.0 → "5m", 5400.0 → "90m", 0 → "0s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def human_size(size: int) -> str:
+    """52428800 → "50 MiB"."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def _list(items) -> str:
+    return ", ".join(str(i) for i in items) or "(none)"
+
+
+def _ldap(ldap: LDAPConfig) -> str:
+    ignored = " (search_base/search_filter unused)" if ldap.bind_dn and ldap.search_base else ""
+    how = (f"bind as {ldap.bind_dn}{ignored}" if ldap.bind_dn else
+           f"search {ldap.search_base} for {ldap.search_filter}"
+           + (f" as {ldap.service_dn}" if ldap.service_dn else " anonymously"))
+    group = f", member of {ldap.require_group}" if ldap.require_group else ""
+    tls = ", STARTTLS" if ldap.starttls else ""
+    return f"{_list(ldap.urls)}{tls}: {how}{group}; cache {human_duration(ldap.cache)}"
+
+
+def _auth(config: Config) -> str:
+    auth = config.auth
+    if not auth.mechanisms:
+        return "no AUTH offered"
+    parts = [f"{_list(auth.mechanisms)}, over TLS only"]
+    if auth.password_file:
+        missing = "" if auth.password_file.exists() else " (not there yet: `mailrelay passwd` creates it)"
+        parts.append(f"password file {auth.password_file}{missing}")
+    if len(parts) == 1 and not auth.ldap:
+        parts.append("no password file or LDAP: every AUTH will fail")
+    return "; ".join(parts)
+
+
+def _permit(permit: Permit) -> str:
+    if permit.anyone:
+        who = "any client"
+    elif permit.networks:
+        who = f"clients from {_list(permit.networks)}"
+    else:
+        who = "any authenticated user" if permit.users == ("*",) else f"users {_list(permit.users)}"
+    header = "; From: header held to the senders" if permit.check_from_header and permit.users else ""
+    return f"{who} may send from {_list(permit.senders)} to {_list(permit.recipients)}{header}"
+
+
+def describe(config: Config) -> list[tuple[str, str]]:
+    """(label, text) lines saying what `config` makes the relay do."""
+    lines = [("hostname", config.hostname), ("spool", str(config.spool))]
+    tls = config.tls
+    lines.append(("tls", f"cert {tls.cert}, key {tls.key}" if tls.cert else
+                  "no [tls]: a self-signed certificate is generated into the spool"))
+    for listener in config.listeners:
+        required = listener.kind == "relay" and listener.require_tls
+        note = _LISTENER_TLS[listener.kind] + (", required before MAIL" if required else "")
+        lines.append(("listen", f"{listener.kind} on {listener.endpoint} ({note})"))
+    limits = config.limits
+    rate = f"{limits.messages_per_minute}/min per client" if limits.messages_per_minute else "no rate limit"
+    lines.append(("limits", f"{human_size(limits.max_message_size)} per message, {limits.max_recipients} "
+                  f"recipients; {limits.max_connections} connections ({limits.max_connections_per_ip} per IP); "
+                  f"{rate}; {limits.auth_failures_per_minute} AUTH failures/min per IP; idle "
+                  f"{human_duration(limits.idle_timeout)}, session {human_duration(limits.session_timeout)}"))
+    lines.append(("auth", _auth(config)))
+    if config.auth.ldap:
+        lines.append(("ldap", _ldap(config.auth.ldap)))
+    lines += [(f"permit[{i}]", _permit(p)) for i, p in enumerate(config.permits)]
+    lines.append(("dkim", f"{config.dkim.mode}" + "".join(
+        f"; {k.selector}._domainkey.{k.domain} ({k.key_file})" for k in config.dkim.keys)))
+    queue = config.queue
+    warning = f"after {human_duration(queue.delay_warning)}" if queue.delay_warning else "never"
+    lines.append(("queue", f"retry after {human_duration(queue.first_retry)}, doubling up to "
+                  f"{human_duration(queue.max_retry)}; bounce after {human_duration(queue.lifetime)}; "
+                  f"delay warning {warning}; DSNs {'on' if queue.bounces else 'off'}"))
+    d = config.delivery
+    resolver = _list(f"{h}:{p}" for h, p in d.nameservers) if d.nameservers else "the system resolver"
+    source = f", from {d.source_address}" if d.source_address else ""
+    lines.append(("delivery", f"direct to MX port {d.mx_port}, TLS {d.tls}; {d.concurrency} connections "
+                  f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}"))
+    for t in config.transports.values():
+        login = f", login {t.username} (password from {t.password_file})" if t.username else ""
+        ca = f", CA {t.ca_file}" if t.ca_file else ""
+        verify = "verified" if t.verify else "NOT verified"
+        lines.append(("transport", f"{t.name}: {t.host}:{t.port} {t.security}, certificate {verify}{ca}{login}"))
+    for i, r in enumerate(config.routes):
+        after = f" after {r.after_attempts} failed attempts" if r.after_attempts else ""
+        lines.append((f"route[{i}]", f"to {_list(r.recipients)} from {_list(r.senders)} via {r.transport}{after}"))
+    if not config.routes:
+        lines.append(("route", "none: everything goes direct to MX"))
+    lines.append(("metrics", config.metrics.endpoint or "off"))
+    lines.append(("log", f"{config.log.format} to {config.log.file or 'the twistd log'}"))
+    return lines
