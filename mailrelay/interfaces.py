@@ -101,3 +101,17 @@ class IRouter(Interface):
     def route(sender, recipient, attempts):
         """The config.Route that applies (first match), or None for direct MX delivery."""
 
+
+class IDeliveryReporter(Interface):
+    """Tells the envelope sender what became of a message (the DSN module, RFC 3464). The scheduler never
+    calls it for the null reverse-path <>. Either method may return a Deferred; a failure means "not
+    reported": the scheduler keeps the message and asks again later."""
+
+    def bounce(message, results):
+        """One failure DSN for a spooled message. `results`: a delivery.RecipientResult per recipient that
+        failed for good — permanent (5xx) ones carry the remote refusal; expired ones (queue lifetime
+        reached) carry status 4.4.7 and the last reply in their text."""
+
+    def delay(message, recipients):
+        """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
+        still pending, each with its last (temporary) reply."""

@@ -1,21 +1,27 @@
-"""What a next hop answers for each recipient of one delivery attempt.
+"""What a delivery attempt answers, per recipient (RFC 5321 section 4.2, RFC 3463 enhanced status codes).
 
-In: the reply a remote server (or our own client, for a connection-level failure) gave one recipient.
-Out: a `RecipientResult` the scheduler acts on — 2xx delivered, 4xx retried later, 5xx bounced
-(RFC 5321 §4.2.1 reply classes; `status` is the RFC 3463 enhanced status code).
+Journey: the delivery client and the next hops (smarthost, MX) produce these; the scheduler reads them to
+mark a recipient delivered (2xx), retry it later (4xx) or bounce it with a DSN (5xx, RFC 3464).
+In: SMTP replies, or connection-level failures.  Out: frozen `RecipientResult` / `SessionResult` values.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Iterable, Optional
+
+# RFC 3463 section 2: class "." subject "." detail, at the start of the reply text (RFC 2034 section 4).
+_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
 @dataclass(frozen=True)
 class RecipientResult:
+    """The reply that settles one recipient on one attempt, e.g. (rcpt, 550, "5.1.1", "User unknown", host)."""
     recipient: str
-    code: int              # the SMTP reply code, e.g. 250, 451, 550
-    status: str            # the RFC 3463 enhanced status code, e.g. "4.4.1"
-    text: str              # the reply text (remote words: log it, never trust it)
-    remote_host: str       # the host that answered ("" when no connection was made)
+    code: int
+    status: str          # RFC 3463 enhanced status code, its class agreeing with `code`
+    text: str
+    remote_host: str = ""
 
     @property
     def delivered(self) -> bool:
@@ -28,3 +34,60 @@ class RecipientResult:
     @property
     def permanent(self) -> bool:
         return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        where = f" ({self.remote_host})" if self.remote_host else ""
+        return f"{self.recipient}: {self.code} {self.status} {self.text}{where}"
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """Everything one connection settled: one tuple of results per job, in the order the jobs were given.
+
+    `tls` names the negotiated protocol ("TLSv1.3") or is None in plaintext.  `tls_failed` says a TLS
+    handshake (STARTTLS or implicit) failed, so an opportunistic caller may retry in plaintext.
+    `before_mail` says the session failed before the first MAIL FROM was answered (connect, greeting,
+    EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host."""
+    jobs: tuple[tuple[RecipientResult, ...], ...]
+    tls: Optional[str] = None
+    tls_failed: bool = False
+    before_mail: bool = False
+
+    @property
+    def results(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for job in self.jobs for r in job)
+
+
+def parse_reply(code: int, text: bytes) -> tuple[str, str]:
+    """(enhanced status, text) from a reply's code and text; a status whose class disagrees with the code,
+    or none at all, is replaced by the generic X.0.0 of the code's class (RFC 3463 section 3.1)."""
+    first = text.split(b"\n", 1)[0]
+    match = _ENHANCED.match(first)
+    klass = str(code)[0] if 200 <= code < 600 else "4"
+    if match and match.group(1).decode() == klass:
+        status = b".".join(match.groups()).decode("ascii")
+        first = first[match.end():]
+    else:
+        status = f"{klass}.0.0"
+    return status, printable(first)
+
+
+def printable(text: bytes, limit: int = 300) -> str:
+    """Server text made safe for logs and DSNs: ASCII printable only, bounded length."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit].decode("ascii", "replace"))
+
+
+def from_reply(recipient: str, code: int, text: bytes, remote_host: str) -> RecipientResult:
+    """A result for `recipient` from a server reply."""
+    status, clean = parse_reply(code, text)
+    if not 200 <= code < 600:
+        # A reply code outside 2xx-5xx is a protocol error: never a delivery, never a bounce.
+        code, clean = 451, f"unexpected reply code {code}: {clean}"
+    return RecipientResult(recipient, code, status, clean, remote_host)
+
+
+def settle_all(
+    recipients: Iterable[str], code: int, status: str, text: str, remote_host: str = ""
+) -> tuple[RecipientResult, ...]:
+    """The same result for every recipient (a connection-level failure, a MAIL FROM refusal)."""
+    return tuple(RecipientResult(r, code, status, text, remote_host) for r in recipients)

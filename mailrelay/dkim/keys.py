@@ -53,7 +53,7 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKe
     try:
         key = serialization.load_pem_private_key(data, password=None)   # PKCS#8 and PKCS#1 alike
     except (ValueError, TypeError) as e:
-        raise KeyError_(f"{path}: not a PEM private key without passphrase ({e})") from None
+        raise KeyError_(f"{path}: not an unencrypted PEM private key ({e})") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < RSA_MIN_BITS:
             raise KeyError_(f"{path}: RSA key of {key.key_size} bits; at least {RSA_MIN_BITS} required")
