@@ -1,0 +1,224 @@
+"""The spool's directories and the blocking file operations on them (fsync, rename, unlink).
+
+In: paths and bytes.  Out: durable files.  Everything here blocks and is thread-safe (no shared state):
+the Spool service calls these from its thread pool, never from the reactor thread, whenever they fsync.
+The fsync-before-rename-before-directory-fsync order is what lets the session answer 250 (RFC 5321
+§6.1: a relay that has accepted a message must not lose it, even in a crash).
+
+Layout under the spool directory (each 0700, files 0600):
+    tmp/      messages being received, state files being written (anything here at start is torn)
+    queue/    complete messages, one file per queue id (see message.py for the format)
+    state/    <id>.json: the scheduler's per-recipient delivery state, replaced atomically
+    hold/     <id>: an empty flag file; a held message is kept but not delivered
+    corrupt/  queue files recovery could not read (kept for a human, never deleted)
+    control/  requests from the `mailrelay queue` CLI to the running relay (see control.py)
+    lock      flock()ed by the running relay, so a second relay (or a CLI) can tell it is running
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mailrelay.spool.message import SIZE_OFFSET, encode_size
+
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class SpoolLocked(RuntimeError):
+    """Another process (a running relay) holds the spool lock."""
+
+
+@dataclass(frozen=True)
+class SpoolPaths:
+    root: Path
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def hold(self) -> Path:
+        return self.root / "hold"
+
+    @property
+    def corrupt(self) -> Path:
+        return self.root / "corrupt"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    def directories(self) -> tuple[Path, ...]:
+        return (self.tmp, self.queue, self.state, self.hold, self.corrupt, self.control)
+
+    def message(self, queue_id: str) -> Path:
+        return self.queue / queue_id
+
+    def state_file(self, queue_id: str) -> Path:
+        return self.state / f"{queue_id}.json"
+
+    def hold_flag(self, queue_id: str) -> Path:
+        return self.hold / queue_id
+
+    def temp_message(self, queue_id: str) -> Path:
+        return self.tmp / f"{queue_id}.msg"
+
+
+def make_directory(path: Path) -> None:
+    """Create `path` with mode 0700 (exactly, whatever the umask) unless it exists."""
+    try:
+        os.mkdir(path, DIRECTORY_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIRECTORY_MODE)
+
+
+def ensure_directories(paths: SpoolPaths) -> None:
+    if not paths.root.exists():
+        paths.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(paths.root, DIRECTORY_MODE)
+    for directory in paths.directories():
+        make_directory(directory)
+
+
+def create_file(path: Path) -> int:
+    """A new file, 0600, opened for writing; fails if the name exists."""
+    return os.open(path, _CREATE, FILE_MODE)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the directory's entries (a rename, a new or removed name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: Path) -> bool:
+    """Remove a file if it is there; True when something was removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
+    """Replace `final` with `data`: write a temp file, fsync it, rename over `final`, fsync the directory.
+    A crash leaves either the old content or the new, never a mixture."""
+    tmp = tmp_dir / f"{final.name}.{secrets.token_hex(6)}.tmp"
+    fd = create_file(tmp)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, final)
+    fsync_directory(final.parent)
+
+
+@dataclass(frozen=True)
+class CommitJob:
+    """One message's last step, handed to the thread pool: what is still to write and where it goes."""
+    queue_id: str
+    fd: Optional[int]       # the temp file, or None: the whole message is still in `pending`
+    header: bytes           # written first when fd is None (the file does not exist yet)
+    pending: bytes
+    size: int
+    temp_path: Path
+    final_path: Path
+
+
+def finish_message(job: CommitJob) -> None:
+    """Write the rest, patch in the size, fsync, close, rename into queue/ (not yet the directory fsync)."""
+    fd = job.fd
+    if fd is None:
+        fd = create_file(job.temp_path)
+        job = CommitJob(job.queue_id, fd, b"", job.header + job.pending, job.size, job.temp_path,
+                        job.final_path)
+    try:
+        write_all(fd, job.pending)
+        os.pwrite(fd, encode_size(job.size), SIZE_OFFSET)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.path.lexists(job.final_path):
+        raise FileExistsError(f"queue id {job.queue_id} already in the queue")
+    os.rename(job.temp_path, job.final_path)
+
+
+def commit_batch(jobs: list[CommitJob], queue_dir: Path) -> list[Optional[Exception]]:
+    """Group commit: each file fsync'd and renamed, then ONE fsync of queue/ for the whole batch.
+    Returns, per job, None (durable) or the exception that stopped it (its files are removed)."""
+    results: list[Optional[Exception]] = []
+    renamed = []
+    for job in jobs:
+        try:
+            finish_message(job)
+        except Exception as e:
+            unlink_quietly(job.temp_path)
+            results.append(e)
+        else:
+            renamed.append(job)
+            results.append(None)
+    if renamed:
+        try:
+            fsync_directory(queue_dir)
+        except OSError as e:
+            # Not known to be durable: take the messages back, so that the client's retry after our
+            # 4xx does not turn into a second copy (RFC 5321 §6.1: no 250 until the message is safe).
+            for job in renamed:
+                unlink_quietly(job.final_path)
+            results = [e if r is None else r for r in results]
+    return results
+
+
+def acquire_lock(path: Path) -> int:
+    """flock() the spool for this process; the kernel drops it when the process dies (even by SIGKILL)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolLocked(f"{path.parent} is in use by another process") from None
+    return fd
+
+
+def is_locked(path: Path) -> bool:
+    """True when some process (a running relay) holds the spool lock."""
+    try:
+        fd = acquire_lock(path)
+    except SpoolLocked:
+        return True
+    except FileNotFoundError:
+        return False
+    os.close(fd)
+    return False

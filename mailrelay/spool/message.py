@@ -1,0 +1,106 @@
+"""The queue file format, and a spooled message as the delivery side sees it.
+
+In: an envelope.Envelope and the message bytes.  Out: one file per message, no pickle:
+
+    MAILRELAY-SPOOL/1 size=00000000000000001234\\n     magic, format version, message size (20 digits)
+    {"recipients":[...],"sender":...}\\n               Envelope.to_json(), one line (JSON escapes newlines)
+    <exactly `size` bytes: the message, CRLF lines, not dot-stuffed (RFC 5321 §4.5.2 is the client's job)>
+
+The size is written last (in place, before the fsync), so a file is accepted only when its magic line is
+ours, its envelope parses and its length is exactly header + envelope + size: a torn file (shorter) or a
+foreign one (no magic) is recognised, as Postfix recognises a queue file without its END record.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from mailrelay.envelope import Envelope
+
+MAGIC = b"MAILRELAY-SPOOL/1 size="
+SIZE_DIGITS = 20
+SIZE_OFFSET = len(MAGIC)
+HEADER_LENGTH = len(MAGIC) + SIZE_DIGITS + 1
+MAX_ENVELOPE_LINE = 8 * 1024 * 1024
+
+
+class UnknownMessage(KeyError):
+    """No complete message with this queue id (or the id is malformed)."""
+
+
+class CorruptMessage(ValueError):
+    """A queue file that is torn, foreign or unreadable; recovery moves it to <spool>/corrupt/."""
+
+
+def encode_header(envelope: Envelope, size: int = 0) -> bytes:
+    """The magic line and the envelope line. `size` may be 0 now and patched in with `encode_size`."""
+    envelope_line = envelope.to_json()
+    if b"\n" in envelope_line or b"\r" in envelope_line:
+        raise ValueError("envelope JSON must be one line")
+    return MAGIC + encode_size(size) + b"\n" + envelope_line + b"\n"
+
+
+def encode_size(size: int) -> bytes:
+    return b"%0*d" % (SIZE_DIGITS, size)
+
+
+@dataclass(frozen=True)
+class ParsedHeader:
+    envelope: Envelope
+    size: int            # message bytes
+    data_offset: int     # where the message starts in the file
+
+
+def read_header(f: BinaryIO) -> ParsedHeader:
+    """Parse and check a queue file opened in binary mode at offset 0; raise CorruptMessage."""
+    magic_line = f.readline(HEADER_LENGTH)
+    if len(magic_line) != HEADER_LENGTH or not magic_line.startswith(MAGIC) or magic_line[-1:] != b"\n":
+        raise CorruptMessage("not a mailrelay queue file (bad magic line)")
+    digits = magic_line[SIZE_OFFSET:-1]
+    if not digits.isdigit():
+        raise CorruptMessage("bad size field")
+    size = int(digits)
+    envelope_line = f.readline(MAX_ENVELOPE_LINE)
+    if not envelope_line.endswith(b"\n"):
+        raise CorruptMessage("torn or over-long envelope line")
+    try:
+        envelope = Envelope.from_json(envelope_line)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CorruptMessage(f"bad envelope: {e.__class__.__name__}") from None
+    if not isinstance(envelope.sender, str) or not all(isinstance(r, str) for r in envelope.recipients):
+        raise CorruptMessage("bad envelope: addresses must be strings")
+    data_offset = HEADER_LENGTH + len(envelope_line)
+    actual = os.fstat(f.fileno()).st_size
+    if actual != data_offset + size:
+        raise CorruptMessage(f"torn file: {actual} bytes on disk, header says {data_offset + size}")
+    return ParsedHeader(envelope, size, data_offset)
+
+
+def check_file(path: Path) -> ParsedHeader:
+    """Open and check one queue file; raise CorruptMessage (also for unreadable files)."""
+    try:
+        with open(path, "rb") as f:
+            return read_header(f)
+    except OSError as e:
+        raise CorruptMessage(f"unreadable: {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class SpooledMessage:
+    """One complete message in the spool. `state` is the scheduler's own JSON ({} before the first save)."""
+    queue_id: str
+    envelope: Envelope
+    size: int
+    path: Path
+    data_offset: int
+    state: dict = field(default_factory=dict)
+    held: bool = False
+
+    def open(self) -> BinaryIO:
+        """A new binary file object positioned at the first message byte; it ends at the last one.
+        The caller streams it (and closes it); nothing here reads the message into memory."""
+        f = open(self.path, "rb")
+        f.seek(self.data_offset)
+        return f

@@ -1,0 +1,93 @@
+"""Start-up recovery: make the spool consistent after a crash, without ever deleting mail.
+
+In: a spool directory left by a relay that stopped in any way (SIGKILL, power loss).  Out: the ids of the
+complete messages, to be queued again, and a report of what was cleaned.
+
+- tmp/ holds only what was never acknowledged (no 250 was sent before the rename into queue/): removed.
+- queue/ files that fail the format check (message.py) or have a foreign name are moved to corrupt/.
+- state/ and hold/ entries without a message are orphans of a remove() cut short: removed (the state of
+  a quarantined message goes to corrupt/ with it).
+Blocking; run it before the relay listens, and never from the CLI against a running relay (it would
+throw away the temp files of messages being received).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailrelay.spool.ids import is_valid_queue_id
+from mailrelay.spool.message import CorruptMessage, check_file
+from mailrelay.spool.files import SpoolPaths, ensure_directories, fsync_directory, unlink_quietly
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    queued: tuple[str, ...]                  # complete messages, oldest first
+    quarantined: tuple[tuple[str, str], ...]  # (queue file name, why) moved to corrupt/
+    torn_temp_files: int
+    orphans_removed: int
+
+
+def _entries(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def _quarantine(paths: SpoolPaths, source: Path) -> None:
+    target = paths.corrupt / source.name
+    n = 0
+    while os.path.lexists(target):
+        n += 1
+        target = paths.corrupt / f"{source.name}.{n}"
+    os.rename(source, target)
+
+
+def _empty_tmp(paths: SpoolPaths) -> int:
+    count = 0
+    for name in _entries(paths.tmp):
+        path = paths.tmp / name
+        if path.is_file() or path.is_symlink():
+            count += unlink_quietly(path)
+        else:
+            _quarantine(paths, path)      # not ours to delete: keep it for a human
+    return count
+
+
+def _check_queue(paths: SpoolPaths) -> tuple[list[str], list[tuple[str, str]]]:
+    queued, quarantined = [], []
+    for name in _entries(paths.queue):
+        path = paths.queue / name
+        try:
+            if not is_valid_queue_id(name) or path.is_symlink() or not path.is_file():
+                raise CorruptMessage("not a queue file name")
+            check_file(path)
+        except CorruptMessage as e:
+            _quarantine(paths, path)
+            quarantined.append((name, str(e)))
+        else:
+            queued.append(name)
+    return queued, quarantined
+
+
+def _prune(paths: SpoolPaths, directory: Path, suffix: str, keep: set[str], quarantined: set[str]) -> int:
+    removed = 0
+    for name in _entries(directory):
+        queue_id = name[: len(name) - len(suffix)] if name.endswith(suffix) else ""
+        if queue_id in keep:
+            continue
+        if queue_id in quarantined or not (directory / name).is_file():
+            _quarantine(paths, directory / name)
+        else:
+            removed += unlink_quietly(directory / name)
+    return removed
+
+
+def recover(paths: SpoolPaths) -> RecoveryReport:
+    ensure_directories(paths)
+    torn = _empty_tmp(paths)
+    queued, quarantined = _check_queue(paths)
+    keep, lost = set(queued), {name for name, _ in quarantined}
+    orphans = _prune(paths, paths.state, ".json", keep, lost) + _prune(paths, paths.hold, "", keep, lost)
+    for directory in (paths.tmp, paths.queue, paths.state, paths.hold, paths.corrupt):
+        fsync_directory(directory)
+    return RecoveryReport(tuple(queued), tuple(quarantined), torn, orphans)

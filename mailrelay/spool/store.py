@@ -1,0 +1,313 @@
+"""The durable spool: where an accepted message waits between the SMTP session and its last delivery.
+
+In: envelopes and message bytes from the session (new_message → write → commit), per-recipient state
+from the scheduler (save_state), operator actions (hold/release/remove, control requests).
+Out: complete messages for the delivery side (queue_ids, load → SpooledMessage.open()).
+
+Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit() fires only after the
+file is fsync'd, renamed into queue/ and queue/ itself is fsync'd. Every fsync and rename runs in the
+spool's own thread pool, never on the reactor thread; commits asked for within one reactor turn share
+one thread job and one directory fsync (group commit). See files.py for the directory layout,
+message.py for the file format, recovery.py for what startService() repairs, control.py for the CLI.
+
+Threading: `reactor` (default: the global one) receives results from the pool and marks turn
+boundaries; `clock` (default: the reactor) gives id timestamps and drives control polling. Without
+startService() (the CLI on a stopped relay, scripts) every operation runs synchronously and returns an
+already-fired Deferred.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpool
+from mailrelay.spool import control, recovery
+from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
+from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_lock, atomic_write,
+                                   commit_batch, create_file, ensure_directories, fsync_directory,
+                                   is_locked, make_directory, unlink_quietly)
+from mailrelay.spool.message import CorruptMessage, SpooledMessage, UnknownMessage, read_header
+from mailrelay.spool.writer import MessageWriter
+
+
+@implementer(ISpool)
+class Spool(Service):
+    _log = Logger()
+
+    def __init__(self, directory: Path, clock=None, threadpool_size: int = 4, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.directory = Path(directory)
+        self.paths = SpoolPaths(self.directory)
+        self._reactor = reactor
+        self._clock = reactor if clock is None else clock
+        self._threadpool_size = threadpool_size
+        self._pool: Optional[ThreadPool] = None
+        self._lock_fd: Optional[int] = None
+        self._ids = QueueIdGenerator(self._clock.seconds)
+        self._batch: list[tuple[CommitJob, Deferred]] = []
+        self._batch_call = None
+        self._jobs = 0
+        self._idle_waiters: list[Deferred] = []
+        self._state_locks: dict[str, DeferredLock] = {}
+        self._poller: Optional[control.RequestPoller] = None
+        self.recovery_report: Optional[recovery.RecoveryReport] = None
+        self.batch_count = 0          # group commits run so far (for tests and metrics)
+        self.largest_batch = 0
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Create the directories, take the spool lock (files.SpoolLocked if a relay already runs),
+        run recover() (its ids are in `recovery_report.queued`), start the thread pool."""
+        ensure_directories(self.paths)
+        self._lock_fd = acquire_lock(self.paths.lock)
+        try:
+            self.recover()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        self._pool = ThreadPool(minthreads=0, maxthreads=self._threadpool_size, name="mailrelay-spool")
+        self._pool.start()
+        Service.startService(self)
+
+    def stopService(self) -> Deferred:
+        """Stop polling, commit what is pending, wait for every thread job, stop the pool, unlock."""
+        Service.stopService(self)
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+        if self._batch_call is not None and self._batch_call.active():
+            self._batch_call.cancel()
+            self._flush_batch()
+        idle = Deferred()
+        if self._jobs:
+            self._idle_waiters.append(idle)
+        else:
+            idle.callback(None)
+        return idle.addCallback(self._stop_pool)
+
+    def _stop_pool(self, _: object) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @staticmethod
+    def in_use(directory: Path) -> bool:
+        """True when a running relay holds this spool (the CLI then posts requests instead of acting)."""
+        return is_locked(SpoolPaths(Path(directory)).lock)
+
+    def recover(self) -> list[str]:
+        """Repair the spool after a crash (see recovery.py) and return the ids to queue again, oldest
+        first. startService() calls it; call it yourself only on a spool no process is using
+        (files.SpoolLocked when a running relay holds it)."""
+        if self.running:
+            raise RuntimeError("recover() would discard messages being received; run it before start")
+        if self._lock_fd is None and is_locked(self.paths.lock):
+            raise SpoolLocked(f"{self.directory} is in use by a running relay; recover() refused")
+        report = recovery.recover(self.paths)
+        for name, why in report.quarantined:
+            self._log.warn("spool: {name} moved to corrupt/: {why}", name=name, why=why)
+        if report.torn_temp_files or report.orphans_removed:
+            self._log.info("spool recovery: {torn} torn temp files, {orphans} orphan files removed",
+                           torn=report.torn_temp_files, orphans=report.orphans_removed)
+        self.recovery_report = report
+        return list(report.queued)
+
+    # -- thread pool -----------------------------------------------------------------------------
+
+    def _run_blocking(self, f: Callable, *args) -> Deferred:
+        if self._pool is None:
+            return maybeDeferred(f, *args)
+        self._jobs += 1
+        return deferToThreadPool(self._reactor, self._pool, f, *args).addBoth(self._job_done)
+
+    def _job_done(self, result: object) -> object:
+        self._jobs -= 1
+        if self._jobs == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:     # next turn: after the job's own callbacks have run
+                self._reactor.callLater(0, waiter.callback, None)
+        return result
+
+    # -- receiving (IIncomingQueue) --------------------------------------------------------------
+
+    def new_message(self, envelope: Envelope) -> MessageWriter:
+        if self._pool is None:
+            ensure_directories(self.paths)
+        return MessageWriter(self._ids.next_id(), envelope, self.paths, self._enqueue_commit)
+
+    def _enqueue_commit(self, job: CommitJob) -> Deferred:
+        d = Deferred()
+        self._batch.append((job, d))
+        if self._pool is None:
+            self._flush_batch()
+        elif self._batch_call is None:
+            # Group commit: everything committed during this reactor turn goes in one batch.
+            self._batch_call = self._reactor.callLater(0, self._flush_batch)
+        return d
+
+    def _flush_batch(self) -> None:
+        self._batch_call = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self.batch_count += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        d = self._run_blocking(commit_batch, [job for job, _ in batch], self.paths.queue)
+        d.addCallbacks(self._batch_done, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _batch_done(self, results: list, batch: list) -> None:
+        for (job, d), error in zip(batch, results):
+            if error is None:
+                d.callback(None)
+            else:
+                self._log.error("spool: commit of {queue_id} failed: {error}", queue_id=job.queue_id,
+                                error=repr(error))
+                d.errback(Failure(error))
+
+    def _batch_failed(self, failure: Failure, batch: list) -> None:
+        self._log.failure("spool: group commit failed", failure)
+        for _, d in batch:
+            d.errback(failure)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _checked(self, queue_id: str) -> str:
+        if not is_valid_queue_id(queue_id):
+            raise UnknownMessage(queue_id)
+        return queue_id
+
+    def exists(self, queue_id: str) -> bool:
+        return is_valid_queue_id(queue_id) and self.paths.message(queue_id).is_file()
+
+    def is_held(self, queue_id: str) -> bool:
+        return is_valid_queue_id(queue_id) and self.paths.hold_flag(queue_id).exists()
+
+    def queue_ids(self) -> list[str]:
+        """Complete messages, oldest first (ids sort by time), held ones included."""
+        try:
+            names = os.listdir(self.paths.queue)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names if is_valid_queue_id(name))
+
+    def load(self, queue_id: str) -> SpooledMessage:
+        """The message's envelope, size, state and hold flag. message.CorruptMessage for a bad queue
+        file or an unreadable state file; UnknownMessage (a KeyError) when there is no such message."""
+        path = self.paths.message(self._checked(queue_id))
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        with f:
+            header = read_header(f)
+        return SpooledMessage(queue_id, header.envelope, header.size, path, header.data_offset,
+                              self._read_state(queue_id), self.is_held(queue_id))
+
+    def _read_state(self, queue_id: str) -> dict:
+        try:
+            with open(self.paths.state_file(queue_id), "rb") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # Only disk corruption gets here (writes are atomic). Never guess ({} would deliver to every
+            # recipient again): the message stays in the spool, unloadable, for the postmaster.
+            raise CorruptMessage(f"state of {queue_id} unreadable: {e.__class__.__name__}") from None
+        if not isinstance(state, dict):
+            raise CorruptMessage(f"state of {queue_id} is not a JSON object")
+        return state
+
+    # -- changing --------------------------------------------------------------------------------
+
+    def save_state(self, queue_id: str, state: dict) -> Deferred:
+        """Atomically replace the message's state file. Saves of one message are written in the order
+        they were asked for; each Deferred fires once its own version is durable."""
+        if not self.exists(queue_id):
+            return fail(UnknownMessage(queue_id))
+        try:
+            data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        except (TypeError, ValueError):
+            return fail()
+        lock = self._state_locks.setdefault(queue_id, DeferredLock())
+        d = lock.run(self._run_blocking, atomic_write, self.paths.tmp, self.paths.state_file(queue_id), data)
+        return d.addBoth(self._state_saved, queue_id, lock)
+
+    def _state_saved(self, result: object, queue_id: str, lock: DeferredLock) -> object:
+        if not lock.locked and not lock.waiting:
+            self._state_locks.pop(queue_id, None)
+        if not self.exists(queue_id):   # removed while we wrote: do not leave an orphan behind
+            unlink_quietly(self.paths.state_file(queue_id))
+        return result
+
+    def remove(self, queue_id: str) -> Deferred:
+        """Delete a message, its state and its hold flag (UnknownMessage if it is not there). The
+        message goes first: a crash in between leaves an orphan state file, which recovery removes;
+        the other order could leave a message without its state, delivered twice."""
+        if not unlink_quietly(self.paths.message(self._checked(queue_id))):
+            raise UnknownMessage(queue_id)
+        unlink_quietly(self.paths.state_file(queue_id))
+        unlink_quietly(self.paths.hold_flag(queue_id))
+        return self._run_blocking(_fsync_all, (self.paths.queue, self.paths.state, self.paths.hold))
+
+    def hold(self, queue_id: str) -> Deferred:
+        """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/)."""
+        if not self.exists(queue_id):
+            raise UnknownMessage(queue_id)
+        try:
+            os.close(create_file(self.paths.hold_flag(queue_id)))
+        except FileExistsError:
+            pass
+        return self._run_blocking(fsync_directory, self.paths.hold)
+
+    def release(self, queue_id: str) -> Deferred:
+        if not self.exists(queue_id):
+            raise UnknownMessage(queue_id)
+        unlink_quietly(self.paths.hold_flag(queue_id))
+        return self._run_blocking(fsync_directory, self.paths.hold)
+
+    # -- control channel (see control.py) --------------------------------------------------------
+
+    @property
+    def request_dir(self) -> Path:
+        return self.paths.control
+
+    def post_request(self, verb: str, queue_id: Optional[str] = None) -> Path:
+        """CLI side: ask the running relay to act (e.g. "flush", "hold" + id)."""
+        make_directory(self.paths.control)
+        return control.post_request(self.paths.control, verb, queue_id)
+
+    def take_requests(self) -> list[tuple[str, Optional[str]]]:
+        """Relay side: pending (verb, queue id or None) requests, oldest first, each taken once."""
+        return control.take_requests(self.paths.control)
+
+    def watch_requests(self, handler: Callable[[str, Optional[str]], object],
+                       interval: float = control.POLL_INTERVAL) -> control.RequestPoller:
+        """Relay side: call handler(verb, queue_id) for each request, polling every `interval` seconds
+        on the clock, until stopService()."""
+        if self._poller is not None:
+            self._poller.stop()
+        self._poller = control.RequestPoller(self.take_requests, handler, self._clock, interval)
+        self._poller.start()
+        return self._poller
+
+
+def _fsync_all(directories: tuple[Path, ...]) -> None:
+    for directory in directories:
+        fsync_directory(directory)

@@ -1,0 +1,119 @@
+"""Receiving one message into the spool: the IMessageWriter the SMTP session writes DATA into.
+
+In: the envelope, then the message bytes in pieces (CRLF lines, already un-dot-stuffed).  Out: a temp file
+in <spool>/tmp/, and on commit() a CommitJob the Spool finishes in its thread pool (fsync, rename into
+queue/, directory fsync) before the Deferred fires — only then may the session answer 250
+(RFC 5321 §4.1.1.4 and §6.1: once 250 is sent the relay is responsible for the message).
+
+Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go to the temp file (plain
+writes from the reactor thread, no fsync there). A message that fits in the buffer never touches tmp/
+before its commit. A write error (disk full) is kept and reported by commit(), so the session can answer
+452 4.3.1 instead of seeing an exception in the middle of DATA.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from twisted.internet.defer import Deferred, fail
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import IMessageWriter
+from mailrelay.spool.message import encode_header
+from mailrelay.spool.files import CommitJob, SpoolPaths, create_file, unlink_quietly, write_all
+
+BUFFER_LIMIT = 64 * 1024
+
+
+@implementer(IMessageWriter)
+class MessageWriter:
+    """States: open → committing → committed | failed; open → aborted. Made by Spool.new_message()."""
+
+    def __init__(self, queue_id: str, envelope: Envelope, paths: SpoolPaths,
+                 enqueue_commit: Callable[[CommitJob], Deferred]) -> None:
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self._header = encode_header(envelope)
+        self._temp_path = paths.temp_message(queue_id)
+        self._final_path = paths.message(queue_id)
+        self._enqueue_commit = enqueue_commit
+        self._buffer = bytearray()
+        self._fd: int | None = None
+        self._size = 0
+        self._error: OSError | None = None
+        self.state = "open"
+
+    @property
+    def size(self) -> int:
+        """Message bytes written so far."""
+        return self._size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory right now (never more than BUFFER_LIMIT)."""
+        return len(self._buffer)
+
+    def write(self, data: bytes) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"write to a message that is {self.state}")
+        if self._error is not None:
+            return
+        self._size += len(data)
+        if len(self._buffer) + len(data) <= BUFFER_LIMIT:
+            self._buffer += data
+            return
+        try:
+            self._spill(data)
+        except OSError as e:
+            self._error = e
+            self._discard()
+
+    def _spill(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = create_file(self._temp_path)
+            write_all(self._fd, self._header)
+        write_all(self._fd, self._buffer)
+        self._buffer.clear()
+        if len(data) <= BUFFER_LIMIT:
+            self._buffer += data
+        else:
+            write_all(self._fd, data)     # a big piece goes straight through, never copied
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        unlink_quietly(self._temp_path)
+
+    def commit(self) -> Deferred:
+        """A Deferred firing with the queue id once the message is durable in queue/."""
+        if self.state != "open":
+            raise RuntimeError(f"commit of a message that is {self.state}")
+        if self._error is not None:
+            self.state = "failed"
+            return fail(self._error)
+        job = CommitJob(self.queue_id, self._fd, self._header, bytes(self._buffer), self._size,
+                        self._temp_path, self._final_path)
+        self._fd, self._buffer = None, bytearray()   # the job owns the file descriptor now
+        self.state = "committing"
+        d = self._enqueue_commit(job)
+        d.addCallbacks(self._committed, self._failed)
+        return d
+
+    def _committed(self, _: object) -> str:
+        self.state = "committed"
+        return self.queue_id
+
+    def _failed(self, failure):
+        self.state = "failed"
+        return failure
+
+    def abort(self) -> None:
+        """Throw the message away. Idempotent; a no-op once commit() was called, since the message may
+        already be durable (a lost 250 means a possible duplicate, never a lost message)."""
+        if self.state in ("open", "failed"):
+            self._discard()
+            if self.state == "open":
+                self.state = "aborted"

@@ -1,0 +1,760 @@
+"""The delivery scheduler, driven by task.Clock over an in-memory spool and scripted next hops.
+
+Every test reads as the message's life: what the spool holds, what the next hops answer, and what the
+scheduler did about it (deliver calls, saved state, DSNs, removal).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailrelay.config import DeliveryConfig, QueueConfig, Route
+from mailrelay.delivery.results import RecipientResult
+from mailrelay.delivery.scheduler import POLL_INTERVAL, STOP_TIMEOUT, Scheduler
+from mailrelay.delivery.state import MessageState, RecipientState, StateError
+from mailrelay.envelope import Envelope, domain_of
+from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpool
+
+NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
+
+
+# -- in-memory fakes -------------------------------------------------------------------------------
+
+@dataclass
+class FakeMessage:
+    queue_id: str
+    envelope: Envelope
+    state: dict
+    held: bool
+    size: int = 100
+
+    def open(self):
+        raise NotImplementedError("the scheduler never reads the body")
+
+
+@implementer(ISpool)
+class FakeSpool:
+    """Records save_state/remove; states go through JSON as a real spool would store them."""
+
+    def __init__(self):
+        self.envelopes: dict[str, Envelope] = {}
+        self.states: dict[str, dict] = {}
+        self.held: set[str] = set()
+        self.saves: list[tuple[str, dict]] = []
+        self.removed: list[str] = []
+        self.requests: list[tuple[str, str | None]] = []
+        self.paused_saves: list[defer.Deferred] | None = None   # a list: saves wait until fired
+
+    def add(self, queue_id, recipients, sender="sender@example.org", received_at=NOW, state=None, held=False):
+        self.envelopes[queue_id] = Envelope(sender, tuple(recipients), received_at)
+        if state is not None:
+            self.states[queue_id] = state
+        if held:
+            self.held.add(queue_id)
+
+    def new_message(self, envelope):
+        raise NotImplementedError
+
+    def queue_ids(self):
+        return list(self.envelopes)
+
+    def load(self, queue_id):
+        return FakeMessage(queue_id, self.envelopes[queue_id], copy.deepcopy(self.states.get(queue_id, {})),
+                           queue_id in self.held)
+
+    def save_state(self, queue_id, state):
+        assert queue_id in self.envelopes, f"save_state after remove: {queue_id}"
+        state = json.loads(json.dumps(state))
+        self.saves.append((queue_id, state))
+        if self.paused_saves is None:
+            self.states[queue_id] = state
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.paused_saves.append(d)
+        return d.addCallback(lambda _: self.states.__setitem__(queue_id, state))
+
+    def remove(self, queue_id):
+        self.removed.append(queue_id)
+        del self.envelopes[queue_id]
+        self.states.pop(queue_id, None)
+
+    def hold(self, queue_id):
+        self.held.add(queue_id)
+
+    def release(self, queue_id):
+        self.held.discard(queue_id)
+
+    def take_requests(self):
+        requests, self.requests = self.requests, []
+        return requests
+
+    def recipient_state(self, queue_id, recipient) -> RecipientState:
+        state = MessageState.from_dict(self.states[queue_id], self.envelopes[queue_id].recipients)
+        return state.get(recipient)
+
+
+@implementer(INextHop)
+class FakeHop:
+    """Answers from a script (recipient -> replies, one per attempt, the last repeating; default 250).
+    manual=True: answers wait until finish_one()/finish_all(), so in-flight deliveries can be counted."""
+
+    def __init__(self, name="mx.example.net", script=None, manual=False, clock=None):
+        self.name, self.script, self.manual, self.clock = name, dict(script or {}), manual, clock
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self.call_times: list[float] = []
+        self.pending: list[tuple[defer.Deferred, list, str]] = []
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight = 0
+        self.max_in_flight_per_domain = 0
+
+    def deliver(self, message, recipients):
+        self.calls.append((message.queue_id, tuple(recipients)))
+        if self.clock is not None:
+            self.call_times.append(self.clock.seconds())
+        results = [self._answer(r) for r in recipients]
+        if not self.manual:
+            return defer.succeed(results)
+        domain = domain_of(recipients[0])
+        self.in_flight[domain] = self.in_flight.get(domain, 0) + 1
+        self.max_in_flight = max(self.max_in_flight, sum(self.in_flight.values()))
+        self.max_in_flight_per_domain = max(self.max_in_flight_per_domain, self.in_flight[domain])
+        d = defer.Deferred()
+        self.pending.append((d, results, domain))
+        return d
+
+    def _answer(self, recipient):
+        replies = self.script.get(recipient, [(250, "2.0.0")])
+        code, status = replies.pop(0) if len(replies) > 1 else replies[0]
+        return RecipientResult(recipient, code, status, f"reply {code}", self.name)
+
+    def finish_one(self):
+        d, results, domain = self.pending.pop(0)
+        self.in_flight[domain] -= 1
+        d.callback(results)
+
+    def finish_all(self):
+        while self.pending:
+            self.finish_one()
+
+
+@implementer(IRouter)
+class FakeRouter:
+    """config-like matching: a route's recipients are domains or "*"; after_attempts honoured."""
+
+    def __init__(self, routes=()):
+        self.routes = tuple(routes)
+        self.calls: list[tuple[str, int]] = []
+
+    def route(self, sender, recipient, attempts):
+        self.calls.append((recipient, attempts))
+        for route in self.routes:
+            if attempts >= route.after_attempts and (
+                    "*" in route.recipients or domain_of(recipient) in route.recipients):
+                return route
+        return None
+
+
+@implementer(IDeliveryReporter)
+class FakeReporter:
+    def __init__(self):
+        self.bounces: list[tuple[str, list[RecipientResult]]] = []
+        self.delays: list[tuple[str, list[RecipientResult]]] = []
+        self.fail_next_bounce = False
+
+    def bounce(self, message, results):
+        if self.fail_next_bounce:
+            self.fail_next_bounce = False
+            return defer.fail(ReporterDown())
+        self.bounces.append((message.queue_id, list(results)))
+        return defer.succeed(None)
+
+    def delay(self, message, recipients):
+        self.delays.append((message.queue_id, list(recipients)))
+
+
+class ReporterDown(Exception):
+    pass
+
+
+class HopExploded(Exception):
+    pass
+
+
+# -- the test base --------------------------------------------------------------------------------
+
+class SchedulerTestCase(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.spool = FakeSpool()
+        self.direct = FakeHop(clock=self.clock)
+        self.router = FakeRouter()
+        self.reporter = FakeReporter()
+        self.transports: dict[str, FakeHop] = {}
+        self.queue = QueueConfig(first_retry=300.0, max_retry=1200.0, lifetime=86400.0, delay_warning=0.0)
+        self.delivery = DeliveryConfig(concurrency=10, concurrency_per_domain=5)
+        self.events: list[dict] = []
+
+    def make(self, start=True, reporter="default", **queue_changes) -> Scheduler:
+        queue = QueueConfig(**{**self.queue.__dict__, **queue_changes})
+        scheduler = Scheduler(self.spool, self.router, self.transports, self.direct, queue, self.delivery,
+                              self.reporter if reporter == "default" else reporter,
+                              clock=self.clock, rng=random.Random(1))
+        scheduler.log = Logger(observer=self.events.append)
+        if start:
+            scheduler.startService()
+            self.addCleanup(self.stop, scheduler)
+        return scheduler
+
+    def stop(self, scheduler):
+        if not scheduler.running:
+            return None
+        d = scheduler.stopService()
+        self.clock.advance(STOP_TIMEOUT)
+        return d
+
+    def logged_failures(self, exception_type) -> int:
+        return sum(1 for e in self.events if "log_failure" in e and e["log_failure"].check(exception_type))
+
+    def stages(self, queue_id):
+        return [e["stage"] for e in self.events if e.get("queue_id") == queue_id and "stage" in e]
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+class DeliveryTests(SchedulerTestCase):
+    def test_scheduler_provides_ischeduler(self):
+        self.assertTrue(verifyObject(IScheduler, self.make()))
+
+    def test_message_in_the_spool_at_start_is_delivered_and_removed(self):
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(self.spool.saves[-1][1]["recipients"]["a@example.net"]["done"], "delivered")
+
+    def test_enqueue_tries_a_newly_committed_message(self):
+        scheduler = self.make()
+        self.spool.add("q1", ["a@example.net"])
+        scheduler.enqueue("q1")
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_451_then_250_is_retried_after_the_backoff_and_delivered(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        first = self.spool.recipient_state("q1", "a@example.net")
+        self.assertEqual((first.attempts, first.done, first.last_reply.code), (1, None, 451))
+        self.assertEqual(first.first_attempt, NOW)
+        # downward jitter: the first retry comes in (0.8 * first_retry, first_retry]
+        self.assertGreater(first.next_attempt, NOW + 240)
+        self.assertLessEqual(first.next_attempt, NOW + 300)
+        self.clock.advance(first.next_attempt - NOW - 2)
+        self.assertEqual(len(self.direct.calls), 1)
+        self.assertEqual(self.spool.removed, [])
+        self.clock.advance(2)
+        self.assertEqual(len(self.direct.calls), 2)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(self.reporter.bounces, [])
+
+    def test_retries_double_up_to_max_retry(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        times = []
+        for _ in range(6 * 1200):
+            if len(self.direct.calls) > len(times):
+                times.append(self.clock.seconds())
+            self.clock.advance(1)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        for gap, base in zip(gaps, [300, 600, 1200, 1200, 1200]):
+            self.assertGreater(gap, base * 0.8 - 1)
+            self.assertLessEqual(gap, base + 1)
+
+    def test_550_for_one_of_three_recipients_bounces_only_that_one(self):
+        self.direct.script = {"b@example.net": [(550, "5.1.1")]}
+        self.spool.add("q1", ["a@example.net", "b@example.net", "c@example.com"])
+        self.make()
+        self.clock.advance(0)
+        # one transaction per recipient domain (direct delivery)
+        self.assertEqual(sorted(self.direct.calls),
+                         [("q1", ("a@example.net", "b@example.net")), ("q1", ("c@example.com",))])
+        [(queue_id, results)] = self.reporter.bounces
+        self.assertEqual(queue_id, "q1")
+        self.assertEqual([(r.recipient, r.code, r.status) for r in results], [("b@example.net", 550, "5.1.1")])
+        final = self.spool.saves[-1][1]["recipients"]
+        self.assertEqual({r: s["done"] for r, s in final.items()},
+                         {"a@example.net": "delivered", "b@example.net": "bounced", "c@example.com": "delivered"})
+        self.assertTrue(final["b@example.net"]["reported"])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_message_stays_until_every_recipient_is_done_and_delivered_ones_are_not_retried(self):
+        self.direct.script = {"b@example.com": [(421, "4.3.2"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net", "b@example.com"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.spool.removed, [])
+        self.assertEqual(self.spool.recipient_state("q1", "a@example.net").done, "delivered")
+        self.clock.advance(300)
+        self.assertEqual(self.direct.calls[-1], ("q1", ("b@example.com",)))
+        self.assertEqual(len(self.direct.calls), 3)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_duplicate_recipient_in_the_envelope_is_delivered_once(self):
+        self.spool.add("q1", ["a@example.net", "a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+
+    def test_state_is_saved_before_the_bounce_and_the_removal(self):
+        self.spool.paused_saves = []
+        self.direct.script = {"a@example.net": [(550, "5.1.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.spool.saves), 1)
+        self.assertEqual(self.spool.saves[0][1]["recipients"]["a@example.net"]["done"], "bounced")
+        self.assertEqual((self.reporter.bounces, self.spool.removed), ([], []))
+        self.spool.paused_saves.pop(0).callback(None)
+        self.assertEqual(len(self.reporter.bounces), 1)
+        self.assertEqual(self.spool.removed, [])   # "reported" must be saved too, before removal
+        self.spool.paused_saves.pop(0).callback(None)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_saves_of_one_message_never_overlap_and_the_last_holds_every_result(self):
+        self.spool.paused_saves = []
+        self.direct.manual = True
+        self.spool.add("q1", ["a@example.net", "b@example.com"])
+        self.make()
+        self.clock.advance(0)
+        self.direct.finish_all()
+        self.assertEqual(len(self.spool.paused_saves), 1)   # the second waits for the first
+        self.spool.paused_saves.pop(0).callback(None)
+        self.assertEqual(len(self.spool.paused_saves), 1)
+        self.spool.paused_saves.pop(0).callback(None)
+        self.assertEqual({r: s["done"] for r, s in self.spool.saves[-1][1]["recipients"].items()},
+                         {"a@example.net": "delivered", "b@example.com": "delivered"})
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_next_hop_failure_is_retried_not_lost(self):
+        self.direct.deliver = lambda message, recipients: defer.fail(HopExploded())
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.logged_failures(HopExploded), 1)
+        state = self.spool.recipient_state("q1", "a@example.net")
+        self.assertEqual((state.done, state.last_reply.code, state.last_reply.status), (None, 451, "4.4.0"))
+        self.assertEqual(self.spool.removed, [])
+
+    def test_recipient_missing_from_the_results_is_retried(self):
+        self.direct.deliver = lambda message, recipients: defer.succeed([])
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.spool.recipient_state("q1", "a@example.net").last_reply.code, 451)
+        self.assertEqual(self.spool.removed, [])
+
+    def test_unreadable_state_leaves_the_message_untouched(self):
+        self.spool.add("q1", ["a@example.net"], state={"version": 99})
+        self.make()
+        self.clock.advance(3600)
+        self.assertEqual((self.direct.calls, self.spool.saves, self.spool.removed), ([], [], []))
+        self.assertIn("error", self.stages("q1"))
+
+    def test_each_step_is_logged_with_the_queue_id_and_stage(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.clock.advance(300)
+        self.assertEqual(self.stages("q1"), ["attempt", "deferred", "attempt", "delivered", "removed"])
+
+
+class RoutingTests(SchedulerTestCase):
+    def test_recipients_of_one_route_go_in_one_transaction(self):
+        self.transports["ses"] = FakeHop("ses.example")
+        self.router.routes = (Route("ses"),)
+        self.spool.add("q1", ["a@example.net", "b@example.com", "c@example.org"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.transports["ses"].calls,
+                         [("q1", ("a@example.net", "b@example.com", "c@example.org"))])
+        self.assertEqual(self.direct.calls, [])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_after_attempts_route_takes_over_after_failed_direct_attempts(self):
+        self.transports["smarthost"] = ses = FakeHop("smarthost.example")
+        self.router.routes = (Route("smarthost", after_attempts=2),)
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        for _ in range(4):
+            self.clock.advance(600)
+        self.assertEqual(self.router.calls, [("a@example.net", 0), ("a@example.net", 1), ("a@example.net", 2)])
+        self.assertEqual(len(self.direct.calls), 2)
+        self.assertEqual(ses.calls, [("q1", ("a@example.net",))])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_route_to_an_unknown_transport_is_a_temporary_failure(self):
+        self.router.routes = (Route("missing"),)
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        state = self.spool.recipient_state("q1", "a@example.net")
+        self.assertEqual((state.done, state.last_reply.code, state.last_reply.status), (None, 451, "4.3.5"))
+
+
+class ExpiryAndDSNTests(SchedulerTestCase):
+    def test_lifetime_expiry_bounces_the_remaining_recipients(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net", "b@example.com"])
+        self.make(lifetime=3600.0)
+        for _ in range(40):
+            self.clock.advance(100)
+        self.assertTrue(self.direct.calls)
+        [(queue_id, results)] = self.reporter.bounces
+        [result] = results
+        self.assertEqual((result.recipient, result.status), ("a@example.net", "4.4.7"))
+        self.assertIn("451 4.4.1", result.text)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertIn("expired", self.stages("q1"))
+        # no attempt after the lifetime; the last retry was scheduled no later than the expiry
+        final = self.spool.saves[-1][1]["recipients"]
+        self.assertEqual((final["a@example.net"]["done"], final["b@example.com"]["done"]), ("expired", "delivered"))
+        self.assertLessEqual(max(self.direct.call_times), NOW + 3600)
+
+    def test_message_past_its_lifetime_at_start_expires_without_an_attempt(self):
+        self.spool.add("q1", ["a@example.net"], received_at=NOW - 2 * 86400)
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [])
+        [(_, [result])] = self.reporter.bounces
+        self.assertEqual(result.status, "4.4.7")
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_exactly_one_delay_warning_even_across_a_restart(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        first = self.make(delay_warning=1000.0)
+        for _ in range(30):
+            self.clock.advance(100)
+        self.assertEqual(len(self.reporter.delays), 1)
+        [(queue_id, [pending])] = self.reporter.delays
+        self.assertEqual((queue_id, pending.recipient, pending.code), ("q1", "a@example.net", 451))
+        self.assertTrue(self.spool.states["q1"]["delay_warned"])
+        self.successResultOf(self.stop(first))
+        second = self.make(delay_warning=1000.0)
+        self.assertTrue(second.running)
+        for _ in range(60):
+            self.clock.advance(100)
+        self.assertGreater(len(self.direct.calls), 4)
+        self.assertEqual(len(self.reporter.delays), 1)
+
+    def test_no_delay_warning_before_delay_warning_has_passed(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make(delay_warning=3600.0)
+        for _ in range(20):
+            self.clock.advance(100)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(self.reporter.delays, [])
+
+    def test_no_dsn_for_the_null_sender(self):
+        self.direct.script = {"a@example.net": [(550, "5.1.1")], "b@example.com": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net", "b@example.com"], sender="")
+        self.make(delay_warning=200.0, lifetime=1000.0)
+        for _ in range(20):
+            self.clock.advance(100)
+        self.assertEqual((self.reporter.bounces, self.reporter.delays), ([], []))
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertIn("dsn-dropped", self.stages("q1"))
+
+    def test_no_dsn_when_bounces_are_disabled(self):
+        self.direct.script = {"a@example.net": [(550, "5.1.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make(bounces=False)
+        self.clock.advance(0)
+        self.assertEqual(self.reporter.bounces, [])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_no_reporter_means_no_dsn_and_the_message_still_goes(self):
+        self.direct.script = {"a@example.net": [(550, "5.1.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make(reporter=None)
+        self.clock.advance(0)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_failed_bounce_report_is_retried_and_the_message_kept_until_then(self):
+        self.reporter.fail_next_bounce = True
+        self.direct.script = {"a@example.net": [(550, "5.1.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.logged_failures(ReporterDown), 1)
+        self.assertEqual((self.reporter.bounces, self.spool.removed), ([], []))
+        self.clock.advance(300)
+        self.assertEqual(len(self.reporter.bounces), 1)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(len(self.direct.calls), 1)
+
+
+class ConcurrencyTests(SchedulerTestCase):
+    def test_at_most_concurrency_deliveries_in_flight(self):
+        self.delivery = DeliveryConfig(concurrency=3, concurrency_per_domain=10)
+        self.direct.manual = True
+        for n in range(10):
+            self.spool.add(f"q{n}", [f"a@d{n}.example"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.direct.calls), 3)
+        self.direct.finish_one()
+        self.assertEqual(len(self.direct.calls), 4)   # a slot freed: the next waiting one starts
+        while self.direct.pending:
+            self.direct.finish_one()
+        self.assertEqual(self.direct.max_in_flight, 3)
+        self.assertEqual(sorted(self.spool.removed), sorted(f"q{n}" for n in range(10)))
+        # FIFO-ish: started in spool order
+        self.assertEqual([c[0] for c in self.direct.calls], [f"q{n}" for n in range(10)])
+
+    def test_per_domain_limit_does_not_block_other_domains(self):
+        self.delivery = DeliveryConfig(concurrency=10, concurrency_per_domain=2)
+        self.direct.manual = True
+        for n in range(5):
+            self.spool.add(f"busy{n}", [f"u{n}@busy.example"])
+        self.spool.add("other", ["x@other.example"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual([c[0] for c in self.direct.calls], ["busy0", "busy1", "other"])
+        while self.direct.pending:
+            self.direct.finish_one()
+        self.assertEqual(self.direct.max_in_flight_per_domain, 2)
+        self.assertEqual(len(self.spool.removed), 6)
+
+    def test_per_transport_limit_for_routed_deliveries(self):
+        self.delivery = DeliveryConfig(concurrency=10, concurrency_per_domain=2)
+        self.transports["ses"] = ses = FakeHop("ses.example", manual=True)
+        self.router.routes = (Route("ses"),)
+        for n in range(5):
+            self.spool.add(f"q{n}", [f"a@d{n}.example"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(ses.calls), 2)
+        while ses.pending:
+            ses.finish_one()
+        self.assertEqual(ses.max_in_flight, 2)
+        self.assertEqual(len(self.spool.removed), 5)
+
+    def test_synchronous_next_hops_do_not_recurse_per_message(self):
+        for n in range(2000):
+            self.spool.add(f"q{n}", [f"a@d{n % 7}.example"])
+        self.delivery = DeliveryConfig(concurrency=1, concurrency_per_domain=1)
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.spool.removed), 2000)
+
+
+class ControlTests(SchedulerTestCase):
+    def test_held_message_is_never_tried_until_released(self):
+        self.spool.add("q1", ["a@example.net"], held=True)
+        self.make()
+        self.clock.advance(3600)
+        self.assertEqual(self.direct.calls, [])
+        self.spool.requests.append(("release", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_hold_request_stops_retries_until_release(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("hold", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.assertIn("q1", self.spool.held)
+        self.clock.advance(7200)
+        self.assertEqual(len(self.direct.calls), 1)
+        self.spool.requests.append(("release", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(len(self.direct.calls), 2)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_hold_while_in_flight_is_not_rescheduled(self):
+        self.direct.manual = True
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("hold", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.direct.finish_all()
+        self.clock.advance(7200)
+        self.assertEqual(len(self.direct.calls), 1)
+        self.assertEqual(self.spool.recipient_state("q1", "a@example.net").attempts, 1)
+
+    def test_flush_request_makes_deferred_messages_due_now(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("flush", None))
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(len(self.direct.calls), 2)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_delete_request_removes_without_dsn(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("delete", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.clock.advance(7200)
+        self.assertEqual(len(self.direct.calls), 1)
+        self.assertEqual(self.reporter.bounces, [])
+
+    def test_delete_request_while_in_flight_waits_for_the_delivery(self):
+        self.direct.manual = True
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("delete", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(self.spool.removed, [])
+        self.direct.finish_all()
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(self.reporter.bounces, [])
+
+    def test_bounce_request_bounces_pending_recipients_with_a_dsn(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("bounce", "q1"))
+        self.clock.advance(POLL_INTERVAL)
+        [(queue_id, [result])] = self.reporter.bounces
+        self.assertEqual((queue_id, result.recipient, result.code, result.status), ("q1", "a@example.net", 554, "5.0.0"))
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_unknown_or_incomplete_requests_are_ignored(self):
+        self.spool.add("q1", ["a@example.net"], held=True)
+        self.make()
+        self.spool.requests.extend([("explode", "q1"), ("delete", None), ("release", "nosuch")])
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(self.logged_failures(KeyError), 1)   # "nosuch" is not in the spool
+        self.assertEqual(self.spool.removed, [])
+        self.assertIn("q1", self.spool.envelopes)
+
+
+class RecoveryAndShutdownTests(SchedulerTestCase):
+    def test_start_schedules_each_message_by_its_persisted_state(self):
+        saved = MessageState((
+            RecipientState("a@example.net", attempts=1, first_attempt=NOW - 600, done="delivered"),
+            RecipientState("b@example.com", attempts=2, first_attempt=NOW - 600, next_attempt=NOW + 1000),
+        )).to_dict()
+        self.spool.add("old", ["a@example.net", "b@example.com"], received_at=NOW - 600, state=saved)
+        self.spool.add("new", ["c@example.org"])
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [("new", ("c@example.org",))])
+        self.clock.advance(999)
+        self.assertEqual(len(self.direct.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.direct.calls[-1], ("old", ("b@example.com",)))
+        self.assertIn(("b@example.com", 2), self.router.calls)
+        self.assertEqual(sorted(self.spool.removed), ["new", "old"])
+
+    def test_start_reports_a_bounce_saved_but_not_yet_reported(self):
+        saved = MessageState((RecipientState("a@example.net", attempts=1, done="bounced"),)).to_dict()
+        self.spool.add("q1", ["a@example.net"], state=saved)
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [])
+        self.assertEqual(len(self.reporter.bounces), 1)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_stop_waits_for_deliveries_in_flight(self):
+        self.direct.manual = True
+        self.spool.add("q1", ["a@example.net"])
+        scheduler = self.make()
+        self.clock.advance(0)
+        stopped = scheduler.stopService()
+        self.assertNoResult(stopped)
+        self.direct.finish_all()
+        self.successResultOf(stopped)
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_stop_gives_up_waiting_after_its_bound(self):
+        self.direct.manual = True
+        self.spool.add("q1", ["a@example.net"])
+        scheduler = self.make()
+        self.clock.advance(0)
+        stopped = scheduler.stopService()
+        self.clock.advance(STOP_TIMEOUT - 1)
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        self.direct.finish_all()   # a late answer is still saved
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_no_new_attempts_start_after_stop(self):
+        self.delivery = DeliveryConfig(concurrency=1, concurrency_per_domain=1)
+        self.direct.manual = True
+        self.direct.script = {"a@example.net": [(451, "4.4.1")]}
+        self.spool.add("q1", ["a@example.net"])
+        self.spool.add("q2", ["b@example.net"])
+        scheduler = self.make()
+        self.clock.advance(0)
+        stopped = scheduler.stopService()
+        self.direct.finish_all()
+        self.successResultOf(stopped)
+        self.clock.advance(7200)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+        self.assertNotIn("q2", self.spool.states)   # never tried: still due now at the next start
+
+    def test_stop_with_nothing_in_flight_is_immediate(self):
+        scheduler = self.make()
+        self.successResultOf(scheduler.stopService())
+
+
+class StateTests(unittest.TestCase):
+    def test_state_round_trips_through_json(self):
+        state = MessageState((RecipientState("a@example.net"),), delay_warned=True)
+        result = RecipientResult("a@example.net", 451, "4.4.1", "try later", "mx.example.net")
+        state = state.with_recipient(state.get("a@example.net").recorded(result, NOW, NOW + 300))
+        data = json.loads(json.dumps(state.to_dict()))
+        self.assertEqual(data["version"], 1)
+        self.assertEqual(MessageState.from_dict(data, ["a@example.net"]), state)
+
+    def test_empty_state_starts_every_recipient_fresh(self):
+        state = MessageState.from_dict({}, ["a@example.net", "b@example.com"])
+        self.assertEqual([(r.recipient, r.attempts, r.next_attempt, r.done) for r in state.recipients],
+                         [("a@example.net", 0, 0.0, None), ("b@example.com", 0, 0.0, None)])
+
+    def test_unknown_version_or_corrupt_state_is_refused(self):
+        self.assertRaises(StateError, MessageState.from_dict, {"version": 2}, ["a@example.net"])
+        self.assertRaises(StateError, MessageState.from_dict,
+                          {"version": 1, "recipients": {"a@example.net": {"attempts": "many"}}}, ["a@example.net"])
+        self.assertRaises(StateError, MessageState.from_dict,
+                          {"version": 1, "recipients": {"a@example.net": {"done": "eaten"}}}, ["a@example.net"])
+
+    def test_unexpected_reply_codes_are_retried(self):
+        result = RecipientResult("a@example.net", 354, "", "odd", "mx")
+        after = RecipientState("a@example.net").recorded(result, NOW, NOW + 300)
+        self.assertEqual((after.done, after.next_attempt), (None, NOW + 300))
