@@ -1,0 +1,268 @@
+"""Where a recipient domain's mail goes: MX resolution for direct delivery, off the reactor thread.
+
+Job in the journey: the scheduler hands direct delivery (delivery.mx) one recipient domain; this module
+turns it into the ordered list of mail exchangers and their addresses to try.  In: a domain (or an
+address literal).  Out: a Deferred firing with a list of `MXHost` — by preference, shuffled among equal
+preferences, each with all its A then AAAA addresses — or failing with `ResolutionFailed`, whose
+`reply` (code + RFC 3463 status) settles every recipient of that domain.
+
+RFCs: RFC 5321 §5.1 (MX ordering, random among equal preferences, implicit MX from the domain's own
+address records), RFC 5321 §4.1.3 (address literals), RFC 7505 (null MX), RFC 3463 (status codes).
+dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); each lookup runs
+on a small dedicated thread pool so a slow nameserver never blocks the reactor.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from dataclasses import dataclass
+from itertools import groupby
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mailrelay.interfaces import Reply
+
+DEFAULT_TIMEOUT = 10.0      # seconds for one query, all nameservers and retries included
+DOMAIN_BUDGET = 30.0        # seconds for all the queries about one domain (MX, then A/AAAA per exchanger)
+MAX_MX_HOSTS = 16           # a domain with more MX hosts than this is not worth more DNS work
+DNS_THREADS = 4
+
+
+@dataclass(frozen=True)
+class MXHost:
+    """One mail exchanger to try: its name (for TLS and logs), preference, and addresses in order."""
+    name: str
+    preference: int
+    addresses: tuple[str, ...]
+
+
+class ResolutionFailed(Exception):
+    """No exchanger can be tried; `reply` is the answer for every recipient of the domain."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.reply.code < 500
+
+
+class _NameNotFound(Exception):
+    """NXDOMAIN: the name does not exist."""
+
+
+class _LookupTemporary(Exception):
+    """SERVFAIL, REFUSED, a timeout, no nameserver answering: the answer is unknown, not negative."""
+
+
+def temporary(domain: str, why: str) -> ResolutionFailed:
+    # A failed lookup is never read as "no such record": SERVFAIL and timeouts are 4.4.3, retried later.
+    return ResolutionFailed(Reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily: {why}"))
+
+
+def permanent(status: str, text: str, code: int = 550) -> ResolutionFailed:
+    return ResolutionFailed(Reply(code, status, text))
+
+
+def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT) -> dns.resolver.Resolver:
+    """A dnspython resolver for `[delivery] nameservers` ((host, port) pairs), or the system's."""
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
+    else:
+        resolver = dns.resolver.Resolver()
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, 3.0)     # per nameserver try; `lifetime` bounds the whole query
+    return resolver
+
+
+class _Budget:
+    """What is left of the time allowed for one domain: no query may outlive it (a slow zone must not
+    hold a resolver thread for minutes)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def lifetime(self, cap: float) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _LookupTemporary("time allowed for this domain's lookups ran out")
+        return min(cap, left)
+
+
+def _lookup(resolver: dns.resolver.Resolver, name: str, rdtype, budget: _Budget) -> list:
+    """The records of (name, type): [] for NODATA; _NameNotFound for NXDOMAIN; else _LookupTemporary."""
+    lifetime = budget.lifetime(resolver.lifetime)
+    try:
+        answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
+    except dns.resolver.NXDOMAIN:
+        raise _NameNotFound(name) from None
+    except dns.resolver.NoAnswer:
+        return []
+    except dns.exception.Timeout:
+        raise _LookupTemporary("timed out") from None
+    except dns.resolver.NoNameservers:
+        raise _LookupTemporary("no nameserver answered (SERVFAIL or REFUSED)") from None
+    except dns.exception.DNSException as e:
+        raise _LookupTemporary(type(e).__name__) from None
+    return list(answer.rrset) if answer.rrset is not None else []
+
+
+def _addresses(resolver, name: str, budget: _Budget) -> tuple[tuple[str, ...], bool]:
+    """A then AAAA addresses of `name`, and whether a lookup failed temporarily."""
+    found, failed = [], False
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        try:
+            found.extend(r.address for r in _lookup(resolver, name, rdtype, budget))
+        except _NameNotFound:
+            break          # NXDOMAIN for A means there is no AAAA either
+        except _LookupTemporary:
+            failed = True
+    return tuple(dict.fromkeys(found)), failed
+
+
+def _exchangers(resolver, domain: str, budget: _Budget) -> list[tuple[int, str]]:
+    """(preference, host) from the MX records, or the implicit MX (RFC 5321 §5.1)."""
+    try:
+        records = _lookup(resolver, domain, dns.rdatatype.MX, budget)
+    except _NameNotFound:
+        raise permanent("5.1.2", f"domain {domain} does not exist (NXDOMAIN)") from None
+    except _LookupTemporary as e:
+        raise temporary(domain, str(e)) from None
+    if not records:
+        return [(0, domain)]          # RFC 5321 §5.1: no MX → the domain itself is the implicit MX
+    real = [r for r in records if r.exchange != dns.name.root]
+    if not real:
+        # RFC 7505 §3: "MX 0 ." says the domain accepts no mail at all: bounce at once, never retry.
+        raise permanent("5.1.10", f"domain {domain} accepts no mail (null MX)", code=556)
+    # RFC 7505 §3 forbids mixing "." with real exchangers; if it happens, the real ones are used.
+    ordered = sorted(real, key=lambda r: r.preference)[:MAX_MX_HOSTS]
+    return [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in ordered]
+
+
+def resolve_sync(resolver: dns.resolver.Resolver, domain: str, budget: float = DOMAIN_BUDGET) -> list[MXHost]:
+    """Blocking resolution of one domain (run it in a thread): exchangers sorted by preference only."""
+    allowance = _Budget(budget)
+    exchangers = _exchangers(resolver, domain, allowance)
+    hosts, any_temporary = [], False
+    for preference, name in exchangers:
+        addresses, failed = _addresses(resolver, name, allowance)
+        any_temporary |= failed
+        if addresses:
+            hosts.append(MXHost(name, preference, addresses))
+    if hosts:
+        return hosts
+    if any_temporary:
+        raise temporary(domain, "address lookup of its mail exchangers failed")
+    if exchangers == [(0, domain)]:
+        raise permanent("5.1.2", f"domain {domain} has no MX and no address records")
+    raise permanent("5.4.4", f"no mail exchanger of {domain} has an address")
+
+
+def shuffle_equal_preferences(hosts: list[MXHost], rng: random.Random) -> list[MXHost]:
+    """RFC 5321 §5.1: exchangers of equal preference are tried in random order (load spreading)."""
+    ordered = []
+    for _, group in groupby(sorted(hosts, key=lambda h: h.preference), key=lambda h: h.preference):
+        same = list(group)
+        rng.shuffle(same)
+        ordered.extend(same)
+    return ordered
+
+
+def address_literal(domain: str) -> list[MXHost] | None:
+    """`[192.0.2.1]` / `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3): the host itself, no DNS; else None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    text = domain[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise permanent("5.1.2", f"invalid address literal {domain}", code=553) from None
+    return [MXHost(domain, 0, (str(address),))]
+
+
+def check_domain(domain: str) -> None:
+    """Refuse a name DNS cannot carry (empty, bad label, too long) as permanent, not as a DNS outage."""
+    try:
+        name = dns.name.from_text(domain)
+    except (dns.exception.DNSException, UnicodeError):
+        raise permanent("5.1.2", f"invalid recipient domain {domain!r}", code=553) from None
+    if len(name.labels) < 2:      # only the root: "" or "."
+        raise permanent("5.1.2", f"invalid recipient domain {domain!r}", code=553)
+
+
+class MXResolver:
+    """Resolves recipient domains on a dedicated thread pool, started on first use.
+
+    `stop()` stops the pool; it is also stopped when the reactor shuts down."""
+
+    def __init__(
+        self,
+        nameservers=(),
+        reactor=None,
+        timeout: float = DEFAULT_TIMEOUT,
+        threads: int = DNS_THREADS,
+        rng: random.Random | None = None,
+        budget: float = DOMAIN_BUDGET,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._nameservers = tuple(nameservers)
+        self._timeout = timeout
+        self._budget = budget
+        self._threads = threads
+        self._rng = rng or random.Random()
+        self._pool: ThreadPool | None = None
+        self._trigger = None
+
+    def _ensure_pool(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(0, self._threads, name="mailrelay-dns")
+            self._pool.start()
+            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return self._pool
+
+    def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        trigger, self._trigger = self._trigger, None
+        if trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass          # already fired: we are being called by it
+
+    def resolve(self, domain: str) -> defer.Deferred:
+        """A Deferred firing with the exchangers to try, in order; fails only with ResolutionFailed."""
+        domain = domain.lower().rstrip(".")
+        try:
+            literal = address_literal(domain)
+            if literal is not None:
+                return defer.succeed(literal)
+            check_domain(domain)
+        except ResolutionFailed as e:
+            return defer.fail(e)
+        d = deferToThreadPool(self._reactor, self._ensure_pool(), self._resolve_in_thread, domain)
+        d.addCallback(shuffle_equal_preferences, self._rng)
+        return d
+
+    def _resolve_in_thread(self, domain: str) -> list[MXHost]:
+        try:
+            return resolve_sync(make_resolver(self._nameservers, self._timeout), domain, self._budget)
+        except ResolutionFailed:
+            raise
+        except Exception as e:      # a dnspython surprise is an unknown answer: retry later, never crash
+            raise temporary(domain, type(e).__name__) from None

@@ -1,0 +1,197 @@
+"""Direct delivery: hand a message to the recipient domain's own mail exchangers (no smarthost).
+
+Job in the journey: the next hop the scheduler uses when no route names a transport.  In: a spooled
+message and its recipients of one domain.  Out: a Deferred firing with one RecipientResult per
+recipient (never failing): 2xx delivered, 5xx bounced, 4xx to be retried later by the scheduler.
+
+How: resolve the domain (delivery.dns: MX by preference, shuffled among equals, implicit MX, null MX),
+then try each exchanger's addresses in order with the delivery client on `[delivery] mx_port`, under
+the `[delivery] tls` policy, bound to `source_address` when set.  A 2xx or 5xx settles a recipient; a
+4xx or a failed connection leaves it for the next exchanger; what is unsettled after the last one keeps
+its last 4xx.  RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and
+RFC 7435 (opportunistic TLS: a failed handshake falls back to plaintext once), RFC 7505 (null MX).
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Optional
+
+from OpenSSL import SSL
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.config import DeliveryConfig
+from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
+from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
+from mailrelay.envelope import domain_of
+from mailrelay.interfaces import INextHop
+
+log = Logger(namespace="mailrelay.delivery.mx")
+
+MAX_ADDRESSES = 10     # connection attempts per delivery, over all exchangers (Postfix: smtp_mx_address_limit)
+
+# [delivery] tls → the client's security mode.  "required" and "verify" both insist on STARTTLS;
+# "verify" also checks the certificate chain and the exchanger's name.
+_SECURITY = {"none": "none", "opportunistic": "opportunistic", "required": "starttls", "verify": "starttls"}
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UnverifiedTLS:
+    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI."""
+
+    def __init__(self, hostname: str):
+        self._hostname = hostname
+        self._context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        if not _is_address(self._hostname):
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _family(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+@implementer(INextHop)
+class MXDelivery:
+    """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts` and `send` (the
+    client's deliver_over) may be replaced, mostly by tests."""
+
+    def __init__(
+        self,
+        delivery: DeliveryConfig,
+        hostname: str,
+        reactor: Any = None,
+        resolver: Optional[MXResolver] = None,
+        trust_root: Any = None,
+        timeouts: Timeouts = Timeouts(),
+        send: Callable[..., defer.Deferred] = deliver_over,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.delivery = delivery
+        self.hostname = hostname
+        self.reactor = reactor
+        self.resolver = resolver or MXResolver(delivery.nameservers, reactor)
+        self.trust_root = trust_root
+        self.timeouts = timeouts
+        self.send = send
+        self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
+
+    def deliver(self, message, recipients) -> defer.Deferred:
+        """One RecipientResult per recipient (all of one domain), in order; the Deferred never fails."""
+        recipients = tuple(recipients)
+        d = defer.maybeDeferred(self._deliver, message, recipients)
+
+        def local_error(failure):
+            log.failure("{queue_id}: direct delivery failed locally", failure, queue_id=_queue_id(message))
+            return list(settle_all(recipients, 451, "4.3.0", "local error in direct delivery"))
+
+        return d.addErrback(local_error)
+
+    @defer.inlineCallbacks
+    def _deliver(self, message, recipients: tuple[str, ...]):
+        if not recipients:
+            return []
+        domain = domain_of(recipients[0])
+        try:
+            hosts = yield self.resolver.resolve(domain)
+        except ResolutionFailed as e:
+            log.info("{queue_id}: {domain}: {reply}", queue_id=_queue_id(message), domain=domain,
+                     reply=str(e.reply))
+            return list(settle_all(recipients, e.reply.code, e.reply.status, e.reply.text))
+        return (yield self._try_hosts(message, recipients, hosts))
+
+    def _candidates(self, hosts: list[MXHost]) -> list[tuple[MXHost, str]]:
+        """(exchanger, address) pairs in order; only our source address's family when one is set."""
+        pairs = [(h, a) for h in hosts for a in h.addresses]
+        if self.delivery.source_address:
+            family = _family(self.delivery.source_address)
+            pairs = [(h, a) for h, a in pairs if _family(a) == family]
+        return pairs[:MAX_ADDRESSES]
+
+    @defer.inlineCallbacks
+    def _try_hosts(self, message, recipients: tuple[str, ...], hosts: list[MXHost]):
+        final: dict[str, RecipientResult] = {}
+        last: dict[str, RecipientResult] = {}
+        answered_hosts: set[str] = set()
+        for host, address in self._candidates(hosts):
+            pending = tuple(r for r in recipients if r not in final)
+            if not pending:
+                break
+            if host.name in answered_hosts:
+                continue      # this exchanger already answered (4xx): its other addresses would too
+            session = yield self._attempt(message, pending, host, address)
+            for rcpt, result in zip(pending, session.jobs[0]):
+                # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
+                (final if result.delivered or result.permanent else last)[rcpt] = result
+            if not session.before_mail:
+                answered_hosts.add(host.name)
+            unsettled = [last[r] for r in pending if r not in final]
+            if unsettled:
+                log.info("{queue_id}: {host}[{address}]: {count} recipient(s) not settled: {reply}",
+                         queue_id=_queue_id(message), host=host.name, address=address,
+                         count=len(unsettled), reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
+        return [final.get(r) or last.get(r) or _unreachable(r, hosts) for r in recipients]
+
+    @defer.inlineCallbacks
+    def _attempt(self, message, recipients: tuple[str, ...], host: MXHost, address: str):
+        policy = self.delivery.tls
+        session: SessionResult = yield self._session(message, recipients, host, address, _SECURITY[policy])
+        if session.tls_failed and policy == "opportunistic":
+            # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
+            # plaintext on the same address; "required" and "verify" never fall back.
+            self.plaintext_fallbacks += 1
+            log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
+                     queue_id=_queue_id(message), host=host.name, address=address)
+            session = yield self._session(message, recipients, host, address, "none")
+        return session
+
+    def _session(self, message, recipients, host: MXHost, address: str, security: str) -> defer.Deferred:
+        params = SessionParams(
+            helo=self.hostname,
+            remote_host=host.name,
+            security=security,
+            tls_options=self._tls_options(host.name) if security != "none" else None,
+            timeouts=self.timeouts,
+        )
+        return self.send(self._endpoint(address), params, [Job(message, recipients)], self.reactor)
+
+    def _tls_options(self, name: str):
+        if self.delivery.tls == "verify":
+            # Certificate chain and exchanger name checked (service_identity); no fallback on failure.
+            return ssl.optionsForClientTLS(name.strip("[]"), trustRoot=self.trust_root)
+        return UnverifiedTLS(name)
+
+    def _endpoint(self, address: str):
+        bind = (self.delivery.source_address, 0) if self.delivery.source_address else None
+        cls = endpoints.TCP6ClientEndpoint if _family(address) == 6 else endpoints.TCP4ClientEndpoint
+        return cls(self.reactor, address, self.delivery.mx_port, timeout=self.timeouts.connect,
+                   bindAddress=bind)
+
+    def stop(self) -> None:
+        """Stop the resolver's threads (also done at reactor shutdown)."""
+        self.resolver.stop()
+
+
+def _unreachable(recipient: str, hosts: list[MXHost]) -> RecipientResult:
+    names = ", ".join(h.name for h in hosts) or "none"
+    return RecipientResult(recipient, 451, "4.4.1", f"no usable address for any mail exchanger ({names})", "")
+
+
+def _queue_id(message) -> str:
+    return getattr(message, "queue_id", "?")

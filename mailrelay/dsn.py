@@ -1,0 +1,254 @@
+"""Delivery status notifications: telling the envelope sender what became of a message (RFC 3464).
+
+Job in the journey: the last stage.  When the scheduler gives up on recipients (a 5xx, or the queue
+lifetime ran out) or a message has waited long enough to deserve a warning, it calls this reporter.
+In: a spooled message (envelope + message file) and RecipientResults.  Out: a new message in the spool —
+a multipart/report; report-type=delivery-status (RFC 3462/6522) with a human-readable part, a
+message/delivery-status part (RFC 3464 §2) and the original header block as text/rfc822-headers —
+from the null reverse-path <> to the original envelope sender, then handed to the scheduler so it
+travels through the normal routes and policies like any other message.
+
+RFCs: RFC 3464 (DSN format), RFC 6522 (multipart/report), RFC 3463 (status codes), RFC 5321 §4.5.5
+and §6.1 (DSNs are sent from <>, and never about a message from <>: no bounce loops), RFC 3834
+(Auto-Submitted), RFC 5322 (dates).
+"""
+from __future__ import annotations
+
+import re
+from email.message import EmailMessage, Message, MIMEPart
+from email.headerregistry import Address
+from email.policy import SMTP, SMTPUTF8
+from email.utils import format_datetime, make_msgid
+from datetime import datetime, timezone
+from typing import Iterable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import IDeliveryReporter
+
+log = Logger(namespace="mailrelay.dsn")
+
+MAX_HEADER_BYTES = 64 * 1024      # the original header block quoted in a DSN is cut here
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+# Fold only beyond RFC 5322's hard limit: a long remote word in Diagnostic-Code must stay plain text,
+# not become an RFC 2047 encoded word that DSN parsers would not decode.
+_POLICY = SMTP.clone(max_line_length=998)
+_POLICY_UTF8 = SMTPUTF8.clone(max_line_length=998)
+
+
+def read_headers(message, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """The message's header block (up to, not including, the blank line), at most `limit` bytes,
+    cut at a line end.  A small bounded read from the local spool file."""
+    with message.open() as f:
+        data = f.read(limit + 2)
+    end = data.find(b"\r\n\r\n")
+    if data.startswith(b"\r\n"):
+        return b""
+    if end >= 0 and end + 2 <= limit:
+        return data[:end + 2]
+    if end < 0 and len(data) <= limit:          # a message that is all headers, no body
+        return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
+    cut = data[:limit].rfind(b"\r\n")       # over-long block: keep whole lines only
+    return data[:cut + 2] if cut >= 0 else b""
+
+
+def _clean(text: str) -> str:
+    """Remote words and addresses in header-like fields: no CR, LF or other controls (header injection)."""
+    return _CONTROLS.sub("?", text)
+
+
+def _status(result) -> str:
+    """The result's RFC 3463 status, or the generic X.0.0 of its reply class when it is malformed."""
+    if _STATUS.match(result.status or "") and result.status[0] == str(result.code)[0]:
+        return result.status
+    return f"{str(result.code)[0] if 400 <= result.code < 600 else '4'}.0.0"
+
+
+def _field_block(fields: Iterable[tuple[str, str]]) -> Message:
+    block = Message(policy=_POLICY)
+    for name, value in fields:
+        block[name] = value
+    return block
+
+
+class DSNBuilder:
+    """Builds the bytes of one DSN (RFC 3464); no I/O.  `now` is unix time."""
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+
+    def message_fields(self, envelope: Envelope) -> list[tuple[str, str]]:
+        # RFC 3464 §2.2: per-message fields; Reporting-MTA is required.
+        fields = [("Reporting-MTA", f"dns; {self.hostname}")]
+        envid = envelope.params.get("ENVID") if isinstance(envelope.params, dict) else None
+        if envid:
+            fields.append(("Original-Envelope-Id", _clean(str(envid))))
+        fields.append(("Arrival-Date", _date(envelope.received_at)))
+        return fields
+
+    def recipient_fields(self, result, action: str, now: float,
+                         retry_until: Optional[float]) -> list[tuple[str, str]]:
+        # RFC 3464 §2.3: Final-Recipient, Action and Status are required for each recipient.
+        fields = [
+            ("Final-Recipient", f"rfc822; {_clean(result.recipient)}"),
+            ("Action", action),
+            ("Status", _status(result)),
+        ]
+        if result.remote_host:
+            fields.append(("Remote-MTA", f"dns; {_clean(result.remote_host)}"))
+        fields.append(("Diagnostic-Code", f"smtp; {result.code} {_status(result)} {_clean(result.text)}"))
+        fields.append(("Last-Attempt-Date", _date(now)))
+        if retry_until is not None and action == "delayed":
+            fields.append(("Will-Retry-Until", _date(retry_until)))
+        return fields
+
+    def human_text(self, envelope: Envelope, results, action: str) -> str:
+        if action == "failed":
+            lead = ("Your message could not be delivered to the recipients below. The mail system has\n"
+                    "given up on them; the reason each was refused follows its address.")
+        else:
+            lead = ("Your message has not yet been delivered to the recipients below. The mail system\n"
+                    "is still trying and will tell you again only if it gives up. You need not resend it.")
+        lines = [f"This is the mail system at {self.hostname}.", "", lead, ""]
+        for r in results:
+            where = f" (from {_clean(r.remote_host)})" if r.remote_host else ""
+            lines.append(f"<{_clean(r.recipient)}>: {r.code} {_status(r)} {_clean(r.text)}{where}")
+        lines += ["", "The headers of your message are attached."]
+        return "\n".join(lines) + "\n"
+
+    def build(self, envelope: Envelope, results, action: str, headers: bytes, now: float,
+              retry_until: Optional[float] = None) -> bytes:
+        """The DSN as bytes with CRLF line ends, ready for the spool."""
+        results = list(results)
+        utf8 = not (envelope.sender.isascii() and all(r.recipient.isascii() for r in results))
+        policy = _POLICY_UTF8 if utf8 else _POLICY
+        report = EmailMessage(policy=policy)
+        self._set_headers(report, envelope, action, now)
+        report.set_content(self.human_text(envelope, results, action), cte="8bit" if utf8 else "7bit")
+        report.make_mixed()
+        report.set_type("multipart/report")                   # RFC 6522 §3: the container of a DSN
+        report.set_param("report-type", "delivery-status")
+        report.attach(self._status_part(envelope, results, action, now, retry_until))
+        report.attach(_headers_part(headers))
+        return report.as_bytes(policy=policy)
+
+    def _set_headers(self, report: EmailMessage, envelope: Envelope, action: str, now: float) -> None:
+        report["From"] = Address("Mail Delivery System", "MAILER-DAEMON", self.hostname)
+        try:
+            report["To"] = Address(addr_spec=envelope.sender)
+        except Exception:       # a quoted or non-ASCII address the header registry refuses: cosmetic only
+            report["To"] = "undisclosed-recipients:;"
+        report["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
+                             else "Delayed Mail (still being retried)")
+        report["Date"] = _date(now)
+        report["Message-ID"] = make_msgid(domain=self.hostname)
+        report["Auto-Submitted"] = "auto-replied"          # RFC 3834 §5: no auto-reply to this
+
+    def _status_part(self, envelope, results, action, now, retry_until) -> Message:
+        part = Message(policy=_POLICY)
+        part["Content-Type"] = "message/delivery-status"
+        blocks = [_field_block(self.message_fields(envelope))]
+        blocks += [_field_block(self.recipient_fields(r, action, now, retry_until)) for r in results]
+        part.set_payload(blocks)
+        return part
+
+
+def _headers_part(headers: bytes) -> MIMEPart:
+    part = MIMEPart(policy=_POLICY)
+    if headers.isascii():
+        part.set_content(headers.decode("ascii"), subtype="rfc822-headers", charset="us-ascii", cte="7bit")
+    else:
+        # 8-bit header bytes (SMTPUTF8 or raw): quoted-printable keeps the DSN itself 7-bit safe.
+        text = headers.decode("utf-8", "replace")
+        part.set_content(text, subtype="rfc822-headers", charset="utf-8", cte="quoted-printable")
+    return part
+
+
+def _date(when: float) -> str:
+    return format_datetime(datetime.fromtimestamp(when, timezone.utc))
+
+
+@implementer(IDeliveryReporter)
+class DSNReporter:
+    """Writes DSNs into the spool and enqueues them.  The lead sets `scheduler` after construction.
+
+    `lifetime` (seconds, optional) adds Will-Retry-Until to delay reports.  `metrics`, a
+    mailrelay.metrics.Metrics or None, counts every DSN queued."""
+
+    def __init__(self, spool, hostname: str, clock=None, lifetime: Optional[float] = None, metrics=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.spool = spool
+        self.clock = clock
+        self.lifetime = lifetime
+        self.scheduler = None
+        self.metrics = metrics
+        self.builder = DSNBuilder(hostname)
+
+    def bounce(self, message, results) -> defer.Deferred:
+        """A failure DSN for `results`; fires with the DSN's queue id, or None when none is due."""
+        return self._report(message, list(results), "failed")
+
+    def delay(self, message, recipients) -> defer.Deferred:
+        """The delay warning for `recipients` (RecipientResults still pending); same return value."""
+        return self._report(message, list(recipients), "delayed")
+
+    def _report(self, message, results, action: str) -> defer.Deferred:
+        envelope = message.envelope
+        if envelope.sender == "":
+            # RFC 5321 §6.1 / RFC 3464 §2: never a DSN about a message from <> (no bounce loops).
+            log.info("{queue_id}: no {action} DSN for a message from <>",
+                     queue_id=message.queue_id, action=action)
+            return defer.succeed(None)
+        if not results:
+            return defer.succeed(None)
+        try:
+            data = self._build(message, results, action)
+        except Exception:
+            log.failure("{queue_id}: cannot build the {action} DSN", queue_id=message.queue_id, action=action)
+            return defer.fail()
+        return self._spool(message, data, action, len(results))
+
+    def _build(self, message, results, action: str) -> bytes:
+        now = self.clock.seconds()
+        envelope = message.envelope
+        retry_until = envelope.received_at + self.lifetime if self.lifetime else None
+        return self.builder.build(envelope, results, action, read_headers(message), now, retry_until)
+
+    def _spool(self, message, data: bytes, action: str, count: int) -> defer.Deferred:
+        original = message.envelope
+        envelope = Envelope(
+            sender="",
+            recipients=(original.sender,),
+            received_at=self.clock.seconds(),
+            body="7BIT" if data.isascii() else "8BITMIME",
+            smtputf8=not original.sender.isascii(),
+        )
+        writer = self.spool.new_message(envelope)
+        try:
+            writer.write(data)
+            d = writer.commit()
+        except Exception:
+            writer.abort()
+            return defer.fail()
+
+        def committed(queue_id):
+            log.info("{queue_id}: {action} DSN {dsn_id} for {count} recipient(s) queued to the sender",
+                     queue_id=message.queue_id, action=action, dsn_id=queue_id, count=count)
+            if self.metrics is not None:
+                self.metrics.dsn(action)
+            if self.scheduler is not None:
+                self.scheduler.enqueue(queue_id)
+            return queue_id
+
+        def failed(failure):
+            writer.abort()
+            log.failure("{queue_id}: cannot spool the {action} DSN", failure,
+                        queue_id=message.queue_id, action=action)
+            return failure
+
+        return d.addCallbacks(committed, failed)
