@@ -79,6 +79,18 @@ def build_checkers(config: Config, reactor) -> list:
     return checkers
 
 
+def dkim_wrapper(config: Config, reactor):
+    """A function putting each next hop behind DKIM signing/verification, or leaving it as it is."""
+    from mailrelay.dkim.build import build_signer, build_verifier
+
+    signer, verifier = build_signer(config), build_verifier(config)
+    if signer is None and verifier is None:
+        return lambda hop: hop
+    from mailrelay.dkim.hop import DKIMHop
+
+    return lambda hop: DKIMHop(hop, signer=signer, verifier=verifier, reactor=reactor)
+
+
 def make_service(config: Config, reactor=None) -> service.MultiService:
     """Build the whole relay for `config` as one MultiService (not yet started)."""
     if reactor is None:
@@ -98,16 +110,17 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     spool = Spool(config.spool, clock=reactor)
     spool.setServiceParent(top)
 
+    outbound = dkim_wrapper(config, reactor)
     transports = {
-        name: SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor)
+        name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
         for name, t in config.transports.items()
     }
-    direct = MXDelivery(config.delivery, config.hostname, reactor=reactor)
+    direct = outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor))
     reporter = None
     if config.queue.bounces:
         from mailrelay.dsn import DSNReporter
 
-        reporter = DSNReporter(spool, config.hostname, clock=reactor)
+        reporter = DSNReporter(spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime)
     scheduler = Scheduler(
         spool, Router(config.routes), transports, direct, config.queue, config.delivery,
         reporter, clock=reactor,
