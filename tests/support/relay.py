@@ -72,7 +72,7 @@ class RelayFixture:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         log = open(self.dir / "twistd.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "-n", "--pidfile=", "--logfile=-", "mailrelay",
+            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "--logfile=-", "mailrelay",
              "--config", str(self.path)],
             cwd=self.dir, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
