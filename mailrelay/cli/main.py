@@ -9,14 +9,14 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("check", "passwd", "dkim", "queue")   # modules under mailrelay.cli
+SUBCOMMANDS = ("check", "passwd", "dkim", "queue", "route-test")   # modules under mailrelay.cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailrelay", description="mailrelay SMTP relay tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"mailrelay.cli.{name}").register(subparsers)
+        importlib.import_module(f"mailrelay.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 
