@@ -1,0 +1,499 @@
+"""The outgoing ESMTP client: one connection, one or more messages, a result for every recipient.
+
+Journey: the scheduler picks a next hop (smarthost transport or MX host); the next hop connects and runs
+this protocol, which hands spooled messages to the remote server.
+In: `SessionParams` (our HELO name, TLS mode, credentials, timeouts) and a list of `Job`s (a spooled
+message and the recipients to try).  Out: one `results.SessionResult` — a `RecipientResult` per recipient
+per job — delivered through the `finished` Deferred, which never fails: a refused connection, a timeout,
+a failed TLS handshake or a lost connection settle every unsettled recipient with a 4xx result.
+
+Implements RFC 5321 (section 3 transactions, 4.2 replies, 4.5.2 dot-stuffing, 4.5.3.2 timeouts),
+RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN / LOGIN, only over TLS), RFC 1870 (SIZE), RFC 6152
+(8BITMIME), RFC 6531 (SMTPUTF8), RFC 3463 (enhanced status codes in every result).
+
+Built on twisted.mail.smtp.ESMTPClient for its line handling and timeout plumbing, with the states
+rewritten: Twisted's retry-on-4xx, transcript logging (it kept AUTH secrets), chunk-wise dot-stuffing,
+silent STARTTLS skipping and exception-based error reporting are all replaced here.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.delivery.dotstuff import CHUNK_SIZE, StuffingProducer
+from mailrelay.delivery.results import (
+    RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
+)
+
+log = Logger(namespace="mailrelay.delivery")
+
+SECURITY_MODES = ("none", "opportunistic", "starttls", "tls")
+MAX_REPLY_LINES = 100
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; RFC 5321 4.5.3.2 asks for 5 minutes per reply and 10 for the reply to the final dot."""
+    connect: float = 30.0
+    reply: float = 300.0
+    data_end: float = 600.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One message to send on a connection: a spooled message (queue_id, envelope, size, open()) and the
+    recipients to try for it (a subset of its envelope's)."""
+    message: Any
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SessionParams:
+    """How to talk to one remote host.  `security`: "none"; "opportunistic" (STARTTLS when offered);
+    "starttls" (STARTTLS required, else 4.7.4); "tls" (the transport is already TLS from the first byte).
+    `tls_options`: the client TLS connection creator used for STARTTLS."""
+    helo: str
+    remote_host: str
+    security: str = "opportunistic"
+    tls_options: Any = None
+    username: Optional[str] = None
+    password: Optional[bytes] = field(default=None, repr=False)
+    timeouts: Timeouts = Timeouts()
+
+
+def temporary_status(status: str) -> str:
+    """The same RFC 3463 subject and detail in the temporary class: "5.7.8" -> "4.7.8"."""
+    return "4" + status[1:]
+
+
+def valid_address(address: str) -> bool:
+    """No control characters and no angle brackets: an address can never inject a command line."""
+    return all(c >= " " and c != "\x7f" for c in address) and "<" not in address and ">" not in address
+
+
+def is_7bit(message: Any) -> bool:
+    """Whether the message body is plain ASCII (read in chunks, never whole)."""
+    with message.open() as f:
+        while chunk := f.read(CHUNK_SIZE):
+            if not chunk.isascii():
+                return False
+    return True
+
+
+@implementer(IHandshakeListener)
+class DeliveryClient(smtp.ESMTPClient):
+    """One client connection.  Each `_on_*` method handles the reply to the command that preceded it."""
+
+    debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
+    MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
+
+    def __init__(self, params: SessionParams, jobs: list[Job], clock: Any):
+        smtp.ESMTPClient.__init__(self, None, params.tls_options, params.helo)
+        self.params, self.jobs = params, list(jobs)
+        self.callLater = clock.callLater     # TimeoutMixin's clock
+        self.finished: defer.Deferred = defer.Deferred()
+        self._host = params.remote_host
+        self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
+        self._failure: Optional[tuple[int, str, str]] = None
+        self._extensions: dict[bytes, bytes] = {}
+        self._tls_active = self._tls_pending = self._tls_failed = False
+        self._tls_name: Optional[str] = None
+        self._greeted = self._mail_answered = self._in_transaction = False
+        self._job_index = -1
+        self._rcpt_index = -1
+        self._accepted: list[int] = []
+        self._producer: Optional[StuffingProducer] = None
+        self._secrets: list[bytes] = []
+        self._login_step = 0
+        self._waiting_for = "the greeting"
+
+    # -- plumbing: connection, replies, timeouts ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = getattr(self.transport.getPeer(), "host", None)
+        if peer and peer != self._host:
+            self._host = f"{self._host}[{peer}]"
+        # Trust the transport, not the setting: credentials must never follow a mis-wired plain socket.
+        self._tls_active = ISSLTransport.providedBy(self.transport) or isinstance(self.transport, TLSMemoryBIOProtocol)
+        self._tls_pending = self._tls_active      # implicit TLS: the handshake is under way
+        self.setTimeout(self.params.timeouts.reply)
+        if self.params.security == "tls" and not self._tls_active:
+            return self._abort(421, "4.7.5", f"implicit TLS to {self._host} requested, but the connection is plain")
+        self._command = "connect"
+        self._expect((220,), self._on_greeting, self._on_bad_greeting)
+
+    def handshakeCompleted(self) -> None:
+        self._tls_pending = False
+        try:
+            handle = self.transport.getHandle()
+            self._tls_name = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+        except Exception:
+            self._tls_name = "TLS"
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        self._tls_pending = False     # bytes after a handshake began can only have come through TLS
+        # RFC 5321 4.2: "NNN SP text" ends a reply, "NNN-text" continues it; anything else is garbage.
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+            return self._abort(421, "4.5.0", f"malformed reply from {self._host}: {printable(line, 80)}")
+        self.resp.append(line[4:])
+        if len(self.resp) > MAX_REPLY_LINES:
+            return self._abort(421, "4.5.0", f"over-long multi-line reply from {self._host}")
+        if line[3:4] == b"-":
+            return None
+        code, text, self.resp = int(line[:3]), b"\n".join(self.resp), []
+        handler = self._okresponse if code in self._expected else self._failresponse
+        try:
+            handler(code, text)
+        except Exception:
+            log.failure("delivery client error talking to {host}", host=self._host)
+            self._abort(451, "4.3.0", "local error in the delivery client")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(421, "4.5.0", f"over-long reply line from {self._host}")
+
+    def timeoutConnection(self) -> None:
+        # RFC 5321 4.5.3.2: a peer that stops answering is a temporary failure, never a hang.
+        self._abort(421, "4.4.2", f"timed out waiting for {self._waiting_for} from {self._host}")
+
+    def _expect(self, codes, on_ok: Callable, on_fail: Optional[Callable] = None) -> None:
+        self._expected = codes
+        self._okresponse = on_ok
+        self._failresponse = on_fail or self._on_unexpected
+
+    def _send(self, line: bytes, command: str, codes, on_ok: Callable, on_fail: Optional[Callable] = None) -> None:
+        self._command = command
+        self._waiting_for = f"the reply to {command}"
+        self._expect(codes, on_ok, on_fail)
+        self.sendLine(line)
+
+    def _on_unexpected(self, code: int, text: bytes) -> None:
+        self._fail_from_reply(code, text, self._command)
+
+    def _fail_from_reply(self, code: int, text: bytes, context: str) -> None:
+        """A reply that ends the session: every unsettled recipient gets it, as a temporary failure."""
+        self._record_failure(code, text, context)
+        self._quit()
+
+    def _closing(self, code: int, text: bytes) -> None:
+        """421: the server is closing the connection (RFC 5321 3.8); everything unsettled waits for later."""
+        self._record_failure(code, text, self._command)
+        self._close()
+
+    def _record_failure(self, code: int, text: bytes, context: str) -> None:
+        status, clean = parse_reply(code, text)
+        self._failure = (code if 400 <= code < 500 else 451, temporary_status(status),
+                         f"{self._host} said {code} {clean} (after {context})")
+
+    def _abort(self, code: int, status: str, text: str) -> None:
+        if self._failure is None:
+            self._failure = (code, status, text)
+        self.transport.abortConnection()
+
+    def _quit(self) -> None:
+        self._send(b"QUIT", "QUIT", range(0, 1000), self._close, self._close)
+
+    def _close(self, code: int = 0, text: bytes = b"") -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        if self._producer is not None:
+            self._producer.stopProducing()
+        if self._failure is None:
+            self._failure = self._failure_from(reason)
+        code, status, text = self._failure
+        jobs = tuple(
+            tuple(r or RecipientResult(rcpt, code, status, text, self._host) for rcpt, r in zip(j.recipients, res))
+            for j, res in zip(self.jobs, self._results)
+        )
+        if not self.finished.called:
+            self.finished.callback(SessionResult(
+                jobs, self._tls_name, self._tls_failed, before_mail=not self._mail_answered))
+
+    def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
+        why = printable(str(reason.value).encode("utf-8", "replace"), 200)
+        if self._tls_pending:
+            # The handshake (certificate or host name check included) did not complete: RFC 3207 says
+            # nothing was agreed; an opportunistic caller may retry in plaintext, a required one may not.
+            self._tls_failed = True
+            return 421, "4.7.5", f"TLS handshake with {self._host} failed: {why}"
+        if not self._greeted:
+            return 421, "4.4.2", f"connection to {self._host} lost before the greeting: {why}"
+        return 421, "4.4.2", f"connection to {self._host} lost while waiting for {self._waiting_for}"
+
+    # -- session set-up: greeting, EHLO, STARTTLS, AUTH ----------------------------------------------
+
+    def _on_greeting(self, code: int, text: bytes) -> None:
+        self._greeted = True
+        self._ehlo()
+
+    def _on_bad_greeting(self, code: int, text: bytes) -> None:
+        # A 554 greeting refuses this connection, not the message: try later or elsewhere, never bounce.
+        self._greeted = True
+        self._fail_from_reply(code, text, "connect")
+
+    def _ehlo(self) -> None:
+        self._send(b"EHLO " + self.identity, "EHLO", (250,), self._on_ehlo, self._on_ehlo_refused)
+
+    def _on_ehlo_refused(self, code: int, text: bytes) -> None:
+        # RFC 5321 3.2: an old server without EHLO gets HELO — but then no STARTTLS and no AUTH.
+        if 500 <= code < 600 and self.params.security in ("none", "opportunistic") and not self.params.username:
+            self._send(b"HELO " + self.identity, "HELO", (250,), self._on_helo)
+        else:
+            self._fail_from_reply(code, text, "EHLO")
+
+    def _on_helo(self, code: int, text: bytes) -> None:
+        self._extensions = {}
+        self._next_job()
+
+    def _on_ehlo(self, code: int, text: bytes) -> None:
+        self._extensions = {}
+        for line in text.split(b"\n")[1:]:
+            keyword, _, value = line.strip().partition(b" ")
+            self._extensions[keyword.upper()] = value.strip()
+        self._maybe_starttls()
+
+    def _maybe_starttls(self) -> None:
+        wanted = self.params.security in ("opportunistic", "starttls") and self.params.tls_options is not None
+        if self._tls_active or not wanted:
+            return self._maybe_auth()
+        if b"STARTTLS" in self._extensions:
+            return self._send(b"STARTTLS", "STARTTLS", (220,), self._on_starttls, self._on_starttls_refused)
+        if self.params.security == "starttls":
+            self._failure = (451, "4.7.4", f"TLS is required, but {self._host} does not offer STARTTLS")
+            return self._quit()
+        self._maybe_auth()
+
+    def _on_starttls_refused(self, code: int, text: bytes) -> None:
+        if self.params.security == "starttls" or code == 421:
+            return self._fail_from_reply(code, text, "STARTTLS")
+        self._maybe_auth()      # RFC 3207 4: a 454 lets an opportunistic client go on in plaintext
+
+    def _on_starttls(self, code: int, text: bytes) -> None:
+        # CVE-2011-0411 class: plaintext the server pipelined behind its 220 must not be read as if it came
+        # through TLS; and RFC 3207 4.2: forget everything learned before TLS, EHLO again.
+        self.clearLineBuffer()
+        self._extensions = {}
+        self._tls_pending = self._tls_active = True
+        try:
+            self.transport.startTLS(self.params.tls_options)
+        except Exception as e:
+            self._tls_failed = True
+            return self._abort(421, "4.7.5", f"cannot start TLS with {self._host}: {printable(str(e).encode())}")
+        self._ehlo()
+
+    def _maybe_auth(self) -> None:
+        if not self.params.username:
+            return self._next_job()
+        if not self._tls_active:
+            # RFC 4954 4 / RFC 8314: a password is never sent in plaintext, whatever the server offers.
+            self._failure = (451, "4.7.11", f"not sending credentials to {self._host} without TLS")
+            return self._quit()
+        mechanisms = self._extensions.get(b"AUTH", b"").upper().split()
+        user = self.params.username.encode("utf-8")
+        password = self.params.password or b""
+        if b"PLAIN" in mechanisms:
+            blob = base64.b64encode(b"\0" + user + b"\0" + password)
+            self._secrets = [blob]
+            return self._send(b"AUTH PLAIN " + blob, "AUTH", (235,), self._on_authenticated, self._on_auth_refused)
+        if b"LOGIN" in mechanisms:
+            self._secrets, self._login_step = [base64.b64encode(user), base64.b64encode(password)], 0
+            return self._send(b"AUTH LOGIN", "AUTH", (334,), self._on_login_challenge, self._on_auth_refused)
+        offered = printable(self._extensions.get(b"AUTH", b"none"))
+        self._failure = (451, "4.7.0", f"{self._host} offers no AUTH mechanism we use (offered: {offered})")
+        self._quit()
+
+    def _on_login_challenge(self, code: int, text: bytes) -> None:
+        # AUTH LOGIN: the first 334 asks for the user name, the second for the password.
+        step, self._login_step = self._login_step, self._login_step + 1
+        last = step == len(self._secrets) - 1
+        self._send(self._secrets[step], "AUTH", (235,) if last else (334,),
+                   self._on_authenticated if last else self._on_login_challenge, self._on_auth_refused)
+
+    def _on_auth_refused(self, code: int, text: bytes) -> None:
+        for secret in self._secrets:     # a server echoing our blob must not put it in a log or a DSN
+            text = text.replace(secret, b"[secret]")
+        self._secrets = []
+        self._fail_from_reply(code, text, "AUTH")
+
+    def _on_authenticated(self, code: int, text: bytes) -> None:
+        self._secrets = []
+        self._next_job()
+
+    # -- transactions: MAIL, RCPT, DATA, once per job --------------------------------------------------
+
+    def _next_job(self) -> None:
+        if self._in_transaction:
+            self._in_transaction = False
+            return self._send(b"RSET", "RSET", (250,), lambda code, text: self._next_job())
+        self._job_index += 1
+        if self._job_index >= len(self.jobs):
+            return self._quit()
+        job = self.jobs[self._job_index]
+        refusal = self._refusal(job)
+        if refusal is not None:
+            self._settle_job(*refusal)
+            return self._next_job()
+        self._send(self._mail_command(job), "MAIL FROM", range(200, 300), self._on_mail, self._on_mail_refused)
+
+    def _refusal(self, job: Job) -> Optional[tuple[int, str, str]]:
+        """A permanent reason not to try this job on this server at all, or None."""
+        envelope, ext = job.message.envelope, self._extensions
+        if not valid_address(envelope.sender):
+            return 553, "5.1.7", "invalid sender address syntax"
+        limit = ext.get(b"SIZE", b"")
+        if limit.isdigit() and int(limit) and job.message.size > int(limit):
+            # RFC 1870 6.1: the server told us its fixed limit; sending anyway would only waste the transfer.
+            return 552, "5.3.4", f"message size {job.message.size} exceeds the limit {int(limit)} of {self._host}"
+        if envelope.body == "8BITMIME" and b"8BITMIME" not in ext and not is_7bit(job.message):
+            # RFC 6152 3: 8-bit data only to a server that offers 8BITMIME; we do not convert, so it bounces.
+            return 554, "5.6.3", f"8-bit message, but {self._host} does not offer 8BITMIME"
+        if not all(a.isascii() for a in (envelope.sender, *job.recipients)) and b"SMTPUTF8" not in ext:
+            return 553, "5.6.7", f"non-ASCII address, but {self._host} does not offer SMTPUTF8"   # RFC 6531 3.2
+        return None
+
+    def _mail_command(self, job: Job) -> bytes:
+        envelope, ext = job.message.envelope, self._extensions
+        line = b"MAIL FROM:<" + envelope.sender.encode("utf-8") + b">"
+        if b"SIZE" in ext:
+            line += b" SIZE=%d" % job.message.size                                     # RFC 1870
+        if envelope.body == "8BITMIME" and b"8BITMIME" in ext:
+            line += b" BODY=8BITMIME"                                                  # RFC 6152
+        utf8 = envelope.smtputf8 or not all(a.isascii() for a in (envelope.sender, *job.recipients))
+        if b"SMTPUTF8" in ext and utf8:
+            line += b" SMTPUTF8"                                                       # RFC 6531
+        return line
+
+    def _settle_job(self, code: int, status: str, text: str) -> None:
+        results = self._results[self._job_index]
+        for i, rcpt in enumerate(self.jobs[self._job_index].recipients):
+            if results[i] is None:
+                results[i] = RecipientResult(rcpt, code, status, text, self._host)
+
+    def _on_mail_refused(self, code: int, text: bytes) -> None:
+        self._mail_answered = True
+        if not 400 <= code < 600:
+            return self._on_unexpected(code, text)
+        result = from_reply("", code, text, self._host)
+        self._settle_job(result.code, result.status, result.text)    # every recipient shares the sender's fate
+        return self._closing(code, text) if code == 421 else self._next_job()
+
+    def _on_mail(self, code: int, text: bytes) -> None:
+        self._mail_answered = self._in_transaction = True
+        self._rcpt_index, self._accepted = -1, []
+        self._next_rcpt()
+
+    def _next_rcpt(self) -> None:
+        recipients = self.jobs[self._job_index].recipients
+        results = self._results[self._job_index]
+        self._rcpt_index += 1
+        while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
+            rcpt = recipients[self._rcpt_index]
+            results[self._rcpt_index] = RecipientResult(rcpt, 553, "5.1.3", "invalid address syntax", self._host)
+            self._rcpt_index += 1
+        if self._rcpt_index < len(recipients):
+            line = b"RCPT TO:<" + recipients[self._rcpt_index].encode("utf-8") + b">"
+            return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
+        if not self._accepted:
+            return self._next_job()        # every RCPT failed: no DATA (RFC 5321 3.3)
+        self._send(b"DATA", "DATA", (354,), self._on_data, self._on_data_refused)
+
+    def _on_rcpt(self, code: int, text: bytes) -> None:
+        if 200 <= code < 300:
+            self._accepted.append(self._rcpt_index)
+        else:
+            rcpt = self.jobs[self._job_index].recipients[self._rcpt_index]
+            self._results[self._job_index][self._rcpt_index] = from_reply(rcpt, code, text, self._host)
+            if code == 421:
+                return self._closing(code, text)
+        self._next_rcpt()
+
+    def _settle_accepted(self, code: int, text: bytes) -> None:
+        recipients, results = self.jobs[self._job_index].recipients, self._results[self._job_index]
+        for i in self._accepted:
+            results[i] = from_reply(recipients[i], code, text, self._host)
+
+    def _on_data_refused(self, code: int, text: bytes) -> None:
+        if not 400 <= code < 600:
+            # A 2xx to DATA itself is no delivery (no body was sent): the server is confused, hang up.
+            self._settle_accepted(451, text)
+            return self._abort(421, "4.5.0", f"{self._host} answered DATA with {code} instead of 354")
+        self._settle_accepted(code, text)
+        return self._closing(code, text) if code == 421 else self._next_job()
+
+    def _on_data(self, code: int, text: bytes) -> None:
+        # Nothing is expected while the body streams; a reply now is the server giving up early.
+        self._expect((), self._on_early_reply, self._on_early_reply)
+        self._command, self._waiting_for = "the message body", "the end of the body transfer"
+        self._producer = StuffingProducer(self.jobs[self._job_index].message.open(), self.transport, self.resetTimeout)
+        self._producer.start().addCallbacks(self._on_body_sent, self._on_body_failed)
+
+    def _on_early_reply(self, code: int, text: bytes) -> None:
+        self._settle_accepted(code if 400 <= code < 600 else 451, text)
+        self._abort(421, "4.4.2", f"{self._host} replied before the end of the message")
+
+    def _on_body_sent(self, _: None) -> None:
+        self._producer = None
+        self.setTimeout(self.params.timeouts.data_end)
+        self._command, self._waiting_for = "end of data", "the reply to the end of data"
+        self._expect(range(0, 1000), self._on_data_end)
+
+    def _on_body_failed(self, reason: Failure) -> None:
+        self._producer = None
+        if not reason.check(defer.CancelledError):      # cancelled: the connection is already going away
+            log.failure("cannot read {queue_id}", reason,
+                        queue_id=getattr(self.jobs[self._job_index].message, "queue_id", "?"))
+            self._abort(451, "4.3.0", "local error reading the queued message")
+
+    def _on_data_end(self, code: int, text: bytes) -> None:
+        # The reply to the final dot settles every accepted recipient at once (RFC 5321 3.3).
+        self.setTimeout(self.params.timeouts.reply)
+        self._settle_accepted(code, text)
+        self._in_transaction = False
+        return self._closing(code, text) if code == 421 else self._next_job()
+
+
+class _Factory(protocol.Factory):
+    def __init__(self, build: Callable[[], DeliveryClient]):
+        self._build = build
+
+    def buildProtocol(self, addr) -> DeliveryClient:
+        return self._build()
+
+
+def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -> SessionResult:
+    """Every recipient temporarily failed because no connection was made (RFC 3463 X.4.1 / X.4.3)."""
+    why = printable(str(reason.value).encode("utf-8", "replace"), 200)
+    status = "4.4.3" if reason.check(error.DNSLookupError) else "4.4.1"
+    text = f"cannot connect to {remote_host}: {why}"
+    return SessionResult(tuple(settle_all(j.recipients, 451, status, text, remote_host) for j in jobs),
+                         before_mail=True)
+
+
+def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None) -> defer.Deferred:
+    """Connect with `endpoint` (wrapped in TLS already when params.security == "tls") and send `jobs`.
+
+    Returns a Deferred firing with a SessionResult once the connection is closed; it never fails."""
+    if params.security not in SECURITY_MODES:
+        raise ValueError(f"unknown security mode {params.security!r}")
+    if clock is None:
+        from twisted.internet import reactor as clock
+    client = DeliveryClient(params, jobs, clock)
+
+    def connected(_):
+        return client.finished
+
+    def failed(reason: Failure):
+        return connect_failure_result(jobs, reason, params.remote_host)
+
+    return endpoint.connect(_Factory(lambda: client)).addCallbacks(connected, failed)

@@ -1,0 +1,168 @@
+"""Next hops that are one known host: named smarthost transports, and the per-host step of MX delivery.
+
+Journey: the scheduler asks the router for a route; a route names a transport (`[transports.NAME]`),
+and `SmarthostTransport.deliver` sends the message there.  The MX engine resolves a domain's hosts and
+calls `deliver_to_host` for each in turn.
+In: a spooled message and its recipients, or a list of client.Job.  Out: RecipientResults (never an
+exception).
+
+TLS policies (config.md [delivery] tls, Postfix's smtp_tls_security_level): "none"; "opportunistic"
+(STARTTLS when offered, plaintext again if the handshake fails: RFC 3207 section 4 allows it, and a
+failed handshake is no reason to keep mail back); "required" (STARTTLS or 4.7.4, any certificate);
+"verify" (STARTTLS, certificate chain and host name checked against the platform trust or `ca_file`:
+RFC 6125 via service_identity).  `implicit_tls` is RFC 8314 implicit TLS (port 465) from the first byte.
+AUTH (RFC 4954) is only ever sent over TLS.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, endpoints, ssl
+from zope.interface import implementer
+
+from mailrelay import config
+from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.results import SessionResult
+from mailrelay.interfaces import INextHop
+
+TLS_POLICIES = config.TLS_POLICIES
+
+
+def client_tls_options(hostname: str, verify: bool, ca_file: Optional[Path] = None) -> Any:
+    """Client TLS options: with `verify`, chain and host name checked (ca_file's CAs as the only trust
+    roots when given, else the platform's); without, any certificate is accepted (encryption only)."""
+    if not verify:
+        return ssl.CertificateOptions()
+    trust = ssl.platformTrust()
+    if ca_file is not None:
+        certs = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+        trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs]
+        )
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+
+
+def _security(tls_policy: str, implicit_tls: bool) -> str:
+    if implicit_tls:
+        return "tls"
+    return {"none": "none", "opportunistic": "opportunistic", "required": "starttls", "verify": "starttls"}[
+        tls_policy]
+
+
+def deliver_to_host(
+    host: str,
+    port: int,
+    jobs: list[Job],
+    *,
+    helo: str,
+    tls_policy: str = "opportunistic",
+    implicit_tls: bool = False,
+    tls_hostname: Optional[str] = None,
+    ca_file: Optional[Path] = None,
+    tls_options: Any = None,
+    username: Optional[str] = None,
+    password: Optional[bytes] = None,
+    bind_address: str = "",
+    timeouts: Timeouts = Timeouts(),
+    reactor: Any = None,
+    clock: Any = None,
+) -> defer.Deferred:
+    """Connect to (host, port) and send every job on that one connection.
+
+    `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
+    "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
+    replaces the options built from tls_hostname/ca_file (a caller delivering often can build them once).
+    Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a failed handshake is retried
+    once in plaintext on a new connection (the result then says tls_failed=True, tls=None)."""
+    if tls_policy not in TLS_POLICIES:
+        raise ValueError(f"unknown TLS policy {tls_policy!r}")
+    if reactor is None:
+        from twisted.internet import reactor
+    clock = clock if clock is not None else reactor
+    name = tls_hostname or host
+    options = tls_options
+    if options is None and (tls_policy != "none" or implicit_tls):
+        options = client_tls_options(name, tls_policy == "verify", ca_file)
+    params = SessionParams(helo=helo, remote_host=host, security=_security(tls_policy, implicit_tls),
+                           tls_options=options, username=username, password=password, timeouts=timeouts)
+
+    def attempt(params: SessionParams) -> defer.Deferred:
+        endpoint = endpoints.HostnameEndpoint(
+            reactor, host, port, timeout=timeouts.connect, bindAddress=(bind_address, 0) if bind_address else None)
+        if params.security == "tls":
+            endpoint = endpoints.wrapClientTLS(options, endpoint)
+        return deliver_over(endpoint, params, jobs, clock)
+
+    def maybe_plaintext(result: SessionResult) -> Any:
+        if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
+            plain = SessionParams(helo=helo, remote_host=host, security="none", username=username,
+                                  password=password, timeouts=timeouts)
+            return attempt(plain).addCallback(
+                lambda again: SessionResult(again.jobs, None, True, again.before_mail))
+        return result
+
+    return attempt(params).addCallback(maybe_plaintext)
+
+
+class Secret:
+    """A password that shows as <hidden> in every repr, so no log line or traceback can carry it."""
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes):
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
+def read_secret(path: Path) -> Secret:
+    """A secret file's content without its trailing newline (LF or CRLF)."""
+    data = Path(path).read_bytes()
+    return Secret(data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data)
+
+
+@implementer(INextHop)
+class SmarthostTransport:
+    """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
+    certificate check and credentials.  The password is read once here; it appears in no repr or log."""
+
+    def __init__(self, transport: config.Transport, hostname: str, clock: Any = None, reactor: Any = None,
+                 timeouts: Timeouts = Timeouts()):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.transport, self.hostname, self.timeouts = transport, hostname, timeouts
+        self._reactor, self._clock = reactor, clock if clock is not None else reactor
+        self._tls_options = None
+        if transport.security != "none":       # built once: the CA file is read here, not per message
+            self._tls_options = client_tls_options(transport.host, transport.verify, transport.ca_file)
+        self._password = read_secret(transport.password_file) if transport.password_file else None
+
+    def __repr__(self) -> str:
+        t = self.transport
+        return f"<SmarthostTransport {t.name} {t.host}:{t.port} security={t.security} verify={t.verify}>"
+
+    @property
+    def tls_policy(self) -> str:
+        if self.transport.security == "none":
+            return "none"
+        return "verify" if self.transport.verify else "required"
+
+    def deliver(self, message: Any, recipients) -> defer.Deferred:
+        """INextHop: Deferred[list[RecipientResult]], one per recipient; it never fails."""
+        return self.deliver_jobs([Job(message, tuple(recipients))]).addCallback(lambda r: list(r.jobs[0]))
+
+    def deliver_jobs(self, jobs: list[Job]) -> defer.Deferred:
+        """Several messages on one connection: Deferred[results.SessionResult]."""
+        t = self.transport
+        return deliver_to_host(
+            t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
+            implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
+            password=self._password.reveal() if self._password else None, timeouts=self.timeouts,
+            reactor=self._reactor, clock=self._clock,
+        )

@@ -1,0 +1,284 @@
+"""A real SMTP sink on loopback for tests: the far end of every delivery test, scriptable to misbehave.
+
+Not part of the relay.  A small LineReceiver server (raw control matters more than reuse of
+twisted.mail here) that records each transaction — MAIL FROM and its parameters, accepted RCPTs, the
+DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
+TLS was on, the AUTH identity — and can be told to refuse recipients, answer DATA with a scripted
+sequence, offer or withhold STARTTLS, break the TLS handshake, drop the connection in the middle of DATA,
+or never answer at all.
+
+    sink = Sink(rcpt_replies={"bad@example.net": "550 5.1.1 no such user"})
+    port = sink.start(reactor, tls_options=options)
+    self.addCleanup(sink.stop)
+    ... deliver to 127.0.0.1:port ...
+    yield sink.wait_for(1)
+    self.assertEqual(sink.messages[0].data, body)
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Optional
+
+from twisted.internet import defer, protocol
+from twisted.protocols import basic
+
+DEFAULT_EXTENSIONS = ("8BITMIME", "SIZE 104857600", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+
+
+@dataclass
+class Transaction:
+    """One message the sink saw to its end of data (accepted or not)."""
+    helo: str = ""
+    mail_from: str = ""
+    mail_params: list[str] = field(default_factory=list)
+    rcpt_tos: list[str] = field(default_factory=list)
+    data_raw: bytes = b""           # exactly as received after 354, up to and including ".\r\n"
+    data: bytes = b""               # un-stuffed, without the terminator line
+    tls: bool = False
+    auth_identity: Optional[str] = None
+    reply: str = ""
+
+
+@dataclass
+class Session:
+    """One connection: every command line received, each with whether TLS was on when it arrived."""
+    commands: list[tuple[bool, bytes]] = field(default_factory=list)
+
+
+class Sink:
+    """The scriptable sink.  Attributes may be changed between deliveries (e.g. `data_replies`)."""
+
+    def __init__(self, *, hostname: str = "sink.test", offer_starttls: Optional[bool] = None,
+                 fail_tls: bool = False, rcpt_replies: Optional[dict] = None, mail_reply: str = "250 2.1.0 OK",
+                 data_replies: tuple = (), drop_in_data: Optional[int] = None, silent: bool = False,
+                 extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None):
+        self.hostname = hostname
+        self.offer_starttls = offer_starttls      # None: offer when started with tls_options
+        self.fail_tls = fail_tls                  # answer STARTTLS with 220, then send garbage and hang up
+        self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        self.mail_reply = mail_reply
+        self.data_replies = list(data_replies)    # replies to successive end-of-data, then "250 2.0.0"
+        self.drop_in_data = drop_in_data          # hang up after this many DATA lines
+        self.silent = silent                      # accept connections, never say a word
+        self.extensions = tuple(extensions)
+        self.ehlo_reply = ehlo_reply              # e.g. "502 5.5.1 no EHLO" to force HELO
+        self.transactions: list[Transaction] = []
+        self.messages: list[Transaction] = []     # the accepted ones (2xx after DATA)
+        self.sessions: list[Session] = []
+        self.auth_attempts: list[tuple[bool, str]] = []   # (tls on?, mechanism) for every AUTH command
+        self.tls_options = None
+        self.implicit_tls = False
+        self.auth: dict = {}
+        self._port = None
+        self._connections: set = set()
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+
+    def start(self, reactor, port: int = 0, interface: str = "127.0.0.1", tls_options=None,
+              implicit_tls: bool = False, auth: Optional[dict] = None) -> int:
+        """Listen; return the port number.  `auth`: {user: password} accepted for AUTH PLAIN / LOGIN."""
+        self.tls_options, self.implicit_tls, self.auth = tls_options, implicit_tls, dict(auth or {})
+        if self.offer_starttls is None:
+            self.offer_starttls = tls_options is not None and not implicit_tls
+        factory = protocol.Factory.forProtocol(SinkProtocol)
+        factory.sink = self
+        if implicit_tls:
+            self._port = reactor.listenSSL(port, factory, tls_options, interface=interface)
+        else:
+            self._port = reactor.listenTCP(port, factory, interface=interface)
+        return self._port.getHost().port
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening and hang up on every open connection; fires when all of that is done."""
+        waits = [defer.maybeDeferred(self._port.stopListening)] if self._port else []
+        for connection in list(self._connections):
+            waits.append(connection.lost)
+            connection.transport.abortConnection()
+        self._port = None
+        return defer.gatherResults(waits)
+
+    def wait_for(self, n: int) -> defer.Deferred:
+        """Fires (with the accepted messages) once `n` messages have been accepted."""
+        d = defer.Deferred()
+        self._waiters.append((n, d))
+        self._notify()
+        return d
+
+    def _accepted(self, transaction: Transaction) -> None:
+        self.messages.append(transaction)
+        self._notify()
+
+    def _notify(self) -> None:
+        ready = [(n, d) for n, d in self._waiters if len(self.messages) >= n]
+        self._waiters = [w for w in self._waiters if w not in ready]
+        for _, d in ready:
+            d.callback(list(self.messages))
+
+
+class SinkProtocol(basic.LineReceiver):
+    MAX_LENGTH = 1 << 20
+
+    def connectionMade(self) -> None:
+        self.sink: Sink = self.factory.sink
+        self.lost = defer.Deferred()
+        self.sink._connections.add(self)
+        self.session = Session()
+        self.sink.sessions.append(self.session)
+        self.tls = self.sink.implicit_tls
+        self._reset_all()
+        if not self.sink.silent:
+            self.reply("220 %s ESMTP sink" % self.sink.hostname)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.sink._connections.discard(self)
+        self.lost.callback(None)
+
+    def reply(self, text: str) -> None:
+        self.sendLine(text.encode("utf-8"))
+
+    def _reset_all(self) -> None:
+        self.helo, self.identity, self.in_data, self.login = "", None, False, None
+        self.transaction: Optional[Transaction] = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.in_data:
+            return self._data_line(line)
+        self.session.commands.append((self.tls, line))
+        if self.sink.silent:
+            return
+        if self.login is not None:
+            return self._login_step(line)
+        verb, _, rest = line.decode("utf-8", "replace").partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None)
+        if handler is None:
+            return self.reply("502 5.5.1 unknown command")
+        handler(rest)
+
+    def smtp_EHLO(self, rest: str) -> None:
+        if self.sink.ehlo_reply:
+            return self.reply(self.sink.ehlo_reply)
+        self.helo = rest
+        lines = [self.sink.hostname, *self.sink.extensions]
+        if self.sink.offer_starttls and not self.tls:
+            lines.append("STARTTLS")
+        if self.sink.auth:
+            lines.append("AUTH PLAIN LOGIN")    # offered even in plaintext: clients must refuse on their own
+        for text in lines[:-1]:
+            self.reply("250-" + text)
+        self.reply("250 " + lines[-1])
+
+    def smtp_HELO(self, rest: str) -> None:
+        self.helo = rest
+        self.reply("250 " + self.sink.hostname)
+
+    def smtp_STARTTLS(self, rest: str) -> None:
+        if not self.sink.offer_starttls or self.tls:
+            return self.reply("502 5.5.1 STARTTLS not offered")
+        self.reply("220 2.0.0 ready to start TLS")
+        if self.sink.fail_tls:
+            self.transport.write(b"this is not a TLS server hello\r\n" * 4)
+            return self.transport.loseConnection()
+        self.clearLineBuffer()
+        self.transport.startTLS(self.sink.tls_options)
+        self.tls = True
+        self._reset_all()
+
+    def smtp_AUTH(self, rest: str) -> None:
+        mechanism, _, initial = rest.partition(" ")
+        mechanism = mechanism.upper()
+        self.sink.auth_attempts.append((self.tls, mechanism))
+        if mechanism == "PLAIN" and initial:
+            return self._check_plain(initial)
+        if mechanism == "PLAIN":
+            self.login = ["PLAIN"]
+            return self.reply("334 ")
+        if mechanism == "LOGIN":
+            self.login = ["LOGIN"]
+            return self.reply("334 VXNlcm5hbWU6")
+        self.reply("504 5.5.4 unknown mechanism")
+
+    def _login_step(self, line: bytes) -> None:
+        if self.login[0] == "PLAIN":
+            self.login = None
+            return self._check_plain(line.decode("ascii", "replace"))
+        self.login.append(line)
+        if len(self.login) == 2:
+            return self.reply("334 UGFzc3dvcmQ6")
+        _, user, password = self.login
+        self.login = None
+        try:
+            self._check(base64.b64decode(user).decode(), base64.b64decode(password).decode())
+        except (binascii.Error, UnicodeDecodeError):
+            self.reply("501 5.5.2 bad base64")
+
+    def _check_plain(self, blob: str) -> None:
+        try:
+            _, user, password = base64.b64decode(blob).decode().split("\0")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return self.reply("501 5.5.2 bad PLAIN response")
+        self._check(user, password)
+
+    def _check(self, user: str, password: str) -> None:
+        if self.sink.auth.get(user) == password:
+            self.identity = user
+            return self.reply("235 2.7.0 authenticated")
+        self.reply("535 5.7.8 bad credentials")
+
+    def smtp_MAIL(self, rest: str) -> None:
+        path, params = _path_and_params(rest, "FROM:")
+        self.transaction = Transaction(helo=self.helo, mail_from=path, mail_params=params, tls=self.tls,
+                                       auth_identity=self.identity)
+        self.reply(self.sink.mail_reply)
+        if not self.sink.mail_reply.startswith("2"):
+            self.transaction = None
+
+    def smtp_RCPT(self, rest: str) -> None:
+        if self.transaction is None:
+            return self.reply("503 5.5.1 MAIL first")
+        path, _ = _path_and_params(rest, "TO:")
+        answer = self.sink.rcpt_replies.get(path.lower(), "250 2.1.5 OK")
+        if answer.startswith("2"):
+            self.transaction.rcpt_tos.append(path)
+        self.reply(answer)
+
+    def smtp_DATA(self, rest: str) -> None:
+        if self.transaction is None or not self.transaction.rcpt_tos:
+            return self.reply("503 5.5.1 no valid recipients")
+        self.in_data, self._raw, self._lines = True, [], []
+        self.reply("354 go ahead")
+
+    def _data_line(self, line: bytes) -> None:
+        self._raw.append(line + b"\r\n")
+        if self.sink.drop_in_data is not None and len(self._raw) > self.sink.drop_in_data:
+            return self.transport.abortConnection()
+        if line != b".":
+            self._lines.append(line[1:] if line.startswith(b".") else line)
+            return
+        transaction, self.transaction, self.in_data = self.transaction, None, False
+        transaction.data_raw = b"".join(self._raw)
+        transaction.data = b"".join(l + b"\r\n" for l in self._lines)
+        transaction.reply = self.sink.data_replies.pop(0) if self.sink.data_replies else "250 2.0.0 queued"
+        self.sink.transactions.append(transaction)
+        self.reply(transaction.reply)
+        if transaction.reply.startswith("2"):
+            self.sink._accepted(transaction)
+
+    def smtp_RSET(self, rest: str) -> None:
+        self.transaction = None
+        self.reply("250 2.0.0 OK")
+
+    def smtp_NOOP(self, rest: str) -> None:
+        self.reply("250 2.0.0 OK")
+
+    def smtp_QUIT(self, rest: str) -> None:
+        self.reply("221 2.0.0 bye")
+        self.transport.loseConnection()
+
+
+def _path_and_params(rest: str, prefix: str) -> tuple[str, list[str]]:
+    """"FROM:<a@b> SIZE=1" -> ("a@b", ["SIZE=1"])."""
+    if rest.upper().startswith(prefix):
+        rest = rest[len(prefix):]
+    path, _, params = rest.strip().partition(">")
+    return path.lstrip("<"), params.split()

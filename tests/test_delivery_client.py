@@ -1,0 +1,622 @@
+"""mailrelay.delivery.client and smarthost: the outgoing ESMTP client.
+
+Two halves: conversations driven through a StringTransport with a task.Clock (each test reads as the
+exchange it checks), and end-to-end deliveries to the real loopback sink (tests.support.sink), with real
+TLS where TLS is the point.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from twisted.internet import defer, error, reactor, ssl, task
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import directlyProvides
+from zope.interface.verify import verifyObject
+
+from mailrelay import config
+from mailrelay.delivery.client import DeliveryClient, Job, SessionParams, Timeouts
+from mailrelay.delivery.dotstuff import CHUNK_SIZE, stuff_all
+from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import INextHop
+from mailrelay.tls import generate_self_signed
+from tests.support.sink import Sink
+
+BODY = b"Subject: test\r\n\r\nHello.\r\n.\r\n..two dots\r\n.\r\nbye\r\n"
+
+
+@dataclass(frozen=True)
+class FakeMessage:
+    """The spooled-message contract: queue_id, envelope, size, open() at the first message byte."""
+    queue_id: str
+    envelope: Envelope
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def open(self):
+        return io.BytesIO(self.body)
+
+
+def message(body: bytes = BODY, sender: str = "app@example.org", recipients=("a@example.net",),
+            eight_bit: bool = False) -> FakeMessage:
+    envelope = Envelope(sender, tuple(recipients), 0.0, body="8BITMIME" if eight_bit else "7BIT")
+    return FakeMessage("Q1", envelope, body)
+
+
+# -- conversations over a StringTransport --------------------------------------------------------------
+
+
+class TLSStringTransport(StringTransport):
+    tls_started_with = None
+
+    def startTLS(self, options):
+        self.tls_started_with = options
+
+
+class Conversation:
+    """A DeliveryClient on a StringTransport: feed server lines, read client lines."""
+
+    def __init__(self, test, jobs, implicit_tls=False, **params):
+        params.setdefault("helo", "relay.test")
+        params.setdefault("remote_host", "mx.test")
+        params.setdefault("security", "none")
+        self.clock = task.Clock()
+        self.transport = TLSStringTransport()
+        if implicit_tls:
+            directlyProvides(self.transport, ISSLTransport)
+        self.client = DeliveryClient(SessionParams(**params), jobs, self.clock)
+        self.client.makeConnection(self.transport)
+        self.test = test
+
+    def server(self, *lines: str) -> None:
+        self.client.dataReceived(b"".join(l.encode() + b"\r\n" for l in lines))
+
+    def sent(self) -> list[bytes]:
+        lines = self.transport.value().split(b"\r\n")
+        self.transport.clear()
+        return lines[:-1]
+
+    def expect(self, *lines: str) -> None:
+        self.test.assertEqual(self.sent(), [l.encode() for l in lines])
+
+    def stream_body(self) -> bytes:
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def close(self):
+        """The connection ends (as the transport would report it); returns the SessionResult."""
+        self.client.connectionLost(Failure(error.ConnectionDone()))
+        return self.test.successResultOf(self.client.finished)
+
+    def greet(self, *extensions: str) -> None:
+        self.server("220 mx.test ESMTP")
+        self.expect("EHLO relay.test")
+        lines = ["mx.test", *extensions]
+        self.server(*[f"250-{l}" for l in lines[:-1]], f"250 {lines[-1]}")
+
+
+class ConversationTests(unittest.TestCase):
+    def test_one_message_conversation_settles_every_recipient(self):
+        c = Conversation(self, [Job(message(recipients=("a@x.test", "b@x.test")), ("a@x.test", "b@x.test"))])
+        c.greet("SIZE 1000", "8BITMIME")
+        c.expect(f"MAIL FROM:<app@example.org> SIZE={len(BODY)}")
+        c.server("250 2.1.0 ok")
+        c.expect("RCPT TO:<a@x.test>")
+        c.server("250 2.1.5 ok")
+        c.expect("RCPT TO:<b@x.test>")
+        c.server("250 2.1.5 ok")
+        c.expect("DATA")
+        c.server("354 go")
+        self.assertEqual(c.stream_body(), stuff_all(BODY))
+        c.server("250 2.0.0 queued as X")
+        c.expect("QUIT")
+        c.server("221 2.0.0 bye")
+        self.assertTrue(c.transport.disconnecting)
+        result = c.close()
+        self.assertEqual([(r.recipient, r.code, r.status, r.text) for r in result.results],
+                         [("a@x.test", 250, "2.0.0", "queued as X"), ("b@x.test", 250, "2.0.0", "queued as X")])
+        self.assertTrue(all(r.delivered for r in result.results))
+        self.assertFalse(result.before_mail)
+
+    def test_body_8bitmime_is_declared_when_offered(self):
+        c = Conversation(self, [Job(message(eight_bit=True), ("a@example.net",))])
+        c.greet("8BITMIME")
+        c.expect("MAIL FROM:<app@example.org> BODY=8BITMIME")
+
+    def test_8bit_body_to_server_without_8bitmime_bounces_without_mail(self):
+        body = "Subject: café\r\n\r\nolé\r\n".encode("utf-8")
+        c = Conversation(self, [Job(message(body, eight_bit=True), ("a@example.net",))])
+        c.greet("SIZE")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (554, "5.6.3"))
+        self.assertTrue(r.permanent)
+
+    def test_declared_8bitmime_but_ascii_body_is_sent_without_body_param(self):
+        c = Conversation(self, [Job(message(eight_bit=True), ("a@example.net",))])
+        c.greet("PIPELINING")
+        c.expect("MAIL FROM:<app@example.org>")
+
+    def test_non_ascii_address_uses_smtputf8_when_offered_and_bounces_otherwise(self):
+        job = Job(message(recipients=("jösé@x.test",)), ("jösé@x.test",))
+        c = Conversation(self, [job])
+        c.greet("SMTPUTF8")
+        c.expect("MAIL FROM:<app@example.org> SMTPUTF8")
+        c.server("250 ok")
+        self.assertEqual(c.sent(), ["RCPT TO:<jösé@x.test>".encode("utf-8")])
+        c = Conversation(self, [job])
+        c.greet("8BITMIME")
+        c.expect("QUIT")
+        self.assertEqual(c.close().results[0].status, "5.6.7")
+
+    def test_message_over_the_servers_size_limit_bounces_without_mail(self):
+        c = Conversation(self, [Job(message(), ("a@example.net",))])
+        c.greet("SIZE 10")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (552, "5.3.4"))
+
+    def test_mail_from_refusal_settles_every_recipient_permanently(self):
+        c = Conversation(self, [Job(message(recipients=("a@x.test", "b@x.test")), ("a@x.test", "b@x.test"))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("550 5.7.1 sender rejected")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([(r.code, r.status, r.text) for r in result.results],
+                         [(550, "5.7.1", "sender rejected")] * 2)
+        self.assertFalse(result.before_mail)
+
+    def test_every_rcpt_refused_means_no_data(self):
+        c = Conversation(self, [Job(message(), ("a@x.test", "b@x.test"))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.expect("RCPT TO:<a@x.test>")
+        c.server("550 5.1.1 no")
+        c.expect("RCPT TO:<b@x.test>")
+        c.server("450 4.2.0 later")
+        c.expect("RSET")
+        c.server("250 ok")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([(r.code, r.status) for r in result.results], [(550, "5.1.1"), (450, "4.2.0")])
+
+    def test_data_answered_with_250_instead_of_354_is_not_a_delivery(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.sent()
+        c.server("250 ok")
+        c.expect("DATA")
+        c.server("250 2.0.0 thanks")
+        self.assertTrue(c.transport.disconnecting)
+        [r] = c.close().results
+        self.assertTrue(r.temporary)
+
+    def test_reply_without_enhanced_code_gets_the_generic_one_of_its_class(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.sent()
+        c.server("550 mailbox unavailable")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status, r.text), (550, "5.0.0", "mailbox unavailable"))
+
+    def test_per_reply_timeout_gives_a_temporary_failure(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], timeouts=Timeouts(reply=30))
+        c.greet("SIZE")
+        c.sent()
+        c.clock.advance(29)
+        self.assertFalse(c.transport.disconnecting)
+        c.clock.advance(2)
+        self.assertTrue(c.transport.disconnecting)
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (421, "4.4.2"))
+        self.assertIn("timed out", r.text)
+
+    def test_silent_server_times_out_waiting_for_the_greeting(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], timeouts=Timeouts(reply=60))
+        c.clock.advance(61)
+        self.assertTrue(c.transport.disconnecting)
+        result = c.close()
+        self.assertEqual(result.results[0].code, 421)
+        self.assertTrue(result.before_mail)
+
+    def test_malformed_reply_is_a_temporary_failure_not_a_traceback(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))])
+        c.server("HELLO I am not SMTP")
+        self.assertTrue(c.transport.disconnecting)
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (421, "4.5.0"))
+
+    def test_5xx_greeting_defers_rather_than_bounces(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))])
+        c.server("554 5.3.2 go away")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (451, "4.3.2"))
+        self.assertTrue(r.temporary)
+
+    def test_starttls_required_but_not_offered_is_a_4_7_4_failure(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], security="starttls", tls_options=object())
+        c.greet("SIZE")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (451, "4.7.4"))
+
+    def test_plaintext_pipelined_after_starttls_220_is_discarded(self):
+        # CVE-2011-0411 class: "250 ..." injected behind the 220 must not be read as a reply inside TLS.
+        options = object()
+        c = Conversation(self, [Job(message(), ("a@x.test",))], security="starttls", tls_options=options)
+        c.greet("STARTTLS")
+        c.expect("STARTTLS")
+        c.server("220 2.0.0 go ahead", "250 injected-extension", "250 2.1.0 injected MAIL reply")
+        self.assertIs(c.transport.tls_started_with, options)
+        c.expect("EHLO relay.test")     # and nothing more: the client waits for the real EHLO reply
+
+    def test_capabilities_are_forgotten_after_starttls(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], security="starttls", tls_options=object())
+        c.greet("STARTTLS", "SIZE 10")
+        c.sent()
+        c.server("220 go")
+        c.sent()
+        c.server("250-mx.test", "250 8BITMIME")
+        c.expect("MAIL FROM:<app@example.org>")     # no SIZE= and no 552: the plaintext SIZE 10 is gone
+
+    def test_credentials_are_never_sent_in_plaintext(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], username="u", password=b"pw")
+        c.greet("AUTH PLAIN LOGIN")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (451, "4.7.11"))
+
+    def test_auth_login_over_tls_and_refusal_text_is_scrubbed_of_secrets(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], security="tls", username="u", password=b"s3cret",
+                         implicit_tls=True)
+        c.greet("AUTH LOGIN")
+        c.expect("AUTH LOGIN")
+        c.server("334 VXNlcm5hbWU6")
+        c.expect("dQ==")
+        c.server("334 UGFzc3dvcmQ6")
+        c.expect("czNjcmV0")
+        c.server("535 5.7.8 czNjcmV0 is not the password")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (451, "4.7.8"))
+        self.assertNotIn("czNjcmV0", r.text)
+        self.assertNotIn("s3cret", r.text)
+
+    def test_implicit_tls_over_a_plain_connection_is_refused_before_a_word(self):
+        c = Conversation(self, [Job(message(), ("a@x.test",))], security="tls", username="u", password=b"pw")
+        self.assertTrue(c.transport.disconnecting)
+        self.assertEqual(c.sent(), [])
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (421, "4.7.5"))
+
+    def test_connection_lost_mid_transaction_settles_the_rest_temporarily(self):
+        c = Conversation(self, [Job(message(), ("a@x.test", "b@x.test"))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.sent()
+        c.server("550 5.1.1 no such user")
+        result = c.close()
+        self.assertEqual([(r.code, r.status) for r in result.results], [(550, "5.1.1"), (421, "4.4.2")])
+
+    def test_two_jobs_share_one_connection(self):
+        m1, m2 = message(), message(b"second\r\n", sender="")
+        c = Conversation(self, [Job(m1, ("a@x.test",)), Job(m2, ("b@x.test",))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.sent()
+        c.server("250 ok")
+        c.expect("DATA")
+        c.server("354 go")
+        c.stream_body()
+        c.server("451 4.3.0 try later")
+        c.expect("MAIL FROM:<> SIZE=8")
+        c.server("250 ok")
+        c.expect("RCPT TO:<b@x.test>")
+        c.server("250 ok")
+        c.expect("DATA")
+        c.server("354 go")
+        self.assertEqual(c.stream_body(), b"second\r\n.\r\n")
+        c.server("250 2.0.0 ok")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([[r.code for r in job] for job in result.jobs], [[451], [250]])
+
+    def test_address_with_crlf_is_refused_not_injected(self):
+        c = Conversation(self, [Job(message(), ("a@x.test\r\nRSET",))])
+        c.greet("SIZE")
+        c.sent()
+        c.server("250 ok")
+        c.expect("RSET")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (553, "5.1.3"))
+
+
+# -- real deliveries to the loopback sink ----------------------------------------------------------------
+
+
+class Certificates:
+    def __init__(self, hostname: str):
+        cert_pem, key_pem = generate_self_signed(hostname)
+        self.cert_pem = cert_pem
+        self.server_options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+
+    def ca_file(self, test) -> str:
+        path = test.mktemp()
+        with open(path, "wb") as f:
+            f.write(self.cert_pem)
+        return path
+
+
+FAST = Timeouts(connect=5, reply=5, data_end=5)
+
+
+class SinkDeliveryTests(unittest.TestCase):
+    def sink(self, **kw) -> tuple[Sink, int]:
+        start = {k: kw.pop(k) for k in ("tls_options", "implicit_tls", "auth") if k in kw}
+        sink = Sink(**kw)
+        port = sink.start(reactor, **start)
+        self.addCleanup(sink.stop)
+        return sink, port
+
+    def deliver(self, port, jobs, **kw):
+        kw.setdefault("tls_policy", "none")
+        return deliver_to_host("127.0.0.1", port, jobs, helo="relay.test", timeouts=kw.pop("timeouts", FAST), **kw)
+
+    @defer.inlineCallbacks
+    def test_message_arrives_byte_exact(self):
+        sink, port = self.sink()
+        body = b"".join(b"line %d %s\r\n" % (i, b"." * (i % 3)) for i in range(5000)) + b".\r\n..\r\nend\r\n"
+        body = b".first line\r\n" + body
+        result = yield self.deliver(port, [Job(message(body), ("a@example.net",))])
+        self.assertEqual([r.code for r in result.results], [250])
+        [got] = sink.messages
+        self.assertEqual(got.data, body)
+        self.assertEqual(got.data_raw, stuff_all(body))
+        self.assertEqual((got.mail_from, got.rcpt_tos, got.helo), ("app@example.org", ["a@example.net"], "relay.test"))
+
+    @defer.inlineCallbacks
+    def test_twenty_thousand_lone_dot_lines_arrive_intact(self):
+        sink, port = self.sink()
+        body = b".\r\n" * 20000
+        result = yield self.deliver(port, [Job(message(body), ("a@example.net",))])
+        self.assertTrue(result.results[0].delivered)
+        self.assertEqual(sink.messages[0].data, body)
+
+    @defer.inlineCallbacks
+    def test_body_without_final_crlf_gets_one_before_the_dot(self):
+        sink, port = self.sink()
+        yield self.deliver(port, [Job(message(b"no newline"), ("a@example.net",))])
+        self.assertEqual(sink.messages[0].data, b"no newline\r\n")
+
+    @defer.inlineCallbacks
+    def test_8bitmime_and_size_parameters_are_sent(self):
+        sink, port = self.sink()
+        body = "Subject: é\r\n\r\nnaïve\r\n".encode("utf-8")
+        result = yield self.deliver(port, [Job(message(body, eight_bit=True), ("a@example.net",))])
+        self.assertTrue(result.results[0].delivered)
+        self.assertEqual(sorted(sink.messages[0].mail_params), ["BODY=8BITMIME", f"SIZE={len(body)}"])
+        self.assertEqual(sink.messages[0].data, body)
+
+    @defer.inlineCallbacks
+    def test_partial_rcpt_failure_settles_only_those_permanently(self):
+        sink, port = self.sink(rcpt_replies={"bad@example.net": "550 5.1.1 no such user"})
+        rcpts = ("a@example.net", "bad@example.net", "c@example.net")
+        result = yield self.deliver(port, [Job(message(recipients=rcpts), rcpts)])
+        self.assertEqual([(r.recipient, r.code, r.status) for r in result.results], [
+            ("a@example.net", 250, "2.0.0"), ("bad@example.net", 550, "5.1.1"), ("c@example.net", 250, "2.0.0")])
+        self.assertEqual(sink.messages[0].rcpt_tos, ["a@example.net", "c@example.net"])
+
+    @defer.inlineCallbacks
+    def test_451_then_250_is_temporary_then_delivered(self):
+        sink, port = self.sink(data_replies=("451 4.3.0 try again later",))
+        job = Job(message(), ("a@example.net",))
+        first = yield self.deliver(port, [job])
+        self.assertTrue(first.results[0].temporary)
+        self.assertEqual(first.results[0].status, "4.3.0")
+        self.assertEqual(sink.messages, [])
+        second = yield self.deliver(port, [job])
+        self.assertTrue(second.results[0].delivered)
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_in_data_is_temporary(self):
+        sink, port = self.sink(drop_in_data=3)
+        body = b"x" * 100 + b"\r\n"
+        result = yield self.deliver(port, [Job(message(body * 5000), ("a@example.net", "b@example.net"))])
+        self.assertEqual([(r.code, r.status) for r in result.results], [(421, "4.4.2")] * 2)
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_in_data_over_tls_is_temporary(self):
+        certs = Certificates("mx.test")
+        sink, port = self.sink(tls_options=certs.server_options, drop_in_data=3)
+        body = (b"y" * 998 + b"\r\n") * 3000
+        result = yield self.deliver(port, [Job(message(body), ("a@x.test",))], tls_policy="required")
+        self.assertEqual((result.results[0].code, result.results[0].status), (421, "4.4.2"))
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_silent_peer_times_out_with_a_temporary_failure(self):
+        sink, port = self.sink(silent=True)
+        result = yield self.deliver(port, [Job(message(), ("a@example.net",))],
+                                    timeouts=Timeouts(connect=5, reply=0.2, data_end=0.2))
+        self.assertEqual((result.results[0].code, result.results[0].status), (421, "4.4.2"))
+        self.assertTrue(result.before_mail)
+
+    @defer.inlineCallbacks
+    def test_refused_connection_is_4_4_1_for_every_recipient(self):
+        sink, port = self.sink()
+        yield sink.stop()
+        result = yield self.deliver(port, [Job(message(), ("a@x.test", "b@x.test"))])
+        self.assertEqual([(r.code, r.status) for r in result.results], [(451, "4.4.1")] * 2)
+        self.assertTrue(result.before_mail)
+
+    @defer.inlineCallbacks
+    def test_several_jobs_on_one_connection(self):
+        sink, port = self.sink()
+        jobs = [Job(message(b"one\r\n"), ("a@x.test",)), Job(message(b"two\r\n"), ("b@x.test",))]
+        result = yield self.deliver(port, jobs)
+        self.assertEqual([[r.code for r in job] for job in result.jobs], [[250], [250]])
+        self.assertEqual([m.data for m in sink.messages], [b"one\r\n", b"two\r\n"])
+        self.assertEqual(len(sink.sessions), 1)
+
+    # -- TLS ----------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_starttls_required_but_not_offered_is_4xx_and_nothing_sent(self):
+        sink, port = self.sink()
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="required")
+        self.assertEqual((result.results[0].code, result.results[0].status), (451, "4.7.4"))
+        self.assertFalse(any(line.startswith(b"MAIL") for _, line in sink.sessions[0].commands))
+
+    @defer.inlineCallbacks
+    def test_verify_with_wrong_name_certificate_is_4xx_and_nothing_delivered(self):
+        certs = Certificates("wrong.example")
+        sink, port = self.sink(tls_options=certs.server_options)
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="verify",
+                                    tls_hostname="mx.test", ca_file=certs.ca_file(self))
+        [r] = result.results
+        self.assertEqual((r.code, r.status), (421, "4.7.5"))
+        self.assertTrue(result.tls_failed)
+        self.assertEqual(sink.transactions, [])
+
+    @defer.inlineCallbacks
+    def test_verify_with_the_right_ca_delivers_over_tls(self):
+        certs = Certificates("mx.test")
+        sink, port = self.sink(tls_options=certs.server_options)
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="verify",
+                                    tls_hostname="mx.test", ca_file=certs.ca_file(self))
+        self.assertTrue(result.results[0].delivered)
+        self.assertTrue(result.tls.startswith("TLSv1."))
+        self.assertTrue(sink.messages[0].tls)
+        self.assertEqual(sink.messages[0].data, BODY)
+
+    @defer.inlineCallbacks
+    def test_large_body_is_streamed_in_bounded_reads_over_starttls(self):
+        certs = Certificates("mx.test")
+        sink, port = self.sink(tls_options=certs.server_options)
+        body = b"".join(b"%07d .%s\r\n" % (i, b"x" * (i % 200)) for i in range(20000))   # ~2 MiB
+        reads = []
+
+        class RecordingFile(io.BytesIO):
+            def read(self, n=-1):
+                reads.append(n)
+                return super().read(n)
+
+        class StreamedMessage(FakeMessage):
+            def open(self):
+                return RecordingFile(self.body)
+
+        job = Job(StreamedMessage("Q2", message().envelope, body), ("a@x.test",))
+        result = yield self.deliver(port, [job], tls_policy="required")
+        self.assertTrue(result.results[0].delivered)
+        self.assertTrue(sink.messages[0].tls)
+        self.assertEqual(sink.messages[0].data, body)
+        self.assertTrue(all(0 < n <= CHUNK_SIZE for n in reads), set(reads))
+
+    @defer.inlineCallbacks
+    def test_opportunistic_falls_back_to_plaintext_when_the_handshake_fails(self):
+        certs = Certificates("mx.test")
+        sink, port = self.sink(tls_options=certs.server_options, fail_tls=True)
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="opportunistic")
+        self.assertTrue(result.results[0].delivered)
+        self.assertTrue(result.tls_failed)
+        self.assertIsNone(result.tls)
+        self.assertFalse(sink.messages[0].tls)
+        self.assertEqual(len(sink.sessions), 2)
+
+    @defer.inlineCallbacks
+    def test_required_tls_does_not_fall_back_when_the_handshake_fails(self):
+        certs = Certificates("mx.test")
+        sink, port = self.sink(tls_options=certs.server_options, fail_tls=True)
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="required")
+        self.assertEqual(result.results[0].status, "4.7.5")
+        self.assertEqual((sink.messages, len(sink.sessions)), ([], 1))
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_delivers(self):
+        certs = Certificates("localhost")
+        sink, port = self.sink(tls_options=certs.server_options, implicit_tls=True)
+        result = yield self.deliver(port, [Job(message(), ("a@x.test",))], tls_policy="verify",
+                                    implicit_tls=True, tls_hostname="localhost", ca_file=certs.ca_file(self))
+        self.assertTrue(result.results[0].delivered, result.results)
+        self.assertTrue(sink.messages[0].tls)
+        self.assertTrue(result.tls)
+
+
+class SmarthostTests(unittest.TestCase):
+    def secret_file(self, content: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def start_sink(self, **kw) -> tuple[Sink, int]:
+        start = {k: kw.pop(k) for k in ("tls_options", "implicit_tls", "auth") if k in kw}
+        sink = Sink(**kw)
+        port = sink.start(reactor, **start)
+        self.addCleanup(sink.stop)
+        return sink, port
+
+    def test_transport_provides_inexthop_and_hides_the_password(self):
+        t = config.Transport("ses", "localhost", 587, username="u", password_file=self.secret_file(b"hunter2\n"))
+        smarthost = SmarthostTransport(t, "relay.test", reactor=reactor)
+        self.assertTrue(verifyObject(INextHop, smarthost))
+        self.assertNotIn("hunter2", repr(smarthost))
+        self.assertNotIn("hunter2", repr(vars(smarthost)))
+
+    @defer.inlineCallbacks
+    def test_auth_over_starttls_reaches_the_sink_with_the_password_file_secret(self):
+        certs = Certificates("localhost")
+        sink, port = self.start_sink(tls_options=certs.server_options, auth={"relayuser": "hunter2"})
+        t = config.Transport("ses", "localhost", port, security="starttls", verify=True, username="relayuser",
+                             password_file=self.secret_file(b"hunter2\n"), ca_file=certs.ca_file(self))
+        smarthost = SmarthostTransport(t, "relay.test", reactor=reactor, timeouts=FAST)
+        results = yield smarthost.deliver(message(), ["a@x.test"])
+        self.assertEqual([r.code for r in results], [250])
+        self.assertEqual(sink.messages[0].auth_identity, "relayuser")
+        self.assertTrue(sink.messages[0].tls)
+        self.assertEqual(sink.auth_attempts, [(True, "PLAIN")])
+        self.assertNotIn((False, b"AUTH"), [(tls, line[:4]) for tls, line in sink.sessions[0].commands])
+
+    @defer.inlineCallbacks
+    def test_auth_is_never_sent_in_plaintext_even_when_offered(self):
+        sink, port = self.start_sink(auth={"relayuser": "hunter2"})
+        t = config.Transport("plain", "localhost", port, security="none", username="relayuser",
+                             password_file=self.secret_file(b"hunter2\n"))
+        results = yield SmarthostTransport(t, "relay.test", reactor=reactor, timeouts=FAST).deliver(
+            message(), ["a@x.test"])
+        self.assertEqual((results[0].code, results[0].status), (451, "4.7.11"))
+        self.assertEqual(sink.auth_attempts, [])
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_wrong_password_is_a_temporary_failure(self):
+        certs = Certificates("localhost")
+        sink, port = self.start_sink(tls_options=certs.server_options, implicit_tls=True,
+                                     auth={"relayuser": "right"})
+        t = config.Transport("ses", "localhost", port, security="tls", username="relayuser",
+                             password_file=self.secret_file(b"wrong"), ca_file=certs.ca_file(self))
+        results = yield SmarthostTransport(t, "relay.test", reactor=reactor, timeouts=FAST).deliver(
+            message(), ["a@x.test"])
+        self.assertEqual((results[0].code, results[0].status), (451, "4.7.8"))
+        self.assertEqual(sink.messages, [])
