@@ -22,6 +22,8 @@ Rules implemented:
   slot frees.
 - Held messages are never tried; stopService stops starting work and waits (bounded) for what is in
   flight; everything needed to resume is already in the spool.
+- Metrics (optional `metrics`, a mailrelay.metrics.Metrics): deliveries started, per-recipient results
+  and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.state import BOUNCED, EXPIRED, LastReply, MessageState, StateError
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import INextHop, IScheduler
+from mailrelay.metrics import UNKNOWN
 
 POLL_INTERVAL = 0.5      # seconds between looks at the queue CLI's control requests
 STOP_TIMEOUT = 30.0      # stopService waits at most this long for deliveries in flight
@@ -96,12 +99,13 @@ class Scheduler(service.Service):
     """The queue runner.  `spool`: ISpool (plus hold/release/take_requests); `router`: IRouter;
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
-    jitter's random source."""
+    jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics."""
 
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
-                 delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None):
+                 delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
+                 metrics=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
@@ -116,6 +120,11 @@ class Scheduler(service.Service):
         self._pumping = self._pump_again = False
         self._poller: Optional[task.LoopingCall] = None
         self._stop_waiters: list[defer.Deferred] = []
+        self._received: dict[str, float] = {}    # queue id -> received_at of every message seen in the spool
+        self._held: set[str] = set()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_queue(self.queue_snapshot)
 
     # -- the service ------------------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class Scheduler(service.Service):
 
     def enqueue(self, queue_id: str) -> None:
         """A message was just committed: try it at once, subject to the concurrency limits."""
+        self._received.setdefault(queue_id, self._now())
         self._schedule(queue_id, self._now())
 
     def flush(self, queue_id: Optional[str] = None) -> None:
@@ -185,6 +195,8 @@ class Scheduler(service.Service):
 
     def _hold(self, queue_id: str) -> None:
         self._after(self._spool.hold, queue_id)
+        if queue_id in self._received:
+            self._held.add(queue_id)
         self._unschedule(queue_id)
         attempt = self._attempts.get(queue_id)
         if attempt is not None:
@@ -192,6 +204,7 @@ class Scheduler(service.Service):
             self._drop_waiting(attempt)
 
     def _release(self, queue_id: str) -> None:
+        self._held.discard(queue_id)
         attempt = self._attempts.get(queue_id)
         if attempt is not None:
             attempt.held = False
@@ -340,6 +353,8 @@ class Scheduler(service.Service):
         self._per_key[job.limit_key] = self._per_key.get(job.limit_key, 0) + 1
         self.log.info("{queue_id}: attempt via {hop} for {recipients}", queue_id=job.attempt.queue_id,
                       hop=job.hop_name, recipients=list(job.recipients), stage="attempt")
+        if self._metrics is not None:
+            self._metrics.delivery_started(job.hop_name)
         d = defer.maybeDeferred(job.hop.deliver, job.attempt.message, list(job.recipients))
         d.addErrback(self._hop_failed, job)
         d.addBoth(self._release_slot, job)
@@ -404,10 +419,15 @@ class Scheduler(service.Service):
 
     def _log_outcome(self, attempt: _Attempt, job: _Job, rcpt, result: RecipientResult) -> None:
         stage = {None: "deferred", BOUNCED: "bounced"}.get(rcpt.done, rcpt.done)
+        delay = self._now() - attempt.message.envelope.received_at
         self.log.info("{queue_id}: {stage} {recipient} via {hop} ({remote}): {code} {status} {text}",
                       queue_id=attempt.queue_id, stage=stage, recipient=rcpt.recipient, hop=job.hop_name,
                       remote=result.remote_host or "-", code=result.code, status=result.status,
-                      text=result.text, attempts=rcpt.attempts, next_attempt=rcpt.next_attempt)
+                      text=result.text, attempts=rcpt.attempts, next_attempt=rcpt.next_attempt,
+                      delay=round(delay, 3))
+        if self._metrics is not None:
+            # RecipientResult carries no TLS fact (yet): `tls` is read if a next hop adds one.
+            self._metrics.delivery_result(job.hop_name, stage, getattr(result, "tls", UNKNOWN), delay)
 
     def _job_done(self, result, attempt: _Attempt):
         if isinstance(result, Failure):
@@ -435,6 +455,7 @@ class Scheduler(service.Service):
             raise RuntimeError("delivery state not saved; the message is retried from its saved state")
         if attempt.action == "delete":
             yield defer.maybeDeferred(self._spool.remove, attempt.queue_id)
+            self._forget(attempt.queue_id)
             self.log.info("{queue_id}: deleted without DSN", queue_id=attempt.queue_id, stage="deleted")
             return
         if self._close_pending(attempt):
@@ -447,6 +468,7 @@ class Scheduler(service.Service):
             yield self._report_delay(attempt)
         if attempt.state.finished:
             yield defer.maybeDeferred(self._spool.remove, attempt.queue_id)
+            self._forget(attempt.queue_id)
             self.log.info("{queue_id}: removed from the spool", queue_id=attempt.queue_id, stage="removed")
         elif not attempt.held:
             self._attempts.pop(attempt.queue_id, None)
@@ -545,6 +567,35 @@ class Scheduler(service.Service):
         for d in waiters:
             d.callback(None)
 
+    # -- the queue as metrics see it --------------------------------------------------------------
+
+    def queue_snapshot(self) -> tuple[int, float, int]:
+        """(messages in the queue, age of the oldest in seconds, held messages), from memory only.
+
+        Called by the metrics collector in a threadpool thread: it only reads, and copies the dict in
+        one C-level call; a concurrent resize (RuntimeError) is simply read again."""
+        for _ in range(3):
+            try:
+                received, held = list(self._received.values()), len(self._held)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return 0, 0.0, 0
+        oldest = self._now() - min(received) if received else 0.0
+        return len(received), max(0.0, oldest), held
+
+    def _track(self, message) -> None:
+        self._received[message.queue_id] = message.envelope.received_at
+        if message.held:
+            self._held.add(message.queue_id)
+        else:
+            self._held.discard(message.queue_id)
+
+    def _forget(self, queue_id: str) -> None:
+        self._received.pop(queue_id, None)
+        self._held.discard(queue_id)
+
     # -- small helpers ----------------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -565,6 +616,7 @@ class Scheduler(service.Service):
         leaves the message in the spool untouched for the postmaster: never guessed, never lost."""
         try:
             message = self._spool.load(queue_id)
+            self._track(message)
             return message, MessageState.from_dict(message.state, message.envelope.recipients)
         except StateError as e:
             self.log.error("{queue_id}: unreadable delivery state, left in the spool: {error}",

@@ -1,0 +1,275 @@
+"""Prometheus metrics: what the relay counts along the message's journey, served at `/metrics`.
+
+Place in the journey: beside every stage.  The listeners count connections, AUTH results, accepted and
+refused messages and message sizes; the scheduler counts delivery attempts and per-recipient results
+(and the latency from receipt to delivery) and lends a snapshot of the queue; the DSN reporter counts
+the DSNs it sends.  In: calls to the small `Metrics` methods below.  Out: the Prometheus text
+exposition format (0.0.4) over HTTP at `[metrics] endpoint` `/metrics` (any other path: 404).
+
+Every collector lives in the `Metrics` object's own CollectorRegistry, never prometheus_client's
+global REGISTRY, so any number of relays (or tests) can exist in one process.  Label values that come
+from outside (a listener kind, an AUTH mechanism, a refusal reason) are folded into a fixed set, so a
+client can never grow the number of time series.
+
+Metrics (all prefixed `mailrelay_`):
+    connections_total{listener}                      SMTP connections accepted, by listener kind
+    auth_total{mechanism,result}                     AUTH outcomes: success | failure | temporary
+    messages_accepted_total{listener}                messages committed to the spool (250 after DATA)
+    messages_refused_total{reason}                   refusal replies to a client, by REFUSAL_REASONS
+    message_size_bytes                               histogram of accepted message sizes
+    delivery_attempts_total{transport}               deliveries started (one per next-hop transaction)
+    delivery_results_total{transport,tls,result}     per recipient: delivered | deferred | bounced
+    delivery_latency_seconds                         histogram: receipt to successful delivery
+    dsn_sent_total{kind}                             DSNs queued: failed | delayed (RFC 3464)
+    queue_messages, queue_oldest_message_age_seconds, queue_held_messages
+                                                     gauges read at scrape time from `watch_queue`
+
+Standards: no SMTP RFC is implemented here; the output is the Prometheus text exposition format over
+HTTP/1.1 (twisted.web).  Enhanced status codes (RFC 3463) stay in the replies; this module only counts.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+log = Logger(namespace="mailrelay.metrics")
+
+LISTENERS = ("relay", "submission", "submissions")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+AUTH_RESULTS = ("success", "failure", "temporary")
+REFUSAL_REASONS = (
+    "policy",               # relay or sender not permitted (RFC 5321 §3.6.2: never an open relay)
+    "size",                 # SIZE parameter or body over [limits] max_message_size (RFC 1870)
+    "syntax",               # malformed command, address or parameter
+    "bare_cr",              # bare CR in DATA (SMTP smuggling)
+    "bare_lf",              # bare LF in DATA, when refused rather than normalised
+    "line_length",          # a line over RFC 5321 §4.5.3.1 limits
+    "rate",                 # [limits] messages_per_minute
+    "recipients",           # more than [limits] max_recipients (452 4.5.3)
+    "auth_required",        # MAIL without the AUTH the listener requires
+    "tls_required",         # MAIL or AUTH before STARTTLS where TLS is required
+    "from_header",          # From: header outside what the identity may send as
+    "local_error",          # the spool could not take the message (4xx)
+    "connection_limit",     # [limits] max_connections / max_connections_per_ip (421 4.7.0)
+    "other",
+)
+DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
+TLS_LABELS = ("none", "tls", "unknown")
+DSN_KINDS = ("failed", "delayed")
+
+# Seconds: from a minute to past the default 5-day lifetime.
+LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
+# Bytes: 1 KiB .. 100 MiB (the default [limits] max_message_size is 50 MiB).
+SIZE_BUCKETS = tuple(2 ** n for n in range(10, 28, 2))
+
+QueueSnapshot = Callable[[], "tuple[int, float, int]"]
+
+
+def _fold(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
+    """A label value from the fixed set, or `other` (bounded cardinality whatever the input)."""
+    return value if value in allowed else other
+
+
+UNKNOWN = object()     # delivery_result(tls=UNKNOWN): the next hop did not say
+
+
+def tls_label(tls: object) -> str:
+    """"tls" for a negotiated TLS session (a protocol name such as "TLSv1.3"), "none" for plaintext
+    (None or ""), "unknown" when the caller has nothing to say (pass `UNKNOWN`)."""
+    if tls is UNKNOWN:
+        return "unknown"
+    return "tls" if tls else "none"
+
+
+class _QueueCollector(Collector):
+    """The three queue gauges, computed when Prometheus scrapes, from the snapshot callable.
+
+    prometheus_client's Twisted resource serves scrapes from the reactor's threadpool: the callable
+    runs in that thread and must only read (see Scheduler.queue_snapshot)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Optional[QueueSnapshot] = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size, oldest, held = self._read()
+        yield GaugeMetricFamily("mailrelay_queue_messages", "Messages in the queue, held ones included.",
+                                value=size)
+        yield GaugeMetricFamily("mailrelay_queue_oldest_message_age_seconds",
+                                "Age of the oldest queued message (0 when the queue is empty).", value=oldest)
+        yield GaugeMetricFamily("mailrelay_queue_held_messages", "Messages on hold.", value=held)
+
+    def _read(self) -> tuple[int, float, int]:
+        if self.snapshot is None:
+            return 0, 0.0, 0
+        try:
+            size, oldest, held = self.snapshot()
+            return int(size), max(0.0, float(oldest)), int(held)
+        except Exception:
+            # A broken snapshot must not break the whole scrape: the counters still matter.
+            log.failure("queue snapshot for metrics failed")
+            return 0, 0.0, 0
+
+
+class Metrics:
+    """Every mailrelay collector, registered in `registry` (a new private one by default)."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Counter("mailrelay_connections", "SMTP connections accepted.", ["listener"],
+                                   registry=r)
+        self.auth_results = Counter("mailrelay_auth", "AUTH attempts by mechanism and result.",
+                                    ["mechanism", "result"], registry=r)
+        self.messages_accepted = Counter("mailrelay_messages_accepted", "Messages accepted into the queue.",
+                                         ["listener"], registry=r)
+        self.messages_refused = Counter("mailrelay_messages_refused", "Refusals sent to SMTP clients.",
+                                        ["reason"], registry=r)
+        self.message_size = Histogram("mailrelay_message_size_bytes", "Size of accepted messages.",
+                                      buckets=SIZE_BUCKETS, registry=r)
+        self.delivery_attempts = Counter("mailrelay_delivery_attempts", "Deliveries started.", ["transport"],
+                                         registry=r)
+        self.delivery_results = Counter("mailrelay_delivery_results", "Delivery results per recipient.",
+                                        ["transport", "tls", "result"], registry=r)
+        self.delivery_latency = Histogram("mailrelay_delivery_latency_seconds",
+                                          "Time from receipt to delivery, per delivered recipient.",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.dsn_sent = Counter("mailrelay_dsn_sent", "Delivery status notifications queued.", ["kind"],
+                                registry=r)
+        self._queue = _QueueCollector()
+        r.register(self._queue)
+
+    # -- call-site helpers: the listeners -----------------------------------------------------
+
+    def connection(self, listener: str) -> None:
+        """A connection was accepted on a listener of this kind ("relay" | "submission" | "submissions")."""
+        self.connections.labels(_fold(listener, LISTENERS)).inc()
+
+    def auth(self, result: str, mechanism: str = "") -> None:
+        """An AUTH exchange ended: result "success" | "failure" | "temporary" (checker unavailable)."""
+        self.auth_results.labels(_fold(mechanism.upper(), AUTH_MECHANISMS),
+                                 _fold(result, AUTH_RESULTS, "failure")).inc()
+
+    def accepted(self, listener: str, size: int) -> None:
+        """A message was committed to the spool and answered 250; `size` in bytes."""
+        self.messages_accepted.labels(_fold(listener, LISTENERS)).inc()
+        self.message_size.observe(max(0, size))
+
+    def refused(self, reason: str) -> None:
+        """A refusal reply (4xx/5xx) was sent for one of REFUSAL_REASONS (others count as "other")."""
+        self.messages_refused.labels(_fold(reason, REFUSAL_REASONS)).inc()
+
+    # -- call-site helpers: delivery --------------------------------------------------------------
+
+    def delivery_started(self, transport: str) -> None:
+        """A next hop was asked to deliver: `transport` is "direct" or the transport's name."""
+        self.delivery_attempts.labels(transport).inc()
+
+    def delivery_result(self, transport: str, result: str, tls: object = UNKNOWN,
+                        latency: Optional[float] = None) -> None:
+        """One recipient's outcome on one attempt: `result` "delivered" | "deferred" | "bounced";
+        `tls` as for tls_label(); `latency` (seconds since receipt) is observed for deliveries only."""
+        result = _fold(result, DELIVERY_RESULTS, "deferred")
+        self.delivery_results.labels(transport, tls_label(tls), result).inc()
+        if result == "delivered" and latency is not None:
+            self.delivery_latency.observe(max(0.0, latency))
+
+    def dsn(self, kind: str) -> None:
+        """A DSN was queued to the sender: "failed" | "delayed"."""
+        self.dsn_sent.labels(_fold(kind, DSN_KINDS, "failed")).inc()
+
+    # -- the queue gauges -------------------------------------------------------------------------
+
+    def watch_queue(self, snapshot: QueueSnapshot) -> None:
+        """Read (messages, oldest age in seconds, held messages) from `snapshot` at every scrape;
+        a later call replaces the earlier one."""
+        self._queue.snapshot = snapshot
+
+
+class _Root(resource.Resource):
+    """Only /metrics exists; everything else is 404 (and no directory listing, no traceback)."""
+
+    def getChild(self, path: bytes, request) -> resource.Resource:
+        return resource.NoResource()
+
+    def render(self, request) -> bytes:
+        return resource.NoResource().render(request)
+
+
+class _QuietSite(server.Site):
+    """No access-log line per scrape: Prometheus asks every few seconds."""
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def metrics_site(metrics: Metrics) -> server.Site:
+    """The HTTP site serving `metrics` at /metrics."""
+    # Imported here: prometheus_client.twisted imports the global reactor at import time.
+    from prometheus_client.twisted import MetricsResource
+
+    root = _Root()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    return _QuietSite(root)
+
+
+class MetricsService(service.Service):
+    """Listens on a Twisted server endpoint while running; `port` is the IListeningPort once bound.
+    A listen that fails at once (address in use, bad interface) raises from startService, so twistd
+    does not start half-configured; a later failure is logged."""
+
+    def __init__(self, endpoint, site: server.Site):
+        self._endpoint, self._site = endpoint, site
+        self.port = None
+        self._listening: Optional[defer.Deferred] = None
+        self._starting, self._early_failure = False, None
+
+    def startService(self) -> None:
+        super().startService()
+        self._early_failure = None
+        self._starting = True
+        self._listening = self._endpoint.listen(self._site)
+        self._listening.addCallbacks(self._bound, self._not_bound)
+        self._starting = False
+        if self._early_failure is not None:
+            service.Service.stopService(self)
+            self._early_failure.raiseException()
+
+    def _bound(self, port) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info("metrics at http://{host}:{port}/metrics", host=getattr(address, "host", "?"),
+                 port=getattr(address, "port", "?"))
+
+    def _not_bound(self, failure) -> None:
+        if self._starting:
+            self._early_failure = failure
+        elif not failure.check(defer.CancelledError):
+            log.failure("metrics endpoint could not listen", failure)
+
+    def stopService(self) -> Optional[defer.Deferred]:
+        super().stopService()
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else None
+
+
+def metrics_service(endpoint: str, metrics: Metrics, reactor=None) -> service.IService:
+    """A service listening on the Twisted server endpoint string `endpoint` (e.g.
+    "tcp:9425:interface=127.0.0.1") and serving `metrics` at /metrics while running."""
+    if reactor is None:
+        from twisted.internet import reactor
+    if endpoint.startswith(("tcp:", "tcp6:")) and "interface=" not in endpoint:
+        log.warn("metrics endpoint {endpoint} listens on every interface; "
+                 "add interface=127.0.0.1 to keep it local", endpoint=endpoint)
+    listening = MetricsService(endpoints.serverFromString(reactor, endpoint), metrics_site(metrics))
+    listening.setName("metrics")
+    return listening
