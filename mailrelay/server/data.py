@@ -1,0 +1,192 @@
+"""The DATA phase reader: raw bytes after `354` in, un-dot-stuffed CRLF content out.
+
+Its job in the message's journey: between the server session (which hands it every byte the client
+sends after `354`) and the spool's IMessageWriter (which gets the content in large chunks as it is
+read, so memory never grows with the message).  In: raw chunks exactly as `dataReceived` got them,
+split anywhere.  Out: content chunks through `sink(bytes)`, then, once the end of data is found, the
+bytes that followed it (pipelined commands) and `outcome`, a Reply when the message must be refused.
+
+Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2024-27305 class):
+
+- DATA ends ONLY at CRLF "." CRLF: a "." line that is preceded or followed by a bare LF or a bare CR
+  is NOT the end.  Ending on `\\n.\\n` & co. is what lets a message smuggle a second one past a relay.
+  The `CRLF` that ended the DATA command counts as the first CRLF, so an empty message is `.CRLF`.
+- A bare LF (LF without CR before it) ends a line and is normalised to CRLF (Postfix 3.9
+  `smtpd_forbid_bare_newline = normalize`, mox).  A lone "." on such a line stays in the content as
+  "." (it is not a terminator, and was not dot-stuffed by the client).
+- A bare CR (CR not followed by LF) anywhere refuses the message: `550 5.6.11`, answered only after
+  the real end of data (reading on to CRLF.CRLF).  Nothing sensible can be made of it, and passing it
+  on lets a downstream server that treats CR as a line end split the message.
+- A text line over 998 octets (excluding CRLF) refuses the message (RFC 5321 4.5.3.1.6): we answer
+  `554 5.6.0` after the real end of data.  554 "transaction failed" with 5.6.0 "other media error"
+  is the most precise pair: the content, not the mailbox or the system, is at fault.  The reader
+  never drops back to command mode mid-body (stock Twisted answers 500 and executes the rest of the
+  body as commands); an over-long line is discarded as it streams, never buffered.
+- Over `max_size` content octets (counted as they stream): `552 5.3.4` after the real end of data;
+  further bytes are discarded (RFC 1870 section 6.3).
+- Once the message is refused nothing more is passed to `sink`.
+
+Lines are found with `bytes.find`/`bytes.count` over whole chunks; a chunk of ordinary lines (all
+CRLF, none starting with ".", none too long) is passed on in one piece without a per-line loop.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from mailrelay.interfaces import Reply
+
+MAX_TEXT_LINE = 998        # octets, excluding CRLF (RFC 5321 4.5.3.1.6)
+
+BARE_CR = Reply(550, "5.6.11", "Message refused: bare CR in message content (use CRLF line ends)")
+LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 998 octets (RFC 5321 4.5.3.1.6)")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+class DataReader:
+    """Reads one message's DATA phase incrementally. See the module docstring for the policy."""
+
+    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line: int = MAX_TEXT_LINE):
+        self._sink = sink
+        self._max_size = max_size
+        self._max_line = max_line
+        self._partial = b""          # start of an incomplete line (bounded by max_line + 2)
+        self._skipping = False       # inside an over-long line: discard until LF
+        self._skip_ends_cr = False   # last discarded byte was CR (for a CRLF split across chunks)
+        self._prev_crlf = True       # the previous line ended with CRLF (DATA's own CRLF at first)
+        self.size = 0                # content octets accepted so far
+        self.bare_lf_lines = 0       # lines whose bare LF was normalised (for logging)
+        self.outcome: Optional[Reply] = None
+        self.finished = False
+
+    def feed(self, data: bytes) -> Optional[bytes]:
+        """Consume `data`. Returns None while the message continues, or once the terminating CRLF.CRLF
+        is found, the bytes after it (possibly b""), which belong to the command stream."""
+        if self.finished:
+            raise RuntimeError("DataReader.feed after the end of data")
+        if self._skipping:
+            data = self._skip(data)
+            if data is None:
+                return None
+        buf = self._partial + data if self._partial else data
+        last_lf = buf.rfind(b"\n")
+        if last_lf < 0:
+            self._keep_partial(buf)
+            return None
+        out: list[bytes] = []
+        rest = self._lines(buf, last_lf + 1, out)
+        self._emit(out)
+        if rest is not None:
+            self.finished = True
+            self._partial = b""
+            return rest
+        self._keep_partial(buf[last_lf + 1:])
+        return None
+
+    def _skip(self, data: bytes) -> Optional[bytes]:
+        """Discard the rest of an over-long line; return what follows its LF, or None if not there yet."""
+        lf = data.find(b"\n")
+        if lf < 0:
+            if data:
+                self._skip_ends_cr = data.endswith(b"\r")
+            return None
+        self._prev_crlf = data[lf - 1:lf] == b"\r" if lf else self._skip_ends_cr
+        self._skipping = False
+        return data[lf + 1:]
+
+    def _keep_partial(self, tail: bytes) -> None:
+        # An incomplete line longer than any legal line (998 + CRLF) will be refused anyway: drop it
+        # now and skip to its LF, so a client sending no LF cannot make us buffer without bound.
+        if len(tail) > self._max_line + 1:
+            self._refuse(LINE_TOO_LONG)
+            self._partial = b""
+            self._skipping = True
+            self._skip_ends_cr = tail.endswith(b"\r")
+        else:
+            self._partial = tail
+
+    def _lines(self, buf: bytes, end: int, out: list[bytes]) -> Optional[bytes]:
+        """Process the complete lines in buf[:end]; return the bytes after CRLF.CRLF if found there."""
+        region = buf if end == len(buf) else buf[:end]
+        if self._is_plain(region):
+            out.append(region)
+            self._prev_crlf = True
+            return None
+        pos = 0
+        while pos < end:
+            lf = buf.find(b"\n", pos, end)
+            line = buf[pos:lf]
+            pos = lf + 1
+            crlf = line.endswith(b"\r")
+            if crlf:
+                line = line[:-1]
+            if line == b"." and crlf and self._prev_crlf:
+                return buf[pos:]        # the one and only end of data: CRLF . CRLF
+            self._line(line, crlf, out)
+        return None
+
+    def _is_plain(self, region: bytes) -> bool:
+        """True when every line in region ends in CRLF, has no CR inside, no leading "." and fits."""
+        lines = region.count(b"\n")
+        if region.count(b"\r\n") != lines or region.count(b"\r") != lines:
+            return False
+        if region.startswith(b".") or b"\n." in region:
+            return False
+        if len(region) > self._max_line + 2 and max(map(len, region.split(b"\n"))) > self._max_line + 1:
+            return False
+        return True
+
+    def _line(self, line: bytes, crlf: bool, out: list[bytes]) -> None:
+        if not crlf:
+            self.bare_lf_lines += 1     # bare LF: normalised to CRLF (Postfix 3.9 / mox policy)
+        if b"\r" in line:
+            self._refuse(BARE_CR)       # bare CR: refused, never forwarded (SMTP smuggling class)
+        if len(line) > self._max_line:
+            self._refuse(LINE_TOO_LONG)  # RFC 5321 4.5.3.1.6
+        if line[:1] == b"." and line != b".":
+            line = line[1:]             # RFC 5321 4.5.2 transparency: remove the stuffed dot
+        out.append(line + b"\r\n")
+        self._prev_crlf = crlf
+
+    def _emit(self, out: list[bytes]) -> None:
+        if not out or self.outcome is not None:
+            return
+        chunk = b"".join(out)
+        self.size += len(chunk)
+        if self.size > self._max_size:
+            self._refuse(TOO_BIG)       # RFC 1870 6.3: refuse after the end, discard the rest
+            return
+        self._sink(chunk)
+
+    def _refuse(self, reply: Reply) -> None:
+        if self.outcome is None:
+            self.outcome = reply
+
+
+class HeaderCollector:
+    """Keeps a copy of a message's header block (up to the first empty line, at most `limit` octets)
+    as content streams past, for IRelayPolicy.check_message.  Memory is bounded by `limit`."""
+
+    def __init__(self, limit: int = 256 * 1024):
+        self._limit = limit
+        self._block = bytearray()
+        self.complete = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.complete:
+            return
+        if not self._block and chunk.startswith(b"\r\n"):
+            self.complete = True     # an empty line first: no header block at all
+            return
+        start = max(0, len(self._block) - 3)
+        self._block += chunk[: self._limit + 4 - len(self._block)]
+        end = self._block.find(b"\r\n\r\n", start)
+        if end >= 0:
+            del self._block[end + 2:]
+            self.complete = True
+        elif len(self._block) >= self._limit:
+            del self._block[self._limit:]
+            self.complete = True
+
+    @property
+    def headers(self) -> bytes:
+        return bytes(self._block)

@@ -1,0 +1,137 @@
+"""The listener's protocol factory: one RelaySession per connection, plus the per-listener counters.
+
+Its job in the message's journey: the first stage a client meets.  In: the listener's configuration
+and its collaborators (portal, policy, incoming queue, TLS options, clock).  Out: sessions that share
+this factory's connection counters (max_connections in all, max_connections_per_ip) and its
+auth-failure window (auth_failures_per_minute per peer IP).  Both live here, never at module level,
+and both use bounded memory: counters only hold open connections, the failure window at most
+`MAX_TRACKED_IPS` addresses with at most `limit + 1` timestamps each.
+
+Stock Twisted copies neither timeouts nor challengers into its protocol and has no connection caps
+(twisted-smtp.md); this factory is the single place those come from.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Optional
+
+from twisted.cred.portal import Portal
+from twisted.internet import protocol
+
+from mailrelay import config
+from mailrelay.server.session import RelaySession
+
+SUPPORTED_MECHANISMS = ("PLAIN", "LOGIN")
+MAX_TRACKED_IPS = 10000
+FAILURE_WINDOW = 60.0
+
+
+class ConnectionCounter:
+    """Open connections, in all and per IP."""
+
+    def __init__(self, max_total: int, max_per_ip: int):
+        self._max_total = max_total
+        self._max_per_ip = max_per_ip
+        self._per_ip: dict[str, int] = {}
+        self.total = 0
+
+    def open(self, ip: str) -> bool:
+        """Count a new connection; False (and not counted) when a cap is reached."""
+        if self.total >= self._max_total or self._per_ip.get(ip, 0) >= self._max_per_ip:
+            return False
+        self.total += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return True
+
+    def close(self, ip: str) -> None:
+        self.total -= 1
+        left = self._per_ip.get(ip, 0) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+
+
+class FailureWindow:
+    """Authentication failures per IP over the last minute (bounded memory)."""
+
+    def __init__(self, limit: int, clock, window: float = FAILURE_WINDOW, max_ips: int = MAX_TRACKED_IPS):
+        self._limit = limit
+        self._clock = clock
+        self._window = window
+        self._max_ips = max_ips
+        self._failures: OrderedDict[str, deque] = OrderedDict()
+
+    def count(self, ip: str) -> int:
+        times = self._failures.get(ip)
+        if times is None:
+            return 0
+        horizon = self._clock.seconds() - self._window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[ip]
+            return 0
+        return len(times)
+
+    def exhausted(self, ip: str) -> bool:
+        """True when `ip` may not try again yet (limit 0 means no limit)."""
+        return self._limit > 0 and self.count(ip) >= self._limit
+
+    def record(self, ip: str) -> int:
+        """Note one failure; returns the failures in the window including this one."""
+        times = self._failures.pop(ip, None) or deque(maxlen=self._limit + 1)
+        times.append(self._clock.seconds())
+        self._failures[ip] = times            # most recently failed last
+        while len(self._failures) > self._max_ips:
+            self._failures.popitem(last=False)
+        return self.count(ip)
+
+
+class RelayServerFactory(protocol.ServerFactory):
+    """Builds hardened ESMTP sessions for one listener."""
+
+    protocol = RelaySession
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        listener: config.Listener,
+        limits: config.Limits,
+        portal: Optional[Portal],
+        mechanisms: tuple[str, ...],
+        policy,
+        queue,
+        tls_options=None,
+        clock=None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.hostname = hostname
+        self.listener = listener
+        self.limits = limits
+        self.portal = portal
+        self.mechanisms = tuple(m.upper() for m in mechanisms if m.upper() in SUPPORTED_MECHANISMS)
+        self.policy = policy
+        self.queue = queue
+        self.tls_options = tls_options
+        self.clock = clock
+        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+        self.auth_failures = FailureWindow(limits.auth_failures_per_minute, clock)
+
+    @property
+    def require_tls(self) -> bool:
+        """MAIL needs TLS first: always on "submission", on "relay" when configured."""
+        kind = self.listener.kind
+        return kind == "submission" or (kind == "relay" and self.listener.require_tls)
+
+    @property
+    def require_auth(self) -> bool:
+        """MAIL needs AUTH first on the submission ports (RFC 6409 4.3, RFC 8314 3.3)."""
+        return self.listener.kind in ("submission", "submissions")
+
+    def buildProtocol(self, addr) -> RelaySession:
+        session = self.protocol(self)
+        session.factory = self
+        return session

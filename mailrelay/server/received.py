@@ -1,0 +1,77 @@
+"""The trace header the relay prepends to every message it accepts.
+
+Its job in the message's journey: written by the session as the first bytes of each message, as soon as
+DATA is accepted and the queue id is known.  In: what the session learned about the client (EHLO name,
+IP, TLS, authenticated user), our hostname, the queue id, the recipients, the time.  Out: one folded
+`Received:` header field, CRLF line ends, each line far below 998 octets.
+
+Implements RFC 5321 4.4 (Time-stamp-line: from / by / with / id / for ; date-time), RFC 3848 (the
+`with` keywords SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA) and RFC 5322 3.3 (date-time) / 3.2.2 (comments).
+Never a secret: only the user *name* appears, in a comment, escaped.
+"""
+from __future__ import annotations
+
+import datetime
+import email.utils
+import ipaddress
+from typing import Optional, Sequence
+
+
+def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool) -> str:
+    """RFC 3848 `with` keyword for the session: SMTP for HELO, else ESMTP plus S (TLS) and A (AUTH)."""
+    if not esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def address_literal(ip: str) -> str:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3)."""
+    try:
+        if ipaddress.ip_address(ip).version == 6:
+            return f"[IPv6:{ip}]"
+    except ValueError:
+        pass
+    return f"[{ip}]"
+
+
+def received_header(
+    *,
+    helo: str,
+    address: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: Sequence[str],
+    when: float,
+    tls: Optional[str] = None,
+    user: Optional[str] = None,
+) -> bytes:
+    """The complete `Received:` field, folded, ending with CRLF. `tls` is "<version> <cipher>"."""
+    with_clause = f"with {protocol}"
+    if tls:
+        version, _, cipher = tls.partition(" ")
+        with_clause += f" (version={_comment_text(version)} cipher={_comment_text(cipher or 'unknown')})"
+    lines = [
+        f"Received: from {helo or 'unknown'} ({address_literal(address)})",
+        f"by {hostname} (mailrelay) {with_clause}",
+    ]
+    if user:
+        lines.append(f"(authenticated as {_comment_text(user)})")
+    lines.append(f"id {queue_id}")
+    if len(recipients) == 1:
+        lines.append(f"for <{recipients[0]}>;")
+    else:
+        lines[-1] += ";"
+    lines.append(_date(when))
+    return ("\r\n\t".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _date(when: float) -> str:
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return email.utils.format_datetime(moment)
+
+
+def _comment_text(text: str) -> str:
+    """Safe inside an RFC 5322 comment: printable ASCII only, parentheses and backslash escaped."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text[:128])
+    return safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")

@@ -1,0 +1,643 @@
+"""One client connection: the hardened ESMTP server session.
+
+Its job in the message's journey: the relay's front door.  In: the bytes a client sends, the
+listener's settings (through the factory), the relay policy, the portal, the incoming queue.  Out:
+SMTP replies, and for each accepted transaction one IMessageWriter filled with a `Received` header and
+the un-dot-stuffed content, committed before `250 2.0.0 Ok: queued as <id>` is sent.
+
+Implements RFC 5321 (4.1.1 commands, 4.1.4 order, 4.5.3.1 limits, 4.4 trace), RFC 1870 (SIZE),
+RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
+reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first word must be our
+domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
+under TLS), RFC 6409 (submission needs AUTH), RFC 8314 (implicit TLS).
+
+Built on twisted.mail.smtp.ESMTP for its shape (do_*/ext_* dispatch), but every command handler and
+the input path are our own: stock Twisted's holes (see shared/notes/twisted-smtp.md) are closed here
+and in data.py.  Input is read from one buffer by `_process`; while an AUTH check or a commit is
+pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
+"""
+from __future__ import annotations
+
+import binascii
+import ipaddress
+import re
+from typing import Optional
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.interfaces import Reply
+from mailrelay.server import addresses
+from mailrelay.server.data import DataReader, HeaderCollector
+from mailrelay.server.realm import IRelayUser
+from mailrelay.server.received import protocol_name, received_header
+
+MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
+MAX_AUTH_LINE = 12288 - 2         # AUTH lines may be longer (RFC 4954 4)
+AUTH_FAILURE_DELAY = 1.0          # seconds before each 535: slows down password guessing
+COMMANDS = frozenset(
+    ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"]
+)
+_HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
+
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+
+
+def unmapped_ip(host: str) -> str:
+    """The peer address as text, with an IPv4-mapped IPv6 address (::ffff:a.b.c.d) unmapped."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+class RelaySession(smtp.ESMTP):
+    """An ESMTP server session for one connection, configured by a RelayServerFactory."""
+
+    _log = Logger()
+
+    def __init__(self, factory):
+        super().__init__(chal={}, contextFactory=factory.tls_options)
+        self.factory = factory
+        self.hostname: str = factory.hostname
+        self.host = factory.hostname          # Twisted's attribute (bytes); we use self.hostname
+        self._clock = factory.clock
+        self._limits = factory.limits
+        self._inbuf = b""
+        self._inpos = 0                   # start of the unread part of _inbuf (avoids re-copying it)
+        self._busy = self._processing = self._closing = self._counted = False
+        self._tls_on = False
+        self._ip, self._port = "", 0
+        self._timers: dict[str, object] = {}
+        self._logout = None
+        self._auth: Optional[tuple] = None
+        self._reset_session()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        """Forget everything learned from the client (RFC 3207 4.2 after STARTTLS)."""
+        self._helo: Optional[str] = None
+        self._esmtp = False
+        self._user: Optional[str] = None
+        self._auth = None
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self._mail: Optional[addresses.MailFrom] = None
+        self._identity: Optional[str] = None
+        self._rcpts: list[str] = []
+        self._reader: Optional[DataReader] = None
+        self._writer = None
+        self._headers: Optional[HeaderCollector] = None
+        self._write_failed = False
+        self._envelope: Optional[Envelope] = None
+
+    def _abort_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.abort()
+            except Exception:
+                self._log.failure("abort of a partial message failed")
+
+    def client_info(self) -> ClientInfo:
+        """What the policy is told about this client."""
+        return ClientInfo(
+            address=self._ip, port=self._port, helo=self._helo or "", listener=self.factory.listener.kind,
+            user=self._user, tls=self._tls_description(),
+        )
+
+    def _tls_description(self) -> Optional[str]:
+        if not self._tls_on:
+            return None
+        try:
+            handle = self.transport.getHandle()
+            version, cipher = handle.get_protocol_version_name(), handle.get_cipher_name()
+        except Exception:
+            return "TLS unknown"
+        return f"{version} {cipher}"
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._ip = unmapped_ip(str(getattr(peer, "host", peer)))
+        self._port = getattr(peer, "port", 0)
+        self._tls_on = ISSLTransport.providedBy(self.transport)
+        self.startedTLS = self._tls_on
+        self.canStartTLS = (
+            self.ctx is not None and not self._tls_on and ITLSTransport.providedBy(self.transport)
+        )
+        if not self.factory.connections.open(self._ip):
+            self._log.info("connection from {ip} refused: connection limit", ip=self._ip)
+            self._send(421, "4.7.0", f"{self.hostname} Too many connections, try again later")
+            self._close()
+            return
+        self._counted = True
+        self._timers["idle"] = self._clock.callLater(
+            self._limits.idle_timeout, self._timed_out, "idle", "Idle timeout"
+        )
+        self._timers["session"] = self._clock.callLater(
+            self._limits.session_timeout, self._timed_out, "session", "Session time limit exceeded"
+        )
+        self.transport.write(f"220 {self.greeting()}\r\n".encode("ascii"))
+
+    def greeting(self) -> str:
+        return f"{self.hostname} ESMTP mailrelay"
+
+    def connectionLost(self, reason=None) -> None:
+        self._closing = True
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        if self._reader is not None:
+            self._abort_writer()      # connection lost mid-DATA: the partial message is thrown away
+        if self._counted:
+            self._counted = False
+            self.factory.connections.close(self._ip)
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+
+    def _timed_out(self, timer: str, why: str) -> None:
+        self._timers.pop(timer, None)
+        self._log.info("closing connection from {ip}: {why}", ip=self._ip, why=why)
+        self._send(421, "4.4.2", f"{self.hostname} {why}, closing connection")
+        if self._reader is not None:
+            self._abort_writer()
+            self._reader = None
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _send(self, code: int, status: str, text: str) -> None:
+        self.transport.write(f"{code} {status} {text}\r\n".encode("ascii", "replace"))
+
+    def _reply(self, reply: Reply) -> None:
+        self._send(reply.code, reply.status, reply.text)
+
+    def _set_busy(self, busy: bool) -> None:
+        """Pause reading while a check or a commit is pending, so pipelined replies keep their order."""
+        self._busy = busy
+        if self._closing:
+            return
+        if busy:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+            self._process()
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        idle = self._timers.get("idle")
+        if idle is not None and idle.active():
+            idle.reset(self._limits.idle_timeout)
+        self._inbuf = self._inbuf + data if self._inbuf else data
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return                    # re-entered from a Deferred that fired synchronously
+        self._processing = True
+        try:
+            while self._inpos < len(self._inbuf) and not self._busy and not self._closing:
+                if self._reader is not None:
+                    if not self._feed_data():
+                        break
+                elif not self._next_line():
+                    break
+        finally:
+            if self._inpos:
+                self._inbuf, self._inpos = self._inbuf[self._inpos:], 0
+            self._processing = False
+
+    def _next_line(self) -> bool:
+        end = self._inbuf.find(b"\r\n", self._inpos)
+        if end < 0:
+            # A command line must end in CRLF within bounds; a client that keeps sending without one is
+            # either broken or trying to exhaust our memory (Twisted's buffer grows without bound).
+            if len(self._inbuf) - self._inpos > MAX_AUTH_LINE + 2:
+                self._send(421, "4.5.2", f"{self.hostname} Line too long, closing connection")
+                self._close()
+            return False
+        line, self._inpos = self._inbuf[self._inpos:end], end + 2
+        try:
+            self.lineReceived(line)
+        except Exception:
+            self._log.failure("error handling a command from {ip}", ip=self._ip)
+            self._reset_transaction_safely()
+            self._reply(LOCAL_ERROR)
+        return True
+
+    def _reset_transaction_safely(self) -> None:
+        self._auth = None
+        self._abort_writer()
+        self._reset_transaction()
+
+    def lineReceived(self, line: bytes) -> None:
+        """One command line (CRLF removed), or an AUTH response while an exchange is under way."""
+        in_auth = self._auth is not None or line[:5].upper() == b"AUTH "
+        if len(line) > (MAX_AUTH_LINE if in_auth else MAX_COMMAND_LINE):
+            self._auth = None
+            self._send(500, "5.5.2", "Line too long")       # RFC 5321 4.5.3.1.4
+            return
+        text = line.decode("latin-1")
+        if self._auth is not None:
+            self._auth_response(text)
+            return
+        self.state_COMMAND(text)
+
+    def state_COMMAND(self, text: str) -> None:
+        if addresses.has_control(text):
+            # Bare LF, bare CR, NUL...: never let them near an envelope or a header (injection).
+            self._send(501, "5.5.4", "Syntax error: control characters are not allowed")
+            return
+        verb, _, argument = text.partition(" ")
+        method = self.lookupMethod(verb)
+        if method is None:
+            self.do_UNKNOWN(argument)
+        else:
+            method(argument)
+
+    def lookupMethod(self, command: str):
+        command = command.upper()
+        if command not in COMMANDS:
+            return None
+        return getattr(self, "do_" + command, None) or getattr(self, "ext_" + command)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Not reached: our dataReceived enforces limits. Kept so no inherited path drops to command mode.
+        self._send(500, "5.5.2", "Line too long")
+
+    # -- simple commands ---------------------------------------------------------------------------
+
+    def do_UNKNOWN(self, rest: str) -> None:
+        self._send(500, "5.5.2", "Command not recognized")
+
+    def do_NOOP(self, rest: str) -> None:
+        self._send(250, "2.0.0", "Ok")
+
+    def do_HELP(self, rest: str) -> None:
+        self._send(214, "2.0.0", "See RFC 5321; commands: " + " ".join(sorted(COMMANDS)))
+
+    def do_VRFY(self, rest: str) -> None:
+        self._send(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_QUIT(self, rest: str) -> None:
+        self._send(221, "2.0.0", f"{self.hostname} Bye")
+        self._close()
+
+    def do_RSET(self, rest: str) -> None:
+        self._abort_writer()
+        self._reset_transaction()
+        self._send(250, "2.0.0", "Ok")
+
+    def do_HELO(self, rest: str) -> None:
+        self._hello(rest, esmtp=False)
+
+    def do_EHLO(self, rest: str) -> None:
+        self._hello(rest, esmtp=True)
+
+    def _hello(self, argument: str, esmtp: bool) -> None:
+        name = addresses.check_helo(argument)
+        if isinstance(name, Reply):
+            self._reply(name)       # no CR/LF/controls may reach Received (header injection)
+            return
+        self._abort_writer()
+        self._reset_transaction()   # RFC 5321 4.1.4: EHLO/HELO resets the transaction
+        self._helo, self._esmtp = name, esmtp
+        first = f"{self.hostname} Hello {name}"
+        lines = [first] + (self.extensions() if esmtp else [])
+        body = "".join(f"250-{l}\r\n" for l in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self.transport.write(body.encode("ascii"))
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords for the session's current state."""
+        ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.canStartTLS and not self._tls_on:
+            ext.append("STARTTLS")
+        if self._tls_on and self.factory.portal is not None and self.factory.mechanisms:
+            ext.append("AUTH " + " ".join(self.factory.mechanisms))   # RFC 4954: never in plaintext
+        return ext
+
+    # -- STARTTLS (RFC 3207) -----------------------------------------------------------------------
+
+    def ext_STARTTLS(self, rest: str) -> None:
+        if rest.strip():
+            self._send(501, "5.5.4", "STARTTLS takes no arguments")
+        elif self._tls_on:
+            self._send(503, "5.5.1", "TLS already active")
+        elif not self.canStartTLS:
+            self._send(454, "4.7.0", "TLS not available")
+        else:
+            self._send(220, "2.0.0", "Ready to start TLS")
+            # RFC 3207 4.2, CVE-2011-0411: whatever the client pipelined after STARTTLS arrived in
+            # plaintext and could have been injected by a man in the middle; discard it, and forget
+            # everything learned so far (EHLO, MAIL, RCPT, AUTH).
+            self._inbuf, self._inpos = b"", 0
+            self._abort_writer()
+            self._reset_session()
+            self.transport.startTLS(self.ctx)
+            self._tls_on = self.startedTLS = True
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------------------------------
+
+    def ext_AUTH(self, rest: str) -> None:
+        refusal = self._auth_refusal()
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        if self.factory.auth_failures.exhausted(self._ip):
+            self._too_many_failures()
+            return
+        words = rest.split()
+        if not words or len(words) > 2:
+            self._send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = words[0].upper()
+        if mechanism not in self.factory.mechanisms:
+            self._send(504, "5.5.4", "Unrecognized authentication type")
+            return
+        self._auth = (mechanism,)
+        if len(words) == 2:
+            self._auth_response(words[1])
+        else:
+            self.transport.write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
+
+    def _auth_refusal(self) -> Optional[Reply]:
+        if not self._tls_on:
+            # RFC 4954 4 / RFC 3207: plaintext passwords are never accepted outside TLS.
+            return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        if self.factory.portal is None or not self.factory.mechanisms:
+            return Reply(502, "5.5.1", "AUTH not available")
+        if self._helo is None:
+            return Reply(503, "5.5.1", "Send EHLO first")
+        if self._user is not None:
+            return Reply(503, "5.5.1", "Already authenticated")
+        if self._mail is not None:
+            return Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")  # RFC 4954 4
+        return None
+
+    def _auth_response(self, text: str) -> None:
+        """One client response in an AUTH exchange (initial response or a 334 continuation)."""
+        if text == "*":
+            self._auth = None
+            self._send(501, "5.7.0", "Authentication cancelled")     # RFC 4954 4
+            return
+        decoded = _decode_b64(text)
+        if decoded is None:
+            self._auth = None
+            self._send(501, "5.5.2", "Cannot decode AUTH response")
+            return
+        mechanism = self._auth[0]
+        if mechanism == "LOGIN" and len(self._auth) == 1:
+            self._auth = (mechanism, decoded)
+            self.transport.write(b"334 UGFzc3dvcmQ6\r\n")
+            return
+        credentials = _login_credentials(self._auth, decoded)
+        self._auth = None
+        if credentials is None:
+            self._send(501, "5.5.2", "Malformed AUTH response")
+            return
+        self._check_credentials(*credentials)
+
+    def _check_credentials(self, user: bytes, password: bytes) -> None:
+        self._set_busy(True)
+        d = defer.maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
+        name = user.decode("utf-8", "replace")
+        d.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(name,))
+        d.addErrback(self._log_unexpected)
+
+    def _auth_succeeded(self, result) -> None:
+        _, avatar, logout = result
+        self._user, self._logout = avatar.name, logout
+        self._send(235, "2.7.0", "Authentication successful")
+        self._set_busy(False)
+
+    def _auth_failed(self, failure, name: str) -> None:
+        if not failure.check(UnauthorizedLogin):
+            # realm.TemporaryAuthFailure, a directory timeout, a bug: the client may try later.
+            self._log.warn("AUTH for {user!r} from {ip} could not be checked: {error}",
+                           user=name, ip=self._ip, error=failure.type.__name__)
+            self._send(454, "4.7.0", "Temporary authentication failure")
+            self._set_busy(False)
+            return
+        count = self.factory.auth_failures.record(self._ip)
+        self._log.info("AUTH failed for {user!r} from {ip} ({count} in the last minute)", user=name,
+                       ip=self._ip, count=count)
+        limit = self._limits.auth_failures_per_minute
+        if limit and count > limit:
+            self._too_many_failures()
+            return
+        self._timers["auth"] = self._clock.callLater(AUTH_FAILURE_DELAY, self._auth_refused)
+
+    def _auth_refused(self) -> None:
+        self._timers.pop("auth", None)
+        self._send(535, "5.7.8", "Authentication credentials invalid")
+        self._set_busy(False)
+
+    def _too_many_failures(self) -> None:
+        self._send(421, "4.7.0", f"{self.hostname} Too many authentication failures, closing connection")
+        self._close()
+
+    def _log_unexpected(self, failure) -> None:
+        self._log.failure("unexpected error in {ip}'s session", failure, ip=self._ip)
+        self._reply(LOCAL_ERROR)
+        self._set_busy(False)
+
+    # -- the mail transaction ----------------------------------------------------------------------
+
+    def do_MAIL(self, rest: str) -> None:
+        refusal = self._mail_refusal()
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        parsed = addresses.parse_mail(rest)
+        if isinstance(parsed, Reply):
+            self._reply(parsed)
+            return
+        if parsed.size is not None and parsed.size > self._limits.max_message_size:
+            self._send(552, "5.3.4", "Message size exceeds fixed maximum message size")   # RFC 1870 6.1
+            return
+        client = self.client_info()
+        identity = self.factory.policy.identify(client)
+        refusal = self.factory.policy.check_sender(client, parsed.sender)
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        self._mail, self._identity, self._rcpts = parsed, identity, []
+        self._send(250, "2.1.0", "Sender ok")
+
+    def _mail_refusal(self) -> Optional[Reply]:
+        if self._helo is None:
+            return Reply(503, "5.5.1", "Send EHLO/HELO first")
+        if self._mail is not None:
+            return Reply(503, "5.5.1", "Nested MAIL command")
+        if self.factory.require_tls and not self._tls_on:
+            return Reply(530, "5.7.0", "Must issue a STARTTLS command first")    # RFC 3207 4
+        if self.factory.require_auth and self._user is None:
+            return Reply(530, "5.7.0", "Authentication required")              # RFC 4954 6, RFC 6409 4.3
+        return None
+
+    def do_RCPT(self, rest: str) -> None:
+        if self._mail is None:
+            self._send(503, "5.5.1", "Need MAIL before RCPT")
+            return
+        parsed = addresses.parse_rcpt(rest)
+        if isinstance(parsed, Reply):
+            self._reply(parsed)
+            return
+        if len(self._rcpts) >= self._limits.max_recipients:
+            self._send(452, "4.5.3", "Too many recipients")     # RFC 5321 4.5.3.1.8: 452, never dropped
+            return
+        refusal = self.factory.policy.check_recipient(self.client_info(), self._mail.sender, parsed.recipient)
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        if parsed.recipient not in self._rcpts:
+            self._rcpts.append(parsed.recipient)
+        self._send(250, "2.1.5", "Recipient ok")
+
+    def do_DATA(self, rest: str) -> None:
+        if self._mail is None or not self._rcpts:
+            self._send(503, "5.5.1", "Need MAIL and RCPT before DATA")
+            return
+        if rest.strip():
+            self._send(501, "5.5.4", "DATA takes no arguments")
+            return
+        envelope = self._new_envelope()
+        try:
+            writer = self.factory.queue.new_message(envelope)
+            writer.write(self._received(writer.queue_id, envelope))
+        except Exception:
+            self._log.failure("the queue refused a new message")
+            self._reset_transaction_safely()
+            self._reply(LOCAL_ERROR)
+            return
+        self._envelope, self._writer, self._headers = envelope, writer, HeaderCollector()
+        self._reader = DataReader(self._write_content, self._limits.max_message_size)
+        self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def _new_envelope(self) -> Envelope:
+        return Envelope(
+            sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
+            client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
+            body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+        )
+
+    def _received(self, queue_id: str, envelope: Envelope) -> bytes:
+        return received_header(
+            helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
+            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
+            queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
+            tls=envelope.tls, user=self._user,
+        )
+
+    def _write_content(self, chunk: bytes) -> None:
+        """DataReader's sink: straight to the writer, so memory does not grow with the message."""
+        if self._write_failed:
+            return
+        try:
+            if self._headers.headers == b"" and not self._headers.complete and not _HEADER_START.match(chunk):
+                self._writer.write(b"\r\n")     # content starts with body text: end our header block
+                self._headers.complete = True     # ... and it has no header block of its own
+            self._headers.feed(chunk)
+            self._writer.write(chunk)
+        except Exception:
+            self._log.failure("writing message content failed")
+            self._write_failed = True
+
+    def _feed_data(self) -> bool:
+        data = self._inbuf[self._inpos:] if self._inpos else self._inbuf
+        self._inbuf, self._inpos = b"", 0
+        rest = self._reader.feed(data)
+        if rest is None:
+            return False
+        self._inbuf = rest
+        try:
+            self._end_of_data()
+        except Exception:
+            self._log.failure("error at the end of data from {ip}", ip=self._ip)
+            self._reset_transaction_safely()
+            self._reply(LOCAL_ERROR)
+        return True
+
+    def _end_of_data(self) -> None:
+        """The client sent CRLF.CRLF: refuse, or commit and only then answer 250."""
+        reader, self._reader = self._reader, None
+        outcome = reader.outcome
+        if outcome is None and self._write_failed:
+            outcome = LOCAL_ERROR
+        if outcome is None:
+            outcome = self.factory.policy.check_message(
+                self.client_info(), self._mail.sender, self._headers.headers
+            )
+        if outcome is not None:
+            self._abort_writer()
+            self._reset_transaction()
+            self._reply(outcome)
+            return
+        writer, envelope = self._writer, self._envelope
+        self._set_busy(True)
+        d = defer.maybeDeferred(writer.commit)
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope,))
+        d.addErrback(self._log_unexpected)
+
+    def _committed(self, queue_id, envelope: Envelope) -> None:
+        self._log.info("{queue_id}: queued from {ip} sender=<{sender}> nrcpt={n}",
+                       queue_id=queue_id, ip=self._ip, sender=envelope.sender, n=len(envelope.recipients))
+        self._writer = None
+        self._reset_transaction()
+        self._send(250, "2.0.0", f"Ok: queued as {queue_id}")
+        self._set_busy(False)
+
+    def _commit_failed(self, failure) -> None:
+        self._log.failure("commit of a message from {ip} failed", failure, ip=self._ip)
+        self._abort_writer()
+        self._reset_transaction()
+        self._send(451, "4.3.0", "Could not queue the message, try again later")
+        self._set_busy(False)
+
+
+def _decode_b64(text: str) -> Optional[bytes]:
+    """Strict base64 (RFC 4954 4: "=" alone is an empty response); None when malformed."""
+    if text == "=":
+        return b""
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+
+
+def _login_credentials(state: tuple, decoded: bytes) -> Optional[tuple[bytes, bytes]]:
+    """(user, password) from a finished PLAIN or LOGIN exchange, or None when malformed."""
+    if state[0] == "LOGIN":
+        user, password = state[1], decoded
+    else:
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return None
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            return None             # acting for another identity is not supported
+    if not user or not password:
+        return None
+    try:
+        user.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return user, password

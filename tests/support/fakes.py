@@ -1,0 +1,162 @@
+"""In-memory test doubles for the server's collaborators: an incoming queue and its writers, relay
+policies (allow-all, deny-relay), credential checkers, and a StringTransport that can start TLS.
+
+Anyone may reuse them; they satisfy the interfaces in mailrelay.interfaces.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.testing import StringTransport
+from zope.interface import directlyProvides, implementer, providedBy
+
+from mailrelay.interfaces import IIncomingQueue, IMessageWriter, IRelayPolicy, Reply
+from mailrelay.server.realm import TemporaryAuthFailure, build_portal
+
+
+@implementer(IMessageWriter)
+class FakeWriter:
+    """Keeps the message in memory. `queue.commit_mode` decides how commit() ends."""
+
+    def __init__(self, queue: "FakeQueue", envelope, queue_id: str):
+        self.queue, self.envelope, self.queue_id = queue, envelope, queue_id
+        self.chunks: list[bytes] = []
+        self.aborted = self.committed = False
+        self.pending: Optional[defer.Deferred] = None
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def write(self, data: bytes) -> None:
+        assert not (self.aborted or self.committed), "write after abort/commit"
+        assert isinstance(data, bytes)
+        self.chunks.append(data)
+
+    def commit(self) -> defer.Deferred:
+        mode = self.queue.commit_mode
+        if mode == "fail":
+            return defer.fail(OSError("disk full"))
+        if mode == "pending":
+            self.pending = defer.Deferred()
+            self.pending.addCallback(self._done)
+            return self.pending
+        return defer.succeed(self._done(self.queue_id))
+
+    def _done(self, queue_id):
+        self.committed = True
+        self.queue.messages.append(self)
+        return queue_id
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@implementer(IIncomingQueue)
+class FakeQueue:
+    """`messages`: committed writers, in order. `writers`: every writer handed out."""
+
+    def __init__(self, commit_mode: str = "ok"):
+        self.commit_mode = commit_mode      # "ok" | "fail" | "pending"
+        self.messages: list[FakeWriter] = []
+        self.writers: list[FakeWriter] = []
+        self._ids = itertools.count(1)
+
+    def new_message(self, envelope) -> FakeWriter:
+        writer = FakeWriter(self, envelope, f"Q{next(self._ids):06d}")
+        self.writers.append(writer)
+        return writer
+
+
+@implementer(IRelayPolicy)
+class AllowAllPolicy:
+    """Accepts everything; records what it was asked."""
+
+    def __init__(self):
+        self.clients: list = []
+        self.headers: list[bytes] = []
+
+    def identify(self, client):
+        self.clients.append(client)
+        return client.user or "permit[0]"
+
+    def check_sender(self, client, sender):
+        return None
+
+    def check_recipient(self, client, sender, recipient):
+        return None
+
+    def check_message(self, client, sender, headers):
+        self.headers.append(headers)
+        return None
+
+
+@implementer(IRelayPolicy)
+class DenyRelayPolicy(AllowAllPolicy):
+    """Refuses every recipient outside `local_domains` (550 5.7.1), and senders in `bad_senders`."""
+
+    def __init__(self, local_domains=("example.org",), bad_senders=()):
+        super().__init__()
+        self.local_domains, self.bad_senders = tuple(local_domains), tuple(bad_senders)
+
+    def check_sender(self, client, sender):
+        if sender in self.bad_senders:
+            return Reply(550, "5.7.1", "Sender not allowed")
+        return None
+
+    def check_recipient(self, client, sender, recipient):
+        if recipient.rpartition("@")[2].lower() in self.local_domains:
+            return None
+        return Reply(550, "5.7.1", "Relay access denied")
+
+
+@implementer(ICredentialsChecker)
+class TemporaryFailureChecker:
+    """A directory that cannot be reached: every check fails with TemporaryAuthFailure."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials):
+        return defer.fail(TemporaryAuthFailure("directory unreachable"))
+
+
+@implementer(ICredentialsChecker)
+class PendingChecker:
+    """Checks nothing until the test fires `pending[-1]` with an avatar id (or an error)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self):
+        self.pending: list[defer.Deferred] = []
+
+    def requestAvatarId(self, credentials):
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def memory_portal(**users: str):
+    """A portal over the relay realm whose users are `name=password` (bytes on the wire)."""
+    checker = InMemoryUsernamePasswordDatabaseDontUse(
+        **{name: password.encode("utf-8") for name, password in users.items()}
+    )
+    return build_portal([checker])
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that accepts startTLS: records the options and from then on provides
+    ISSLTransport. `tls_started_at` is the length of the output when TLS began."""
+
+    tls_options = None
+    tls_started_at: Optional[int] = None
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tls_options = contextFactory
+        self.tls_started_at = len(self.value())
+        directlyProvides(self, providedBy(self), ISSLTransport)
