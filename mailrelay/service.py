@@ -5,9 +5,15 @@
     make_service(load("tap.conf")).setServiceParent(application)
 
 The journey it assembles: listeners (server) → spool (durable) → scheduler → next hops (smarthost
-transports, direct MX) → DSNs. Each stage only knows the next through mailrelay.interfaces.
+transports, direct MX, each behind DKIM) → DSNs. Each stage only knows the next through
+mailrelay.interfaces. `RelayService.reload()` (SIGHUP under twistd) swaps in what a new config changes —
+permit rules, passwords, LDAP, limits, routes, transports, DKIM keys, queue timings — without touching
+connections or the queue; a config that fails validation is refused and the old one stays in force.
 """
 from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
 
 from twisted.application import service, strports
 from twisted.logger import Logger
@@ -15,10 +21,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mailrelay import tls
-from mailrelay.config import Config
+from mailrelay.config import Config, ConfigError, load
 from mailrelay.interfaces import IIncomingQueue, IMessageWriter
 
-log = Logger(namespace="mailrelay")
+log = Logger(namespace="mailrelay.service")
+
+# Keys a reload cannot change: they are bound to sockets, files or identities made at start.
+RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log")
 
 
 @implementer(IMessageWriter)
@@ -66,7 +75,25 @@ def server_tls_options(config: Config):
     return tls.server_options(path)
 
 
-def build_checkers(config: Config, reactor) -> list:
+@dataclass
+class Replaceable:
+    """Everything a reload may swap: built from a config, with nothing started yet."""
+    policy: object
+    portal: object
+    router: object
+    transports: dict
+    direct: object
+
+
+def build_replaceable(config: Config, reactor) -> Replaceable:
+    """Policy, AUTH portal, routes and next hops (behind DKIM) for `config`. Raises ConfigError or ValueError
+    (unreadable secrets, bad keys) before anything is changed."""
+    from mailrelay.delivery.mx import MXDelivery
+    from mailrelay.delivery.routes import Router
+    from mailrelay.delivery.smarthost import SmarthostTransport
+    from mailrelay.server.policy import PermitPolicy
+    from mailrelay.server.realm import build_portal
+
     checkers = []
     if config.auth.password_file is not None:
         from mailrelay.server.passwords import PasswordFileChecker
@@ -76,7 +103,15 @@ def build_checkers(config: Config, reactor) -> list:
         from mailrelay.server.ldap import LDAPChecker
 
         checkers.append(LDAPChecker(config.auth.ldap, reactor=reactor))
-    return checkers
+    outbound = dkim_wrapper(config, reactor)
+    return Replaceable(
+        policy=PermitPolicy(config.permits, config.limits, clock=reactor),
+        portal=build_portal(checkers) if checkers else None,
+        router=Router(config.routes),
+        transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
+                    for name, t in config.transports.items()},
+        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor)),
+    )
 
 
 def dkim_wrapper(config: Config, reactor):
@@ -91,59 +126,89 @@ def dkim_wrapper(config: Config, reactor):
     return lambda hop: DKIMHop(hop, signer=signer, verifier=verifier, reactor=reactor)
 
 
-def make_service(config: Config, reactor=None) -> service.MultiService:
-    """Build the whole relay for `config` as one MultiService (not yet started)."""
-    if reactor is None:
-        from twisted.internet import reactor
-    from mailrelay.delivery.mx import MXDelivery
-    from mailrelay.delivery.routes import Router
-    from mailrelay.delivery.scheduler import Scheduler
-    from mailrelay.delivery.smarthost import SmarthostTransport
-    from mailrelay.server.factory import RelayServerFactory
-    from mailrelay.server.policy import PermitPolicy
-    from mailrelay.server.realm import build_portal
-    from mailrelay.spool.store import Spool
+class RelayService(service.MultiService):
+    """The whole relay. Children start in journey order (log, spool, scheduler, metrics, listeners) and so
+    stop in reverse: listeners close first, the scheduler lets deliveries in flight finish (bounded), the
+    spool is closed last."""
 
-    top = service.MultiService()
-    top.setName("mailrelay")
+    def __init__(self, config: Config, reactor=None, handle_sighup: bool = False):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        from mailrelay import logs
+        from mailrelay.delivery.scheduler import Scheduler
+        from mailrelay.metrics import Metrics, metrics_service
+        from mailrelay.spool.store import Spool
 
-    spool = Spool(config.spool, clock=reactor)
-    spool.setServiceParent(top)
+        self.setName("mailrelay")
+        self.config, self.reactor, self._handle_sighup = config, reactor, handle_sighup
+        logs.install(config.log).setServiceParent(self)
+        self.metrics = Metrics()
+        self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
+        self.spool.setServiceParent(self)
+        parts = build_replaceable(config, reactor)
+        self.reporter = None
+        if config.queue.bounces:
+            from mailrelay.dsn import DSNReporter
 
-    outbound = dkim_wrapper(config, reactor)
-    transports = {
-        name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
-        for name, t in config.transports.items()
-    }
-    direct = outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor))
-    reporter = None
-    if config.queue.bounces:
-        from mailrelay.dsn import DSNReporter
+            self.reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
+                                        metrics=self.metrics)
+        self.scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
+                                   config.delivery, self.reporter, clock=reactor, metrics=self.metrics)
+        self.scheduler.setServiceParent(self)
+        if self.reporter is not None:
+            self.reporter.scheduler = self.scheduler
+        if config.metrics.endpoint:
+            metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor).setServiceParent(self)
+        self.factories = []
+        self._listen(config, parts, reactor)
 
-        reporter = DSNReporter(spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime)
-    scheduler = Scheduler(
-        spool, Router(config.routes), transports, direct, config.queue, config.delivery,
-        reporter, clock=reactor,
-    )
-    scheduler.setServiceParent(top)
-    if reporter is not None:
-        reporter.scheduler = scheduler
+    def _listen(self, config: Config, parts: Replaceable, reactor) -> None:
+        from mailrelay.server.factory import RelayServerFactory
 
-    checkers = build_checkers(config, reactor)
-    portal = build_portal(checkers) if checkers else None
-    policy = PermitPolicy(config.permits, config.limits, clock=reactor)
-    tls_options = server_tls_options(config)
-    queue = QueueFront(spool, scheduler)
+        tls_options = server_tls_options(config)
+        queue = QueueFront(self.spool, self.scheduler)
+        for index, listener in enumerate(config.listeners):
+            factory = RelayServerFactory(
+                hostname=config.hostname, listener=listener, limits=config.limits, portal=parts.portal,
+                mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
+                tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
+                metrics=self.metrics,
+            )
+            self.factories.append(factory)
+            wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
+            listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
+            listening.setName(f"listen[{index}]")
+            listening.setServiceParent(self)
 
-    for index, listener in enumerate(config.listeners):
-        factory = RelayServerFactory(
-            hostname=config.hostname, listener=listener, limits=config.limits, portal=portal,
-            mechanisms=config.auth.mechanisms, policy=policy, queue=queue,
-            tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
-        )
-        if listener.kind == "submissions":
-            factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        listening = strports.service(listener.endpoint, factory, reactor=reactor)
-        listening.setName(f"listen[{index}]")
-        listening.setServiceParent(top)
-    return top
+    # -- reload ------------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
+        try:
+            config = load(self.config.path)
+            parts = build_replaceable(config, self.reactor)
+        except (ConfigError, ValueError, OSError) as e:
+            log.error("reload refused, the running configuration stays in force: {error}", error=str(e))
+            return False
+        for key in RESTART_ONLY:
+            if getattr(config, key) != getattr(self.config, key):
+                log.warn("reload: {key} changed; that takes effect only after a restart", key=key)
+        for factory in self.factories:
+            factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
+                                policy=parts.policy)
+        self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+        self.config = config
+        log.info("reload: {path} applied", path=str(config.path))
+        return True
+
+    def startService(self) -> None:
+        super().startService()
+        if self._handle_sighup:
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+
+def make_service(config: Config, reactor=None, handle_sighup: bool = False) -> RelayService:
+    """Build the whole relay for `config` as one MultiService (not yet started). `handle_sighup`: re-read
+    the config file on SIGHUP (the twistd plugin turns it on; an embedding application may call reload())."""
+    return RelayService(config, reactor=reactor, handle_sighup=handle_sighup)

@@ -110,7 +110,8 @@ class Scheduler(service.Service):
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
         self._queue, self._delivery, self._reporter, self._clock = queue, delivery, reporter, clock
-        self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=rng or random.Random())
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
         self._timers: dict = {}                  # queue id -> IDelayedCall of its next attempt
         self._forced: set[str] = set()           # ids whose next attempt ignores next_attempt (flush)
         self._attempts: dict[str, _Attempt] = {}
@@ -125,6 +126,15 @@ class Scheduler(service.Service):
         self._metrics = metrics
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
+
+    def reconfigure(self, router, transports: Mapping[str, object], direct, queue: QueueConfig,
+                    delivery: DeliveryConfig) -> None:
+        """A reloaded config (SIGHUP): later attempts use the new routes, next hops, timings and limits.
+        Deliveries in flight finish on the hop they started with; scheduled retries keep their times."""
+        self._router, self._transports, self._direct = router, transports, direct
+        self._queue, self._delivery = queue, delivery
+        self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        self._pump()
 
     # -- the service ------------------------------------------------------------------------------
 

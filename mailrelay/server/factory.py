@@ -35,6 +35,9 @@ class ConnectionCounter:
         self._per_ip: dict[str, int] = {}
         self.total = 0
 
+    def set_limits(self, max_total: int, max_per_ip: int) -> None:
+        self._max_total, self._max_per_ip = max_total, max_per_ip
+
     def open(self, ip: str) -> bool:
         """Count a new connection; False (and not counted) when a cap is reached."""
         if self.total >= self._max_total or self._per_ip.get(ip, 0) >= self._max_per_ip:
@@ -61,6 +64,9 @@ class FailureWindow:
         self._window = window
         self._max_ips = max_ips
         self._failures: OrderedDict[str, deque] = OrderedDict()
+
+    def set_limit(self, limit: int) -> None:
+        self._limit = limit
 
     def count(self, ip: str) -> int:
         times = self._failures.get(ip)
@@ -92,6 +98,7 @@ class RelayServerFactory(protocol.ServerFactory):
     """Builds hardened ESMTP sessions for one listener."""
 
     protocol = RelaySession
+    noisy = False       # no "Starting factory" lines: the listener's port is logged by the endpoint service
 
     def __init__(
         self,
@@ -105,7 +112,12 @@ class RelayServerFactory(protocol.ServerFactory):
         queue,
         tls_options=None,
         clock=None,
+        metrics=None,
+        connections: Optional["ConnectionCounter"] = None,
+        auth_failures: Optional["FailureWindow"] = None,
     ):
+        """`connections` and `auth_failures` may be shared between the listeners of one relay, so that
+        max_connections counts "in all" and an attacker gets one AUTH budget, not one per port."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.hostname = hostname
@@ -117,8 +129,17 @@ class RelayServerFactory(protocol.ServerFactory):
         self.queue = queue
         self.tls_options = tls_options
         self.clock = clock
-        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
-        self.auth_failures = FailureWindow(limits.auth_failures_per_minute, clock)
+        self.metrics = metrics
+        self.connections = connections or ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+        self.auth_failures = auth_failures or FailureWindow(limits.auth_failures_per_minute, clock)
+
+    def reconfigure(self, *, limits: config.Limits, portal: Optional[Portal], mechanisms: tuple[str, ...],
+                    policy) -> None:
+        """A reloaded config: new connections use these; sessions already open keep what they had."""
+        self.limits, self.portal, self.policy = limits, portal, policy
+        self.mechanisms = tuple(m.upper() for m in mechanisms if m.upper() in SUPPORTED_MECHANISMS)
+        self.connections.set_limits(limits.max_connections, limits.max_connections_per_ip)
+        self.auth_failures.set_limit(limits.auth_failures_per_minute)
 
     @property
     def require_tls(self) -> bool:

@@ -32,6 +32,7 @@ from twisted.mail import smtp
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
+from mailrelay.logs import log_message
 from mailrelay.server import addresses
 from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.realm import IRelayUser
@@ -46,6 +47,21 @@ COMMANDS = frozenset(
 _HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+
+
+# Refusals by enhanced status code, for the mailrelay_messages_refused_total{reason} counter.
+_REFUSAL_REASONS = {
+    "5.7.1": "policy", "5.3.4": "size", "5.6.11": "bare_cr", "5.6.0": "line_length", "4.7.1": "rate",
+    "4.5.3": "recipients", "4.3.0": "local_error", "5.6.7": "syntax", "4.7.0": "connection_limit",
+}
+
+
+def refusal_reason(reply: Reply) -> str:
+    if reply.code == 530:
+        return "tls_required" if "STARTTLS" in reply.text else "auth_required"
+    if reply.status.startswith("5.5.") or reply.status.startswith("5.1."):
+        return "syntax"
+    return _REFUSAL_REASONS.get(reply.status, "other")
 
 
 def unmapped_ip(host: str) -> str:
@@ -88,6 +104,7 @@ class RelaySession(smtp.ESMTP):
         self._esmtp = False
         self._user: Optional[str] = None
         self._auth = None
+        self._mechanism = ""
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -137,11 +154,13 @@ class RelaySession(smtp.ESMTP):
             self.ctx is not None and not self._tls_on and ITLSTransport.providedBy(self.transport)
         )
         if not self.factory.connections.open(self._ip):
+            self._count("refused", "connection_limit")
             self._log.info("connection from {ip} refused: connection limit", ip=self._ip)
             self._send(421, "4.7.0", f"{self.hostname} Too many connections, try again later")
             self._close()
             return
         self._counted = True
+        self._count("connection", self.factory.listener.kind)
         self._timers["idle"] = self._clock.callLater(
             self._limits.idle_timeout, self._timed_out, "idle", "Idle timeout"
         )
@@ -185,7 +204,15 @@ class RelaySession(smtp.ESMTP):
         self.transport.write(f"{code} {status} {text}\r\n".encode("ascii", "replace"))
 
     def _reply(self, reply: Reply) -> None:
+        if reply.code >= 400:
+            self._count("refused", refusal_reason(reply))
         self._send(reply.code, reply.status, reply.text)
+
+    def _count(self, event: str, *args) -> None:
+        """Tell the metrics (mailrelay.metrics.Metrics), when the relay has them."""
+        metrics = self.factory.metrics
+        if metrics is not None:
+            getattr(metrics, event)(*args)
 
     def _set_busy(self, busy: bool) -> None:
         """Pause reading while a check or a commit is pending, so pipelined replies keep their order."""
@@ -373,6 +400,7 @@ class RelaySession(smtp.ESMTP):
             self._send(504, "5.5.4", "Unrecognized authentication type")
             return
         self._auth = (mechanism,)
+        self._mechanism = mechanism
         if len(words) == 2:
             self._auth_response(words[1])
         else:
@@ -425,6 +453,7 @@ class RelaySession(smtp.ESMTP):
     def _auth_succeeded(self, result) -> None:
         _, avatar, logout = result
         self._user, self._logout = avatar.name, logout
+        self._count("auth", "success", self._mechanism)
         self._send(235, "2.7.0", "Authentication successful")
         self._set_busy(False)
 
@@ -433,9 +462,11 @@ class RelaySession(smtp.ESMTP):
             # realm.TemporaryAuthFailure, a directory timeout, a bug: the client may try later.
             self._log.warn("AUTH for {user!r} from {ip} could not be checked: {error}",
                            user=name, ip=self._ip, error=failure.type.__name__)
+            self._count("auth", "temporary", self._mechanism)
             self._send(454, "4.7.0", "Temporary authentication failure")
             self._set_busy(False)
             return
+        self._count("auth", "failure", self._mechanism)
         count = self.factory.auth_failures.record(self._ip)
         self._log.info("AUTH failed for {user!r} from {ip} ({count} in the last minute)", user=name,
                        ip=self._ip, count=count)
@@ -594,12 +625,13 @@ class RelaySession(smtp.ESMTP):
         writer, envelope = self._writer, self._envelope
         self._set_busy(True)
         d = defer.maybeDeferred(writer.commit)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope,))
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, reader.size))
         d.addErrback(self._log_unexpected)
 
-    def _committed(self, queue_id, envelope: Envelope) -> None:
-        self._log.info("{queue_id}: queued from {ip} sender=<{sender}> nrcpt={n}",
-                       queue_id=queue_id, ip=self._ip, sender=envelope.sender, n=len(envelope.recipients))
+    def _committed(self, queue_id, envelope: Envelope, size: int) -> None:
+        log_message(self._log, "queued", queue_id, client=self._ip, identity=envelope.identity,
+                    sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
+        self._count("accepted", self.factory.listener.kind, size)
         self._writer = None
         self._reset_transaction()
         self._send(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -27,7 +27,7 @@ class MailRelayServiceMaker:
 
         try:
             config = load(options["config"])
-            return make_service(config)
+            return make_service(config, handle_sighup=True)
         except ConfigError as e:
             sys.stderr.write(f"mailrelay: {e}\n")
             raise SystemExit(2)

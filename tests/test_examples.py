@@ -1,0 +1,68 @@
+"""Every deployment example under examples/ is a complete tap.conf that validates, once the files it names
+(certificates, keys, secrets) exist beside it."""
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from mailrelay.config import load
+from mailrelay.dkim import keys
+from mailrelay.tls import generate_self_signed
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SECRET_KEYS = ("password_file", "service_password_file")
+
+
+def referenced_files(node, found=None):
+    """(key, relative path) of every file a config names."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str) and key in ("cert", "key", "key_file", "ca_file") + SECRET_KEYS:
+                found.append((key, value))
+            else:
+                referenced_files(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            referenced_files(item, found)
+    return found
+
+
+class Examples(unittest.TestCase):
+    def provide(self, directory: Path, key: str, relative: str) -> None:
+        path = directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if key in ("cert", "ca_file", "key"):
+            cert, private = generate_self_signed("relay.example.org")
+            path.write_bytes(cert + private if key != "key" else private)
+        elif key == "key_file":
+            algorithm = "ed25519" if relative.endswith("e.pem") else "rsa"
+            path.write_bytes(keys.private_pem(keys.generate(algorithm, 2048)))
+        else:
+            path.write_text("s3cret\n")
+
+    def test_every_example_validates(self):
+        examples = sorted(EXAMPLES.glob("*.conf"))
+        self.assertGreaterEqual(len(examples), 5)
+        for example in examples:
+            directory = Path(self.mktemp()).absolute()
+            directory.mkdir(parents=True)
+            shutil.copy(example, directory / example.name)
+            data = tomllib.loads(example.read_text())
+            for key, relative in referenced_files(data):
+                self.provide(directory, key, relative)
+            # cert and key name separate files: the key file must hold the same key as the certificate
+            tls = data.get("tls")
+            if tls:
+                cert, private = generate_self_signed("relay.example.org")
+                (directory / tls["cert"]).write_bytes(cert)
+                (directory / tls["key"]).write_bytes(private)
+            config = load(directory / example.name)
+            self.assertEqual(config.path, directory / example.name, example.name)
+
+    def test_the_examples_say_what_they_are_for(self):
+        for example in EXAMPLES.glob("*.conf"):
+            self.assertTrue(example.read_text().startswith("#"), example.name)
