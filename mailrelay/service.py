@@ -126,6 +126,17 @@ def dkim_wrapper(config: Config, reactor):
     return lambda hop: DKIMHop(hop, signer=signer, verifier=verifier, reactor=reactor)
 
 
+LISTEN_BACKLOG = 1024   # Twisted's default of 50 drops connects when hundreds of clients arrive at once
+
+
+def with_backlog(endpoint: str) -> str:
+    """A tcp/ssl endpoint string with a listen backlog of LISTEN_BACKLOG unless it names its own."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={LISTEN_BACKLOG}"
+    return endpoint
+
+
 class RelayService(service.MultiService):
     """The whole relay. Children start in journey order (log, spool, scheduler, metrics, listeners) and so
     stop in reverse: listeners close first, the scheduler lets deliveries in flight finish (bounded), the
@@ -164,20 +175,23 @@ class RelayService(service.MultiService):
         self._listen(config, parts, reactor)
 
     def _listen(self, config: Config, parts: Replaceable, reactor) -> None:
-        from mailrelay.server.factory import RelayServerFactory
+        from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory
 
         tls_options = server_tls_options(config)
         queue = QueueFront(self.spool, self.scheduler)
+        # One count for all listeners: max_connections is "in all", and a client gets one AUTH-failure budget.
+        connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        auth_failures = FailureWindow(config.limits.auth_failures_per_minute, reactor)
         for index, listener in enumerate(config.listeners):
             factory = RelayServerFactory(
                 hostname=config.hostname, listener=listener, limits=config.limits, portal=parts.portal,
                 mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
                 tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
-                metrics=self.metrics,
+                metrics=self.metrics, connections=connections, auth_failures=auth_failures,
             )
             self.factories.append(factory)
             wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
-            listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
+            listening = strports.service(with_backlog(listener.endpoint), wrapped, reactor=reactor)
             listening.setName(f"listen[{index}]")
             listening.setServiceParent(self)
 
