@@ -22,27 +22,20 @@ import sys
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from pathlib import Path
 from typing import Optional
+
+from mailrelay.config import SendmailConfig
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE = 0, 64, 65, 69
 EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
+TIMEOUT = 60.0     # seconds for connecting and for each reply
 
 
 class Failure(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class Settings:
-    server: str = "127.0.0.1:587"
-    security: str = "starttls"
-    verify: bool = True
-    username: Optional[str] = None
-    password_file: Optional[str] = None
-    ca_file: Optional[str] = None
-    timeout: float = 60.0
 
 
 @dataclass
@@ -96,29 +89,29 @@ def parse_args(argv: list[str]) -> Invocation:
     return inv
 
 
-def load_settings(config_path: Optional[str], environ=os.environ) -> Settings:
+def load_settings(config_path: Optional[str], environ=os.environ) -> SendmailConfig:
+    """`[sendmail]` of the config file, else the same settings from the environment."""
     if config_path:
         from mailrelay.config import ConfigError, load
 
         try:
-            s = load(config_path).sendmail
+            return load(config_path).sendmail
         except ConfigError as e:
             raise Failure(EX_CONFIG, str(e)) from None
-        return Settings(
-            server=s.server, security=s.security, verify=s.verify, username=s.username,
-            password_file=str(s.password_file) if s.password_file else None,
-            ca_file=str(getattr(s, "ca_file", None) or "") or None,
-        )
-    settings = Settings()
-    settings.server = environ.get("MAILRELAY_SERVER", settings.server)
-    settings.security = environ.get("MAILRELAY_SECURITY", settings.security)
-    settings.verify = environ.get("MAILRELAY_VERIFY", "1").lower() not in ("0", "false", "no")
-    settings.username = environ.get("MAILRELAY_USERNAME") or None
-    settings.password_file = environ.get("MAILRELAY_PASSWORD_FILE") or None
-    settings.ca_file = environ.get("MAILRELAY_CA_FILE") or None
-    if settings.security not in ("starttls", "tls", "none"):
-        raise Failure(EX_CONFIG, f"MAILRELAY_SECURITY: must be starttls, tls or none, not {settings.security!r}")
-    return settings
+    security = environ.get("MAILRELAY_SECURITY", "starttls")
+    if security not in ("starttls", "tls", "none"):
+        raise Failure(EX_CONFIG, f"MAILRELAY_SECURITY: must be starttls, tls or none, not {security!r}")
+    def optional_path(name: str) -> Optional[Path]:
+        return Path(environ[name]) if environ.get(name) else None
+
+    return SendmailConfig(
+        server=environ.get("MAILRELAY_SERVER", SendmailConfig.server),
+        security=security,
+        verify=environ.get("MAILRELAY_VERIFY", "1").lower() not in ("0", "false", "no"),
+        username=environ.get("MAILRELAY_USERNAME") or None,
+        password_file=optional_path("MAILRELAY_PASSWORD_FILE"),
+        ca_file=optional_path("MAILRELAY_CA_FILE"),
+    )
 
 
 def read_message(stream, dot_ends_input: bool) -> bytes:
@@ -183,8 +176,8 @@ def prepare(inv: Invocation, message: bytes) -> tuple[str, list[str], bytes]:
     return sender, recipients, added + headers + b"\r\n" + body
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.ca_file)
+def _tls_context(settings: SendmailConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -195,7 +188,7 @@ def _status_for(code: int) -> int:
     return EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE
 
 
-def submit(settings: Settings, sender: str, recipients: list[str], message: bytes) -> dict:
+def submit(settings: SendmailConfig, sender: str, recipients: list[str], message: bytes) -> dict:
     host, _, port = settings.server.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
@@ -205,16 +198,16 @@ def submit(settings: Settings, sender: str, recipients: list[str], message: byte
     password = None
     if settings.username:
         try:
-            with open(settings.password_file or "", encoding="utf-8") as f:
+            with open(settings.password_file or "", encoding="utf-8") as f:   # the secret's first line
                 password = f.readline().rstrip("\r\n")
         except OSError as e:
             raise Failure(EX_CONFIG, f"password_file: cannot read {settings.password_file}: {e.strerror}") from None
     options = ["BODY=8BITMIME"] if any(b > 127 for b in message) else []
     try:
         if settings.security == "tls":
-            smtp = smtplib.SMTP_SSL(host, port_number, timeout=settings.timeout, context=_tls_context(settings))
+            smtp = smtplib.SMTP_SSL(host, port_number, timeout=TIMEOUT, context=_tls_context(settings))
         else:
-            smtp = smtplib.SMTP(host, port_number, timeout=settings.timeout)
+            smtp = smtplib.SMTP(host, port_number, timeout=TIMEOUT)
         with smtp:
             smtp.ehlo()
             if settings.security == "starttls":
