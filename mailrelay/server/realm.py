@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 
@@ -34,6 +37,37 @@ class RelayRealm:
         return IRelayUser, RelayUser(name), lambda: None
 
 
+@implementer(ICredentialsChecker)
+class CheckerChain:
+    """Several checkers for the same credentials, asked in order: the password file, then the directory.
+
+    A Portal keeps one checker per credential interface (the last registered wins), so two sources of
+    users need one checker in front. The first checker that accepts decides; a refusal moves on to the
+    next; when none accepts, any checker that could not decide makes the whole answer temporary (454),
+    since that one might have said yes."""
+
+    def __init__(self, checkers):
+        self.checkers = list(checkers)
+        self.credentialInterfaces = tuple({i for c in self.checkers for i in c.credentialInterfaces})
+
+    def requestAvatarId(self, credentials):
+        return self._try(credentials, 0, undecided=None)
+
+    def _try(self, credentials, index: int, undecided):
+        if index == len(self.checkers):
+            if undecided is not None:
+                return undecided
+            return defer.fail(UnauthorizedLogin())
+
+        def refused(failure):
+            if failure.check(UnauthorizedLogin):
+                return self._try(credentials, index + 1, undecided)
+            return self._try(credentials, index + 1, undecided or failure)
+
+        return defer.maybeDeferred(self.checkers[index].requestAvatarId, credentials).addErrback(refused)
+
+
 def build_portal(checkers) -> Portal:
     """A portal over our realm with the given credential checkers (password file, LDAP, ...)."""
-    return Portal(RelayRealm(), list(checkers))
+    checkers = list(checkers)
+    return Portal(RelayRealm(), [CheckerChain(checkers)] if len(checkers) > 1 else checkers)
