@@ -97,6 +97,19 @@ class INextHop(Interface):
         every recipient a 4xx result; the Deferred itself does not fail."""
 
 
+class IBatchNextHop(INextHop):
+    """A next hop that can carry several messages on one connection (connection reuse). Optional: the
+    scheduler batches only hops that provide it and calls deliver() once per message otherwise."""
+
+    def deliver_batch(jobs):
+        """Send `jobs` (a list of delivery.client.Job: a spooled message and its recipients, all bound
+        for this one next hop) over one connection, one transaction per job, in order.
+
+        Returns a Deferred firing with one list of delivery.RecipientResult per job, in the order of
+        `jobs`, with the same meaning as deliver()'s. A connection lost part-way settles the jobs not yet
+        answered with a 4xx result; the Deferred itself does not fail."""
+
+
 class IRouter(Interface):
     def route(sender, recipient, attempts):
         """The config.Route that applies (first match), or None for direct MX delivery."""

@@ -9,13 +9,21 @@ transports, direct MX, each behind DKIM) → DSNs. Each stage only knows the nex
 mailrelay.interfaces. `RelayService.reload()` (SIGHUP under twistd) swaps in what a new config changes —
 permit rules, passwords, LDAP, limits, routes, transports, DKIM keys, queue timings — without touching
 connections or the queue; a config that fails validation is refused and the old one stays in force.
+
+Graceful shutdown (`stopService`; SIGTERM under twistd): the listeners stop accepting; idle SMTP
+sessions get 421 4.3.2 and sessions in a transaction may finish it within `shutdown_grace` seconds
+(RFC 5321 §3.8); meanwhile the scheduler starts nothing new and lets deliveries in flight finish within
+its own bound; only then are the spool, metrics and log stopped.  Everything not delivered stays in
+the spool for the next start (docs/crash-safety.md).
 """
 from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
+from typing import Optional
 
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -138,21 +146,25 @@ def with_backlog(endpoint: str) -> str:
 
 
 class RelayService(service.MultiService):
-    """The whole relay. Children start in journey order (log, spool, scheduler, metrics, listeners) and so
-    stop in reverse: listeners close first, the scheduler lets deliveries in flight finish (bounded), the
-    spool is closed last."""
+    """The whole relay. Children start in journey order (log, spool, scheduler, metrics, listeners) and
+    stop gracefully: listeners close first and their sessions drain (bounded by `shutdown_grace`) while
+    the scheduler lets deliveries in flight finish (bounded); the spool is closed last."""
 
-    def __init__(self, config: Config, reactor=None, handle_sighup: bool = False):
+    def __init__(self, config: Config, reactor=None, handle_sighup: bool = False,
+                 shutdown_grace: Optional[float] = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         from mailrelay import logs
         from mailrelay.delivery.scheduler import Scheduler
         from mailrelay.metrics import Metrics, metrics_service
+        from mailrelay.server.factory import SHUTDOWN_GRACE
         from mailrelay.spool.store import Spool
 
         self.setName("mailrelay")
         self.config, self.reactor, self._handle_sighup = config, reactor, handle_sighup
+        self.shutdown_grace = SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
+        self.listeners: list = []
         logs.install(config.log).setServiceParent(self)
         self.metrics = Metrics()
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
@@ -194,6 +206,7 @@ class RelayService(service.MultiService):
             listening = strports.service(with_backlog(listener.endpoint), wrapped, reactor=reactor)
             listening.setName(f"listen[{index}]")
             listening.setServiceParent(self)
+            self.listeners.append(listening)
 
     # -- reload ------------------------------------------------------------------------------------------
 
@@ -221,8 +234,44 @@ class RelayService(service.MultiService):
         if self._handle_sighup:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
 
+    # -- graceful shutdown -------------------------------------------------------------------------------
 
-def make_service(config: Config, reactor=None, handle_sighup: bool = False) -> RelayService:
+    def stopService(self) -> defer.Deferred:
+        """Stop accepting, drain the SMTP sessions and the deliveries in flight (both bounded, side by
+        side), then stop the rest (metrics, spool, log) in reverse start order."""
+        service.Service.stopService(self)
+        log.info("shutting down: closing the listeners; transactions in progress may finish within {grace}s",
+                 grace=self.shutdown_grace)
+        accepting = _stop_all(reversed(self.listeners))
+        sessions = accepting.addCallback(lambda _: self._drain_sessions())
+        deliveries = defer.maybeDeferred(self.scheduler.stopService)
+        rest = [child for child in reversed(list(self)) if child not in self.listeners and child is not self.scheduler]
+        d = defer.DeferredList([sessions, deliveries], consumeErrors=True)
+        d.addCallback(_log_failures, "draining sessions and deliveries")
+        d.addCallback(lambda _: _stop_all(rest))
+        d.addCallback(lambda _: log.info("shut down: everything not delivered stays in the spool"))
+        return d
+
+    def _drain_sessions(self) -> defer.Deferred:
+        return _stop_all(self.factories, lambda factory: factory.shut_down(self.shutdown_grace))
+
+
+def _stop_all(things, stop=lambda child: child.stopService()) -> defer.Deferred:
+    """Stop several things at once; fires when all are done, each failure logged, never failing."""
+    d = defer.DeferredList([defer.maybeDeferred(stop, thing) for thing in things], consumeErrors=True)
+    return d.addCallback(_log_failures, "stopping a service")
+
+
+def _log_failures(results, what: str) -> None:
+    for ok, value in results:
+        if not ok:
+            log.failure("shutdown: {what} failed", value, what=what)
+
+
+def make_service(config: Config, reactor=None, handle_sighup: bool = False,
+                 shutdown_grace: Optional[float] = None) -> RelayService:
     """Build the whole relay for `config` as one MultiService (not yet started). `handle_sighup`: re-read
-    the config file on SIGHUP (the twistd plugin turns it on; an embedding application may call reload())."""
-    return RelayService(config, reactor=reactor, handle_sighup=handle_sighup)
+    the config file on SIGHUP (the twistd plugin turns it on; an embedding application may call reload()).
+    `shutdown_grace`: seconds a transaction in progress may take to finish at shutdown (default
+    server.factory.SHUTDOWN_GRACE)."""
+    return RelayService(config, reactor=reactor, handle_sighup=handle_sighup, shutdown_grace=shutdown_grace)

@@ -1,7 +1,8 @@
 """Direct delivery: hand a message to the recipient domain's own mail exchangers (no smarthost).
 
 Job in the journey: the next hop the scheduler uses when no route names a transport.  In: a spooled
-message and its recipients of one domain.  Out: a Deferred firing with one RecipientResult per
+message and its recipients of one domain (deliver), or several such messages (deliver_batch: they
+share one connection to each exchanger tried).  Out: a Deferred firing with one RecipientResult per
 recipient (never failing): 2xx delivered, 5xx bounced, 4xx to be retried later by the scheduler.
 
 How: resolve the domain (delivery.dns: MX by preference, shuffled among equals, implicit MX, null MX),
@@ -27,7 +28,7 @@ from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
-from mailrelay.interfaces import INextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop
 
 log = Logger(namespace="mailrelay.delivery.mx")
 
@@ -66,7 +67,7 @@ def _family(address: str) -> int:
     return ipaddress.ip_address(address).version
 
 
-@implementer(INextHop)
+@implementer(INextHop, IBatchNextHop)
 class MXDelivery:
     """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts` and `send` (the
     client's deliver_over) may be replaced, mostly by tests."""
@@ -94,27 +95,43 @@ class MXDelivery:
 
     def deliver(self, message, recipients) -> defer.Deferred:
         """One RecipientResult per recipient (all of one domain), in order; the Deferred never fails."""
-        recipients = tuple(recipients)
-        d = defer.maybeDeferred(self._deliver, message, recipients)
+        return self.deliver_batch([Job(message, tuple(recipients))]).addCallback(lambda results: results[0])
+
+    def deliver_batch(self, jobs) -> defer.Deferred:
+        """IBatchNextHop: several messages for one recipient domain, all on one connection to each
+        exchanger tried.  One list of RecipientResult per job, in order; the Deferred never fails."""
+        jobs = [Job(job.message, tuple(job.recipients)) for job in jobs]
+        d = defer.maybeDeferred(self._deliver_jobs, jobs)
 
         def local_error(failure):
-            log.failure("{queue_id}: direct delivery failed locally", failure, queue_id=_queue_id(message))
-            return list(settle_all(recipients, 451, "4.3.0", "local error in direct delivery"))
+            log.failure("{queue_id}: direct delivery failed locally", failure,
+                        queue_id=",".join(_queue_id(job.message) for job in jobs))
+            return [list(settle_all(job.recipients, 451, "4.3.0", "local error in direct delivery"))
+                    for job in jobs]
 
         return d.addErrback(local_error)
 
     @defer.inlineCallbacks
-    def _deliver(self, message, recipients: tuple[str, ...]):
-        if not recipients:
-            return []
-        domain = domain_of(recipients[0])
-        try:
-            hosts = yield self.resolver.resolve(domain)
-        except ResolutionFailed as e:
-            log.info("{queue_id}: {domain}: {reply}", queue_id=_queue_id(message), domain=domain,
-                     reply=str(e.reply))
-            return list(settle_all(recipients, e.reply.code, e.reply.status, e.reply.text))
-        return (yield self._try_hosts(message, recipients, hosts))
+    def _deliver_jobs(self, jobs: list[Job]):
+        results: list[list[RecipientResult]] = [[] for _ in jobs]
+        by_domain: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            if job.recipients:
+                by_domain.setdefault(domain_of(job.recipients[0]), []).append(index)
+        for domain, indexes in by_domain.items():     # the scheduler sends one domain per batch
+            group = [jobs[i] for i in indexes]
+            try:
+                hosts = yield self.resolver.resolve(domain)
+            except ResolutionFailed as e:
+                log.info("{queue_id}: {domain}: {reply}", queue_id=_queue_ids(group), domain=domain,
+                         reply=str(e.reply))
+                settled = [list(settle_all(j.recipients, e.reply.code, e.reply.status, e.reply.text))
+                           for j in group]
+            else:
+                settled = yield self._try_hosts(group, hosts)
+            for i, job_results in zip(indexes, settled):
+                results[i] = job_results
+        return results
 
     def _candidates(self, hosts: list[MXHost]) -> list[tuple[MXHost, str]]:
         """(exchanger, address) pairs in order; only our source address's family when one is set."""
@@ -125,43 +142,49 @@ class MXDelivery:
         return pairs[:MAX_ADDRESSES]
 
     @defer.inlineCallbacks
-    def _try_hosts(self, message, recipients: tuple[str, ...], hosts: list[MXHost]):
-        final: dict[str, RecipientResult] = {}
-        last: dict[str, RecipientResult] = {}
+    def _try_hosts(self, jobs: list[Job], hosts: list[MXHost]):
+        final: list[dict[str, RecipientResult]] = [{} for _ in jobs]
+        last: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         answered_hosts: set[str] = set()
         for host, address in self._candidates(hosts):
-            pending = tuple(r for r in recipients if r not in final)
+            pending = [(i, tuple(r for r in job.recipients if r not in final[i])) for i, job in enumerate(jobs)]
+            pending = [(i, recipients) for i, recipients in pending if recipients]
             if not pending:
                 break
             if host.name in answered_hosts:
                 continue      # this exchanger already answered (4xx): its other addresses would too
-            session = yield self._attempt(message, pending, host, address)
-            for rcpt, result in zip(pending, session.jobs[0]):
-                # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
-                (final if result.delivered or result.permanent else last)[rcpt] = result
+            tried = [Job(jobs[i].message, recipients) for i, recipients in pending]
+            session = yield self._attempt(tried, host, address)
+            for (i, recipients), job_results in zip(pending, session.jobs):
+                for rcpt, result in zip(recipients, job_results):
+                    # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
+                    (final[i] if result.delivered or result.permanent else last[i])[rcpt] = result
             if not session.before_mail:
                 answered_hosts.add(host.name)
-            unsettled = [last[r] for r in pending if r not in final]
-            if unsettled:
-                log.info("{queue_id}: {host}[{address}]: {count} recipient(s) not settled: {reply}",
-                         queue_id=_queue_id(message), host=host.name, address=address,
-                         count=len(unsettled), reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
-        return [final.get(r) or last.get(r) or _unreachable(r, hosts) for r in recipients]
+            for i, recipients in pending:
+                unsettled = [last[i][r] for r in recipients if r not in final[i]]
+                if unsettled:
+                    log.info("{queue_id}: {host}[{address}]: {count} recipient(s) not settled: {reply}",
+                             queue_id=_queue_id(jobs[i].message), host=host.name, address=address,
+                             count=len(unsettled),
+                             reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
+        return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
+                for i, job in enumerate(jobs)]
 
     @defer.inlineCallbacks
-    def _attempt(self, message, recipients: tuple[str, ...], host: MXHost, address: str):
+    def _attempt(self, jobs: list[Job], host: MXHost, address: str):
         policy = self.delivery.tls
-        session: SessionResult = yield self._session(message, recipients, host, address, _SECURITY[policy])
+        session: SessionResult = yield self._session(jobs, host, address, _SECURITY[policy])
         if session.tls_failed and policy == "opportunistic":
             # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
             # plaintext on the same address; "required" and "verify" never fall back.
             self.plaintext_fallbacks += 1
             log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
-                     queue_id=_queue_id(message), host=host.name, address=address)
-            session = yield self._session(message, recipients, host, address, "none")
+                     queue_id=_queue_ids(jobs), host=host.name, address=address)
+            session = yield self._session(jobs, host, address, "none")
         return session
 
-    def _session(self, message, recipients, host: MXHost, address: str, security: str) -> defer.Deferred:
+    def _session(self, jobs: list[Job], host: MXHost, address: str, security: str) -> defer.Deferred:
         params = SessionParams(
             helo=self.hostname,
             remote_host=host.name,
@@ -169,7 +192,7 @@ class MXDelivery:
             tls_options=self._tls_options(host.name) if security != "none" else None,
             timeouts=self.timeouts,
         )
-        return self.send(self._endpoint(address), params, [Job(message, recipients)], self.reactor)
+        return self.send(self._endpoint(address), params, jobs, self.reactor)
 
     def _tls_options(self, name: str):
         if self.delivery.tls == "verify":
@@ -195,3 +218,7 @@ def _unreachable(recipient: str, hosts: list[MXHost]) -> RecipientResult:
 
 def _queue_id(message) -> str:
     return getattr(message, "queue_id", "?")
+
+
+def _queue_ids(jobs: list[Job]) -> str:
+    return ",".join(_queue_id(job.message) for job in jobs)

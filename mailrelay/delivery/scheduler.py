@@ -6,9 +6,11 @@ transport or direct MX) --> results --> spool state, DSN reporter.
 
 In: queue ids (committed messages, the spool at start-up, queue CLI requests via
 `spool.take_requests()` polled every 0.5 s).  Out: `INextHop.deliver(message, recipients)` calls,
-one per (message, route) group — all of one message's recipients on one route in one transaction;
-per-recipient state written with `spool.save_state` after every attempt *before* anything is done
-about it; `spool.remove` once every recipient has a final answer; `IDeliveryReporter.bounce/delay`.
+one per (message, route) group — all of one message's recipients on one route in one transaction —
+or, when several such groups wait for the same next hop, one `IBatchNextHop.deliver_batch(jobs)` call
+carrying them all on one connection (delivery.batch); per-recipient state written with
+`spool.save_state` after every attempt *before* anything is done about it; `spool.remove` once every
+recipient has a final answer; `IDeliveryReporter.bounce/delay`.
 
 Rules implemented:
 - RFC 5321 §4.2.1 / §4.5.4.1: 2xx delivered, 5xx failed for good, 4xx (and connection failures) retried
@@ -17,9 +19,10 @@ Rules implemented:
 - RFC 3464 DSNs via the reporter: a failure DSN per attempt that settled recipients for good, one delay
   DSN per message after `[queue] delay_warning` (persisted, so a restart does not send another).
 - RFC 5321 §4.5.5 / §6.1: never a DSN to the null reverse-path <> (no bounce loops); dropped and logged.
-- `[delivery] concurrency` deliveries in flight in all, `concurrency_per_domain` per recipient domain
+- `[delivery] concurrency` connections in flight in all, `concurrency_per_domain` per recipient domain
   (per transport name for a routed group); what cannot start waits in FIFO order and starts when a
-  slot frees.
+  slot frees.  Connection reuse (RFC 5321 §3.3): messages due in the same reactor turn, or waiting
+  for a slot, for the same next hop share connections — one batch is one slot (delivery.batch).
 - Held messages are never tried; stopService stops starting work and waits (bounded) for what is in
   flight; everything needed to resume is already in the spool.
 - Metrics (optional `metrics`, a mailrelay.metrics.Metrics): deliveries started, per-recipient results
@@ -40,6 +43,8 @@ from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig, QueueConfig
 from mailrelay.delivery.backoff import Backoff
+from mailrelay.delivery.batch import batch_size, take_batch
+from mailrelay.delivery.client import Job
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.state import BOUNCED, EXPIRED, LastReply, MessageState, StateError
 from mailrelay.envelope import domain_of
@@ -119,6 +124,7 @@ class Scheduler(service.Service):
         self._in_flight = 0
         self._per_key: dict[str, int] = {}
         self._pumping = self._pump_again = False
+        self._pump_call = None                   # a pump asked for at the end of this reactor turn
         self._poller: Optional[task.LoopingCall] = None
         self._stop_waiters: list[defer.Deferred] = []
         self._received: dict[str, float] = {}    # queue id -> received_at of every message seen in the spool
@@ -153,6 +159,9 @@ class Scheduler(service.Service):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
         self._forced.clear()
         for attempt in {job.attempt for jobs in self._waiting.values() for job in jobs}:
             self._drop_waiting(attempt, finish=False)
@@ -293,7 +302,7 @@ class Scheduler(service.Service):
                 self._waiting.setdefault(job.limit_key, deque()).append(job)
                 attempt.outstanding += 1
         if attempt.outstanding:
-            self._pump()
+            self._pump_soon()
         else:
             self._finish(attempt)   # nothing to send now: expire, report or reschedule
 
@@ -347,37 +356,65 @@ class Scheduler(service.Service):
         finally:
             self._pumping = False
 
+    def _pump_soon(self) -> None:
+        """Pump once every message due in this reactor turn has queued its deliveries, so that those
+        bound for the same next hop can share a connection instead of the first going alone."""
+        if self._pump_call is None or not self._pump_call.active():
+            self._pump_call = self._clock.callLater(0, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_call = None
+        self._pump()
+
     def _start_what_fits(self) -> None:
         total, per_key = max(1, self._delivery.concurrency), max(1, self._delivery.concurrency_per_domain)
         for key in list(self._waiting):
             jobs = self._waiting.get(key)
             while jobs and self.running and self._in_flight < total and self._per_key.get(key, 0) < per_key:
-                self._start(jobs.popleft())
+                free = min(total - self._in_flight, per_key - self._per_key.get(key, 0))
+                self._start(take_batch(jobs, batch_size(len(jobs), free), lambda job: job.hop))
             if not jobs:
                 self._waiting.pop(key, None)
             if self._in_flight >= total:
                 return
 
-    def _start(self, job: _Job) -> None:
+    def _start(self, batch: list[_Job]) -> None:
+        """One connection slot for `batch` (deliveries for one next hop): deliver() for a single one,
+        deliver_batch() for several; each delivery's results are then recorded on their own."""
+        first = batch[0]
         self._in_flight += 1
-        self._per_key[job.limit_key] = self._per_key.get(job.limit_key, 0) + 1
-        self.log.info("{queue_id}: attempt via {hop} for {recipients}", queue_id=job.attempt.queue_id,
-                      hop=job.hop_name, recipients=list(job.recipients), stage="attempt")
-        if self._metrics is not None:
-            self._metrics.delivery_started(job.hop_name)
-        d = defer.maybeDeferred(job.hop.deliver, job.attempt.message, list(job.recipients))
-        d.addErrback(self._hop_failed, job)
-        d.addBoth(self._release_slot, job)
-        d.addCallback(self._record, job)
-        d.addErrback(self._record_failed, job)
+        self._per_key[first.limit_key] = self._per_key.get(first.limit_key, 0) + 1
+        for job in batch:
+            self.log.info("{queue_id}: attempt via {hop} for {recipients}", queue_id=job.attempt.queue_id,
+                          hop=job.hop_name, recipients=list(job.recipients), batch=len(batch), stage="attempt")
+            if self._metrics is not None:
+                self._metrics.delivery_started(job.hop_name)
+        if len(batch) == 1:
+            d = defer.maybeDeferred(first.hop.deliver, first.attempt.message, list(first.recipients))
+            d.addCallback(lambda results: [results])
+        else:
+            d = defer.maybeDeferred(first.hop.deliver_batch,
+                                    [Job(job.attempt.message, job.recipients) for job in batch])
+        d.addErrback(self._hop_failed, batch)
+        d.addBoth(self._release_slot, first.limit_key)
+        d.addCallback(self._record_batch, batch)
 
-    def _release_slot(self, result, job: _Job):
+    def _release_slot(self, result, limit_key: str):
         self._in_flight -= 1
-        self._per_key[job.limit_key] -= 1
-        if not self._per_key[job.limit_key]:
-            del self._per_key[job.limit_key]
+        self._per_key[limit_key] -= 1
+        if not self._per_key[limit_key]:
+            del self._per_key[limit_key]
         self._pump()
         return result
+
+    def _record_batch(self, results, batch: list[_Job]) -> None:
+        """Each delivery of a batch is recorded, saved and acted on exactly as a lone one would be;
+        one that the next hop gave no results for is retried (see _record)."""
+        results = list(results or ())
+        for index, job in enumerate(batch):
+            job_results = results[index] if index < len(results) else None
+            d = defer.maybeDeferred(self._record, job_results, job)
+            d.addErrback(self._record_failed, job)
 
     def _drop_waiting(self, attempt: _Attempt, finish: bool = True) -> None:
         """Forget the deliveries of `attempt` that have not started (hold, delete, bounce, stop)."""
@@ -395,12 +432,13 @@ class Scheduler(service.Service):
 
     # -- outcomes ---------------------------------------------------------------------------------
 
-    def _hop_failed(self, failure, job: _Job) -> list[RecipientResult]:
+    def _hop_failed(self, failure, batch: list[_Job]) -> list[list[RecipientResult]]:
         # INextHop promises never to fail; if one does anyway, the message must not be lost: every
         # recipient is retried (RFC 3463 4.4.0: other network/routing problem).
-        self.log.failure("{queue_id}: next hop {hop} failed", failure, queue_id=job.attempt.queue_id,
-                         hop=job.hop_name)
-        return [RecipientResult(r, 451, "4.4.0", "local error in the next hop", "") for r in job.recipients]
+        self.log.failure("{queue_id}: next hop {hop} failed", failure,
+                         queue_id=",".join(job.attempt.queue_id for job in batch), hop=batch[0].hop_name)
+        return [[RecipientResult(r, 451, "4.4.0", "local error in the next hop", "") for r in job.recipients]
+                for job in batch]
 
     def _record(self, results, job: _Job) -> defer.Deferred:
         """Apply one delivery's results to the message state and persist it, then count it done."""

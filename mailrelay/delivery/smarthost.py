@@ -26,7 +26,7 @@ from zope.interface import implementer
 from mailrelay import config
 from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
 from mailrelay.delivery.results import SessionResult
-from mailrelay.interfaces import INextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop
 
 TLS_POLICIES = config.TLS_POLICIES
 
@@ -127,7 +127,7 @@ def read_secret(path: Path) -> Secret:
     return Secret(data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data)
 
 
-@implementer(INextHop)
+@implementer(INextHop, IBatchNextHop)
 class SmarthostTransport:
     """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
     certificate check and credentials.  The password is read once here; it appears in no repr or log."""
@@ -156,6 +156,11 @@ class SmarthostTransport:
     def deliver(self, message: Any, recipients) -> defer.Deferred:
         """INextHop: Deferred[list[RecipientResult]], one per recipient; it never fails."""
         return self.deliver_jobs([Job(message, tuple(recipients))]).addCallback(lambda r: list(r.jobs[0]))
+
+    def deliver_batch(self, jobs: list[Job]) -> defer.Deferred:
+        """IBatchNextHop: every job on one connection; Deferred[list[list[RecipientResult]]], one list
+        per job in order; it never fails."""
+        return self.deliver_jobs(list(jobs)).addCallback(lambda r: [list(job) for job in r.jobs])
 
     def deliver_jobs(self, jobs: list[Job]) -> defer.Deferred:
         """Several messages on one connection: Deferred[results.SessionResult]."""

@@ -1,6 +1,6 @@
 """DKIM on the way out: an INextHop that signs and/or verifies, then hands the message to the real hop.
 
-In: a spooled message and its recipients.  Out: the inner hop's results for the same message with the
+In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).  Out: the inner hop's results for the same message with the
 DKIM-Signature and Authentication-Results headers prepended — the spooled bytes themselves are never
 changed, so a source signature survives byte for byte (passthrough) and a retry simply signs again.
 The work (reading the spool file, hashing, RSA) runs in a thread pool, never on the reactor thread.
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
-from mailrelay.interfaces import INextHop
+from mailrelay.delivery.client import Job
+from mailrelay.interfaces import IBatchNextHop, INextHop
 
 log = Logger(namespace="mailrelay.dkim")
 
@@ -66,6 +68,8 @@ class DKIMHop:
         self._inner, self._signer, self._verifier = inner, signer, verifier
         self._reactor = reactor
         self._threadpool = threadpool or reactor.getThreadPool()
+        if IBatchNextHop.providedBy(inner):
+            alsoProvides(self, IBatchNextHop)     # batches only when the hop behind it can take them
 
     def headers_for(self, message) -> bytes:
         """Runs in a worker thread: the header lines to put in front of `message`."""
@@ -92,3 +96,34 @@ class DKIMHop:
 
         d.addCallbacks(send, failed)
         return d
+
+    def deliver_batch(self, jobs):
+        """IBatchNextHop: sign each message (in the thread pool), then hand the batch to the inner hop.
+        A message that cannot be signed is kept back (451) on its own; the others still go."""
+        jobs = list(jobs)
+        prepared = defer.DeferredList(
+            [deferToThreadPool(self._reactor, self._threadpool, self.headers_for, job.message) for job in jobs],
+            consumeErrors=True)
+
+        def send(outcomes):
+            results: list = [None] * len(jobs)
+            ready: list[tuple[int, Job]] = []
+            for index, (job, (ok, value)) in enumerate(zip(jobs, outcomes)):
+                if ok:
+                    message = PrefixedMessage(job.message, value) if value else job.message
+                    ready.append((index, Job(message, tuple(job.recipients))))
+                else:
+                    log.failure("dkim: {queue_id}: signing/verification failed; deferred", value,
+                                queue_id=getattr(job.message, "queue_id", "?"))
+                    results[index] = list(settle_all(job.recipients, 451, "4.3.0", "DKIM signing failed, will retry"))
+            if not ready:
+                return results
+            d = self._inner.deliver_batch([job for _, job in ready])
+
+            def merge(batch_results):
+                for (index, _), job_results in zip(ready, batch_results):
+                    results[index] = job_results
+                return results
+            return d.addCallback(merge)
+
+        return prepared.addCallback(send)

@@ -9,6 +9,12 @@ and both use bounded memory: counters only hold open connections, the failure wi
 
 Stock Twisted copies neither timeouts nor challengers into its protocol and has no connection caps
 (twisted-smtp.md); this factory is the single place those come from.
+
+Graceful shutdown (`shut_down`, called by the service once the listener has stopped accepting): idle
+sessions are told 421 4.3.2 and closed at once (RFC 5321 §3.8); a session in the middle of a
+transaction may finish it — its client still gets its 250 — within SHUTDOWN_GRACE seconds, after which
+it is told 421 4.3.2 too and its partial message is thrown away (never acknowledged, so never lost:
+the client keeps it and retries).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from collections import OrderedDict, deque
 from typing import Optional
 
 from twisted.cred.portal import Portal
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
 
 from mailrelay import config
 from mailrelay.server.session import RelaySession
@@ -24,6 +31,8 @@ from mailrelay.server.session import RelaySession
 SUPPORTED_MECHANISMS = ("PLAIN", "LOGIN")
 MAX_TRACKED_IPS = 10000
 FAILURE_WINDOW = 60.0
+SHUTDOWN_GRACE = 30.0    # seconds a transaction in progress may take to finish once shutdown begins
+CLOSE_BOUND = 5.0        # then seconds for the 421s to drain before the remaining connections are cut
 
 
 class ConnectionCounter:
@@ -99,6 +108,7 @@ class RelayServerFactory(protocol.ServerFactory):
 
     protocol = RelaySession
     noisy = False       # no "Starting factory" lines: the listener's port is logged by the endpoint service
+    _log = Logger()
 
     def __init__(
         self,
@@ -132,6 +142,9 @@ class RelayServerFactory(protocol.ServerFactory):
         self.metrics = metrics
         self.connections = connections or ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
         self.auth_failures = auth_failures or FailureWindow(limits.auth_failures_per_minute, clock)
+        self._open_sessions: set = set()      # open, counted sessions (for graceful shutdown)
+        self.shutting_down = False
+        self._drain_waiters: list[defer.Deferred] = []
 
     def reconfigure(self, *, limits: config.Limits, portal: Optional[Portal], mechanisms: tuple[str, ...],
                     policy) -> None:
@@ -156,3 +169,58 @@ class RelayServerFactory(protocol.ServerFactory):
         session = self.protocol(self)
         session.factory = self
         return session
+
+    # -- graceful shutdown -------------------------------------------------------------------------
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions currently open on this listener (accepted, not refused by a cap)."""
+        return len(self._open_sessions)
+
+    def session_opened(self, session: RelaySession) -> None:
+        self._open_sessions.add(session)
+
+    def session_closed(self, session: RelaySession) -> None:
+        self._open_sessions.discard(session)
+        if not self._open_sessions:
+            self._drained("every session closed")
+
+    def shut_down(self, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
+        """Close every session gracefully (the listener must already have stopped accepting): idle ones
+        at once with 421 4.3.2, those in a transaction once it ends or after `grace` seconds.  Fires when
+        every session is gone, at most `grace` + CLOSE_BOUND seconds from now."""
+        self.shutting_down = True
+        busy = 0
+        for session in list(self._open_sessions):
+            busy += not session.shut_down()
+        if not self._open_sessions:
+            return defer.succeed(None)
+        self._log.info("{kind} listener: shutting down, {busy} transaction(s) may finish within {grace}s",
+                       kind=self.listener.kind, busy=busy, grace=grace)
+        done = defer.Deferred()
+        self._drain_waiters.append(done)
+        grace_over = self.clock.callLater(grace, self._grace_over)
+        cut = self.clock.callLater(grace + CLOSE_BOUND, self._cut)
+
+        def cancel_timers(result):
+            for call in (grace_over, cut):
+                if call.active():
+                    call.cancel()
+            return result
+        return done.addBoth(cancel_timers)
+
+    def _grace_over(self) -> None:
+        for session in list(self._open_sessions):
+            session.grace_over()
+
+    def _cut(self) -> None:
+        for session in list(self._open_sessions):
+            session.transport.abortConnection()
+        self._drained("connections cut after the grace period")
+
+    def _drained(self, why: str) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        if waiters:
+            self._log.info("{kind} listener: shut down ({why})", kind=self.listener.kind, why=why)
+        for d in waiters:
+            d.callback(None)

@@ -15,6 +15,10 @@ Built on twisted.mail.smtp.ESMTP for its shape (do_*/ext_* dispatch), but every 
 the input path are our own: stock Twisted's holes (see shared/notes/twisted-smtp.md) are closed here
 and in data.py.  Input is read from one buffer by `_process`; while an AUTH check or a commit is
 pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
+
+Graceful shutdown (driven by the factory): `shut_down()` closes an idle session at once with 421 4.3.2;
+a session in a transaction finishes it, then its next command other than QUIT gets 421 4.3.2;
+`grace_over()` ends whatever is left.
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ COMMANDS = frozenset(
 _HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+# RFC 5321 3.8 / RFC 3463 4.3.2 (system not accepting network messages): the relay is stopping.
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 
 
 # Refusals by enhanced status code, for the mailrelay_messages_refused_total{reason} counter.
@@ -89,6 +95,7 @@ class RelaySession(smtp.ESMTP):
         self._inbuf = b""
         self._inpos = 0                   # start of the unread part of _inbuf (avoids re-copying it)
         self._busy = self._processing = self._closing = self._counted = False
+        self._draining = False            # shutdown began: finish the transaction in progress, no new one
         self._tls_on = False
         self._ip, self._port = "", 0
         self._timers: dict[str, object] = {}
@@ -153,6 +160,11 @@ class RelaySession(smtp.ESMTP):
         self.canStartTLS = (
             self.ctx is not None and not self._tls_on and ITLSTransport.providedBy(self.transport)
         )
+        if self.factory.shutting_down:
+            # Accepted in the moment the listener was closing: no session is started any more.
+            self._send(SHUTTING_DOWN.code, SHUTTING_DOWN.status, f"{self.hostname} {SHUTTING_DOWN.text}")
+            self._close()
+            return
         if not self.factory.connections.open(self._ip):
             self._count("refused", "connection_limit")
             self._log.info("connection from {ip} refused: connection limit", ip=self._ip)
@@ -160,6 +172,7 @@ class RelaySession(smtp.ESMTP):
             self._close()
             return
         self._counted = True
+        self.factory.session_opened(self)
         self._count("connection", self.factory.listener.kind)
         self._timers["idle"] = self._clock.callLater(
             self._limits.idle_timeout, self._timed_out, "idle", "Idle timeout"
@@ -180,12 +193,46 @@ class RelaySession(smtp.ESMTP):
         self._timers.clear()
         if self._reader is not None:
             self._abort_writer()      # connection lost mid-DATA: the partial message is thrown away
-        if self._counted:
-            self._counted = False
-            self.factory.connections.close(self._ip)
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
+        if self._counted:
+            self._counted = False
+            self.factory.connections.close(self._ip)
+            self.factory.session_closed(self)
+
+    # -- graceful shutdown -------------------------------------------------------------------------
+
+    def shut_down(self) -> bool:
+        """The relay is stopping: close now if no transaction is under way (True), else let the client
+        finish it and close at its next command (False)."""
+        if self._closing:
+            return True
+        self._draining = True
+        if self._in_transaction():
+            return False
+        self._close_for_shutdown()
+        return True
+
+    def grace_over(self) -> None:
+        """The shutdown grace period ended: close, throwing away an unfinished message.  A commit
+        already under way is left to finish (its 250 may still be sent); the factory cuts the
+        connection shortly after in any case."""
+        if self._closing or (self._busy and self._writer is not None):
+            return
+        self._close_for_shutdown()
+
+    def _in_transaction(self) -> bool:
+        """MAIL given, DATA being received, or a check/commit pending."""
+        return self._mail is not None or self._reader is not None or self._busy
+
+    def _close_for_shutdown(self) -> None:
+        self._log.info("closing connection from {ip}: relay shutting down", ip=self._ip)
+        self._send(SHUTTING_DOWN.code, SHUTTING_DOWN.status, f"{self.hostname} {SHUTTING_DOWN.text}")
+        self._auth = None
+        self._abort_writer()            # an unacknowledged partial message: the client still has it
+        self._reset_transaction()
+        self._close()
 
     def _timed_out(self, timer: str, why: str) -> None:
         self._timers.pop(timer, None)
@@ -294,6 +341,9 @@ class RelaySession(smtp.ESMTP):
             self._send(501, "5.5.4", "Syntax error: control characters are not allowed")
             return
         verb, _, argument = text.partition(" ")
+        if self._draining and self._mail is None and verb.upper() != "QUIT":
+            self._close_for_shutdown()      # the transaction in progress at shutdown is over: no new one
+            return
         method = self.lookupMethod(verb)
         if method is None:
             self.do_UNKNOWN(argument)
