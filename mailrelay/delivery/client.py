@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery.dotstuff import CHUNK_SIZE, StuffingProducer
+from mailrelay.net import no_delay
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
@@ -119,6 +120,7 @@ class DeliveryClient(smtp.ESMTPClient):
     # -- plumbing: connection, replies, timeouts ------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = getattr(self.transport.getPeer(), "host", None)
         if peer and peer != self._host:
             self._host = f"{self._host}[{peer}]"
@@ -497,3 +499,4 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
         return connect_failure_result(jobs, reason, params.remote_host)
 
     return endpoint.connect(_Factory(lambda: client)).addCallbacks(connected, failed)
+

@@ -37,6 +37,7 @@ from twisted.mail import smtp
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
 from mailrelay.logs import log_message
+from mailrelay.net import no_delay
 from mailrelay.server import addresses
 from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.realm import IRelayUser
@@ -152,6 +153,7 @@ class RelaySession(smtp.ESMTP):
     # -- connection --------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         self._ip = unmapped_ip(str(getattr(peer, "host", peer)))
         self._port = getattr(peer, "port", 0)
