@@ -240,7 +240,15 @@ class DeliveryTests(SchedulerTestCase):
         self.clock.advance(0)
         self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
         self.assertEqual(self.spool.removed, ["q1"])
-        self.assertEqual(self.spool.saves[-1][1]["recipients"]["a@example.net"]["done"], "delivered")
+        self.assertEqual(self.spool.saves, [])     # all delivered at once: the removal is the record
+
+    def test_state_is_saved_before_removal_when_a_recipient_bounced(self):
+        self.spool.add("q1", ["a@example.net", "b@example.net"])
+        self.direct.script["b@example.net"] = [(550, "5.1.1")]
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.spool.removed, ["q1"])
+        self.assertEqual(self.spool.saves[0][1]["recipients"]["b@example.net"]["done"], "bounced")
 
     def test_enqueue_tries_a_newly_committed_message(self):
         scheduler = self.make()

@@ -85,6 +85,23 @@ class RoundTripTests(SpoolTestCase):
         self.assertFalse(message.held)
 
     @inlineCallbacks
+    def test_a_fresh_commit_is_loaded_once_from_memory_exactly_as_from_disk(self):
+        queue_id = yield self.store_message(BINARY_BODY)
+        fresh = self.spool.take_fresh(queue_id)
+        self.assertEqual(fresh, self.spool.load(queue_id))
+        self.assertEqual(read_body(fresh), BINARY_BODY)
+        self.assertIsNone(self.spool.take_fresh(queue_id))       # once only
+
+    @inlineCallbacks
+    def test_state_or_hold_since_the_commit_means_no_fresh_copy(self):
+        saved = yield self.store_message()
+        yield self.spool.save_state(saved, {"v": 1})
+        held = yield self.store_message()
+        yield self.spool.hold(held)
+        self.assertEqual((self.spool.take_fresh(saved), self.spool.take_fresh(held)), (None, None))
+        self.assertEqual(self.spool.load(saved).state, {"v": 1})
+
+    @inlineCallbacks
     def test_pieces_of_any_size_round_trip_across_the_buffer_limit(self):
         pieces = [os.urandom(n) for n in (1, BUFFER_LIMIT - 1, 2, 3 * BUFFER_LIMIT, 0, 17, BUFFER_LIMIT)]
         message_writer = self.spool.new_message(make_envelope())

@@ -456,7 +456,13 @@ class Scheduler(service.Service):
             after = before.recorded(result, now, retry_at)
             attempt.state = attempt.state.with_recipient(after)
             self._log_outcome(attempt, job, after, result)
-        d = self._persist(attempt)
+        if attempt.outstanding == 1 and attempt.state.finished and not attempt.action:
+            # The last delivery settled every recipient for good: the removal that follows at once is
+            # the record. A save in between would only narrow nothing (a crash before it, or before the
+            # removal, sends the message again either way — docs/crash-safety.md) and costs an fsync.
+            d = defer.succeed(None)
+        else:
+            d = self._persist(attempt)
         d.addBoth(self._job_done, attempt)
         return d
 
@@ -663,7 +669,8 @@ class Scheduler(service.Service):
         """(message, MessageState), or None — logged — if it is gone or unreadable.  An unreadable state
         leaves the message in the spool untouched for the postmaster: never guessed, never lost."""
         try:
-            message = self._spool.load(queue_id)
+            take_fresh = getattr(self._spool, "take_fresh", None)     # optional: spools that remember
+            message = (take_fresh(queue_id) if take_fresh else None) or self._spool.load(queue_id)
             self._track(message)
             return message, MessageState.from_dict(message.state, message.envelope.recipients)
         except StateError as e:

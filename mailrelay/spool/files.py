@@ -155,6 +155,7 @@ class CommitJob:
     size: int
     temp_path: Path
     final_path: Path
+    envelope: object = None   # envelope.Envelope, kept so the spool can answer load() from memory
 
 
 def finish_message(job: CommitJob) -> None:

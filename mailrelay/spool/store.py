@@ -40,6 +40,8 @@ from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_l
 from mailrelay.spool.message import CorruptMessage, SpooledMessage, UnknownMessage, read_header
 from mailrelay.spool.writer import MessageWriter
 
+FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
+
 
 @implementer(ISpool)
 class Spool(Service):
@@ -63,6 +65,9 @@ class Spool(Service):
         self._state_locks: dict[str, DeferredLock] = {}
         self._poller: Optional[control.RequestPoller] = None
         self.recovery_report: Optional[recovery.RecoveryReport] = None
+        # Messages committed by this process and not loaded yet: their first load() (the scheduler's, a
+        # moment after the commit) is answered from memory instead of re-reading what we just wrote.
+        self._fresh: dict[str, SpooledMessage] = {}
         self.batch_count = 0          # group commits run so far (for tests and metrics)
         self.largest_batch = 0
 
@@ -175,6 +180,7 @@ class Spool(Service):
     def _batch_done(self, results: list, batch: list) -> None:
         for (job, d), error in zip(batch, results):
             if error is None:
+                self._remember_fresh(job)
                 d.callback(None)
             else:
                 self._log.error("spool: commit of {queue_id} failed: {error}", queue_id=job.queue_id,
@@ -185,6 +191,19 @@ class Spool(Service):
         self._log.failure("spool: group commit failed", failure)
         for _, d in batch:
             d.errback(failure)
+
+    def take_fresh(self, queue_id: str) -> Optional[SpooledMessage]:
+        """The message as this process just committed it — no state saved, no hold since — or None.
+        What the scheduler calls first, a moment after the commit, instead of re-reading the file."""
+        return self._fresh.pop(queue_id, None)
+
+    def _remember_fresh(self, job: CommitJob) -> None:
+        if job.envelope is None:
+            return
+        self._fresh[job.queue_id] = SpooledMessage(job.queue_id, job.envelope, job.size, job.final_path,
+                                                   len(job.header))
+        while len(self._fresh) > FRESH_LIMIT:      # nobody is loading them: bounded all the same
+            del self._fresh[next(iter(self._fresh))]
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -210,6 +229,7 @@ class Spool(Service):
     def load(self, queue_id: str) -> SpooledMessage:
         """The message's envelope, size, state and hold flag. message.CorruptMessage for a bad queue
         file or an unreadable state file; UnknownMessage (a KeyError) when there is no such message."""
+        self._fresh.pop(queue_id, None)
         path = self.paths.message(self._checked(queue_id))
         try:
             f = open(path, "rb")
@@ -241,6 +261,7 @@ class Spool(Service):
         they were asked for; each Deferred fires once its own version is durable."""
         if not self.exists(queue_id):
             return fail(UnknownMessage(queue_id))
+        self._fresh.pop(queue_id, None)
         try:
             data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode("utf-8")
         except (TypeError, ValueError):
@@ -260,6 +281,7 @@ class Spool(Service):
         """Delete a message, its state and its hold flag (UnknownMessage if it is not there). The
         message goes first: a crash in between leaves an orphan state file, which recovery removes;
         the other order could leave a message without its state, delivered twice."""
+        self._fresh.pop(queue_id, None)
         if not unlink_quietly(self.paths.message(self._checked(queue_id))):
             raise UnknownMessage(queue_id)
         unlink_quietly(self.paths.state_file(queue_id))
@@ -270,6 +292,7 @@ class Spool(Service):
         """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/)."""
         if not self.exists(queue_id):
             raise UnknownMessage(queue_id)
+        self._fresh.pop(queue_id, None)
         try:
             os.close(create_file(self.paths.hold_flag(queue_id)))
         except FileExistsError:

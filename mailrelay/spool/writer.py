@@ -95,7 +95,7 @@ class MessageWriter:
             self.state = "failed"
             return fail(self._error)
         job = CommitJob(self.queue_id, self._fd, self._header, bytes(self._buffer), self._size,
-                        self._temp_path, self._final_path)
+                        self._temp_path, self._final_path, self.envelope)
         self._fd, self._buffer = None, bytearray()   # the job owns the file descriptor now
         self.state = "committing"
         d = self._enqueue_commit(job)
