@@ -250,11 +250,13 @@ def format_problems(results: Sequence[RunResult]) -> str:
 # --- a mailrelay configuration equivalent to the private Postfix ---------------------------------
 
 def mailrelay_conf(port: int, sink_port: int, spool: Path, *, max_connections: int = 2000,
-                   max_message_size: str = "50MiB") -> str:
+                   max_message_size: str = "50MiB", delivery_process: str = "separate") -> str:
     """tap.conf text: one loopback relay listener, 127.0.0.0/8 allowlisted, every recipient to the sink.
 
     The limits are raised so that they never decide a benchmark: Postfix exempts $mynetworks from its
     per-client connection limits (smtpd_client_event_limit_exceptions), so mailrelay gets the same room.
+    Delivery runs in its own process (`[delivery] process`), as Postfix's smtp(8) runs apart from smtpd(8):
+    both relays may use both cores. MAILRELAY_DELIVERY_PROCESS=inline measures the single-process relay.
     """
     return f'''# Written by benchmarks/harness.py: the mailrelay side of the Postfix comparison.
 hostname = "mailrelay-bench.localhost"
@@ -281,6 +283,9 @@ verify = false
 [[route]]
 recipients = ["*"]
 transport = "sink"
+
+[delivery]
+process = "{os.environ.get("MAILRELAY_DELIVERY_PROCESS", delivery_process)}"
 '''
 
 

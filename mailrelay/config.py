@@ -144,6 +144,7 @@ class DeliveryConfig:
     mx_port: int = 25
     nameservers: tuple[tuple[str, int], ...] = ()   # ("127.0.0.1", 5353); empty: system resolver
     source_address: str = ""
+    process: str = "inline"     # added key: "separate" runs delivery in a second process (a second core)
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")
@@ -172,6 +173,7 @@ class Route:
 @dataclass(frozen=True)
 class MetricsConfig:
     endpoint: Optional[str] = None      # absent: off
+    delivery_endpoint: Optional[str] = None   # added key: the delivery process's metrics ([delivery] process)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class Config:
 
 
 DKIM_MODES = ("sign", "passthrough")
+DELIVERY_PROCESS = ("inline", "separate")
 LOG_FORMATS = ("text", "json")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")   # password mechanisms; offered only over TLS (RFC 4954 §4)
 DEFAULT_ENDPOINTS = {"relay": "tcp:25", "submission": "tcp:587", "submissions": "tcp:465"}
@@ -729,6 +732,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         mx_port=t.port("mx_port", d.mx_port),
         nameservers=tuple(nameservers),
         source_address=source,
+        process=t.choice("process", d.process, DELIVERY_PROCESS),
     ))
 
 
@@ -772,7 +776,7 @@ def _route(t: _Reader, transports: Mapping[str, Transport]) -> Route:
 
 
 def _metrics(t: _Reader) -> MetricsConfig:
-    return _closed(t, MetricsConfig(t.endpoint("endpoint", None)))
+    return _closed(t, MetricsConfig(t.endpoint("endpoint", None), t.endpoint("delivery_endpoint", None)))
 
 
 def _log(t: _Reader) -> LogConfig:

@@ -156,7 +156,6 @@ class RelayService(service.MultiService):
         if reactor is None:
             from twisted.internet import reactor
         from mailrelay import logs
-        from mailrelay.delivery.scheduler import Scheduler
         from mailrelay.metrics import Metrics, metrics_service
         from mailrelay.server.factory import SHUTDOWN_GRACE
         from mailrelay.spool.store import Spool
@@ -170,21 +169,32 @@ class RelayService(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
         self.spool.setServiceParent(self)
         parts = build_replaceable(config, reactor)
-        self.reporter = None
-        if config.queue.bounces:
-            from mailrelay.dsn import DSNReporter
+        if config.delivery.process == "separate":
+            from mailrelay.delivery.process import DeliveryProcess
 
-            self.reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
-                                        metrics=self.metrics)
-        self.scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
-                                   config.delivery, self.reporter, clock=reactor, metrics=self.metrics)
+            self.scheduler = DeliveryProcess(config.path, reactor)
+        else:
+            self.scheduler = self._inline_scheduler(config, parts, reactor)
         self.scheduler.setServiceParent(self)
-        if self.reporter is not None:
-            self.reporter.scheduler = self.scheduler
         if config.metrics.endpoint:
             metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor).setServiceParent(self)
         self.factories = []
         self._listen(config, parts, reactor)
+
+    def _inline_scheduler(self, config: Config, parts: Replaceable, reactor):
+        from mailrelay.delivery.scheduler import Scheduler
+
+        reporter = None
+        if config.queue.bounces:
+            from mailrelay.dsn import DSNReporter
+
+            reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
+                                   metrics=self.metrics)
+        scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
+                              config.delivery, reporter, clock=reactor, metrics=self.metrics)
+        if reporter is not None:
+            reporter.scheduler = scheduler
+        return scheduler
 
     def _listen(self, config: Config, parts: Replaceable, reactor) -> None:
         from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory
@@ -224,7 +234,10 @@ class RelayService(service.MultiService):
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
                                 policy=parts.policy)
-        self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+        if hasattr(self.scheduler, "reconfigure"):
+            self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+        else:
+            self.scheduler.reload()       # the delivery process re-reads the file itself
         self.config = config
         log.info("reload: {path} applied", path=str(config.path))
         return True

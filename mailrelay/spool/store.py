@@ -47,7 +47,10 @@ FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
 class Spool(Service):
     _log = Logger()
 
-    def __init__(self, directory: Path, clock=None, threadpool_size: int = 4, reactor=None) -> None:
+    def __init__(self, directory: Path, clock=None, threadpool_size: int = 4, reactor=None,
+                 owner: bool = True) -> None:
+        """`owner=False`: a second process of the same relay (the delivery process) — it neither takes the
+        spool lock nor runs recovery; the owner, which holds the lock, did both before starting it."""
         if reactor is None:
             from twisted.internet import reactor
         self.directory = Path(directory)
@@ -55,6 +58,7 @@ class Spool(Service):
         self._reactor = reactor
         self._clock = reactor if clock is None else clock
         self._threadpool_size = threadpool_size
+        self._owner = owner
         self._pool: Optional[ThreadPool] = None
         self._lock_fd: Optional[int] = None
         self._ids = QueueIdGenerator(self._clock.seconds)
@@ -77,13 +81,14 @@ class Spool(Service):
         """Create the directories, take the spool lock (files.SpoolLocked if a relay already runs),
         run recover() (its ids are in `recovery_report.queued`), start the thread pool."""
         ensure_directories(self.paths)
-        self._lock_fd = acquire_lock(self.paths.lock)
-        try:
-            self.recover()
-        except BaseException:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise
+        if self._owner:
+            self._lock_fd = acquire_lock(self.paths.lock)
+            try:
+                self.recover()
+            except BaseException:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise
         self._pool = ThreadPool(minthreads=0, maxthreads=self._threadpool_size, name="mailrelay-spool")
         self._pool.start()
         Service.startService(self)

@@ -1,0 +1,137 @@
+"""The main process's end of `[delivery] process = "separate"`: starts the delivery process
+(mailrelay.delivery.worker), tells it of every committed message, forwards reloads, logs what it logs,
+starts it again if it dies, and stops it gracefully.
+
+Python runs one thread at a time, so one process uses one core; receiving (sessions, spool writes) and
+delivering (scheduler, next hops, DKIM) then share it. Two processes use two. They share nothing but the
+spool directory and a pipe: committed queue ids go down the child's stdin (`enqueue ID`), its log events
+come back as JSON lines on its stdout. A message is durable before its id is sent; if the pipe or the
+child is lost, the child's next start finds the message in the spool anyway.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from zope.interface import implementer
+
+from mailrelay.interfaces import IScheduler
+
+log = Logger(namespace="mailrelay.delivery.process")
+
+RESTART_DELAY = 1.0      # seconds before a delivery process that died is started again
+STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries in flight; then TERM, KILL
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, owner: "DeliveryProcess"):
+        self.owner, self._buffer, self.ended = owner, b"", defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.owner.child_log(line)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                log.warn("delivery process: {line}", line=line)
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)      # how it ended is logged by child_ended, not raised
+        self.owner.child_ended(self, reason)
+
+
+def child_environment() -> dict:
+    """Ours, with the directory this mailrelay was imported from first on the path: the child runs the
+    same code as the main process, installed or not."""
+    import mailrelay
+
+    env = dict(os.environ)
+    here = str(Path(mailrelay.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@implementer(IScheduler)
+class DeliveryProcess(service.Service):
+    """Stands in for the scheduler in the main process (`enqueue`), running the real one in a child."""
+
+    def __init__(self, config_path, reactor, python: str = sys.executable):
+        self.config_path, self.reactor, self.python = str(config_path), reactor, python
+        self._child = None
+        self._transport = None
+        self._restart = None
+        self.restarts = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._restart = None
+        self._child = _ChildProtocol(self)
+        self._transport = self.reactor.spawnProcess(
+            self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path],
+            env=child_environment(),
+        )
+        log.info("delivery process started (pid {pid})", pid=self._transport.pid)
+
+    def enqueue(self, queue_id: str) -> None:
+        if self._transport is not None:
+            self._transport.write(f"enqueue {queue_id}\n".encode("ascii"))
+        # else: the child is being restarted; at start it schedules everything in the spool, this too.
+
+    def reload(self) -> None:
+        if self._transport is not None:
+            self._transport.write(b"reload\n")
+
+    def child_log(self, line: bytes) -> None:
+        try:
+            event = eventFromJSON(line.decode("utf-8"))
+        except ValueError:
+            log.info("delivery process: {line}", line=line.decode("utf-8", "replace"))
+            return
+        globalLogPublisher(event)
+
+    def child_ended(self, child: _ChildProtocol, reason) -> None:
+        if child is not self._child:
+            return
+        self._transport = None
+        if self.running:
+            self.restarts += 1
+            log.error("delivery process ended unexpectedly ({reason}); starting it again in {delay} s",
+                      reason=reason.getErrorMessage(), delay=RESTART_DELAY)
+            self._restart = self.reactor.callLater(RESTART_DELAY, self._spawn)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        if self._transport is None:
+            return defer.succeed(None)
+        transport, ended = self._transport, self._child.ended
+        transport.closeStdin()            # the child's signal to finish its deliveries and exit
+        timers = [self.reactor.callLater(STOP_BOUND, self._signal, transport, "TERM"),
+                  self.reactor.callLater(STOP_BOUND + 5, self._signal, transport, "KILL")]
+
+        def done(_):
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            log.info("delivery process stopped")
+
+        return ended.addBoth(done)
+
+    @staticmethod
+    def _signal(transport, name: str) -> None:
+        try:
+            transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass

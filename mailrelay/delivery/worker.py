@@ -1,0 +1,123 @@
+"""The delivery process: `[delivery] process = "separate"` runs the scheduler and the next hops here, on
+the machine's second core, while the main process receives and spools.
+
+    python -m mailrelay.delivery.worker --config tap.conf      (started by delivery.process, not by hand)
+
+In (stdin, one line each): `enqueue QUEUEID` for a message the main process just committed, `reload`
+(re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
+in flight finish (bounded, Scheduler.stopService) and the process exits. Out (stdout): every log event as
+one JSON line (twisted.logger's eventAsJSON), which the main process logs as its own. The spool is
+shared: the main process holds its lock and ran recovery before starting this one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twisted.application import service
+from twisted.internet import stdio
+from twisted.logger import eventAsJSON, globalLogBeginner, Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+log = Logger(namespace="mailrelay.delivery.worker")
+
+
+class Commands(LineOnlyReceiver):
+    """The main process's orders, on stdin."""
+
+    delimiter = b"\n"
+
+    def __init__(self, worker: "DeliveryWorker", reactor):
+        self.worker, self.reactor = worker, reactor
+
+    def lineReceived(self, line: bytes) -> None:
+        verb, _, argument = line.decode("ascii", "replace").strip().partition(" ")
+        if verb == "enqueue" and argument:
+            self.worker.scheduler.enqueue(argument)
+        elif verb == "reload":
+            self.worker.reload()
+        else:
+            log.warn("delivery process: unknown command {line!r}", line=line[:80])
+
+    def connectionLost(self, reason=None) -> None:
+        if self.reactor.running:
+            self.reactor.stop()      # the main process is gone or stopping: finish up and exit
+
+
+class DeliveryWorker(service.MultiService):
+    """Spool (not its owner), scheduler, DSN reporter and next hops for one config."""
+
+    def __init__(self, config, reactor):
+        super().__init__()
+        from mailrelay.delivery.scheduler import Scheduler
+        from mailrelay.metrics import Metrics, metrics_service
+        from mailrelay.service import build_replaceable
+        from mailrelay.spool.store import Spool
+
+        self.config, self.reactor = config, reactor
+        self.metrics = Metrics()
+        self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False)
+        self.spool.setServiceParent(self)
+        parts = build_replaceable(config, reactor)
+        reporter = None
+        if config.queue.bounces:
+            from mailrelay.dsn import DSNReporter
+
+            reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
+                                   metrics=self.metrics)
+        self.scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
+                                   config.delivery, reporter, clock=reactor, metrics=self.metrics)
+        self.scheduler.setServiceParent(self)
+        if reporter is not None:
+            reporter.scheduler = self.scheduler
+        if config.metrics.delivery_endpoint:
+            metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
+
+    def reload(self) -> None:
+        from mailrelay.config import ConfigError, load
+        from mailrelay.service import build_replaceable
+
+        try:
+            config = load(self.config.path)
+            parts = build_replaceable(config, self.reactor)
+        except (ConfigError, ValueError, OSError) as e:
+            log.error("delivery process: reload refused: {error}", error=str(e))
+            return
+        self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+        self.config = config
+
+
+def json_lines(stream):
+    def observe(event) -> None:
+        try:
+            stream.write(eventAsJSON(event) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass            # the main process went away; nothing left to tell
+    return observe
+
+
+def main(argv=None) -> int:
+    from mailrelay.config import ConfigError, load
+
+    parser = argparse.ArgumentParser(prog="mailrelay-delivery")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(f"mailrelay delivery process: {e}", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo([json_lines(sys.stdout)], redirectStandardIO=False)
+    worker = DeliveryWorker(config, reactor)
+    worker.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
+    stdio.StandardIO(Commands(worker, reactor), stdout=sys.stderr.fileno())
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`[delivery] process = "separate"`: delivery runs in a second process, fed by the main one over a pipe."""
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from tests.support.relay import RelayFixture
+from tests.support.sink import Sink
+
+MESSAGE = b"From: app@example.org\r\nTo: user@example.com\r\nSubject: two processes\r\n\r\nbody\r\n"
+
+
+def config_for(port: int) -> str:
+    return (f'[transports.sink]\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n\n'
+            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n[delivery]\nprocess = "separate"\n\n'
+            '[queue]\nfirst_retry = "1s"\n')
+
+
+class SeparateDeliveryProcess(unittest.TestCase):
+    timeout = 90
+
+    def setUp(self):
+        self.sink = Sink()
+        self.sink_port = self.sink.start(reactor)
+        self.addCleanup(self.sink.stop)
+        self.events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.relay = RelayFixture(self.mktemp(), extra=config_for(self.sink_port))
+        self.service = self.relay.start(reactor)
+        self.addCleanup(self.relay.stop)
+
+    def child_pid(self) -> int:
+        return self.service.scheduler._transport.pid
+
+    @defer.inlineCallbacks
+    def test_messages_are_delivered_by_the_child_and_its_log_reaches_ours(self):
+        code, text = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        arrived = yield self.sink.wait_for(1)
+        self.assertTrue(arrived[0].data.endswith(MESSAGE))
+        self.assertNotEqual(self.child_pid(), os.getpid())
+        for _ in range(50):
+            if any(e.get("queue_id") == queue_id and e.get("stage") == "delivered" for e in self.events):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        delivered = [e for e in self.events if e.get("queue_id") == queue_id and e.get("stage") == "delivered"]
+        self.assertEqual(delivered[0]["log_namespace"].split(".")[0], "mailrelay")
+
+    @defer.inlineCallbacks
+    def test_a_killed_child_is_started_again_and_nothing_is_lost(self):
+        first = self.child_pid()
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100):
+            transport = self.service.scheduler._transport
+            if transport is not None and transport.pid not in (None, first):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)
+        self.assertEqual(self.service.scheduler.restarts, 1)
+
+    @defer.inlineCallbacks
+    def test_stopping_the_relay_stops_the_child(self):
+        pid = self.child_pid()
+        yield self.relay.stop()
+        with self.assertRaises(ProcessLookupError):
+            os.kill(pid, 0)
