@@ -4,9 +4,11 @@ starts it again if it dies, and stops it gracefully.
 
 Python runs one thread at a time, so one process uses one core; receiving (sessions, spool writes) and
 delivering (scheduler, next hops, DKIM) then share it. Two processes use two. They share nothing but the
-spool directory and a pipe: committed queue ids go down the child's stdin (`enqueue ID`), its log events
-come back as JSON lines on its stdout. A message is durable before its id is sent; if the pipe or the
-child is lost, the child's next start finds the message in the spool anyway.
+spool directory and a pipe: committed queue ids go down the child's stdin (`enqueue ID`). The child
+writes its own log lines (to our standard output, which it inherits, and to `[log] file`): relaying them
+through this process would spend the receiving core on the delivering core's logging. A message is
+durable before its id is sent; if the pipe or the child is lost, the child's next start finds the message
+in the spool anyway.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
@@ -29,19 +31,7 @@ STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries 
 
 class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self, owner: "DeliveryProcess"):
-        self.owner, self._buffer, self.ended = owner, b"", defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                self.owner.child_log(line)
-
-    def errReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                log.warn("delivery process: {line}", line=line)
+        self.owner, self.ended = owner, defer.Deferred()
 
     def processEnded(self, reason) -> None:
         self.ended.callback(None)      # how it ended is logged by child_ended, not raised
@@ -79,7 +69,7 @@ class DeliveryProcess(service.Service):
         self._child = _ChildProtocol(self)
         self._transport = self.reactor.spawnProcess(
             self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path],
-            env=child_environment(),
+            env=child_environment(), childFDs={0: "w", 1: 1, 2: 2},
         )
         log.info("delivery process started (pid {pid})", pid=self._transport.pid)
 
@@ -91,14 +81,6 @@ class DeliveryProcess(service.Service):
     def reload(self) -> None:
         if self._transport is not None:
             self._transport.write(b"reload\n")
-
-    def child_log(self, line: bytes) -> None:
-        try:
-            event = eventFromJSON(line.decode("utf-8"))
-        except ValueError:
-            log.info("delivery process: {line}", line=line.decode("utf-8", "replace"))
-            return
-        globalLogPublisher(event)
 
     def child_ended(self, child: _ChildProtocol, reason) -> None:
         if child is not self._child:

@@ -5,9 +5,9 @@ the machine's second core, while the main process receives and spools.
 
 In (stdin, one line each): `enqueue QUEUEID` for a message the main process just committed, `reload`
 (re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
-in flight finish (bounded, Scheduler.stopService) and the process exits. Out (stdout): every log event as
-one JSON line (twisted.logger's eventAsJSON), which the main process logs as its own. The spool is
-shared: the main process holds its lock and ran recovery before starting this one.
+in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines go to `[log] file` when
+one is set, else to standard output (the main process's, inherited: twistd -n, journald) in twistd's text
+format. The spool is shared: the main process holds its lock and ran recovery before starting this one.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import stdio
-from twisted.logger import eventAsJSON, globalLogBeginner, Logger
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
 log = Logger(namespace="mailrelay.delivery.worker")
@@ -87,16 +87,6 @@ class DeliveryWorker(service.MultiService):
         self.config = config
 
 
-def json_lines(stream):
-    def observe(event) -> None:
-        try:
-            stream.write(eventAsJSON(event) + "\n")
-            stream.flush()
-        except (OSError, ValueError):
-            pass            # the main process went away; nothing left to tell
-    return observe
-
-
 def main(argv=None) -> int:
     from mailrelay.config import ConfigError, load
 
@@ -110,7 +100,13 @@ def main(argv=None) -> int:
         return 2
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([json_lines(sys.stdout)], redirectStandardIO=False)
+    if config.log.file:
+        from mailrelay import logs
+
+        globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
+        logs.install(config.log).startService()
+    else:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     worker = DeliveryWorker(config, reactor)
     worker.startService()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
