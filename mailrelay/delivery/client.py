@@ -11,6 +11,13 @@ Implements RFC 5321 (section 3 transactions, 4.2 replies, 4.5.2 dot-stuffing, 4.
 RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN / LOGIN, only over TLS), RFC 1870 (SIZE), RFC 6152
 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3463 (enhanced status codes in every result).
 
+Connection reuse (with a delivery.pool.ConnectionPool): a session that ends cleanly is parked in the pool
+instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs its jobs on it, starting
+at MAIL FROM (RFC 5321 3.3: one session may carry many transactions).  That first command is the liveness
+check: a parked connection found closed, or answering 421, before its first reply is replaced by a fresh
+one for the same jobs, and counts as no attempt.  Never reused: after a 421, an error, a failed TLS
+handshake, a refused MAIL FROM or a "too many" (X.5.3) reply.
+
 Built on twisted.mail.smtp.ESMTPClient for its line handling and timeout plumbing, with the states
 rewritten: Twisted's retry-on-4xx, transcript logging (it kept AUTH secrets), chunk-wise dot-stuffing,
 silent STARTTLS skipping and exception-based error reporting are all replaced here.
@@ -30,15 +37,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery.dotstuff import CHUNK_SIZE, StuffingProducer
-from mailrelay.net import no_delay
+from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
+from mailrelay.net import no_delay
 
 log = Logger(namespace="mailrelay.delivery")
 
 SECURITY_MODES = ("none", "opportunistic", "starttls", "tls")
 MAX_REPLY_LINES = 100
+QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle connection
 
 
 @dataclass(frozen=True)
@@ -97,30 +106,46 @@ class DeliveryClient(smtp.ESMTPClient):
     debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
 
-    def __init__(self, params: SessionParams, jobs: list[Job], clock: Any):
+    def __init__(self, params: SessionParams, jobs: list[Job], clock: Any,
+                 pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None):
         smtp.ESMTPClient.__init__(self, None, params.tls_options, params.helo)
-        self.params, self.jobs = params, list(jobs)
+        self.params = params
+        self._clock = clock
         self.callLater = clock.callLater     # TimeoutMixin's clock
-        self.finished: defer.Deferred = defer.Deferred()
+        self._pool, self._pool_key = pool, pool_key
         self._host = params.remote_host
-        self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
-        self._failure: Optional[tuple[int, str, str]] = None
         self._extensions: dict[bytes, bytes] = {}
         self._tls_active = self._tls_pending = self._tls_failed = False
         self._tls_name: Optional[str] = None
-        self._greeted = self._mail_answered = self._in_transaction = False
+        self._greeted = False
+        self._secrets: list[bytes] = []
+        self._login_step = 0
+        self._waiting_for = "the greeting"
+        self._connected_at: Optional[float] = None
+        self._fit_for_reuse = True       # once False (a 421, an error, a limit reached) never parked again
+        self._parked = self._lost = False
+        self._close_waiters: list[defer.Deferred] = []
+        self._begin(jobs, reused=False)
+
+    def _begin(self, jobs: list[Job], reused: bool) -> None:
+        """The state of one session (a list of jobs) on this connection."""
+        self.jobs = list(jobs)
+        self.finished: defer.Deferred = defer.Deferred()
+        self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
+        self._failure: Optional[tuple[int, str, str]] = None
+        self._mail_answered = self._in_transaction = False
         self._job_index = -1
         self._rcpt_index = -1
         self._accepted: list[int] = []
         self._producer: Optional[StuffingProducer] = None
-        self._secrets: list[bytes] = []
-        self._login_step = 0
-        self._waiting_for = "the greeting"
+        self._reused, self._heard_back = reused, False
+        self.stale = False     # a reused connection that was dead before its first reply: try a fresh one
 
     # -- plumbing: connection, replies, timeouts ------------------------------------------------------
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        self._connected_at = self._clock.seconds()
         peer = getattr(self.transport.getPeer(), "host", None)
         if peer and peer != self._host:
             self._host = f"{self._host}[{peer}]"
@@ -153,12 +178,27 @@ class DeliveryClient(smtp.ESMTPClient):
         if line[3:4] == b"-":
             return None
         code, text, self.resp = int(line[:3]), b"\n".join(self.resp), []
+        if code >= 400:
+            self._note_refusal(code, text)
+        if not self._heard_back:
+            self._heard_back = True
+            if self._reused and code == 421:
+                # The server ended the idle session on its side (RFC 5321 3.8) just as we reused it:
+                # the jobs were never tried here; deliver_over gives them a fresh connection.
+                self.stale = True
+                return self._closing(code, text)
         handler = self._okresponse if code in self._expected else self._failresponse
         try:
             handler(code, text)
         except Exception:
             log.failure("delivery client error talking to {host}", host=self._host)
             self._abort(451, "4.3.0", "local error in the delivery client")
+
+    def _note_refusal(self, code: int, text: bytes) -> None:
+        # 421 (RFC 5321 3.8) or "too many" (RFC 3463 X.5.3, e.g. 452 4.5.3 at a per-connection message
+        # limit): this connection has had its fill and must not be parked for another batch.
+        if code == 421 or parse_reply(code, text)[0][1:] == ".5.3":
+            self._fit_for_reuse = False
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._abort(421, "4.5.0", f"over-long reply line from {self._host}")
@@ -192,11 +232,13 @@ class DeliveryClient(smtp.ESMTPClient):
         self._close()
 
     def _record_failure(self, code: int, text: bytes, context: str) -> None:
+        self._fit_for_reuse = False
         status, clean = parse_reply(code, text)
         self._failure = (code if 400 <= code < 500 else 451, temporary_status(status),
                          f"{self._host} said {code} {clean} (after {context})")
 
     def _abort(self, code: int, status: str, text: str) -> None:
+        self._fit_for_reuse = False
         if self._failure is None:
             self._failure = (code, status, text)
         self.transport.abortConnection()
@@ -209,18 +251,30 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
+        self._lost = True
+        if self._parked:
+            self._parked = False
+            self._pool.forget(self._pool_key, self)      # closed by the server while idle: just drop it
         if self._producer is not None:
             self._producer.stopProducing()
-        if self._failure is None:
-            self._failure = self._failure_from(reason)
-        code, status, text = self._failure
+        if not self.finished.called:
+            if self._reused and not self._heard_back:
+                self.stale = True
+            if self._failure is None:
+                self._failure = self._failure_from(reason)
+            self.finished.callback(self._session_result())
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _session_result(self) -> SessionResult:
+        """Every job's results; a recipient not settled by a reply gets the session's failure."""
+        code, status, text = self._failure or (451, "4.3.0", "no reply for this recipient")
         jobs = tuple(
             tuple(r or RecipientResult(rcpt, code, status, text, self._host) for rcpt, r in zip(j.recipients, res))
             for j, res in zip(self.jobs, self._results)
         )
-        if not self.finished.called:
-            self.finished.callback(SessionResult(
-                jobs, self._tls_name, self._tls_failed, before_mail=not self._mail_answered))
+        return SessionResult(jobs, self._tls_name, self._tls_failed, before_mail=not self._mail_answered)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
@@ -340,7 +394,7 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._send(b"RSET", "RSET", (250,), lambda code, text: self._next_job())
         self._job_index += 1
         if self._job_index >= len(self.jobs):
-            return self._quit()
+            return self._end_session()
         job = self.jobs[self._job_index]
         refusal = self._refusal(job)
         if refusal is not None:
@@ -384,6 +438,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _on_mail_refused(self, code: int, text: bytes) -> None:
         self._mail_answered = True
+        if 400 <= code < 500:
+            self._fit_for_reuse = False     # often a per-connection throttle: the next batch starts afresh
         if not 400 <= code < 600:
             return self._on_unexpected(code, text)
         result = from_reply("", code, text, self._host)
@@ -465,6 +521,55 @@ class DeliveryClient(smtp.ESMTPClient):
         return self._closing(code, text) if code == 421 else self._next_job()
 
 
+    # -- the end of a session: QUIT, or park in the connection cache ------------------------------------
+
+    def _end_session(self) -> None:
+        """Every job is settled.  A clean connection waits in the pool for the next batch (Postfix's
+        connection cache); anything else, or a full pool, ends with QUIT as before."""
+        if self._pool is None or not self._fit_for_reuse or self._failure is not None or self._tls_failed:
+            return self._quit()
+        if not self._pool.park(self._pool_key, self):
+            return self._quit()
+        self._parked = True
+        self.setTimeout(None)                  # the pool's idle timer rules now
+        self._command, self._waiting_for = "nothing (idle)", "nothing (idle)"
+        self._expect((), self._on_idle_reply, self._on_idle_reply)
+        self.finished.callback(self._session_result())
+
+    def _on_idle_reply(self, code: int, text: bytes) -> None:
+        # Unasked-for words on an idle connection are the server closing it (421, RFC 5321 3.8) or
+        # confusion: either way it is not fit to carry mail.  Drop it without a QUIT.
+        self._fit_for_reuse = self._parked = False
+        self._pool.forget(self._pool_key, self)
+        self.transport.loseConnection()
+
+    def age(self) -> float:
+        """Seconds since the connection was made."""
+        return 0.0 if self._connected_at is None else self._clock.seconds() - self._connected_at
+
+    def reuse(self, jobs: list[Job]) -> defer.Deferred:
+        """Run `jobs` on this parked connection, from MAIL FROM on: greeting, EHLO, TLS and AUTH still hold.
+        Fires like `finished` (SessionResult, never failing); `stale` then tells whether the connection
+        proved dead before its first reply, so that nothing was tried."""
+        self._parked = False
+        self._begin(jobs, reused=True)
+        self.setTimeout(self.params.timeouts.reply)
+        self._next_job()
+        return self.finished
+
+    def quit_idle(self) -> defer.Deferred:
+        """Say QUIT on the idle connection and close it (RFC 5321 4.1.1.10); fires once it is closed."""
+        self._parked = False
+        closed = defer.Deferred()
+        if self._lost:
+            closed.callback(None)
+            return closed
+        self._close_waiters.append(closed)
+        self.setTimeout(min(self.params.timeouts.reply, QUIT_TIMEOUT))
+        self._quit()
+        return closed
+
+
 class _Factory(protocol.Factory):
     def __init__(self, build: Callable[[], DeliveryClient]):
         self._build = build
@@ -482,15 +587,33 @@ def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -
                          before_mail=True)
 
 
-def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None) -> defer.Deferred:
-    """Connect with `endpoint` (wrapped in TLS already when params.security == "tls") and send `jobs`.
+def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None,
+                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey] = None) -> defer.Deferred:
+    """Send `jobs` over an idle connection from `pool` under `key` when there is one, else connect with
+    `endpoint` (wrapped in TLS already when params.security == "tls").  With a pool, a connection that
+    ends cleanly is parked there for the next call instead of closed.
 
-    Returns a Deferred firing with a SessionResult once the connection is closed; it never fails."""
+    Returns a Deferred firing with a SessionResult once every job is settled; it never fails."""
     if params.security not in SECURITY_MODES:
         raise ValueError(f"unknown security mode {params.security!r}")
     if clock is None:
         from twisted.internet import reactor as clock
-    client = DeliveryClient(params, jobs, clock)
+    idle = pool.take(key) if pool is not None else None
+    if idle is None:
+        return _connect(endpoint, params, jobs, clock, pool, key)
+
+    def fresh_if_stale(result: SessionResult) -> Any:
+        if not idle.stale:
+            return result
+        pool.stale += 1       # dead before any reply: nothing was tried, so this is no failed attempt
+        return _connect(endpoint, params, jobs, clock, pool, key)
+
+    return idle.reuse(jobs).addCallback(fresh_if_stale)
+
+
+def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
+             pool: Optional[ConnectionPool], key: Optional[PoolKey]) -> defer.Deferred:
+    client = DeliveryClient(params, jobs, clock, pool, key)
 
     def connected(_):
         return client.finished

@@ -11,10 +11,16 @@ the `[delivery] tls` policy, bound to `source_address` when set.  A 2xx or 5xx s
 4xx or a failed connection leaves it for the next exchanger; what is unsettled after the last one keeps
 its last 4xx.  RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and
 RFC 7435 (opportunistic TLS: a failed handshake falls back to plaintext once), RFC 7505 (null MX).
+
+Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
+address, port, security and TLS options (built once per exchanger name and kept, so equal checks share
+one object), and the next batch to that exchanger — for any domain it serves — starts at MAIL FROM on it.
+`close_idle()` says QUIT on them all.
 """
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 from OpenSSL import SSL
@@ -26,6 +32,7 @@ from zope.interface import implementer
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
+from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IBatchNextHop, INextHop
@@ -33,6 +40,7 @@ from mailrelay.interfaces import IBatchNextHop, INextHop
 log = Logger(namespace="mailrelay.delivery.mx")
 
 MAX_ADDRESSES = 10     # connection attempts per delivery, over all exchangers (Postfix: smtp_mx_address_limit)
+TLS_OPTIONS_KEPT = 128  # exchanger names whose client TLS options (an SSL context each) are kept for reuse
 
 # [delivery] tls → the client's security mode.  "required" and "verify" both insist on STARTTLS;
 # "verify" also checks the certificate chain and the exchanger's name.
@@ -69,8 +77,10 @@ def _family(address: str) -> int:
 
 @implementer(INextHop, IBatchNextHop)
 class MXDelivery:
-    """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts` and `send` (the
-    client's deliver_over) may be replaced, mostly by tests."""
+    """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts`, `pool` (idle
+    connections; default a new ConnectionPool) and `send` (replacing the client's deliver_over, then
+    called as send(endpoint, params, jobs, reactor), without connection reuse) may be replaced, mostly
+    by tests."""
 
     def __init__(
         self,
@@ -80,7 +90,8 @@ class MXDelivery:
         resolver: Optional[MXResolver] = None,
         trust_root: Any = None,
         timeouts: Timeouts = Timeouts(),
-        send: Callable[..., defer.Deferred] = deliver_over,
+        send: Optional[Callable[..., defer.Deferred]] = None,
+        pool: Optional[ConnectionPool] = None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -91,6 +102,8 @@ class MXDelivery:
         self.trust_root = trust_root
         self.timeouts = timeouts
         self.send = send
+        self.pool = pool if pool is not None else ConnectionPool(reactor)
+        self._tls_kept: OrderedDict[str, Any] = OrderedDict()
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
 
     def deliver(self, message, recipients) -> defer.Deferred:
@@ -192,9 +205,22 @@ class MXDelivery:
             tls_options=self._tls_options(host.name) if security != "none" else None,
             timeouts=self.timeouts,
         )
-        return self.send(self._endpoint(address), params, jobs, self.reactor)
+        if self.send is not None:
+            return self.send(self._endpoint(address), params, jobs, self.reactor)
+        key = PoolKey(address, self.delivery.mx_port, security, params.tls_options)
+        return deliver_over(self._endpoint(address), params, jobs, self.reactor, pool=self.pool, key=key)
 
     def _tls_options(self, name: str):
+        """The client TLS options for an exchanger name, built once and kept (least recently used out)."""
+        options = self._tls_kept.pop(name, None)
+        if options is None:
+            options = self._new_tls_options(name)
+        self._tls_kept[name] = options
+        while len(self._tls_kept) > TLS_OPTIONS_KEPT:
+            self._tls_kept.popitem(last=False)
+        return options
+
+    def _new_tls_options(self, name: str):
         if self.delivery.tls == "verify":
             # Certificate chain and exchanger name checked (service_identity); no fallback on failure.
             return ssl.optionsForClientTLS(name.strip("[]"), trustRoot=self.trust_root)
@@ -205,6 +231,10 @@ class MXDelivery:
         cls = endpoints.TCP6ClientEndpoint if _family(address) == 6 else endpoints.TCP4ClientEndpoint
         return cls(self.reactor, address, self.delivery.mx_port, timeout=self.timeouts.connect,
                    bindAddress=bind)
+
+    def close_idle(self) -> defer.Deferred:
+        """QUIT every idle connection and keep none from now on; fires once they are all closed."""
+        return self.pool.close()
 
     def stop(self) -> None:
         """Stop the resolver's threads (also done at reactor shutdown)."""

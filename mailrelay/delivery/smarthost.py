@@ -12,6 +12,10 @@ failed handshake is no reason to keep mail back); "required" (STARTTLS or 4.7.4,
 "verify" (STARTTLS, certificate chain and host name checked against the platform trust or `ca_file`:
 RFC 6125 via service_identity).  `implicit_tls` is RFC 8314 implicit TLS (port 465) from the first byte.
 AUTH (RFC 4954) is only ever sent over TLS.
+
+Connection reuse: each SmarthostTransport keeps a delivery.pool.ConnectionPool, so a batch that follows
+within pool.IDLE_TIME goes over the connection the previous one left open, already past EHLO, STARTTLS
+and AUTH.  `close_idle()` says QUIT on every idle connection (at shutdown, or when a reload retires it).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from zope.interface import implementer
 
 from mailrelay import config
 from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult
 from mailrelay.interfaces import IBatchNextHop, INextHop
 
@@ -69,14 +74,18 @@ def deliver_to_host(
     timeouts: Timeouts = Timeouts(),
     reactor: Any = None,
     clock: Any = None,
+    pool: Optional[ConnectionPool] = None,
 ) -> defer.Deferred:
     """Connect to (host, port) and send every job on that one connection.
 
     `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
     "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
     replaces the options built from tls_hostname/ca_file (a caller delivering often can build them once).
-    Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a failed handshake is retried
-    once in plaintext on a new connection (the result then says tls_failed=True, tls=None)."""
+    With `pool`, an idle connection to the same host, port, security, TLS options and user is used when
+    there is one, and a connection that ends cleanly is left there instead of closed.
+    Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a
+    failed handshake is retried once in plaintext on a new connection (the result then says
+    tls_failed=True, tls=None)."""
     if tls_policy not in TLS_POLICIES:
         raise ValueError(f"unknown TLS policy {tls_policy!r}")
     if reactor is None:
@@ -94,7 +103,8 @@ def deliver_to_host(
             reactor, host, port, timeout=timeouts.connect, bindAddress=(bind_address, 0) if bind_address else None)
         if params.security == "tls":
             endpoint = endpoints.wrapClientTLS(options, endpoint)
-        return deliver_over(endpoint, params, jobs, clock)
+        key = PoolKey(host, port, params.security, params.tls_options, username)
+        return deliver_over(endpoint, params, jobs, clock, pool=pool, key=key)
 
     def maybe_plaintext(result: SessionResult) -> Any:
         if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
@@ -130,14 +140,16 @@ def read_secret(path: Path) -> Secret:
 @implementer(INextHop, IBatchNextHop)
 class SmarthostTransport:
     """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
-    certificate check and credentials.  The password is read once here; it appears in no repr or log."""
+    certificate check and credentials.  The password is read once here; it appears in no repr or log.
+    Idle connections wait in `pool` (default: a new ConnectionPool on `clock`) for the next batch."""
 
     def __init__(self, transport: config.Transport, hostname: str, clock: Any = None, reactor: Any = None,
-                 timeouts: Timeouts = Timeouts()):
+                 timeouts: Timeouts = Timeouts(), pool: Optional[ConnectionPool] = None):
         if reactor is None:
             from twisted.internet import reactor
         self.transport, self.hostname, self.timeouts = transport, hostname, timeouts
         self._reactor, self._clock = reactor, clock if clock is not None else reactor
+        self.pool = pool if pool is not None else ConnectionPool(self._clock)
         self._tls_options = None
         if transport.security != "none":       # built once: the CA file is read here, not per message
             self._tls_options = client_tls_options(transport.host, transport.verify, transport.ca_file)
@@ -169,5 +181,9 @@ class SmarthostTransport:
             t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
             implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
             password=self._password.reveal() if self._password else None, timeouts=self.timeouts,
-            reactor=self._reactor, clock=self._clock,
+            reactor=self._reactor, clock=self._clock, pool=self.pool,
         )
+
+    def close_idle(self) -> defer.Deferred:
+        """QUIT every idle connection and keep none from now on; fires once they are all closed."""
+        return self.pool.close()
