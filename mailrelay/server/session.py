@@ -16,59 +16,41 @@ the input path are our own: stock Twisted's holes (see shared/notes/twisted-smtp
 and in data.py.  Input is read from one buffer by `_process`; while an AUTH check or a commit is
 pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
 
+The session is in parts, each a module: this one holds the connection, the input path, the simple
+commands, EHLO and STARTTLS; auth.py the AUTH exchange (AuthMixin); transaction.py MAIL, RCPT, DATA
+and the commit (TransactionMixin); replies.py the replies they share.
+
 Graceful shutdown (driven by the factory): `shut_down()` closes an idle session at once with 421 4.3.2;
 a session in a transaction finishes it, then its next command other than QUIT gets 421 4.3.2;
 `grace_over()` ends whatever is left.
 """
 from __future__ import annotations
 
-import binascii
 import ipaddress
-import re
 from typing import Optional
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
-from mailrelay.logs import log_message
 from mailrelay.net import no_delay
 from mailrelay.server import addresses
+from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
 from mailrelay.server.data import DataReader, HeaderCollector
-from mailrelay.server.realm import IRelayUser
-from mailrelay.server.received import protocol_name, received_header
+from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
+from mailrelay.server.transaction import TransactionMixin
+
+__all__ = [
+    "AUTH_FAILURE_DELAY", "COMMANDS", "LOCAL_ERROR", "MAX_AUTH_LINE", "MAX_COMMAND_LINE", "SHUTTING_DOWN",
+    "RelaySession", "refusal_reason", "unmapped_ip",
+]
 
 MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
-MAX_AUTH_LINE = 12288 - 2         # AUTH lines may be longer (RFC 4954 4)
-AUTH_FAILURE_DELAY = 1.0          # seconds before each 535: slows down password guessing
 COMMANDS = frozenset(
     ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"]
 )
-_HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
-
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
-# RFC 5321 3.8 / RFC 3463 4.3.2 (system not accepting network messages): the relay is stopping.
-SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
-
-
-# Refusals by enhanced status code, for the mailrelay_messages_refused_total{reason} counter.
-_REFUSAL_REASONS = {
-    "5.7.1": "policy", "5.3.4": "size", "5.6.11": "bare_cr", "5.6.0": "line_length", "4.7.1": "rate",
-    "4.5.3": "recipients", "4.3.0": "local_error", "5.6.7": "syntax", "4.7.0": "connection_limit",
-}
-
-
-def refusal_reason(reply: Reply) -> str:
-    if reply.code == 530:
-        return "tls_required" if "STARTTLS" in reply.text else "auth_required"
-    if reply.status.startswith("5.5.") or reply.status.startswith("5.1."):
-        return "syntax"
-    return _REFUSAL_REASONS.get(reply.status, "other")
 
 
 def unmapped_ip(host: str) -> str:
@@ -81,8 +63,9 @@ def unmapped_ip(host: str) -> str:
     return str(mapped or address)
 
 
-class RelaySession(smtp.ESMTP):
-    """An ESMTP server session for one connection, configured by a RelayServerFactory."""
+class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
+    """An ESMTP server session for one connection, configured by a RelayServerFactory.  The mixins come
+    before smtp.ESMTP so that their do_*/ext_* handlers replace Twisted's."""
 
     _log = Logger()
 
@@ -263,6 +246,11 @@ class RelaySession(smtp.ESMTP):
         if metrics is not None:
             getattr(metrics, event)(*args)
 
+    def _log_unexpected(self, failure) -> None:
+        self._log.failure("unexpected error in {ip}'s session", failure, ip=self._ip)
+        self._reply(LOCAL_ERROR)
+        self._set_busy(False)
+
     def _set_busy(self, busy: bool) -> None:
         """Pause reading while a check or a commit is pending, so pipelined replies keep their order."""
         self._busy = busy
@@ -432,296 +420,3 @@ class RelaySession(smtp.ESMTP):
             self._reset_session()
             self.transport.startTLS(self.ctx)
             self._tls_on = self.startedTLS = True
-
-    # -- AUTH (RFC 4954) ---------------------------------------------------------------------------
-
-    def ext_AUTH(self, rest: str) -> None:
-        refusal = self._auth_refusal()
-        if refusal is not None:
-            self._reply(refusal)
-            return
-        if self.factory.auth_failures.exhausted(self._ip):
-            self._too_many_failures()
-            return
-        words = rest.split()
-        if not words or len(words) > 2:
-            self._send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-            return
-        mechanism = words[0].upper()
-        if mechanism not in self.factory.mechanisms:
-            self._send(504, "5.5.4", "Unrecognized authentication type")
-            return
-        self._auth = (mechanism,)
-        self._mechanism = mechanism
-        if len(words) == 2:
-            self._auth_response(words[1])
-        else:
-            self.transport.write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
-
-    def _auth_refusal(self) -> Optional[Reply]:
-        if not self._tls_on:
-            # RFC 4954 4 / RFC 3207: plaintext passwords are never accepted outside TLS.
-            return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-        if self.factory.portal is None or not self.factory.mechanisms:
-            return Reply(502, "5.5.1", "AUTH not available")
-        if self._helo is None:
-            return Reply(503, "5.5.1", "Send EHLO first")
-        if self._user is not None:
-            return Reply(503, "5.5.1", "Already authenticated")
-        if self._mail is not None:
-            return Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")  # RFC 4954 4
-        return None
-
-    def _auth_response(self, text: str) -> None:
-        """One client response in an AUTH exchange (initial response or a 334 continuation)."""
-        if text == "*":
-            self._auth = None
-            self._send(501, "5.7.0", "Authentication cancelled")     # RFC 4954 4
-            return
-        decoded = _decode_b64(text)
-        if decoded is None:
-            self._auth = None
-            self._send(501, "5.5.2", "Cannot decode AUTH response")
-            return
-        mechanism = self._auth[0]
-        if mechanism == "LOGIN" and len(self._auth) == 1:
-            self._auth = (mechanism, decoded)
-            self.transport.write(b"334 UGFzc3dvcmQ6\r\n")
-            return
-        credentials = _login_credentials(self._auth, decoded)
-        self._auth = None
-        if credentials is None:
-            self._send(501, "5.5.2", "Malformed AUTH response")
-            return
-        self._check_credentials(*credentials)
-
-    def _check_credentials(self, user: bytes, password: bytes) -> None:
-        self._set_busy(True)
-        d = defer.maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
-        name = user.decode("utf-8", "replace")
-        d.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(name,))
-        d.addErrback(self._log_unexpected)
-
-    def _auth_succeeded(self, result) -> None:
-        _, avatar, logout = result
-        self._user, self._logout = avatar.name, logout
-        self._count("auth", "success", self._mechanism)
-        self._send(235, "2.7.0", "Authentication successful")
-        self._set_busy(False)
-
-    def _auth_failed(self, failure, name: str) -> None:
-        if not failure.check(UnauthorizedLogin):
-            # realm.TemporaryAuthFailure, a directory timeout, a bug: the client may try later.
-            self._log.warn("AUTH for {user!r} from {ip} could not be checked: {error}",
-                           user=name, ip=self._ip, error=failure.type.__name__)
-            self._count("auth", "temporary", self._mechanism)
-            self._send(454, "4.7.0", "Temporary authentication failure")
-            self._set_busy(False)
-            return
-        self._count("auth", "failure", self._mechanism)
-        count = self.factory.auth_failures.record(self._ip)
-        self._log.info("AUTH failed for {user!r} from {ip} ({count} in the last minute)", user=name,
-                       ip=self._ip, count=count)
-        limit = self._limits.auth_failures_per_minute
-        if limit and count > limit:
-            self._too_many_failures()
-            return
-        self._timers["auth"] = self._clock.callLater(AUTH_FAILURE_DELAY, self._auth_refused)
-
-    def _auth_refused(self) -> None:
-        self._timers.pop("auth", None)
-        self._send(535, "5.7.8", "Authentication credentials invalid")
-        self._set_busy(False)
-
-    def _too_many_failures(self) -> None:
-        self._send(421, "4.7.0", f"{self.hostname} Too many authentication failures, closing connection")
-        self._close()
-
-    def _log_unexpected(self, failure) -> None:
-        self._log.failure("unexpected error in {ip}'s session", failure, ip=self._ip)
-        self._reply(LOCAL_ERROR)
-        self._set_busy(False)
-
-    # -- the mail transaction ----------------------------------------------------------------------
-
-    def do_MAIL(self, rest: str) -> None:
-        refusal = self._mail_refusal()
-        if refusal is not None:
-            self._reply(refusal)
-            return
-        parsed = addresses.parse_mail(rest)
-        if isinstance(parsed, Reply):
-            self._reply(parsed)
-            return
-        if parsed.size is not None and parsed.size > self._limits.max_message_size:
-            self._send(552, "5.3.4", "Message size exceeds fixed maximum message size")   # RFC 1870 6.1
-            return
-        client = self.client_info()
-        identity = self.factory.policy.identify(client)
-        refusal = self.factory.policy.check_sender(client, parsed.sender)
-        if refusal is not None:
-            self._reply(refusal)
-            return
-        self._mail, self._identity, self._rcpts = parsed, identity, []
-        self._send(250, "2.1.0", "Sender ok")
-
-    def _mail_refusal(self) -> Optional[Reply]:
-        if self._helo is None:
-            return Reply(503, "5.5.1", "Send EHLO/HELO first")
-        if self._mail is not None:
-            return Reply(503, "5.5.1", "Nested MAIL command")
-        if self.factory.require_tls and not self._tls_on:
-            return Reply(530, "5.7.0", "Must issue a STARTTLS command first")    # RFC 3207 4
-        if self.factory.require_auth and self._user is None:
-            return Reply(530, "5.7.0", "Authentication required")              # RFC 4954 6, RFC 6409 4.3
-        return None
-
-    def do_RCPT(self, rest: str) -> None:
-        if self._mail is None:
-            self._send(503, "5.5.1", "Need MAIL before RCPT")
-            return
-        parsed = addresses.parse_rcpt(rest)
-        if isinstance(parsed, Reply):
-            self._reply(parsed)
-            return
-        if len(self._rcpts) >= self._limits.max_recipients:
-            self._send(452, "4.5.3", "Too many recipients")     # RFC 5321 4.5.3.1.8: 452, never dropped
-            return
-        refusal = self.factory.policy.check_recipient(self.client_info(), self._mail.sender, parsed.recipient)
-        if refusal is not None:
-            self._reply(refusal)
-            return
-        if parsed.recipient not in self._rcpts:
-            self._rcpts.append(parsed.recipient)
-        self._send(250, "2.1.5", "Recipient ok")
-
-    def do_DATA(self, rest: str) -> None:
-        if self._mail is None or not self._rcpts:
-            self._send(503, "5.5.1", "Need MAIL and RCPT before DATA")
-            return
-        if rest.strip():
-            self._send(501, "5.5.4", "DATA takes no arguments")
-            return
-        envelope = self._new_envelope()
-        try:
-            writer = self.factory.queue.new_message(envelope)
-            writer.write(self._received(writer.queue_id, envelope))
-        except Exception:
-            self._log.failure("the queue refused a new message")
-            self._reset_transaction_safely()
-            self._reply(LOCAL_ERROR)
-            return
-        self._envelope, self._writer, self._headers = envelope, writer, HeaderCollector()
-        self._reader = DataReader(self._write_content, self._limits.max_message_size)
-        self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-
-    def _new_envelope(self) -> Envelope:
-        return Envelope(
-            sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
-            client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
-            body=self._mail.body, tls=self._tls_description(), smtputf8=False,
-        )
-
-    def _received(self, queue_id: str, envelope: Envelope) -> bytes:
-        return received_header(
-            helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
-            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
-            queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
-            tls=envelope.tls, user=self._user,
-        )
-
-    def _write_content(self, chunk: bytes) -> None:
-        """DataReader's sink: straight to the writer, so memory does not grow with the message."""
-        if self._write_failed:
-            return
-        try:
-            if self._headers.headers == b"" and not self._headers.complete and not _HEADER_START.match(chunk):
-                self._writer.write(b"\r\n")     # content starts with body text: end our header block
-                self._headers.complete = True     # ... and it has no header block of its own
-            self._headers.feed(chunk)
-            self._writer.write(chunk)
-        except Exception:
-            self._log.failure("writing message content failed")
-            self._write_failed = True
-
-    def _feed_data(self) -> bool:
-        data = self._inbuf[self._inpos:] if self._inpos else self._inbuf
-        self._inbuf, self._inpos = b"", 0
-        rest = self._reader.feed(data)
-        if rest is None:
-            return False
-        self._inbuf = rest
-        try:
-            self._end_of_data()
-        except Exception:
-            self._log.failure("error at the end of data from {ip}", ip=self._ip)
-            self._reset_transaction_safely()
-            self._reply(LOCAL_ERROR)
-        return True
-
-    def _end_of_data(self) -> None:
-        """The client sent CRLF.CRLF: refuse, or commit and only then answer 250."""
-        reader, self._reader = self._reader, None
-        outcome = reader.outcome
-        if outcome is None and self._write_failed:
-            outcome = LOCAL_ERROR
-        if outcome is None:
-            outcome = self.factory.policy.check_message(
-                self.client_info(), self._mail.sender, self._headers.headers
-            )
-        if outcome is not None:
-            self._abort_writer()
-            self._reset_transaction()
-            self._reply(outcome)
-            return
-        writer, envelope = self._writer, self._envelope
-        self._set_busy(True)
-        d = defer.maybeDeferred(writer.commit)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, reader.size))
-        d.addErrback(self._log_unexpected)
-
-    def _committed(self, queue_id, envelope: Envelope, size: int) -> None:
-        log_message(self._log, "queued", queue_id, client=self._ip, identity=envelope.identity,
-                    sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
-        self._count("accepted", self.factory.listener.kind, size)
-        self._writer = None
-        self._reset_transaction()
-        self._send(250, "2.0.0", f"Ok: queued as {queue_id}")
-        self._set_busy(False)
-
-    def _commit_failed(self, failure) -> None:
-        self._log.failure("commit of a message from {ip} failed", failure, ip=self._ip)
-        self._abort_writer()
-        self._reset_transaction()
-        self._send(451, "4.3.0", "Could not queue the message, try again later")
-        self._set_busy(False)
-
-
-def _decode_b64(text: str) -> Optional[bytes]:
-    """Strict base64 (RFC 4954 4: "=" alone is an empty response); None when malformed."""
-    if text == "=":
-        return b""
-    try:
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        return None
-
-
-def _login_credentials(state: tuple, decoded: bytes) -> Optional[tuple[bytes, bytes]]:
-    """(user, password) from a finished PLAIN or LOGIN exchange, or None when malformed."""
-    if state[0] == "LOGIN":
-        user, password = state[1], decoded
-    else:
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            return None
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            return None             # acting for another identity is not supported
-    if not user or not password:
-        return None
-    try:
-        user.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return user, password

@@ -1,0 +1,86 @@
+"""tap.conf: the configuration contract (../shared/spec/config.md) as typed, immutable objects.
+
+First stage of the journey: everything the relay does is decided by one `Config`, loaded once at start
+(and again on SIGHUP) from a TOML file.  In: a path.  Out: a frozen `Config`, or `ConfigError`, whose
+`str()` is one line naming the file, the key path (`route[2].transport`) and what is wrong.
+
+Durations: "90s", "5m", "4h", "5d" or bare seconds.  Sizes: "50MiB", "10MB", "512KiB" or bytes.
+Relative paths are resolved against the directory of the config file.  Files the relay must read at
+start (TLS certificate and key, DKIM keys, LDAP CA and secret, transport secrets and CAs) are opened
+here, so a typo is refused at start and not at the first message.  `auth.password_file` is not:
+`mailrelay passwd` creates it.
+
+The package, by stage: `model` (the frozen dataclasses, defaults, allowed values, ConfigError),
+`values` (durations, sizes, host:port, patterns), `reader` (typed access to one TOML table by key
+path), `sections` (one function per table) and, here, `load`, which reads the file and assembles a
+`Config`.  Every name other modules use is importable from `mailrelay.config` itself.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from types import MappingProxyType
+
+from mailrelay.config.model import (
+    AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_PERMITS, DEFAULT_TRANSPORT_PORTS,
+    DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
+    AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits,
+    Listener, LogConfig, MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
+)
+from mailrelay.config.reader import _Reader
+from mailrelay.config.sections import (
+    _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _queue, _route,
+    _sendmail, _tls, _transports,
+)
+from mailrelay.config.values import parse_duration, parse_host_port, parse_size
+
+__all__ = [
+    "AUTH_MECHANISMS", "DEFAULT_ENDPOINTS", "DEFAULT_LISTENERS", "DEFAULT_PERMITS", "DEFAULT_TRANSPORT_PORTS",
+    "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
+    "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "IPNetwork",
+    "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "Permit", "QueueConfig", "Route",
+    "SendmailConfig", "TLSConfig", "Transport", "load", "parse_duration", "parse_host_port", "parse_size",
+]
+
+
+def _read_toml(file: str) -> dict:
+    try:
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a tap.conf; raise ConfigError (one line) on any problem."""
+    file = str(path)
+    absolute = Path(os.path.abspath(file))
+    root = _Reader(file, absolute.parent, "", _read_toml(file))
+    hostname = _hostname(root)
+    transports = _transports(root.table("transports"))
+    permits = root.tables("permit")
+    config = Config(
+        path=absolute,
+        hostname=hostname,
+        spool=root.path("spool", absolute.parent / "spool"),
+        tls=_tls(root.table("tls")),
+        listeners=_listeners(root.tables("listen"), root),
+        limits=_limits(root.table("limits")),
+        auth=_auth(root.table("auth")),
+        permits=tuple(_permit(t) for t in permits) if permits else DEFAULT_PERMITS,
+        dkim=_dkim(root.table("dkim")),
+        queue=_queue(root.table("queue")),
+        delivery=_delivery(root.table("delivery")),
+        transports=MappingProxyType(transports),
+        routes=tuple(_route(t, transports) for t in root.tables("route") or ()),
+        metrics=_metrics(root.table("metrics")),
+        log=_log(root.table("log")),
+        sendmail=_sendmail(root.table("sendmail")),
+    )
+    root.close()
+    return config

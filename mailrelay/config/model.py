@@ -1,0 +1,207 @@
+"""What a loaded tap.conf is: the frozen dataclasses, their defaults and the allowed values.
+
+Part of the first stage of the journey (mailrelay.config).  In: nothing; this module only declares.
+Out: `Config` and its sections, each a frozen dataclass whose defaults are the contract's
+(../shared/spec/config.md), the tuples of allowed values the sections are checked against, and
+`ConfigError`, the one-line refusal every stage of loading raises.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A config problem: `file: key: message`, one line."""
+
+    def __init__(self, file: str, key: str, message: str):
+        message = " ".join(str(message).split())   # one line, whatever tomllib or the OS said
+        self.file, self.key, self.message = str(file), key, message
+        super().__init__(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Optional[Path] = None
+    key: Optional[Path] = None
+
+
+LISTENER_KINDS = ("relay", "submission", "submissions")
+
+
+@dataclass(frozen=True)
+class Listener:
+    kind: str                  # one of LISTENER_KINDS
+    endpoint: str              # Twisted server endpoint string, e.g. "tcp:587:interface=127.0.0.1"
+    require_tls: bool = False  # always True for "submission"; ignored for "submissions"
+
+
+DEFAULT_LISTENERS = (
+    Listener("relay", "tcp:25", False),
+    Listener("submission", "tcp:587", True),
+    Listener("submissions", "tcp:465", False),
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    messages_per_minute: int = 0
+    auth_failures_per_minute: int = 5
+    idle_timeout: float = 300.0
+    session_timeout: float = 1800.0   # added key: an overall deadline per connection
+
+
+@dataclass(frozen=True)
+class LDAPConfig:
+    urls: tuple[str, ...]
+    starttls: bool = False
+    ca_file: Optional[Path] = None
+    timeout: float = 5.0
+    bind_dn: Optional[str] = None
+    search_base: Optional[str] = None
+    search_filter: Optional[str] = None
+    service_dn: Optional[str] = None
+    service_password_file: Optional[Path] = None
+    require_group: Optional[str] = None
+    cache: float = 300.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    password_file: Optional[Path] = None
+    ldap: Optional[LDAPConfig] = None
+
+
+@dataclass(frozen=True)
+class Permit:
+    networks: tuple[IPNetwork, ...] = ()
+    users: tuple[str, ...] = ()
+    anyone: bool = False
+    senders: tuple[str, ...] = ("*",)
+    recipients: tuple[str, ...] = ("*",)
+    check_from_header: bool = True
+
+
+# With no [[permit]] at all: authenticated users may relay anything, nobody else may relay.
+DEFAULT_PERMITS = (Permit(users=("*",)),)
+
+
+@dataclass(frozen=True)
+class DKIMKey:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    mode: str = "sign"                  # "sign" | "passthrough"
+    keys: tuple[DKIMKey, ...] = ()
+    verify: bool = False                # added key: check incoming signatures, add Authentication-Results
+    headers: tuple[str, ...] = ()       # added key: header fields to sign; () = the default list
+    expire: float = 0.0                 # added key: x= this long after signing; 0 = no x= tag
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    first_retry: float = 300.0
+    max_retry: float = 4 * 3600.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0   # 0 = never
+    bounces: bool = True
+
+
+TLS_POLICIES = ("none", "opportunistic", "required", "verify")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    tls: str = "opportunistic"
+    concurrency: int = 100
+    concurrency_per_domain: int = 10
+    mx_port: int = 25
+    nameservers: tuple[tuple[str, int], ...] = ()   # ("127.0.0.1", 5353); empty: system resolver
+    source_address: str = ""
+    process: str = "inline"     # added key: "separate" runs delivery in a second process (a second core)
+
+
+TRANSPORT_SECURITY = ("starttls", "tls", "none")
+
+
+@dataclass(frozen=True)
+class Transport:
+    name: str
+    host: str
+    port: int = 587
+    security: str = "starttls"
+    verify: bool = True
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    ca_file: Optional[Path] = None      # added key: trust these CAs instead of the system store
+
+
+@dataclass(frozen=True)
+class Route:
+    transport: str
+    recipients: tuple[str, ...] = ("*",)
+    senders: tuple[str, ...] = ("*",)
+    after_attempts: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    endpoint: Optional[str] = None      # absent: off
+    delivery_endpoint: Optional[str] = None   # added key: the delivery process's metrics ([delivery] process)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"                # "text" | "json"
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class SendmailConfig:
+    server: str = "127.0.0.1:587"
+    security: str = "starttls"
+    verify: bool = True
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    ca_file: Optional[Path] = None      # added key: trust these CAs instead of the system store
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hostname: str
+    spool: Path
+    tls: TLSConfig = TLSConfig()
+    listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
+    limits: Limits = Limits()
+    auth: AuthConfig = AuthConfig()
+    permits: tuple[Permit, ...] = DEFAULT_PERMITS
+    dkim: DKIMConfig = DKIMConfig()
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    transports: Mapping[str, Transport] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    sendmail: SendmailConfig = SendmailConfig()
+
+
+DKIM_MODES = ("sign", "passthrough")
+DELIVERY_PROCESS = ("inline", "separate")
+LOG_FORMATS = ("text", "json")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")   # password mechanisms; offered only over TLS (RFC 4954 §4)
+DEFAULT_ENDPOINTS = {"relay": "tcp:25", "submission": "tcp:587", "submissions": "tcp:465"}
+DEFAULT_TRANSPORT_PORTS = {"starttls": 587, "tls": 465, "none": 25}

@@ -1,0 +1,305 @@
+"""The sections of tap.conf, one function each: a table in, a frozen section dataclass out.
+
+Part of the first stage of the journey (mailrelay.config).  In: a `_Reader` for one table ([limits],
+[[permit]], [transports.NAME], ...).  Out: its dataclass from mailrelay.config.model, or a ConfigError
+naming the key.  Files the relay must read at start (TLS pair, DKIM keys, LDAP CA and secret,
+transport secrets and CAs) are opened here.  RFCs: 4954 §4 and 8314 §3.3 (no password before TLS),
+6376 §3.1/§5.4 and 8301 §3.2 (DKIM selectors, signed headers, key sizes), 5321 §4.1.2 (hostname).
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Mapping, Optional
+
+from mailrelay.config.model import (
+    AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
+    DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
+    DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
+    MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
+)
+from mailrelay.config.reader import _closed, _Reader
+from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, parse_host_port
+
+
+def _hostname(root: _Reader) -> str:
+    name = root.text("hostname")
+    if name is None:
+        return socket.getfqdn()
+    if not _HOSTNAME.fullmatch(name):
+        root.fail("hostname", f'"{name}" is not a host name (it is used in the banner, EHLO and Received)')
+    return name
+
+
+def _tls(t: _Reader) -> TLSConfig:
+    cert, key = t.path("cert", readable=True), t.path("key", readable=True)
+    if (cert is None) != (key is None):
+        t.fail("key" if key is None else "cert", "give both cert and key, or neither (self-signed)")
+    if cert is not None:
+        from mailrelay.tls import server_options   # loads the pair now: a mismatch is refused at start
+        try:
+            server_options(cert, key)
+        except ValueError as e:
+            t.fail("cert", str(e))
+    return _closed(t, TLSConfig(cert, key))
+
+
+def _listener(t: _Reader, seen: dict[str, str]) -> Listener:
+    kind = t.choice("kind", None, LISTENER_KINDS)
+    endpoint = t.endpoint("endpoint", DEFAULT_ENDPOINTS[kind])
+    if endpoint in seen:
+        t.fail("endpoint", f'"{endpoint}" is already used by {seen[endpoint]}')
+    seen[endpoint] = t.prefix
+    require_tls = t.flag("require_tls", kind == "submission")
+    if kind == "submission" and not require_tls:
+        # RFC 8314 §3.3 / RFC 4954 §4: submission needs TLS before AUTH; use kind = "relay" to allow plaintext.
+        t.fail("require_tls", 'is always true on a "submission" listener; use kind = "relay" for plaintext')
+    return _closed(t, Listener(kind, endpoint, require_tls))
+
+
+def _listeners(tables: Optional[list[_Reader]], root: _Reader) -> tuple[Listener, ...]:
+    if tables is None:
+        return DEFAULT_LISTENERS
+    if not tables:
+        root.fail("listen", "empty; leave it out for the default listeners (ports 25, 587, 465)")
+    seen: dict[str, str] = {}
+    return tuple(_listener(t, seen) for t in tables)
+
+
+def _limits(t: _Reader) -> Limits:
+    d = Limits()
+    return _closed(t, Limits(
+        max_message_size=t.size("max_message_size", d.max_message_size),
+        max_recipients=t.integer("max_recipients", d.max_recipients, low=1),
+        max_connections=t.integer("max_connections", d.max_connections, low=1),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, low=1),
+        messages_per_minute=t.integer("messages_per_minute", d.messages_per_minute),
+        auth_failures_per_minute=t.integer("auth_failures_per_minute", d.auth_failures_per_minute, low=1),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        session_timeout=t.duration("session_timeout", d.session_timeout),
+    ))
+
+
+def _ldap(t: _Reader) -> LDAPConfig:
+    urls = t.texts("url", ())
+    if not urls:
+        t.fail("url", "missing (required): an ldap:// or ldaps:// URL, or a list of them")
+    for i, url in enumerate(urls):
+        if not url.lower().startswith(("ldap://", "ldaps://")):
+            t.fail(f"url[{i}]" if not isinstance(t.data["url"], str) else "url",
+                   f'"{url}" is not an ldap:// or ldaps:// URL')
+    bind_dn, base, search = t.text("bind_dn"), t.text("search_base"), t.text("search_filter")
+    service_dn, secret = t.text("service_dn"), t.path("service_password_file", readable=True)
+    if bind_dn is None and base is None and search is None:
+        t.fail(None, "needs bind_dn (direct bind), or search_base and search_filter (search, then bind)")
+    if (base is None) != (search is None):
+        t.fail("search_filter" if search is None else "search_base", "search_base and search_filter go together")
+    for key, value in (("bind_dn", bind_dn), ("search_filter", search)):
+        if value is not None and "{user}" not in value:
+            t.fail(key, 'must contain "{user}", where the login name goes (escaped)')
+    if service_dn is not None and secret is None:
+        t.fail("service_password_file", "required with service_dn")
+    if secret is not None and service_dn is None:
+        t.fail("service_dn", "required with service_password_file")
+    return _closed(t, LDAPConfig(
+        urls=urls,
+        starttls=t.flag("starttls", False),
+        ca_file=t.path("ca_file", readable=True),
+        timeout=t.duration("timeout", 5.0),
+        bind_dn=bind_dn, search_base=base, search_filter=search,
+        service_dn=service_dn, service_password_file=secret,
+        require_group=t.text("require_group"),
+        cache=t.duration("cache", 300.0, allow_zero=True),
+    ))
+
+
+def _auth(t: _Reader) -> AuthConfig:
+    mechanisms = []
+    for i, name in enumerate(t.texts("mechanisms", AUTH_MECHANISMS)):
+        if name.upper() not in AUTH_MECHANISMS:
+            t.fail(f"mechanisms[{i}]", f'"{name}" is not one of ' + ", ".join(AUTH_MECHANISMS))
+        if name.upper() not in mechanisms:
+            mechanisms.append(name.upper())
+    ldap = _ldap(t.table("ldap")) if t.has("ldap") else None
+    return _closed(t, AuthConfig(tuple(mechanisms), t.path("password_file"), ldap))
+
+
+def _networks(t: _Reader) -> tuple[IPNetwork, ...]:
+    result = []
+    for i, text in enumerate(t.texts("networks", ())):
+        try:
+            result.append(ipaddress.ip_network(text.strip(), strict=False))   # host bits allowed: 10.1.2.3/8
+        except ValueError:
+            t.fail(f"networks[{i}]", f'bad network "{text}": expected an address or CIDR like "10.0.0.0/8"')
+    return tuple(result)
+
+
+def _permit(t: _Reader) -> Permit:
+    # Never an open relay by accident: each rule says exactly one "who".
+    anyone = t.flag("anyone", False)
+    who = [k for k in ("networks", "users") if t.has(k)] + (["anyone"] if anyone else [])
+    if not who:
+        t.fail(None, 'no "who": give one of networks = [...], users = [...] or anyone = true')
+    if len(who) > 1:
+        t.fail(None, f"has both {who[0]} and {who[1]}; one who per rule (write two [[permit]] rules)")
+    networks, users = _networks(t), t.texts("users", ())
+    if who[0] in ("networks", "users") and not (networks or users):
+        t.fail(who[0], "empty")
+    return _closed(t, Permit(
+        networks=networks, users=users, anyone=anyone,
+        senders=t.patterns("senders", addresses=True),
+        recipients=t.patterns("recipients", addresses=False),
+        check_from_header=t.flag("check_from_header", True),
+    ))
+
+
+def _dkim_key(t: _Reader) -> DKIMKey:
+    domain = t.text("domain", required=True)
+    selector = t.text("selector", required=True)
+    if not _DOMAIN.fullmatch(domain):
+        t.fail("domain", f'"{domain}" is not a domain')
+    if not _SELECTOR.fullmatch(selector):
+        t.fail("selector", f'"{selector}" is not a DKIM selector (RFC 6376 §3.1)')
+    key_file = t.path("key_file", readable=True)
+    if key_file is None:
+        t.fail("key_file", "missing (required)")
+    problem = _dkim_key_problem(key_file)
+    if problem:
+        t.fail("key_file", problem)
+    return _closed(t, DKIMKey(domain.lower(), selector, key_file))
+
+
+def _dkim_key_problem(path: Path) -> Optional[str]:
+    from mailrelay.dkim.keys import KeyError_, load_private_key   # RSA >= 1024 (RFC 8301 3.2) or Ed25519
+
+    try:
+        load_private_key(path)
+    except KeyError_ as e:
+        return str(e)
+    return None
+
+
+def _dkim(t: _Reader) -> DKIMConfig:
+    mode = t.choice("mode", "sign", DKIM_MODES)
+    keys, seen = [], set()
+    for k in t.tables("key") or ():
+        key = _dkim_key(k)
+        if (key.domain, key.selector) in seen:
+            k.fail("selector", f'a second key for {key.selector}._domainkey.{key.domain}')
+        seen.add((key.domain, key.selector))
+        keys.append(key)
+    headers = tuple(h.lower() for h in t.texts("headers", ()))
+    if headers and "from" not in headers:
+        t.fail("headers", 'must include "From" (RFC 6376 5.4)')
+    return _closed(t, DKIMConfig(
+        mode, tuple(keys),
+        verify=t.flag("verify", False),
+        headers=headers,
+        expire=t.duration("expire", 0.0, allow_zero=True),
+    ))
+
+
+def _queue(t: _Reader) -> QueueConfig:
+    d = QueueConfig()
+    first = t.duration("first_retry", d.first_retry)
+    most = t.duration("max_retry", max(d.max_retry, first))
+    if most < first:
+        t.fail("max_retry", "is shorter than first_retry")
+    return _closed(t, QueueConfig(
+        first_retry=first, max_retry=most,
+        lifetime=t.duration("lifetime", d.lifetime),
+        delay_warning=t.duration("delay_warning", d.delay_warning, allow_zero=True),   # 0 = never
+        bounces=t.flag("bounces", d.bounces),
+    ))
+
+
+def _delivery(t: _Reader) -> DeliveryConfig:
+    d = DeliveryConfig()
+    nameservers = []
+    for i, text in enumerate(t.texts("nameservers", ())):
+        try:
+            nameservers.append(parse_host_port(text, 53))
+        except ValueError as e:
+            t.fail(f"nameservers[{i}]", str(e))
+    source = t.text("source_address", "").strip()
+    if source:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            t.fail("source_address", f'"{source}" is not an IP address')
+    return _closed(t, DeliveryConfig(
+        tls=t.choice("tls", d.tls, TLS_POLICIES),
+        concurrency=t.integer("concurrency", d.concurrency, low=1),
+        concurrency_per_domain=t.integer("concurrency_per_domain", d.concurrency_per_domain, low=1),
+        mx_port=t.port("mx_port", d.mx_port),
+        nameservers=tuple(nameservers),
+        source_address=source,
+        process=t.choice("process", d.process, DELIVERY_PROCESS),
+    ))
+
+
+def _transport(name: str, t: _Reader) -> Transport:
+    security = t.choice("security", "starttls", TRANSPORT_SECURITY)
+    host = t.text("host", required=True).strip()
+    if not host or any(c.isspace() for c in host):
+        t.fail("host", f'"{host}" is not a host name')
+    username = t.text("username")
+    password_file = t.path("password_file", readable=True)
+    if username is not None and password_file is None:
+        t.fail("password_file", "required with username (a file holding the password)")
+    if password_file is not None and username is None:
+        t.fail("username", "required with password_file")
+    return _closed(t, Transport(
+        name=name, host=host,
+        port=t.port("port", DEFAULT_TRANSPORT_PORTS[security]),
+        security=security,
+        verify=t.flag("verify", True),
+        username=username, password_file=password_file,
+        ca_file=t.path("ca_file", readable=True),
+    ))
+
+
+def _transports(t: _Reader) -> dict[str, Transport]:
+    transports = {name: _transport(name, t.table(name)) for name in list(t.data)}
+    return _closed(t, transports)
+
+
+def _route(t: _Reader, transports: Mapping[str, Transport]) -> Route:
+    name = t.text("transport", required=True)
+    if name not in transports:
+        defined = ", ".join(sorted(transports)) or "none; add a [transports.NAME] table"
+        t.fail("transport", f'no transport named "{name}" (defined: {defined})')
+    return _closed(t, Route(
+        transport=name,
+        recipients=t.patterns("recipients", addresses=False),
+        senders=t.patterns("senders", addresses=True),
+        after_attempts=t.integer("after_attempts", 0),
+    ))
+
+
+def _metrics(t: _Reader) -> MetricsConfig:
+    return _closed(t, MetricsConfig(t.endpoint("endpoint", None), t.endpoint("delivery_endpoint", None)))
+
+
+def _log(t: _Reader) -> LogConfig:
+    file = t.path("file", allow_empty=True)   # "" (the default): twistd's own log
+    return _closed(t, LogConfig(t.choice("format", "text", LOG_FORMATS), str(file) if file else ""))
+
+
+def _sendmail(t: _Reader) -> SendmailConfig:
+    d = SendmailConfig()
+    server = t.text("server", d.server)
+    security = t.choice("security", d.security, TRANSPORT_SECURITY)
+    try:
+        parse_host_port(server, DEFAULT_TRANSPORT_PORTS[security])
+    except ValueError as e:
+        t.fail("server", str(e))
+    return _closed(t, SendmailConfig(
+        server=server, security=security,
+        verify=t.flag("verify", d.verify),
+        username=t.text("username"),
+        # Read by mailrelay-sendmail when it runs (often on another host), not checked here.
+        password_file=t.path("password_file"),
+        ca_file=t.path("ca_file"),
+    ))

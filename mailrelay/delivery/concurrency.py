@@ -1,0 +1,116 @@
+"""Concurrency of the delivery scheduler: which waiting deliveries start, and in which batches.
+
+Part of the delivery stage (delivery.scheduler).  In: `_Job`s waiting per limit key ("domain:<d>" for
+direct delivery, "transport:<name>" for a route), in FIFO order.  Out: at most `[delivery]
+concurrency` connection slots in use in all and `concurrency_per_domain` per key; each slot one
+`INextHop.deliver()` call, or one `IBatchNextHop.deliver_batch()` for several deliveries to the same
+next hop on one connection (RFC 5321 §3.3, delivery.batch); each delivery's results handed on to be
+recorded.
+
+`ConcurrencyMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_waiting`,
+`_in_flight`, `_per_key`, `_pumping`, `_pump_again`, `_pump_call`, `_clock`, `_delivery`,
+`_metrics`, `running`, `log` and its `_hop_failed`, `_record`, `_record_failed` and `_finish`.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer
+
+from mailrelay.delivery.attempts import _Attempt, _Job
+from mailrelay.delivery.batch import batch_size, take_batch
+from mailrelay.delivery.client import Job
+
+
+class ConcurrencyMixin:
+    """The slots and the waiting lines of deliveries, for Scheduler."""
+
+    def _pump(self) -> None:
+        """Start every waiting delivery the limits allow: FIFO within a domain (or transport), domains
+        in the order they started waiting, and a full domain does not hold up the others.  Re-entrant
+        calls (a next hop answering synchronously) are folded into the running loop."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._start_what_fits()
+        finally:
+            self._pumping = False
+
+    def _pump_soon(self) -> None:
+        """Pump once every message due in this reactor turn has queued its deliveries, so that those
+        bound for the same next hop can share a connection instead of the first going alone."""
+        if self._pump_call is None or not self._pump_call.active():
+            self._pump_call = self._clock.callLater(0, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_call = None
+        self._pump()
+
+    def _start_what_fits(self) -> None:
+        total, per_key = max(1, self._delivery.concurrency), max(1, self._delivery.concurrency_per_domain)
+        for key in list(self._waiting):
+            jobs = self._waiting.get(key)
+            while jobs and self.running and self._in_flight < total and self._per_key.get(key, 0) < per_key:
+                free = min(total - self._in_flight, per_key - self._per_key.get(key, 0))
+                self._start(take_batch(jobs, batch_size(len(jobs), free), lambda job: job.hop))
+            if not jobs:
+                self._waiting.pop(key, None)
+            if self._in_flight >= total:
+                return
+
+    def _start(self, batch: list[_Job]) -> None:
+        """One connection slot for `batch` (deliveries for one next hop): deliver() for a single one,
+        deliver_batch() for several; each delivery's results are then recorded on their own."""
+        first = batch[0]
+        self._in_flight += 1
+        self._per_key[first.limit_key] = self._per_key.get(first.limit_key, 0) + 1
+        for job in batch:
+            self.log.info("{queue_id}: attempt via {hop} for {recipients}", queue_id=job.attempt.queue_id,
+                          hop=job.hop_name, recipients=list(job.recipients), batch=len(batch), stage="attempt")
+            if self._metrics is not None:
+                self._metrics.delivery_started(job.hop_name)
+        if len(batch) == 1:
+            d = defer.maybeDeferred(first.hop.deliver, first.attempt.message, list(first.recipients))
+            d.addCallback(lambda results: [results])
+        else:
+            d = defer.maybeDeferred(first.hop.deliver_batch,
+                                    [Job(job.attempt.message, job.recipients) for job in batch])
+        d.addErrback(self._hop_failed, batch)
+        d.addBoth(self._release_slot, first.limit_key)
+        d.addCallback(self._record_batch, batch)
+
+    def _release_slot(self, result, limit_key: str):
+        self._in_flight -= 1
+        self._per_key[limit_key] -= 1
+        if not self._per_key[limit_key]:
+            del self._per_key[limit_key]
+        self._pump()
+        return result
+
+    def _record_batch(self, results, batch: list[_Job]) -> None:
+        """Each delivery of a batch is recorded, saved and acted on exactly as a lone one would be;
+        one that the next hop gave no results for is retried (see _record)."""
+        results = list(results or ())
+        for index, job in enumerate(batch):
+            job_results = results[index] if index < len(results) else None
+            d = defer.maybeDeferred(self._record, job_results, job)
+            d.addErrback(self._record_failed, job)
+
+    def _drop_waiting(self, attempt: _Attempt, finish: bool = True) -> None:
+        """Forget the deliveries of `attempt` that have not started (hold, delete, bounce, stop)."""
+        dropped = 0
+        for key, jobs in list(self._waiting.items()):
+            kept = deque(job for job in jobs if job.attempt is not attempt)
+            dropped += len(jobs) - len(kept)
+            if kept:
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
+        attempt.outstanding -= dropped
+        if finish and dropped and not attempt.outstanding:
+            self._finish(attempt)

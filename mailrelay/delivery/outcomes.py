@@ -1,0 +1,222 @@
+"""Outcomes of the delivery scheduler: results recorded, then each attempt settled.
+
+Part of the delivery stage (delivery.scheduler).  In: per-recipient RecipientResults of one
+delivery (or a next hop's failure).  Out: the message's state updated and saved with
+`spool.save_state` *before* anything is done about it; then control actions, expiry, DSNs through the
+IDeliveryReporter, `spool.remove` once every recipient has a final answer, or the next schedule.
+
+Rules: RFC 5321 §4.2.1 / §4.5.4.1 (2xx delivered, 5xx failed for good, 4xx and connection failures
+retried after a growing, jittered interval until `[queue] lifetime`, then expired: RFC 3463 4.4.7);
+RFC 3464 DSNs (a failure DSN per attempt that settled recipients for good, one persisted delay DSN
+after `[queue] delay_warning`); RFC 5321 §4.5.5 / §6.1 (never a DSN to the null reverse-path).
+
+`OutcomesMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_spool`,
+`_reporter`, `_queue`, `_backoff`, `_attempts`, `_stop_waiters`, `_metrics`, `running`, `log` and
+its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from mailrelay.delivery.attempts import _Attempt, _Job
+from mailrelay.delivery.control import ADMIN_BOUNCE
+from mailrelay.delivery.results import RecipientResult
+from mailrelay.delivery.state import BOUNCED, EXPIRED
+from mailrelay.metrics import UNKNOWN
+
+
+class OutcomesMixin:
+    """Recording delivery results and settling attempts, for Scheduler."""
+
+    def _hop_failed(self, failure, batch: list[_Job]) -> list[list[RecipientResult]]:
+        # INextHop promises never to fail; if one does anyway, the message must not be lost: every
+        # recipient is retried (RFC 3463 4.4.0: other network/routing problem).
+        self.log.failure("{queue_id}: next hop {hop} failed", failure,
+                         queue_id=",".join(job.attempt.queue_id for job in batch), hop=batch[0].hop_name)
+        return [[RecipientResult(r, 451, "4.4.0", "local error in the next hop", "") for r in job.recipients]
+                for job in batch]
+
+    def _record(self, results, job: _Job) -> defer.Deferred:
+        """Apply one delivery's results to the message state and persist it, then count it done."""
+        attempt, now = job.attempt, self._now()
+        by_recipient = {r.recipient: r for r in results or () if r.recipient in job.recipients}
+        delays: dict[int, float] = {}   # one draw per attempt count: a group is retried together
+        for recipient in job.recipients:
+            result = by_recipient.get(recipient) or RecipientResult(
+                recipient, 451, "4.4.0", "the next hop gave no result for this recipient", "")
+            before = attempt.state.get(recipient)
+            failures = before.attempts + 1
+            if failures not in delays:
+                delays[failures] = self._backoff.next_delay(failures)
+            retry_at = min(now + delays[failures], self._expiry(attempt.message))
+            after = before.recorded(result, now, retry_at)
+            attempt.state = attempt.state.with_recipient(after)
+            self._log_outcome(attempt, job, after, result)
+        if attempt.outstanding == 1 and attempt.state.finished and not attempt.action:
+            # The last delivery settled every recipient for good: the removal that follows at once is
+            # the record. A save in between would only narrow nothing (a crash before it, or before the
+            # removal, sends the message again either way — docs/crash-safety.md) and costs an fsync.
+            d = defer.succeed(None)
+        else:
+            d = self._persist(attempt)
+        d.addBoth(self._job_done, attempt)
+        return d
+
+    def _record_failed(self, failure, job: _Job) -> None:
+        self.log.failure("{queue_id}: recording results failed", failure, queue_id=job.attempt.queue_id)
+        job.attempt.save_failed = True
+        self._job_done(None, job.attempt)
+
+    def _log_outcome(self, attempt: _Attempt, job: _Job, rcpt, result: RecipientResult) -> None:
+        stage = {None: "deferred", BOUNCED: "bounced"}.get(rcpt.done, rcpt.done)
+        delay = self._now() - attempt.message.envelope.received_at
+        self.log.info("{queue_id}: {stage} {recipient} via {hop} ({remote}): {code} {status} {text}",
+                      queue_id=attempt.queue_id, stage=stage, recipient=rcpt.recipient, hop=job.hop_name,
+                      remote=result.remote_host or "-", code=result.code, status=result.status,
+                      text=result.text, attempts=rcpt.attempts, next_attempt=rcpt.next_attempt,
+                      delay=round(delay, 3))
+        if self._metrics is not None:
+            # RecipientResult carries no TLS fact (yet): `tls` is read if a next hop adds one.
+            self._metrics.delivery_result(job.hop_name, stage, getattr(result, "tls", UNKNOWN), delay)
+
+    def _job_done(self, result, attempt: _Attempt):
+        if isinstance(result, Failure):
+            self.log.failure("{queue_id}: cannot save delivery state", result, queue_id=attempt.queue_id)
+            attempt.save_failed = True
+        attempt.outstanding -= 1
+        if not attempt.outstanding:
+            self._finish(attempt)
+
+    def _persist(self, attempt: _Attempt) -> defer.Deferred:
+        """Write the newest state; saves of one message never overlap or land out of order."""
+        return attempt.lock.run(
+            lambda: defer.maybeDeferred(self._spool.save_state, attempt.queue_id, attempt.state.to_dict()))
+
+    def _finish(self, attempt: _Attempt) -> None:
+        d = self._settle(attempt)
+        d.addErrback(self._settle_failed, attempt)
+        d.addBoth(lambda _: self._attempt_over(attempt))
+
+    @defer.inlineCallbacks
+    def _settle(self, attempt: _Attempt):
+        """Everything after the deliveries of an attempt: control actions, expiry, DSNs, removal or
+        the next schedule.  Each change of state is saved before it is acted on."""
+        if attempt.save_failed:
+            raise RuntimeError("delivery state not saved; the message is retried from its saved state")
+        if attempt.action == "delete":
+            yield defer.maybeDeferred(self._spool.remove, attempt.queue_id)
+            self._forget(attempt.queue_id)
+            self.log.info("{queue_id}: deleted without DSN", queue_id=attempt.queue_id, stage="deleted")
+            return
+        if self._close_pending(attempt):
+            yield self._persist(attempt)
+        if attempt.state.unreported:
+            yield self._report_bounces(attempt)
+        if self._delay_warning_due(attempt):
+            attempt.state = replace(attempt.state, delay_warned=True)
+            yield self._persist(attempt)   # saved first: a restart never sends a second warning
+            yield self._report_delay(attempt)
+        if attempt.state.finished:
+            yield defer.maybeDeferred(self._spool.remove, attempt.queue_id)
+            self._forget(attempt.queue_id)
+            self.log.info("{queue_id}: removed from the spool", queue_id=attempt.queue_id, stage="removed")
+        elif not attempt.held:
+            self._attempts.pop(attempt.queue_id, None)
+            when = self._next_due(attempt.message, attempt.state,
+                                  report_retry=self._now() + self._backoff.next_delay(1))
+            self._schedule(attempt.queue_id, self._now() if attempt.force_again else when,
+                           force=attempt.force_again)
+
+    def _close_pending(self, attempt: _Attempt) -> bool:
+        """Give the pending recipients a final answer if the postmaster bounced the message or it
+        outlived [queue] lifetime; True if anything changed."""
+        pending = attempt.state.pending
+        if attempt.action == "bounce":
+            closed = [replace(r, done=BOUNCED, reported=False, last_reply=ADMIN_BOUNCE) for r in pending]
+        elif self._now() >= self._expiry(attempt.message):
+            closed = [replace(r, done=EXPIRED, reported=False) for r in pending]
+        else:
+            return False
+        for rcpt in closed:
+            attempt.state = attempt.state.with_recipient(rcpt)
+            self.log.info("{queue_id}: {stage} {recipient} after {attempts} attempts", queue_id=attempt.queue_id,
+                          stage=rcpt.done, recipient=rcpt.recipient, attempts=rcpt.attempts)
+        return bool(closed)
+
+    @defer.inlineCallbacks
+    def _report_bounces(self, attempt: _Attempt):
+        unreported = attempt.state.unreported
+        recipients = [r.recipient for r in unreported]
+        why_not = self._no_dsn_reason(attempt.message)
+        if why_not:
+            self.log.info("{queue_id}: no DSN for {recipients}: {reason}", queue_id=attempt.queue_id,
+                          recipients=recipients, reason=why_not, stage="dsn-dropped")
+        else:
+            try:
+                yield defer.maybeDeferred(self._reporter.bounce, attempt.message,
+                                          [r.as_result() for r in unreported])
+            except Exception:
+                # Left unreported in the saved state: asked again later, and the message stays.
+                self.log.failure("{queue_id}: bounce report failed", queue_id=attempt.queue_id)
+                return
+            self.log.info("{queue_id}: bounce reported for {recipients}", queue_id=attempt.queue_id,
+                          recipients=recipients, stage="dsn")
+        for rcpt in unreported:
+            attempt.state = attempt.state.with_recipient(replace(rcpt, reported=True))
+        yield self._persist(attempt)
+
+    def _delay_warning_due(self, attempt: _Attempt) -> bool:
+        state, warning = attempt.state, self._queue.delay_warning
+        if warning <= 0 or state.delay_warned or not state.pending or attempt.action:
+            return False
+        if self._now() - attempt.message.envelope.received_at < warning:
+            return False
+        why_not = self._no_dsn_reason(attempt.message)
+        if why_not:
+            self.log.info("{queue_id}: no delay DSN: {reason}", queue_id=attempt.queue_id, reason=why_not,
+                          stage="dsn-dropped")
+            return False
+        return True
+
+    @defer.inlineCallbacks
+    def _report_delay(self, attempt: _Attempt):
+        pending = [r.as_result() for r in attempt.state.pending]
+        try:
+            yield defer.maybeDeferred(self._reporter.delay, attempt.message, pending)
+        except Exception:
+            # Not retried: a delay warning is advisory, and one too few beats one too many.
+            self.log.failure("{queue_id}: delay report failed", queue_id=attempt.queue_id)
+            return
+        self.log.info("{queue_id}: delay reported for {recipients}", queue_id=attempt.queue_id,
+                      recipients=[r.recipient for r in pending], stage="delayed")
+
+    def _no_dsn_reason(self, message) -> Optional[str]:
+        if message.envelope.sender == "":
+            # RFC 5321 §4.5.5, RFC 3464 §2: never a DSN to the null reverse-path (bounce loops).
+            return "null reverse-path"
+        if self._reporter is None or not self._queue.bounces:
+            return "bounces are disabled"
+        return None
+
+    def _settle_failed(self, failure, attempt: _Attempt) -> None:
+        self.log.failure("{queue_id}: could not settle the attempt", failure, queue_id=attempt.queue_id)
+        self._attempts.pop(attempt.queue_id, None)
+        if not attempt.held and attempt.action != "delete":
+            self._schedule(attempt.queue_id, self._now() + self._backoff.next_delay(1))
+
+    def _attempt_over(self, attempt: _Attempt) -> None:
+        if self._attempts.get(attempt.queue_id) is attempt:
+            del self._attempts[attempt.queue_id]
+        if not self.running and not self._attempts:
+            self._stopped("deliveries finished")
+
+    def _stopped(self, why: str) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        if waiters:
+            self.log.info("scheduler stopped: {why}", why=why, queue_id="*", stage="stopped")
+        for d in waiters:
+            d.callback(None)

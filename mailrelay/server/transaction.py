@@ -1,0 +1,191 @@
+"""The mail transaction of a server session: MAIL, RCPT, DATA and the commit before 250.
+
+Its job in the message's journey: turn one client transaction into one committed spool message.  In:
+MAIL FROM / RCPT TO / DATA command lines and then the DATA bytes, handed over by the session.  Out:
+the policy asked at MAIL, RCPT and end of data; an IMessageWriter from the incoming queue filled with
+our `Received` header and the un-dot-stuffed content; `250 2.0.0 Ok: queued as <id>` only once the
+writer's commit has succeeded, otherwise 451 4.3.0 and the partial message thrown away.
+
+Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
+recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
+and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
+
+`TransactionMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_helo`,
+`_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_reader`, `_writer`,
+`_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`, `factory`,
+`hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_abort_writer`,
+`_reset_transaction`, `_reset_transaction_safely`, `client_info`, `_tls_description`, `_log`,
+`_log_unexpected`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from twisted.internet import defer
+
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import Reply
+from mailrelay.logs import log_message
+from mailrelay.server import addresses
+from mailrelay.server.data import DataReader, HeaderCollector
+from mailrelay.server.received import protocol_name, received_header
+from mailrelay.server.replies import LOCAL_ERROR
+
+_HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
+
+
+class TransactionMixin:
+    """MAIL, RCPT, DATA and the end of data, for RelaySession."""
+
+    def do_MAIL(self, rest: str) -> None:
+        refusal = self._mail_refusal()
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        parsed = addresses.parse_mail(rest)
+        if isinstance(parsed, Reply):
+            self._reply(parsed)
+            return
+        if parsed.size is not None and parsed.size > self._limits.max_message_size:
+            self._send(552, "5.3.4", "Message size exceeds fixed maximum message size")   # RFC 1870 6.1
+            return
+        client = self.client_info()
+        identity = self.factory.policy.identify(client)
+        refusal = self.factory.policy.check_sender(client, parsed.sender)
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        self._mail, self._identity, self._rcpts = parsed, identity, []
+        self._send(250, "2.1.0", "Sender ok")
+
+    def _mail_refusal(self) -> Optional[Reply]:
+        if self._helo is None:
+            return Reply(503, "5.5.1", "Send EHLO/HELO first")
+        if self._mail is not None:
+            return Reply(503, "5.5.1", "Nested MAIL command")
+        if self.factory.require_tls and not self._tls_on:
+            return Reply(530, "5.7.0", "Must issue a STARTTLS command first")    # RFC 3207 4
+        if self.factory.require_auth and self._user is None:
+            return Reply(530, "5.7.0", "Authentication required")              # RFC 4954 6, RFC 6409 4.3
+        return None
+
+    def do_RCPT(self, rest: str) -> None:
+        if self._mail is None:
+            self._send(503, "5.5.1", "Need MAIL before RCPT")
+            return
+        parsed = addresses.parse_rcpt(rest)
+        if isinstance(parsed, Reply):
+            self._reply(parsed)
+            return
+        if len(self._rcpts) >= self._limits.max_recipients:
+            self._send(452, "4.5.3", "Too many recipients")     # RFC 5321 4.5.3.1.8: 452, never dropped
+            return
+        refusal = self.factory.policy.check_recipient(self.client_info(), self._mail.sender, parsed.recipient)
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        if parsed.recipient not in self._rcpts:
+            self._rcpts.append(parsed.recipient)
+        self._send(250, "2.1.5", "Recipient ok")
+
+    def do_DATA(self, rest: str) -> None:
+        if self._mail is None or not self._rcpts:
+            self._send(503, "5.5.1", "Need MAIL and RCPT before DATA")
+            return
+        if rest.strip():
+            self._send(501, "5.5.4", "DATA takes no arguments")
+            return
+        envelope = self._new_envelope()
+        try:
+            writer = self.factory.queue.new_message(envelope)
+            writer.write(self._received(writer.queue_id, envelope))
+        except Exception:
+            self._log.failure("the queue refused a new message")
+            self._reset_transaction_safely()
+            self._reply(LOCAL_ERROR)
+            return
+        self._envelope, self._writer, self._headers = envelope, writer, HeaderCollector()
+        self._reader = DataReader(self._write_content, self._limits.max_message_size)
+        self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def _new_envelope(self) -> Envelope:
+        return Envelope(
+            sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
+            client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
+            body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+        )
+
+    def _received(self, queue_id: str, envelope: Envelope) -> bytes:
+        return received_header(
+            helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
+            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
+            queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
+            tls=envelope.tls, user=self._user,
+        )
+
+    def _write_content(self, chunk: bytes) -> None:
+        """DataReader's sink: straight to the writer, so memory does not grow with the message."""
+        if self._write_failed:
+            return
+        try:
+            if self._headers.headers == b"" and not self._headers.complete and not _HEADER_START.match(chunk):
+                self._writer.write(b"\r\n")     # content starts with body text: end our header block
+                self._headers.complete = True     # ... and it has no header block of its own
+            self._headers.feed(chunk)
+            self._writer.write(chunk)
+        except Exception:
+            self._log.failure("writing message content failed")
+            self._write_failed = True
+
+    def _feed_data(self) -> bool:
+        data = self._inbuf[self._inpos:] if self._inpos else self._inbuf
+        self._inbuf, self._inpos = b"", 0
+        rest = self._reader.feed(data)
+        if rest is None:
+            return False
+        self._inbuf = rest
+        try:
+            self._end_of_data()
+        except Exception:
+            self._log.failure("error at the end of data from {ip}", ip=self._ip)
+            self._reset_transaction_safely()
+            self._reply(LOCAL_ERROR)
+        return True
+
+    def _end_of_data(self) -> None:
+        """The client sent CRLF.CRLF: refuse, or commit and only then answer 250."""
+        reader, self._reader = self._reader, None
+        outcome = reader.outcome
+        if outcome is None and self._write_failed:
+            outcome = LOCAL_ERROR
+        if outcome is None:
+            outcome = self.factory.policy.check_message(
+                self.client_info(), self._mail.sender, self._headers.headers
+            )
+        if outcome is not None:
+            self._abort_writer()
+            self._reset_transaction()
+            self._reply(outcome)
+            return
+        writer, envelope = self._writer, self._envelope
+        self._set_busy(True)
+        d = defer.maybeDeferred(writer.commit)
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, reader.size))
+        d.addErrback(self._log_unexpected)
+
+    def _committed(self, queue_id, envelope: Envelope, size: int) -> None:
+        log_message(self._log, "queued", queue_id, client=self._ip, identity=envelope.identity,
+                    sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
+        self._count("accepted", self.factory.listener.kind, size)
+        self._writer = None
+        self._reset_transaction()
+        self._send(250, "2.0.0", f"Ok: queued as {queue_id}")
+        self._set_busy(False)
+
+    def _commit_failed(self, failure) -> None:
+        self._log.failure("commit of a message from {ip} failed", failure, ip=self._ip)
+        self._abort_writer()
+        self._reset_transaction()
+        self._send(451, "4.3.0", "Could not queue the message, try again later")
+        self._set_busy(False)
