@@ -92,6 +92,12 @@ class Replaceable:
     transports: dict
     direct: object
 
+    def close_idle(self) -> defer.Deferred:
+        """QUIT on the idle connections the next hops keep for reuse (on stop, or once replaced)."""
+        hops = [*self.transports.values(), self.direct]
+        return defer.DeferredList([defer.maybeDeferred(hop.close_idle) for hop in hops
+                                   if hasattr(hop, "close_idle")], consumeErrors=True)
+
 
 def build_replaceable(config: Config, reactor) -> Replaceable:
     """Policy, AUTH portal, routes and next hops (behind DKIM) for `config`. Raises ConfigError or ValueError
@@ -169,6 +175,7 @@ class RelayService(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
         self.spool.setServiceParent(self)
         parts = build_replaceable(config, reactor)
+        self.parts = parts
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
@@ -236,6 +243,8 @@ class RelayService(service.MultiService):
                                 policy=parts.policy)
         if hasattr(self.scheduler, "reconfigure"):
             self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+            old, self.parts = self.parts, parts
+            old.close_idle()       # deliveries still running on the old hops QUIT when they finish
         else:
             self.scheduler.reload()       # the delivery process re-reads the file itself
         self.config = config
@@ -261,6 +270,7 @@ class RelayService(service.MultiService):
         rest = [child for child in reversed(list(self)) if child not in self.listeners and child is not self.scheduler]
         d = defer.DeferredList([sessions, deliveries], consumeErrors=True)
         d.addCallback(_log_failures, "draining sessions and deliveries")
+        d.addCallback(lambda _: self.parts.close_idle())
         d.addCallback(lambda _: _stop_all(rest))
         d.addCallback(lambda _: log.info("shut down: everything not delivered stays in the spool"))
         return d

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from twisted.application import service
-from twisted.internet import stdio
+from twisted.internet import defer, stdio
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -59,6 +59,7 @@ class DeliveryWorker(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False)
         self.spool.setServiceParent(self)
         parts = build_replaceable(config, reactor)
+        self.parts = parts
         reporter = None
         if config.queue.bounces:
             from mailrelay.dsn import DSNReporter
@@ -84,7 +85,19 @@ class DeliveryWorker(service.MultiService):
             log.error("delivery process: reload refused: {error}", error=str(e))
             return
         self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
+        old, self.parts = self.parts, parts
+        old.close_idle()
         self.config = config
+
+    def stopService(self):
+        """Deliveries in flight first (bounded), then the idle cached connections, then the spool."""
+        service.Service.stopService(self)
+        rest = [child for child in reversed(list(self)) if child is not self.scheduler]
+        d = defer.maybeDeferred(self.scheduler.stopService)
+        d.addBoth(lambda _: self.parts.close_idle())
+        d.addBoth(lambda _: defer.DeferredList([defer.maybeDeferred(c.stopService) for c in rest],
+                                               consumeErrors=True))
+        return d
 
 
 def main(argv=None) -> int:

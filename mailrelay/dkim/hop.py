@@ -71,6 +71,11 @@ class DKIMHop:
         if IBatchNextHop.providedBy(inner):
             alsoProvides(self, IBatchNextHop)     # batches only when the hop behind it can take them
 
+    def close_idle(self):
+        """Close the idle connections the hop behind us keeps (its connection cache)."""
+        close = getattr(self._inner, "close_idle", None)
+        return close() if close is not None else defer.succeed(None)
+
     def headers_for(self, message) -> bytes:
         """Runs in a worker thread: the header lines to put in front of `message`."""
         added = b""
