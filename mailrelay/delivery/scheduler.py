@@ -157,14 +157,19 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
 
     def _recover(self, queue_id: str) -> None:
         """Schedule a message by its persisted state (due now if never tried)."""
-        loaded = self._load(queue_id)
+        loaded = self._load_unheld(queue_id, "scheduled")
         if loaded is None:
             return
         message, state = loaded
-        if message.held:
-            self.log.info("{queue_id}: held, not scheduled", queue_id=queue_id, stage="held")
-            return
         self._schedule(queue_id, self._next_due(message, state, report_retry=self._now()))
+
+    def _load_unheld(self, queue_id: str, what: str):
+        """(message, state) of a message that may be delivered, or None (gone, unreadable, or held)."""
+        loaded = self._load(queue_id)
+        if loaded is not None and loaded[0].held:
+            self.log.info("{queue_id}: held, not {what}", queue_id=queue_id, what=what, stage="held")
+            return None
+        return loaded
 
     def _next_due(self, message, state: MessageState, report_retry: float) -> float:
         """When to look at a message again: its earliest pending recipient (never past its lifetime),
@@ -195,13 +200,10 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._forced.discard(queue_id)
         if not self.running or queue_id in self._attempts:
             return   # an attempt in progress reschedules the message when it ends
-        loaded = self._load(queue_id)
+        loaded = self._load_unheld(queue_id, "tried")
         if loaded is None:
             return
         message, state = loaded
-        if message.held:
-            self.log.info("{queue_id}: held, not tried", queue_id=queue_id, stage="held")
-            return
         attempt = self._begin(message, state)
         now = self._now()
         if now < self._expiry(message):
