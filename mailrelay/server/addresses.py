@@ -52,9 +52,12 @@ class RcptTo:
     params: dict = field(default_factory=dict)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def has_control(text: str) -> bool:
     """True when `text` holds a C0 control (except HT) or DEL: never allowed in a command line."""
-    return any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def check_helo(argument: str) -> Union[str, Reply]:

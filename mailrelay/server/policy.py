@@ -28,6 +28,7 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from email import policy as email_policy
@@ -190,6 +191,7 @@ def _mapped_to_ipv4(net: config.IPNetwork) -> config.IPNetwork:
     return net
 
 
+@functools.lru_cache(maxsize=4096)    # asked at MAIL and at every RCPT of every session: parse once per peer
 def client_ip(address: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The peer address as an ipaddress object, IPv4-mapped IPv6 (`::ffff:10.1.2.3`) unmapped."""
     try:
