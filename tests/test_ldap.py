@@ -561,3 +561,24 @@ class CacheWithSlapdTests(SlapdTestCase):
         checker = self.checker(bind_dn=BIND_DN, cache=300.0)
         await login(checker, "alice", fixture.USERS["alice"])
         await self.refused(login(checker, "alice", "wrong"), UnauthorizedLogin)
+
+
+class CacheHashThreadTests(unittest.TestCase):
+    def test_the_cache_hash_is_computed_off_the_reactor_thread(self):
+        import threading
+
+        from twisted.internet import reactor
+
+        from mailrelay.config import LDAPConfig
+        from mailrelay.server.ldap import LDAPChecker
+
+        checker = LDAPChecker(LDAPConfig(urls=("ldap://127.0.0.1:1",), bind_dn="uid={user},dc=example",
+                                         cache=60.0), reactor=reactor)
+        seen = []
+        real = checker._cache.digest
+        checker._cache.digest = lambda user, password: (seen.append(threading.current_thread()),
+                                                        real(user, password))[1]
+        d = checker._digest("alice", b"pw")
+        d.addCallback(lambda digest: self.assertEqual(digest, real("alice", b"pw")))
+        d.addCallback(lambda _: self.assertIsNot(seen[0], threading.main_thread()))
+        return d

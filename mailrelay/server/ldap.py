@@ -40,7 +40,7 @@ from ldaptor.protocols import pureldap
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, ssl
+from twisted.internet import defer, threads, ssl
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -166,10 +166,21 @@ class LDAPChecker:
 
     # -- the login -----------------------------------------------------------------------------------
 
+    def _digest(self, user: str, password: bytes) -> defer.Deferred:
+        """The cache's scrypt hash, computed in a worker thread (~10 ms: never on the reactor); a
+        reactor without a thread pool (a test's memory reactor) hashes inline."""
+        pool = getattr(self._reactor, "getThreadPool", None)
+        if pool is None:
+            return defer.maybeDeferred(self._cache.digest, user, password)
+        return threads.deferToThreadPool(self._reactor, pool(), self._cache.digest, user, password)
+
     async def _login(self, user: str, password: bytes) -> str:
-        if self._cache.check(user, password):
-            self.log.debug("LDAP login accepted for {user} from the cache", user=user)
-            return user
+        digest = None
+        if self._cache.has_entry(user):
+            digest = await self._digest(user, password)
+            if self._cache.check_digest(user, digest):
+                self.log.debug("LDAP login accepted for {user} from the cache", user=user)
+                return user
         for url in self._urls:
             attempt = defer.Deferred.fromCoroutine(self._ask(url, user, password))
             attempt.addTimeout(self._config.timeout, self._reactor)
@@ -192,7 +203,8 @@ class LDAPChecker:
                               why=str(refusal))
                 raise UnauthorizedLogin("bad credentials")
             self.log.info("LDAP login accepted for {user} by {url}", user=user, url=str(url))
-            self._cache.remember(user, password)
+            if self._cache.enabled:
+                self._cache.remember_digest(user, digest or await self._digest(user, password))
             return user
         self.log.error("LDAP login for {user}: no directory answered", user=user)
         raise TemporaryAuthFailure("no LDAP directory answered")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 
 # Memory-hard on purpose: a dump of the process memory should not give the passwords away cheaply.
-# n=2**10, r=8 costs 1 MiB and a few milliseconds per login, on the reactor thread: keep it modest.
+# n=2**10, r=8 costs 1 MiB and ~10 ms per hash: LDAPChecker computes digest() in a worker thread.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**10, 8, 1
 MAX_ENTRIES = 10_000
 
@@ -36,28 +36,48 @@ class CredentialCache:
         self._salt = os.urandom(16)
         self._entries: dict[str, _Entry] = {}
 
-    def _digest(self, user: str, password: bytes) -> bytes:
+    @property
+    def enabled(self) -> bool:
+        return self._ttl > 0
+
+    def digest(self, user: str, password: bytes) -> bytes:
+        """The salted hash kept for (user, password). Slow on purpose; safe to call from any thread."""
         salt = self._salt + user.encode("utf-8")
         return hashlib.scrypt(password, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
 
+    def has_entry(self, user: str) -> bool:
+        """Whether a lookup for `user` could hit (worth computing a digest for)."""
+        entry = self._entries.get(user)
+        if entry is not None and entry.expires <= self._clock.seconds():
+            del self._entries[user]
+            entry = None
+        return entry is not None
+
     def remember(self, user: str, password: bytes) -> None:
-        if self._ttl <= 0:
+        if self.enabled:
+            self.remember_digest(user, self.digest(user, password))
+
+    def remember_digest(self, user: str, digest: bytes) -> None:
+        if not self.enabled:
             return
         now = self._clock.seconds()
         if len(self._entries) >= MAX_ENTRIES:
             self._entries = {u: e for u, e in self._entries.items() if e.expires > now}
         if len(self._entries) < MAX_ENTRIES:
-            self._entries[user] = _Entry(self._digest(user, password), now + self._ttl)
+            self._entries[user] = _Entry(digest, now + self._ttl)
 
     def check(self, user: str, password: bytes) -> bool:
         """True when this user logged in with this very password less than ttl ago."""
+        return self.has_entry(user) and self.check_digest(user, self.digest(user, password))
+
+    def check_digest(self, user: str, digest: bytes) -> bool:
         entry = self._entries.get(user)
         if entry is None:
             return False
         if entry.expires <= self._clock.seconds():
             del self._entries[user]
             return False
-        return hmac.compare_digest(entry.digest, self._digest(user, password))
+        return hmac.compare_digest(entry.digest, digest)
 
     def forget(self, user: str) -> None:
         self._entries.pop(user, None)
