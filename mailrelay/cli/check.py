@@ -131,7 +131,8 @@ def describe(config: Config) -> list[tuple[str, str]]:
     resolver = _list(f"{h}:{p}" for h, p in d.nameservers) if d.nameservers else "the system resolver"
     source = f", from {d.source_address}" if d.source_address else ""
     lines.append(("delivery", f"direct to MX port {d.mx_port}, TLS {d.tls}; {d.concurrency} connections "
-                  f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}"))
+                  f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}; "
+                  f"{'in a separate process' if d.process == 'separate' else 'in the main process'}"))
     for t in config.transports.values():
         login = f", login {t.username} (password from {t.password_file})" if t.username else ""
         ca = f", CA {t.ca_file}" if t.ca_file else ""
