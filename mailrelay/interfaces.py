@@ -101,13 +101,21 @@ class IBatchNextHop(INextHop):
     """A next hop that can carry several messages on one connection (connection reuse). Optional: the
     scheduler batches only hops that provide it and calls deliver() once per message otherwise."""
 
-    def deliver_batch(jobs):
+    def deliver_batch(jobs, on_settled=None):
         """Send `jobs` (a list of delivery.client.Job: a spooled message and its recipients, all bound
         for this one next hop) over one connection, one transaction per job, in order.
 
+        `on_settled(index, results)`, when given, is called as soon as job `index` has its final
+        per-recipient results (after the reply to its final dot, a refused MAIL FROM, or when every RCPT
+        failed), at most once per job; it may return a Deferred, and the next job (its MAIL FROM) is not
+        started before that fires — so the caller's record of job k is durable before job k+1 is offered
+        (docs/crash-safety.md section 2).  A hop may leave some jobs unreported (connection lost, or a
+        recipient still waiting for another exchanger).
+
         Returns a Deferred firing with one list of delivery.RecipientResult per job, in the order of
-        `jobs`, with the same meaning as deliver()'s. A connection lost part-way settles the jobs not yet
-        answered with a 4xx result; the Deferred itself does not fail."""
+        `jobs`, with the same meaning as deliver()'s — every job, the reported ones included. A connection
+        lost part-way settles the jobs not yet answered with a 4xx result; the Deferred itself does not
+        fail.  Older hops without `on_settled` still work: the scheduler then records at the end."""
 
 
 class IRouter(Interface):

@@ -11,6 +11,12 @@ Implements RFC 5321 (section 3 transactions, 4.2 replies, 4.5.2 dot-stuffing, 4.
 RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN / LOGIN, only over TLS), RFC 1870 (SIZE), RFC 6152
 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3463 (enhanced status codes in every result).
 
+Each job reported as soon as it is settled (crash safety, docs/crash-safety.md section 2): with an
+`on_settled(index, results)` callback, a job's final results are handed over right after the reply that
+settles it (the reply to the final dot, a refused MAIL FROM, the last refused RCPT), and the next job's
+MAIL FROM waits until the Deferred it returns has fired — the caller's record of job k is durable before
+job k+1 is offered, so a kill -9 can duplicate at most the one message in flight on a connection.
+
 Connection reuse (with a delivery.pool.ConnectionPool): a session that ends cleanly is parked in the pool
 instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs its jobs on it, starting
 at MAIL FROM (RFC 5321 3.3: one session may carry many transactions).  That first command is the liveness
@@ -25,6 +31,7 @@ silent STARTTLS skipping and exception-based error reporting are all replaced he
 from __future__ import annotations
 
 import base64
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -49,6 +56,10 @@ SECURITY_MODES = ("none", "opportunistic", "starttls", "tls")
 MAX_REPLY_LINES = 100
 QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle connection
 
+# on_settled(index, results): job `index` has its final per-recipient results; the next job waits for
+# the Deferred it may return.
+OnSettled = Callable[[int, list], Optional[defer.Deferred]]
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -64,6 +75,30 @@ class Job:
     recipients to try for it (a subset of its envelope's)."""
     message: Any
     recipients: tuple[str, ...]
+
+
+def report_once(on_settled: Optional[OnSettled]) -> Optional[OnSettled]:
+    """`on_settled` called at most once per job index, however many connections the jobs are tried on
+    (a stale cached connection, a plaintext retry after a failed handshake); repeats return None."""
+    if on_settled is None:
+        return None
+    reported: set[int] = set()
+
+    def report(index: int, results: list) -> Optional[defer.Deferred]:
+        if index in reported:
+            return None
+        reported.add(index)
+        return on_settled(index, results)
+    return report
+
+
+def takes_on_settled(hop: Any) -> bool:
+    """Whether `hop.deliver_batch` accepts the `on_settled` keyword (older or test hops may not)."""
+    try:
+        parameters = inspect.signature(hop.deliver_batch).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "on_settled" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 @dataclass(frozen=True)
@@ -107,7 +142,8 @@ class DeliveryClient(smtp.ESMTPClient):
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
 
     def __init__(self, params: SessionParams, jobs: list[Job], clock: Any,
-                 pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None):
+                 pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None,
+                 on_settled: Optional[OnSettled] = None):
         smtp.ESMTPClient.__init__(self, None, params.tls_options, params.helo)
         self.params = params
         self._clock = clock
@@ -125,11 +161,13 @@ class DeliveryClient(smtp.ESMTPClient):
         self._fit_for_reuse = True       # once False (a 421, an error, a limit reached) never parked again
         self._parked = self._lost = False
         self._close_waiters: list[defer.Deferred] = []
-        self._begin(jobs, reused=False)
+        self._begin(jobs, reused=False, on_settled=on_settled)
 
-    def _begin(self, jobs: list[Job], reused: bool) -> None:
+    def _begin(self, jobs: list[Job], reused: bool, on_settled: Optional[OnSettled] = None) -> None:
         """The state of one session (a list of jobs) on this connection."""
         self.jobs = list(jobs)
+        self._on_settled = on_settled
+        self._reported: set[int] = set()
         self.finished: defer.Deferred = defer.Deferred()
         self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
         self._failure: Optional[tuple[int, str, str]] = None
@@ -389,6 +427,8 @@ class DeliveryClient(smtp.ESMTPClient):
     # -- transactions: MAIL, RCPT, DATA, once per job --------------------------------------------------
 
     def _next_job(self) -> None:
+        if self._report_settled():
+            return      # _resume carries on once the caller has recorded the job
         if self._in_transaction:
             self._in_transaction = False
             return self._send(b"RSET", "RSET", (250,), lambda code, text: self._next_job())
@@ -401,6 +441,34 @@ class DeliveryClient(smtp.ESMTPClient):
             self._settle_job(*refusal)
             return self._next_job()
         self._send(self._mail_command(job), "MAIL FROM", range(200, 300), self._on_mail, self._on_mail_refused)
+
+    def _report_settled(self) -> bool:
+        """Hand the job just settled to `on_settled`; True when the session now waits for its Deferred."""
+        index = self._job_index
+        if self._on_settled is None or index < 0 or index in self._reported:
+            return False
+        self._reported.add(index)
+        self.setTimeout(None)       # our own disk is slow, not the server: no reply timeout meanwhile
+        self._command, self._waiting_for = "nothing (recording)", "nothing (recording)"
+        self._expect((), self._on_unasked_reply, self._on_unasked_reply)
+        results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
+                   for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
+        d = defer.maybeDeferred(self._on_settled, index, results)
+        d.addErrback(lambda f: log.failure("recording a settled job failed", f))
+        d.addCallback(lambda _: self._resume())
+        return True
+
+    def _resume(self) -> None:
+        if self._lost or self.finished.called:
+            return      # the connection went away meanwhile: finished already carries every result
+        self.setTimeout(self.params.timeouts.reply)
+        self._next_job()
+
+    def _on_unasked_reply(self, code: int, text: bytes) -> None:
+        # A reply nobody asked for (often 421, RFC 5321 3.8): the session cannot be trusted to go on.
+        self._fit_for_reuse = False
+        self._record_failure(code, text, "the end of a transaction")
+        self._close()
 
     def _refusal(self, job: Job) -> Optional[tuple[int, str, str]]:
         """A permanent reason not to try this job on this server at all, or None."""
@@ -547,12 +615,12 @@ class DeliveryClient(smtp.ESMTPClient):
         """Seconds since the connection was made."""
         return 0.0 if self._connected_at is None else self._clock.seconds() - self._connected_at
 
-    def reuse(self, jobs: list[Job]) -> defer.Deferred:
+    def reuse(self, jobs: list[Job], on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         """Run `jobs` on this parked connection, from MAIL FROM on: greeting, EHLO, TLS and AUTH still hold.
         Fires like `finished` (SessionResult, never failing); `stale` then tells whether the connection
-        proved dead before its first reply, so that nothing was tried."""
+        proved dead before its first reply, so that nothing was tried.  `on_settled` as for __init__."""
         self._parked = False
-        self._begin(jobs, reused=True)
+        self._begin(jobs, reused=True, on_settled=on_settled)
         self.setTimeout(self.params.timeouts.reply)
         self._next_job()
         return self.finished
@@ -588,32 +656,37 @@ def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -
 
 
 def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None,
-                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey] = None) -> defer.Deferred:
+                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey] = None,
+                 on_settled: Optional[OnSettled] = None) -> defer.Deferred:
     """Send `jobs` over an idle connection from `pool` under `key` when there is one, else connect with
     `endpoint` (wrapped in TLS already when params.security == "tls").  With a pool, a connection that
-    ends cleanly is parked there for the next call instead of closed.
+    ends cleanly is parked there for the next call instead of closed.  `on_settled(index, results)` is
+    called once per job as soon as it is settled, and the next job waits for its Deferred (see above);
+    jobs it was not called for (connection lost) are only in the final result.
 
     Returns a Deferred firing with a SessionResult once every job is settled; it never fails."""
     if params.security not in SECURITY_MODES:
         raise ValueError(f"unknown security mode {params.security!r}")
     if clock is None:
         from twisted.internet import reactor as clock
+    on_settled = report_once(on_settled)
     idle = pool.take(key) if pool is not None else None
     if idle is None:
-        return _connect(endpoint, params, jobs, clock, pool, key)
+        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
     def fresh_if_stale(result: SessionResult) -> Any:
         if not idle.stale:
             return result
         pool.stale += 1       # dead before any reply: nothing was tried, so this is no failed attempt
-        return _connect(endpoint, params, jobs, clock, pool, key)
+        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
-    return idle.reuse(jobs).addCallback(fresh_if_stale)
+    return idle.reuse(jobs, on_settled).addCallback(fresh_if_stale)
 
 
 def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
-             pool: Optional[ConnectionPool], key: Optional[PoolKey]) -> defer.Deferred:
-    client = DeliveryClient(params, jobs, clock, pool, key)
+             pool: Optional[ConnectionPool], key: Optional[PoolKey],
+             on_settled: Optional[OnSettled] = None) -> defer.Deferred:
+    client = DeliveryClient(params, jobs, clock, pool, key, on_settled)
 
     def connected(_):
         return client.finished

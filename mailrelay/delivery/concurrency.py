@@ -5,7 +5,8 @@ direct delivery, "transport:<name>" for a route), in FIFO order.  Out: at most `
 concurrency` connection slots in use in all and `concurrency_per_domain` per key; each slot one
 `INextHop.deliver()` call, or one `IBatchNextHop.deliver_batch()` for several deliveries to the same
 next hop on one connection (RFC 5321 §3.3, delivery.batch); each delivery's results handed on to be
-recorded.
+recorded — for a batch, each message as soon as the next hop settles it (`on_settled`), the next
+message on that connection waiting until the record is durable (docs/crash-safety.md section 2).
 
 `ConcurrencyMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_waiting`,
 `_in_flight`, `_per_key`, `_pumping`, `_pump_again`, `_pump_call`, `_clock`, `_delivery`,
@@ -19,7 +20,7 @@ from twisted.internet import defer
 
 from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.batch import batch_size, take_batch
-from mailrelay.delivery.client import Job
+from mailrelay.delivery.client import Job, takes_on_settled
 
 
 class ConcurrencyMixin:
@@ -74,15 +75,21 @@ class ConcurrencyMixin:
                           hop=job.hop_name, recipients=list(job.recipients), batch=len(batch), stage="attempt")
             if self._metrics is not None:
                 self._metrics.delivery_started(job.hop_name)
+        recorded: set[int] = set()       # positions in `batch` already recorded through on_settled
         if len(batch) == 1:
             d = defer.maybeDeferred(first.hop.deliver, first.attempt.message, list(first.recipients))
             d.addCallback(lambda results: [results])
         else:
-            d = defer.maybeDeferred(first.hop.deliver_batch,
-                                    [Job(job.attempt.message, job.recipients) for job in batch])
+            jobs = [Job(job.attempt.message, job.recipients) for job in batch]
+            if takes_on_settled(first.hop):
+                d = defer.maybeDeferred(first.hop.deliver_batch, jobs,
+                                        on_settled=lambda index, results: self._record_settled(
+                                            index, results, batch, recorded))
+            else:     # an older hop: every delivery is recorded when the connection is done
+                d = defer.maybeDeferred(first.hop.deliver_batch, jobs)
         d.addErrback(self._hop_failed, batch)
         d.addBoth(self._release_slot, first.limit_key)
-        d.addCallback(self._record_batch, batch)
+        d.addCallback(self._record_batch, batch, recorded)
 
     def _release_slot(self, result, limit_key: str):
         self._in_flight -= 1
@@ -92,11 +99,24 @@ class ConcurrencyMixin:
         self._pump()
         return result
 
-    def _record_batch(self, results, batch: list[_Job]) -> None:
-        """Each delivery of a batch is recorded, saved and acted on exactly as a lone one would be;
-        one that the next hop gave no results for is retried (see _record)."""
+    def _record_settled(self, index: int, results, batch: list[_Job], recorded: set[int]):
+        """on_settled for a batch: record delivery `index` now, exactly as _record_batch would have;
+        the Deferred (never failing) fires once its state is saved, or the message removed, so the next
+        hop offers the next message only then."""
+        if index in recorded or not 0 <= index < len(batch):
+            return None
+        recorded.add(index)
+        d = defer.maybeDeferred(self._record, results, batch[index])
+        d.addErrback(self._record_failed, batch[index])
+        return d
+
+    def _record_batch(self, results, batch: list[_Job], recorded: frozenset = frozenset()) -> None:
+        """Each delivery of a batch not yet recorded through on_settled is recorded, saved and acted on
+        exactly as a lone one would be; one that the next hop gave no results for is retried (see _record)."""
         results = list(results or ())
         for index, job in enumerate(batch):
+            if index in recorded:
+                continue
             job_results = results[index] if index < len(results) else None
             d = defer.maybeDeferred(self._record, job_results, job)
             d.addErrback(self._record_failed, job)

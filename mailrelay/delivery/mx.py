@@ -16,6 +16,11 @@ Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPo
 address, port, security and TLS options (built once per exchanger name and kept, so equal checks share
 one object), and the next batch to that exchanger — for any domain it serves — starts at MAIL FROM on it.
 `close_idle()` says QUIT on them all.
+
+Reported as soon as settled (docs/crash-safety.md section 2): with `on_settled`, a job whose every
+recipient has a final answer (2xx or 5xx, from this exchanger or an earlier one) is handed over right
+after that reply, and the next job on the connection waits for the record.  A job with a recipient
+left at 4xx is reported at the end, once the later exchangers have had their say.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
@@ -110,11 +115,13 @@ class MXDelivery:
         """One RecipientResult per recipient (all of one domain), in order; the Deferred never fails."""
         return self.deliver_batch([Job(message, tuple(recipients))]).addCallback(lambda results: results[0])
 
-    def deliver_batch(self, jobs) -> defer.Deferred:
+    def deliver_batch(self, jobs, on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         """IBatchNextHop: several messages for one recipient domain, all on one connection to each
-        exchanger tried.  One list of RecipientResult per job, in order; the Deferred never fails."""
+        exchanger tried.  One list of RecipientResult per job, in order; the Deferred never fails.
+        `on_settled(index, results)` hears of each job whose recipients are all settled for good as soon
+        as they are (see the module docstring)."""
         jobs = [Job(job.message, tuple(job.recipients)) for job in jobs]
-        d = defer.maybeDeferred(self._deliver_jobs, jobs)
+        d = defer.maybeDeferred(self._deliver_jobs, jobs, on_settled)
 
         def local_error(failure):
             log.failure("{queue_id}: direct delivery failed locally", failure,
@@ -125,7 +132,7 @@ class MXDelivery:
         return d.addErrback(local_error)
 
     @defer.inlineCallbacks
-    def _deliver_jobs(self, jobs: list[Job]):
+    def _deliver_jobs(self, jobs: list[Job], on_settled: Optional[OnSettled] = None):
         results: list[list[RecipientResult]] = [[] for _ in jobs]
         by_domain: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
@@ -141,7 +148,9 @@ class MXDelivery:
                 settled = [list(settle_all(j.recipients, e.reply.code, e.reply.status, e.reply.text))
                            for j in group]
             else:
-                settled = yield self._try_hosts(group, hosts)
+                report = None if on_settled is None else (
+                    lambda k, job_results, indexes=indexes: on_settled(indexes[k], job_results))
+                settled = yield self._try_hosts(group, hosts, report)
             for i, job_results in zip(indexes, settled):
                 results[i] = job_results
         return results
@@ -155,10 +164,11 @@ class MXDelivery:
         return pairs[:MAX_ADDRESSES]
 
     @defer.inlineCallbacks
-    def _try_hosts(self, jobs: list[Job], hosts: list[MXHost]):
+    def _try_hosts(self, jobs: list[Job], hosts: list[MXHost], on_settled: Optional[OnSettled] = None):
         final: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         last: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         answered_hosts: set[str] = set()
+        reported: set[int] = set()
         for host, address in self._candidates(hosts):
             pending = [(i, tuple(r for r in job.recipients if r not in final[i])) for i, job in enumerate(jobs)]
             pending = [(i, recipients) for i, recipients in pending if recipients]
@@ -167,7 +177,8 @@ class MXDelivery:
             if host.name in answered_hosts:
                 continue      # this exchanger already answered (4xx): its other addresses would too
             tried = [Job(jobs[i].message, recipients) for i, recipients in pending]
-            session = yield self._attempt(tried, host, address)
+            report = None if on_settled is None else self._reporter(jobs, pending, final, reported, on_settled)
+            session = yield self._attempt(tried, host, address, report)
             for (i, recipients), job_results in zip(pending, session.jobs):
                 for rcpt, result in zip(recipients, job_results):
                     # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
@@ -184,20 +195,37 @@ class MXDelivery:
         return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
                 for i, job in enumerate(jobs)]
 
+    @staticmethod
+    def _reporter(jobs: list[Job], pending: list, final: list, reported: set[int],
+                  on_settled: OnSettled) -> OnSettled:
+        """The client's on_settled for one exchanger: position `k` of the session is job pending[k][0];
+        it is passed on once every recipient of that job has a final (2xx/5xx) answer."""
+        def report(k: int, job_results: list) -> Optional[defer.Deferred]:
+            i, recipients = pending[k]
+            for rcpt, result in zip(recipients, job_results):
+                if result.delivered or result.permanent:       # RFC 5321 §4.2.1: final answers
+                    final[i][rcpt] = result
+            if i in reported or any(r not in final[i] for r in jobs[i].recipients):
+                return None
+            reported.add(i)
+            return on_settled(i, [final[i][r] for r in jobs[i].recipients])
+        return report
+
     @defer.inlineCallbacks
-    def _attempt(self, jobs: list[Job], host: MXHost, address: str):
+    def _attempt(self, jobs: list[Job], host: MXHost, address: str, on_settled: Optional[OnSettled] = None):
         policy = self.delivery.tls
-        session: SessionResult = yield self._session(jobs, host, address, _SECURITY[policy])
+        session: SessionResult = yield self._session(jobs, host, address, _SECURITY[policy], on_settled)
         if session.tls_failed and policy == "opportunistic":
             # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
             # plaintext on the same address; "required" and "verify" never fall back.
             self.plaintext_fallbacks += 1
             log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
                      queue_id=_queue_ids(jobs), host=host.name, address=address)
-            session = yield self._session(jobs, host, address, "none")
+            session = yield self._session(jobs, host, address, "none", on_settled)
         return session
 
-    def _session(self, jobs: list[Job], host: MXHost, address: str, security: str) -> defer.Deferred:
+    def _session(self, jobs: list[Job], host: MXHost, address: str, security: str,
+                 on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         params = SessionParams(
             helo=self.hostname,
             remote_host=host.name,
@@ -208,7 +236,8 @@ class MXDelivery:
         if self.send is not None:
             return self.send(self._endpoint(address), params, jobs, self.reactor)
         key = PoolKey(address, self.delivery.mx_port, security, params.tls_options)
-        return deliver_over(self._endpoint(address), params, jobs, self.reactor, pool=self.pool, key=key)
+        return deliver_over(self._endpoint(address), params, jobs, self.reactor, pool=self.pool, key=key,
+                            on_settled=on_settled)
 
     def _tls_options(self, name: str):
         """The client TLS options for an exchanger name, built once and kept (least recently used out)."""

@@ -41,7 +41,9 @@ class OutcomesMixin:
                 for job in batch]
 
     def _record(self, results, job: _Job) -> defer.Deferred:
-        """Apply one delivery's results to the message state and persist it, then count it done."""
+        """Apply one delivery's results to the message state and persist it, then count it done.  The
+        Deferred fires once that record is durable (the save, or — for the last delivery of a finished
+        message — the settling that removes it); a batch's next message waits for it."""
         attempt, now = job.attempt, self._now()
         by_recipient = {r.recipient: r for r in results or () if r.recipient in job.recipients}
         delays: dict[int, float] = {}   # one draw per attempt count: a group is retried together
@@ -60,9 +62,9 @@ class OutcomesMixin:
             # The last delivery settled every recipient for good: the removal that follows at once is
             # the record. A save in between would only narrow nothing (a crash before it, or before the
             # removal, sends the message again either way — docs/crash-safety.md) and costs an fsync.
-            d = defer.succeed(None)
-        else:
-            d = self._persist(attempt)
+            # Whoever waits on this record (a batch's next message) waits for that removal.
+            return defer.succeed(None).addBoth(self._job_done, attempt, wait=True)
+        d = self._persist(attempt)
         d.addBoth(self._job_done, attempt)
         return d
 
@@ -83,23 +85,28 @@ class OutcomesMixin:
             # RecipientResult carries no TLS fact (yet): `tls` is read if a next hop adds one.
             self._metrics.delivery_result(job.hop_name, stage, getattr(result, "tls", UNKNOWN), delay)
 
-    def _job_done(self, result, attempt: _Attempt):
+    def _job_done(self, result, attempt: _Attempt, wait: bool = False) -> Optional[defer.Deferred]:
+        """Count one delivery recorded; after the last, settle the attempt.  With `wait`, returns the
+        settling's Deferred (never failing), so a caller sees the removal done, not just begun."""
         if isinstance(result, Failure):
             self.log.failure("{queue_id}: cannot save delivery state", result, queue_id=attempt.queue_id)
             attempt.save_failed = True
         attempt.outstanding -= 1
         if not attempt.outstanding:
-            self._finish(attempt)
+            settled = self._finish(attempt)
+            return settled if wait else None
+        return None
 
     def _persist(self, attempt: _Attempt) -> defer.Deferred:
         """Write the newest state; saves of one message never overlap or land out of order."""
         return attempt.lock.run(
             lambda: defer.maybeDeferred(self._spool.save_state, attempt.queue_id, attempt.state.to_dict()))
 
-    def _finish(self, attempt: _Attempt) -> None:
+    def _finish(self, attempt: _Attempt) -> defer.Deferred:
         d = self._settle(attempt)
         d.addErrback(self._settle_failed, attempt)
         d.addBoth(lambda _: self._attempt_over(attempt))
+        return d
 
     @defer.inlineCallbacks
     def _settle(self, attempt: _Attempt):

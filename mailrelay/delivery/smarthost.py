@@ -28,7 +28,7 @@ from twisted.internet import defer, endpoints, ssl
 from zope.interface import implementer
 
 from mailrelay import config
-from mailrelay.delivery.client import Job, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over, report_once
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult
 from mailrelay.interfaces import IBatchNextHop, INextHop
@@ -75,8 +75,10 @@ def deliver_to_host(
     reactor: Any = None,
     clock: Any = None,
     pool: Optional[ConnectionPool] = None,
+    on_settled: Optional[OnSettled] = None,
 ) -> defer.Deferred:
-    """Connect to (host, port) and send every job on that one connection.
+    """Connect to (host, port) and send every job on that one connection.  `on_settled(index, results)`
+    hears of each job as soon as it is settled (client.deliver_over), once even across the retry below.
 
     `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
     "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
@@ -91,6 +93,7 @@ def deliver_to_host(
     if reactor is None:
         from twisted.internet import reactor
     clock = clock if clock is not None else reactor
+    on_settled = report_once(on_settled)
     name = tls_hostname or host
     options = tls_options
     if options is None and (tls_policy != "none" or implicit_tls):
@@ -104,7 +107,7 @@ def deliver_to_host(
         if params.security == "tls":
             endpoint = endpoints.wrapClientTLS(options, endpoint)
         key = PoolKey(host, port, params.security, params.tls_options, username)
-        return deliver_over(endpoint, params, jobs, clock, pool=pool, key=key)
+        return deliver_over(endpoint, params, jobs, clock, pool=pool, key=key, on_settled=on_settled)
 
     def maybe_plaintext(result: SessionResult) -> Any:
         if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
@@ -169,19 +172,19 @@ class SmarthostTransport:
         """INextHop: Deferred[list[RecipientResult]], one per recipient; it never fails."""
         return self.deliver_jobs([Job(message, tuple(recipients))]).addCallback(lambda r: list(r.jobs[0]))
 
-    def deliver_batch(self, jobs: list[Job]) -> defer.Deferred:
+    def deliver_batch(self, jobs: list[Job], on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         """IBatchNextHop: every job on one connection; Deferred[list[list[RecipientResult]]], one list
-        per job in order; it never fails."""
-        return self.deliver_jobs(list(jobs)).addCallback(lambda r: [list(job) for job in r.jobs])
+        per job in order; it never fails.  `on_settled` hears of each job as soon as it is settled."""
+        return self.deliver_jobs(list(jobs), on_settled).addCallback(lambda r: [list(job) for job in r.jobs])
 
-    def deliver_jobs(self, jobs: list[Job]) -> defer.Deferred:
+    def deliver_jobs(self, jobs: list[Job], on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         """Several messages on one connection: Deferred[results.SessionResult]."""
         t = self.transport
         return deliver_to_host(
             t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
             implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
             password=self._password.reveal() if self._password else None, timeouts=self.timeouts,
-            reactor=self._reactor, clock=self._clock, pool=self.pool,
+            reactor=self._reactor, clock=self._clock, pool=self.pool, on_settled=on_settled,
         )
 
     def close_idle(self) -> defer.Deferred:

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
-from mailrelay.delivery.client import Job
+from mailrelay.delivery.client import Job, takes_on_settled
 from mailrelay.interfaces import IBatchNextHop, INextHop
 
 log = Logger(namespace="mailrelay.dkim")
@@ -102,9 +102,10 @@ class DKIMHop:
         d.addCallbacks(send, failed)
         return d
 
-    def deliver_batch(self, jobs):
+    def deliver_batch(self, jobs, on_settled=None):
         """IBatchNextHop: sign each message (in the thread pool), then hand the batch to the inner hop.
-        A message that cannot be signed is kept back (451) on its own; the others still go."""
+        A message that cannot be signed is kept back (451) on its own; the others still go.  `on_settled`
+        is passed through with the inner hop's job positions mapped back to ours."""
         jobs = list(jobs)
         prepared = defer.DeferredList(
             [deferToThreadPool(self._reactor, self._threadpool, self.headers_for, job.message) for job in jobs],
@@ -123,7 +124,12 @@ class DKIMHop:
                     results[index] = list(settle_all(job.recipients, 451, "4.3.0", "DKIM signing failed, will retry"))
             if not ready:
                 return results
-            d = self._inner.deliver_batch([job for _, job in ready])
+            inner_jobs = [job for _, job in ready]
+            if on_settled is not None and takes_on_settled(self._inner):
+                d = self._inner.deliver_batch(
+                    inner_jobs, on_settled=lambda k, job_results: on_settled(ready[k][0], job_results))
+            else:
+                d = self._inner.deliver_batch(inner_jobs)
 
             def merge(batch_results):
                 for (index, _), job_results in zip(ready, batch_results):
