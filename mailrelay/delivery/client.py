@@ -639,6 +639,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
 
 class _Factory(protocol.Factory):
+    noisy = False       # no "Starting/Stopping factory" pair in the log for every delivery connection
+
     def __init__(self, build: Callable[[], DeliveryClient]):
         self._build = build
 
