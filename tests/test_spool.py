@@ -341,6 +341,26 @@ class AbortTests(SpoolTestCase):
         self.assertTrue(self.spool.exists(queue_id))
 
 
+class RemovalTests(SpoolTestCase):
+
+    @inlineCallbacks
+    def test_removal_is_immediate_and_its_directory_fsyncs_are_shared(self):
+        from mailrelay.spool import store
+
+        synced = []
+        real = store._fsync_all
+        self.patch(store, "_fsync_all", lambda directories: (synced.append(1), real(directories)))
+        ids = []
+        for _ in range(5):
+            queue_id = yield self.store_message()
+            ids.append(queue_id)
+        for queue_id in ids:
+            self.successResultOf(self.spool.remove(queue_id))     # already fired: unlinked for good
+            self.assertFalse(self.spool.exists(queue_id))
+        yield self.spool.stopService()                            # waits for the background fsyncs
+        self.assertTrue(1 <= len(synced) <= 2, synced)            # one, plus one for removals during it
+
+
 class StateTests(SpoolTestCase):
 
     @inlineCallbacks

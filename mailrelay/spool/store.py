@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,6 +72,8 @@ class Spool(Service):
         # Messages committed by this process and not loaded yet: their first load() (the scheduler's, a
         # moment after the commit) is answered from memory instead of re-reading what we just wrote.
         self._fresh: dict[str, SpooledMessage] = {}
+        self._removal_sync: Optional[Deferred] = None     # the directory fsync covering recent removals
+        self._removal_dirty = False
         self.batch_count = 0          # group commits run so far (for tests and metrics)
         self.largest_batch = 0
 
@@ -285,13 +287,34 @@ class Spool(Service):
     def remove(self, queue_id: str) -> Deferred:
         """Delete a message, its state and its hold flag (UnknownMessage if it is not there). The
         message goes first: a crash in between leaves an orphan state file, which recovery removes;
-        the other order could leave a message without its state, delivered twice."""
+        the other order could leave a message without its state, delivered twice.
+
+        The returned Deferred has already fired: once unlinked, the message is gone for every process
+        and for a kill -9. Only a power loss before the directories reach the disk could bring it back —
+        delivered again, never lost — so those fsyncs run in the background, one for all the removals
+        made meanwhile, instead of holding up the delivery that waits for this removal."""
         self._fresh.pop(queue_id, None)
         if not unlink_quietly(self.paths.message(self._checked(queue_id))):
             raise UnknownMessage(queue_id)
         unlink_quietly(self.paths.state_file(queue_id))
         unlink_quietly(self.paths.hold_flag(queue_id))
-        return self._run_blocking(_fsync_all, (self.paths.queue, self.paths.state, self.paths.hold))
+        self._sync_removals()
+        return succeed(None)
+
+    def _sync_removals(self) -> None:
+        if self._removal_sync is not None:
+            self._removal_dirty = True      # unlinked after the running fsync began: one more after it
+            return
+        self._removal_dirty = False
+        self._removal_sync = self._run_blocking(_fsync_all, (self.paths.queue, self.paths.state, self.paths.hold))
+        self._removal_sync.addBoth(self._removals_synced)
+
+    def _removals_synced(self, result: object) -> None:
+        self._removal_sync = None
+        if isinstance(result, Failure):
+            self._log.failure("spool: fsync of the directories after removals failed", result)
+        if self._removal_dirty:
+            self._sync_removals()
 
     def hold(self, queue_id: str) -> Deferred:
         """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/)."""
