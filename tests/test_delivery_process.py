@@ -72,3 +72,19 @@ class SeparateDeliveryProcess(unittest.TestCase):
         yield self.relay.stop()
         with self.assertRaises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+class TickBuffering(unittest.TestCase):
+    def test_log_lines_of_one_turn_are_written_together_at_its_end(self):
+        import io
+
+        from mailrelay.delivery.worker import TickBufferedStream
+
+        clock, out = task.Clock(), io.StringIO()
+        stream = TickBufferedStream(out, clock)
+        stream.write("one\n")
+        stream.flush()
+        stream.write("two\n")
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(0)
+        self.assertEqual(out.getvalue(), "one\ntwo\n")

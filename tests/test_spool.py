@@ -344,7 +344,7 @@ class AbortTests(SpoolTestCase):
 class RemovalTests(SpoolTestCase):
 
     @inlineCallbacks
-    def test_removal_is_immediate_and_its_directory_fsyncs_are_shared(self):
+    def test_removal_is_done_once_unlinked_and_its_directory_fsyncs_are_shared(self):
         from mailrelay.spool import store
 
         synced = []
@@ -354,9 +354,9 @@ class RemovalTests(SpoolTestCase):
         for _ in range(5):
             queue_id = yield self.store_message()
             ids.append(queue_id)
-        for queue_id in ids:
-            self.successResultOf(self.spool.remove(queue_id))     # already fired: unlinked for good
-            self.assertFalse(self.spool.exists(queue_id))
+        removals = [self.spool.remove(queue_id) for queue_id in ids]
+        yield gatherResults(removals)
+        self.assertEqual([self.spool.exists(queue_id) for queue_id in ids], [False] * 5)   # unlinked for good
         yield self.spool.stopService()                            # waits for the background fsyncs
         self.assertTrue(1 <= len(synced) <= 2, synced)            # one, plus one for removals during it
 
@@ -404,7 +404,7 @@ class StateTests(SpoolTestCase):
         yield self.spool.remove(queue_id)
         self.assertFalse(self.spool.exists(queue_id))
         self.assertRaises(UnknownMessage, self.spool.load, queue_id)
-        self.assertRaises(UnknownMessage, self.spool.remove, queue_id)
+        yield self.assertFailure(self.spool.remove(queue_id), UnknownMessage)
         for name in ("queue", "state", "hold"):
             self.assertEqual(files_in(self.directory / name), [], name)
 

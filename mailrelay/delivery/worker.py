@@ -100,6 +100,33 @@ class DeliveryWorker(service.MultiService):
         return d
 
 
+class TickBufferedStream:
+    """Log text collected during one reactor turn and written with one system call at its end, not one
+    write (and flush) per event: the delivery process logs three lines per message."""
+
+    def __init__(self, stream, reactor):
+        self._stream, self._reactor, self._parts, self._pending = stream, reactor, [], False
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+        if not self._pending:
+            self._pending = True
+            self._reactor.callLater(0, self.drain)
+
+    def flush(self) -> None:
+        """FileLogObserver flushes after every event; the real write happens once per turn (drain)."""
+
+    def drain(self) -> None:
+        self._pending = False
+        parts, self._parts = self._parts, []
+        if parts:
+            try:
+                self._stream.write("".join(parts))
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass          # the main process (our stdout) went away
+
+
 def main(argv=None) -> int:
     from mailrelay.config import ConfigError, load
 
@@ -119,7 +146,9 @@ def main(argv=None) -> int:
         globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
         logs.install(config.log).startService()
     else:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+        stream = TickBufferedStream(sys.stdout, reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", stream.drain)
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
     worker = DeliveryWorker(config, reactor)
     worker.startService()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)

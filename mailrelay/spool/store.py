@@ -285,21 +285,19 @@ class Spool(Service):
         return result
 
     def remove(self, queue_id: str) -> Deferred:
-        """Delete a message, its state and its hold flag (UnknownMessage if it is not there). The
-        message goes first: a crash in between leaves an orphan state file, which recovery removes;
-        the other order could leave a message without its state, delivered twice.
+        """Delete a message, its state and its hold flag (the Deferred fails with UnknownMessage if it is
+        not there). The message goes first: a crash in between leaves an orphan state file, which recovery
+        removes; the other order could leave a message without its state, delivered twice.
 
-        The returned Deferred has already fired: once unlinked, the message is gone for every process
-        and for a kill -9. Only a power loss before the directories reach the disk could bring it back —
-        delivered again, never lost — so those fsyncs run in the background, one for all the removals
-        made meanwhile, instead of holding up the delivery that waits for this removal."""
+        The unlinks run in the thread pool (on a filesystem mounted with `discard` an unlink costs the
+        reactor real time) and the Deferred fires once they are done: from then on the message is gone
+        for every process and for a kill -9. Only a power loss before the directories reach the disk
+        could bring it back — delivered again, never lost — so those fsyncs run in the background, one
+        for all the removals made meanwhile, instead of holding up the delivery that waits for this."""
         self._fresh.pop(queue_id, None)
-        if not unlink_quietly(self.paths.message(self._checked(queue_id))):
-            raise UnknownMessage(queue_id)
-        unlink_quietly(self.paths.state_file(queue_id))
-        unlink_quietly(self.paths.hold_flag(queue_id))
-        self._sync_removals()
-        return succeed(None)
+        d = self._run_blocking(_unlink_message, self.paths, self._checked(queue_id))
+        d.addCallback(lambda _: self._sync_removals())
+        return d
 
     def _sync_removals(self) -> None:
         if self._removal_sync is not None:
@@ -357,6 +355,13 @@ class Spool(Service):
         self._poller = control.RequestPoller(self.take_requests, handler, self._clock, interval)
         self._poller.start()
         return self._poller
+
+
+def _unlink_message(paths: SpoolPaths, queue_id: str) -> None:
+    if not unlink_quietly(paths.message(queue_id)):
+        raise UnknownMessage(queue_id)
+    unlink_quietly(paths.state_file(queue_id))
+    unlink_quietly(paths.hold_flag(queue_id))
 
 
 def _fsync_all(directories: tuple[Path, ...]) -> None:
