@@ -111,6 +111,13 @@ class DataReader:
             out.append(region)
             self._prev_crlf = True
             return None
+        term = region.find(b"\r\n.\r\n")
+        if term >= 0 and self._is_plain(region[:term + 2]):
+            # The usual last chunk: plain lines, then CRLF.CRLF — taken whole, not line by line. The
+            # first such sequence is the end (CVE-2024-27305: nothing else ends DATA).
+            out.append(region[:term + 2])
+            self._prev_crlf = True
+            return buf[term + 5:]
         pos = 0
         while pos < end:
             lf = buf.find(b"\n", pos, end)
