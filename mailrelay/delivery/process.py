@@ -25,7 +25,9 @@ from mailrelay.interfaces import IScheduler
 
 log = Logger(namespace="mailrelay.delivery.process")
 
-RESTART_DELAY = 1.0      # seconds before a delivery process that died is started again
+RESTART_DELAY = 1.0      # seconds before a delivery process that died is started again ...
+RESTART_MAX = 60.0       # ... doubling while it keeps dying within STABLE seconds of its start
+STABLE = 30.0
 STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries in flight; then TERM, KILL
 
 
@@ -58,6 +60,8 @@ class DeliveryProcess(service.Service):
         self._child = None
         self._transport = None
         self._restart = None
+        self._started_at = 0.0
+        self._delay = RESTART_DELAY
         self.restarts = 0
 
     def startService(self) -> None:
@@ -66,6 +70,7 @@ class DeliveryProcess(service.Service):
 
     def _spawn(self) -> None:
         self._restart = None
+        self._started_at = self.reactor.seconds()
         self._child = _ChildProtocol(self)
         self._transport = self.reactor.spawnProcess(
             self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path],
@@ -88,9 +93,12 @@ class DeliveryProcess(service.Service):
         self._transport = None
         if self.running:
             self.restarts += 1
+            if self.reactor.seconds() - self._started_at >= STABLE:
+                self._delay = RESTART_DELAY          # it ran for a while: this is not a crash loop
             log.error("delivery process ended unexpectedly ({reason}); starting it again in {delay} s",
-                      reason=reason.getErrorMessage(), delay=RESTART_DELAY)
-            self._restart = self.reactor.callLater(RESTART_DELAY, self._spawn)
+                      reason=reason.getErrorMessage(), delay=self._delay)
+            self._restart = self.reactor.callLater(self._delay, self._spawn)
+            self._delay = min(self._delay * 2, RESTART_MAX)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
