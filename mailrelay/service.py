@@ -128,6 +128,24 @@ def build_replaceable(config: Config, reactor) -> Replaceable:
     )
 
 
+def build_scheduler(config: Config, spool, parts: Replaceable, reactor, metrics):
+    """The scheduler over `spool` with `parts`' routes and next hops, and its DSN reporter (unless
+    `[queue] bounces = false`) — in the main process, or in the delivery process."""
+    from mailrelay.delivery.scheduler import Scheduler
+
+    reporter = None
+    if config.queue.bounces:
+        from mailrelay.dsn import DSNReporter
+
+        reporter = DSNReporter(spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
+                               metrics=metrics)
+    scheduler = Scheduler(spool, parts.router, parts.transports, parts.direct, config.queue, config.delivery,
+                          reporter, clock=reactor, metrics=metrics)
+    if reporter is not None:
+        reporter.scheduler = scheduler
+    return scheduler
+
+
 def dkim_wrapper(config: Config, reactor):
     """A function putting each next hop behind DKIM signing/verification, or leaving it as it is."""
     from mailrelay.dkim.build import build_signer, build_verifier
@@ -181,27 +199,12 @@ class RelayService(service.MultiService):
 
             self.scheduler = DeliveryProcess(config.path, reactor)
         else:
-            self.scheduler = self._inline_scheduler(config, parts, reactor)
+            self.scheduler = build_scheduler(config, self.spool, parts, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
         if config.metrics.endpoint:
             metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor).setServiceParent(self)
         self.factories = []
         self._listen(config, parts, reactor)
-
-    def _inline_scheduler(self, config: Config, parts: Replaceable, reactor):
-        from mailrelay.delivery.scheduler import Scheduler
-
-        reporter = None
-        if config.queue.bounces:
-            from mailrelay.dsn import DSNReporter
-
-            reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
-                                   metrics=self.metrics)
-        scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
-                              config.delivery, reporter, clock=reactor, metrics=self.metrics)
-        if reporter is not None:
-            reporter.scheduler = scheduler
-        return scheduler
 
     def _listen(self, config: Config, parts: Replaceable, reactor) -> None:
         from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory

@@ -49,9 +49,8 @@ class DeliveryWorker(service.MultiService):
 
     def __init__(self, config, reactor):
         super().__init__()
-        from mailrelay.delivery.scheduler import Scheduler
         from mailrelay.metrics import Metrics, metrics_service
-        from mailrelay.service import build_replaceable
+        from mailrelay.service import build_replaceable, build_scheduler
         from mailrelay.spool.store import Spool
 
         self.config, self.reactor = config, reactor
@@ -60,17 +59,8 @@ class DeliveryWorker(service.MultiService):
         self.spool.setServiceParent(self)
         parts = build_replaceable(config, reactor)
         self.parts = parts
-        reporter = None
-        if config.queue.bounces:
-            from mailrelay.dsn import DSNReporter
-
-            reporter = DSNReporter(self.spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
-                                   metrics=self.metrics)
-        self.scheduler = Scheduler(self.spool, parts.router, parts.transports, parts.direct, config.queue,
-                                   config.delivery, reporter, clock=reactor, metrics=self.metrics)
+        self.scheduler = build_scheduler(config, self.spool, parts, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
-        if reporter is not None:
-            reporter.scheduler = self.scheduler
         if config.metrics.delivery_endpoint:
             metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
 
