@@ -60,6 +60,7 @@ class DeliveryProcess(service.Service):
         self._child = None
         self._transport = None
         self._restart = None
+        self._outgoing: list[str] = []
         self._started_at = 0.0
         self._delay = RESTART_DELAY
         self.restarts = 0
@@ -79,9 +80,17 @@ class DeliveryProcess(service.Service):
         log.info("delivery process started (pid {pid})", pid=self._transport.pid)
 
     def enqueue(self, queue_id: str) -> None:
-        if self._transport is not None:
-            self._transport.write(f"enqueue {queue_id}\n".encode("ascii"))
-        # else: the child is being restarted; at start it schedules everything in the spool, this too.
+        """Tell the child; the ids committed in one reactor turn go down the pipe in one write."""
+        if self._transport is None:
+            return   # the child is being restarted; at start it schedules everything in the spool, this too
+        self._outgoing.append(f"enqueue {queue_id}\n")
+        if len(self._outgoing) == 1:
+            self.reactor.callLater(0, self._send_enqueued)
+
+    def _send_enqueued(self) -> None:
+        lines, self._outgoing = self._outgoing, []
+        if self._transport is not None and lines:
+            self._transport.write("".join(lines).encode("ascii"))
 
     def reload(self) -> None:
         if self._transport is not None:
@@ -106,7 +115,9 @@ class DeliveryProcess(service.Service):
             self._restart.cancel()
         if self._transport is None:
             return defer.succeed(None)
+        self._send_enqueued()             # ids still waiting for this turn's write go first
         transport, ended = self._transport, self._child.ended
+        self._transport = None
         transport.closeStdin()            # the child's signal to finish its deliveries and exit
         timers = [self.reactor.callLater(STOP_BOUND, self._signal, transport, "TERM"),
                   self.reactor.callLater(STOP_BOUND + 5, self._signal, transport, "KILL")]
