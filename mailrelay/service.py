@@ -197,7 +197,7 @@ class RelayService(service.MultiService):
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
-            self.scheduler = DeliveryProcess(config.path, reactor)
+            self.scheduler = DeliveryProcess(config.path, reactor, spool=self.spool)
         else:
             self.scheduler = build_scheduler(config, self.spool, parts, reactor, self.metrics)
         self.scheduler.setServiceParent(self)

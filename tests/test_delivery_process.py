@@ -88,3 +88,36 @@ class TickBuffering(unittest.TestCase):
         self.assertEqual(out.getvalue(), "")
         clock.advance(0)
         self.assertEqual(out.getvalue(), "one\ntwo\n")
+
+
+class EnqueueDescriptions(unittest.TestCase):
+    def test_a_fresh_commit_travels_down_the_pipe_and_is_taken_without_reading_the_file(self):
+        from pathlib import Path
+
+        from mailrelay.delivery.process import enqueue_line
+        from mailrelay.delivery.worker import Commands, DeliveryWorker
+        from mailrelay.envelope import Envelope
+        from mailrelay.spool.message import SpooledMessage
+        from mailrelay.spool.store import Spool
+
+        spool = Spool(Path(self.mktemp()), owner=False)
+        envelope = Envelope("a@example.org", ("b@example.com", "c@example.net"), 1.5, identity="permit[0]",
+                            params={"ENVID": "x y"})
+        sent = SpooledMessage("0123456789ABCDEF", envelope, 2048, spool.paths.message("0123456789ABCDEF"), 123)
+        enqueued = []
+
+        class Worker:
+            remember = DeliveryWorker.remember
+
+            def __init__(self):
+                self.spool = spool
+                self.scheduler = type("S", (), {"enqueue": staticmethod(enqueued.append)})()
+
+        Commands(Worker(), reactor).lineReceived(enqueue_line(sent.queue_id, sent).rstrip("\n").encode())
+        self.assertEqual(enqueued, [sent.queue_id])
+        self.assertEqual(spool.take_fresh(sent.queue_id), sent)
+
+    def test_a_bare_id_is_enqueued_to_be_read_from_the_spool(self):
+        from mailrelay.delivery.process import enqueue_line
+
+        self.assertEqual(enqueue_line("0123456789ABCDEF"), "enqueue 0123456789ABCDEF\n")

@@ -40,6 +40,14 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self.owner.child_ended(self, reason)
 
 
+def enqueue_line(queue_id: str, message=None) -> str:
+    """`enqueue ID` or `enqueue ID SIZE OFFSET ENVELOPE-JSON` (the envelope JSON is one line)."""
+    if message is None:
+        return f"enqueue {queue_id}\n"
+    envelope = message.envelope.to_json().decode("utf-8")
+    return f"enqueue {queue_id} {message.size} {message.data_offset} {envelope}\n"
+
+
 def child_environment() -> dict:
     """Ours, with the directory this mailrelay was imported from first on the path: the child runs the
     same code as the main process, installed or not."""
@@ -55,8 +63,10 @@ def child_environment() -> dict:
 class DeliveryProcess(service.Service):
     """Stands in for the scheduler in the main process (`enqueue`), running the real one in a child."""
 
-    def __init__(self, config_path, reactor, python: str = sys.executable):
-        self.config_path, self.reactor, self.python = str(config_path), reactor, python
+    def __init__(self, config_path, reactor, python: str = sys.executable, spool=None):
+        """`spool`: ours; what it remembers of a fresh commit (size, offset, envelope) goes down the pipe
+        with the id, so the child need not read the file back to start delivering it."""
+        self.config_path, self.reactor, self.python, self.spool = str(config_path), reactor, python, spool
         self._child = None
         self._transport = None
         self._restart = None
@@ -83,7 +93,7 @@ class DeliveryProcess(service.Service):
         """Tell the child; the ids committed in one reactor turn go down the pipe in one write."""
         if self._transport is None:
             return   # the child is being restarted; at start it schedules everything in the spool, this too
-        self._outgoing.append(f"enqueue {queue_id}\n")
+        self._outgoing.append(enqueue_line(queue_id, self.spool.take_fresh(queue_id) if self.spool else None))
         if len(self._outgoing) == 1:
             self.reactor.callLater(0, self._send_enqueued)
 

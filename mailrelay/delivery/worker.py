@@ -31,9 +31,12 @@ class Commands(LineOnlyReceiver):
         self.worker, self.reactor = worker, reactor
 
     def lineReceived(self, line: bytes) -> None:
-        verb, _, argument = line.decode("ascii", "replace").strip().partition(" ")
+        verb, _, argument = line.decode("utf-8", "replace").strip().partition(" ")
         if verb == "enqueue" and argument:
-            self.worker.scheduler.enqueue(argument)
+            queue_id, _, described = argument.partition(" ")
+            if described:
+                self.worker.remember(queue_id, described)
+            self.worker.scheduler.enqueue(queue_id)
         elif verb == "reload":
             self.worker.reload()
         else:
@@ -63,6 +66,21 @@ class DeliveryWorker(service.MultiService):
         self.scheduler.setServiceParent(self)
         if config.metrics.delivery_endpoint:
             metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
+
+    def remember(self, queue_id: str, described: str) -> None:
+        """`SIZE OFFSET ENVELOPE-JSON` from the main process: the message as it committed it."""
+        from mailrelay.envelope import Envelope
+        from mailrelay.spool.message import SpooledMessage
+
+        try:
+            size, offset, envelope = described.split(" ", 2)
+            message = SpooledMessage(queue_id, Envelope.from_json(envelope), int(size),
+                                     self.spool.paths.message(queue_id), int(offset))
+        except (ValueError, TypeError, KeyError):
+            log.warn("delivery process: {queue_id}: unreadable description; read from the spool instead",
+                     queue_id=queue_id)
+            return
+        self.spool.remember_fresh(message)
 
     def reload(self) -> None:
         from mailrelay.config import ConfigError, load

@@ -205,10 +205,14 @@ class Spool(Service):
         return self._fresh.pop(queue_id, None)
 
     def _remember_fresh(self, job: CommitJob) -> None:
-        if job.envelope is None:
-            return
-        self._fresh[job.queue_id] = SpooledMessage(job.queue_id, job.envelope, job.size, job.final_path,
-                                                   len(job.header))
+        if job.envelope is not None:
+            self.remember_fresh(SpooledMessage(job.queue_id, job.envelope, job.size, job.final_path,
+                                               len(job.header)))
+
+    def remember_fresh(self, message: SpooledMessage) -> None:
+        """Offer a just-committed message to take_fresh(): our own commits, or (in the delivery process)
+        those the main process describes down the pipe."""
+        self._fresh[message.queue_id] = message
         while len(self._fresh) > FRESH_LIMIT:      # nobody is loading them: bounded all the same
             del self._fresh[next(iter(self._fresh))]
 
