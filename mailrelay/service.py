@@ -84,13 +84,25 @@ def server_tls_options(config: Config):
 
 
 @dataclass
-class Replaceable:
-    """Everything a reload may swap: built from a config, with nothing started yet."""
+class ReceivingParts:
+    """What a reload may swap on the receiving side: the relay policy and the AUTH portal."""
     policy: object
     portal: object
+
+
+@dataclass
+class DeliveryParts:
+    """What a reload may swap on the delivery side: routes and next hops (behind DKIM)."""
     router: object
     transports: dict
     direct: object
+
+    def install(self, scheduler, config: Config, replacing: Optional["DeliveryParts"] = None) -> None:
+        """Give the scheduler these parts; the ones they replace close their idle cached connections
+        (deliveries still running on them QUIT when they finish)."""
+        scheduler.reconfigure(self.router, self.transports, self.direct, config.queue, config.delivery)
+        if replacing is not None:
+            replacing.close_idle()
 
     def close_idle(self) -> defer.Deferred:
         """QUIT on the idle connections the next hops keep for reuse (on stop, or once replaced)."""
@@ -99,12 +111,8 @@ class Replaceable:
                                    if hasattr(hop, "close_idle")], consumeErrors=True)
 
 
-def build_replaceable(config: Config, reactor) -> Replaceable:
-    """Policy, AUTH portal, routes and next hops (behind DKIM) for `config`. Raises ConfigError or ValueError
-    (unreadable secrets, bad keys) before anything is changed."""
-    from mailrelay.delivery.mx import MXDelivery
-    from mailrelay.delivery.routes import Router
-    from mailrelay.delivery.smarthost import SmarthostTransport
+def build_receiving_parts(config: Config, reactor) -> ReceivingParts:
+    """Policy and AUTH portal for `config`. Raises ConfigError or ValueError (unreadable CA or secret)."""
     from mailrelay.server.policy import PermitPolicy
     from mailrelay.server.realm import build_portal
 
@@ -117,10 +125,18 @@ def build_replaceable(config: Config, reactor) -> Replaceable:
         from mailrelay.server.ldap import LDAPChecker
 
         checkers.append(LDAPChecker(config.auth.ldap, reactor=reactor))
+    return ReceivingParts(PermitPolicy(config.permits, config.limits, clock=reactor),
+                          build_portal(checkers) if checkers else None)
+
+
+def build_delivery_parts(config: Config, reactor) -> DeliveryParts:
+    """Routes and next hops (behind DKIM) for `config`. Raises ValueError (unreadable secrets, bad keys)."""
+    from mailrelay.delivery.mx import MXDelivery
+    from mailrelay.delivery.routes import Router
+    from mailrelay.delivery.smarthost import SmarthostTransport
+
     outbound = dkim_wrapper(config, reactor)
-    return Replaceable(
-        policy=PermitPolicy(config.permits, config.limits, clock=reactor),
-        portal=build_portal(checkers) if checkers else None,
+    return DeliveryParts(
         router=Router(config.routes),
         transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
                     for name, t in config.transports.items()},
@@ -128,7 +144,18 @@ def build_replaceable(config: Config, reactor) -> Replaceable:
     )
 
 
-def build_scheduler(config: Config, spool, parts: Replaceable, reactor, metrics):
+def reread(path, build, reactor):
+    """(config, build(config, reactor)) from the config file, or None — with one log line — when the file
+    or what it names is refused; nothing is changed before both are built (reload, in either process)."""
+    try:
+        config = load(path)
+        return config, build(config, reactor)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("reload refused, the running configuration stays in force: {error}", error=str(e))
+        return None
+
+
+def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metrics):
     """The scheduler over `spool` with `parts`' routes and next hops, and its DSN reporter (unless
     `[queue] bounces = false`) — in the main process, or in the delivery process."""
     from mailrelay.delivery.scheduler import Scheduler
@@ -192,21 +219,23 @@ class RelayService(service.MultiService):
         self.metrics = Metrics()
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
         self.spool.setServiceParent(self)
-        parts = build_replaceable(config, reactor)
-        self.parts = parts
+        receiving = build_receiving_parts(config, reactor)
+        self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
+        delivery = build_delivery_parts(config, reactor)   # built here in either mode: a bad one stops the start
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
             self.scheduler = DeliveryProcess(config.path, reactor, spool=self.spool)
         else:
-            self.scheduler = build_scheduler(config, self.spool, parts, reactor, self.metrics)
+            self.delivery = delivery
+            self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
         if config.metrics.endpoint:
             metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor).setServiceParent(self)
         self.factories = []
-        self._listen(config, parts, reactor)
+        self._listen(config, receiving, reactor)
 
-    def _listen(self, config: Config, parts: Replaceable, reactor) -> None:
+    def _listen(self, config: Config, parts: ReceivingParts, reactor) -> None:
         from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory
 
         tls_options = server_tls_options(config)
@@ -232,22 +261,22 @@ class RelayService(service.MultiService):
 
     def reload(self) -> bool:
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
-        try:
-            config = load(self.config.path)
-            parts = build_replaceable(config, self.reactor)
-        except (ConfigError, ValueError, OSError) as e:
-            log.error("reload refused, the running configuration stays in force: {error}", error=str(e))
+        def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
+            return build_receiving_parts(config, reactor), build_delivery_parts(config, reactor)
+
+        loaded = reread(self.config.path, build, self.reactor)
+        if loaded is None:
             return False
+        config, (parts, delivery) = loaded
         for key in RESTART_ONLY:
             if getattr(config, key) != getattr(self.config, key):
                 log.warn("reload: {key} changed; that takes effect only after a restart", key=key)
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
                                 policy=parts.policy)
-        if hasattr(self.scheduler, "reconfigure"):
-            self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
-            old, self.parts = self.parts, parts
-            old.close_idle()       # deliveries still running on the old hops QUIT when they finish
+        if self.delivery is not None:
+            delivery.install(self.scheduler, config, replacing=self.delivery)
+            self.delivery = delivery
         else:
             self.scheduler.reload()       # the delivery process re-reads the file itself
         self.config = config
@@ -273,7 +302,8 @@ class RelayService(service.MultiService):
         rest = [child for child in reversed(list(self)) if child not in self.listeners and child is not self.scheduler]
         d = defer.DeferredList([sessions, deliveries], consumeErrors=True)
         d.addCallback(_log_failures, "draining sessions and deliveries")
-        d.addCallback(lambda _: self.parts.close_idle())
+        if self.delivery is not None:
+            d.addCallback(lambda _: self.delivery.close_idle())
         d.addCallback(lambda _: _stop_all(rest))
         d.addCallback(lambda _: log.info("shut down: everything not delivered stays in the spool"))
         return d

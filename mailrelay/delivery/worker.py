@@ -53,16 +53,15 @@ class DeliveryWorker(service.MultiService):
     def __init__(self, config, reactor):
         super().__init__()
         from mailrelay.metrics import Metrics, metrics_service
-        from mailrelay.service import build_replaceable, build_scheduler
+        from mailrelay.service import build_delivery_parts, build_scheduler
         from mailrelay.spool.store import Spool
 
         self.config, self.reactor = config, reactor
         self.metrics = Metrics()
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False)
         self.spool.setServiceParent(self)
-        parts = build_replaceable(config, reactor)
-        self.parts = parts
-        self.scheduler = build_scheduler(config, self.spool, parts, reactor, self.metrics)
+        self.parts = build_delivery_parts(config, reactor)
+        self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
         if config.metrics.delivery_endpoint:
             metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
@@ -83,19 +82,13 @@ class DeliveryWorker(service.MultiService):
         self.spool.remember_fresh(message)
 
     def reload(self) -> None:
-        from mailrelay.config import ConfigError, load
-        from mailrelay.service import build_replaceable
+        from mailrelay.service import build_delivery_parts, reread
 
-        try:
-            config = load(self.config.path)
-            parts = build_replaceable(config, self.reactor)
-        except (ConfigError, ValueError, OSError) as e:
-            log.error("delivery process: reload refused: {error}", error=str(e))
-            return
-        self.scheduler.reconfigure(parts.router, parts.transports, parts.direct, config.queue, config.delivery)
-        old, self.parts = self.parts, parts
-        old.close_idle()
-        self.config = config
+        loaded = reread(self.config.path, build_delivery_parts, self.reactor)
+        if loaded is not None:
+            self.config, parts = loaded
+            parts.install(self.scheduler, self.config, replacing=self.parts)
+            self.parts = parts
 
     def stopService(self):
         """Deliveries in flight first (bounded), then the idle cached connections, then the spool."""
