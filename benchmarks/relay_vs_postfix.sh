@@ -12,8 +12,8 @@
 #   benchmarks/relay_vs_postfix.sh            # the full run, 3 runs per relay and load (~5-15 min)
 #   benchmarks/relay_vs_postfix.sh --quick    # 1 run each, fewer messages (~1-3 min)
 #
-# Options: --runs N, --timeout SECONDS (per run), --no-mailrelay, --keep (keep the work directory and
-# its logs), --memory (also run benchmarks/memory.py).  Environment: MAILRELAY_VENV (a virtualenv with
+# Options: --runs N, --timeout SECONDS (per run), --loads 1,3 (only these loads, numbered as below),
+# --no-mailrelay, --keep (keep the work directory and its logs), --memory (also run benchmarks/memory.py).  Environment: MAILRELAY_VENV (a virtualenv with
 # bin/twistd), BENCH_TMPDIR (where the work directory goes; default /var/tmp, which is a disk and not
 # tmpfs on Debian: queues must really fsync for "durable" to mean anything).
 set -euo pipefail
@@ -26,11 +26,13 @@ QUICK=0
 KEEP=0
 WITH_MAILRELAY=1
 WITH_MEMORY=0
+ONLY_LOADS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; RUNS=1 ;;
         --runs) RUNS="$2"; shift ;;
         --timeout) TIMEOUT="$2"; shift ;;
+        --loads) ONLY_LOADS=",$2,"; shift ;;
         --keep) KEEP=1 ;;
         --no-mailrelay) WITH_MAILRELAY=0 ;;
         --memory) WITH_MEMORY=1 ;;
@@ -389,7 +391,10 @@ if [ -z "$MR_PROBLEM" ]; then
     warm_up "$MR_PORT" || reset_mailrelay || true
 fi
 
+load_number=0
 for entry in "${LOADS[@]}"; do
+    load_number=$((load_number + 1))
+    if [ -n "$ONLY_LOADS" ] && [[ "$ONLY_LOADS" != *",$load_number,"* ]]; then continue; fi
     IFS='|' read -r label args messages <<<"$entry"
     read -r -a source_args <<<"$args"
     say ""
