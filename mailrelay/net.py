@@ -1,4 +1,7 @@
-"""Socket settings shared by both ends of our SMTP connections (the server sessions and the client)."""
+"""Socket settings and the write path shared by both ends of our SMTP connections (the server sessions
+and the client)."""
+from twisted.internet import tcp
+
 
 def no_delay(transport) -> None:
     """Turn off Nagle's algorithm: SMTP is a lock-step dialogue of small writes (a command, then the end
@@ -11,3 +14,27 @@ def no_delay(transport) -> None:
             set_no_delay(True)
         except OSError:       # not a TCP socket (a test transport, a UNIX socket)
             pass
+
+
+def write_now(transport, data: bytes) -> None:
+    """transport.write(data), but handed to the kernel at once when nothing is waiting before it.
+
+    Twisted buffers every write until the next reactor turn: one SMTP reply costs an epoll change to
+    watch for writability, a turn of the loop, the send, and an epoll change back. Replies and commands
+    are small and the socket's send buffer is almost always free, so a plain TCP transport with nothing
+    buffered gets a direct send(); whatever the kernel does not take (or an error, which Twisted then
+    finds and reports the usual way) goes through transport.write() behind it, so order is kept. TLS
+    (STARTTLS sets `TLS` on the same transport), a registered producer (it must see the buffer drain),
+    a closing connection and any other transport take the ordinary path."""
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not getattr(transport, "_writeDisconnected", True)
+            and transport.producer is None
+            and not transport.dataBuffer and not getattr(transport, "_tempDataBuffer", True)):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:      # EAGAIN, or the connection broke: transport.write() sorts it out
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

@@ -48,7 +48,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
-from mailrelay.net import no_delay
+from mailrelay.net import no_delay, write_now
 
 log = Logger(namespace="mailrelay.delivery")
 
@@ -255,6 +255,9 @@ class DeliveryClient(smtp.ESMTPClient):
         self._waiting_for = f"the reply to {command}"
         self._expect(codes, on_ok, on_fail)
         self.sendLine(line)
+
+    def sendLine(self, line: bytes) -> None:
+        write_now(self.transport, line + self.delimiter)
 
     def _on_unexpected(self, code: int, text: bytes) -> None:
         self._fail_from_reply(code, text, self._command)

@@ -56,7 +56,7 @@ class AuthMixin:
         if len(words) == 2:
             self._auth_response(words[1])
         else:
-            self.transport.write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
+            self._write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
 
     def _auth_refusal(self) -> Optional[Reply]:
         if not self._tls_on:
@@ -86,7 +86,7 @@ class AuthMixin:
         mechanism = self._auth[0]
         if mechanism == "LOGIN" and len(self._auth) == 1:
             self._auth = (mechanism, decoded)
-            self.transport.write(b"334 UGFzc3dvcmQ6\r\n")
+            self._write(b"334 UGFzc3dvcmQ6\r\n")
             return
         credentials = _login_credentials(self._auth, decoded)
         self._auth = None

@@ -35,7 +35,7 @@ from twisted.mail import smtp
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
-from mailrelay.net import no_delay
+from mailrelay.net import no_delay, write_now
 from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
 from mailrelay.server.data import DataReader, HeaderCollector
@@ -165,7 +165,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._timers["session"] = self._clock.callLater(
             self._limits.session_timeout, self._timed_out, "session", "Session time limit exceeded"
         )
-        self.transport.write(f"220 {self.greeting()}\r\n".encode("ascii"))
+        self._write(f"220 {self.greeting()}\r\n".encode("ascii"))
 
     def greeting(self) -> str:
         return f"{self.hostname} ESMTP mailrelay"
@@ -232,8 +232,14 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._closing = True
         self.transport.loseConnection()
 
+    def _write(self, data: bytes) -> None:
+        if self._inpos < len(self._inbuf):
+            self.transport.write(data)      # more pipelined commands to answer (RFC 2920): one send for all
+        else:
+            write_now(self.transport, data)
+
     def _send(self, code: int, status: str, text: str) -> None:
-        self.transport.write(f"{code} {status} {text}\r\n".encode("ascii", "replace"))
+        self._write(f"{code} {status} {text}\r\n".encode("ascii", "replace"))
 
     def _reply(self, reply: Reply) -> None:
         if reply.code >= 400:
@@ -390,7 +396,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         first = f"{self.hostname} Hello {name}"
         lines = [first] + (self.extensions() if esmtp else [])
         body = "".join(f"250-{l}\r\n" for l in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        self.transport.write(body.encode("ascii"))
+        self._write(body.encode("ascii"))
 
     def extensions(self) -> list[str]:
         """The EHLO keywords for the session's current state."""

@@ -107,7 +107,7 @@ class TransactionMixin:
             return
         self._envelope, self._writer, self._headers = envelope, writer, HeaderCollector()
         self._reader = DataReader(self._write_content, self._limits.max_message_size)
-        self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
     def _new_envelope(self) -> Envelope:
         return Envelope(
@@ -175,12 +175,12 @@ class TransactionMixin:
         d.addErrback(self._log_unexpected)
 
     def _committed(self, queue_id, envelope: Envelope, size: int) -> None:
+        self._writer = None
+        self._reset_transaction()
+        self._send(250, "2.0.0", f"Ok: queued as {queue_id}")    # the client waits for nothing else
         log_message(self._log, "queued", queue_id, client=self._ip, identity=envelope.identity,
                     sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
         self._count("accepted", self.factory.listener.kind, size)
-        self._writer = None
-        self._reset_transaction()
-        self._send(250, "2.0.0", f"Ok: queued as {queue_id}")
         self._set_busy(False)
 
     def _commit_failed(self, failure) -> None:

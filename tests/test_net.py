@@ -1,0 +1,99 @@
+"""mailrelay.net.write_now over real loopback TCP connections: the direct send never reorders, never
+bypasses TLS, never starves a producer, and falls back to Twisted's buffer for whatever is left."""
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import deferLater
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial import unittest
+
+from mailrelay.net import write_now
+
+
+class _Collect(protocol.Protocol):
+    def connectionMade(self):
+        self.received = bytearray()
+        self.factory.connected.callback(self)
+
+    def dataReceived(self, data):
+        self.received += data
+        if len(self.received) >= self.factory.expected and not self.factory.done.called:
+            self.factory.done.callback(bytes(self.received))
+
+
+class _Writer(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+class WriteNowTests(unittest.TestCase):
+
+    @defer.inlineCallbacks
+    def connected_pair(self, expected: int):
+        server_factory = protocol.Factory.forProtocol(_Collect)
+        server_factory.connected, server_factory.done, server_factory.expected = defer.Deferred(), defer.Deferred(), expected
+        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client_factory = protocol.ClientFactory.forProtocol(_Writer)
+        client_factory.connected = defer.Deferred()
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
+        self.addCleanup(connector.disconnect)
+        writer = yield client_factory.connected
+        collector = yield server_factory.connected
+        self.addCleanup(collector.transport.loseConnection)
+        return writer, server_factory.done
+
+    @defer.inlineCallbacks
+    def test_an_idle_connection_sends_at_once_without_the_reactor(self):
+        writer, done = yield self.connected_pair(len(b"250 ok\r\n"))
+        write_now(writer.transport, b"250 ok\r\n")
+        # Nothing was left for the reactor to write: the kernel has it already.
+        self.assertEqual(writer.transport.dataBuffer, b"")
+        self.assertEqual(writer.transport._tempDataBuffer, [])
+        self.assertEqual((yield done), b"250 ok\r\n")
+
+    @defer.inlineCallbacks
+    def test_data_already_buffered_keeps_its_place_in_front(self):
+        writer, done = yield self.connected_pair(len(b"first\r\nsecond\r\n"))
+        writer.transport.write(b"first\r\n")         # buffered by Twisted, not sent yet
+        write_now(writer.transport, b"second\r\n")    # must queue behind it, not overtake it
+        self.assertEqual((yield done), b"first\r\nsecond\r\n")
+
+    @defer.inlineCallbacks
+    def test_what_the_kernel_does_not_take_goes_through_the_buffer_in_order(self):
+        big = bytes(range(256)) * 40_000               # ~10 MB: far more than a socket send buffer
+        writer, done = yield self.connected_pair(len(big) + 4)
+        write_now(writer.transport, big)
+        self.assertTrue(writer.transport._tempDataBuffer or writer.transport.dataBuffer)
+        write_now(writer.transport, b"end\n")
+        self.assertEqual((yield done), big + b"end\n")
+
+    @defer.inlineCallbacks
+    def test_a_registered_producer_gets_the_ordinary_path(self):
+        writer, done = yield self.connected_pair(len(b"chunk"))
+
+        class Pull:
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        writer.transport.registerProducer(Pull(), False)
+        write_now(writer.transport, b"chunk")
+        self.assertEqual(writer.transport._tempDataBuffer, [b"chunk"])   # the producer will see it drain
+        writer.transport.unregisterProducer()
+        self.assertEqual((yield done), b"chunk")
+
+    @defer.inlineCallbacks
+    def test_a_closing_connection_gets_the_ordinary_path(self):
+        writer, _ = yield self.connected_pair(1)
+        writer.transport.loseConnection()
+        write_now(writer.transport, b"late")
+        self.assertEqual(writer.transport._tempDataBuffer, [b"late"])
+        yield deferLater(reactor, 0, lambda: None)
+
+    def test_other_transports_are_written_as_usual(self):
+        transport = StringTransport()
+        write_now(transport, b"220 hi\r\n")
+        self.assertEqual(transport.value(), b"220 hi\r\n")
