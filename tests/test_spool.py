@@ -355,24 +355,49 @@ class RemovalTests(SpoolTestCase):
         real = store._fsync_all
 
         def blocking_fsync(directories):
-            synced.append(1)
-            release.wait(10)          # the first directory fsync is slow: removals pile up behind it
+            synced.append(directories)
+            if len(synced) == 1:
+                release.wait(10)      # the first directory fsync is slow: removals pile up behind it
             real(directories)
 
         self.patch(store, "_fsync_all", blocking_fsync)
+        self.patch(store, "REMOVAL_SYNC_DELAY", 0.05)
         ids = []
-        for _ in range(5):
+        for _ in range(6):
             queue_id = yield self.store_message()
             ids.append(queue_id)
-        removals = [self.spool.remove(queue_id) for queue_id in ids]
+        yield self.spool.save_state(ids[0], {"bob@example.net": {"attempts": 1}})
+        yield gatherResults([self.spool.remove(queue_id) for queue_id in ids[:3]])
+        self.assertFalse(any(self.spool.exists(queue_id) for queue_id in ids[:3]))  # gone before any fsync
+        self.assertEqual(synced, [])
         for _ in range(200):
-            if not any(self.spool.exists(queue_id) for queue_id in ids) and synced:
+            if synced:
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
-        yield gatherResults(removals)     # done once unlinked, though the directory fsync is still running
+        # One fsync for the three, of exactly the directories they changed (no hold flags were there).
+        self.assertEqual(synced, [tuple(sorted((self.directory / "queue", self.directory / "state")))])
+        yield gatherResults([self.spool.remove(queue_id) for queue_id in ids[3:]])  # during the slow one
         release.set()
-        yield self.spool.stopService()    # waits for the background fsyncs
-        self.assertEqual(len(synced), 2)  # the slow one, then one for every removal made during it
+        for _ in range(200):
+            if len(synced) == 2:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(synced[1], (self.directory / "queue",))   # one more, for all three
+        yield self.spool.stopService()
+        self.assertEqual(len(synced), 2)
+
+    @inlineCallbacks
+    def test_a_clean_stop_syncs_removals_still_waiting_for_their_fsync(self):
+        from mailrelay.spool import store
+
+        synced = []
+        self.patch(store, "_fsync_all", synced.append)
+        self.patch(store, "REMOVAL_SYNC_DELAY", 3600)
+        queue_id = yield self.store_message()
+        yield self.spool.remove(queue_id)
+        self.assertEqual(synced, [])
+        yield self.spool.stopService()
+        self.assertEqual(synced, [(self.directory / "queue",)])
 
 
 class StateTests(SpoolTestCase):

@@ -41,6 +41,7 @@ from mailrelay.spool.message import CorruptMessage, SpooledMessage, UnknownMessa
 from mailrelay.spool.writer import MessageWriter
 
 FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
+REMOVAL_SYNC_DELAY = 0.1   # seconds a removal waits for others to share its directory fsync
 
 
 @implementer(ISpool)
@@ -72,8 +73,9 @@ class Spool(Service):
         # Messages committed by this process and not loaded yet: their first load() (the scheduler's, a
         # moment after the commit) is answered from memory instead of re-reading what we just wrote.
         self._fresh: dict[str, SpooledMessage] = {}
-        self._removal_sync: Optional[Deferred] = None     # the directory fsync covering recent removals
-        self._removal_dirty = False
+        # The directory fsync covering recent removals: a DelayedCall until it starts, then a Deferred.
+        self._removal_sync = None
+        self._removal_dirs: set[Path] = set()             # directories changed by removals since
         self.batch_count = 0          # group commits run so far (for tests and metrics)
         self.largest_batch = 0
 
@@ -104,6 +106,9 @@ class Spool(Service):
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
             self._flush_batch()
+        if self._removal_sync is not None and not isinstance(self._removal_sync, Deferred):
+            self._removal_sync.cancel()       # a clean stop leaves every removal on disk
+            self._sync_removals()
         idle = Deferred()
         if self._jobs:
             self._idle_waiters.append(idle)
@@ -296,27 +301,35 @@ class Spool(Service):
         The unlinks run in the thread pool (on a filesystem mounted with `discard` an unlink costs the
         reactor real time) and the Deferred fires once they are done: from then on the message is gone
         for every process and for a kill -9. Only a power loss before the directories reach the disk
-        could bring it back — delivered again, never lost — so those fsyncs run in the background, one
-        for all the removals made meanwhile, instead of holding up the delivery that waits for this."""
+        could bring it back — delivered again, never lost — so those fsyncs run in the background:
+        REMOVAL_SYNC_DELAY after a removal, one fsync of each directory that changed covers every
+        removal made meanwhile. Each directory fsync is a journal commit that a commit of new mail
+        (whose 250 waits for it) would queue behind; one per message would double the disk's work."""
         self._fresh.pop(queue_id, None)
         d = self._run_blocking(_unlink_message, self.paths, self._checked(queue_id))
-        d.addCallback(lambda _: self._sync_removals())
+        d.addCallback(self._removed)
         return d
 
-    def _sync_removals(self) -> None:
+    def _removed(self, changed: set) -> None:
+        self._removal_dirs |= changed
         if self._removal_sync is not None:
-            self._removal_dirty = True      # unlinked after the running fsync began: one more after it
             return
-        self._removal_dirty = False
-        self._removal_sync = self._run_blocking(_fsync_all, (self.paths.queue, self.paths.state, self.paths.hold))
+        if self.running and self._pool is not None:
+            self._removal_sync = self._clock.callLater(REMOVAL_SYNC_DELAY, self._sync_removals)
+        else:
+            self._sync_removals()       # stopping, or no thread pool (the CLI on a stopped relay): now
+
+    def _sync_removals(self) -> None:
+        directories, self._removal_dirs = tuple(sorted(self._removal_dirs)), set()
+        self._removal_sync = self._run_blocking(_fsync_all, directories)
         self._removal_sync.addBoth(self._removals_synced)
 
     def _removals_synced(self, result: object) -> None:
         self._removal_sync = None
         if isinstance(result, Failure):
             self._log.failure("spool: fsync of the directories after removals failed", result)
-        if self._removal_dirty:
-            self._sync_removals()
+        if self._removal_dirs:         # removed while that fsync ran: one more, after the delay
+            self._removed(set())
 
     def hold(self, queue_id: str) -> Deferred:
         """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/)."""
@@ -361,11 +374,16 @@ class Spool(Service):
         return self._poller
 
 
-def _unlink_message(paths: SpoolPaths, queue_id: str) -> None:
+def _unlink_message(paths: SpoolPaths, queue_id: str) -> set[Path]:
+    """Remove the message's files; the directories that changed."""
     if not unlink_quietly(paths.message(queue_id)):
         raise UnknownMessage(queue_id)
-    unlink_quietly(paths.state_file(queue_id))
-    unlink_quietly(paths.hold_flag(queue_id))
+    changed = {paths.queue}
+    if unlink_quietly(paths.state_file(queue_id)):
+        changed.add(paths.state)
+    if unlink_quietly(paths.hold_flag(queue_id)):
+        changed.add(paths.hold)
+    return changed
 
 
 def _fsync_all(directories: tuple[Path, ...]) -> None:
