@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from typing import Iterable, Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.dsn")
 

@@ -36,8 +36,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.logger import Logger
 from twisted.web import resource, server
+
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.metrics")
 

@@ -24,13 +24,13 @@ from typing import Optional
 
 from twisted.application import service, strports
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mailrelay import tls
 from mailrelay.config import Config, ConfigError, load
 from mailrelay.interfaces import IIncomingQueue, IMessageWriter
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.service")
 

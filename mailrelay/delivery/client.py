@@ -37,7 +37,6 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -48,6 +47,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
+from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 
 log = Logger(namespace="mailrelay.delivery")

@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
@@ -41,6 +40,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.mx")
 

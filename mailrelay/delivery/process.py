@@ -18,10 +18,10 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.process")
 

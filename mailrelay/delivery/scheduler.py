@@ -41,7 +41,6 @@ from typing import Mapping, Optional
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig, QueueConfig
@@ -53,6 +52,7 @@ from mailrelay.delivery.outcomes import OutcomesMixin
 from mailrelay.delivery.state import MessageState, StateError
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
+from mailrelay.logger import Logger
 
 __all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STOP_TIMEOUT", "Scheduler"]
 

@@ -7,7 +7,7 @@ In (stdin, one line each): `enqueue QUEUEID` for a message the main process just
 (re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
 in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines go to `[log] file` when
 one is set, else to standard output (the main process's, inherited: twistd -n, journald) in twistd's text
-format. The spool is shared: the main process holds its lock and ran recovery before starting this one.
+format (mailrelay.logger.classic_text). The spool is shared: the main process holds its lock and ran recovery before starting this one.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, stdio
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
+
+from mailrelay.logger import Logger, classic_text
 
 log = Logger(namespace="mailrelay.delivery.worker")
 
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
     else:
         stream = TickBufferedStream(sys.stdout, reactor)
         reactor.addSystemEventTrigger("after", "shutdown", stream.drain)
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+        globalLogBeginner.beginLoggingTo([FileLogObserver(stream, classic_text)], redirectStandardIO=False)
     worker = DeliveryWorker(config, reactor)
     worker.startService()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)

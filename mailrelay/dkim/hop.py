@@ -11,12 +11,12 @@ import io
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.client import Job, takes_on_settled
 from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.dkim")
 

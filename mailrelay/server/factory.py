@@ -23,9 +23,9 @@ from typing import Optional
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 
 from mailrelay import config
+from mailrelay.logger import Logger
 from mailrelay.server.session import RelaySession
 
 SUPPORTED_MECHANISMS = ("PLAIN", "LOGIN")

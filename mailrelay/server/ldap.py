@@ -41,10 +41,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads, ssl
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.config import LDAPConfig
+from mailrelay.logger import Logger
 from mailrelay.server.ldap_cache import CredentialCache
 from mailrelay.server.ldap_client import (
     NO_ATTRIBUTES, SCOPE_BASE, SCOPE_SUBTREE, SIZE_LIMIT_EXCEEDED, SUCCESS,

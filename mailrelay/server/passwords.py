@@ -27,9 +27,9 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.logger import Logger
 from mailrelay.server.realm import TemporaryAuthFailure
 
 BCRYPT_PREFIXES = ("$2b$", "$2a$", "$2y$")

@@ -30,11 +30,11 @@ import ipaddress
 from typing import Optional
 
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
-from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
+from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin

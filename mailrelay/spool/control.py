@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
+from mailrelay.logger import Logger
 from mailrelay.spool.ids import is_valid_queue_id
 from mailrelay.spool.files import create_file, unlink_quietly
 

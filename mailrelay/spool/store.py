@@ -25,13 +25,13 @@ from typing import Callable, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpool
+from mailrelay.logger import Logger
 from mailrelay.spool import control, recovery
 from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_lock, atomic_write,
