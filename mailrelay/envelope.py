@@ -36,9 +36,14 @@ class Envelope:
     params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
 
     def to_json(self) -> bytes:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}   # asdict() deep-copies: slow per message
-        d["recipients"] = list(self.recipients)
-        return json.dumps(d, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            d = {f.name: getattr(self, f.name) for f in fields(self)}   # asdict() deep-copies: slow per message
+            d["recipients"] = list(self.recipients)
+            cached = json.dumps(d, separators=(",", ":"), sort_keys=True).encode("utf-8")
+            # Frozen: the value cannot change, so the spool header and the delivery process's pipe share one.
+            object.__setattr__(self, "_json", cached)
+        return cached
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "Envelope":

@@ -20,6 +20,7 @@ import fcntl
 import os
 import secrets
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -36,33 +37,34 @@ class SpoolLocked(RuntimeError):
 
 @dataclass(frozen=True)
 class SpoolPaths:
+    """Every path of the spool; the directories are computed once (a path join per message adds up)."""
     root: Path
 
-    @property
+    @cached_property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
-    @property
+    @cached_property
     def queue(self) -> Path:
         return self.root / "queue"
 
-    @property
+    @cached_property
     def state(self) -> Path:
         return self.root / "state"
 
-    @property
+    @cached_property
     def hold(self) -> Path:
         return self.root / "hold"
 
-    @property
+    @cached_property
     def corrupt(self) -> Path:
         return self.root / "corrupt"
 
-    @property
+    @cached_property
     def control(self) -> Path:
         return self.root / "control"
 
-    @property
+    @cached_property
     def lock(self) -> Path:
         return self.root / "lock"
 
