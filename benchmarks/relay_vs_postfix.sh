@@ -13,7 +13,8 @@
 #   benchmarks/relay_vs_postfix.sh --quick    # 1 run each, fewer messages (~1-3 min)
 #
 # Options: --runs N, --timeout SECONDS (per run), --loads 1,3 (only these loads, numbered as below),
-# --no-mailrelay, --keep (keep the work directory and its logs), --memory (also run benchmarks/memory.py).  Environment: MAILRELAY_VENV (a virtualenv with
+# --no-mailrelay, --keep (keep the work directory and its logs), --memory (also run benchmarks/memory.py),
+# --no-steps (skip the per-step latency of one session, benchmarks/steps.py, printed after the table).  Environment: MAILRELAY_VENV (a virtualenv with
 # bin/twistd), BENCH_TMPDIR (where the work directory goes; default /var/tmp, which is a disk and not
 # tmpfs on Debian: queues must really fsync for "durable" to mean anything).
 set -euo pipefail
@@ -27,12 +28,14 @@ KEEP=0
 WITH_MAILRELAY=1
 WITH_MEMORY=0
 ONLY_LOADS=""
+WITH_STEPS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; RUNS=1 ;;
         --runs) RUNS="$2"; shift ;;
         --timeout) TIMEOUT="$2"; shift ;;
         --loads) ONLY_LOADS=",$2,"; shift ;;
+        --no-steps) WITH_STEPS=0 ;;
         --keep) KEEP=1 ;;
         --no-mailrelay) WITH_MAILRELAY=0 ;;
         --memory) WITH_MEMORY=1 ;;
@@ -51,7 +54,7 @@ say() { printf '%s\n' "$*"; }
 die() { printf 'relay_vs_postfix.sh: %s\n' "$*" >&2; exit 1; }
 
 # ---- the loads: label | smtp-source arguments | message count ---------------------------------------
-if [ "$QUICK" = 1 ]; then SMALL_M=1000; LARGE_M=200; else SMALL_M=5000; LARGE_M=1000; fi
+if [ "$QUICK" = 1 ]; then SMALL_M=1000; LARGE_M=200; STEP_SESSIONS=200; else SMALL_M=5000; LARGE_M=1000; STEP_SESSIONS=1000; fi
 LOADS=(
     "-s 20 -m $SMALL_M -l 2048|-s 20 -l 2048|$SMALL_M"
     "-s 1 -m $SMALL_M -l 2048|-s 1 -l 2048|$SMALL_M"
@@ -415,6 +418,12 @@ say "  e2e = end to end (all at smtp-sink); ratio = mailrelay / Postfix;"
 say "  ceiling = smtp-source straight into smtp-sink; runs = finished runs, postfix/mailrelay"
 say ""
 harness table "$RESULTS"
+# One session's time, step by step: what bounds -s 1 (both relays still up, the sink still counting).
+if [ -z "$MR_PROBLEM" ] && [ "$WITH_STEPS" = 1 ]; then
+    say ""
+    "$PYTHON" "$HERE/steps.py" "postfix=127.0.0.1:$PF_PORT" "mailrelay=127.0.0.1:$MR_PORT" \
+        --sessions "$STEP_SESSIONS" || true
+fi
 MR_FAILED=0
 if [ -n "$MR_PROBLEM" ] && [ "$WITH_MAILRELAY" = 1 ]; then
     say ""

@@ -1,4 +1,4 @@
-"""Tests of the benchmark helpers (harness.py, memory.py): the numbers they print must be right.
+"""Tests of the benchmark helpers (harness.py, memory.py, steps.py): the numbers they print must be right.
 
     cd /work/main && /work/venv/bin/trial benchmarks/test_harness.py
 
@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 import memory  # noqa: E402
+import steps  # noqa: E402
 from harness import RunResult  # noqa: E402
 
 
@@ -177,6 +178,51 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(sink.messages, 1)
         # The stuffed dot arrives as "..a": the sink counts wire bytes, it does not unstuff.
         self.assertEqual(sink.bytes, len(body) + 1)
+
+
+class StepsTests(unittest.TestCase):
+    def test_every_step_of_every_session_is_timed_for_each_relay(self):
+        sinks = [harness.DiscardSink().start(), harness.DiscardSink().start()]
+        for sink in sinks:
+            self.addCleanup(sink.stop)
+        relays = [("one", "127.0.0.1", sinks[0].port), ("two", "127.0.0.1", sinks[1].port)]
+        timings = steps.measure(relays, sessions=5, size=3000, round_size=2)
+        self.assertEqual(sorted(timings), ["one", "two"])
+        for name in timings:
+            self.assertEqual({step: len(v) for step, v in timings[name].items()}, {s: 5 for s in steps.STEPS})
+        self.assertTrue(sinks[0].wait_for(5, 10) and sinks[1].wait_for(5, 10))
+        self.assertGreaterEqual(sinks[0].bytes, 3000)
+        table = steps.format_table(timings).splitlines()
+        self.assertEqual(table[0].split(), ["step", "one", "two", "two", "-", "one"])
+        self.assertEqual([line.split()[0] for line in table[2:]], [*steps.STEPS, "total"])
+
+    def test_the_message_is_dot_terminated_and_about_the_size_asked(self):
+        body = steps.message(2048)
+        self.assertTrue(body.endswith(b"\r\n.\r\n"))
+        self.assertLess(abs(len(body) - 2048), 40)
+        self.assertNotIn(b"\r\n.\r\n", body[:-3])
+
+    def test_a_refused_step_is_an_error_naming_the_step(self):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+
+            def refuse():
+                conn, _ = listener.accept()
+                with conn:
+                    conn.sendall(b"220 hi\r\n")
+                    conn.recv(100)
+                    conn.sendall(b"250 hello\r\n")
+                    conn.recv(100)
+                    conn.sendall(b"550 5.7.1 no\r\n")
+                    conn.recv(100)
+
+            import threading
+            threading.Thread(target=refuse, daemon=True).start()
+            with self.assertRaises(steps.StepError) as caught:
+                steps.measure([("r", "127.0.0.1", port)], sessions=1, size=100)
+            self.assertIn("mail: 550", str(caught.exception))
 
 
 class MemoryTests(unittest.TestCase):

@@ -53,6 +53,16 @@ class SeparateDeliveryProcess(unittest.TestCase):
         self.assertIn("delivered", stages)       # written by the delivery process, to the same file
 
     @defer.inlineCallbacks
+    def test_the_child_never_preempts_the_receiving_process(self):
+        if not hasattr(os, "sched_getscheduler"):
+            raise unittest.SkipTest("no sched_getscheduler on this platform")
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)            # the child is up and has delivered
+        self.assertEqual(os.sched_getscheduler(self.child_pid()), os.SCHED_BATCH)
+        self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_BATCH)     # we are left as we were
+
+    @defer.inlineCallbacks
     def test_a_killed_child_is_started_again_and_nothing_is_lost(self):
         first = self.child_pid()
         os.kill(first, signal.SIGKILL)

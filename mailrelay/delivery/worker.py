@@ -12,6 +12,7 @@ format (mailrelay.logger.classic_text). The spool is shared: the main process ho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from twisted.application import service
@@ -130,6 +131,18 @@ class TickBufferedStream:
                 pass          # the main process (our stdout) went away
 
 
+def batch_scheduling() -> bool:
+    """Ask Linux for SCHED_BATCH (sched(7)): this process keeps its fair share of the CPU, but waking
+    up (a message down the pipe, a reply from a next hop) no longer preempts the receiving process
+    mid-session. A client waiting for its 250 matters more than a delivery started 0.1 ms sooner.
+    No privilege is needed; elsewhere (or if refused) nothing changes. True when it took effect."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     from mailrelay.config import ConfigError, load
 
@@ -141,6 +154,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"mailrelay delivery process: {e}", file=sys.stderr)
         return 2
+    batch_scheduling()
     from twisted.internet import reactor
 
     if config.log.file:
