@@ -50,11 +50,21 @@ class _NotifyingWriter:
         self._writer.write(data)
 
     def commit(self):
-        def committed(queue_id):
-            self._scheduler.enqueue(queue_id)
-            return queue_id
+        """The spool's commit, but the session hears of it first: its 250 goes out before the scheduler
+        (or the pipe to the delivery process) does any work for the message."""
+        done = defer.Deferred()
 
-        return self._writer.commit().addCallback(committed)
+        def committed(queue_id):
+            done.callback(queue_id)
+            try:
+                self._scheduler.enqueue(queue_id)
+            except Exception:
+                # Durable and answered: a scheduler hiccup must not turn into a second copy. The message
+                # is picked up from the spool at the next start (or flush) at the latest.
+                log.failure("{queue_id}: could not schedule the committed message", queue_id=queue_id)
+
+        self._writer.commit().addCallbacks(committed, done.errback)
+        return done
 
     def abort(self) -> None:
         self._writer.abort()
