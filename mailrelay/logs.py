@@ -38,6 +38,7 @@ Standards: times are RFC 3339 / ISO 8601 UTC with milliseconds; JSON is RFC 8259
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -69,7 +70,12 @@ _HEADER_KEYS = ("time", "level", "namespace", "message")
 
 def is_sensitive(name: object) -> bool:
     """True for a field name that may carry a credential."""
-    lowered = str(name).lower()
+    return _is_sensitive_name(str(name))
+
+
+@functools.lru_cache(maxsize=1024)      # field names are few; every event asks about each of them
+def _is_sensitive_name(name: str) -> bool:
+    lowered = name.lower()
     return any(word in lowered for word in SENSITIVE_WORDS)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import ipaddress
 from typing import Optional, Sequence
 
@@ -66,9 +67,14 @@ def received_header(
     return ("\r\n\t".join(lines) + "\r\n").encode("ascii", "replace")
 
 
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.timezone.utc))
+
+
 def _date(when: float) -> str:
-    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    return email.utils.format_datetime(moment)
+    """RFC 5322 date-time, which has whole seconds: one rendering serves every message of a second."""
+    return _date_of_second(int(when))
 
 
 def _comment_text(text: str) -> str:

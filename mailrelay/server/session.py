@@ -55,6 +55,8 @@ COMMANDS = frozenset(
 
 def unmapped_ip(host: str) -> str:
     """The peer address as text, with an IPv4-mapped IPv6 address (::ffff:a.b.c.d) unmapped."""
+    if ":" not in host:
+        return host           # IPv4 as the kernel reports it: already in its one canonical form
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
