@@ -362,6 +362,18 @@ class DataTests(unittest.TestCase):
         self.assertTrue(self.harness.queue.writers[0].aborted)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
+    def test_a_queue_that_cannot_take_the_message_gets_its_data_read_and_a_451(self):
+        def broken(envelope):
+            raise OSError("spool unusable")
+
+        self.harness.queue.new_message = broken
+        self.client.cmd("MAIL FROM:<a@example.org>")
+        self.client.cmd("RCPT TO:<b@example.org>")
+        self.assertTrue(self.client.cmd("DATA").startswith("354"))    # answered before the writer is made
+        self.assertTrue(self.client.send(b"Subject: hi\r\n\r\nlost\r\n.\r\n").startswith("451 4.3.0"))
+        self.assertTrue(self.client.cmd("MAIL FROM:<a@example.org>").startswith("250"))   # session goes on
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_lf_dot_lf_smuggling_ends_in_one_message_with_the_commands_inside(self):
         reply = transaction(self.client, b"Subject: a\r\n\r\nbody\n.\nMAIL FROM:<evil@example.net>\r\n"
                                          b"RCPT TO:<v@example.org>\r\nDATA\r\nforged\r\n")

@@ -159,6 +159,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
             self._close()
             return
         self._counted = True
+        self._write(f"220 {self.greeting()}\r\n".encode("ascii"))    # the bookkeeping can follow it
         self.factory.session_opened(self)
         self._count("connection", self.factory.listener.kind)
         self._timers["idle"] = self._clock.callLater(
@@ -167,7 +168,6 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._timers["session"] = self._clock.callLater(
             self._limits.session_timeout, self._timed_out, "session", "Session time limit exceeded"
         )
-        self._write(f"220 {self.greeting()}\r\n".encode("ascii"))
 
     def greeting(self) -> str:
         return f"{self.hostname} ESMTP mailrelay"

@@ -97,17 +97,17 @@ class TransactionMixin:
             self._send(501, "5.5.4", "DATA takes no arguments")
             return
         envelope = self._new_envelope()
+        self._envelope, self._headers = envelope, HeaderCollector()
+        self._reader = DataReader(self._write_content, self._limits.max_message_size)
+        # The 354 first: the client's body is on its way while the spool writer is set up.
+        self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         try:
-            writer = self.factory.queue.new_message(envelope)
-            writer.write(self._received(writer.queue_id, envelope))
+            self._writer = self.factory.queue.new_message(envelope)
+            self._writer.write(self._received(self._writer.queue_id, envelope))
         except Exception:
             self._log.failure("the queue refused a new message")
-            self._reset_transaction_safely()
-            self._reply(LOCAL_ERROR)
-            return
-        self._envelope, self._writer, self._headers = envelope, writer, HeaderCollector()
-        self._reader = DataReader(self._write_content, self._limits.max_message_size)
-        self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            self._abort_writer()
+            self._write_failed = True      # the data is read and dropped; its end is answered 451
 
     def _new_envelope(self) -> Envelope:
         return Envelope(
