@@ -8,6 +8,8 @@ cheap without changing a byte of what is logged.
   `<time> [<namespace>#<level>] <text>`), with the timestamp formatted once per second and the
   message rendered by str.format_map; events it cannot render identically (a failure, a
   `log_system`, Twisted's `{f()}` call syntax, a missing key) go to Twisted's own formatter.
+- `speed_up_text_observers(publisher)`: twistd's own log observer (textFileLogObserver, default time
+  format) given classic_text instead of Twisted's formatter: the same lines, written for less.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import time
 from typing import Optional
 
 from twisted import logger as _twisted_logger
-from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.logger import (FileLogObserver, LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime,
+                            timeFormatRFC3339)
 
 _LEVELS = frozenset(LogLevel.iterconstants())
 
@@ -64,3 +67,32 @@ def classic_text(event: dict) -> Optional[str]:
     namespace = event.get("log_namespace", "-")
     line = f"{_time_stamp(when)} [{namespace}#{level.name}] {text}"
     return line.replace("\n", "\n\t") + "\n"
+
+
+def _is_default_text_format(format_event) -> bool:
+    """True for the formatEvent that textFileLogObserver(f) makes with its default time format."""
+    code = getattr(format_event, "__code__", None)
+    if code is None or getattr(format_event, "__qualname__", "") != "textFileLogObserver.<locals>.formatEvent":
+        return False
+    try:
+        cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in format_event.__closure__ or ())))
+    except ValueError:            # an empty cell
+        return False
+    return cells.get("timeFormat") == timeFormatRFC3339
+
+
+def speed_up_text_observers(publisher: LogPublisher) -> list[tuple[FileLogObserver, object]]:
+    """Give every classic text observer of `publisher` (twistd's log file or stdout) classic_text.
+    Anything else, or one with another time format, is left as it is. Returns what was changed, for
+    restore_observers()."""
+    changed = []
+    for observer in list(getattr(publisher, "_observers", ())):
+        if isinstance(observer, FileLogObserver) and _is_default_text_format(observer.formatEvent):
+            changed.append((observer, observer.formatEvent))
+            observer.formatEvent = classic_text
+    return changed
+
+
+def restore_observers(changed: list[tuple[FileLogObserver, object]]) -> None:
+    for observer, format_event in changed:
+        observer.formatEvent = format_event

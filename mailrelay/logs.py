@@ -51,6 +51,7 @@ from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher, formatE
 from zope.interface import implementer
 
 from mailrelay.config import LogConfig
+from mailrelay.logger import restore_observers, speed_up_text_observers
 
 NAMESPACE = "mailrelay"
 REDACTED = "[redacted]"
@@ -324,6 +325,7 @@ class LogService(service.Service):
         self._stdout = stream
         self._file: Optional[TextIO] = None
         self.observer: Optional[ILogObserver] = None
+        self._sped_up: list = []
 
     def privilegedStartService(self) -> None:
         self._open_file()
@@ -345,12 +347,15 @@ class LogService(service.Service):
     def startService(self) -> None:
         stream = self._stream()         # an unwritable file fails here, before anything runs
         super().startService()
+        self._sped_up = speed_up_text_observers(self._publisher)     # twistd's own log: same lines
         if stream is not None:
             self.observer = make_observer(self.log_config, stream)
             self._publisher.addObserver(self.observer)
 
     def stopService(self) -> None:
         super().stopService()
+        restore_observers(self._sped_up)
+        self._sped_up = []
         if self.observer is not None:
             self._publisher.removeObserver(self.observer)
             self.observer = None

@@ -95,3 +95,67 @@ class ClassicTextTests(unittest.TestCase):
             self.event(),
         ):
             self.assertSameAsTwisted(event)
+
+
+class TwistdObserverTests(unittest.TestCase):
+    """twistd's own log observer, sped up: the file it writes must not change by a byte."""
+
+    def emit_all(self, publisher):
+        log = Logger(namespace="mailrelay.test", observer=publisher)
+        log.info("{queue_id}: client={client}, from=<{sender}> (queue active)", queue_id="Q1",
+                 client="127.0.0.1", sender="a@example.org")
+        log.warn("literal {{braces}}")
+        log.info("{missing}")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke: {why}", why="division")
+
+    def run_publisher(self, speed_up: bool, time_format=None):
+        import io
+
+        from twisted.logger import textFileLogObserver
+
+        from mailrelay.logger import restore_observers, speed_up_text_observers
+
+        publisher, out = LogPublisher(), io.StringIO()
+        observer = textFileLogObserver(out) if time_format is None else textFileLogObserver(out, time_format)
+        publisher.addObserver(observer)
+        changed = speed_up_text_observers(publisher) if speed_up else []
+        self.patch(time, "time", lambda: 1795834572.5)       # both runs log at the same instant
+        self.emit_all(publisher)
+        restore_observers(changed)
+        return out.getvalue(), changed, observer
+
+    def test_the_lines_are_byte_for_byte_twisted_s(self):
+        fast, changed, _ = self.run_publisher(True)
+        slow, _, _ = self.run_publisher(False)
+        self.assertEqual(len(changed), 1)
+        self.assertEqual(fast, slow)
+        self.assertIn("Q1: client=127.0.0.1, from=<a@example.org> (queue active)", fast)
+        self.assertIn("ZeroDivisionError", fast)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_an_observer_with_its_own_time_format_is_left_alone(self):
+        _, changed, observer = self.run_publisher(True, time_format="%H:%M")
+        self.assertEqual(changed, [])
+        self.assertIsNot(observer.formatEvent, classic_text)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_the_log_service_speeds_up_while_running_and_restores_on_stop(self):
+        import io
+
+        from twisted.logger import textFileLogObserver
+
+        from mailrelay.config import LogConfig
+        from mailrelay.logs import LogService
+
+        publisher = LogPublisher()
+        observer = textFileLogObserver(io.StringIO())
+        original = observer.formatEvent
+        publisher.addObserver(observer)
+        service = LogService(LogConfig(), publisher)
+        service.startService()
+        self.assertIs(observer.formatEvent, classic_text)
+        service.stopService()
+        self.assertIs(observer.formatEvent, original)
