@@ -341,6 +341,22 @@ class AbortTests(SpoolTestCase):
         self.assertTrue(self.spool.exists(queue_id))
 
 
+class PoolFailureTests(SpoolTestCase):
+
+    @inlineCallbacks
+    def test_a_thread_pool_that_refuses_work_fails_the_commit_instead_of_hanging_it(self):
+        def refuse(*args, **kwargs):
+            raise RuntimeError("pool stopped")
+
+        self.patch(self.spool._pool, "callInThreadWithCallback", refuse)
+        writer = self.spool.new_message(Envelope("a@example.org", ("b@example.net",), 0.0))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        with self.assertRaises(RuntimeError):
+            yield writer.commit()
+        self.assertEqual(self.spool._jobs, 0)        # stopService will not wait for a job that never ran
+        self.flushLoggedErrors(RuntimeError)
+
+
 class RemovalTests(SpoolTestCase):
 
     @inlineCallbacks

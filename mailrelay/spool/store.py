@@ -152,7 +152,11 @@ class Spool(Service):
         if self._pool is None:
             return maybeDeferred(f, *args)
         self._jobs += 1
-        return deferToThreadPool(self._reactor, self._pool, f, *args).addBoth(self._job_done)
+        try:
+            d = deferToThreadPool(self._reactor, self._pool, f, *args)
+        except Exception:       # a pool that will not take work: the caller's Deferred fails, never hangs
+            d = fail()
+        return d.addBoth(self._job_done)
 
     def _job_done(self, result: object) -> object:
         self._jobs -= 1
