@@ -183,6 +183,12 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
     return scheduler
 
 
+def own_authserv_id(config: Config) -> Optional[str]:
+    """The authserv-id of the Authentication-Results we add (dkim/build.py: the hostname), when we add
+    them: incoming fields claiming it are forged and removed (server/authres.py)."""
+    return config.hostname if config.dkim.verify else None
+
+
 def dkim_wrapper(config: Config, reactor):
     """A function putting each next hop behind DKIM signing/verification, or leaving it as it is."""
     from mailrelay.dkim.build import build_signer, build_verifier
@@ -259,6 +265,7 @@ class RelayService(service.MultiService):
                 mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
                 tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
+                authserv_id=own_authserv_id(config),
             )
             self.factories.append(factory)
             wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
@@ -283,7 +290,7 @@ class RelayService(service.MultiService):
                 log.warn("reload: {key} changed; that takes effect only after a restart", key=key)
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
-                                policy=parts.policy)
+                                policy=parts.policy, authserv_id=own_authserv_id(config))
         if self.delivery is not None:
             delivery.install(self.scheduler, config, replacing=self.delivery)
             self.delivery = delivery

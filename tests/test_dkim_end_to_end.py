@@ -118,6 +118,23 @@ class DKIMEndToEnd(unittest.TestCase):
         self.assertEqual(results, [True])
 
     @defer.inlineCallbacks
+    def test_verify_removes_results_forged_in_our_name_and_keeps_the_signature_valid(self):
+        relay = self.start_relay('[dkim]\nmode = "passthrough"\nverify = true\n')
+        signed = Signer([SigningKey("partner.example", "up", PARTNER)]).sign(io.BytesIO(UPSTREAM)) + UPSTREAM
+        forged = (b"Authentication-Results: relay.test;\r\n\tdkim=pass header.d=bank.example\r\n"
+                  b"Authentication-Results: mx.partner.example; spf=pass\r\n")
+        code, _ = yield relay.submit("relay", "news@partner.example", ["u@example.com"], forged + signed)
+        self.assertEqual(code, 250)
+        arrived = yield self.sink.wait_for(1)
+        head = arrived[0].data.split(b"\r\n\r\n")[0]
+        self.assertNotIn(b"bank.example", head)                   # the forged verdict is gone
+        self.assertIn(b"Authentication-Results: mx.partner.example; spf=pass\r\n", head)   # others stay
+        self.assertEqual(head.count(b"Authentication-Results: relay.test;"), 1)           # only ours
+        self.assertIn(b"dkim=pass header.d=partner.example", head)
+        results = yield self.verify(arrived[0].data)
+        self.assertEqual(results, [True])
+
+    @defer.inlineCallbacks
     def test_verify_adds_authentication_results(self):
         relay = self.start_relay('[dkim]\nmode = "passthrough"\nverify = true\n')
         signed = Signer([SigningKey("partner.example", "up", PARTNER)]).sign(io.BytesIO(UPSTREAM)) + UPSTREAM

@@ -38,6 +38,7 @@ from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
+from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
 from mailrelay.server.transaction import TransactionMixin
@@ -106,6 +107,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._rcpts: list[str] = []
         self._reader: Optional[DataReader] = None
         self._writer = None
+        self._content_filter: Optional[AuthResultsFilter] = None
         self._headers: Optional[HeaderCollector] = None
         self._write_failed = False
         self._envelope: Optional[Envelope] = None

@@ -3,7 +3,7 @@
 Its job in the message's journey: turn one client transaction into one committed spool message.  In:
 MAIL FROM / RCPT TO / DATA command lines and then the DATA bytes, handed over by the session.  Out:
 the policy asked at MAIL, RCPT and end of data; an IMessageWriter from the incoming queue filled with
-our `Received` header and the un-dot-stuffed content; `250 2.0.0 Ok: queued as <id>` only once the
+our `Received` header and the un-dot-stuffed content (forged Authentication-Results removed, authres.py); `250 2.0.0 Ok: queued as <id>` only once the
 writer's commit has succeeded, otherwise 451 4.3.0 and the partial message thrown away.
 
 Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
@@ -12,8 +12,8 @@ and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
 
 `TransactionMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_helo`,
 `_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_reader`, `_writer`,
-`_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`, `factory`,
-`hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_abort_writer`,
+`_content_filter`, `_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`,
+`factory`, `hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_abort_writer`,
 `_reset_transaction`, `_reset_transaction_safely`, `client_info`, `_tls_description`, `_log`,
 `_log_unexpected`).
 """
@@ -28,6 +28,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.interfaces import Reply
 from mailrelay.logs import log_message
 from mailrelay.server import addresses
+from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.received import protocol_name, received_header
 from mailrelay.server.replies import LOCAL_ERROR
@@ -104,6 +105,9 @@ class TransactionMixin:
         try:
             self._writer = self.factory.queue.new_message(envelope)
             self._writer.write(self._received(self._writer.queue_id, envelope))
+            if self.factory.authserv_id:
+                # RFC 8601 5: a field claiming our own authserv-id from outside is forged; dropped.
+                self._content_filter = AuthResultsFilter(self._writer.write, self.factory.authserv_id)
         except Exception:
             self._log.failure("the queue refused a new message")
             self._abort_writer()
@@ -128,12 +132,13 @@ class TransactionMixin:
         """DataReader's sink: straight to the writer, so memory does not grow with the message."""
         if self._write_failed:
             return
+        write = self._writer.write if self._content_filter is None else self._content_filter.feed
         try:
             if self._headers.headers == b"" and not self._headers.complete and not _HEADER_START.match(chunk):
-                self._writer.write(b"\r\n")     # content starts with body text: end our header block
+                write(b"\r\n")                  # content starts with body text: end our header block
                 self._headers.complete = True     # ... and it has no header block of its own
             self._headers.feed(chunk)
-            self._writer.write(chunk)
+            write(chunk)
         except Exception:
             self._log.failure("writing message content failed")
             self._write_failed = True
@@ -169,10 +174,28 @@ class TransactionMixin:
             self._reply(outcome)
             return
         writer, envelope = self._writer, self._envelope
+        if self._content_filter is not None and not self._finish_filter(writer):
+            return
         self._set_busy(True)
         d = defer.maybeDeferred(writer.commit)
         d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, reader.size))
         d.addErrback(self._log_unexpected)
+
+    def _finish_filter(self, writer) -> bool:
+        content_filter, self._content_filter = self._content_filter, None
+        try:
+            content_filter.finish()
+        except Exception:
+            self._log.failure("writing message content failed")
+            self._abort_writer()
+            self._reset_transaction()
+            self._reply(LOCAL_ERROR)
+            return False
+        if content_filter.removed:
+            self._log.info("{queue_id}: removed {count} Authentication-Results field(s) claiming to be ours "
+                           "(forged, from {ip})", queue_id=writer.queue_id, count=content_filter.removed,
+                           ip=self._ip)
+        return True
 
     def _committed(self, queue_id, envelope: Envelope, size: int) -> None:
         self._writer = None
