@@ -300,6 +300,14 @@ class DefaultTests(ConfigTestCase):
         self.assertEqual(c.auth.ldap.urls, ("ldap://a", "ldaps://b:636"))
         self.assertIsNone(c.auth.ldap.bind_dn)
 
+    def test_ldap_nested_groups_default_on_and_group_base_optional(self) -> None:
+        ldap = '[auth.ldap]\nurl = "ldap://a"\nbind_dn = "uid={user},dc=x"\nrequire_group = "cn=g,dc=x"\n'
+        c = self.load(ldap)
+        self.assertEqual((c.auth.ldap.nested_groups, c.auth.ldap.group_base), (True, None))
+        c = self.load(ldap + 'nested_groups = false\ngroup_base = "ou=groups,dc=x"\n')
+        self.assertEqual((c.auth.ldap.nested_groups, c.auth.ldap.group_base), (False, "ou=groups,dc=x"))
+        self.assertRefused(ldap + 'nested_groups = "yes"\n', "auth.ldap.nested_groups")
+
     def test_networks_accept_host_bits_and_single_addresses(self) -> None:
         c = self.load('[[permit]]\nnetworks = ["10.1.2.3/8", "192.0.2.7", "::1"]\n')
         self.assertEqual(c.permits[0].networks, tuple(ipaddress.ip_network(n) for n in

@@ -484,6 +484,41 @@ class GroupTests(SlapdTestCase):
         self.assertEqual(await login(checker, "alice", fixture.USERS["alice"]), "alice")
         await self.refused(login(checker, "bob", fixture.USERS["bob"]))
 
+    async def test_a_member_through_nested_groups_is_accepted_in_both_modes(self):
+        # dave is in team-a, team-a in team-b, team-b in mail-senders; no group lists dave directly.
+        for checker in (self.search_checker(require_group=fixture.MAIL_SENDERS),
+                        self.checker(bind_dn=BIND_DN, require_group=fixture.MAIL_SENDERS)):
+            self.assertEqual(await login(checker, "dave", fixture.USERS["dave"]), "dave")
+
+    async def test_nested_groups_can_be_turned_off(self):
+        checker = self.search_checker(require_group=fixture.MAIL_SENDERS, nested_groups=False)
+        await self.refused(login(checker, "dave", fixture.USERS["dave"]))
+        self.assertEqual(await login(checker, "alice", fixture.USERS["alice"]), "alice")
+
+    async def test_nesting_is_followed_only_so_deep(self):
+        from mailrelay.server import ldap
+
+        self.patch(ldap, "MAX_NESTING", 1)          # dave is two levels down
+        checker = self.search_checker(require_group=fixture.MAIL_SENDERS)
+        await self.refused(login(checker, "dave", fixture.USERS["dave"]))
+
+    async def test_a_group_cycle_neither_hangs_nor_lets_an_outsider_in(self):
+        # carol is in loop-2, loop-2 and loop-1 list each other: inside loop-1, outside mail-senders.
+        checker = self.search_checker(require_group=fixture.LOOP_1)
+        self.assertEqual(await login(checker, "carol", fixture.USERS["carol"]), "carol")
+        checker = self.search_checker(require_group=fixture.MAIL_SENDERS)
+        await self.refused(login(checker, "carol", fixture.USERS["carol"]))
+
+    async def test_group_base_says_where_nested_groups_are_looked_for(self):
+        checker = self.search_checker(require_group=fixture.MAIL_SENDERS, group_base=fixture.PEOPLE)
+        await self.refused(login(checker, "dave", fixture.USERS["dave"]))    # no groups under people
+
+    def test_the_default_group_base_is_the_naming_context(self):
+        from mailrelay.server.ldap import group_search_base
+
+        self.assertEqual(group_search_base(fixture.MAIL_SENDERS), fixture.BASE)
+        self.assertEqual(group_search_base("cn=g,ou=groups,o=acme"), "ou=groups,o=acme")
+
     async def test_unique_member_is_accepted(self):
         checker = self.checker(bind_dn=BIND_DN, require_group=fixture.UNIQUE_SENDERS)
         self.assertEqual(await login(checker, "bob", fixture.USERS["bob"]), "bob")

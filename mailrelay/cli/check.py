@@ -71,7 +71,8 @@ def _ldap(ldap: LDAPConfig) -> str:
     how = (f"bind as {ldap.bind_dn}{ignored}" if ldap.bind_dn else
            f"search {ldap.search_base} for {ldap.search_filter}"
            + (f" as {ldap.service_dn}" if ldap.service_dn else " anonymously"))
-    group = f", member of {ldap.require_group}" if ldap.require_group else ""
+    group = (f", member of {ldap.require_group}" + (" (nested groups too)" if ldap.nested_groups else "")
+             if ldap.require_group else "")
     tls = ", STARTTLS" if ldap.starttls else ""
     return f"{_list(ldap.urls)}{tls}: {how}{group}; cache {human_duration(ldap.cache)}"
 

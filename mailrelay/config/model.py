@@ -72,6 +72,8 @@ class LDAPConfig:
     service_password_file: Optional[Path] = None
     require_group: Optional[str] = None
     cache: float = 300.0
+    nested_groups: bool = True          # added key: membership through groups inside require_group counts
+    group_base: Optional[str] = None    # added key: where nested groups are searched (default: its dc= suffix)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,8 @@ def _ldap(t: _Reader) -> LDAPConfig:
         service_dn=service_dn, service_password_file=secret,
         require_group=t.text("require_group"),
         cache=t.duration("cache", 300.0, allow_zero=True),
+        nested_groups=t.flag("nested_groups", True),
+        group_base=t.text("group_base"),
     ))
 
 

@@ -18,14 +18,18 @@ RFC 4513 §3) on ldap:// URLs when `starttls`; ldaps:// and STARTTLS verify the 
   require exactly one entry, bind as its DN with the user's password (RFC 4513 §5.1.3).
 
 `require_group`: the group entry lists the user's DN in `member` or `uniqueMember`, or the user entry's
-`memberOf` names the group (both compared by the directory, so DN spelling does not matter).  In
-search-then-bind mode the group is checked as the service account, in direct mode as the user.
+`memberOf` names the group (both compared by the directory, so DN spelling does not matter).  With
+`nested_groups` (the default) membership through groups inside the group counts too, as Windows
+counts it: Active Directory answers that in one query (LDAP_MATCHING_RULE_IN_CHAIN); elsewhere the
+groups are walked upward from the user under `group_base` (default: the group DN's dc= suffix) — the
+groups listing the user, then those listing them, at most MAX_NESTING levels and MAX_NESTED_GROUPS
+groups, cycles ignored.  In search-then-bind mode the group is checked as the service account, in
+direct mode as the user.
 A login is remembered `cache` seconds as a salted hash (mailrelay.server.ldap_cache).
 
 Active Directory: either `bind_dn = "{user}@corp.example"` (a UPN bind, no service account needed) or
 `search_filter = "(&(objectClass=user)(sAMAccountName={user}))"` with a service account; `url =
 "ldaps://dc1.corp.example:636"` (or ldap:// with `starttls = true`); `ca_file` = the enterprise CA.
-`memberOf` covers direct group membership only (nested groups: not followed).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from ldaptor.ldapfilter import InvalidLDAPFilter, parseFilter
 from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -61,6 +66,38 @@ from mailrelay.server.realm import TemporaryAuthFailure
 # loopDetect, other.  Not unwillingToPerform (53): AD and slapd answer it for refused/disabled accounts.
 TEMPORARY_CODES = frozenset({1, 2, 3, 8, 10, 11, 12, 13, 51, 52, 54, 80})
 NO_SUCH_OBJECT, INSUFFICIENT_ACCESS = 32, 50
+
+
+MAX_NESTING = 8             # group levels followed upward from the user
+MAX_NESTED_GROUPS = 1000    # groups looked at in all, per login
+IN_CHAIN = "1.2.840.113556.1.4.1941"     # Active Directory's LDAP_MATCHING_RULE_IN_CHAIN
+
+
+def _listing(dns: list[str]) -> pureldap.LDAPFilter:
+    """(|(member=dn1)(uniqueMember=dn1)(member=dn2)...): groups that list any of `dns`."""
+    return pureldap.LDAPFilter_or([_equals(attribute, dn) for dn in dns for attribute in ("member", "uniqueMember")])
+
+
+def _in_chain(attribute: str, value: str) -> pureldap.LDAPFilter_extensibleMatch:
+    """(memberOf:1.2.840.113556.1.4.1941:=group): RFC 4511 4.5.1.7.7 extensible match."""
+    return pureldap.LDAPFilter_extensibleMatch(
+        matchingRule=pureldap.LDAPMatchingRuleAssertion_matchingRule(IN_CHAIN),
+        type=pureldap.LDAPMatchingRuleAssertion_type(attribute),
+        matchValue=pureldap.LDAPMatchingRuleAssertion_matchValue(value),
+        dnAttributes=pureldap.LDAPMatchingRuleAssertion_dnAttributes(0))
+
+
+def group_search_base(group: str) -> str:
+    """Where to look for groups nested in `group`: the trailing dc= components of its DN (the whole
+    naming context), or its parent when it has none."""
+    rdns = DistinguishedName(group).split()
+    suffix = []
+    for rdn in reversed(rdns):
+        if len(rdn.split()) != 1 or rdn.split()[0].attributeType.lower() != "dc":
+            break
+        suffix.insert(0, rdn)
+    chosen = suffix or rdns[1:]
+    return DistinguishedName(listOfRDNs=chosen).getText() if chosen else group
 
 
 def _equals(attribute: str, value: str) -> pureldap.LDAPFilter_equalityMatch:
@@ -276,12 +313,40 @@ class LDAPChecker:
         group = self._config.require_group
         if not group:
             return
-        listed = pureldap.LDAPFilter_or([_equals("member", dn), _equals("uniqueMember", dn)])
-        if await self._matches(conn, group, listed):
+        if await self._matches(conn, group, _listing([dn])):
             return
         if await self._matches(conn, dn, _equals("memberOf", group)):
             return
+        if self._config.nested_groups and await self._nested_member(conn, dn, group):
+            return
         raise UnauthorizedLogin("not a member of require_group")
+
+    async def _nested_member(self, conn: LDAPConnection, dn: str, group: str) -> bool:
+        """Is `dn` in `group` through groups that are members of it (any depth, bounded)?"""
+        try:
+            if await self._matches(conn, dn, _in_chain("memberOf", group)):
+                return True
+        except DirectoryError:
+            pass        # a directory that does not know AD's matching rule may refuse the filter outright
+        base = self._config.group_base or group_search_base(group)
+        seen: set[str] = set()
+        level = [dn]
+        for _ in range(MAX_NESTING):
+            entries, code = await conn.search(base, SCOPE_SUBTREE, _listing(level), NO_ATTRIBUTES,
+                                              size_limit=MAX_NESTED_GROUPS)
+            if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED, NO_SUCH_OBJECT, INSUFFICIENT_ACCESS):
+                raise DirectoryError(f"nested group search: result {code}")
+            level = [d for d, _ in entries if d and d.lower() not in seen]
+            if not level:
+                return False
+            if await self._matches(conn, group, _listing(level)):
+                return True
+            seen.update(d.lower() for d in level)
+            if len(seen) >= MAX_NESTED_GROUPS:
+                log.warn("ldap: more than {n} groups around require_group; nested membership not followed "
+                         "further", n=MAX_NESTED_GROUPS)
+                return False
+        return False
 
     async def _matches(self, conn: LDAPConnection, base: str, filter_) -> bool:
         """Does the entry `base` match `filter_`?  An entry that is absent or hidden does not."""

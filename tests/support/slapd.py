@@ -18,6 +18,10 @@ SkipTest with the reason when slapd or ldapadd is not installed (`apt-get instal
                      cn=restricted-senders groupOfNames, member alice; unreadable by users, so only
                                            alice's memberOf shows the membership
                      cn=unique-senders     groupOfUniqueNames, uniqueMember bob
+                     cn=team-b             groupOfNames, member cn=team-a; itself a member of mail-senders
+                     cn=team-a             groupOfNames, member dave (so dave is in mail-senders two
+                                           levels down, and in no group directly)
+                     cn=loop-1, cn=loop-2  each a member of the other; loop-2 also lists carol
 """
 from __future__ import annotations
 
@@ -50,10 +54,15 @@ ROOT_DN = f"cn=admin,{BASE}"
 ROOT_PASSWORD = "root-secret"
 SERVICE_DN = f"cn=relay,ou=services,{BASE}"
 SERVICE_PASSWORD = "relay-service-secret"
-USERS = {"alice": "alice-secret", "bob": "bob p\u00e4ss w\u00f6rd", "carol": "carol-secret"}
+USERS = {"alice": "alice-secret", "bob": "bob p\u00e4ss w\u00f6rd", "carol": "carol-secret",
+         "dave": "dave-secret"}
 MAIL_SENDERS = f"cn=mail-senders,{GROUPS}"
 RESTRICTED_SENDERS = f"cn=restricted-senders,{GROUPS}"
 UNIQUE_SENDERS = f"cn=unique-senders,{GROUPS}"
+TEAM_A = f"cn=team-a,{GROUPS}"
+TEAM_B = f"cn=team-b,{GROUPS}"
+LOOP_1 = f"cn=loop-1,{GROUPS}"
+LOOP_2 = f"cn=loop-2,{GROUPS}"
 
 SLAPD_CANDIDATES = ("slapd", "/usr/sbin/slapd")
 MODULE_PATH = "/usr/lib/ldap"
@@ -132,12 +141,18 @@ def directory_ldif() -> str:
             f"sn: {name.title()}\nmail: {name}@example.org\nuserPassword{_ldif_value(ssha(password))}\n"
         )
     entries += [
+        f"dn: {TEAM_A}\nobjectClass: groupOfNames\ncn: team-a\nmember: uid=dave,{PEOPLE}\n",
+        f"dn: {TEAM_B}\nobjectClass: groupOfNames\ncn: team-b\nmember: {TEAM_A}\n",
         f"dn: {MAIL_SENDERS}\nobjectClass: groupOfNames\ncn: mail-senders\n"
-        f"member: uid=alice,{PEOPLE}\nmember: uid=bob,{PEOPLE}\n",
+        f"member: uid=alice,{PEOPLE}\nmember: uid=bob,{PEOPLE}\nmember: {TEAM_B}\n",
+        f"dn: {LOOP_1}\nobjectClass: groupOfNames\ncn: loop-1\nmember: {TEAM_A}\n",
+        f"dn: {LOOP_2}\nobjectClass: groupOfNames\ncn: loop-2\nmember: {LOOP_1}\nmember: uid=carol,{PEOPLE}\n",
         f"dn: {RESTRICTED_SENDERS}\nobjectClass: groupOfNames\ncn: restricted-senders\n"
         f"member: uid=alice,{PEOPLE}\n",
         f"dn: {UNIQUE_SENDERS}\nobjectClass: groupOfUniqueNames\ncn: unique-senders\n"
         f"uniqueMember: uid=bob,{PEOPLE}\n",
+        # loop-1 <-> loop-2: a cycle (loop-1 is first created with team-a as its one member).
+        f"dn: {LOOP_1}\nchangetype: modify\nadd: member\nmember: {LOOP_2}\n",
     ]
     return "\n".join(entries)
 
