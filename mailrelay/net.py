@@ -1,6 +1,8 @@
 """Socket settings and the write path shared by both ends of our SMTP connections (the server sessions
-and the client)."""
-from twisted.internet import tcp
+and the client), and by the pipe to the delivery process."""
+import os
+
+from twisted.internet import abstract, process, tcp
 
 
 def no_delay(transport) -> None:
@@ -20,21 +22,35 @@ def write_now(transport, data: bytes) -> None:
     """transport.write(data), but handed to the kernel at once when nothing is waiting before it.
 
     Twisted buffers every write until the next reactor turn: one SMTP reply costs an epoll change to
-    watch for writability, a turn of the loop, the send, and an epoll change back. Replies and commands
-    are small and the socket's send buffer is almost always free, so a plain TCP transport with nothing
-    buffered gets a direct send(); whatever the kernel does not take (or an error, which Twisted then
-    finds and reports the usual way) goes through transport.write() behind it, so order is kept. TLS
-    (STARTTLS sets `TLS` on the same transport), a registered producer (it must see the buffer drain),
-    a closing connection and any other transport take the ordinary path."""
-    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not getattr(transport, "_writeDisconnected", True)
-            and transport.producer is None
-            and not transport.dataBuffer and not getattr(transport, "_tempDataBuffer", True)):
+    watch for writability, a turn of the loop, the send, and an epoll change back (a pipe to a child
+    process four changes: its writer also stops and restarts watching for the child closing it).
+    Replies, commands and queue ids are small and the kernel's buffer is almost always free, so a plain
+    TCP transport or a process pipe with nothing buffered gets a direct send()/write(); whatever the
+    kernel does not take (or an error, which Twisted then finds and reports the usual way) goes through
+    transport.write() behind it, so order is kept. TLS (STARTTLS sets `TLS` on the same transport), a
+    registered producer (it must see the buffer drain), a closing connection and any other transport
+    take the ordinary path."""
+    send = _direct_send(transport)
+    if send is not None:
         try:
-            sent = transport.socket.send(data)
+            sent = send(data)
         except OSError:      # EAGAIN, or the connection broke: transport.write() sorts it out
             sent = 0
         if sent == len(data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def _direct_send(transport):
+    if not (isinstance(transport, abstract.FileDescriptor) and transport.connected
+            and not transport.disconnecting and not getattr(transport, "_writeDisconnected", True)
+            and transport.producer is None
+            and not transport.dataBuffer and not getattr(transport, "_tempDataBuffer", True)):
+        return None
+    if isinstance(transport, tcp.Connection):
+        return None if transport.TLS else transport.socket.send
+    if isinstance(transport, process.ProcessWriter):
+        fd = transport.fd
+        return lambda data: os.write(fd, data)
+    return None

@@ -97,3 +97,33 @@ class WriteNowTests(unittest.TestCase):
         transport = StringTransport()
         write_now(transport, b"220 hi\r\n")
         self.assertEqual(transport.value(), b"220 hi\r\n")
+
+
+class _Echo(protocol.ProcessProtocol):
+    def __init__(self):
+        self.out, self.ended = bytearray(), defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def processEnded(self, reason):
+        self.ended.callback(bytes(self.out))
+
+
+class PipeTests(unittest.TestCase):
+
+    @defer.inlineCallbacks
+    def test_a_child_s_stdin_gets_direct_writes_and_keeps_their_order(self):
+        import sys
+
+        echo = _Echo()
+        process = reactor.spawnProcess(echo, sys.executable, [
+            sys.executable, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"], env=None)
+        stdin = process.pipes[0]
+        write_now(stdin, b"one\n")
+        self.assertEqual((stdin.dataBuffer, stdin._tempDataBuffer), (b"", []))    # in the pipe already
+        stdin.write(b"two\n")                  # buffered by Twisted ...
+        write_now(stdin, b"three\n")           # ... so this one queues behind it
+        self.assertEqual(stdin._tempDataBuffer, [b"two\n", b"three\n"])
+        process.closeStdin()
+        self.assertEqual((yield echo.ended), b"one\ntwo\nthree\n")

@@ -349,12 +349,30 @@ class DataTests(unittest.TestCase):
         self.client.cmd("RCPT TO:<b@example.org>")
         self.client.cmd("DATA")
         self.assertEqual(self.client.send(b"x\r\n.\r\nNOOP\r\n"), "")
-        self.assertEqual(self.client.transport.producerState, "paused")
+        self.assertEqual(self.client.transport.producerState, "producing")   # a little input just waits
         writer = self.harness.queue.writers[0]
         writer.pending.callback("Q000001")
         self.assertEqual(self.client.transport.value().decode().splitlines(),
                          ["250 2.0.0 Ok: queued as Q000001", "250 2.0.0 Ok"])
+
+    def test_a_flood_during_a_pending_commit_pauses_reading_until_it_is_done(self):
+        from mailrelay.server.session import BUSY_INPUT_LIMIT
+
+        self.harness.queue.commit_mode = "pending"
+        self.client.cmd("MAIL FROM:<a@example.org>")
+        self.client.cmd("RCPT TO:<b@example.org>")
+        self.client.cmd("DATA")
+        self.assertEqual(self.client.send(b"x\r\n.\r\n"), "")
+        for _ in range(BUSY_INPUT_LIMIT // 6 + 1):
+            self.client.protocol.dataReceived(b"NOOP\r\n")
+        self.assertEqual(self.client.transport.producerState, "paused")
+        self.assertEqual(self.client.transport.value(), b"")
+        self.harness.queue.writers[0].pending.callback("Q000001")
         self.assertEqual(self.client.transport.producerState, "producing")
+        replies = self.client.transport.value().decode().splitlines()
+        self.assertEqual(replies[0], "250 2.0.0 Ok: queued as Q000001")
+        self.assertEqual(set(replies[1:]), {"250 2.0.0 Ok"})
+        self.assertEqual(len(replies), BUSY_INPUT_LIMIT // 6 + 2)
 
     def test_failed_commit_is_451_and_aborts(self):
         self.harness.queue.commit_mode = "fail"
@@ -614,7 +632,6 @@ class AuthTests(unittest.TestCase):
         client = harness.connect(tls=True)
         client.cmd("EHLO c.test")
         self.assertEqual(client.send("AUTH PLAIN " + b64(b"\0alice\0pw") + "\r\nMAIL FROM:<a@example.org>\r\n"), "")
-        self.assertEqual(client.transport.producerState, "paused")
         checker.pending[0].callback(b"alice")
         self.assertEqual([l[:9] for l in client.transport.value().decode().splitlines()], ["235 2.7.0", "250 2.1.0"])
         self.assertEqual(harness.policy.clients[-1].user, "alice")

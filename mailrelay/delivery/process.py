@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
+from mailrelay.net import write_now
 
 log = Logger(namespace="mailrelay.delivery.process")
 
@@ -100,11 +101,18 @@ class DeliveryProcess(service.Service):
     def _send_enqueued(self) -> None:
         lines, self._outgoing = self._outgoing, []
         if self._transport is not None and lines:
-            self._transport.write("".join(lines).encode("ascii"))
+            self._write("".join(lines).encode("ascii"))
+
+    def _write(self, data: bytes) -> None:
+        stdin = getattr(self._transport, "pipes", {}).get(0)
+        if stdin is not None:
+            write_now(stdin, data)       # straight into the pipe when nothing is queued before it
+        else:
+            self._transport.write(data)
 
     def reload(self) -> None:
         if self._transport is not None:
-            self._transport.write(b"reload\n")
+            self._write(b"reload\n")
 
     def child_ended(self, child: _ChildProtocol, reason) -> None:
         if child is not self._child:

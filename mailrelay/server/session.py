@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
+BUSY_INPUT_LIMIT = 64 * 1024      # unread input held while a check or commit is pending; then reading pauses
 COMMANDS = frozenset(
     ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"]
 )
@@ -81,7 +82,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._limits = factory.limits
         self._inbuf = b""
         self._inpos = 0                   # start of the unread part of _inbuf (avoids re-copying it)
-        self._busy = self._processing = self._closing = self._counted = False
+        self._busy = self._processing = self._closing = self._counted = self._paused = False
         self._draining = False            # shutdown began: finish the transaction in progress, no new one
         self._tls_on = False
         self._ip, self._port = "", 0
@@ -262,15 +263,16 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._set_busy(False)
 
     def _set_busy(self, busy: bool) -> None:
-        """Pause reading while a check or a commit is pending, so pipelined replies keep their order."""
+        """While a check or a commit is pending, input waits unread, so pipelined replies keep their order
+        (RFC 2920). The socket itself is paused only once BUSY_INPUT_LIMIT bytes wait (dataReceived):
+        pausing for every commit would cost two epoll changes per message."""
         self._busy = busy
-        if self._closing:
+        if busy or self._closing:
             return
-        if busy:
-            self.transport.pauseProducing()
-        else:
+        if self._paused:
+            self._paused = False
             self.transport.resumeProducing()
-            self._process()
+        self._process()
 
     # -- input -------------------------------------------------------------------------------------
 
@@ -281,6 +283,11 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         if idle is not None and idle.active():
             idle.reset(self._limits.idle_timeout)
         self._inbuf = self._inbuf + data if self._inbuf else data
+        if self._busy:
+            if len(self._inbuf) - self._inpos > BUSY_INPUT_LIMIT and not self._paused:
+                self._paused = True         # memory stays bounded while we wait
+                self.transport.pauseProducing()
+            return
         self._process()
 
     def _process(self) -> None:
