@@ -31,7 +31,8 @@ class WriteNowTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connected_pair(self, expected: int):
         server_factory = protocol.Factory.forProtocol(_Collect)
-        server_factory.connected, server_factory.done, server_factory.expected = defer.Deferred(), defer.Deferred(), expected
+        server_factory.connected, server_factory.done = defer.Deferred(), defer.Deferred()
+        server_factory.expected = expected
         port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         client_factory = protocol.ClientFactory.forProtocol(_Writer)

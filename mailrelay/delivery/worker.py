@@ -7,7 +7,8 @@ In (stdin, one line each): `enqueue QUEUEID` for a message the main process just
 (re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
 in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines go to `[log] file` when
 one is set, else to standard output (the main process's, inherited: twistd -n, journald) in twistd's text
-format (mailrelay.logger.classic_text). The spool is shared: the main process holds its lock and ran recovery before starting this one.
+format (mailrelay.logger.classic_text). The spool is shared: the main process holds its lock and ran
+recovery before starting this one.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Its job in the message's journey: turn one client transaction into one committed spool message.  In:
 MAIL FROM / RCPT TO / DATA command lines and then the DATA bytes, handed over by the session.  Out:
 the policy asked at MAIL, RCPT and end of data; an IMessageWriter from the incoming queue filled with
-our `Received` header and the un-dot-stuffed content (forged Authentication-Results removed, authres.py); `250 2.0.0 Ok: queued as <id>` only once the
-writer's commit has succeeded, otherwise 451 4.3.0 and the partial message thrown away.
+our `Received` header and the un-dot-stuffed content (forged Authentication-Results removed: authres.py);
+`250 2.0.0 Ok: queued as <id>` only once the writer's commit has succeeded, otherwise 451 4.3.0 and the
+partial message thrown away.
 
 Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
 recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
