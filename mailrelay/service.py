@@ -265,7 +265,7 @@ class RelayService(service.MultiService):
                 mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
                 tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
-                authserv_id=own_authserv_id(config),
+                authserv_id=own_authserv_id(config), postmaster=config.postmaster,
             )
             self.factories.append(factory)
             wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
@@ -290,7 +290,8 @@ class RelayService(service.MultiService):
                 log.warn("reload: {key} changed; that takes effect only after a restart", key=key)
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
-                                policy=parts.policy, authserv_id=own_authserv_id(config))
+                                policy=parts.policy, authserv_id=own_authserv_id(config),
+                                postmaster=config.postmaster)
         if self.delivery is not None:
             delivery.install(self.scheduler, config, replacing=self.delivery)
             self.delivery = delivery

@@ -163,11 +163,11 @@ class RelayTestCase(unittest.TestCase):
         self.sink_port = self.sink.start(reactor)
         self.addCleanup(self.sink.stop)
 
-    def start_relay(self, permits: str, extra: str = "") -> RelayFixture:
+    def start_relay(self, permits: str, extra: str = "", top: str = "") -> RelayFixture:
         extra = (f'[transports.sink]\nhost = "127.0.0.1"\nport = {self.sink_port}\nsecurity = "none"\n\n'
                  f'[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n[queue]\nfirst_retry = "1s"\n\n'
                  + extra)
-        relay = RelayFixture(self.mktemp(), extra=extra, permits=permits)
+        relay = RelayFixture(self.mktemp(), extra=extra, permits=permits, top=top)
         relay.start(reactor)
         self.addCleanup(relay.stop)
         return relay
@@ -358,6 +358,23 @@ class SenderTests(RelayTestCase):
         self.assertEqual(foreign, [(250, "2.1.0"), (550, "5.7.1"), (550, "5.7.1"), (503, "5.5.1")])
         yield self.settle(relay, ["bounce@allowed.example"])
         self.assertEqual(self.sink.messages[0].mail_from, "")
+
+    @defer.inlineCallbacks
+    def test_postmaster_is_accepted_from_anyone_and_goes_to_the_configured_mailbox(self):
+        relay = self.start_relay(NETWORK_ONLY, top='postmaster = "admin@allowed.example"\n')
+
+        def converse(source):
+            client = Client(relay, source=source)
+            replies = [status(client.mail("someone@elsewhere.example")), status(client.rcpt("PostMaster")),
+                       status(client.rcpt("postmaster@RELAY.TEST")), status(client.rcpt("user@victim.example")),
+                       status(client.data(message(sender="someone@elsewhere.example", subject="abuse report")))]
+            client.quit()
+            return replies
+
+        foreign = yield self.run_client(converse, FOREIGN_HOST)     # no rule matches this host at all
+        # RFC 5321 4.5.1: the postmaster takes mail from anyone; everything else is still refused.
+        self.assertEqual(foreign, [(250, "2.1.0"), (250, "2.1.5"), (250, "2.1.5"), (550, "5.7.1"), (250, "2.0.0")])
+        yield self.settle(relay, ["admin@allowed.example"])      # both spellings: one mailbox, one copy
 
     @defer.inlineCallbacks
     def test_from_header_of_another_domain_is_refused_after_data_for_a_user(self):

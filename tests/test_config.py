@@ -308,6 +308,12 @@ class DefaultTests(ConfigTestCase):
         self.assertEqual((c.auth.ldap.nested_groups, c.auth.ldap.group_base), (False, "ou=groups,dc=x"))
         self.assertRefused(ldap + 'nested_groups = "yes"\n', "auth.ldap.nested_groups")
 
+    def test_postmaster_is_an_optional_mailbox(self) -> None:
+        self.assertIsNone(self.load('hostname = "relay.test"\n').postmaster)
+        self.assertEqual(self.load('postmaster = "admin@example.org"\n').postmaster, "admin@example.org")
+        self.assertRefused('postmaster = "admin"\n', "postmaster", "mailbox")
+        self.assertRefused('postmaster = "<admin@example.org>"\n', "postmaster", "mailbox")
+
     def test_networks_accept_host_bits_and_single_addresses(self) -> None:
         c = self.load('[[permit]]\nnetworks = ["10.1.2.3/8", "192.0.2.7", "::1"]\n')
         self.assertEqual(c.permits[0].networks, tuple(ipaddress.ip_network(n) for n in

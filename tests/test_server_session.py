@@ -267,6 +267,19 @@ class AddressTests(unittest.TestCase):
         self.client.cmd("MAIL FROM:<a@example.org>")
         self.assertEqual(self.client.codes("RCPT TO:<Postmaster>\r\n"), ["250 2.1.5"])
 
+    def test_a_configured_postmaster_takes_both_spellings_without_asking_the_policy(self):
+        harness = Harness(policy=DenyRelayPolicy())
+        harness.factory.postmaster = "admin@example.org"
+        client = harness.connect()
+        client.cmd("EHLO c.test")
+        client.cmd("MAIL FROM:<a@example.net>")
+        self.assertEqual(client.codes("RCPT TO:<POSTMASTER>\r\nRCPT TO:<postmaster@relay.test>\r\n"
+                                      "RCPT TO:<postmaster@other.example>\r\n"),
+                         ["250 2.1.5", "250 2.1.5", "550 5.7.1"])
+        client.cmd("DATA")
+        self.assertTrue(client.send(b"Subject: abuse\r\n\r\nreport\r\n.\r\n").startswith("250 "))
+        self.assertEqual(harness.queue.messages[0].envelope.recipients, ("admin@example.org",))
+
 
 class PolicyTests(unittest.TestCase):
     def test_policy_replies_are_sent_as_they_are(self):

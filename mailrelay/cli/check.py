@@ -121,6 +121,8 @@ def describe(config: Config) -> list[tuple[str, str]]:
     if config.auth.ldap:
         lines.append(("ldap", _ldap(config.auth.ldap)))
     lines += [(f"permit[{i}]", _permit(p)) for i, p in enumerate(config.permits)]
+    lines.append(("postmaster", f"<postmaster> and <postmaster@{config.hostname}> go to {config.postmaster}, "
+                  "from anyone" if config.postmaster else "not set: <postmaster> is judged like any recipient"))
     lines.append(("dkim", f"{config.dkim.mode}" + "".join(
         f"; {k.selector}._domainkey.{k.domain} ({k.key_file})" for k in config.dkim.keys)))
     queue = config.queue

@@ -30,8 +30,8 @@ from mailrelay.config.model import (
 )
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
-    _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _queue, _route,
-    _sendmail, _tls, _transports,
+    _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _postmaster, _queue,
+    _route, _sendmail, _tls, _transports,
 )
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 
@@ -81,6 +81,7 @@ def load(path: str | Path) -> Config:
         metrics=_metrics(root.table("metrics")),
         log=_log(root.table("log")),
         sendmail=_sendmail(root.table("sendmail")),
+        postmaster=_postmaster(root),
     )
     root.close()
     return config

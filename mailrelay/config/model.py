@@ -199,6 +199,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    postmaster: Optional[str] = None    # added key: where RCPT TO:<postmaster> goes (RFC 5321 4.5.1)
 
 
 DKIM_MODES = ("sign", "passthrough")

@@ -32,6 +32,16 @@ def _hostname(root: _Reader) -> str:
     return name
 
 
+def _postmaster(root: _Reader) -> Optional[str]:
+    address = root.text("postmaster")
+    if address is None:
+        return None
+    local, at, domain = address.rpartition("@")
+    if not at or not local or any(c in local for c in ' "<>()[]\\,;:') or not _DOMAIN.fullmatch(domain):
+        root.fail("postmaster", f'"{address}" is not a mailbox (local@domain)')
+    return address
+
+
 def _tls(t: _Reader) -> TLSConfig:
     cert, key = t.path("cert", readable=True), t.path("key", readable=True)
     if (cert is None) != (key is None):

@@ -83,13 +83,23 @@ class TransactionMixin:
         if len(self._rcpts) >= self._limits.max_recipients:
             self._send(452, "4.5.3", "Too many recipients")     # RFC 5321 4.5.3.1.8: 452, never dropped
             return
-        refusal = self.factory.policy.check_recipient(self.client_info(), self._mail.sender, parsed.recipient)
-        if refusal is not None:
-            self._reply(refusal)
-            return
-        if parsed.recipient not in self._rcpts:
-            self._rcpts.append(parsed.recipient)
+        recipient = parsed.recipient
+        if self.factory.postmaster and self._is_postmaster(recipient):
+            # RFC 5321 4.5.1: mail to the postmaster is accepted from anyone; it goes to the configured
+            # mailbox (a fixed destination: no relaying), whatever the permit rules say.
+            recipient = self.factory.postmaster
+        else:
+            refusal = self.factory.policy.check_recipient(self.client_info(), self._mail.sender, recipient)
+            if refusal is not None:
+                self._reply(refusal)
+                return
+        if recipient not in self._rcpts:
+            self._rcpts.append(recipient)
         self._send(250, "2.1.5", "Recipient ok")
+
+    def _is_postmaster(self, recipient: str) -> bool:
+        lowered = recipient.lower()
+        return lowered == "postmaster" or lowered == f"postmaster@{self.hostname.lower()}"
 
     def do_DATA(self, rest: str) -> None:
         if self._mail is None or not self._rcpts:

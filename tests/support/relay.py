@@ -30,7 +30,9 @@ def free_port(interface: str = "127.0.0.1") -> int:
 class RelayFixture:
     """Writes a config with three listeners (relay, submission, submissions) on free loopback ports."""
 
-    def __init__(self, directory: str, extra: str = "", users: dict | None = None, permits: str | None = None):
+    def __init__(self, directory: str, extra: str = "", users: dict | None = None, permits: str | None = None,
+                 top: str = ""):
+        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended."""
         self.dir = Path(directory).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = {kind: free_port() for kind in ("relay", "submission", "submissions")}
@@ -44,7 +46,7 @@ class RelayFixture:
         )
         self.path = self.dir / "tap.conf"
         self.path.write_text(
-            'hostname = "relay.test"\nspool = "spool"\n\n' + listeners
+            'hostname = "relay.test"\nspool = "spool"\n' + top + '\n' + listeners
             + '[auth]\npassword_file = "passwords"\n\n' + permits + "\n" + extra
         )
         for user, password in self.users.items():
