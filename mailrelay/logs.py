@@ -198,6 +198,16 @@ def log_message(logger: Logger, stage: str, queue_id: str, level: LogLevel = Log
     logger.emit(level, text.replace("{", "{{").replace("}", "}}"), **event)
 
 
+def log_queued(logger: Logger, queue_id: str, envelope: Any = None, size: Optional[int] = None) -> None:
+    """The line saying a message is in the queue (Postfix's "queue active"), from its envelope
+    (envelope.Envelope: sender, recipients, client, identity, TLS) and its size as spooled."""
+    if envelope is None:
+        log_message(logger, "queued", queue_id, size=size)
+        return
+    log_message(logger, "queued", queue_id, client=envelope.client_address, identity=envelope.identity,
+                sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
+
+
 # -- formatting one event -------------------------------------------------------------------------
 
 def _time(event: dict) -> str:

@@ -49,6 +49,10 @@ class _NotifyingWriter:
     def write(self, data: bytes) -> None:
         self._writer.write(data)
 
+    @property
+    def size(self) -> int:
+        return self._writer.size
+
     def commit(self):
         """The spool's commit, but the session hears of it first: its 250 goes out before the scheduler
         (or the pipe to the delivery process) does any work for the message."""
@@ -76,6 +80,12 @@ class QueueFront:
 
     def __init__(self, spool, scheduler):
         self._spool, self._scheduler = spool, scheduler
+
+    @property
+    def logs_queued(self) -> bool:
+        """True when the scheduler writes each message's "queued" line (the delivery process does, as
+        Postfix's qmgr does); the session then leaves it out."""
+        return bool(getattr(self._scheduler, "logs_queued", False))
 
     def new_message(self, envelope):
         return _NotifyingWriter(self._spool.new_message(envelope), self._scheduler)

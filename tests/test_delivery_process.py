@@ -49,8 +49,16 @@ class SeparateDeliveryProcess(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.1, lambda: None)
         stages = [e.get("stage") for e in events if e.get("queue_id") == queue_id]
-        self.assertIn("queued", stages)          # written by the main process
         self.assertIn("delivered", stages)       # written by the delivery process, to the same file
+        # "queued" once, also by the delivery process (as Postfix's qmgr), before the delivery, with all
+        # the session knew: the receiving process spends nothing on it.
+        queued = [e for e in events if e.get("queue_id") == queue_id and e.get("stage") == "queued"]
+        self.assertEqual(len(queued), 1)
+        self.assertEqual(queued[0]["namespace"], "mailrelay.queue")
+        self.assertEqual((queued[0]["client"], queued[0]["identity"], queued[0]["sender"]),
+                         ("127.0.0.1", "permit[0]", "app@example.org"))
+        self.assertGreater(queued[0]["size"], len(MESSAGE))          # as spooled, with our Received
+        self.assertLess(stages.index("queued"), stages.index("delivered"))
 
     @defer.inlineCallbacks
     def test_the_child_never_preempts_the_receiving_process(self):
@@ -131,3 +139,75 @@ class EnqueueDescriptions(unittest.TestCase):
         from mailrelay.delivery.process import enqueue_line
 
         self.assertEqual(enqueue_line("0123456789ABCDEF"), "enqueue 0123456789ABCDEF\n")
+
+
+class QueuedLines(unittest.TestCase):
+    """Each message gets exactly one "queued" line: from the child when it is told of the message, from
+    the main process when it cannot be (the child is restarting, or the description is missing)."""
+
+    def setUp(self):
+        from pathlib import Path
+
+        from twisted.logger import globalLogPublisher
+
+        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.envelope import Envelope
+        from mailrelay.spool.message import SpooledMessage
+        from mailrelay.spool.store import Spool
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.spool = Spool(Path(self.mktemp()), owner=False)
+        self.clock = task.Clock()
+        self.process = DeliveryProcess("tap.conf", self.clock, spool=self.spool)
+        envelope = Envelope("a@example.org", ("b@example.com",), 1.5, client_address="192.0.2.7",
+                            identity="permit[0]")
+        self.message = SpooledMessage("0123456789ABCDEF", envelope, 2048,
+                                      self.spool.paths.message("0123456789ABCDEF"), 123)
+
+    def queued(self):
+        return [e for e in self.events if e.get("stage") == "queued"]
+
+    def test_a_described_message_is_left_to_the_child(self):
+        written = []
+
+        class Pipe:
+            pipes: dict = {}
+
+            def write(self, data):
+                written.append(data)
+
+        self.process._transport = Pipe()
+        self.spool.remember_fresh(self.message)
+        self.process.enqueue(self.message.queue_id)
+        self.clock.advance(0)
+        self.assertEqual(self.queued(), [])
+        self.assertTrue(written[0].startswith(b"enqueue 0123456789ABCDEF 2048 123 {"))
+
+    def test_while_the_child_is_restarting_the_main_process_writes_the_line(self):
+        self.process._transport = None
+        self.spool.remember_fresh(self.message)
+        self.process.enqueue(self.message.queue_id)
+        [line] = self.queued()
+        self.assertEqual((line["queue_id"], line["client"], line["size"]), ("0123456789ABCDEF", "192.0.2.7", 2048))
+        self.assertEqual(line["log_namespace"], "mailrelay.delivery.process")
+
+    def test_the_child_s_side_writes_it_from_the_description(self):
+        from mailrelay.delivery.process import enqueue_line
+        from mailrelay.delivery.worker import Commands, DeliveryWorker
+
+        spool = self.spool
+
+        class Worker:
+            remember = DeliveryWorker.remember
+
+            def __init__(self):
+                self.spool = spool
+                self.scheduler = type("S", (), {"enqueue": staticmethod(lambda queue_id: None)})()
+
+        Commands(Worker(), reactor).lineReceived(enqueue_line("0123456789ABCDEF", self.message).rstrip("\n").encode())
+        [line] = self.queued()
+        self.assertEqual((line["client"], line["identity"], line["sender"], line["recipients"], line["size"]),
+                         ("192.0.2.7", "permit[0]", "a@example.org", ["b@example.com"], 2048))
+        self.assertEqual(line["log_namespace"], "mailrelay.queue")

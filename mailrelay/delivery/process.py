@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
+from mailrelay.logs import log_queued
 from mailrelay.net import write_now
 
 log = Logger(namespace="mailrelay.delivery.process")
@@ -64,6 +65,8 @@ def child_environment() -> dict:
 class DeliveryProcess(service.Service):
     """Stands in for the scheduler in the main process (`enqueue`), running the real one in a child."""
 
+    logs_queued = True      # each message's "queued" line comes from here or from the child (QueueFront)
+
     def __init__(self, config_path, reactor, python: str = sys.executable, spool=None):
         """`spool`: ours; what it remembers of a fresh commit (size, offset, envelope) goes down the pipe
         with the id, so the child need not read the file back to start delivering it."""
@@ -71,7 +74,7 @@ class DeliveryProcess(service.Service):
         self._child = None
         self._transport = None
         self._restart = None
-        self._outgoing: list[str] = []
+        self._outgoing: list[tuple] = []       # (queue id, SpooledMessage or None) for this turn
         self._started_at = 0.0
         self._delay = RESTART_DELAY
         self.restarts = 0
@@ -91,17 +94,34 @@ class DeliveryProcess(service.Service):
         log.info("delivery process started (pid {pid})", pid=self._transport.pid)
 
     def enqueue(self, queue_id: str) -> None:
-        """Tell the child; the ids committed in one reactor turn go down the pipe in one write."""
-        if self._transport is None:
-            return   # the child is being restarted; at start it schedules everything in the spool, this too
-        self._outgoing.append(enqueue_line(queue_id, self.spool.take_fresh(queue_id) if self.spool else None))
+        """Tell the child; the ids committed in one reactor turn go down the pipe in one write. The child
+        writes the message's "queued" line when it reads the description (so the receiving process
+        spends nothing on it); a message it will not be told of gets its line here."""
+        fresh = self.spool.take_fresh(queue_id) if self.spool else None
+        if self._transport is None or fresh is None:
+            self._log_queued(queue_id, fresh)
+            if self._transport is None:
+                return   # the child is being restarted; at start it schedules everything in the spool
+        self._outgoing.append((queue_id, fresh))
         if len(self._outgoing) == 1:
             self.reactor.callLater(0, self._send_enqueued)
 
     def _send_enqueued(self) -> None:
-        lines, self._outgoing = self._outgoing, []
-        if self._transport is not None and lines:
-            self._write("".join(lines).encode("ascii"))
+        items, self._outgoing = self._outgoing, []
+        if self._transport is None:
+            for queue_id, fresh in items:          # the child went away meanwhile
+                if fresh is not None:
+                    self._log_queued(queue_id, fresh)
+            return
+        if items:
+            self._write("".join(enqueue_line(queue_id, fresh) for queue_id, fresh in items).encode("ascii"))
+
+    @staticmethod
+    def _log_queued(queue_id: str, message) -> None:
+        if message is None:
+            log_queued(log, queue_id)
+        else:
+            log_queued(log, queue_id, message.envelope, message.size)
 
     def _write(self, data: bytes) -> None:
         stdin = getattr(self._transport, "pipes", {}).get(0)

@@ -22,8 +22,10 @@ from twisted.logger import FileLogObserver, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 
 from mailrelay.logger import Logger, classic_text
+from mailrelay.logs import log_queued
 
 log = Logger(namespace="mailrelay.delivery.worker")
+queued_log = Logger(namespace="mailrelay.queue")
 
 
 class Commands(LineOnlyReceiver):
@@ -84,6 +86,9 @@ class DeliveryWorker(service.MultiService):
                      queue_id=queue_id)
             return
         self.spool.remember_fresh(message)
+        # Postfix's qmgr writes "queue active"; here too the delivery side writes it, from the envelope the
+        # main process described, before anything is tried (the receiving process spends nothing on it).
+        log_queued(queued_log, queue_id, message.envelope, message.size)
 
     def reload(self) -> None:
         from mailrelay.service import build_delivery_parts, reread

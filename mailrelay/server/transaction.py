@@ -27,7 +27,7 @@ from twisted.internet import defer
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import Reply
-from mailrelay.logs import log_message
+from mailrelay.logs import log_queued
 from mailrelay.server import addresses
 from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector
@@ -189,7 +189,8 @@ class TransactionMixin:
             return
         self._set_busy(True)
         d = defer.maybeDeferred(writer.commit)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, reader.size))
+        size = getattr(writer, "size", reader.size)       # as spooled (with our Received header)
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, size))
         d.addErrback(self._log_unexpected)
 
     def _finish_filter(self, writer) -> bool:
@@ -212,8 +213,8 @@ class TransactionMixin:
         self._writer = None
         self._reset_transaction()
         self._send(250, "2.0.0", f"Ok: queued as {queue_id}")    # the client waits for nothing else
-        log_message(self._log, "queued", queue_id, client=self._ip, identity=envelope.identity,
-                    sender=envelope.sender, recipients=list(envelope.recipients), size=size, tls=envelope.tls)
+        if not getattr(self.factory.queue, "logs_queued", False):
+            log_queued(self._log, queue_id, envelope, size)       # else the delivery process writes it
         self._count("accepted", self.factory.listener.kind, size)
         self._set_busy(False)
 

@@ -22,9 +22,20 @@ PASSWORD = "correct horse battery staple"
 
 
 def free_port(interface: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((interface, 0))
-        return s.getsockname()[1]
+    return free_ports(1, interface)[0]
+
+
+def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports the OS reports free: all held open together while they are picked, so the
+    same port cannot come back twice (it did, once, for two listeners of one relay)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((interface, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class RelayFixture:
@@ -35,7 +46,7 @@ class RelayFixture:
         """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended."""
         self.dir = Path(directory).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ports = {kind: free_port() for kind in ("relay", "submission", "submissions")}
+        self.ports = dict(zip(("relay", "submission", "submissions"), free_ports(3)))
         self.users = users if users is not None else {"app1": PASSWORD}
         if permits is None:
             permits = ('[[permit]]\nnetworks = ["127.0.0.1/32"]\n\n'
