@@ -124,16 +124,19 @@ class RoundTripTests(SpoolTestCase):
             self.assertEqual(f.read(4), b"From")
             self.assertEqual(f.read(), b": a\r\n\r\nbody\r\n")
 
-    def test_message_is_not_in_the_queue_before_commit_fires(self):
+    def test_a_message_is_not_loadable_before_its_commit_fires(self):
+        from mailrelay.spool.message import InProgress
+
         message_writer = self.spool.new_message(make_envelope())
-        message_writer.write(b"x" * (BUFFER_LIMIT + 1))
+        message_writer.write(b"x" * (BUFFER_LIMIT + 1))    # spilled: its file is in queue/ already
         d = message_writer.commit()
         self.assertFalse(d.called)                      # durability is never synchronous when running
-        self.assertEqual(self.spool.queue_ids(), [])
-        self.assertFalse(self.spool.exists(message_writer.queue_id))
+        self.assertEqual(self.spool.queue_ids(), [message_writer.queue_id])
+        with self.assertRaises(InProgress):             # an UnknownMessage: readers skip it
+            self.spool.load(message_writer.queue_id)
 
         def committed(queue_id):
-            self.assertEqual(self.spool.queue_ids(), [queue_id])
+            self.assertEqual(self.spool.load(queue_id).size, BUFFER_LIMIT + 1)
             self.assertEqual(files_in(self.directory / "tmp"), [])
         return d.addCallback(committed)
 
@@ -275,8 +278,8 @@ class GroupCommitTests(SpoolTestCase):
             raise OSError(5, "Input/output error")
         self.patch(files, "finish_message", finish)
         good.write(b"good")
-        bad.write(b"x" * (BUFFER_LIMIT + 10))            # has a temp file already
-        self.assertEqual(len(files_in(self.directory / "tmp")), 1)
+        bad.write(b"x" * (BUFFER_LIMIT + 10))            # has its file in queue/ already, in progress
+        self.assertEqual(files_in(self.directory / "queue"), [bad.queue_id])
         bad_result = bad.commit()
         good_id = yield good.commit()
         yield self.assertFailure(bad_result, OSError)
@@ -323,13 +326,13 @@ class GroupCommitTests(SpoolTestCase):
 
 class AbortTests(SpoolTestCase):
 
-    def test_abort_removes_the_temp_file_and_is_idempotent(self):
+    def test_abort_removes_the_file_being_written_and_is_idempotent(self):
         message_writer = self.spool.new_message(make_envelope())
         message_writer.write(b"x" * (2 * BUFFER_LIMIT))
-        self.assertEqual(files_in(self.directory / "tmp"), [f"{message_writer.queue_id}.msg"])
+        self.assertEqual(files_in(self.directory / "queue"), [message_writer.queue_id])   # in progress
         message_writer.abort()
         message_writer.abort()
-        self.assertEqual(files_in(self.directory / "tmp"), [])
+        self.assertEqual(files_in(self.directory / "queue"), [])
         self.assertEqual(self.spool.queue_ids(), [])
         self.assertRaises(RuntimeError, message_writer.commit)
 
@@ -538,6 +541,24 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(self.offline.load(first).state, {"kept": True})
         self.assertEqual(read_body(self.offline.load(second)), b"second")
 
+    def test_messages_cut_short_while_being_received_are_removed_not_quarantined(self):
+        from mailrelay.spool.message import IN_PROGRESS, SIZE_DIGITS, SIZE_OFFSET
+
+        kept = self.commit_offline(b"kept")
+        queue = self.directory / "queue"
+        good = (queue / kept).read_bytes()
+        in_progress = good[:SIZE_OFFSET] + IN_PROGRESS + good[SIZE_OFFSET + SIZE_DIGITS:]
+        write_raw(queue / ("4" * 16), in_progress)               # its commit never wrote the size
+        write_raw(queue / ("5" * 16), b"")                        # created, nothing written yet
+        write_raw(queue / ("6" * 16), good[:12])                  # half a magic line
+        write_raw(self.directory / "hold" / ("4" * 16), b"")      # (a hold flag for it goes too)
+        report = Spool(self.directory)
+        self.assertEqual(report.recover(), [kept])
+        self.assertEqual(files_in(queue), [kept])
+        self.assertEqual(files_in(self.directory / "corrupt"), [])
+        self.assertEqual(files_in(self.directory / "hold"), [])
+        self.assertEqual(report.recovery_report.torn_temp_files, 3)
+
     def test_start_service_runs_recovery(self):
         queue_id = self.commit_offline(b"kept")
         write_raw(self.directory / "tmp" / "x.msg", b"torn")
@@ -575,9 +596,9 @@ class LockTests(SpoolTestCase):
 
     def test_recovery_is_refused_while_a_relay_runs_on_the_spool(self):
         message_writer = self.spool.new_message(make_envelope())
-        message_writer.write(b"x" * (BUFFER_LIMIT + 1))       # a message being received, in tmp/
+        message_writer.write(b"x" * (BUFFER_LIMIT + 1))       # a message being received, in queue/
         self.assertRaises(SpoolLocked, Spool(self.directory).recover)
-        self.assertEqual(len(files_in(self.directory / "tmp")), 1)
+        self.assertEqual(files_in(self.directory / "queue"), [message_writer.queue_id])
         message_writer.abort()
 
     @inlineCallbacks

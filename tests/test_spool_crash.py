@@ -3,8 +3,8 @@
 A real child process (tests/support/spool_crash.py) commits messages and prints each id once its commit
 Deferred fired; the test kills it with SIGKILL after a random number of acknowledgements, then recovers
 the spool in this process. SIGKILL does not drop the page cache, so this checks the ordering (nothing is
-acknowledged before it is complete in queue/; torn temp files are recognised and cleaned), not the
-fsyncs themselves.
+acknowledged before its size is written and it is fsync'd; files still in progress are recognised and
+removed), not the fsyncs themselves.
 """
 from __future__ import annotations
 

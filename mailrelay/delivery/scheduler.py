@@ -53,6 +53,7 @@ from mailrelay.delivery.state import MessageState, StateError
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
+from mailrelay.spool.message import UnknownMessage
 
 __all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STOP_TIMEOUT", "Scheduler"]
 
@@ -303,6 +304,9 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         except StateError as e:
             self.log.error("{queue_id}: unreadable delivery state, left in the spool: {error}",
                            queue_id=queue_id, error=str(e), stage="error")
+        except UnknownMessage:
+            # Removed meanwhile, or still being received (its commit will enqueue it): nothing to do.
+            self.log.debug("{queue_id}: not in the spool (yet)", queue_id=queue_id)
         except Exception:
             self.log.failure("{queue_id}: cannot load from the spool", queue_id=queue_id)
         return None

@@ -2,12 +2,14 @@
 
 In: paths and bytes.  Out: durable files.  Everything here blocks and is thread-safe (no shared state):
 the Spool service calls these from its thread pool, never from the reactor thread, whenever they fsync.
-The fsync-before-rename-before-directory-fsync order is what lets the session answer 250 (RFC 5321
-§6.1: a relay that has accepted a message must not lose it, even in a crash).
+Size written, file fsync'd, queue/ fsync'd: only then may the session answer 250 (RFC 5321 §6.1: a
+relay that has accepted a message must not lose it, even in a crash).
 
 Layout under the spool directory (each 0700, files 0600):
-    tmp/      messages being received, state files being written (anything here at start is torn)
-    queue/    complete messages, one file per queue id (see message.py for the format)
+    tmp/      state files being written (anything here at start is torn)
+    queue/    one file per queue id (see message.py for the format): complete messages, and messages
+              being received, created in place and marked in-progress in their size field until the
+              commit writes the size and fsyncs them
     state/    <id>.json: the scheduler's per-recipient delivery state, replaced atomically
     hold/     <id>: an empty flag file; a held message is kept but not delivered
     corrupt/  queue files recovery could not read (kept for a human, never deleted)
@@ -80,8 +82,6 @@ class SpoolPaths:
     def hold_flag(self, queue_id: str) -> Path:
         return self.hold / queue_id
 
-    def temp_message(self, queue_id: str) -> Path:
-        return self.tmp / f"{queue_id}.msg"
 
 
 def make_directory(path: Path) -> None:
@@ -151,54 +151,53 @@ def atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
 class CommitJob:
     """One message's last step, handed to the thread pool: what is still to write and where it goes."""
     queue_id: str
-    fd: Optional[int]       # the temp file, or None: the whole message is still in `pending`
+    fd: Optional[int]       # the file in queue/ (a big message spilled there), or None: all still in `pending`
     header: bytes           # written first when fd is None (the file does not exist yet)
     pending: bytes
     size: int
-    temp_path: Path
     final_path: Path
     envelope: object = None   # envelope.Envelope, kept so the spool can answer load() from memory
 
 
 def finish_message(job: CommitJob) -> None:
-    """Write the rest, patch in the size, fsync, close, rename into queue/ (not yet the directory fsync)."""
-    fd = job.fd
+    """Write the rest, put the size in place of the in-progress mark, fsync, close. The file was created
+    under its final name in queue/, so this one fsync also carries its directory entry to the journal; the
+    batch's directory fsync (commit_batch) makes that entry durable by POSIX's rules too."""
+    fd, data = job.fd, job.pending
     if fd is None:
-        fd = create_file(job.temp_path)
-        job = CommitJob(job.queue_id, fd, b"", job.header + job.pending, job.size, job.temp_path,
-                        job.final_path)
+        fd = create_file(job.final_path)     # FileExistsError: someone else's file, left alone
+        data = job.header + job.pending
     try:
-        write_all(fd, job.pending)
+        write_all(fd, data)
         os.pwrite(fd, encode_size(job.size), SIZE_OFFSET)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if os.path.lexists(job.final_path):
-        raise FileExistsError(f"queue id {job.queue_id} already in the queue")
-    os.rename(job.temp_path, job.final_path)
 
 
 def commit_batch(jobs: list[CommitJob], queue_dir: Path) -> list[Optional[Exception]]:
-    """Group commit: each file fsync'd and renamed, then ONE fsync of queue/ for the whole batch.
-    Returns, per job, None (durable) or the exception that stopped it (its files are removed)."""
+    """Group commit: each file completed and fsync'd, then ONE fsync of queue/ for the whole batch.
+    Returns, per job, None (durable) or the exception that stopped it (its file is removed)."""
     results: list[Optional[Exception]] = []
-    renamed = []
+    done = []
     for job in jobs:
         try:
             finish_message(job)
+        except FileExistsError as e:
+            results.append(e)
         except Exception as e:
-            unlink_quietly(job.temp_path)
+            unlink_quietly(job.final_path)
             results.append(e)
         else:
-            renamed.append(job)
+            done.append(job)
             results.append(None)
-    if renamed:
+    if done:
         try:
             fsync_directory(queue_dir)
         except OSError as e:
             # Not known to be durable: take the messages back, so that the client's retry after our
             # 4xx does not turn into a second copy (RFC 5321 §6.1: no 250 until the message is safe).
-            for job in renamed:
+            for job in done:
                 unlink_quietly(job.final_path)
             results = [e if r is None else r for r in results]
     return results

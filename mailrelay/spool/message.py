@@ -6,16 +6,20 @@ In: an envelope.Envelope and the message bytes.  Out: one file per message, no p
     {"recipients":[...],"sender":...}\\n               Envelope.to_json(), one line (JSON escapes newlines)
     <exactly `size` bytes: the message, CRLF lines, not dot-stuffed (RFC 5321 §4.5.2 is the client's job)>
 
-The size is written last (in place, before the fsync), so a file is accepted only when its magic line is
-ours, its envelope parses and its length is exactly header + envelope + size: a torn file (shorter) or a
-foreign one (no magic) is recognised, as Postfix recognises a queue file without its END record.
+A file is created under its final name while the message is received, with IN_PROGRESS ("-" x 20) where
+the size goes; the commit writes the size last, then fsyncs (Postfix likewise marks a finished queue file
+in the file itself). So a file is accepted only when its magic line is ours, its size is digits, its
+envelope parses and its length is exactly header + envelope + size. A file still marked in progress (or
+not even as long as the magic line) is a message being received — or, at start-up, one a crash cut short
+before its 250: InProgress, which readers skip and recovery removes. A torn file with a size (shorter)
+or a foreign one (no magic) is CorruptMessage.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 from mailrelay.envelope import Envelope
 
@@ -23,6 +27,7 @@ MAGIC = b"MAILRELAY-SPOOL/1 size="
 SIZE_DIGITS = 20
 SIZE_OFFSET = len(MAGIC)
 HEADER_LENGTH = len(MAGIC) + SIZE_DIGITS + 1
+IN_PROGRESS = b"-" * SIZE_DIGITS       # in place of the size until the commit
 MAX_ENVELOPE_LINE = 8 * 1024 * 1024
 
 
@@ -30,16 +35,22 @@ class UnknownMessage(KeyError):
     """No complete message with this queue id (or the id is malformed)."""
 
 
+class InProgress(UnknownMessage):
+    """A message still being received (no complete message with this id yet), or one a crash cut short
+    before it was acknowledged."""
+
+
 class CorruptMessage(ValueError):
     """A queue file that is torn, foreign or unreadable; recovery moves it to <spool>/corrupt/."""
 
 
-def encode_header(envelope: Envelope, size: int = 0) -> bytes:
-    """The magic line and the envelope line. `size` may be 0 now and patched in with `encode_size`."""
+def encode_header(envelope: Envelope, size: Optional[int] = None) -> bytes:
+    """The magic line and the envelope line. Without `size`, marked IN_PROGRESS: the commit patches the
+    size in with `encode_size`."""
     envelope_line = envelope.to_json()
     if b"\n" in envelope_line or b"\r" in envelope_line:
         raise ValueError("envelope JSON must be one line")
-    return MAGIC + encode_size(size) + b"\n" + envelope_line + b"\n"
+    return MAGIC + (IN_PROGRESS if size is None else encode_size(size)) + b"\n" + envelope_line + b"\n"
 
 
 def encode_size(size: int) -> bytes:
@@ -56,9 +67,13 @@ class ParsedHeader:
 def read_header(f: BinaryIO) -> ParsedHeader:
     """Parse and check a queue file opened in binary mode at offset 0; raise CorruptMessage."""
     magic_line = f.readline(HEADER_LENGTH)
+    if len(magic_line) < HEADER_LENGTH and MAGIC.startswith(magic_line[:len(MAGIC)]):
+        raise InProgress("not written yet")      # created, its first bytes not there (yet)
     if len(magic_line) != HEADER_LENGTH or not magic_line.startswith(MAGIC) or magic_line[-1:] != b"\n":
         raise CorruptMessage("not a mailrelay queue file (bad magic line)")
     digits = magic_line[SIZE_OFFSET:-1]
+    if digits == IN_PROGRESS:
+        raise InProgress("still being received")
     if not digits.isdigit():
         raise CorruptMessage("bad size field")
     size = int(digits)
@@ -79,7 +94,7 @@ def read_header(f: BinaryIO) -> ParsedHeader:
 
 
 def check_file(path: Path) -> ParsedHeader:
-    """Open and check one queue file; raise CorruptMessage (also for unreadable files)."""
+    """Open and check one queue file; raise CorruptMessage (also for unreadable files), or InProgress."""
     try:
         with open(path, "rb") as f:
             return read_header(f)

@@ -3,12 +3,14 @@
 In: a spool directory left by a relay that stopped in any way (SIGKILL, power loss).  Out: the ids of the
 complete messages, to be queued again, and a report of what was cleaned.
 
-- tmp/ holds only what was never acknowledged (no 250 was sent before the rename into queue/): removed.
-- queue/ files that fail the format check (message.py) or have a foreign name are moved to corrupt/.
+- tmp/ holds only state files never renamed into place: removed.
+- queue/ files still marked in progress (message.IN_PROGRESS, or not even a whole first line) were being
+  received: no 250 was sent for them (it follows the size, the fsync and the directory fsync): removed.
+- queue/ files that fail the format check otherwise (message.py) or have a foreign name go to corrupt/.
 - state/ and hold/ entries without a message are orphans of a remove() cut short: removed (the state of
   a quarantined message goes to corrupt/ with it).
 Blocking; run it before the relay listens, and never from the CLI against a running relay (it would
-throw away the temp files of messages being received).
+throw away the files of messages being received).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailrelay.spool.ids import is_valid_queue_id
-from mailrelay.spool.message import CorruptMessage, check_file
+from mailrelay.spool.message import CorruptMessage, InProgress, check_file
 from mailrelay.spool.files import SpoolPaths, ensure_directories, fsync_directory, unlink_quietly
 
 
@@ -25,7 +27,7 @@ from mailrelay.spool.files import SpoolPaths, ensure_directories, fsync_director
 class RecoveryReport:
     queued: tuple[str, ...]                  # complete messages, oldest first
     quarantined: tuple[tuple[str, str], ...]  # (queue file name, why) moved to corrupt/
-    torn_temp_files: int
+    torn_temp_files: int                      # tmp/ files and queue/ files still in progress, removed
     orphans_removed: int
 
 
@@ -53,20 +55,22 @@ def _empty_tmp(paths: SpoolPaths) -> int:
     return count
 
 
-def _check_queue(paths: SpoolPaths) -> tuple[list[str], list[tuple[str, str]]]:
-    queued, quarantined = [], []
+def _check_queue(paths: SpoolPaths) -> tuple[list[str], list[tuple[str, str]], int]:
+    queued, quarantined, torn = [], [], 0
     for name in _entries(paths.queue):
         path = paths.queue / name
         try:
             if not is_valid_queue_id(name) or path.is_symlink() or not path.is_file():
                 raise CorruptMessage("not a queue file name")
             check_file(path)
+        except InProgress:
+            torn += unlink_quietly(path)      # being received when we stopped: never acknowledged
         except CorruptMessage as e:
             _quarantine(paths, path)
             quarantined.append((name, str(e)))
         else:
             queued.append(name)
-    return queued, quarantined
+    return queued, quarantined, torn
 
 
 def _prune(paths: SpoolPaths, directory: Path, suffix: str, keep: set[str], quarantined: set[str]) -> int:
@@ -85,7 +89,8 @@ def _prune(paths: SpoolPaths, directory: Path, suffix: str, keep: set[str], quar
 def recover(paths: SpoolPaths) -> RecoveryReport:
     ensure_directories(paths)
     torn = _empty_tmp(paths)
-    queued, quarantined = _check_queue(paths)
+    queued, quarantined, cut_short = _check_queue(paths)
+    torn += cut_short
     keep, lost = set(queued), {name for name, _ in quarantined}
     orphans = _prune(paths, paths.state, ".json", keep, lost) + _prune(paths, paths.hold, "", keep, lost)
     for directory in (paths.tmp, paths.queue, paths.state, paths.hold, paths.corrupt):

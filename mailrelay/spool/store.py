@@ -5,9 +5,10 @@ from the scheduler (save_state), operator actions (hold/release/remove, control 
 Out: complete messages for the delivery side (queue_ids, load → SpooledMessage.open()).
 
 Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit() fires only after the
-file is fsync'd, renamed into queue/ and queue/ itself is fsync'd. Every fsync and rename runs in the
-spool's own thread pool, never on the reactor thread; commits asked for within one reactor turn share
-one thread job and one directory fsync (group commit). See files.py for the directory layout,
+file, created under its final name in queue/, has its size written in place of the in-progress mark and
+is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own thread pool, never on the
+reactor thread; commits asked for within one reactor turn share one thread job and one directory fsync
+(group commit). See files.py for the directory layout,
 message.py for the file format, recovery.py for what startService() repairs, control.py for the CLI.
 
 Threading: `reactor` (default: the global one) receives results from the pool and marks turn
@@ -141,7 +142,7 @@ class Spool(Service):
         for name, why in report.quarantined:
             self._log.warn("spool: {name} moved to corrupt/: {why}", name=name, why=why)
         if report.torn_temp_files or report.orphans_removed:
-            self._log.info("spool recovery: {torn} torn temp files, {orphans} orphan files removed",
+            self._log.info("spool recovery: {torn} files of messages never acknowledged, {orphans} orphan files removed",
                            torn=report.torn_temp_files, orphans=report.orphans_removed)
         self.recovery_report = report
         return list(report.queued)
@@ -239,7 +240,8 @@ class Spool(Service):
         return is_valid_queue_id(queue_id) and self.paths.hold_flag(queue_id).exists()
 
     def queue_ids(self) -> list[str]:
-        """Complete messages, oldest first (ids sort by time), held ones included."""
+        """Queue files, oldest first (ids sort by time), held ones included. A message still being
+        received is listed too: load() raises message.InProgress (an UnknownMessage) for it."""
         try:
             names = os.listdir(self.paths.queue)
         except FileNotFoundError:

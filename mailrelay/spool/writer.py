@@ -1,13 +1,13 @@
 """Receiving one message into the spool: the IMessageWriter the SMTP session writes DATA into.
 
-In: the envelope, then the message bytes in pieces (CRLF lines, already un-dot-stuffed).  Out: a temp file
-in <spool>/tmp/, and on commit() a CommitJob the Spool finishes in its thread pool (fsync, rename into
-queue/, directory fsync) before the Deferred fires — only then may the session answer 250
-(RFC 5321 §4.1.1.4 and §6.1: once 250 is sent the relay is responsible for the message).
+In: the envelope, then the message bytes in pieces (CRLF lines, already un-dot-stuffed).  Out: a file
+queue/<id>, marked in progress (message.IN_PROGRESS) until on commit() a CommitJob the Spool finishes in
+its thread pool (the size written, file fsync, directory fsync) before the Deferred fires — only then may
+the session answer 250 (RFC 5321 §4.1.1.4 and §6.1: once 250 is sent the relay is responsible for it).
 
-Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go to the temp file (plain
-writes from the reactor thread, no fsync there). A message that fits in the buffer never touches tmp/
-before its commit. A write error (disk full) is kept and reported by commit(), so the session can answer
+Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go to the file (plain
+writes from the reactor thread, no fsync there). A message that fits in the buffer is not on disk at
+all before its commit. A write error (disk full) is kept and reported by commit(), so the session can answer
 452 4.3.1 instead of seeing an exception in the middle of DATA.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ class MessageWriter:
         self.queue_id = queue_id
         self.envelope = envelope
         self._header = encode_header(envelope)
-        self._temp_path = paths.temp_message(queue_id)
         self._final_path = paths.message(queue_id)
         self._enqueue_commit = enqueue_commit
         self._buffer = bytearray()
@@ -71,7 +70,7 @@ class MessageWriter:
 
     def _spill(self, data: bytes) -> None:
         if self._fd is None:
-            self._fd = create_file(self._temp_path)
+            self._fd = create_file(self._final_path)
             write_all(self._fd, self._header)
         write_all(self._fd, self._buffer)
         self._buffer.clear()
@@ -85,7 +84,7 @@ class MessageWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        unlink_quietly(self._temp_path)
+        unlink_quietly(self._final_path)
 
     def commit(self) -> Deferred:
         """A Deferred firing with the queue id once the message is durable in queue/."""
@@ -95,7 +94,7 @@ class MessageWriter:
             self.state = "failed"
             return fail(self._error)
         job = CommitJob(self.queue_id, self._fd, self._header, bytes(self._buffer), self._size,
-                        self._temp_path, self._final_path, self.envelope)
+                        self._final_path, self.envelope)
         self._fd, self._buffer = None, bytearray()   # the job owns the file descriptor now
         self.state = "committing"
         d = self._enqueue_commit(job)
