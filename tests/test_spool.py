@@ -224,6 +224,13 @@ class GroupCommitTests(SpoolTestCase):
         self.patch(os, "fsync", fsync)
         return counts
 
+    def test_a_commit_on_an_idle_spool_starts_at_once(self):
+        message_writer = self.spool.new_message(make_envelope())
+        message_writer.write(b"alone\r\n")
+        d = message_writer.commit()
+        self.assertEqual((self.spool._jobs, self.spool.batch_count), (1, 1))   # in the pool already
+        return d
+
     @inlineCallbacks
     def test_commits_in_one_reactor_turn_share_one_batch_and_one_directory_fsync(self):
         counts = self.count_fsyncs()
@@ -232,8 +239,9 @@ class GroupCommitTests(SpoolTestCase):
             message_writer.write(b"message %d\r\n" % n)
         ids = yield gatherResults([w.commit() for w in writers])
         self.assertEqual(ids, [w.queue_id for w in writers])
-        self.assertEqual((self.spool.batch_count, self.spool.largest_batch), (1, 10))
-        self.assertEqual((counts["file"], counts["directory"]), (10, 1))
+        # The first found the disk idle and went at once; the nine asked for while it ran went together.
+        self.assertEqual((self.spool.batch_count, self.spool.largest_batch), (2, 9))
+        self.assertEqual((counts["file"], counts["directory"]), (10, 2))
         for n, queue_id in enumerate(ids):
             self.assertEqual(read_body(self.spool.load(queue_id)), b"message %d\r\n" % n)
 

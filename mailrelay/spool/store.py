@@ -7,8 +7,8 @@ Out: complete messages for the delivery side (queue_ids, load → SpooledMessage
 Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit() fires only after the
 file, created under its final name in queue/, has its size written in place of the in-progress mark and
 is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own thread pool, never on the
-reactor thread; commits asked for within one reactor turn share one thread job and one directory fsync
-(group commit). See files.py for the directory layout,
+reactor thread; a commit starts at once when the pool is idle, and commits asked for while it is busy
+share, per reactor turn, one thread job and one directory fsync (group commit). See files.py for the directory layout,
 message.py for the file format, recovery.py for what startService() repairs, control.py for the CLI.
 
 Threading: `reactor` (default: the global one) receives results from the pool and marks turn
@@ -177,10 +177,11 @@ class Spool(Service):
     def _enqueue_commit(self, job: CommitJob) -> Deferred:
         d = Deferred()
         self._batch.append((job, d))
-        if self._pool is None:
-            self._flush_batch()
+        if self._pool is None or (self._jobs == 0 and self._batch_call is None):
+            self._flush_batch()       # nothing else on the disk: no reason to wait for the end of the turn
         elif self._batch_call is None:
-            # Group commit: everything committed during this reactor turn goes in one batch.
+            # Group commit: while the disk is busy, everything committed during this reactor turn goes in
+            # one batch (one thread job, one directory fsync).
             self._batch_call = self._reactor.callLater(0, self._flush_batch)
         return d
 
