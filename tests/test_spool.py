@@ -124,6 +124,15 @@ class RoundTripTests(SpoolTestCase):
             self.assertEqual(f.read(4), b"From")
             self.assertEqual(f.read(), b": a\r\n\r\nbody\r\n")
 
+    def test_a_message_being_received_cannot_be_held(self):
+        from mailrelay.spool.message import UnknownMessage
+
+        message_writer = self.spool.new_message(make_envelope())
+        message_writer.write(b"x" * (BUFFER_LIMIT + 1))    # its file is in queue/, in progress
+        self.assertRaises(UnknownMessage, self.spool.hold, message_writer.queue_id)
+        self.assertEqual(files_in(self.directory / "hold"), [])
+        message_writer.abort()
+
     def test_a_message_is_not_loadable_before_its_commit_fires(self):
         from mailrelay.spool.message import InProgress
 

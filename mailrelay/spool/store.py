@@ -38,7 +38,7 @@ from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_lock, atomic_write,
                                    commit_batch, create_file, ensure_directories, fsync_directory,
                                    is_locked, make_directory, unlink_quietly)
-from mailrelay.spool.message import CorruptMessage, SpooledMessage, UnknownMessage, read_header
+from mailrelay.spool.message import CorruptMessage, InProgress, SpooledMessage, UnknownMessage, read_header
 from mailrelay.spool.writer import MessageWriter
 
 FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
@@ -339,9 +339,17 @@ class Spool(Service):
             self._removed(set())
 
     def hold(self, queue_id: str) -> Deferred:
-        """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/)."""
+        """Keep the message but stop delivering it, until release(). Persisted (a flag in hold/).
+        UnknownMessage also for a message still being received: it is not in the queue yet."""
         if not self.exists(queue_id):
             raise UnknownMessage(queue_id)
+        try:
+            with open(self.paths.message(queue_id), "rb") as f:
+                read_header(f)
+        except (FileNotFoundError, InProgress):
+            raise UnknownMessage(queue_id) from None
+        except CorruptMessage:
+            pass                  # held all the same: a human is looking at it
         self._fresh.pop(queue_id, None)
         try:
             os.close(create_file(self.paths.hold_flag(queue_id)))
