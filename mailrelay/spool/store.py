@@ -8,8 +8,9 @@ Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit(
 file, created under its final name in queue/, has its size written in place of the in-progress mark and
 is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own thread pool, never on the
 reactor thread; a commit starts at once when the pool is idle, and commits asked for while it is busy
-share, per reactor turn, one thread job and one directory fsync (group commit). See files.py for the directory layout,
-message.py for the file format, recovery.py for what startService() repairs, control.py for the CLI.
+share, per reactor turn, one thread job and one directory fsync (group commit). See files.py for the
+directory layout, message.py for the file format, recovery.py for what startService() repairs,
+control.py for the CLI.
 
 Threading: `reactor` (default: the global one) receives results from the pool and marks turn
 boundaries; `clock` (default: the reactor) gives id timestamps and drives control polling. Without
@@ -38,7 +39,8 @@ from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_lock, atomic_write,
                                    commit_batch, create_file, ensure_directories, fsync_directory,
                                    is_locked, make_directory, unlink_quietly)
-from mailrelay.spool.message import CorruptMessage, InProgress, SpooledMessage, UnknownMessage, read_header
+from mailrelay.spool.message import (CorruptMessage, InProgress, SpooledMessage, UnknownMessage, check_file,
+                                     read_header)
 from mailrelay.spool.writer import MessageWriter
 
 FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
@@ -142,8 +144,8 @@ class Spool(Service):
         for name, why in report.quarantined:
             self._log.warn("spool: {name} moved to corrupt/: {why}", name=name, why=why)
         if report.torn_temp_files or report.orphans_removed:
-            self._log.info("spool recovery: {torn} files of messages never acknowledged, {orphans} orphan files removed",
-                           torn=report.torn_temp_files, orphans=report.orphans_removed)
+            self._log.info("spool recovery: {torn} files of messages never acknowledged, {orphans} orphan "
+                           "files removed", torn=report.torn_temp_files, orphans=report.orphans_removed)
         self.recovery_report = report
         return list(report.queued)
 
@@ -344,9 +346,8 @@ class Spool(Service):
         if not self.exists(queue_id):
             raise UnknownMessage(queue_id)
         try:
-            with open(self.paths.message(queue_id), "rb") as f:
-                read_header(f)
-        except (FileNotFoundError, InProgress):
+            check_file(self.paths.message(queue_id))
+        except InProgress:
             raise UnknownMessage(queue_id) from None
         except CorruptMessage:
             pass                  # held all the same: a human is looking at it
