@@ -24,7 +24,7 @@ from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import INextHop
 from mailrelay.tls import generate_self_signed
-from tests.support.sink import Sink
+from tests.support.sink import DEFAULT_EXTENSIONS, Sink
 
 BODY = b"Subject: test\r\n\r\nHello.\r\n.\r\n..two dots\r\n.\r\nbye\r\n"
 
@@ -144,8 +144,8 @@ class ConversationTests(unittest.TestCase):
 
     def test_declared_8bitmime_but_ascii_body_is_sent_without_body_param(self):
         c = Conversation(self, [Job(message(eight_bit=True), ("a@example.net",))])
-        c.greet("PIPELINING")
-        c.expect("MAIL FROM:<app@example.org>")
+        c.greet("SIZE")
+        c.expect(f"MAIL FROM:<app@example.org> SIZE={len(BODY)}")
 
     def test_non_ascii_address_uses_smtputf8_when_offered_and_bounces_otherwise(self):
         job = Job(message(recipients=("jösé@x.test",)), ("jösé@x.test",))
@@ -350,6 +350,109 @@ class ConversationTests(unittest.TestCase):
         self.assertEqual((r.code, r.status), (553, "5.1.3"))
 
 
+class PipeliningTests(unittest.TestCase):
+    """RFC 2920: to a server offering PIPELINING, MAIL, the RCPTs and DATA go in one write and the
+    replies are matched to them in order."""
+
+    def pipelined(self, *recipients, jobs=None):
+        jobs = jobs or [Job(message(recipients=recipients), tuple(recipients))]
+        c = Conversation(self, jobs)
+        writes = []
+        write = c.transport.write
+        c.transport.write = lambda data: (writes.append(data), write(data))[1]
+        c.greet("PIPELINING", "SIZE")
+        return c, writes
+
+    def test_mail_rcpts_and_data_go_in_one_write_and_the_replies_in_one_packet_settle_them(self):
+        c, writes = self.pipelined("a@x.test", "b@x.test")
+        c.expect(f"MAIL FROM:<app@example.org> SIZE={len(BODY)}", "RCPT TO:<a@x.test>", "RCPT TO:<b@x.test>", "DATA")
+        self.assertEqual(len(writes), 2)          # EHLO, then the whole group at once
+        c.server("250 2.1.0 ok", "250 2.1.5 ok", "550 5.1.1 no such user", "354 go")
+        self.assertEqual(c.stream_body(), stuff_all(BODY))
+        c.server("250 2.0.0 queued")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([(r.recipient, r.code, r.status) for r in result.results],
+                         [("a@x.test", 250, "2.0.0"), ("b@x.test", 550, "5.1.1")])
+
+    def test_replies_arriving_one_by_one_are_matched_in_order(self):
+        c, _ = self.pipelined("a@x.test")
+        c.sent()
+        c.server("250 ok")
+        c.server("250 ok")
+        self.assertEqual(c.sent(), [])           # nothing more to send until the 354
+        c.server("354 go")
+        c.stream_body()
+        c.server("250 2.0.0 ok")
+        c.expect("QUIT")
+        self.assertTrue(c.close().results[0].delivered)
+
+    def test_refused_sender_settles_everyone_and_the_503s_that_follow_are_swallowed(self):
+        m2 = message(b"second\r\n", sender="b@example.org")
+        c, _ = self.pipelined(jobs=[Job(message(recipients=("a@x.test", "b@x.test")), ("a@x.test", "b@x.test")),
+                                    Job(m2, ("c@x.test",))])
+        c.sent()
+        c.server("550 5.7.1 sender rejected", "503 5.5.1 MAIL first", "503 5.5.1 MAIL first",
+                 "503 5.5.1 no valid recipients")
+        c.expect("MAIL FROM:<b@example.org> SIZE=8", "RCPT TO:<c@x.test>", "DATA")
+        c.server("250 ok", "250 ok", "354 go")
+        self.assertEqual(c.stream_body(), b"second\r\n.\r\n")
+        c.server("250 2.0.0 ok")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([[(r.code, r.status, r.text) for r in job] for job in result.jobs],
+                         [[(550, "5.7.1", "sender rejected")] * 2, [(250, "2.0.0", "ok")]])
+
+    def test_every_rcpt_refused_then_data_refused_resets_the_transaction(self):
+        c, _ = self.pipelined("a@x.test", "b@x.test")
+        c.sent()
+        c.server("250 ok", "550 5.1.1 no", "450 4.2.0 later", "554 5.5.1 no valid recipients")
+        c.expect("RSET")
+        c.server("250 ok")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([(r.code, r.status) for r in result.results], [(550, "5.1.1"), (450, "4.2.0")])
+
+    def test_data_accepted_with_no_recipient_gets_an_empty_body_at_once(self):
+        # RFC 2920 3.1: a server may answer 354 although it refused every RCPT; the client ends it with ".".
+        c, _ = self.pipelined("a@x.test")
+        c.sent()
+        c.server("250 ok", "550 5.1.1 no", "354 go")
+        c.expect(".")
+        c.server("554 5.5.1 no valid recipients")
+        c.expect("QUIT")
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (550, "5.1.1"))
+
+    def test_421_in_the_middle_of_the_replies_defers_the_rest_and_closes(self):
+        c, _ = self.pipelined("a@x.test", "b@x.test")
+        c.sent()
+        c.server("250 ok", "421 4.3.2 shutting down")
+        self.assertTrue(c.transport.disconnecting)
+        result = c.close()
+        self.assertEqual([(r.code, r.status) for r in result.results], [(421, "4.3.2"), (421, "4.3.2")])
+        self.assertFalse(any(r.permanent for r in result.results))
+
+    def test_address_with_crlf_is_left_out_of_the_group(self):
+        c, _ = self.pipelined("a@x.test\r\nRSET", "b@x.test")
+        c.expect(f"MAIL FROM:<app@example.org> SIZE={len(BODY)}", "RCPT TO:<b@x.test>", "DATA")
+        c.server("250 ok", "250 ok", "354 go")
+        c.stream_body()
+        c.server("250 2.0.0 ok")
+        c.expect("QUIT")
+        result = c.close()
+        self.assertEqual([(r.code, r.status) for r in result.results], [(553, "5.1.3"), (250, "2.0.0")])
+
+    def test_silence_after_the_group_times_out_naming_the_reply_awaited(self):
+        c, _ = self.pipelined("a@x.test")
+        c.sent()
+        c.server("250 ok")
+        c.clock.advance(301)
+        [r] = c.close().results
+        self.assertEqual((r.code, r.status), (421, "4.4.2"))
+        self.assertIn("the reply to RCPT TO", r.text)
+
+
 # -- real deliveries to the loopback sink ----------------------------------------------------------------
 
 
@@ -424,6 +527,22 @@ class SinkDeliveryTests(unittest.TestCase):
         self.assertEqual([(r.recipient, r.code, r.status) for r in result.results], [
             ("a@example.net", 250, "2.0.0"), ("bad@example.net", 550, "5.1.1"), ("c@example.net", 250, "2.0.0")])
         self.assertEqual(sink.messages[0].rcpt_tos, ["a@example.net", "c@example.net"])
+
+    @defer.inlineCallbacks
+    def test_pipelined_transactions_reach_a_real_server_in_one_read_each(self):
+        # RFC 2920: MAIL, RCPTs and DATA arrive together; the replies settle the right recipients.
+        sink, port = self.sink(extensions=DEFAULT_EXTENSIONS + ("PIPELINING",),
+                               rcpt_replies={"bad@example.net": "550 5.1.1 no such user"})
+        rcpts = ("a@example.net", "bad@example.net")
+        jobs = [Job(message(recipients=rcpts), rcpts), Job(message(b"second\r\n"), ("c@example.net",))]
+        result = yield self.deliver(port, jobs)
+        self.assertEqual([[(r.recipient, r.code) for r in job] for job in result.jobs],
+                         [[("a@example.net", 250), ("bad@example.net", 550)], [("c@example.net", 250)]])
+        self.assertEqual([(m.rcpt_tos, m.data) for m in sink.messages],
+                         [(["a@example.net"], BODY), (["c@example.net"], b"second\r\n")])
+        groups = [read for read in sink.sessions[0].reads if len(read) > 1]
+        self.assertEqual([[line.split(b":")[0] for line in g] for g in groups],
+                         [[b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA"], [b"MAIL FROM", b"RCPT TO", b"DATA"]])
 
     @defer.inlineCallbacks
     def test_451_then_250_is_temporary_then_delivered(self):

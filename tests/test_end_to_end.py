@@ -147,3 +147,29 @@ class EndToEnd(unittest.TestCase):
         self.assertIn("5.1.1", fields)
         delivered = [m for m in self.sink.messages if m.mail_from == "app@example.org"]
         self.assertEqual(delivered[0].rcpt_tos, ["ok@example.com"])
+
+    @defer.inlineCallbacks
+    def test_relay_to_relay_pipelines_and_a_refused_recipient_bounces(self):
+        # A second relay as the next hop: it offers PIPELINING (RFC 2920), so the first sends MAIL, both
+        # RCPTs and DATA in one group; the second refuses one recipient, which comes back as a DSN.
+        self.sink.extensions += ("PIPELINING",)
+        downstream = self.start_relay(permits='[[permit]]\nnetworks = ["127.0.0.1/32"]\n'
+                                              'recipients = ["example.com", "example.org"]\n')
+        upstream = RelayFixture(self.mktemp(), extra=(
+            f'[transports.downstream]\nhost = "127.0.0.1"\nport = {downstream.ports["relay"]}\n'
+            f'security = "none"\n\n[[route]]\nrecipients = ["*"]\ntransport = "downstream"\n'))
+        upstream.start(reactor)
+        self.addCleanup(upstream.stop)
+        code, _ = yield upstream.submit("relay", "app@example.org", ["ok@example.com", "x@example.net"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(2)
+        delivered = [m for m in self.sink.messages if m.mail_from == "app@example.org"]
+        self.assertEqual(delivered[0].rcpt_tos, ["ok@example.com"])
+        self.assertEqual(strip_received(strip_received(delivered[0].data)), MESSAGE)
+        dsn = [m for m in self.sink.messages if m.mail_from == ""][0]
+        self.assertEqual(dsn.rcpt_tos, ["app@example.org"])
+        self.assertIn(b"x@example.net", dsn.data)
+        self.assertIn(b"5.7.1", dsn.data)
+        # downstream's own client pipelined to the sink as well
+        groups = [[line.split(b":")[0] for line in read] for s in self.sink.sessions for read in s.reads]
+        self.assertIn([b"MAIL FROM", b"RCPT TO", b"DATA"], groups)

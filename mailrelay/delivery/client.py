@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -59,6 +60,9 @@ QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle co
 # on_settled(index, results): job `index` has its final per-recipient results; the next job waits for
 # the Deferred it may return.
 OnSettled = Callable[[int, list], Optional[defer.Deferred]]
+# A reply the client waits for: (command it answers, what a timeout names, codes that are success,
+# handler for those, handler for any other code).  Replies are matched to these in order (RFC 2920 3.1).
+Awaited = tuple[str, str, Any, Callable, Callable]
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
+    __setattr__ = object.__setattr__     # ESMTPClient's only warns about tlsMode, on every assignment
 
     def __init__(self, params: SessionParams, jobs: list[Job], clock: Any,
                  pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None,
@@ -156,7 +161,8 @@ class DeliveryClient(smtp.ESMTPClient):
         self._greeted = False
         self._secrets: list[bytes] = []
         self._login_step = 0
-        self._waiting_for = "the greeting"
+        self._awaiting: deque[Awaited] = deque()
+        self._command = "connect"
         self._connected_at: Optional[float] = None
         self._fit_for_reuse = True       # once False (a 421, an error, a limit reached) never parked again
         self._parked = self._lost = False
@@ -175,6 +181,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._job_index = -1
         self._rcpt_index = -1
         self._accepted: list[int] = []
+        self._pipelined = self._mail_refused = False
         self._producer: Optional[StuffingProducer] = None
         self._reused, self._heard_back = reused, False
         self.stale = False     # a reused connection that was dead before its first reply: try a fresh one
@@ -193,8 +200,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self.setTimeout(self.params.timeouts.reply)
         if self.params.security == "tls" and not self._tls_active:
             return self._abort(421, "4.7.5", f"implicit TLS to {self._host} requested, but the connection is plain")
-        self._command = "connect"
-        self._expect((220,), self._on_greeting, self._on_bad_greeting)
+        self._expect((220,), self._on_greeting, self._on_bad_greeting, "connect", "the greeting")
 
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
@@ -225,7 +231,11 @@ class DeliveryClient(smtp.ESMTPClient):
                 # the jobs were never tried here; deliver_over gives them a fresh connection.
                 self.stale = True
                 return self._closing(code, text)
-        handler = self._okresponse if code in self._expected else self._failresponse
+        if self._awaiting:
+            self._command, _, codes, on_ok, on_fail = self._awaiting.popleft()
+        else:
+            codes, on_ok, on_fail = (), self._on_unasked_reply, self._on_unasked_reply
+        handler = on_ok if code in codes else on_fail
         try:
             handler(code, text)
         except Exception:
@@ -245,15 +255,20 @@ class DeliveryClient(smtp.ESMTPClient):
         # RFC 5321 4.5.3.2: a peer that stops answering is a temporary failure, never a hang.
         self._abort(421, "4.4.2", f"timed out waiting for {self._waiting_for} from {self._host}")
 
-    def _expect(self, codes, on_ok: Callable, on_fail: Optional[Callable] = None) -> None:
-        self._expected = codes
-        self._okresponse = on_ok
-        self._failresponse = on_fail or self._on_unexpected
+    @property
+    def _waiting_for(self) -> str:
+        return self._awaiting[0][1] if self._awaiting else "a reply"
+
+    def _expect(self, codes, on_ok: Callable, on_fail: Optional[Callable] = None,
+                command: str = "", waiting_for: str = "") -> None:
+        """From now on the next reply goes to `on_ok` (its code in `codes`) or `on_fail`; nothing else
+        is awaited any more."""
+        self._awaiting.clear()
+        self._awaiting.append((command, waiting_for or f"the reply to {command}", codes, on_ok,
+                               on_fail or self._on_unexpected))
 
     def _send(self, line: bytes, command: str, codes, on_ok: Callable, on_fail: Optional[Callable] = None) -> None:
-        self._command = command
-        self._waiting_for = f"the reply to {command}"
-        self._expect(codes, on_ok, on_fail)
+        self._expect(codes, on_ok, on_fail, command)
         self.sendLine(line)
 
     def sendLine(self, line: bytes) -> None:
@@ -443,7 +458,55 @@ class DeliveryClient(smtp.ESMTPClient):
         if refusal is not None:
             self._settle_job(*refusal)
             return self._next_job()
-        self._send(self._mail_command(job), "MAIL FROM", range(200, 300), self._on_mail, self._on_mail_refused)
+        self._start_transaction(job)
+
+    def _start_transaction(self, job: Job) -> None:
+        """MAIL FROM, then one RCPT TO per recipient and DATA, each after the reply to the one before —
+        or, to a server that offers PIPELINING, all in one write with the replies matched in order
+        (RFC 2920 3.1: DATA ends the group; Postfix's smtp client does the same)."""
+        self._mail_refused = False
+        valid = self._settle_invalid(job)
+        self._pipelined = b"PIPELINING" in self._extensions and bool(valid)
+        if not self._pipelined:
+            return self._send(self._mail_command(job), "MAIL FROM", range(200, 300), self._on_mail,
+                              self._on_mail_refused)
+        self._rcpt_index, self._accepted = len(job.recipients), []
+        self._expect(range(200, 300), self._on_mail, self._on_mail_refused, "MAIL FROM")
+        lines = [self._mail_command(job)]
+        for i in valid:
+            lines.append(b"RCPT TO:<" + job.recipients[i].encode("utf-8") + b">")
+            self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300),
+                                   self._pipelined_rcpt(i), self._pipelined_rcpt(i)))
+        lines.append(b"DATA")
+        self._awaiting.append(("DATA", "the reply to DATA", (354,), self._on_pipelined_354, self._on_data_refused))
+        write_now(self.transport, self.delimiter.join(lines) + self.delimiter)
+
+    def _settle_invalid(self, job: Job) -> list[int]:
+        """Recipients whose address could inject a command line are refused here, never sent; returns
+        the indexes of the others."""
+        results, valid = self._results[self._job_index], []
+        for i, rcpt in enumerate(job.recipients):
+            if valid_address(rcpt):
+                valid.append(i)
+            else:
+                results[i] = RecipientResult(rcpt, 553, "5.1.3", "invalid address syntax", self._host)
+        return valid
+
+    def _pipelined_rcpt(self, index: int) -> Callable:
+        def on_reply(code: int, text: bytes) -> None:
+            if not self._mail_refused:       # after a refused MAIL FROM the RCPTs only get 503s
+                self._rcpt_reply(index, code, text)
+        return on_reply
+
+    def _on_pipelined_354(self, code: int, text: bytes) -> None:
+        if self._accepted and not self._mail_refused:
+            return self._on_data(code, text)
+        # RFC 2920 3.1: DATA accepted although no recipient was: end it at once with an empty body.
+        self._send(b".", "end of data", range(0, 1000), self._on_empty_data_end)
+
+    def _on_empty_data_end(self, code: int, text: bytes) -> None:
+        self._in_transaction = False
+        return self._closing(code, text) if code == 421 else self._next_job()
 
     def _report_settled(self) -> bool:
         """Hand the job just settled to `on_settled`; True when the session now waits for its Deferred."""
@@ -452,8 +515,7 @@ class DeliveryClient(smtp.ESMTPClient):
             return False
         self._reported.add(index)
         self.setTimeout(None)       # our own disk is slow, not the server: no reply timeout meanwhile
-        self._command, self._waiting_for = "nothing (recording)", "nothing (recording)"
-        self._expect((), self._on_unasked_reply, self._on_unasked_reply)
+        self._expect((), self._on_unasked_reply, self._on_unasked_reply, "nothing (recording)", "nothing (recording)")
         results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
                    for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
         d = defer.maybeDeferred(self._on_settled, index, results)
@@ -515,21 +577,25 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._on_unexpected(code, text)
         result = from_reply("", code, text, self._host)
         self._settle_job(result.code, result.status, result.text)    # every recipient shares the sender's fate
-        return self._closing(code, text) if code == 421 else self._next_job()
+        if code == 421:
+            return self._closing(code, text)
+        if self._pipelined:
+            self._mail_refused = True        # the replies to the RCPTs and DATA already sent still come
+            return None
+        return self._next_job()
 
     def _on_mail(self, code: int, text: bytes) -> None:
         self._mail_answered = self._in_transaction = True
+        if self._pipelined:
+            return None                      # the RCPTs and DATA are on their way already
         self._rcpt_index, self._accepted = -1, []
         self._next_rcpt()
 
     def _next_rcpt(self) -> None:
         recipients = self.jobs[self._job_index].recipients
-        results = self._results[self._job_index]
         self._rcpt_index += 1
         while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
-            rcpt = recipients[self._rcpt_index]
-            results[self._rcpt_index] = RecipientResult(rcpt, 553, "5.1.3", "invalid address syntax", self._host)
-            self._rcpt_index += 1
+            self._rcpt_index += 1            # settled by _settle_invalid
         if self._rcpt_index < len(recipients):
             line = b"RCPT TO:<" + recipients[self._rcpt_index].encode("utf-8") + b">"
             return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
@@ -538,14 +604,20 @@ class DeliveryClient(smtp.ESMTPClient):
         self._send(b"DATA", "DATA", (354,), self._on_data, self._on_data_refused)
 
     def _on_rcpt(self, code: int, text: bytes) -> None:
+        if self._rcpt_reply(self._rcpt_index, code, text):
+            self._next_rcpt()
+
+    def _rcpt_reply(self, index: int, code: int, text: bytes) -> bool:
+        """Record the reply to RCPT TO for recipient `index`; False when it ended the session (421)."""
         if 200 <= code < 300:
-            self._accepted.append(self._rcpt_index)
-        else:
-            rcpt = self.jobs[self._job_index].recipients[self._rcpt_index]
-            self._results[self._job_index][self._rcpt_index] = from_reply(rcpt, code, text, self._host)
-            if code == 421:
-                return self._closing(code, text)
-        self._next_rcpt()
+            self._accepted.append(index)
+            return True
+        rcpt = self.jobs[self._job_index].recipients[index]
+        self._results[self._job_index][index] = from_reply(rcpt, code, text, self._host)
+        if code == 421:
+            self._closing(code, text)
+            return False
+        return True
 
     def _settle_accepted(self, code: int, text: bytes) -> None:
         recipients, results = self.jobs[self._job_index].recipients, self._results[self._job_index]
@@ -562,8 +634,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _on_data(self, code: int, text: bytes) -> None:
         # Nothing is expected while the body streams; a reply now is the server giving up early.
-        self._expect((), self._on_early_reply, self._on_early_reply)
-        self._command, self._waiting_for = "the message body", "the end of the body transfer"
+        self._expect((), self._on_early_reply, self._on_early_reply, "the message body", "the end of the body transfer")
         self._producer = StuffingProducer(self.jobs[self._job_index].message.open(), self.transport, self.resetTimeout)
         self._producer.start().addCallbacks(self._on_body_sent, self._on_body_failed)
 
@@ -574,8 +645,7 @@ class DeliveryClient(smtp.ESMTPClient):
     def _on_body_sent(self, _: None) -> None:
         self._producer = None
         self.setTimeout(self.params.timeouts.data_end)
-        self._command, self._waiting_for = "end of data", "the reply to the end of data"
-        self._expect(range(0, 1000), self._on_data_end)
+        self._expect(range(0, 1000), self._on_data_end, None, "end of data")
 
     def _on_body_failed(self, reason: Failure) -> None:
         self._producer = None
@@ -603,8 +673,7 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._quit()
         self._parked = True
         self.setTimeout(None)                  # the pool's idle timer rules now
-        self._command, self._waiting_for = "nothing (idle)", "nothing (idle)"
-        self._expect((), self._on_idle_reply, self._on_idle_reply)
+        self._expect((), self._on_idle_reply, self._on_idle_reply, "nothing (idle)", "nothing (idle)")
         self.finished.callback(self._session_result())
 
     def _on_idle_reply(self, code: int, text: bytes) -> None:

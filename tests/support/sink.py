@@ -43,8 +43,10 @@ class Transaction:
 
 @dataclass
 class Session:
-    """One connection: every command line received, each with whether TLS was on when it arrived."""
+    """One connection: every command line received, each with whether TLS was on when it arrived, and
+    the command lines grouped by the read they arrived in (to see a client's PIPELINING groups)."""
     commands: list[tuple[bool, bytes]] = field(default_factory=list)
+    reads: list[list[bytes]] = field(default_factory=list)
 
 
 class Sink:
@@ -141,10 +143,15 @@ class SinkProtocol(basic.LineReceiver):
         self.helo, self.identity, self.in_data, self.login = "", None, False, None
         self.transaction: Optional[Transaction] = None
 
+    def dataReceived(self, data: bytes) -> None:
+        self.session.reads.append([])
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         if self.in_data:
             return self._data_line(line)
         self.session.commands.append((self.tls, line))
+        self.session.reads[-1].append(line)
         if self.sink.silent:
             return
         if self.login is not None:
