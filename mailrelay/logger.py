@@ -22,6 +22,9 @@ from twisted.logger import (FileLogObserver, LogLevel, LogPublisher, formatEvent
                             timeFormatRFC3339)
 
 _LEVELS = frozenset(LogLevel.iterconstants())
+# An event field holding lines already rendered by classic_text in another process (mailrelay.logrelay):
+# classic_text writes them unchanged.
+RAW_TEXT = "mailrelay_classic_text"
 
 
 class Logger(_twisted_logger.Logger):
@@ -52,6 +55,8 @@ def _time_stamp(when: float) -> str:
 
 def classic_text(event: dict) -> Optional[str]:
     fmt = event.get("log_format")
+    if fmt is None and RAW_TEXT in event:
+        return event[RAW_TEXT]
     when = event.get("log_time")
     level = event.get("log_level")
     if (not isinstance(fmt, str) or "()" in fmt or "log_failure" in event or "log_system" in event

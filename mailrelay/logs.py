@@ -29,7 +29,8 @@ case, at any depth of a dict) is written as "[redacted]", the message text is fo
 redacted event, and the values of such fields (4 characters or longer) are scrubbed from any other text.
 
 Where lines go (`install`): `file` set → appended there (line-buffered), besides twistd's own log.
-`file` empty and format "text" → nothing extra: twistd's own log already prints every event.
+`file` empty and format "text" → nothing extra: twistd's own log already prints every event, the
+delivery process's too (it sends them here: LogService.relay, mailrelay.logrelay).
 `file` empty and format "json" → JSON lines on the process's original standard output (sys.__stdout__,
 what systemd or a container collects; twistd may print its own text log there too unless given
 `--logfile`; under a daemonising twistd stdout is /dev/null, so set `file`).
@@ -52,6 +53,7 @@ from zope.interface import implementer
 
 from mailrelay.config import LogConfig
 from mailrelay.logger import restore_observers, speed_up_text_observers
+from mailrelay.logrelay import relay_text
 
 NAMESPACE = "mailrelay"
 REDACTED = "[redacted]"
@@ -361,6 +363,11 @@ class LogService(service.Service):
         if stream is not None:
             self.observer = make_observer(self.log_config, stream)
             self._publisher.addObserver(self.observer)
+
+    def relay(self, text: str) -> None:
+        """Whole lines the delivery process rendered as classic text: into this process's log
+        (mailrelay.logrelay), as one write when twistd's own log is all there is."""
+        relay_text(self._publisher, text, [observer for observer, _ in self._sped_up])
 
     def stopService(self) -> None:
         super().stopService()

@@ -241,7 +241,8 @@ class RelayService(service.MultiService):
         self.config, self.reactor, self._handle_sighup = config, reactor, handle_sighup
         self.shutdown_grace = SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
         self.listeners: list = []
-        logs.install(config.log).setServiceParent(self)
+        self.log_service = logs.install(config.log)
+        self.log_service.setServiceParent(self)
         self.metrics = Metrics()
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
         self.spool.setServiceParent(self)
@@ -251,7 +252,8 @@ class RelayService(service.MultiService):
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
-            self.scheduler = DeliveryProcess(config.path, reactor, spool=self.spool)
+            self.scheduler = DeliveryProcess(config.path, reactor, spool=self.spool,
+                                             log_text=self.log_service.relay)
         else:
             self.delivery = delivery
             self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics)

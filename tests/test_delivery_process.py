@@ -107,6 +107,20 @@ class TickBuffering(unittest.TestCase):
         clock.advance(0)
         self.assertEqual(out.getvalue(), "one\ntwo\n")
 
+    def test_lines_for_the_main_process_wait_for_the_batch_delay(self):
+        import io
+
+        from mailrelay.delivery.worker import LOG_BATCH_DELAY, TickBufferedStream
+
+        clock, out = task.Clock(), io.StringIO()
+        stream = TickBufferedStream(out, clock, LOG_BATCH_DELAY)
+        stream.write("one\n")
+        clock.advance(LOG_BATCH_DELAY / 2)
+        stream.write("two\n")
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(LOG_BATCH_DELAY / 2)
+        self.assertEqual(out.getvalue(), "one\ntwo\n")
+
 
 class EnqueueDescriptions(unittest.TestCase):
     def test_a_fresh_commit_travels_down_the_pipe_and_is_taken_without_reading_the_file(self):
@@ -211,3 +225,85 @@ class QueuedLines(unittest.TestCase):
         self.assertEqual((line["client"], line["identity"], line["sender"], line["recipients"], line["size"]),
                          ("192.0.2.7", "permit[0]", "a@example.org", ["b@example.com"], 2048))
         self.assertEqual(line["log_namespace"], "mailrelay.queue")
+
+
+class ChildLogLines(unittest.TestCase):
+    """Without `[log] file` the child's lines come up a pipe into this process's log: they reach a
+    daemonised twistd's log file like the main process's own lines."""
+    timeout = 90
+
+    def setUp(self):
+        self.sink = Sink()
+        self.sink_port = self.sink.start(reactor)
+        self.addCleanup(self.sink.stop)
+
+    def relay(self) -> RelayFixture:
+        extra = config_for(self.sink_port).split("[log]")[0]
+        return RelayFixture(self.mktemp(), extra=extra)
+
+    @defer.inlineCallbacks
+    def test_the_childs_lines_are_events_of_this_process(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relay = self.relay()
+        relay.start(reactor)
+        self.addCleanup(relay.stop)
+        code, text = yield relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        yield self.sink.wait_for(1)
+        for _ in range(50):
+            mine = [e for e in events if e.get("queue_id") == queue_id and "delivered" in e.get("log_text", "")]
+            if mine:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(mine), 1)
+        self.assertTrue(mine[0]["log_namespace"].startswith("mailrelay.delivery.scheduler"))
+        self.assertIn("user@example.com", mine[0]["log_text"])
+
+    @defer.inlineCallbacks
+    def test_twistd_with_a_log_file_has_the_childs_lines_in_it(self):
+        from twisted.internet import threads
+
+        relay = self.relay()
+        yield threads.deferToThread(relay.spawn, "relay.log")
+        self.addCleanup(relay.kill, signal.SIGTERM)
+        code, text = yield threads.deferToThread(relay.submit_sync, "relay", "app@example.org",
+                                                 ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        yield self.sink.wait_for(1)
+        log_file = relay.dir / "relay.log"
+        for _ in range(50):
+            lines = log_file.read_text().splitlines()
+            if any(f"{queue_id}: delivered" in line for line in lines):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        delivered = [line for line in lines if f"{queue_id}: delivered" in line]
+        self.assertEqual(len(delivered), 1)
+        self.assertIn("[mailrelay.delivery.scheduler", delivered[0])
+        self.assertTrue(any("delivery process started" in line for line in lines))    # the main's own
+        self.assertNotIn(queue_id, (relay.dir / "twistd.log").read_text())           # not on stdout
+
+    @defer.inlineCallbacks
+    def test_what_the_child_writes_to_standard_error_is_logged_as_a_warning(self):
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from mailrelay.delivery.process import DeliveryProcess
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        missing = self.mktemp() + ".conf"
+        process = DeliveryProcess(missing, reactor)
+        process.startService()
+        ended = process._child.ended
+        yield ended
+        yield process.stopService()
+        warnings = [e for e in events if e.get("log_namespace") == "mailrelay.delivery.process"
+                    and e.get("log_level") == LogLevel.warn]
+        self.assertTrue(any("mailrelay delivery process:" in e["line"] and missing in e["line"] for e in warnings),
+                        [e.get("line") for e in warnings])

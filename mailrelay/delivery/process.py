@@ -4,24 +4,30 @@ starts it again if it dies, and stops it gracefully.
 
 Python runs one thread at a time, so one process uses one core; receiving (sessions, spool writes) and
 delivering (scheduler, next hops, DKIM) then share it. Two processes use two. They share nothing but the
-spool directory and a pipe: committed queue ids go down the child's stdin (`enqueue ID`). The child
-writes its own log lines (to our standard output, which it inherits, and to `[log] file`): relaying them
-through this process would spend the receiving core on the delivering core's logging. A message is
+spool directory and a pipe: committed queue ids go down the child's stdin (`enqueue ID`). A message is
 durable before its id is sent; if the pipe or the child is lost, the child's next start finds the message
 in the spool anyway.
+
+Log lines: with `[log] file` the child appends to that file itself. Without one it sends them up its
+standard output, in batches (worker.LOG_BATCH_DELAY), and `log_text` puts them into this process's log
+(mailrelay.logrelay): a daemonised twistd's log file, rotated by twistd, gets them like our own. What
+the child writes to its standard error (a traceback, a refused config) is logged here as warnings.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
+from mailrelay.logrelay import relay_text
 from mailrelay.logs import log_queued
 from mailrelay.net import write_now
 
@@ -36,8 +42,19 @@ STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries 
 class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self, owner: "DeliveryProcess"):
         self.owner, self.ended = owner, defer.Deferred()
+        self._partial = {1: "", 2: ""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        text = self._partial.get(fd, "") + data.decode("utf-8", "backslashreplace")
+        whole, _, self._partial[fd] = text.rpartition("\n")
+        if whole:
+            self.owner.child_output(fd, whole + "\n")
 
     def processEnded(self, reason) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self.owner.child_output(fd, rest + "\n")
+        self._partial = {1: "", 2: ""}
         self.ended.callback(None)      # how it ended is logged by child_ended, not raised
         self.owner.child_ended(self, reason)
 
@@ -67,10 +84,14 @@ class DeliveryProcess(service.Service):
 
     logs_queued = True      # each message's "queued" line comes from here or from the child (QueueFront)
 
-    def __init__(self, config_path, reactor, python: str = sys.executable, spool=None):
+    def __init__(self, config_path, reactor, python: str = sys.executable, spool=None,
+                 log_text: Optional[Callable[[str], None]] = None):
         """`spool`: ours; what it remembers of a fresh commit (size, offset, envelope) goes down the pipe
-        with the id, so the child need not read the file back to start delivering it."""
+        with the id, so the child need not read the file back to start delivering it. `log_text`: takes
+        the child's log lines (whole classic text lines); default: onto twisted.logger's global
+        publisher (mailrelay.logrelay)."""
         self.config_path, self.reactor, self.python, self.spool = str(config_path), reactor, python, spool
+        self._log_text = log_text or (lambda text: relay_text(globalLogPublisher, text))
         self._child = None
         self._transport = None
         self._restart = None
@@ -89,7 +110,7 @@ class DeliveryProcess(service.Service):
         self._child = _ChildProtocol(self)
         self._transport = self.reactor.spawnProcess(
             self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path],
-            env=child_environment(), childFDs={0: "w", 1: 1, 2: 2},
+            env=child_environment(), childFDs={0: "w", 1: "r", 2: "r"},
         )
         log.info("delivery process started (pid {pid})", pid=self._transport.pid)
 
@@ -129,6 +150,15 @@ class DeliveryProcess(service.Service):
             write_now(stdin, data)       # straight into the pipe when nothing is queued before it
         else:
             self._transport.write(data)
+
+    def child_output(self, fd: int, text: str) -> None:
+        """Whole lines from the child: its log (fd 1) or its standard error (fd 2)."""
+        if fd == 1:
+            self._log_text(text)
+            return
+        for line in text.splitlines():
+            if line.strip():
+                log.warn("delivery process: {line}", line=line)
 
     def reload(self) -> None:
         if self._transport is not None:

@@ -6,9 +6,10 @@ the machine's second core, while the main process receives and spools.
 In (stdin, one line each): `enqueue QUEUEID` for a message the main process just committed, `reload`
 (re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
 in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines go to `[log] file` when
-one is set, else to standard output (the main process's, inherited: twistd -n, journald) in twistd's text
-format (mailrelay.logger.classic_text). The spool is shared: the main process holds its lock and ran
-recovery before starting this one.
+one is set, else to standard output in twistd's text format (mailrelay.logger.classic_text), gathered for
+LOG_BATCH_DELAY: that is a pipe to the main process, which puts them into its own log (delivery.process,
+mailrelay.logrelay). The spool is shared: the main process holds its lock and ran recovery before
+starting this one.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from mailrelay.logger import Logger, classic_text
 from mailrelay.logs import log_queued
 
 log = Logger(namespace="mailrelay.delivery.worker")
+# Seconds a log line may wait before it goes up the pipe: one write (and one read in the receiving
+# process) per batch, not per line; a kill -9 can lose at most this much of the log.
+LOG_BATCH_DELAY = 0.01
 queued_log = Logger(namespace="mailrelay.queue")
 
 
@@ -111,17 +115,19 @@ class DeliveryWorker(service.MultiService):
 
 
 class TickBufferedStream:
-    """Log text collected during one reactor turn and written with one system call at its end, not one
-    write (and flush) per event: the delivery process logs three lines per message."""
+    """Log text collected for `delay` seconds (0: one reactor turn) and written with one system call,
+    not one write (and flush) per event: the delivery process logs four lines per message."""
 
-    def __init__(self, stream, reactor):
-        self._stream, self._reactor, self._parts, self._pending = stream, reactor, [], False
+    def __init__(self, stream, reactor, delay: float = 0.0):
+        self._stream, self._reactor, self._delay = stream, reactor, delay
+        self._parts: list[str] = []
+        self._pending = False
 
     def write(self, text: str) -> None:
         self._parts.append(text)
         if not self._pending:
             self._pending = True
-            self._reactor.callLater(0, self.drain)
+            self._reactor.callLater(self._delay, self.drain)
 
     def flush(self) -> None:
         """FileLogObserver flushes after every event; the real write happens once per turn (drain)."""
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
         globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
         logs.install(config.log).startService()
     else:
-        stream = TickBufferedStream(sys.stdout, reactor)
+        stream = TickBufferedStream(sys.stdout, reactor, LOG_BATCH_DELAY)   # to the main process's log
         reactor.addSystemEventTrigger("after", "shutdown", stream.drain)
         globalLogBeginner.beginLoggingTo([FileLogObserver(stream, classic_text)], redirectStandardIO=False)
     worker = DeliveryWorker(config, reactor)

@@ -81,12 +81,14 @@ class RelayFixture:
             return self.service.stopService()
 
     # --- as a real twistd process ---------------------------------------------------------------------
-    def spawn(self) -> subprocess.Popen:
+    def spawn(self, logfile: str = "-") -> subprocess.Popen:
+        """twistd in the foreground; its standard output and error go to twistd.log, and so does its log
+        unless `logfile` names a file for twistd to write (and rotate) itself."""
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         log = open(self.dir / "twistd.log", "ab")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "--logfile=-", "mailrelay",
-             "--config", str(self.path)],
+            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", f"--logfile={logfile}",
+             "mailrelay", "--config", str(self.path)],
             cwd=self.dir, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
