@@ -447,6 +447,12 @@ class ValueTests(ConfigTestCase):
         self.assertRefused('[delivery]\nmx_port = 0\n', "delivery.mx_port", "1..65535")
         self.assertRefused('[transports.t]\nhost = "h"\nport = 65536\n', "transports.t.port", "1..65535")
 
+    def test_delivery_process_nice_is_0_to_19_default_10(self) -> None:
+        self.assertEqual(self.load("").delivery.process_nice, 10)
+        self.assertEqual(self.load("[delivery]\nprocess_nice = 0\n").delivery.process_nice, 0)
+        self.assertRefused("[delivery]\nprocess_nice = 20\n", "delivery.process_nice", "0..19")
+        self.assertRefused("[delivery]\nprocess_nice = -5\n", "delivery.process_nice", "0..19")
+
     def test_negative_counts(self) -> None:
         self.assertRefused("[limits]\nmessages_per_minute = -1\n", "limits.messages_per_minute")
         self.assertRefused("[delivery]\nconcurrency = 0\n", "delivery.concurrency")

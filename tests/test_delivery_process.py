@@ -69,6 +69,9 @@ class SeparateDeliveryProcess(unittest.TestCase):
         yield self.sink.wait_for(1)            # the child is up and has delivered
         self.assertEqual(os.sched_getscheduler(self.child_pid()), os.SCHED_BATCH)
         self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_BATCH)     # we are left as we were
+        # [delivery] process_nice, default 10: ten steps nicer than this process
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, self.child_pid()), min(ours + 10, 19))
 
     @defer.inlineCallbacks
     def test_a_killed_child_is_started_again_and_nothing_is_lost(self):

@@ -134,6 +134,7 @@ class DeliveryConfig:
     nameservers: tuple[tuple[str, int], ...] = ()   # ("127.0.0.1", 5353); empty: system resolver
     source_address: str = ""
     process: str = "inline"     # added key: "separate" runs delivery in a second process (a second core)
+    process_nice: int = 10      # added key: how much nicer (nice(2)) that process runs than the receiving one
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")

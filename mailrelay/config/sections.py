@@ -248,6 +248,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         nameservers=tuple(nameservers),
         source_address=source,
         process=t.choice("process", d.process, DELIVERY_PROCESS),
+        process_nice=t.integer("process_nice", d.process_nice, low=0, high=19),
     ))
 
 
