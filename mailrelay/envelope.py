@@ -38,9 +38,9 @@ class Envelope:
     def to_json(self) -> bytes:
         cached = self.__dict__.get("_json")
         if cached is None:
-            d = {f.name: getattr(self, f.name) for f in fields(self)}   # asdict() deep-copies: slow per message
+            d = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}   # asdict() deep-copies: slow
             d["recipients"] = list(self.recipients)
-            cached = json.dumps(d, separators=(",", ":"), sort_keys=True).encode("utf-8")
+            cached = _COMPACT.encode(d).encode("utf-8")
             # Frozen: the value cannot change, so the spool header and the delivery process's pipe share one.
             object.__setattr__(self, "_json", cached)
         return cached
@@ -50,6 +50,10 @@ class Envelope:
         d = json.loads(data)
         d["recipients"] = tuple(d["recipients"])
         return cls(**d)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)   # what json.dumps(...) builds per call
 
 
 def domain_of(address: str) -> str:

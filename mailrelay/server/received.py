@@ -25,6 +25,7 @@ def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool) -> str:
     return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
 
 
+@functools.lru_cache(maxsize=1024)
 def address_literal(ip: str) -> str:
     """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3)."""
     try:

@@ -19,11 +19,11 @@ _ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{%d}\Z" % ID_LENGTH)
 
 
 def _encode(number: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        number, digit = divmod(number, 32)
-        chars.append(ALPHABET[digit])
-    return "".join(reversed(chars))
+    chars = [""] * width
+    for i in range(width - 1, -1, -1):
+        chars[i] = ALPHABET[number & 31]
+        number >>= 5
+    return "".join(chars)
 
 
 def is_valid_queue_id(text: object) -> bool:
