@@ -136,6 +136,11 @@ class RoundTripTests(SpoolTestCase):
     def test_a_message_is_not_loadable_before_its_commit_fires(self):
         from mailrelay.spool.message import InProgress
 
+        import threading
+
+        gate = threading.Event()        # the commit's thread job waits until the checks below are done
+        run = self.spool._pool.run
+        self.patch(self.spool._pool, "run", lambda f, *args: run(lambda *a: (gate.wait(10), f(*a))[1], *args))
         message_writer = self.spool.new_message(make_envelope())
         message_writer.write(b"x" * (BUFFER_LIMIT + 1))    # spilled: its file is in queue/ already
         d = message_writer.commit()
@@ -143,6 +148,7 @@ class RoundTripTests(SpoolTestCase):
         self.assertEqual(self.spool.queue_ids(), [message_writer.queue_id])
         with self.assertRaises(InProgress):             # an UnknownMessage: readers skip it
             self.spool.load(message_writer.queue_id)
+        gate.set()
 
         def committed(queue_id):
             self.assertEqual(self.spool.load(queue_id).size, BUFFER_LIMIT + 1)
@@ -368,7 +374,7 @@ class PoolFailureTests(SpoolTestCase):
         def refuse(*args, **kwargs):
             raise RuntimeError("pool stopped")
 
-        self.patch(self.spool._pool, "callInThreadWithCallback", refuse)
+        self.patch(self.spool._pool, "run", refuse)
         writer = self.spool.new_message(Envelope("a@example.org", ("b@example.net",), 0.0))
         writer.write(b"Subject: x\r\n\r\nbody\r\n")
         with self.assertRaises(RuntimeError):

@@ -6,7 +6,7 @@ Out: complete messages for the delivery side (queue_ids, load → SpooledMessage
 
 Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit() fires only after the
 file, created under its final name in queue/, has its size written in place of the in-progress mark and
-is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own thread pool, never on the
+is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own threads (threads.py), never on the
 reactor thread; a commit starts at once when the pool is idle, and commits asked for while it is busy
 share, per reactor turn, one thread job and one directory fsync (group commit). See files.py for the
 directory layout, message.py for the file format, recovery.py for what startService() repairs,
@@ -26,9 +26,7 @@ from typing import Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
@@ -41,6 +39,7 @@ from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_l
                                    is_locked, make_directory, unlink_quietly)
 from mailrelay.spool.message import (CorruptMessage, InProgress, SpooledMessage, UnknownMessage, check_file,
                                      read_header)
+from mailrelay.spool.threads import BlockingThreads
 from mailrelay.spool.writer import MessageWriter
 
 FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
@@ -63,7 +62,7 @@ class Spool(Service):
         self._clock = reactor if clock is None else clock
         self._threadpool_size = threadpool_size
         self._owner = owner
-        self._pool: Optional[ThreadPool] = None
+        self._pool: Optional[BlockingThreads] = None
         self._lock_fd: Optional[int] = None
         self._ids = QueueIdGenerator(self._clock.seconds)
         self._batch: list[tuple[CommitJob, Deferred]] = []
@@ -96,7 +95,7 @@ class Spool(Service):
                 os.close(self._lock_fd)
                 self._lock_fd = None
                 raise
-        self._pool = ThreadPool(minthreads=0, maxthreads=self._threadpool_size, name="mailrelay-spool")
+        self._pool = BlockingThreads(self._reactor, self._threadpool_size, "mailrelay-spool")
         self._pool.start()
         Service.startService(self)
 
@@ -156,7 +155,7 @@ class Spool(Service):
             return maybeDeferred(f, *args)
         self._jobs += 1
         try:
-            d = deferToThreadPool(self._reactor, self._pool, f, *args)
+            d = self._pool.run(f, *args)
         except Exception:       # a pool that will not take work: the caller's Deferred fails, never hangs
             d = fail()
         return d.addBoth(self._job_done)
