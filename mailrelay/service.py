@@ -244,7 +244,8 @@ class RelayService(service.MultiService):
         self.log_service = logs.install(config.log)
         self.log_service.setServiceParent(self)
         self.metrics = Metrics()
-        self.spool = Spool(config.spool, clock=reactor, reactor=reactor)
+        self.spool = Spool(config.spool, clock=reactor, reactor=reactor,
+                           directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
         receiving = build_receiving_parts(config, reactor)
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline

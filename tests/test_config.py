@@ -453,6 +453,11 @@ class ValueTests(ConfigTestCase):
         self.assertRefused("[delivery]\nprocess_nice = 20\n", "delivery.process_nice", "0..19")
         self.assertRefused("[delivery]\nprocess_nice = -5\n", "delivery.process_nice", "0..19")
 
+    def test_queue_directory_fsync_is_auto_or_always(self) -> None:
+        self.assertEqual(self.load("").queue.directory_fsync, "auto")
+        self.assertEqual(self.load('[queue]\ndirectory_fsync = "always"\n').queue.directory_fsync, "always")
+        self.assertRefused('[queue]\ndirectory_fsync = "never"\n', "queue.directory_fsync", '"never" is not one of')
+
     def test_negative_counts(self) -> None:
         self.assertRefused("[limits]\nmessages_per_minute = -1\n", "limits.messages_per_minute")
         self.assertRefused("[delivery]\nconcurrency = 0\n", "delivery.concurrency")

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IIncomingQueue, IMessageWriter, ISpool
-from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage, files, writer
+from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage, files, store, writer
 from mailrelay.spool.control import parse_request_name, request_name
 from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.writer import BUFFER_LIMIT
@@ -226,6 +226,11 @@ class LargeMessageTests(SpoolTestCase):
 
 
 class GroupCommitTests(SpoolTestCase):
+    """With `directory_fsync = "always"`: POSIX's way, whatever the filesystem."""
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.spool = self.start_spool(directory_fsync="always")
 
     def count_fsyncs(self) -> dict:
         counts = {"file": 0, "directory": 0, "on_reactor_thread": 0}
@@ -381,6 +386,45 @@ class PoolFailureTests(SpoolTestCase):
             yield writer.commit()
         self.assertEqual(self.spool._jobs, 0)        # stopService will not wait for a job that never ran
         self.flushLoggedErrors(RuntimeError)
+
+
+class DirectoryFsyncTests(SpoolTestCase):
+    """`[queue] directory_fsync = "auto"`: no fsync of queue/ where the file's own fsync makes its name
+    durable (ext4, XFS: spool/fsinfo.py), the directory fsync everywhere else."""
+
+    count_fsyncs = GroupCommitTests.count_fsyncs
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+
+    @inlineCallbacks
+    def commit_three(self, durable: bool, mode: str = "auto") -> dict:
+        self.patch(store, "names_durable_with_file_fsync", lambda path: durable)
+        self.spool = self.start_spool(directory_fsync=mode)
+        counts = self.count_fsyncs()
+        writers = [self.spool.new_message(make_envelope()) for _ in range(3)]
+        for writer in writers:
+            writer.write(b"body\r\n")
+        ids = yield gatherResults([w.commit() for w in writers])
+        for queue_id in ids:
+            self.assertEqual(read_body(self.spool.load(queue_id)), b"body\r\n")
+        return counts
+
+    @inlineCallbacks
+    def test_auto_on_ext4_or_xfs_leaves_the_directory_fsync_out(self):
+        counts = yield self.commit_three(durable=True)
+        self.assertEqual((counts["file"], counts["directory"]), (3, 0))
+        self.assertFalse(self.spool.sync_directory)
+
+    @inlineCallbacks
+    def test_auto_elsewhere_keeps_one_directory_fsync_per_batch(self):
+        counts = yield self.commit_three(durable=False)
+        self.assertEqual((counts["file"], counts["directory"]), (3, 2))
+
+    @inlineCallbacks
+    def test_always_keeps_it_even_on_ext4(self):
+        counts = yield self.commit_three(durable=True, mode="always")
+        self.assertEqual((counts["file"], counts["directory"]), (3, 2))
 
 
 class RemovalTests(SpoolTestCase):

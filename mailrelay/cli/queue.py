@@ -86,7 +86,8 @@ def run(args: argparse.Namespace, clock=None) -> int:
         from twisted.internet import reactor as clock
     try:
         config = _load_config(args.config)
-        return _HANDLERS[args.action](Spool(config.spool, clock=clock), args, clock.seconds(), config)
+        spool = Spool(config.spool, clock=clock, directory_fsync=config.queue.directory_fsync)
+        return _HANDLERS[args.action](spool, args, clock.seconds(), config)
     except _Failure as e:
         _error(str(e))
         return e.status

@@ -120,6 +120,7 @@ class QueueConfig:
     lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0   # 0 = never
     bounces: bool = True
+    directory_fsync: str = "auto"       # added key: "auto" | "always" (spool.fsinfo)
 
 
 TLS_POLICIES = ("none", "opportunistic", "required", "verify")
@@ -205,6 +206,7 @@ class Config:
 
 DKIM_MODES = ("sign", "passthrough")
 DELIVERY_PROCESS = ("inline", "separate")
+DIRECTORY_FSYNC = ("auto", "always")
 LOG_FORMATS = ("text", "json")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")   # password mechanisms; offered only over TLS (RFC 4954 §4)
 DEFAULT_ENDPOINTS = {"relay": "tcp:25", "submission": "tcp:587", "submissions": "tcp:465"}

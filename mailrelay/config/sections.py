@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
-    DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
+    DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
     DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
     MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
 )
@@ -223,6 +223,7 @@ def _queue(t: _Reader) -> QueueConfig:
         lifetime=t.duration("lifetime", d.lifetime),
         delay_warning=t.duration("delay_warning", d.delay_warning, allow_zero=True),   # 0 = never
         bounces=t.flag("bounces", d.bounces),
+        directory_fsync=t.choice("directory_fsync", d.directory_fsync, DIRECTORY_FSYNC),
     ))
 
 

@@ -68,7 +68,8 @@ class DeliveryWorker(service.MultiService):
 
         self.config, self.reactor = config, reactor
         self.metrics = Metrics()
-        self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False)
+        self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False,
+                           directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
         self.parts = build_delivery_parts(config, reactor)
         self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics)

@@ -175,9 +175,11 @@ def finish_message(job: CommitJob) -> None:
         os.close(fd)
 
 
-def commit_batch(jobs: list[CommitJob], queue_dir: Path) -> list[Optional[Exception]]:
-    """Group commit: each file completed and fsync'd, then ONE fsync of queue/ for the whole batch.
-    Returns, per job, None (durable) or the exception that stopped it (its file is removed)."""
+def commit_batch(jobs: list[CommitJob], queue_dir: Path,
+                 sync_directory: bool = True) -> list[Optional[Exception]]:
+    """Group commit: each file completed and fsync'd, then ONE fsync of queue/ for the whole batch —
+    unless `sync_directory` is False, on a filesystem where each file's own fsync made its name durable
+    (fsinfo.py). Returns, per job, None (durable) or the exception that stopped it (its file is removed)."""
     results: list[Optional[Exception]] = []
     done = []
     for job in jobs:
@@ -191,7 +193,7 @@ def commit_batch(jobs: list[CommitJob], queue_dir: Path) -> list[Optional[Except
         else:
             done.append(job)
             results.append(None)
-    if done:
+    if done and sync_directory:
         try:
             fsync_directory(queue_dir)
         except OSError as e:

@@ -39,6 +39,7 @@ from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_l
                                    is_locked, make_directory, unlink_quietly)
 from mailrelay.spool.message import (CorruptMessage, InProgress, SpooledMessage, UnknownMessage, check_file,
                                      read_header)
+from mailrelay.spool.fsinfo import filesystem_type, names_durable_with_file_fsync
 from mailrelay.spool.threads import BlockingThreads
 from mailrelay.spool.writer import MessageWriter
 
@@ -51,9 +52,12 @@ class Spool(Service):
     _log = Logger()
 
     def __init__(self, directory: Path, clock=None, threadpool_size: int = 4, reactor=None,
-                 owner: bool = True) -> None:
+                 owner: bool = True, directory_fsync: str = "auto") -> None:
         """`owner=False`: a second process of the same relay (the delivery process) — it neither takes the
-        spool lock nor runs recovery; the owner, which holds the lock, did both before starting it."""
+        spool lock nor runs recovery; the owner, which holds the lock, did both before starting it.
+        `directory_fsync` (`[queue] directory_fsync`): "always" fsyncs queue/ after every group commit;
+        "auto" leaves that out where the filesystem makes a new file's name durable with the file's own
+        fsync (ext4, XFS: fsinfo.py)."""
         if reactor is None:
             from twisted.internet import reactor
         self.directory = Path(directory)
@@ -61,6 +65,8 @@ class Spool(Service):
         self._reactor = reactor
         self._clock = reactor if clock is None else clock
         self._threadpool_size = threadpool_size
+        self._directory_fsync = directory_fsync
+        self._sync_directory: Optional[bool] = None      # decided at start, for queue/'s filesystem
         self._owner = owner
         self._pool: Optional[BlockingThreads] = None
         self._lock_fd: Optional[int] = None
@@ -97,6 +103,11 @@ class Spool(Service):
                 raise
         self._pool = BlockingThreads(self._reactor, self._threadpool_size, "mailrelay-spool")
         self._pool.start()
+        if self._owner:
+            when = "yes" if self.sync_directory else "no (the file's own fsync makes its name durable)"
+            self._log.info("spool: {queue} is on {fstype}; directory fsync after each commit: {when}",
+                           queue=str(self.paths.queue), when=when,
+                           fstype=filesystem_type(self.paths.queue) or "an unknown filesystem")
         Service.startService(self)
 
     def stopService(self) -> Deferred:
@@ -193,7 +204,7 @@ class Spool(Service):
             return
         self.batch_count += 1
         self.largest_batch = max(self.largest_batch, len(batch))
-        d = self._run_blocking(commit_batch, [job for job, _ in batch], self.paths.queue)
+        d = self._run_blocking(commit_batch, [job for job, _ in batch], self.paths.queue, self.sync_directory)
         d.addCallbacks(self._batch_done, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _batch_done(self, results: list, batch: list) -> None:
@@ -210,6 +221,14 @@ class Spool(Service):
         self._log.failure("spool: group commit failed", failure)
         for _, d in batch:
             d.errback(failure)
+
+    @property
+    def sync_directory(self) -> bool:
+        """Whether a group commit ends with an fsync of queue/ (`directory_fsync`, decided once)."""
+        if self._sync_directory is None:
+            self._sync_directory = (self._directory_fsync != "auto"
+                                    or not names_durable_with_file_fsync(self.paths.queue))
+        return self._sync_directory
 
     def take_fresh(self, queue_id: str) -> Optional[SpooledMessage]:
         """The message as this process just committed it — no state saved, no hold since — or None.
