@@ -106,6 +106,19 @@ class StuffingProducerTests(unittest.TestCase):
         self.assertTrue(source.closed)
         self.assertEqual(len(progress), -(-len(body) // CHUNK_SIZE))
 
+    def test_the_last_piece_and_the_terminator_go_in_one_write(self):
+        for body in (b".short\r\n" * 100, b"z" * CHUNK_SIZE, b"x" * (CHUNK_SIZE + 5), b""):
+            transport = StringTransport()
+            writes = []
+            write = transport.write
+            transport.write = lambda data: (writes.append(data), write(data))[1]
+            done = StuffingProducer(io.BytesIO(body), transport).start()
+            self.drive(transport)
+            self.assertIsNone(self.successResultOf(done))
+            self.assertEqual(b"".join(writes), stuff_all(body))
+            self.assertEqual(len(writes), -(-len(body) // CHUNK_SIZE) + (len(body) % CHUNK_SIZE == 0), len(body))
+            self.assertTrue(writes[-1].endswith(b".\r\n"))
+
     def test_stop_producing_fails_the_transfer_and_closes_the_file(self):
         source = io.BytesIO(b"a\r\n" * 100000)
         transport = StringTransport()

@@ -18,6 +18,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IPullProducer
 from zope.interface import implementer
 
+from mailrelay.net import write_now
+
 CRLF = b"\r\n"
 CHUNK_SIZE = 64 * 1024
 
@@ -59,6 +61,10 @@ def stuff_all(data: bytes) -> bytes:
 class StuffingProducer:
     """Streams an open binary file, dot-stuffed and terminated, into a consumer (a transport).
 
+    `source` is buffered (a file opened "rb", io.BufferedReader, BytesIO): its read(n) comes back short
+    only at the end, so the last piece and the terminator go out in one write, straight to the kernel
+    when nothing waits before them (net.write_now). A 2 KiB message is then one send(), not two sends
+    a reactor turn apart.
     `start()` returns a Deferred firing (with None) once the terminator is written, or failing when the
     file cannot be read or the consumer stops us (connection lost).  The file is closed either way.
     `on_progress` is called for every chunk written (the client resets its idle timeout there)."""
@@ -67,11 +73,13 @@ class StuffingProducer:
         self._source, self._consumer, self._on_progress = source, consumer, on_progress
         self._stuffer = DotStuffer()
         self._done: defer.Deferred | None = None
+        self._registered = False
 
     def start(self) -> defer.Deferred:
-        self._done = defer.Deferred()
-        self._consumer.registerProducer(self, False)
-        return self._done
+        done = self._done = defer.Deferred()
+        self._registered = True
+        self._consumer.registerProducer(self, False)     # may write everything and fire `done` at once
+        return done
 
     def resumeProducing(self) -> None:
         if self._done is None or self._done.called:
@@ -81,20 +89,27 @@ class StuffingProducer:
         except OSError as e:
             self._finish(e)
             return
-        if chunk:
+        if len(chunk) == CHUNK_SIZE:
             self._consumer.write(self._stuffer.stuff(chunk))
             self._on_progress()
-        else:
-            self._consumer.write(self._stuffer.terminator())
-            self._finish(None)
+            return
+        self._unregister()                       # the last write: nothing more to ask us for
+        write_now(self._consumer, self._stuffer.stuff(chunk) + self._stuffer.terminator())
+        self._on_progress()
+        self._finish(None)
 
     def stopProducing(self) -> None:
         if self._done is not None and not self._done.called:
             self._finish(defer.CancelledError("body transfer stopped"))
 
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._consumer.unregisterProducer()
+
     def _finish(self, error: Exception | None) -> None:
         self._source.close()
-        self._consumer.unregisterProducer()
+        self._unregister()
         done, self._done = self._done, None
         if error is None:
             done.callback(None)
