@@ -310,3 +310,29 @@ class ChildLogLines(unittest.TestCase):
                     and e.get("log_level") == LogLevel.warn]
         self.assertTrue(any("mailrelay delivery process:" in e["line"] and missing in e["line"] for e in warnings),
                         [e.get("line") for e in warnings])
+
+
+class ChildOutputSplitting(unittest.TestCase):
+    def test_lines_are_whole_even_when_a_read_ends_inside_a_character(self):
+        from mailrelay.delivery.process import _ChildProtocol
+
+        class Owner:
+            def __init__(self):
+                self.got = []
+
+            def child_output(self, fd, text):
+                self.got.append((fd, text))
+
+            def child_ended(self, child, reason):
+                pass
+
+        owner = Owner()
+        child = _ChildProtocol(owner)
+        data = "first line\nsecond: café\nthird".encode("utf-8")
+        cut = data.index("é".encode("utf-8")) + 1         # inside the two bytes of é
+        child.childDataReceived(1, data[:cut])
+        child.childDataReceived(1, data[cut:])
+        child.childDataReceived(2, b"Traceback (most recent call last):\n")
+        child.processEnded(None)
+        self.assertEqual(owner.got, [(1, "first line\n"), (1, "second: café\n"),
+                                     (2, "Traceback (most recent call last):\n"), (1, "third\n")])

@@ -129,6 +129,10 @@ def valid_address(address: str) -> bool:
     return all(c >= " " and c != "\x7f" for c in address) and "<" not in address and ">" not in address
 
 
+def rcpt_command(recipient: str) -> bytes:
+    return b"RCPT TO:<" + recipient.encode("utf-8") + b">"
+
+
 def is_7bit(message: Any) -> bool:
     """Whether the message body is plain ASCII (read in chunks, never whole)."""
     with message.open() as f:
@@ -474,9 +478,9 @@ class DeliveryClient(smtp.ESMTPClient):
         self._expect(range(200, 300), self._on_mail, self._on_mail_refused, "MAIL FROM")
         lines = [self._mail_command(job)]
         for i in valid:
-            lines.append(b"RCPT TO:<" + job.recipients[i].encode("utf-8") + b">")
-            self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300),
-                                   self._pipelined_rcpt(i), self._pipelined_rcpt(i)))
+            lines.append(rcpt_command(job.recipients[i]))
+            on_reply = self._pipelined_rcpt(i)
+            self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300), on_reply, on_reply))
         lines.append(b"DATA")
         self._awaiting.append(("DATA", "the reply to DATA", (354,), self._on_pipelined_354, self._on_data_refused))
         write_now(self.transport, self.delimiter.join(lines) + self.delimiter)
@@ -515,7 +519,8 @@ class DeliveryClient(smtp.ESMTPClient):
             return False
         self._reported.add(index)
         self.setTimeout(None)       # our own disk is slow, not the server: no reply timeout meanwhile
-        self._expect((), self._on_unasked_reply, self._on_unasked_reply, "nothing (recording)", "nothing (recording)")
+        self._expect((), self._on_unasked_reply, self._on_unasked_reply, "nothing (recording)",
+                     "nothing (recording)")
         results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
                    for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
         d = defer.maybeDeferred(self._on_settled, index, results)
@@ -597,8 +602,7 @@ class DeliveryClient(smtp.ESMTPClient):
         while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
             self._rcpt_index += 1            # settled by _settle_invalid
         if self._rcpt_index < len(recipients):
-            line = b"RCPT TO:<" + recipients[self._rcpt_index].encode("utf-8") + b">"
-            return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
+            return self._send(rcpt_command(recipients[self._rcpt_index]), "RCPT TO", range(0, 1000), self._on_rcpt)
         if not self._accepted:
             return self._next_job()        # every RCPT failed: no DATA (RFC 5321 3.3)
         self._send(b"DATA", "DATA", (354,), self._on_data, self._on_data_refused)
@@ -634,7 +638,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _on_data(self, code: int, text: bytes) -> None:
         # Nothing is expected while the body streams; a reply now is the server giving up early.
-        self._expect((), self._on_early_reply, self._on_early_reply, "the message body", "the end of the body transfer")
+        self._expect((), self._on_early_reply, self._on_early_reply, "the message body",
+                     "the end of the body transfer")
         self._producer = StuffingProducer(self.jobs[self._job_index].message.open(), self.transport, self.resetTimeout)
         self._producer.start().addCallbacks(self._on_body_sent, self._on_body_failed)
 

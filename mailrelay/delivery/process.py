@@ -42,19 +42,19 @@ STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries 
 class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self, owner: "DeliveryProcess"):
         self.owner, self.ended = owner, defer.Deferred()
-        self._partial = {1: "", 2: ""}
+        self._partial = {1: b"", 2: b""}      # bytes after the last newline, per pipe
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        text = self._partial.get(fd, "") + data.decode("utf-8", "backslashreplace")
-        whole, _, self._partial[fd] = text.rpartition("\n")
+        # Split on newlines before decoding: a read may end inside a multi-byte UTF-8 character.
+        whole, _, self._partial[fd] = (self._partial.get(fd, b"") + data).rpartition(b"\n")
         if whole:
-            self.owner.child_output(fd, whole + "\n")
+            self.owner.child_output(fd, whole.decode("utf-8", "backslashreplace") + "\n")
 
     def processEnded(self, reason) -> None:
         for fd, rest in self._partial.items():
             if rest:
-                self.owner.child_output(fd, rest + "\n")
-        self._partial = {1: "", 2: ""}
+                self.owner.child_output(fd, rest.decode("utf-8", "backslashreplace") + "\n")
+        self._partial = {1: b"", 2: b""}
         self.ended.callback(None)      # how it ended is logged by child_ended, not raised
         self.owner.child_ended(self, reason)
 
