@@ -6,11 +6,11 @@ Out: complete messages for the delivery side (queue_ids, load → SpooledMessage
 
 Durability (RFC 5321 §6.1: after 250 the message must survive a crash): commit() fires only after the
 file, created under its final name in queue/, has its size written in place of the in-progress mark and
-is fsync'd, and queue/ itself is fsync'd. Every fsync runs in the spool's own threads (threads.py), never on the
-reactor thread; a commit starts at once when the pool is idle, and commits asked for while it is busy
-share, per reactor turn, one thread job and one directory fsync (group commit). See files.py for the
-directory layout, message.py for the file format, recovery.py for what startService() repairs,
-control.py for the CLI.
+is fsync'd, and queue/ itself is fsync'd where the filesystem needs that for the new name (fsinfo.py).
+Every fsync runs on the spool's own threads (threads.py), never on the reactor thread; a commit starts at
+once when they are idle, and commits asked for while they are busy share, per reactor turn, one thread
+job and one directory fsync (group commit). See files.py for the directory layout, message.py for the
+file format, recovery.py for what startService() repairs, control.py for the CLI.
 
 Threading: `reactor` (default: the global one) receives results from the pool and marks turn
 boundaries; `clock` (default: the reactor) gives id timestamps and drives control polling. Without
@@ -37,9 +37,9 @@ from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_lock, atomic_write,
                                    commit_batch, create_file, ensure_directories, fsync_directory,
                                    is_locked, make_directory, unlink_quietly)
+from mailrelay.spool.fsinfo import filesystem_type, names_durable_with_file_fsync
 from mailrelay.spool.message import (CorruptMessage, InProgress, SpooledMessage, UnknownMessage, check_file,
                                      read_header)
-from mailrelay.spool.fsinfo import filesystem_type, names_durable_with_file_fsync
 from mailrelay.spool.threads import BlockingThreads
 from mailrelay.spool.writer import MessageWriter
 
