@@ -75,6 +75,16 @@ class CheckCommandTests(unittest.TestCase):
         self.assertIn("self-signed", out)
         self.assertIn("everything goes direct to MX", out)
         self.assertIn("any authenticated user", out)
+        self.assertIn("directory fsync after commits unless on ext4 or XFS (auto)", out)
+        self.assertIn("in the main process", out)
+
+    def test_added_delivery_and_queue_keys_are_described(self) -> None:
+        path = self.write('[queue]\ndirectory_fsync = "always"\n\n[delivery]\nprocess = "separate"\n'
+                          'process_nice = 5\n')
+        self.assertEqual(self.check(path), 0)
+        out = self.stdout.getvalue()
+        self.assertIn("directory fsync after every commit", out)
+        self.assertIn("in a separate process, 5 nice steps below", out)
 
     def test_config_error_is_one_line_on_stderr_and_exits_2(self) -> None:
         line = self.assertOneLineError(self.check(self.write(BROKEN_ROUTE)), "route[0].transport")

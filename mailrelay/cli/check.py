@@ -129,13 +129,16 @@ def describe(config: Config) -> list[tuple[str, str]]:
     warning = f"after {human_duration(queue.delay_warning)}" if queue.delay_warning else "never"
     lines.append(("queue", f"retry after {human_duration(queue.first_retry)}, doubling up to "
                   f"{human_duration(queue.max_retry)}; bounce after {human_duration(queue.lifetime)}; "
-                  f"delay warning {warning}; DSNs {'on' if queue.bounces else 'off'}"))
+                  f"delay warning {warning}; DSNs {'on' if queue.bounces else 'off'}; directory fsync "
+                  + ("after every commit" if queue.directory_fsync == "always"
+                     else "after commits unless on ext4 or XFS (auto)")))
     d = config.delivery
     resolver = _list(f"{h}:{p}" for h, p in d.nameservers) if d.nameservers else "the system resolver"
     source = f", from {d.source_address}" if d.source_address else ""
     lines.append(("delivery", f"direct to MX port {d.mx_port}, TLS {d.tls}; {d.concurrency} connections "
                   f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}; "
-                  f"{'in a separate process' if d.process == 'separate' else 'in the main process'}"))
+                  + (f"in a separate process, {d.process_nice} nice steps below" if d.process == "separate"
+                     else "in the main process")))
     for t in config.transports.values():
         login = f", login {t.username} (password from {t.password_file})" if t.username else ""
         ca = f", CA {t.ca_file}" if t.ca_file else ""
