@@ -23,12 +23,12 @@ from typing import Iterable
 from twisted.logger import LogLevel
 
 from mailrelay.logger import RAW_TEXT
+from mailrelay.spool.ids import ID_LENGTH, is_valid_queue_id
 
 WORKER_NAMESPACE = "mailrelay.delivery.worker"
 
 # `<time> [<namespace>#<level>] <text>`, as twisted.logger.formatEventAsClassicLogText writes it.
 _CLASSIC = re.compile(r"\S+ \[([^\]#]*)(?:#(\w+))?\] (.*)", re.DOTALL)
-_QUEUE_ID = re.compile(r"([0-9A-Z]{16}): ")
 
 
 def relay_text(publisher, text: str, classic_observers: Iterable[object] = ()) -> None:
@@ -67,8 +67,7 @@ def events_from_text(text: str) -> list[dict]:
                 level = LogLevel.info
         event = {"log_namespace": namespace, "log_level": level, "log_format": "{log_text}",
                  "log_text": message, "log_time": now}
-        queue_id = _QUEUE_ID.match(message)
-        if queue_id is not None:
-            event["queue_id"] = queue_id.group(1)
+        if message[ID_LENGTH:ID_LENGTH + 2] == ": " and is_valid_queue_id(message[:ID_LENGTH]):
+            event["queue_id"] = message[:ID_LENGTH]
         events.append(event)
     return events
