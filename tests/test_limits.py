@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.trial import unittest
 
 from mailrelay import config
