@@ -18,6 +18,7 @@ class ClientInfo:
     helo: str = ""                    # the EHLO/HELO argument (validated: no CR/LF/controls)
     listener: str = "relay"           # "relay" | "submission" | "submissions"
     user: Optional[str] = None        # authenticated user name, None when not authenticated
+    user_folded: bool = False         # `user` is a case-insensitive (LDAP) login, case-folded
     tls: Optional[str] = None         # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", None in plaintext
 
 

@@ -9,6 +9,9 @@ transports, direct MX, each behind DKIM) → DSNs. Each stage only knows the nex
 mailrelay.interfaces. `RelayService.reload()` (SIGHUP under twistd) swaps in what a new config changes —
 permit rules, passwords, LDAP, limits, routes, transports, DKIM keys, queue timings — without touching
 connections or the queue; a config that fails validation is refused and the old one stays in force.
+The counters behind the limits (message budgets, AUTH attempts, open connections) outlive a reload and
+take its new limits at once. A changed RESTART_ONLY key gets one warning line per reload, for as
+long as it differs from what was bound at start.
 
 Graceful shutdown (`stopService`; SIGTERM under twistd): the listeners stop accepting; idle SMTP
 sessions get 421 4.3.2 and sessions in a transaction may finish it within `shutdown_grace` seconds
@@ -34,8 +37,19 @@ from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.service")
 
-# Keys a reload cannot change: they are bound to sockets, files or identities made at start.
-RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log")
+# Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
+RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process")
+
+
+def restart_only(config: Config) -> dict:
+    """The values of the RESTART_ONLY keys (dotted paths) in `config`."""
+    values = {}
+    for key in RESTART_ONLY:
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
 
 
 @implementer(IMessageWriter)
@@ -131,8 +145,9 @@ class DeliveryParts:
                                    if hasattr(hop, "close_idle")], consumeErrors=True)
 
 
-def build_receiving_parts(config: Config, reactor) -> ReceivingParts:
-    """Policy and AUTH portal for `config`. Raises ConfigError or ValueError (unreadable CA or secret)."""
+def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingParts:
+    """Policy and AUTH portal for `config`. Raises ConfigError or ValueError (unreadable CA or secret).
+    `limiter`: the message budgets of the policy being replaced (a reload keeps them)."""
     from mailrelay.server.policy import PermitPolicy
     from mailrelay.server.realm import build_portal
 
@@ -145,7 +160,7 @@ def build_receiving_parts(config: Config, reactor) -> ReceivingParts:
         from mailrelay.server.ldap import LDAPChecker
 
         checkers.append(LDAPChecker(config.auth.ldap, reactor=reactor))
-    return ReceivingParts(PermitPolicy(config.permits, config.limits, clock=reactor),
+    return ReceivingParts(PermitPolicy(config.permits, config.limits, clock=reactor, limiter=limiter),
                           build_portal(checkers) if checkers else None)
 
 
@@ -239,6 +254,9 @@ class RelayService(service.MultiService):
 
         self.setName("mailrelay")
         self.config, self.reactor, self._handle_sighup = config, reactor, handle_sighup
+        # What was bound at start (sockets, spool, process, ...): a reload compares against this, never
+        # against the last config read, so a key changed and changed back is in force again, silently.
+        self.bound = restart_only(config)
         self.shutdown_grace = SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
         self.listeners: list = []
         self.log_service = logs.install(config.log)
@@ -248,6 +266,7 @@ class RelayService(service.MultiService):
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
         receiving = build_receiving_parts(config, reactor)
+        self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
         delivery = build_delivery_parts(config, reactor)   # built here in either mode: a bad one stops the start
         if config.delivery.process == "separate":
@@ -292,15 +311,17 @@ class RelayService(service.MultiService):
     def reload(self) -> bool:
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
         def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
-            return build_receiving_parts(config, reactor), build_delivery_parts(config, reactor)
+            return (build_receiving_parts(config, reactor, limiter=self._limiter),
+                    build_delivery_parts(config, reactor))
 
         loaded = reread(self.config.path, build, self.reactor)
         if loaded is None:
             return False
         config, (parts, delivery) = loaded
-        for key in RESTART_ONLY:
-            if getattr(config, key) != getattr(self.config, key):
+        for key, value in restart_only(config).items():
+            if value != self.bound[key]:
                 log.warn("reload: {key} changed; that takes effect only after a restart", key=key)
+        self._limiter = parts.policy.limiter
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
                                 policy=parts.policy, authserv_id=own_authserv_id(config),

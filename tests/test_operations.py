@@ -1,13 +1,16 @@
 """Operations end to end: metrics scraped over HTTP after real traffic, JSON log lines followed by queue id
-from receipt to delivery, and configuration reload (in process, and by SIGHUP to a real twistd)."""
+from receipt to delivery, and configuration reload (in process, and by SIGHUP to a real twistd): what it
+applies, the limits' state it keeps, and the restart-only keys it warns about."""
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import smtplib
 import urllib.request
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.support.relay import RelayFixture, free_port
@@ -58,6 +61,45 @@ class Observability(unittest.TestCase):
         queued = [e for e in lines if e.get("queue_id") == queue_id and e.get("stage") == "queued"][0]
         self.assertEqual((queued["sender"], queued["client"]), ("app@example.org", "127.0.0.1"))
         self.assertNotIn("correct horse", (relay.dir / "relay.json").read_text())
+
+
+def auth_attempt(relay: RelayFixture, source: str, password: str) -> int:
+    """Blocking: one AUTH PLAIN for app1 on the implicit-TLS port from `source`; the reply code."""
+    smtp = smtplib.SMTP_SSL("127.0.0.1", relay.ports["submissions"], context=relay.tls_context(), timeout=30,
+                            source_address=(source, 0))
+    try:
+        smtp.ehlo("client.test")
+        code, _ = smtp.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0app1\0{password}".encode()).decode())
+        return code
+    finally:
+        smtp.close()
+
+
+def rate_refused(relay: RelayFixture, kind: str = "relay") -> int:
+    """Blocking: one message as in `relay.submit`; 250, or the code it was refused with at MAIL."""
+    try:
+        code, _ = relay.submit_sync(kind, "app@example.org", ["user@example.com"], MESSAGE)
+    except smtplib.SMTPSenderRefused as e:
+        code = e.smtp_code
+    return code
+
+
+class WarningLines:
+    """The text of every log event while installed."""
+
+    def __init__(self, test: unittest.TestCase):
+        self.lines: list[str] = []
+        globalLogPublisher.addObserver(self.observe)
+        test.addCleanup(globalLogPublisher.removeObserver, self.observe)
+
+    def observe(self, event) -> None:
+        self.lines.append(formatEvent(event) or "")
+
+    def take(self, word: str) -> list[str]:
+        """The lines containing `word` since the last take, and forget every line."""
+        found = [line for line in self.lines if word in line]
+        self.lines = []
+        return found
 
 
 class Reload(unittest.TestCase):
@@ -117,3 +159,77 @@ class Reload(unittest.TestCase):
         yield other.wait_for(1)
         self.assertEqual(len(self.sink.messages), 1)
         self.assertIsNone(relay.process.poll())                     # still running: SIGHUP did not kill it
+
+    @defer.inlineCallbacks
+    def test_reload_keeps_spent_budgets_and_applies_new_limits_to_them(self):
+        limits = "[limits]\nmessages_per_minute = {rate}\nauth_failures_per_minute = {auth}\n"
+        relay = RelayFixture(self.mktemp(), extra=route_to(self.sink_port) + limits.format(rate=2, auth=2))
+        service = relay.start(reactor)
+        self.addCleanup(relay.stop)
+        original = relay.path.read_text()
+        codes = yield threads.deferToThread(lambda: [rate_refused(relay) for _ in range(3)])
+        self.assertEqual(codes, [250, 250, 450])
+        codes = yield threads.deferToThread(lambda: [auth_attempt(relay, "127.0.0.2", "wrong") for _ in range(3)])
+        self.assertEqual(codes, [535, 535, 421])
+        yield threads.deferToThread(auth_attempt, relay, "127.0.0.3", "wrong")      # one failure counted
+
+        # Raised limits: the identity at its limit stays there (no fresh budget), and 127.0.0.2 may
+        # try exactly two more times (a window sized for the old limit would never say 421 again).
+        self.write(relay, original.replace(limits.format(rate=2, auth=2), limits.format(rate=3, auth=4)))
+        self.assertTrue(service.reload())
+        self.assertEqual((yield threads.deferToThread(rate_refused, relay)), 450)
+        codes = yield threads.deferToThread(lambda: [auth_attempt(relay, "127.0.0.2", "wrong") for _ in range(3)])
+        self.assertEqual(codes, [535, 535, 421])
+
+        # A lowered AUTH limit applies at once to 127.0.0.3, already counted once.
+        self.write(relay, original.replace(limits.format(rate=2, auth=2), limits.format(rate=3, auth=1)))
+        self.assertTrue(service.reload())
+        code = yield threads.deferToThread(auth_attempt, relay, "127.0.0.3", relay.users["app1"])
+        self.assertEqual(code, 421)
+        code = yield threads.deferToThread(auth_attempt, relay, "127.0.0.4", relay.users["app1"])
+        self.assertEqual(code, 235)
+
+    @defer.inlineCallbacks
+    def test_restart_only_keys_warn_while_they_differ_from_what_is_bound(self):
+        relay = RelayFixture(self.mktemp(), extra=route_to(self.sink_port) + '[delivery]\nprocess = "inline"\n')
+        service = relay.start(reactor)
+        self.addCleanup(relay.stop)
+        original = relay.path.read_text()
+        lines = WarningLines(self)
+
+        self.write(relay, original.replace('process = "inline"', 'process = "separate"'))
+        self.assertTrue(service.reload())
+        self.assertEqual(lines.take("changed"),
+                         ["reload: delivery.process changed; that takes effect only after a restart"])
+        self.write(relay, original.replace('hostname = "relay.test"', 'hostname = "other.test"'))
+        self.assertTrue(service.reload())
+        self.assertEqual(lines.take("changed"),
+                         ["reload: hostname changed; that takes effect only after a restart"])
+        self.assertTrue(service.reload())                       # still not in force: still said
+        self.assertEqual(len(lines.take("hostname changed")), 1)
+
+        self.write(relay, original)                             # changed back: what is bound again
+        for _ in range(2):
+            self.assertTrue(service.reload())
+            self.assertEqual(lines.take("changed"), [])
+        code, _ = yield relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)                             # still delivering inline
+
+    @defer.inlineCallbacks
+    def test_sighup_to_twistd_keeps_an_identity_at_its_limit(self):
+        relay = RelayFixture(self.mktemp(), extra=route_to(self.sink_port) + "[limits]\nmessages_per_minute = 1\n")
+        self.addCleanup(relay.kill)
+        yield threads.deferToThread(relay.spawn)
+        codes = yield threads.deferToThread(lambda: [rate_refused(relay) for _ in range(2)])
+        self.assertEqual(codes, [250, 450])
+
+        relay.path.write_text(relay.path.read_text().replace("messages_per_minute = 1", "messages_per_minute = 2"))
+        relay.process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if "applied" in (relay.dir / "twistd.log").read_text():
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIn("applied", (relay.dir / "twistd.log").read_text())
+        self.assertEqual((yield threads.deferToThread(rate_refused, relay)), 450)   # no fresh budget
+        self.assertIsNone(relay.process.poll())

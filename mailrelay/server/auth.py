@@ -10,8 +10,14 @@ Implements RFC 4954 §4 (AUTH command, "*" cancels, "=" is an empty response, ne
 also RFC 3207 and RFC 8314 — and never during a transaction), RFC 4616 (PLAIN: authzid, authcid,
 password) and the LOGIN mechanism's two prompts.  Passwords and AUTH blobs never reach a log line.
 
+Brute force: `auth_failures_per_minute` bounds the checks started per client IP (IPv6 per /64) in a
+minute, on all listeners together.  An attempt is counted when its check starts; beyond the limit the
+client gets 421 4.7.0 without a check.  A success refunds its attempt; a failure or an undecided check
+(454) does not.
+
 `AuthMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_tls_on`,
-`_helo`, `_user`, `_mail`, `_auth`, `_mechanism`, `_logout`, `_ip`, `_timers`, `_clock`, `_limits`,
+`_helo`, `_user`, `_user_folded`, `_mail`, `_auth`, `_mechanism`, `_logout`, `_ip`, `_ip_key`, `_timers`,
+`_clock`, `_limits`,
 `factory`, `hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_close`,
 `_log`, `_log_unexpected`).
 """
@@ -40,7 +46,7 @@ class AuthMixin:
         if refusal is not None:
             self._reply(refusal)
             return
-        if self.factory.auth_failures.exhausted(self._ip):
+        if self.factory.auth_failures.exhausted(self._ip_key):
             self._too_many_failures()
             return
         words = rest.split()
@@ -96,6 +102,16 @@ class AuthMixin:
         self._check_credentials(*credentials)
 
     def _check_credentials(self, user: bytes, password: bytes) -> None:
+        # Counted when the check starts, not when it fails: otherwise N connections in parallel (or one
+        # pipelining) each get a guess checked before any failure is recorded (CWE-307, CWE-362).
+        window = self.factory.auth_failures
+        count = window.record(self._ip_key)
+        if window.over_limit(count):
+            self._count("auth", "failure", self._mechanism)
+            self._log.info("AUTH from {ip} refused unchecked: {count} attempts in the last minute",
+                           ip=self._ip, count=count)
+            self._too_many_failures()
+            return
         self._set_busy(True)
         d = defer.maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
         name = user.decode("utf-8", "replace")
@@ -105,6 +121,10 @@ class AuthMixin:
     def _auth_succeeded(self, result) -> None:
         _, avatar, logout = result
         self._user, self._logout = avatar.name, logout
+        self._user_folded = bool(getattr(avatar, "folded", False))
+        # A good password refunds its attempt: users behind one NAT address are not locked out by
+        # their own logins.  Failures and undecided checks (454) stay counted.
+        self.factory.auth_failures.refund(self._ip_key)
         self._count("auth", "success", self._mechanism)
         self._send(235, "2.7.0", "Authentication successful")
         self._set_busy(False)
@@ -119,13 +139,9 @@ class AuthMixin:
             self._set_busy(False)
             return
         self._count("auth", "failure", self._mechanism)
-        count = self.factory.auth_failures.record(self._ip)
-        self._log.info("AUTH failed for {user!r} from {ip} ({count} in the last minute)", user=name,
+        count = self.factory.auth_failures.count(self._ip_key)
+        self._log.info("AUTH failed for {user!r} from {ip} ({count} attempts in the last minute)", user=name,
                        ip=self._ip, count=count)
-        limit = self._limits.auth_failures_per_minute
-        if limit and count > limit:
-            self._too_many_failures()
-            return
         self._timers["auth"] = self._clock.callLater(AUTH_FAILURE_DELAY, self._auth_refused)
 
     def _auth_refused(self) -> None:

@@ -3,7 +3,8 @@
 Its job in the message's journey: the first stage a client meets.  In: the listener's configuration
 and its collaborators (portal, policy, incoming queue, TLS options, clock).  Out: sessions that share
 this factory's connection counters (max_connections in all, max_connections_per_ip) and its
-auth-failure window (auth_failures_per_minute per peer IP).  Both live here, never at module level,
+AUTH-attempt window (auth_failures_per_minute per peer IP).  Per-IP counts key IPv6 peers by their /64
+(ratelimit.client_key).  Both live here, never at module level,
 and both use bounded memory: counters only hold open connections, the failure window at most
 `MAX_TRACKED_IPS` addresses with at most `limit + 1` timestamps each.
 
@@ -65,7 +66,10 @@ class ConnectionCounter:
 
 
 class FailureWindow:
-    """Authentication failures per IP over the last minute (bounded memory)."""
+    """AUTH attempts per client key (ratelimit.client_key: IPv6 per /64) over the last minute, bounded
+    memory.  An attempt is counted when its check starts, so connections in parallel share one budget;
+    a success may be refunded.  One window serves every listener and outlives reloads: `set_limit`
+    applies a new limit at once to the keys already counted."""
 
     def __init__(self, limit: int, clock, window: float = FAILURE_WINDOW, max_ips: int = MAX_TRACKED_IPS):
         self._limit = limit
@@ -74,8 +78,16 @@ class FailureWindow:
         self._max_ips = max_ips
         self._failures: OrderedDict[str, deque] = OrderedDict()
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
     def set_limit(self, limit: int) -> None:
         self._limit = limit
+
+    def over_limit(self, count: int) -> bool:
+        """True when `count` attempts in the window are more than the limit (0: no limit)."""
+        return self._limit > 0 and count > self._limit
 
     def count(self, ip: str) -> int:
         times = self._failures.get(ip)
@@ -94,13 +106,25 @@ class FailureWindow:
         return self._limit > 0 and self.count(ip) >= self._limit
 
     def record(self, ip: str) -> int:
-        """Note one failure; returns the failures in the window including this one."""
-        times = self._failures.pop(ip, None) or deque(maxlen=self._limit + 1)
+        """Note one attempt; returns the attempts in the window including this one."""
+        times = self._failures.pop(ip, None) or deque()
         times.append(self._clock.seconds())
-        self._failures[ip] = times            # most recently failed last
+        # Only whether the count passed the limit matters: limit + 1 timestamps are enough, whatever
+        # the limit was when this key was first seen (a deque's maxlen would fix the old one).
+        while len(times) > self._limit + 1:
+            times.popleft()
+        self._failures[ip] = times            # most recently tried last
         while len(self._failures) > self._max_ips:
             self._failures.popitem(last=False)
         return self.count(ip)
+
+    def refund(self, ip: str) -> None:
+        """Take back the latest attempt of `ip` (it succeeded)."""
+        times = self._failures.get(ip)
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[ip]
 
 
 class RelayServerFactory(protocol.ServerFactory):

@@ -27,6 +27,12 @@ groups, cycles ignored.  In search-then-bind mode the group is checked as the se
 direct mode as the user.
 A login is remembered `cache` seconds as a salted hash (mailrelay.server.ldap_cache).
 
+Logins are case-insensitive, as the directory compares them (uid and sAMAccountName use caseIgnoreMatch,
+RFC 4517 §4.2.11; DN values likewise): the directory is asked with the name as typed, and the identity
+it gives the relay — rate limits, `users` lists, logs, the cache — is that name case-folded
+(`str.casefold()`, Unicode full case folding, as RFC 4518 §2.2 prepares caseIgnore values), returned as
+a realm.FoldedLogin.  ALICE, Alice and alice are one user "alice".
+
 Active Directory: either `bind_dn = "{user}@corp.example"` (a UPN bind, no service account needed) or
 `search_filter = "(&(objectClass=user)(sAMAccountName={user}))"` with a service account; `url =
 "ldaps://dc1.corp.example:636"` (or ldap:// with `starttls = true`); `ca_file` = the enterprise CA.
@@ -58,7 +64,7 @@ from mailrelay.server.ldap_client import (
 from mailrelay.server.ldap_text import (
     BadUsername, LDAPURL, check_username, escape_dn_value, escape_filter_value, parse_url, substitute,
 )
-from mailrelay.server.realm import TemporaryAuthFailure
+from mailrelay.server.realm import FoldedLogin, TemporaryAuthFailure
 
 # RFC 4511 Appendix A: result codes meaning "this server cannot decide now", not "wrong password":
 # operationsError, protocolError, timeLimitExceeded, adminLimitExceeded, strongerAuthRequired,
@@ -201,6 +207,11 @@ class LDAPChecker:
             return defer.fail(UnauthorizedLogin("empty password"))
         return defer.Deferred.fromCoroutine(self._login(user, password))
 
+    @staticmethod
+    def identity(user: str) -> FoldedLogin:
+        """The relay's name for the directory login `user` (see the module docstring)."""
+        return FoldedLogin(user.casefold())
+
     # -- the login -----------------------------------------------------------------------------------
 
     def _digest(self, user: str, password: bytes) -> defer.Deferred:
@@ -211,7 +222,8 @@ class LDAPChecker:
             return defer.maybeDeferred(self._cache.digest, user, password)
         return threads.deferToThreadPool(self._reactor, pool(), self._cache.digest, user, password)
 
-    async def _login(self, user: str, password: bytes) -> str:
+    async def _login(self, typed: str, password: bytes) -> str:
+        user = self.identity(typed)      # for the cache and the logs; the directory is asked with `typed`
         digest = None
         if self._cache.has_entry(user):
             digest = await self._digest(user, password)
@@ -219,7 +231,7 @@ class LDAPChecker:
                 self.log.debug("LDAP login accepted for {user} from the cache", user=user)
                 return user
         for url in self._urls:
-            attempt = defer.Deferred.fromCoroutine(self._ask(url, user, password))
+            attempt = defer.Deferred.fromCoroutine(self._ask(url, typed, password))
             attempt.addTimeout(self._config.timeout, self._reactor)
             try:
                 conn, refusal = await attempt
@@ -343,7 +355,7 @@ class LDAPChecker:
                 return True
             seen.update(d.lower() for d in level)
             if len(seen) >= MAX_NESTED_GROUPS:
-                log.warn("ldap: more than {n} groups around require_group; nested membership not followed "
+                self.log.warn("ldap: more than {n} groups around require_group; nested membership not followed "
                          "further", n=MAX_NESTED_GROUPS)
                 return False
         return False

@@ -22,6 +22,13 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
   `recipients`, and an authenticated user's From: header is still held to `senders`.
 - The rate limit (`messages_per_minute`) is charged at MAIL, after the sender check passed, per
   identity (user name, or the rule for network/anyone clients: all of 10.0.0.0/8 share one budget).
+  A client no rule matches is charged too, per IP (IPv6 per /64, ratelimit.client_key): its only
+  mail that can be accepted goes to the postmaster, and that must not be a free flood.
+- Budgets outlive a reload: the service hands each new policy the limiter of the old one
+  (`limiter=`), and the new `messages_per_minute` applies to the buckets already spent.
+- LDAP logins are case-insensitive (the directory compares them so): such a user arrives case-folded
+  (`ClientInfo.user_folded`) and a `users` entry matches it when the entry case-folds to it.
+  Password-file names compare exactly.
 - Routing tricks (`%`, `!`, source routes, several `@`, quoted local parts hiding them, address
   literals, malformed domains) are refused for every client, whatever its `recipients`: legitimate
   mail does not need them and their only use left is to smuggle mail through a relay.
@@ -41,7 +48,7 @@ from zope.interface import implementer
 from mailrelay import config
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IRelayPolicy, Reply
-from mailrelay.server.ratelimit import RateLimiter
+from mailrelay.server.ratelimit import RateLimiter, client_key
 
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not allowed for this client")
@@ -210,11 +217,13 @@ class _Rule:
     networks: tuple
     senders: AddressPatterns
     recipients: AddressPatterns
+    folded_users: frozenset
 
     def matches(self, client: ClientInfo) -> bool:
         if client.user is not None:
             users = self.permit.users
-            return ("*" in users or client.user in users) and (not self.networks or self._near(client))
+            named = client.user in users or (client.user_folded and client.user in self.folded_users)
+            return ("*" in users or named) and (not self.networks or self._near(client))
         if self.permit.users:
             return False
         return self.permit.anyone or self._near(client)
@@ -228,13 +237,20 @@ class _Rule:
 class PermitPolicy:
     """IRelayPolicy over the `[[permit]]` rules and `limits.messages_per_minute` (see module docstring)."""
 
-    def __init__(self, permits: tuple[config.Permit, ...], limits: config.Limits, clock=None):
+    def __init__(self, permits: tuple[config.Permit, ...], limits: config.Limits, clock=None,
+                 limiter: Optional[RateLimiter] = None):
+        """`limiter`: the budgets to charge (those of the policy this one replaces at a reload, so a
+        reload hands nobody a fresh budget); a new one when None."""
         self._rules = tuple(
             _Rule(i, p, tuple(_mapped_to_ipv4(n) for n in p.networks),
-                  AddressPatterns.parse(p.senders), AddressPatterns.parse(p.recipients))
+                  AddressPatterns.parse(p.senders), AddressPatterns.parse(p.recipients),
+                  frozenset(u.casefold() for u in p.users))
             for i, p in enumerate(permits))
-        rate = limits.messages_per_minute
-        self._limiter = RateLimiter(rate, 60.0, clock) if rate > 0 else None
+        self._rate = limits.messages_per_minute
+        if self._rate > 0 and limiter is None:
+            limiter = RateLimiter(self._rate, 60.0, clock)
+        self.limiter = limiter                       # kept even while the limit is off, for the next reload
+        self._limiter = limiter if self._rate > 0 else None
 
     def _rule_for(self, client: ClientInfo) -> Optional[_Rule]:
         return next((rule for rule in self._rules if rule.matches(client)), None)
@@ -247,13 +263,18 @@ class PermitPolicy:
 
     def check_sender(self, client: ClientInfo, sender: str) -> Optional[Reply]:
         rule = self._rule_for(client)
-        if rule is None:
-            return None          # refused at RCPT: 550 5.7.1 Relay access denied
-        if sender and not rule.senders.allows(sender):
+        if rule is not None and sender and not rule.senders.allows(sender):
             return SENDER_DENIED
-        # User names cannot contain ':', so "user:x" never collides with a rule's key.
-        key = f"user:{client.user}" if client.user is not None else f"permit[{rule.index}]"
-        if self._limiter is not None and not self._limiter.allow(key):
+        # User names cannot contain ':', so "user:x" never collides with a rule's or an address's key.
+        if client.user is not None:
+            key = f"user:{client.user}"
+        elif rule is not None:
+            key = f"permit[{rule.index}]"
+        else:
+            # No rule: every RCPT but the postmaster's gets 550 5.7.1 (relay access denied), and the
+            # postmaster's is counted here, per IP (IPv6 per /64), like any other client's mail.
+            key = f"ip:{client_key(client.address)}"
+        if self._limiter is not None and not self._limiter.allow(key, self._rate):
             return RATE_LIMITED
         return None
 

@@ -9,14 +9,42 @@ The limiter is a token bucket per key: `rate` tokens, refilled continuously over
 per message.  Each check is O(1).  Memory is bounded: keys live in least-recently-used order, a key whose
 bucket has refilled completely is indistinguishable from a key never seen and is dropped, and beyond
 `max_keys` the least recently used key is dropped even if its bucket is not yet full.
+
+A reload keeps the limiter (and so every identity's spent budget) and only changes the rate: `allow`
+takes the rate in force, so a policy built from a new config uses the buckets the old one filled.
+
+`client_key` is how every per-IP count (connections per IP, AUTH attempts, the messages of clients
+no rule names) keys a peer: an IPv4 address as it is, an IPv6 address by its /64.
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
+
+
+IPV6_CLIENT_PREFIX = 64
+
+
+@functools.lru_cache(maxsize=4096)     # asked at every connection, AUTH and MAIL: parse once per peer
+def client_key(address: str) -> str:
+    """The key per-IP limits count `address` under: an IPv4 address (IPv4-mapped IPv6 unmapped) as it is,
+    an IPv6 address as its /64 ("2001:db8::/64").  RFC 4291 §2.5.4 / RFC 6177: a /64 is one subnet, the
+    smallest a site gets, and any host in it can pick fresh addresses from it at will (RFC 8981), so
+    counting per address would give one client 2**64 budgets.  Text that is no IP address is its own key."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
 
 
 @dataclass
@@ -26,7 +54,8 @@ class _Bucket:
 
 
 class RateLimiter:
-    """At most `rate` events per `per` seconds for each key (token bucket), on `clock`."""
+    """At most `rate` events per `per` seconds for each key (token bucket), on `clock`.  `rate` is the
+    default; `allow(key, rate)` may name the rate in force (after a reload) without losing any bucket."""
 
     def __init__(self, rate: int, per: float = 60.0, clock: Optional[IReactorTime] = None,
                  max_keys: int = 10_000):
@@ -44,8 +73,20 @@ class RateLimiter:
         """How many keys are being remembered now (for tests and metrics)."""
         return len(self._buckets)
 
-    def allow(self, key: str) -> bool:
-        """Take one token for `key`; False (and nothing taken) when its bucket is empty."""
+    @property
+    def rate(self) -> int:
+        """The rate of the last check (the constructor's until then)."""
+        return self._rate
+
+    def allow(self, key: str, rate: Optional[int] = None) -> bool:
+        """Take one token for `key`; False (and nothing taken) when its bucket is empty.  `rate`: the
+        rate in force now (default: the last one).  A bucket keeps what it holds across a change of
+        rate, capped at the new rate, and refills at the new rate from then on: an identity at its
+        limit stays at its limit."""
+        if rate is not None:
+            if rate <= 0:
+                raise ValueError("rate must be positive")
+            self._rate = rate
         now = self._clock.seconds()
         self._forget_full(now)
         bucket = self._buckets.pop(key, None) or _Bucket(float(self._rate), now)

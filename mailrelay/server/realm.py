@@ -22,10 +22,16 @@ class IRelayUser(Interface):
     """An authenticated client identity (attribute `name`)."""
 
 
+class FoldedLogin(str):
+    """An avatar id whose login is case-insensitive (LDAP / AD), already case-folded: `users` lists in
+    permit rules compare it case-insensitively.  A plain str (the password file) compares exactly."""
+
+
 @implementer(IRelayUser)
 @dataclass(frozen=True)
 class RelayUser:
     name: str
+    folded: bool = False      # `name` is a FoldedLogin
 
 
 @implementer(IRealm)
@@ -34,7 +40,7 @@ class RelayRealm:
         if IRelayUser not in interfaces:
             raise NotImplementedError("mailrelay realm only provides IRelayUser")
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
-        return IRelayUser, RelayUser(name), lambda: None
+        return IRelayUser, RelayUser(name, folded=isinstance(avatarId, FoldedLogin)), lambda: None
 
 
 @implementer(ICredentialsChecker)

@@ -40,6 +40,7 @@ from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
 from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector
+from mailrelay.server.ratelimit import client_key
 from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
 from mailrelay.server.transaction import TransactionMixin
 
@@ -86,6 +87,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._draining = False            # shutdown began: finish the transaction in progress, no new one
         self._tls_on = False
         self._ip, self._port = "", 0
+        self._ip_key = ""                 # what per-IP limits count this peer under (IPv6: its /64)
         self._timers: dict[str, object] = {}
         self._logout = None
         self._auth: Optional[tuple] = None
@@ -98,6 +100,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._helo: Optional[str] = None
         self._esmtp = False
         self._user: Optional[str] = None
+        self._user_folded = False
         self._auth = None
         self._mechanism = ""
         self._reset_transaction()
@@ -125,7 +128,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         """What the policy is told about this client."""
         return ClientInfo(
             address=self._ip, port=self._port, helo=self._helo or "", listener=self.factory.listener.kind,
-            user=self._user, tls=self._tls_description(),
+            user=self._user, user_folded=self._user_folded, tls=self._tls_description(),
         )
 
     def _tls_description(self) -> Optional[str]:
@@ -145,6 +148,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         peer = self.transport.getPeer()
         self._ip = unmapped_ip(str(getattr(peer, "host", peer)))
         self._port = getattr(peer, "port", 0)
+        self._ip_key = client_key(self._ip)
         self._tls_on = ISSLTransport.providedBy(self.transport)
         self.startedTLS = self._tls_on
         self.canStartTLS = (
@@ -155,7 +159,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
             self._send(SHUTTING_DOWN.code, SHUTTING_DOWN.status, f"{self.hostname} {SHUTTING_DOWN.text}")
             self._close()
             return
-        if not self.factory.connections.open(self._ip):
+        if not self.factory.connections.open(self._ip_key):
             self._count("refused", "connection_limit")
             self._log.info("connection from {ip} refused: connection limit", ip=self._ip)
             self._send(421, "4.7.0", f"{self.hostname} Too many connections, try again later")
@@ -188,7 +192,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
             logout()
         if self._counted:
             self._counted = False
-            self.factory.connections.close(self._ip)
+            self.factory.connections.close(self._ip_key)
             self.factory.session_closed(self)
 
     # -- graceful shutdown -------------------------------------------------------------------------
