@@ -162,7 +162,8 @@ class ConversationTests(unittest.TestCase):
         c = Conversation(self, [job])
         c.greet("SIZE 1000", "PIPELINING")
         yield until(lambda: c.transport.value())
-        converted = b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nol=C3=A9\r\n"
+        converted = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                     b"ol=C3=A9\r\n")
         c.expect(f"MAIL FROM:<app@example.org> SIZE={len(converted)}", "RCPT TO:<a@example.net>", "DATA")
         c.server("250 ok", "250 ok", "354 go")
         self.assertEqual(c.stream_body(), converted + b".\r\n")
@@ -177,7 +178,7 @@ class ConversationTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_reply_while_converting_ends_the_session_with_a_retry(self):
-        c = Conversation(self, [Job(message(b"Subject: x\r\n\r\n\xff\r\n" * 1, octets="8bit"), ("a@example.net",))])
+        c = Conversation(self, [Job(message(b"Subject: x\r\n\r\n\xff\r\n", octets="8bit"), ("a@example.net",))])
         c.greet("SIZE")
         c.server("421 4.4.2 bye")       # before the conversion is done: a reply nobody asked for
         result = c.close()

@@ -257,7 +257,7 @@ class _Walk:
                             "message/rfc822" if ctype == "multipart/digest" else "text/plain")
         elif ctype == "message/rfc822" and cte in _IDENTITY:
             self._headers(lines, separator, top, "7bit" if cte in ("8bit", "binary") else None)
-            self._entity(depth + 1, boundaries, "text/plain")
+            self._entity(depth + 1, boundaries, "text/plain", top=True)    # a message: MIME-Version too
         else:
             self._leaf(lines, separator, top, boundaries, ctype, cte)
 
@@ -284,8 +284,9 @@ class _Walk:
             lines.append(line)
 
     def _headers(self, lines: list[bytes], separator: bytes, top: bool, cte: Optional[str]) -> None:
-        """Write a header block, its Content-Transfer-Encoding replaced by `cte` (when given), and at the
-        top MIME-Version added if it is missing."""
+        """Write a header block, its Content-Transfer-Encoding replaced by `cte` (when given), and in a
+        message's header (`top`: the message's own, or one inside message/rfc822) MIME-Version added if
+        it is missing."""
         if self._out is None:
             return
         if cte is None and not top:
@@ -359,7 +360,8 @@ class _Walk:
         """A part that is not a container: re-encoded as quoted-printable if any line of it needs it."""
         if self._out is None:
             needed = self._scan_body(boundaries)
-            if needed and (cte not in _IDENTITY or (ctype.startswith("message/") and ctype not in _ENCODABLE_MESSAGES)):
+            composite = ctype.startswith("message/") and ctype not in _ENCODABLE_MESSAGES
+            if needed and (cte not in _IDENTITY or composite):
                 what = f"Content-Transfer-Encoding {cte}" if cte not in _IDENTITY else ctype
                 raise Unconvertible(f"a {what} part holds octets that cannot be converted")
             self._decide(needed)

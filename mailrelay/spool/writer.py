@@ -9,7 +9,9 @@ Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go t
 writes from the reactor thread, no fsync there). A message that fits in the buffer is not on disk at
 all before its commit. Whether the content has 8-bit octets is noted as it is written (one `isascii`
 per piece, in C) and stored in the envelope (`octets`); a file already on disk gets the final envelope
-line written over its in-progress one at commit (same length). A write error (disk full) is kept and reported by commit(), so the session can answer
+line written over its in-progress one at commit (same length).
+
+A write error (disk full) is kept and reported by commit(), so the session can answer
 452 4.3.1 instead of seeing an exception in the middle of DATA.
 """
 from __future__ import annotations
