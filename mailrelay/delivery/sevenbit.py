@@ -17,7 +17,8 @@ Policy (as Postfix's `8bitmime` conversion does; RFC 2045 6.4/6.7, RFC 2046 5, R
   the top or in a part: RFC 2047 encoding would change the fields a signature or a reader relies on); an
   SMTPUTF8 message; 8-bit octets inside a part already declared quoted-printable or base64 (malformed);
   or inside message/* types that allow no encoding (message/partial, message/external-body,
-  message/delivery-status, ...).  message/global* may be encoded (RFC 6532 3.5) and is.
+  message/delivery-status, ...) or a multipart without a boundary.  message/global* may be encoded
+  (RFC 6532 3.5) and is.
 - A message with nothing to re-encode is returned unchanged, byte for byte.
 - "Needs re-encoding" is one predicate (`Needs`): an 8-bit octet (when 8-bit is not allowed) or a line over
   998 octets (RFC 5321 4.5.3.1.6), so the same walk can later wrap over-long lines for any hop.
@@ -56,9 +57,9 @@ MAX_HEADER_BLOCK = 1024 * 1024   # one header block held for parsing, at most
 MAX_DEPTH = 50                   # nested multipart / message/rfc822 levels
 READ_LIMIT = 64 * 1024           # a longer "line" is read in pieces
 
-_FIELD = re.compile(rb"[!-9;-~]+:")
-_CTE = re.compile(rb"content-transfer-encoding:", re.IGNORECASE)
-_MIME_VERSION = re.compile(rb"mime-version:", re.IGNORECASE)
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")            # RFC 5322 3.6.8, and 4.5.8's obsolete space before ":"
+_CTE = re.compile(rb"content-transfer-encoding[ \t]*:", re.IGNORECASE)
+_MIME_VERSION = re.compile(rb"mime-version[ \t]*:", re.IGNORECASE)
 _DASHES = re.compile(rb"^--", re.MULTILINE)
 _IDENTITY = ("", "7bit", "8bit", "binary")          # RFC 2045 6.2: no encoding applied
 _ENCODABLE_MESSAGES = ("message/global", "message/global-headers", "message/global-delivery-status",
@@ -251,7 +252,7 @@ class _Walk:
         ctype = fields.get_content_type()
         cte = str(fields.get("content-transfer-encoding", "")).strip().lower()
         boundary = fields.get_boundary() if ctype.startswith("multipart/") else None
-        if boundary and 0 < len(boundary) <= 70:
+        if boundary:
             self._headers(lines, separator, top, "7bit" if cte in ("8bit", "binary") else None)
             self._multipart(depth, boundaries, boundary.encode("utf-8", "surrogateescape"),
                             "message/rfc822" if ctype == "multipart/digest" else "text/plain")
@@ -360,7 +361,9 @@ class _Walk:
         """A part that is not a container: re-encoded as quoted-printable if any line of it needs it."""
         if self._out is None:
             needed = self._scan_body(boundaries)
-            composite = ctype.startswith("message/") and ctype not in _ENCODABLE_MESSAGES
+            # RFC 2045 6.4: multipart/* (here one without a boundary) and message/* are never encoded.
+            composite = ctype.startswith("multipart/") or (ctype.startswith("message/")
+                                                          and ctype not in _ENCODABLE_MESSAGES)
             if needed and (cte not in _IDENTITY or composite):
                 what = f"Content-Transfer-Encoding {cte}" if cte not in _IDENTITY else ctype
                 raise Unconvertible(f"a {what} part holds octets that cannot be converted")
