@@ -6,13 +6,15 @@ asks `downgrade()` for a 7-bit form of it and sends that instead (RFC 6152 3: 8-
 that offers 8BITMIME).  In: a spooled message (queue_id, envelope, size, open()).  Out: the same message
 converted, or a `554 5.6.3` refusal (RFC 3463: conversion required but not supported), which bounces.
 
-Policy (as Postfix's `8bitmime` conversion does; RFC 2045 6.4/6.7, RFC 2046 5, RFC 6152):
+Policy (RFC 2045 6.4/6.7, RFC 2046 5, RFC 6152; the conversion is the one Postfix's smtp client makes
+unless `disable_mime_output_conversion` is set):
 - Every leaf part (text, application, ...) whose body needs re-encoding is re-encoded as
   quoted-printable, its Content-Transfer-Encoding field replaced; leaves that need nothing are copied
   as they are.  multipart/* and message/rfc822 are never encoded (RFC 2045 6.4): their parts are walked
-  recursively and their own "8bit"/"binary" label becomes "7bit".  MIME-Version: 1.0 is added at the top
-  when missing.  8-bit octets in a multipart preamble or epilogue (text MIME readers ignore) are
-  quoted-printable-escaped in place, so that nothing 8-bit is left.
+  recursively and their own "8bit"/"binary" label becomes "7bit".  MIME-Version: 1.0 is added to the
+  message's header (and to one inside message/rfc822) when missing.  8-bit octets in a multipart
+  preamble or epilogue (text that MIME readers ignore) are quoted-printable-escaped in place, so that
+  nothing 8-bit is left.
 - Refused (554 5.6.3), since no conversion keeps their meaning: an 8-bit octet in any header field (at
   the top or in a part: RFC 2047 encoding would change the fields a signature or a reader relies on); an
   SMTPUTF8 message; 8-bit octets inside a part already declared quoted-printable or base64 (malformed);
@@ -115,13 +117,18 @@ def downgrade(message: Any, host: str) -> defer.Deferred:
     own = getattr(message, "seven_bit", None)
     d = own() if own is not None else threads.deferToThread(convert_message, message)
 
+    def converted(result: Any) -> Any:
+        log.info("{queue_id}: converted to 7-bit MIME for {host}, which does not offer 8BITMIME",
+                 queue_id=getattr(message, "queue_id", "?"), host=host)
+        return result
+
     def failed(failure):
         if failure.check(Unconvertible):
             return 554, "5.6.3", f"8-bit message, but {host} does not offer 8BITMIME, and {failure.value}"
         log.failure("{queue_id}: converting to 7-bit MIME failed", failure,
                     queue_id=getattr(message, "queue_id", "?"))
         return 451, "4.3.0", "local error converting the message to 7-bit MIME"
-    return d.addErrback(failed)
+    return d.addCallbacks(converted, failed)
 
 
 # -- the converted message --------------------------------------------------------------------------------
@@ -167,7 +174,10 @@ def convert_message(message: Any, needs: Needs = SEVEN_BIT) -> Any:
         plan = _Walk(f, needs, None, []).run()
     if not any(plan):
         return message
-    out = tempfile.TemporaryFile(dir=_tmp_dir(message))
+    try:
+        out = tempfile.TemporaryFile(dir=_tmp_dir(message))
+    except OSError:
+        out = tempfile.TemporaryFile()          # the spool's tmp/ not writable here: the system's (0600 too)
     try:
         with message.open() as f:
             _Walk(f, needs, out, plan).run()
