@@ -31,7 +31,11 @@ class Envelope:
     client_address: str = ""
     client_helo: str = ""
     identity: Optional[str] = None    # authenticated user, or the permit rule that matched ("permit[0]")
-    body: str = "7BIT"                # BODY= parameter: "7BIT" | "8BITMIME"
+    body: str = "7BIT"                # BODY= parameter: "7BIT" | "8BITMIME" (what the client declared)
+    # What the content holds, seen as it was spooled: "7bit" (ASCII only) | "8bit".  None: not known (a
+    # spool file from before the field existed): trust `body`.  Every value has OCTETS_WIDTH characters,
+    # so the spool can patch it in place at commit (spool/writer.py).
+    octets: Optional[str] = None
     smtputf8: bool = False
     tls: Optional[str] = None
     params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
@@ -53,6 +57,7 @@ class Envelope:
         return cls(**d)
 
 
+OCTETS_WIDTH = 4
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)   # what json.dumps(...) builds per call
 

@@ -45,9 +45,19 @@ class FakeMessage:
 
 
 def message(body: bytes = BODY, sender: str = "app@example.org", recipients=("a@example.net",),
-            eight_bit: bool = False) -> FakeMessage:
-    envelope = Envelope(sender, tuple(recipients), 0.0, body="8BITMIME" if eight_bit else "7BIT")
+            eight_bit: bool = False, octets=None) -> FakeMessage:
+    envelope = Envelope(sender, tuple(recipients), 0.0, body="8BITMIME" if eight_bit else "7BIT", octets=octets)
     return FakeMessage("Q1", envelope, body)
+
+
+@defer.inlineCallbacks
+def until(condition, seconds: float = 10.0):
+    """Let the reactor run (a thread's work come back) until `condition()` is true."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in time")
 
 
 # -- conversations over a StringTransport --------------------------------------------------------------
@@ -133,14 +143,48 @@ class ConversationTests(unittest.TestCase):
         c.greet("8BITMIME")
         c.expect("MAIL FROM:<app@example.org> BODY=8BITMIME")
 
-    def test_8bit_body_to_server_without_8bitmime_bounces_without_mail(self):
+    @defer.inlineCallbacks
+    def test_8bit_header_to_server_without_8bitmime_bounces_without_mail(self):
         body = "Subject: café\r\n\r\nolé\r\n".encode("utf-8")
         c = Conversation(self, [Job(message(body, eight_bit=True), ("a@example.net",))])
         c.greet("SIZE")
+        yield until(lambda: c.transport.value())        # the conversion runs in a thread
         c.expect("QUIT")
         [r] = c.close().results
         self.assertEqual((r.code, r.status), (554, "5.6.3"))
+        self.assertIn("does not offer 8BITMIME, and 8-bit octets in a header field cannot be converted", r.text)
         self.assertTrue(r.permanent)
+
+    @defer.inlineCallbacks
+    def test_undeclared_8bit_body_to_server_without_8bitmime_goes_as_quoted_printable(self):
+        body = b"Subject: hi\r\n\r\nol\xc3\xa9\r\n"
+        job = Job(message(body, octets="8bit"), ("a@example.net",))     # BODY=7BIT, but the spool saw 8-bit
+        c = Conversation(self, [job])
+        c.greet("SIZE 1000", "PIPELINING")
+        yield until(lambda: c.transport.value())
+        converted = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                     b"ol=C3=A9\r\n")
+        c.expect(f"MAIL FROM:<app@example.org> SIZE={len(converted)}", "RCPT TO:<a@example.net>", "DATA")
+        c.server("250 ok", "250 ok", "354 go")
+        self.assertEqual(c.stream_body(), converted + b".\r\n")
+        c.server("250 2.0.0 queued")
+        c.expect("QUIT")
+        self.assertTrue(c.close().results[0].delivered)
+
+    def test_undeclared_8bit_body_is_declared_body_8bitmime_when_offered(self):
+        c = Conversation(self, [Job(message(b"Subject: x\r\n\r\n\xff\r\n", octets="8bit"), ("a@example.net",))])
+        c.greet("8BITMIME")
+        c.expect("MAIL FROM:<app@example.org> BODY=8BITMIME")
+
+    @defer.inlineCallbacks
+    def test_a_reply_while_converting_ends_the_session_with_a_retry(self):
+        c = Conversation(self, [Job(message(b"Subject: x\r\n\r\n\xff\r\n", octets="8bit"), ("a@example.net",))])
+        c.greet("SIZE")
+        c.server("421 4.4.2 bye")       # before the conversion is done: a reply nobody asked for
+        result = c.close()
+        yield task.deferLater(reactor, 0.2, lambda: None)      # the conversion finishing changes nothing
+        self.assertEqual(c.sent(), [])
+        self.assertEqual(result.results[0].code, 421)
 
     def test_declared_8bitmime_but_ascii_body_is_sent_without_body_param(self):
         c = Conversation(self, [Job(message(eight_bit=True), ("a@example.net",))])

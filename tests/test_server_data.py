@@ -5,7 +5,7 @@ import random
 
 from twisted.trial import unittest
 
-from mailrelay.server.data import BARE_CR, LINE_TOO_LONG, TOO_BIG, DataReader, HeaderCollector
+from mailrelay.server.data import BARE_CR, LINE_TOO_LONG, NUL_OCTET, TOO_BIG, DataReader, HeaderCollector
 
 
 def read(chunks, max_size=10 * 1024 * 1024):
@@ -107,6 +107,26 @@ class SmugglingTests(unittest.TestCase):
         self.assertEqual(content, b"ok line\r\n")
         self.assertEqual(reader.outcome, BARE_CR)
         self.assertEqual(rest, b"")
+
+
+class NulTests(unittest.TestCase):
+    """SEC Consult's `\\r\\n\\x00.\\r\\n`: a next hop that strips NULs would see an end of data there."""
+
+    def test_crlf_nul_dot_crlf_is_refused_after_the_real_end(self):
+        data = b"Subject: one\r\n\r\nbody\r\n\x00.\r\n" + SMUGGLED + b".\r\nQUIT\r\n"
+        for chunks in ([data], byte_by_byte(data), random_splits(data, random.Random(7))):
+            content, rest, reader = read(chunks)
+            self.assertEqual(reader.outcome, NUL_OCTET)
+            self.assertEqual(rest, b"QUIT\r\n")        # the smuggled lines were content, not commands
+            self.assertNotIn(b"\x00", content)
+            self.assertTrue(b"Subject: one\r\n\r\nbody\r\n".startswith(content))   # nothing from the NUL on
+
+    def test_nul_anywhere_in_a_plain_chunk_is_refused(self):
+        for body in (b"\x00\r\n", b"a\x00b\r\n", (b"x" * 500 + b"\r\n") * 20 + b"end\x00\r\n"):
+            _, rest, reader = read([b"Subject: x\r\n\r\n" + body + b".\r\n"])
+            self.assertEqual((reader.outcome, rest), (NUL_OCTET, b""), body[-8:])
+        self.assertEqual(NUL_OCTET.code, 550)
+        self.assertEqual(NUL_OCTET.status, "5.6.0")
 
 
 class LimitTests(unittest.TestCase):

@@ -438,6 +438,17 @@ class DataTests(unittest.TestCase):
         self.assertEqual(self.harness.queue.messages, [])
         self.assertTrue(self.harness.queue.writers[0].aborted)
 
+    def test_nul_is_550_5_6_0_after_the_real_end_and_the_next_message_works(self):
+        # SMTP smuggling (CVE-2023-51764 class): "\\r\\n\\x00.\\r\\n" must not end DATA nor be passed on.
+        reply = transaction(self.client, b"Subject: a\r\n\r\nbody\r\n\x00.\r\nMAIL FROM:<evil@example.net>\r\n"
+                                         b"RCPT TO:<v@example.org>\r\nDATA\r\nforged\r\n")
+        self.assertEqual(reply, "550 5.6.0 Message refused: NUL octet in message content\r\n")
+        self.assertEqual(self.harness.queue.messages, [])
+        self.assertTrue(self.harness.queue.writers[0].aborted)
+        self.assertEqual(len(self.harness.policy.clients), 1)        # the smuggled MAIL never ran
+        self.assertEqual(transaction(self.client), "250 2.0.0 Ok: queued as Q000002\r\n")
+        self.assertNotIn(b"\x00", self.harness.queue.messages[0].data)
+
     def test_long_line_in_data_is_refused_after_the_end_and_never_runs_commands(self):
         reply = transaction(self.client, b"Subject: a\r\n\r\n" + b"A" * 20000 + b"\r\nRSET\r\nQUIT\r\n")
         self.assertEqual(reply.splitlines()[0][:9], "554 5.6.0")

@@ -17,6 +17,7 @@ from mailrelay.interfaces import IIncomingQueue, IMessageWriter, ISpool
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage, files, store, writer
 from mailrelay.spool.control import parse_request_name, request_name
 from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
+from mailrelay.spool.message import MAGIC, check_file
 from mailrelay.spool.writer import BUFFER_LIMIT
 
 BINARY_BODY = (b"Subject: all the bytes\r\n\r\n" + bytes(range(256)) + b"\r\n.\r\n..\r\nbare\nlf\rcr\x00\r\n")
@@ -78,7 +79,7 @@ class RoundTripTests(SpoolTestCase):
         self.assertEqual(committed, queue_id)
         message = self.spool.load(queue_id)
         self.assertEqual(message.queue_id, queue_id)
-        self.assertEqual(message.envelope, make_envelope())
+        self.assertEqual(message.envelope, make_envelope(octets="8bit"))     # what the spool saw in it
         self.assertEqual(message.size, len(BINARY_BODY))
         self.assertEqual(read_body(message), BINARY_BODY)
         self.assertEqual(message.state, {})
@@ -223,6 +224,48 @@ class LargeMessageTests(SpoolTestCase):
             for chunk in iter(lambda: f.read(1024 * 1024), b""):
                 actual.update(chunk)
         self.assertEqual(actual.hexdigest(), expected.hexdigest())
+
+
+class OctetsTests(SpoolTestCase):
+    """The spool notes whether the content has 8-bit octets and keeps it in the envelope (`octets`)."""
+
+    @inlineCallbacks
+    def test_ascii_content_is_7bit_and_8bit_content_is_8bit_whatever_body_says(self):
+        ids = []
+        for content, declared in ((b"Subject: hi\r\n\r\nplain\r\n", "8BITMIME"),
+                                  (b"Subject: hi\r\n\r\ncaf\xc3\xa9\r\n", "7BIT")):
+            message_writer = self.spool.new_message(make_envelope(body=declared))
+            message_writer.write(content)
+            ids.append((yield message_writer.commit()))
+        seven, eight = ids
+        self.assertEqual(self.spool.load(seven).envelope.octets, "7bit")
+        self.assertEqual(self.spool.load(eight).envelope.octets, "8bit")      # undeclared, but known
+
+    @inlineCallbacks
+    def test_a_spilled_message_gets_its_envelope_patched_at_commit(self):
+        for last in (b"\xff\r\n", b"ascii\r\n"):
+            message_writer = self.spool.new_message(make_envelope())
+            message_writer.write(b"x" * 998 + b"\r\n")
+            for _ in range(3 * BUFFER_LIMIT // 1000):
+                message_writer.write(b"y" * 998 + b"\r\n")     # on disk before any 8-bit octet came
+            path = self.directory / "queue" / message_writer.queue_id
+            self.assertIn(b'"octets":"????"', path.read_bytes()[:4096])
+            message_writer.write(last)
+            queue_id = yield message_writer.commit()
+            message = Spool(self.directory).load(queue_id)      # a fresh reader: from the file, not memory
+            self.assertEqual(message.envelope.octets, "8bit" if last.startswith(b"\xff") else "7bit")
+            with message.open() as f:
+                self.assertTrue(f.read().endswith(b"y\r\n" + last))
+
+    def test_a_spool_file_from_before_the_field_still_loads_as_unknown(self):
+        old = make_envelope()
+        line = old.to_json().replace(b',"octets":null', b"")
+        self.assertNotIn(b"octets", line)
+        body = b"Subject: old\r\n\r\ncaf\xc3\xa9\r\n"
+        (self.directory / "queue" / "0000000001AB").write_bytes(
+            MAGIC + files.encode_size(len(body)) + b"\n" + line + b"\n" + body)
+        self.assertEqual(check_file(self.directory / "queue" / "0000000001AB").envelope, old)
+        self.assertIsNone(old.octets)
 
 
 class GroupCommitTests(SpoolTestCase):

@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from twisted.trial import unittest
@@ -62,7 +63,8 @@ class CrashTests(unittest.TestCase):
         for n, queue_id in acknowledged:
             self.assertIn(queue_id, recovered)
             message = spool.load(queue_id)
-            self.assertEqual(message.envelope, envelope_for(n))
+            octets = "7bit" if body_for(n).isascii() else "8bit"    # patched in place at commit when spilled
+            self.assertEqual(message.envelope, replace(envelope_for(n), octets=octets))
             with message.open() as f:
                 self.assertEqual(f.read(), body_for(n), f"message {n} ({queue_id})")
         self.assertEqual(os.listdir(directory / "tmp"), [])

@@ -43,7 +43,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery.dotstuff import CHUNK_SIZE, StuffingProducer
+from mailrelay.delivery import sevenbit
+from mailrelay.delivery.dotstuff import StuffingProducer
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
@@ -131,15 +132,6 @@ def valid_address(address: str) -> bool:
 
 def rcpt_command(recipient: str) -> bytes:
     return b"RCPT TO:<" + recipient.encode("utf-8") + b">"
-
-
-def is_7bit(message: Any) -> bool:
-    """Whether the message body is plain ASCII (read in chunks, never whole)."""
-    with message.open() as f:
-        while chunk := f.read(CHUNK_SIZE):
-            if not chunk.isascii():
-                return False
-    return True
 
 
 @implementer(IHandshakeListener)
@@ -450,7 +442,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _next_job(self) -> None:
         if self._report_settled():
-            return      # _resume carries on once the caller has recorded the job
+            return      # _pause carries on once the caller has recorded the job
         if self._in_transaction:
             self._in_transaction = False
             return self._send(b"RSET", "RSET", (250,), lambda code, text: self._next_job())
@@ -462,6 +454,16 @@ class DeliveryClient(smtp.ESMTPClient):
         if refusal is not None:
             self._settle_job(*refusal)
             return self._next_job()
+        if sevenbit.needs_downgrade(job.message, self._extensions):   # RFC 6152 3: no 8-bit data without 8BITMIME
+            return self._pause(sevenbit.downgrade(job.message, self._host), self._downgraded, "converting")
+        self._start_transaction(job)
+
+    def _downgraded(self, outcome: Any) -> None:
+        """The job's message in 7-bit MIME, or the (code, status, text) that settles it (sevenbit.py)."""
+        if isinstance(outcome, tuple):
+            self._settle_job(*outcome)
+            return self._next_job()
+        job = self.jobs[self._job_index] = Job(outcome, self.jobs[self._job_index].recipients)
         self._start_transaction(job)
 
     def _start_transaction(self, job: Job) -> None:
@@ -518,21 +520,23 @@ class DeliveryClient(smtp.ESMTPClient):
         if self._on_settled is None or index < 0 or index in self._reported:
             return False
         self._reported.add(index)
-        self.setTimeout(None)       # our own disk is slow, not the server: no reply timeout meanwhile
-        self._expect((), self._on_unasked_reply, self._on_unasked_reply, "nothing (recording)",
-                     "nothing (recording)")
         results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
                    for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
         d = defer.maybeDeferred(self._on_settled, index, results)
         d.addErrback(lambda f: log.failure("recording a settled job failed", f))
-        d.addCallback(lambda _: self._resume())
+        self._pause(d, lambda _: self._next_job(), "recording")
         return True
 
-    def _resume(self) -> None:
-        if self._lost or self.finished.called:
-            return      # the connection went away meanwhile: finished already carries every result
-        self.setTimeout(self.params.timeouts.reply)
-        self._next_job()
+    def _pause(self, d: defer.Deferred, then: Callable, doing: str) -> None:
+        """Our own work (the disk, a conversion) first, then then(result): no reply is due meanwhile."""
+        self.setTimeout(None)
+        self._expect((), self._on_unasked_reply, self._on_unasked_reply, f"nothing ({doing})", f"nothing ({doing})")
+
+        def resume(result: Any) -> None:
+            if not (self._lost or self.finished.called):   # else finished already carries every result
+                self.setTimeout(self.params.timeouts.reply)
+                then(result)
+        d.addCallback(resume)
 
     def _on_unasked_reply(self, code: int, text: bytes) -> None:
         # A reply nobody asked for (often 421, RFC 5321 3.8): the session cannot be trusted to go on.
@@ -549,9 +553,6 @@ class DeliveryClient(smtp.ESMTPClient):
         if limit.isdigit() and int(limit) and job.message.size > int(limit):
             # RFC 1870 6.1: the server told us its fixed limit; sending anyway would only waste the transfer.
             return 552, "5.3.4", f"message size {job.message.size} exceeds the limit {int(limit)} of {self._host}"
-        if envelope.body == "8BITMIME" and b"8BITMIME" not in ext and not is_7bit(job.message):
-            # RFC 6152 3: 8-bit data only to a server that offers 8BITMIME; we do not convert, so it bounces.
-            return 554, "5.6.3", f"8-bit message, but {self._host} does not offer 8BITMIME"
         if not all(a.isascii() for a in (envelope.sender, *job.recipients)) and b"SMTPUTF8" not in ext:
             return 553, "5.6.7", f"non-ASCII address, but {self._host} does not offer SMTPUTF8"   # RFC 6531 3.2
         return None
@@ -561,8 +562,8 @@ class DeliveryClient(smtp.ESMTPClient):
         line = b"MAIL FROM:<" + envelope.sender.encode("utf-8") + b">"
         if b"SIZE" in ext:
             line += b" SIZE=%d" % job.message.size                                     # RFC 1870
-        if envelope.body == "8BITMIME" and b"8BITMIME" in ext:
-            line += b" BODY=8BITMIME"                                                  # RFC 6152
+        if b"8BITMIME" in ext and (envelope.body == "8BITMIME" or envelope.octets == "8bit"):
+            line += b" BODY=8BITMIME"                                        # RFC 6152, declared or not
         utf8 = envelope.smtputf8 or not all(a.isascii() for a in (envelope.sender, *job.recipients))
         if b"SMTPUTF8" in ext and utf8:
             line += b" SMTPUTF8"                                                       # RFC 6531
@@ -665,7 +666,6 @@ class DeliveryClient(smtp.ESMTPClient):
         self._settle_accepted(code, text)
         self._in_transaction = False
         return self._closing(code, text) if code == 421 else self._next_job()
-
 
     # -- the end of a session: QUIT, or park in the connection cache ------------------------------------
 

@@ -3,6 +3,9 @@
 In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).  Out: the inner hop's results for the same message with the
 DKIM-Signature and Authentication-Results headers prepended — the spooled bytes themselves are never
 changed, so a source signature survives byte for byte (passthrough) and a retry simply signs again.
+A message that must go to a next hop without 8BITMIME is converted to 7-bit MIME first and signed
+after converting (`seven_bit`: DKIM signs what is sent, RFC 6376 5.3); its Authentication-Results
+stay those of the message as received.
 The work (reading the spool file, hashing, RSA) runs in a thread pool, never on the reactor thread.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.client import Job, takes_on_settled
+from mailrelay.delivery.sevenbit import convert_message
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
 
@@ -44,10 +48,11 @@ class _PrefixedReader(io.RawIOBase):
 
 
 class PrefixedMessage:
-    """A spooled message seen with extra header lines in front; every other attribute is the original's."""
+    """A spooled message seen with extra header lines in front; every other attribute is the original's.
+    `seven_bit()`, when given, gives a Deferred of its 7-bit form (delivery/sevenbit.py)."""
 
-    def __init__(self, message, prefix: bytes):
-        self._message, self.prefix = message, prefix
+    def __init__(self, message, prefix: bytes, seven_bit=None):
+        self._message, self.prefix, self.seven_bit = message, prefix, seven_bit
 
     def __getattr__(self, name):
         return getattr(self._message, name)
@@ -76,22 +81,39 @@ class DKIMHop:
         close = getattr(self._inner, "close_idle", None)
         return close() if close is not None else defer.succeed(None)
 
-    def headers_for(self, message) -> bytes:
-        """Runs in a worker thread: the header lines to put in front of `message`."""
+    def headers_for(self, message, received=None) -> bytes:
+        """Runs in a worker thread: the header lines to put in front of `message` (verified as `received`,
+        the message as it came, when that differs: a converted one)."""
         added = b""
         if self._verifier is not None:
-            with message.open() as f:
-                added += self._verifier.results_header(f, message.size)
+            received = received or message
+            with received.open() as f:
+                added += self._verifier.results_header(f, received.size)
         if self._signer is not None:
             with message.open() as f:
                 added = self._signer.sign(f) + added
         return added
 
+    def _prefixed(self, message, prefix: bytes):
+        """What the inner hop gets: `message` with `prefix` in front, re-signed if it is converted."""
+        if not prefix:
+            return message
+        return PrefixedMessage(message, prefix, lambda: deferToThreadPool(
+            self._reactor, self._threadpool, self._seven_bit, message, prefix))
+
+    def _seven_bit(self, message, prefix: bytes):
+        """Runs in a worker thread: `message` converted to 7-bit MIME, then signed (sevenbit.Unconvertible
+        when it cannot be converted)."""
+        converted = convert_message(message)
+        if converted is message:
+            return PrefixedMessage(message, prefix)      # nothing to convert: as signed before
+        return PrefixedMessage(converted, self.headers_for(converted, received=message))
+
     def deliver(self, message, recipients):
         d = deferToThreadPool(self._reactor, self._threadpool, self.headers_for, message)
 
         def send(prefix: bytes):
-            return self._inner.deliver(PrefixedMessage(message, prefix) if prefix else message, recipients)
+            return self._inner.deliver(self._prefixed(message, prefix), recipients)
 
         def failed(failure):
             # Mail our domains must sign never leaves unsigned (DMARC would reject it): keep it queued.
@@ -116,8 +138,7 @@ class DKIMHop:
             ready: list[tuple[int, Job]] = []
             for index, (job, (ok, value)) in enumerate(zip(jobs, outcomes)):
                 if ok:
-                    message = PrefixedMessage(job.message, value) if value else job.message
-                    ready.append((index, Job(message, tuple(job.recipients))))
+                    ready.append((index, Job(self._prefixed(job.message, value), tuple(job.recipients))))
                 else:
                     log.failure("dkim: {queue_id}: signing/verification failed; deferred", value,
                                 queue_id=getattr(job.message, "queue_id", "?"))

@@ -17,6 +17,9 @@ Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2
 - A bare CR (CR not followed by LF) anywhere refuses the message: `550 5.6.11`, answered only after
   the real end of data (reading on to CRLF.CRLF).  Nothing sensible can be made of it, and passing it
   on lets a downstream server that treats CR as a line end split the message.
+- A NUL octet anywhere refuses the message: `550 5.6.0`, answered only after the real end of data.
+  SMTP smuggling (SEC Consult 2023, CVE-2023-51764 class): a next hop that strips NULs reads
+  `\\r\\n\\x00.\\r\\n` as an end of data, so a NUL is never passed on (neither 7bit nor 8bit data may hold one: RFC 2045 2.7, 2.8).
 - A text line over 998 octets (excluding CRLF) refuses the message (RFC 5321 4.5.3.1.6): we answer
   `554 5.6.0` after the real end of data.  554 "transaction failed" with 5.6.0 "other media error"
   is the most precise pair: the content, not the mailbox or the system, is at fault.  The reader
@@ -38,6 +41,7 @@ from mailrelay.interfaces import Reply
 MAX_TEXT_LINE = 998        # octets, excluding CRLF (RFC 5321 4.5.3.1.6)
 
 BARE_CR = Reply(550, "5.6.11", "Message refused: bare CR in message content (use CRLF line ends)")
+NUL_OCTET = Reply(550, "5.6.0", "Message refused: NUL octet in message content")
 LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 998 octets (RFC 5321 4.5.3.1.6)")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
@@ -132,7 +136,9 @@ class DataReader:
         return None
 
     def _is_plain(self, region: bytes) -> bool:
-        """True when every line in region ends in CRLF, has no CR inside, no leading "." and fits."""
+        """True when every line in region ends in CRLF, has no CR or NUL inside, no leading "." and fits."""
+        if b"\x00" in region:
+            return False
         lines = region.count(b"\n")
         if region.count(b"\r\n") != lines or region.count(b"\r") != lines:
             return False
@@ -147,6 +153,8 @@ class DataReader:
             self.bare_lf_lines += 1     # bare LF: normalised to CRLF (Postfix 3.9 / mox policy)
         if b"\r" in line:
             self._refuse(BARE_CR)       # bare CR: refused, never forwarded (SMTP smuggling class)
+        if b"\x00" in line:
+            self._refuse(NUL_OCTET)     # NUL: refused, never forwarded (SMTP smuggling, CVE-2023-51764 class)
         if len(line) > self._max_line:
             self._refuse(LINE_TOO_LONG)  # RFC 5321 4.5.3.1.6
         if line[:1] == b"." and line != b".":

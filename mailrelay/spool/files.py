@@ -152,7 +152,8 @@ class CommitJob:
     """One message's last step, handed to the thread pool: what is still to write and where it goes."""
     queue_id: str
     fd: Optional[int]       # the file in queue/ (a big message spilled there), or None: all still in `pending`
-    header: bytes           # written first when fd is None (the file does not exist yet)
+    header: bytes           # in-progress header with the final envelope: written first when fd is None (the
+                            # file does not exist yet), else over the one on disk (the same length)
     pending: bytes
     size: int
     final_path: Path
@@ -169,6 +170,8 @@ def finish_message(job: CommitJob) -> None:
         data = job.header + job.pending
     try:
         write_all(fd, data)
+        if job.fd is not None:
+            os.pwrite(fd, job.header, 0)     # the final envelope (octets known now), still marked in progress
         os.pwrite(fd, encode_size(job.size), SIZE_OFFSET)
         os.fsync(fd)
     finally:

@@ -7,23 +7,29 @@ the session answer 250 (RFC 5321 §4.1.1.4 and §6.1: once 250 is sent the relay
 
 Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go to the file (plain
 writes from the reactor thread, no fsync there). A message that fits in the buffer is not on disk at
-all before its commit. A write error (disk full) is kept and reported by commit(), so the session can answer
+all before its commit. Whether the content has 8-bit octets is noted as it is written (one `isascii`
+per piece, in C) and stored in the envelope (`octets`); a file already on disk gets the final envelope
+line written over its in-progress one at commit (same length).
+
+A write error (disk full) is kept and reported by commit(), so the session can answer
 452 4.3.1 instead of seeing an exception in the middle of DATA.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Callable
 
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
-from mailrelay.envelope import Envelope
+from mailrelay.envelope import OCTETS_WIDTH, Envelope
 from mailrelay.interfaces import IMessageWriter
 from mailrelay.spool.message import encode_header
 from mailrelay.spool.files import CommitJob, SpoolPaths, create_file, unlink_quietly, write_all
 
 BUFFER_LIMIT = 64 * 1024
+OCTETS_PENDING = "?" * OCTETS_WIDTH      # in the envelope of a file on disk until the commit says 7bit / 8bit
 
 
 @implementer(IMessageWriter)
@@ -34,7 +40,8 @@ class MessageWriter:
                  enqueue_commit: Callable[[CommitJob], Deferred]) -> None:
         self.queue_id = queue_id
         self.envelope = envelope
-        self._header = encode_header(envelope)
+        self._header = b""          # as first written to disk (a big message spills before its commit)
+        self._eight_bit = False
         self._final_path = paths.message(queue_id)
         self._enqueue_commit = enqueue_commit
         self._buffer = bytearray()
@@ -59,6 +66,8 @@ class MessageWriter:
         if self._error is not None:
             return
         self._size += len(data)
+        if not self._eight_bit and not data.isascii():
+            self._eight_bit = True
         if len(self._buffer) + len(data) <= BUFFER_LIMIT:
             self._buffer += data
             return
@@ -71,6 +80,7 @@ class MessageWriter:
     def _spill(self, data: bytes) -> None:
         if self._fd is None:
             self._fd = create_file(self._final_path)
+            self._header = encode_header(replace(self.envelope, octets=OCTETS_PENDING))
             write_all(self._fd, self._header)
         write_all(self._fd, self._buffer)
         self._buffer.clear()
@@ -93,7 +103,11 @@ class MessageWriter:
         if self._error is not None:
             self.state = "failed"
             return fail(self._error)
-        job = CommitJob(self.queue_id, self._fd, self._header, bytes(self._buffer), self._size,
+        self.envelope = replace(self.envelope, octets="8bit" if self._eight_bit else "7bit")
+        header = encode_header(self.envelope)
+        if self._fd is not None and len(header) != len(self._header):
+            raise AssertionError("spool header changed length")     # OCTETS_WIDTH keeps them equal
+        job = CommitJob(self.queue_id, self._fd, header, bytes(self._buffer), self._size,
                         self._final_path, self.envelope)
         self._fd, self._buffer = None, bytearray()   # the job owns the file descriptor now
         self.state = "committing"

@@ -1,0 +1,413 @@
+"""Converting a spooled message to 7-bit MIME for a next hop that does not offer 8BITMIME.
+
+Its job in the message's journey: between the spool and the delivery client.  The spool notes whether a
+message has 8-bit octets (`Envelope.octets`); the client, once the next hop's EHLO shows no 8BITMIME,
+asks `downgrade()` for a 7-bit form of it and sends that instead (RFC 6152 3: 8-bit data only to a server
+that offers 8BITMIME).  In: a spooled message (queue_id, envelope, size, open()).  Out: the same message
+converted, or a `554 5.6.3` refusal (RFC 3463: conversion required but not supported), which bounces.
+
+Policy (RFC 2045 6.4/6.7, RFC 2046 5, RFC 6152; the conversion is the one Postfix's smtp client makes
+unless `disable_mime_output_conversion` is set):
+- Every leaf part (text, application, ...) whose body needs re-encoding is re-encoded as
+  quoted-printable, its Content-Transfer-Encoding field replaced; leaves that need nothing are copied
+  as they are.  multipart/* and message/rfc822 are never encoded (RFC 2045 6.4): their parts are walked
+  recursively and their own "8bit"/"binary" label becomes "7bit".  MIME-Version: 1.0 is added to the
+  message's header (and to one inside message/rfc822) when missing.  8-bit octets in a multipart
+  preamble or epilogue (text that MIME readers ignore) are quoted-printable-escaped in place, so that
+  nothing 8-bit is left.
+- Refused (554 5.6.3), since no conversion keeps their meaning: an 8-bit octet in any header field (at
+  the top or in a part: RFC 2047 encoding would change the fields a signature or a reader relies on); an
+  SMTPUTF8 message; 8-bit octets inside a part already declared quoted-printable or base64 (malformed);
+  or inside message/* types that allow no encoding (message/partial, message/external-body,
+  message/delivery-status, ...) or a multipart without a boundary.  message/global* may be encoded
+  (RFC 6532 3.5) and is.
+- A message with nothing to re-encode is returned unchanged, byte for byte.
+- "Needs re-encoding" is one predicate (`Needs`): an 8-bit octet (when 8-bit is not allowed) or a line over
+  998 octets (RFC 5321 4.5.3.1.6), so the same walk can later wrap over-long lines for any hop.
+
+Memory stays bounded whatever the message size (50 MiB is allowed): two streaming passes over the spool
+file, one line at a time — the first decides which parts need re-encoding (and whether the message can
+be converted at all), the second writes the converted form to an unlinked temporary file in the spool's
+tmp/ directory (mode 0600, removed by the kernel once closed, even after a crash).  Only a header block
+is held whole (parsed by the stdlib `email` package; at most MAX_HEADER_BLOCK octets), and nesting is
+limited to MAX_DEPTH.  The work blocks: it runs in a thread pool, never on the reactor thread.  DKIM
+signing, when the hop signs, happens after converting, on the converted form (dkim/hop.py).
+"""
+from __future__ import annotations
+
+import binascii
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+from twisted.internet import defer, threads
+
+from mailrelay.delivery.dotstuff import CHUNK_SIZE
+from mailrelay.logger import Logger
+
+log = Logger(namespace="mailrelay.delivery")
+
+MAX_LINE = 998                   # octets without CRLF (RFC 5321 4.5.3.1.6)
+MAX_HEADER_BLOCK = 1024 * 1024   # one header block held for parsing, at most
+MAX_DEPTH = 50                   # nested multipart / message/rfc822 levels
+READ_LIMIT = 64 * 1024           # a longer "line" is read in pieces
+
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")            # RFC 5322 3.6.8, and 4.5.8's obsolete space before ":"
+_CTE = re.compile(rb"content-transfer-encoding[ \t]*:", re.IGNORECASE)
+_MIME_VERSION = re.compile(rb"mime-version[ \t]*:", re.IGNORECASE)
+_DASHES = re.compile(rb"^--", re.MULTILINE)
+_IDENTITY = ("", "7bit", "8bit", "binary")          # RFC 2045 6.2: no encoding applied
+_ENCODABLE_MESSAGES = ("message/global", "message/global-headers", "message/global-delivery-status",
+                       "message/global-disposition-notification")    # RFC 6532 3.5, RFC 6533
+
+
+class Unconvertible(Exception):
+    """The message needs converting but cannot be converted; the text says why."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the next hop takes: whether a line of content needs re-encoding for it."""
+    eight_bit_ok: bool = False
+    max_line: int = MAX_LINE
+
+    def line(self, line: bytes) -> bool:
+        if not self.eight_bit_ok and not line.isascii():
+            return True
+        return len(line) - (2 if line.endswith(b"\r\n") else 0) > self.max_line
+
+
+SEVEN_BIT = Needs()
+
+
+# -- the client's side ------------------------------------------------------------------------------------
+
+
+def is_7bit(message: Any) -> bool:
+    """Whether the message is plain ASCII (read in chunks, never whole)."""
+    with message.open() as f:
+        while chunk := f.read(CHUNK_SIZE):
+            if not chunk.isascii():
+                return False
+    return True
+
+
+def needs_downgrade(message: Any, extensions: dict) -> bool:
+    """Whether `message` must be converted before it goes to a server offering `extensions`."""
+    if b"8BITMIME" in extensions:
+        return False
+    octets = message.envelope.octets
+    if octets is not None:
+        return octets != "7bit"              # known from receiving, whatever BODY= was declared
+    # A spool file from before `octets` existed: trust the declaration, as before.
+    return message.envelope.body == "8BITMIME" and not is_7bit(message)
+
+
+def downgrade(message: Any, host: str) -> defer.Deferred:
+    """A Deferred firing with `message` in 7-bit MIME (another message object, or `message` itself when
+    nothing needed converting), or with the (code, status, text) that settles it.  Never fails.  A message
+    with a `seven_bit()` method (one DKIM signs) converts itself, so that it is signed after converting."""
+    own = getattr(message, "seven_bit", None)
+    d = own() if own is not None else threads.deferToThread(convert_message, message)
+
+    def converted(result: Any) -> Any:
+        log.info("{queue_id}: converted to 7-bit MIME for {host}, which does not offer 8BITMIME",
+                 queue_id=getattr(message, "queue_id", "?"), host=host)
+        return result
+
+    def failed(failure):
+        if failure.check(Unconvertible):
+            return 554, "5.6.3", f"8-bit message, but {host} does not offer 8BITMIME, and {failure.value}"
+        log.failure("{queue_id}: converting to 7-bit MIME failed", failure,
+                    queue_id=getattr(message, "queue_id", "?"))
+        return 451, "4.3.0", "local error converting the message to 7-bit MIME"
+    return d.addCallbacks(converted, failed)
+
+
+# -- the converted message --------------------------------------------------------------------------------
+
+
+class _Reader(io.RawIOBase):
+    """Reads the converted file with pread: any number of readers at once, each at its own offset."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size, self._offset = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = os.pread(self._fd, min(len(buffer), self._size - self._offset), self._offset)
+        buffer[:len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+
+class ConvertedMessage:
+    """A spooled message seen in its 7-bit form; every other attribute is the original's.  The form lives
+    in an unlinked temporary file, closed (and so gone) with this object."""
+
+    def __init__(self, original: Any, converted: BinaryIO, size: int):
+        self._original, self._file, self.size = original, converted, size
+        self.envelope = replace(original.envelope, body="7BIT", octets="7bit")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_Reader(self._file.fileno(), self.size), CHUNK_SIZE)
+
+
+def convert_message(message: Any, needs: Needs = SEVEN_BIT) -> Any:
+    """Blocking (run it in a thread): `message` converted so that nothing in it needs re-encoding for
+    `needs`, or `message` itself when nothing does.  Raises Unconvertible."""
+    if message.envelope.smtputf8 and not needs.eight_bit_ok:
+        raise Unconvertible("it is an SMTPUTF8 message (RFC 6531), which cannot be converted")
+    with message.open() as f:
+        plan = _Walk(f, needs, None, []).run()
+    if not any(plan):
+        return message
+    try:
+        out = tempfile.TemporaryFile(dir=_tmp_dir(message))
+    except OSError:
+        out = tempfile.TemporaryFile()          # the spool's tmp/ not writable here: the system's (0600 too)
+    try:
+        with message.open() as f:
+            _Walk(f, needs, out, plan).run()
+        out.flush()                     # readers use the descriptor (pread), not this buffered object
+        size = out.tell()
+    except BaseException:
+        out.close()
+        raise
+    return ConvertedMessage(message, out, size)
+
+
+def _tmp_dir(message: Any) -> Optional[str]:
+    """The spool's tmp/ directory beside the message's queue/ (same disk, private), if there is one."""
+    path = getattr(message, "path", None)
+    if path is None:
+        return None
+    tmp = Path(path).parent.parent / "tmp"
+    return str(tmp) if tmp.is_dir() else None
+
+
+# -- the walk ---------------------------------------------------------------------------------------------
+
+
+class _Walk:
+    """One pass over a message.  Without `out` it decides: run() returns the plan, one flag per leaf and
+    preamble/epilogue line group (True: re-encode), in walk order, and raises Unconvertible.  With `out`
+    and that plan it writes the converted message."""
+
+    def __init__(self, f: BinaryIO, needs: Needs, out: Optional[BinaryIO], plan: list[bool]):
+        self._f, self._needs, self._out = f, needs, out
+        self._plan = iter(plan) if out is not None else None
+        self._decided: list[bool] = []
+        self._pushed: Optional[bytes] = None
+
+    def run(self) -> list[bool]:
+        self._entity(0, (), "text/plain", top=True)
+        return self._decided
+
+    # lines
+
+    def _next(self) -> bytes:
+        if self._pushed is not None:
+            line, self._pushed = self._pushed, None
+            return line
+        return self._f.readline(READ_LIMIT)
+
+    def _push(self, line: bytes) -> None:
+        self._pushed = line
+
+    def _write(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.write(data)
+
+    def _decide(self, flag: bool) -> bool:
+        """Pass 1 records a decision; pass 2 replays it (both walk the same way)."""
+        if self._plan is None:
+            self._decided.append(flag)
+            return flag
+        return next(self._plan)
+
+    @staticmethod
+    def _delimiter(line: bytes, boundaries: tuple) -> Optional[tuple[int, bool]]:
+        """(level, closing) when `line` is the delimiter of one of `boundaries` (RFC 2046 5.1.1)."""
+        if not line.startswith(b"--"):
+            return None
+        for level in range(len(boundaries) - 1, -1, -1):
+            boundary = boundaries[level]
+            if line.startswith(boundary, 2):
+                rest = line[2 + len(boundary):].rstrip(b" \t\r\n")
+                if rest in (b"", b"--"):
+                    return level, rest == b"--"
+        return None
+
+    # entities
+
+    def _entity(self, depth: int, boundaries: tuple, default_type: str, top: bool = False) -> None:
+        if depth > MAX_DEPTH:
+            raise Unconvertible(f"its MIME structure is nested more than {MAX_DEPTH} levels deep")
+        lines, separator = self._header_block(boundaries)
+        fields = Message() if not lines else BytesHeaderParser(policy=compat32).parsebytes(b"".join(lines))
+        fields.set_default_type(default_type)
+        ctype = fields.get_content_type()
+        cte = str(fields.get("content-transfer-encoding", "")).strip().lower()
+        boundary = fields.get_boundary() if ctype.startswith("multipart/") else None
+        if boundary:
+            self._headers(lines, separator, top, "7bit" if cte in ("8bit", "binary") else None)
+            self._multipart(depth, boundaries, boundary.encode("utf-8", "surrogateescape"),
+                            "message/rfc822" if ctype == "multipart/digest" else "text/plain")
+        elif ctype == "message/rfc822" and cte in _IDENTITY:
+            self._headers(lines, separator, top, "7bit" if cte in ("8bit", "binary") else None)
+            self._entity(depth + 1, boundaries, "text/plain", top=True)    # a message: MIME-Version too
+        else:
+            self._leaf(lines, separator, top, boundaries, ctype, cte)
+
+    def _header_block(self, boundaries: tuple) -> tuple[list[bytes], bytes]:
+        """The header lines of an entity, and what ended them: the empty line, or b"" (a body line, a
+        delimiter or the end came first; it is left to be read)."""
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self._next()
+            if line in (b"\r\n", b"\n"):
+                return lines, line
+            is_field = _FIELD.match(line) or (lines and line[:1] in (b" ", b"\t"))
+            if not line or not is_field or self._delimiter(line, boundaries):
+                if line:
+                    self._push(line)
+                return lines, b""
+            if self._needs.line(line):
+                what = "a header field longer than 998 octets" if line.isascii() else "8-bit octets in a header field"
+                raise Unconvertible(f"{what} cannot be converted")
+            total += len(line)
+            if total > MAX_HEADER_BLOCK:
+                raise Unconvertible("a header block is too big to convert")
+            lines.append(line)
+
+    def _headers(self, lines: list[bytes], separator: bytes, top: bool, cte: Optional[str]) -> None:
+        """Write a header block, its Content-Transfer-Encoding replaced by `cte` (when given), and in a
+        message's header (`top`: the message's own, or one inside message/rfc822) MIME-Version added if
+        it is missing."""
+        if self._out is None:
+            return
+        if cte is None and not top:
+            self._write(b"".join(lines) + separator)         # nothing to change: byte for byte
+            return
+        kept, skipping, has_version = [], False, False
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):
+                if not skipping:
+                    kept.append(line)
+                continue
+            skipping = cte is not None and bool(_CTE.match(line))
+            has_version = has_version or bool(_MIME_VERSION.match(line))
+            if not skipping:
+                kept.append(line)
+        if top and not has_version:
+            kept.append(b"MIME-Version: 1.0\r\n")
+        if cte is not None:
+            kept.append(b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\r\n")
+        if kept == lines:
+            self._write(b"".join(lines) + separator)
+        else:
+            self._write(b"".join(kept) + (separator or b"\r\n"))   # a changed block ends in an empty line
+
+    def _multipart(self, depth: int, boundaries: tuple, boundary: bytes, default_type: str) -> None:
+        inner = boundaries + (boundary,)
+        own = len(boundaries)
+        ended = self._text_lines(inner)          # the preamble
+        while ended is not None and ended[0] == own:
+            line = self._next()
+            self._write(line)
+            if ended[1]:                         # the close delimiter: the epilogue follows
+                self._text_lines(boundaries)
+                return
+            self._entity(depth + 1, inner, default_type)
+            line = self._next()
+            if not line:
+                return
+            self._push(line)
+            ended = self._delimiter(line, inner)
+            if ended is None:
+                return                           # cannot happen: the part read up to a delimiter
+
+    def _text_lines(self, boundaries: tuple) -> Optional[tuple[int, bool]]:
+        """Copy a preamble or epilogue up to a delimiter of `boundaries` (left to be read; returned) or the
+        end (None).  MIME readers ignore these lines; any that need it are escaped as quoted-printable."""
+        if self._out is None:
+            needed = False
+            while True:
+                line = self._next()
+                ended = self._delimiter(line, boundaries) if line else None
+                if not line or ended is not None:
+                    if line:
+                        self._push(line)
+                    self._decide(needed)
+                    return ended
+                needed = needed or self._needs.line(line)
+        self._decide(False)                      # keeps the plan in step; here each line decides itself
+        while True:
+            line = self._next()
+            if not line:
+                return None
+            ended = self._delimiter(line, boundaries)
+            if ended is not None:
+                self._push(line)
+                return ended
+            self._write(_qp_line(line) if self._needs.line(line) else line)
+
+    def _leaf(self, lines: list[bytes], separator: bytes, top: bool, boundaries: tuple, ctype: str,
+              cte: str) -> None:
+        """A part that is not a container: re-encoded as quoted-printable if any line of it needs it."""
+        if self._out is None:
+            needed = self._scan_body(boundaries)
+            # RFC 2045 6.4: multipart/* (here one without a boundary) and message/* are never encoded.
+            composite = ctype.startswith("multipart/") or (ctype.startswith("message/")
+                                                          and ctype not in _ENCODABLE_MESSAGES)
+            if needed and (cte not in _IDENTITY or composite):
+                what = f"Content-Transfer-Encoding {cte}" if cte not in _IDENTITY else ctype
+                raise Unconvertible(f"a {what} part holds octets that cannot be converted")
+            self._decide(needed)
+            return
+        encode = self._decide(False)
+        self._headers(lines, separator, top, "quoted-printable" if encode else None)
+        while True:
+            line = self._next()
+            if not line or self._delimiter(line, boundaries):
+                if line:
+                    self._push(line)
+                return
+            self._write(_qp_line(line) if encode else line)
+
+    def _scan_body(self, boundaries: tuple) -> bool:
+        needed = False
+        while True:
+            line = self._next()
+            if not line or self._delimiter(line, boundaries):
+                if line:
+                    self._push(line)
+                return needed
+            needed = needed or self._needs.line(line)
+
+
+def _qp_line(line: bytes) -> bytes:
+    """One line quoted-printable (RFC 2045 6.7), lines of at most 76 characters, CRLF ends; a piece of an
+    over-long line (no CRLF yet) ends in a soft line break."""
+    hard = line.endswith(b"\r\n")
+    content = line[:-2] if hard else line
+    encoded = binascii.b2a_qp(content, quotetabs=False, istext=True, header=False).replace(b"\n", b"\r\n")
+    # A line starting "--" might read as a boundary delimiter of an enclosing multipart: escape the dash
+    # (that line may then be 78 characters long; decoders take it, and it stays far below 998).
+    encoded = _DASHES.sub(b"=2D-", encoded)
+    return encoded + (b"\r\n" if hard else b"=\r\n")
+
