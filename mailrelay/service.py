@@ -158,7 +158,8 @@ def build_delivery_parts(config: Config, reactor) -> DeliveryParts:
     outbound = dkim_wrapper(config, reactor)
     return DeliveryParts(
         router=Router(config.routes),
-        transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
+        transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor,
+                                                      source_address=config.delivery.source_address))
                     for name, t in config.transports.items()},
         direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor)),
     )
