@@ -110,7 +110,8 @@ file = "relay.log"
     def counted(self, n: int):
         """Wait (bounded) until `n` delivered recipients are counted: the sink's 250 comes first."""
         for _ in range(200):
-            total = sum(s.value for f in self.service.metrics.registry.collect() if f.name == "mailrelay_delivery_results"
+            total = sum(s.value for f in self.service.metrics.registry.collect()
+                        if f.name == "mailrelay_delivery_results"
                         for s in f.samples if s.name == RESULTS and s.labels["result"] == "delivered")
             if total >= n:
                 return
