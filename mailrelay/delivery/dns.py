@@ -15,7 +15,7 @@ Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer
 the configuration's `nameservers` stay the same (a reload hands it on: `serves`).  Answers are kept for
 their TTL; NXDOMAIN and NODATA for the negative TTL of RFC 2308 section 5 (the lesser of the SOA's TTL
 and MINIMUM, as dnspython computes it), and not at all without an SOA (dnspython would keep those 300 s;
-RFC 2308 section 5 says they SHOULD NOT be cached).  A SERVFAIL, a timeout or no answer is never cached:
+RFC 2308 section 5 says they SHOULD NOT be cached).  A SERVFAIL, a REFUSED or a timeout is never cached:
 the next lookup asks again (RFC 2308 section 7 allows a short cache of those; none is simpler and safe).
 """
 from __future__ import annotations
