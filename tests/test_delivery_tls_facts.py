@@ -20,7 +20,6 @@ from mailrelay import tls
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.tlsinfo import describe
 from tests.support.dnsserver import DNSServer
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
@@ -194,5 +193,7 @@ class MXTLSFactsTests(unittest.TestCase):
 
 class DescribeTests(unittest.TestCase):
     def test_log_text(self):
+        from mailrelay.delivery.tlsinfo import describe
+
         self.assertEqual([describe("tls1.3", True), describe("tls1.2", False), describe("none", True),
                           describe(None, False)], ["tls1.3 verified", "tls1.2 unverified", "none", None])

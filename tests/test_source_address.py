@@ -83,6 +83,12 @@ class SourceAddressTests(unittest.TestCase):
         return parts
 
     @defer.inlineCallbacks
+    def test_a_configured_smarthost_binds_to_the_delivery_source_address(self):
+        parts = self.parts(f'[delivery]\nsource_address = "127.0.0.2"\n'
+                           f'[transports.sink]\nhost = "127.0.0.1"\nport = {self.port}\nsecurity = "none"\n')
+        self.assertEqual((yield self.deliver(parts.transports["sink"])), ["127.0.0.2"])
+
+    @defer.inlineCallbacks
     def test_configured_transports_bind_as_the_config_file_says(self):
         parts = self.parts(f'''[delivery]
 source_address = "127.0.0.2"
