@@ -18,7 +18,10 @@ Metrics (all prefixed `mailrelay_`):
     messages_refused_total{reason}                   refusal replies to a client, by REFUSAL_REASONS
     message_size_bytes                               histogram of accepted message sizes
     delivery_attempts_total{transport}               deliveries started (one per next-hop transaction)
-    delivery_results_total{transport,tls,result}     per recipient: delivered | deferred | bounced
+    delivery_results_total{transport,tls,verified,result}
+                                                     per recipient: delivered | deferred | bounced;
+                                                     tls: none | tls1.0 .. tls1.3 | tls | unknown;
+                                                     verified: true | false (certificate and name)
     delivery_latency_seconds                         histogram: receipt to successful delivery
     dsn_sent_total{kind}                             DSNs queued: failed | delayed (RFC 3464)
     queue_messages, queue_oldest_message_age_seconds, queue_held_messages
@@ -62,7 +65,10 @@ REFUSAL_REASONS = (
     "other",
 )
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
-TLS_LABELS = ("none", "tls", "unknown")
+# What protected the session that settled a recipient (delivery.tlsinfo.LABELS), or "unknown" when no
+# session said (a DNS failure, no connection, a local error).
+TLS_LABELS = ("none", "tls1.0", "tls1.1", "tls1.2", "tls1.3", "tls", "unknown")
+_TLS_VERSIONS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
 DSN_KINDS = ("failed", "delayed")
 
 # Seconds: from a minute to past the default 5-day lifetime.
@@ -82,11 +88,17 @@ UNKNOWN = object()     # delivery_result(tls=UNKNOWN): the next hop did not say
 
 
 def tls_label(tls: object) -> str:
-    """"tls" for a negotiated TLS session (a protocol name such as "TLSv1.3"), "none" for plaintext
-    (None or ""), "unknown" when the caller has nothing to say (pass `UNKNOWN`)."""
+    """A label from TLS_LABELS: a label itself ("tls1.3"), or an OpenSSL protocol name ("TLSv1.3", also
+    followed by the cipher) folded to one; any other TLS description "tls"; "none" for plaintext (None,
+    "" or "none"); "unknown" when the caller has nothing to say (pass `UNKNOWN`)."""
     if tls is UNKNOWN:
         return "unknown"
-    return "tls" if tls else "none"
+    if not tls:
+        return "none"
+    text = str(tls)
+    if text in TLS_LABELS:
+        return text
+    return _TLS_VERSIONS.get(text.split(" ", 1)[0], "tls")
 
 
 class _QueueCollector(Collector):
@@ -137,7 +149,7 @@ class Metrics:
         self.delivery_attempts = Counter("mailrelay_delivery_attempts", "Deliveries started.", ["transport"],
                                          registry=r)
         self.delivery_results = Counter("mailrelay_delivery_results", "Delivery results per recipient.",
-                                        ["transport", "tls", "result"], registry=r)
+                                        ["transport", "tls", "verified", "result"], registry=r)
         self.delivery_latency = Histogram("mailrelay_delivery_latency_seconds",
                                           "Time from receipt to delivery, per delivered recipient.",
                                           buckets=LATENCY_BUCKETS, registry=r)
@@ -173,11 +185,14 @@ class Metrics:
         self.delivery_attempts.labels(transport).inc()
 
     def delivery_result(self, transport: str, result: str, tls: object = UNKNOWN,
-                        latency: Optional[float] = None) -> None:
+                        latency: Optional[float] = None, verified: bool = False) -> None:
         """One recipient's outcome on one attempt: `result` "delivered" | "deferred" | "bounced";
-        `tls` as for tls_label(); `latency` (seconds since receipt) is observed for deliveries only."""
+        `tls` as for tls_label(); `verified`: the next hop's certificate and name were checked (only
+        counted as "true" for a TLS label); `latency` (seconds since receipt) for deliveries only."""
         result = _fold(result, DELIVERY_RESULTS, "deferred")
-        self.delivery_results.labels(transport, tls_label(tls), result).inc()
+        label = tls_label(tls)
+        checked = "true" if verified and label not in ("none", "unknown") else "false"
+        self.delivery_results.labels(transport, label, checked, result).inc()
         if result == "delivered" and latency is not None:
             self.delivery_latency.observe(max(0.0, latency))
 

@@ -126,17 +126,21 @@ class ReceivingParts:
 
 @dataclass
 class DeliveryParts:
-    """What a reload may swap on the delivery side: routes and next hops (behind DKIM)."""
+    """What a reload may swap on the delivery side: routes and next hops (behind DKIM), and the MX
+    resolver with its DNS cache (kept by the next parts while `nameservers` stay the same)."""
     router: object
     transports: dict
     direct: object
+    resolver: object = None
 
     def install(self, scheduler, config: Config, replacing: Optional["DeliveryParts"] = None) -> None:
         """Give the scheduler these parts; the ones they replace close their idle cached connections
-        (deliveries still running on them QUIT when they finish)."""
+        (deliveries still running on them QUIT when they finish) and a resolver no longer used."""
         scheduler.reconfigure(self.router, self.transports, self.direct, config.queue, config.delivery)
         if replacing is not None:
             replacing.close_idle()
+            if replacing.resolver is not None and replacing.resolver is not self.resolver:
+                replacing.resolver.retire()
 
     def close_idle(self) -> defer.Deferred:
         """QUIT on the idle connections the next hops keep for reuse (on stop, or once replaced)."""
@@ -164,18 +168,25 @@ def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingPar
                           build_portal(checkers) if checkers else None)
 
 
-def build_delivery_parts(config: Config, reactor) -> DeliveryParts:
-    """Routes and next hops (behind DKIM) for `config`. Raises ValueError (unreadable secrets, bad keys)."""
+def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryParts] = None) -> DeliveryParts:
+    """Routes and next hops (behind DKIM) for `config`; the MX resolver (and its DNS cache) of
+    `previous` is kept when it asks the same nameservers. Raises ValueError (unreadable secrets, bad keys)."""
+    from mailrelay.delivery.dns import MXResolver
     from mailrelay.delivery.mx import MXDelivery
     from mailrelay.delivery.routes import Router
     from mailrelay.delivery.smarthost import SmarthostTransport
 
     outbound = dkim_wrapper(config, reactor)
+    resolver = previous.resolver if previous is not None else None
+    if resolver is None or not resolver.serves(config.delivery.nameservers):
+        resolver = MXResolver(config.delivery.nameservers, reactor)
     return DeliveryParts(
         router=Router(config.routes),
-        transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor))
+        transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor,
+                                                      source_address=config.delivery.source_address))
                     for name, t in config.transports.items()},
-        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor)),
+        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver)),
+        resolver=resolver,
     )
 
 
@@ -312,7 +323,7 @@ class RelayService(service.MultiService):
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
         def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
             return (build_receiving_parts(config, reactor, limiter=self._limiter),
-                    build_delivery_parts(config, reactor))
+                    build_delivery_parts(config, reactor, self.delivery))
 
         loaded = reread(self.config.path, build, self.reactor)
         if loaded is None:

@@ -74,15 +74,23 @@ class CounterTests(unittest.TestCase):
     def test_delivery_results_carry_transport_tls_and_result(self):
         self.metrics.delivery_started("direct")
         self.metrics.delivery_result("direct", "delivered", "TLSv1.3", latency=12.0)
+        self.metrics.delivery_result("direct", "delivered", "tls1.2", verified=True)
         self.metrics.delivery_result("ses", "deferred", None)
+        self.metrics.delivery_result("ses", "deferred", "none", verified=True)   # plaintext is never verified
         self.metrics.delivery_result("ses", "bounced")
+        self.metrics.delivery_result("ses", "bounced", "SSLv3 RC4-MD5")
         self.assertEqual(value(self.metrics, "mailrelay_delivery_attempts_total", transport="direct"), 1)
-        self.assertEqual(value(self.metrics, "mailrelay_delivery_results_total",
-                               transport="direct", tls="tls", result="delivered"), 1)
-        self.assertEqual(value(self.metrics, "mailrelay_delivery_results_total",
-                               transport="ses", tls="none", result="deferred"), 1)
-        self.assertEqual(value(self.metrics, "mailrelay_delivery_results_total",
-                               transport="ses", tls="unknown", result="bounced"), 1)
+        results = "mailrelay_delivery_results_total"
+        self.assertEqual(value(self.metrics, results, transport="direct", tls="tls1.3", verified="false",
+                               result="delivered"), 1)
+        self.assertEqual(value(self.metrics, results, transport="direct", tls="tls1.2", verified="true",
+                               result="delivered"), 1)
+        self.assertEqual(value(self.metrics, results, transport="ses", tls="none", verified="false",
+                               result="deferred"), 2)
+        self.assertEqual(value(self.metrics, results, transport="ses", tls="unknown", verified="false",
+                               result="bounced"), 1)
+        self.assertEqual(value(self.metrics, results, transport="ses", tls="tls", verified="false",
+                               result="bounced"), 1)
 
     def test_latency_is_observed_for_deliveries_only(self):
         self.metrics.delivery_result("direct", "delivered", "", latency=30.0)
@@ -166,7 +174,8 @@ class SchedulerMetricsTests(unittest.TestCase):
         results = "mailrelay_delivery_results_total"
         self.assertEqual(value(self.metrics, "mailrelay_delivery_attempts_total", transport="direct"), 1)
         for result in ("delivered", "deferred", "bounced"):
-            self.assertEqual(value(self.metrics, results, transport="direct", tls="unknown", result=result), 1)
+            self.assertEqual(value(self.metrics, results, transport="direct", tls="unknown", verified="false",
+                                   result=result), 1)
 
     def test_latency_runs_from_receipt_to_delivery(self):
         self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
@@ -275,7 +284,8 @@ class ScrapeTests(unittest.TestCase):
         self.assertEqual(samples[("mailrelay_messages_refused_total", (("reason", "size"),))], 2)
         self.assertEqual(samples[("mailrelay_connections_total", (("listener", "relay"),))], 1)
         self.assertEqual(samples[("mailrelay_delivery_results_total",
-                                  (("result", "delivered"), ("tls", "tls"), ("transport", "ses")))], 1)
+                                  (("result", "delivered"), ("tls", "tls1.3"), ("transport", "ses"),
+                                   ("verified", "false")))], 1)
         self.assertEqual(samples[("mailrelay_queue_messages", ())], 5)
         self.assertEqual(samples[("mailrelay_queue_held_messages", ())], 2)
         self.assertEqual(families["mailrelay_delivery_latency_seconds"].type, "histogram")

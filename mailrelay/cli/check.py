@@ -143,7 +143,10 @@ def describe(config: Config) -> list[tuple[str, str]]:
         login = f", login {t.username} (password from {t.password_file})" if t.username else ""
         ca = f", CA {t.ca_file}" if t.ca_file else ""
         verify = "verified" if t.verify else "NOT verified"
-        lines.append(("transport", f"{t.name}: {t.host}:{t.port} {t.security}, certificate {verify}{ca}{login}"))
+        bind = t.bind_address(d.source_address)
+        source = (f", from {bind}" + ("" if t.source_address else " ([delivery] source_address)")) if bind else ""
+        lines.append(("transport", f"{t.name}: {t.host}:{t.port} {t.security}, certificate {verify}{ca}{login}"
+                      f"{source}"))
     for i, r in enumerate(config.routes):
         after = f" after {r.after_attempts} failed attempts" if r.after_attempts else ""
         lines.append((f"route[{i}]", f"to {_list(r.recipients)} from {_list(r.senders)} via {r.transport}{after}"))

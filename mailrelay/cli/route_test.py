@@ -27,14 +27,19 @@ def register(subparsers) -> None:
 
 
 def describe_route(config: Config, route, index: int | None) -> list[str]:
+    source = config.delivery.source_address
     if route is None:
         return ["route: none matches: direct delivery by MX",
-                f"tls: {config.delivery.tls} (delivery.tls), port {config.delivery.mx_port}"]
+                f"tls: {config.delivery.tls} (delivery.tls), port {config.delivery.mx_port}"
+                + (f", from {source} (delivery.source_address)" if source else "")]
     t = config.transports[route.transport]
     auth = f", AUTH as {t.username} (only over TLS)" if t.username else ""
+    bind = t.bind_address(source)
+    origin = f"transports.{t.name}.source_address" if t.source_address else "delivery.source_address"
     return [f"route: route[{index}] -> transport {route.transport}"
             + (f" (after {route.after_attempts} failed attempts)" if route.after_attempts else ""),
-            f"transport: {t.host}:{t.port} security={t.security} verify={'yes' if t.verify else 'no'}{auth}"]
+            f"transport: {t.host}:{t.port} security={t.security} verify={'yes' if t.verify else 'no'}{auth}"
+            + (f", from {bind} ({origin})" if bind else "")]
 
 
 def mx_lines(config: Config, domain: str) -> tuple[list[str], int]:

@@ -151,6 +151,11 @@ class Transport:
     username: Optional[str] = None
     password_file: Optional[Path] = None
     ca_file: Optional[Path] = None      # added key: trust these CAs instead of the system store
+    source_address: str = ""            # bind this transport's connections here; "": [delivery] source_address
+
+    def bind_address(self, delivery_default: str) -> str:
+        """The address this transport's connections leave from: its own, else [delivery]'s ("" = any)."""
+        return self.source_address or delivery_default
 
 
 @dataclass(frozen=True)

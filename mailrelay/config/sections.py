@@ -235,12 +235,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
             nameservers.append(parse_host_port(text, 53))
         except ValueError as e:
             t.fail(f"nameservers[{i}]", str(e))
-    source = t.text("source_address", "").strip()
-    if source:
-        try:
-            ipaddress.ip_address(source)
-        except ValueError:
-            t.fail("source_address", f'"{source}" is not an IP address')
+    source = _source_address(t)
     return _closed(t, DeliveryConfig(
         tls=t.choice("tls", d.tls, TLS_POLICIES),
         concurrency=t.integer("concurrency", d.concurrency, low=1),
@@ -251,6 +246,17 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         process=t.choice("process", d.process, DELIVERY_PROCESS),
         process_nice=t.integer("process_nice", d.process_nice, low=0, high=19),
     ))
+
+
+def _source_address(t: _Reader) -> str:
+    """`source_address`: an IP address to bind outgoing connections to, or "" (the default: any)."""
+    source = t.text("source_address", "").strip()
+    if source:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            t.fail("source_address", f'"{source}" is not an IP address')
+    return source
 
 
 def _transport(name: str, t: _Reader) -> Transport:
@@ -271,6 +277,7 @@ def _transport(name: str, t: _Reader) -> Transport:
         verify=t.flag("verify", True),
         username=username, password_file=password_file,
         ca_file=t.path("ca_file", readable=True),
+        source_address=_source_address(t),
     ))
 
 

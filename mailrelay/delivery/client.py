@@ -49,6 +49,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
+from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 
@@ -153,7 +154,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._host = params.remote_host
         self._extensions: dict[bytes, bytes] = {}
         self._tls_active = self._tls_pending = self._tls_failed = False
-        self._tls_name: Optional[str] = None
+        self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
         self._greeted = False
         self._secrets: list[bytes] = []
         self._login_step = 0
@@ -200,11 +201,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
-        try:
-            handle = self.transport.getHandle()
-            self._tls_name = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-        except Exception:
-            self._tls_name = "TLS"
+        self._tls = negotiated(self.transport)
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -323,10 +320,12 @@ class DeliveryClient(smtp.ESMTPClient):
         """Every job's results; a recipient not settled by a reply gets the session's failure."""
         code, status, text = self._failure or (451, "4.3.0", "no reply for this recipient")
         jobs = tuple(
-            tuple(r or RecipientResult(rcpt, code, status, text, self._host) for rcpt, r in zip(j.recipients, res))
+            tuple(stamped((r or RecipientResult(rcpt, code, status, text, self._host)
+                           for rcpt, r in zip(j.recipients, res)), self._tls))
             for j, res in zip(self.jobs, self._results)
         )
-        return SessionResult(jobs, self._tls_name, self._tls_failed, before_mail=not self._mail_answered)
+        tls = self._tls.name if self._tls is not None else None
+        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
@@ -522,7 +521,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._reported.add(index)
         results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
                    for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
-        d = defer.maybeDeferred(self._on_settled, index, results)
+        d = defer.maybeDeferred(self._on_settled, index, stamped(results, self._tls))
         d.addErrback(lambda f: log.failure("recording a settled job failed", f))
         self._pause(d, lambda _: self._next_job(), "recording")
         return True

@@ -10,11 +10,19 @@ RFCs: RFC 5321 §5.1 (MX ordering, random among equal preferences, implicit MX f
 address records), RFC 5321 §4.1.3 (address literals), RFC 7505 (null MX), RFC 3463 (status codes).
 dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); each lookup runs
 on a small dedicated thread pool so a slow nameserver never blocks the reactor.
+
+Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache for as long as
+the configuration's `nameservers` stay the same (a reload hands it on: `serves`).  Answers are kept for
+their TTL; NXDOMAIN and NODATA for the negative TTL of RFC 2308 section 5 (the lesser of the SOA's TTL
+and MINIMUM, as dnspython computes it), and not at all without an SOA (dnspython would keep those 300 s;
+RFC 2308 section 5 says they SHOULD NOT be cached).  A SERVFAIL, a REFUSED or a timeout is never cached:
+the next lookup asks again (RFC 2308 section 7 allows a short cache of those; none is simpler and safe).
 """
 from __future__ import annotations
 
 import ipaddress
 import random
+import threading
 import time
 from dataclasses import dataclass
 from itertools import groupby
@@ -34,6 +42,7 @@ DEFAULT_TIMEOUT = 10.0      # seconds for one query, all nameservers and retries
 DOMAIN_BUDGET = 30.0        # seconds for all the queries about one domain (MX, then A/AAAA per exchanger)
 MAX_MX_HOSTS = 16           # a domain with more MX hosts than this is not worth more DNS work
 DNS_THREADS = 4
+CACHE_SIZE = 10_000         # answers kept (least recently used out): MX, A and AAAA per destination
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,9 @@ def permanent(status: str, text: str, code: int = 550) -> ResolutionFailed:
     return ResolutionFailed(Reply(code, status, text))
 
 
-def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT) -> dns.resolver.Resolver:
-    """A dnspython resolver for `[delivery] nameservers` ((host, port) pairs), or the system's."""
+def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT, cache=None) -> dns.resolver.Resolver:
+    """A dnspython resolver for `[delivery] nameservers` ((host, port) pairs), or the system's; with
+    `cache` (a dns.resolver.Cache or LRUCache, thread-safe) answers are reused until their TTL ends."""
     if nameservers:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
@@ -82,7 +92,18 @@ def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT) -> dns.resol
         resolver = dns.resolver.Resolver()
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, 3.0)     # per nameserver try; `lifetime` bounds the whole query
+    resolver.cache = cache
     return resolver
+
+
+class NegativeAwareCache(dns.resolver.LRUCache):
+    """dnspython's LRU cache, but a negative answer without an SOA (no negative TTL) is not kept."""
+
+    def put(self, key, value) -> None:
+        # RFC 2308 section 5: "Negative responses without SOA records SHOULD NOT be cached".
+        if value.rrset is None and not any(r.rdtype == dns.rdatatype.SOA for r in value.response.authority):
+            return
+        super().put(key, value)
 
 
 class _Budget:
@@ -203,9 +224,11 @@ def check_domain(domain: str) -> None:
 
 
 class MXResolver:
-    """Resolves recipient domains on a dedicated thread pool, started on first use.
+    """Resolves recipient domains on a dedicated thread pool, started on first use, through one
+    dnspython resolver and its answer cache (see the module docstring), also made on first use.
 
-    `stop()` stops the pool; it is also stopped when the reactor shuts down."""
+    `stop()` stops the pool; it is also stopped when the reactor shuts down.  `retire()` stops it once
+    the lookups in flight are answered (a reload replaced this resolver)."""
 
     def __init__(
         self,
@@ -226,6 +249,23 @@ class MXResolver:
         self._rng = rng or random.Random()
         self._pool: ThreadPool | None = None
         self._trigger = None
+        self._resolver: dns.resolver.Resolver | None = None
+        self._resolver_lock = threading.Lock()
+        self._in_flight = 0
+        self._retired = False
+
+    def serves(self, nameservers) -> bool:
+        """Whether this resolver asks exactly these nameservers (so a new configuration may keep it)."""
+        return tuple(nameservers) == self._nameservers
+
+    def _dns(self) -> dns.resolver.Resolver:
+        """The one dnspython resolver (thread-safe to share: its cache has a lock, and each lookup passes
+        its own lifetime instead of changing the resolver)."""
+        with self._resolver_lock:
+            if self._resolver is None:
+                cache = NegativeAwareCache(CACHE_SIZE)
+                self._resolver = make_resolver(self._nameservers, self._timeout, cache=cache)
+            return self._resolver
 
     def _ensure_pool(self) -> ThreadPool:
         if self._pool is None:
@@ -245,6 +285,18 @@ class MXResolver:
             except (ValueError, KeyError):
                 pass          # already fired: we are being called by it
 
+    def retire(self) -> None:
+        """Stop the threads once no lookup is in flight (now, if none is)."""
+        self._retired = True
+        if not self._in_flight:
+            self.stop()
+
+    def _answered(self, result):
+        self._in_flight -= 1
+        if self._retired and not self._in_flight:
+            self.stop()
+        return result
+
     def resolve(self, domain: str) -> defer.Deferred:
         """A Deferred firing with the exchangers to try, in order; fails only with ResolutionFailed."""
         domain = domain.lower().rstrip(".")
@@ -255,13 +307,15 @@ class MXResolver:
             check_domain(domain)
         except ResolutionFailed as e:
             return defer.fail(e)
+        self._in_flight += 1
         d = deferToThreadPool(self._reactor, self._ensure_pool(), self._resolve_in_thread, domain)
+        d.addBoth(self._answered)
         d.addCallback(shuffle_equal_preferences, self._rng)
         return d
 
     def _resolve_in_thread(self, domain: str) -> list[MXHost]:
         try:
-            return resolve_sync(make_resolver(self._nameservers, self._timeout), domain, self._budget)
+            return resolve_sync(self._dns(), domain, self._budget)
         except ResolutionFailed:
             raise
         except Exception as e:      # a dnspython surprise is an unknown answer: retry later, never crash

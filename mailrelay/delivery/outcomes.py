@@ -26,6 +26,7 @@ from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.state import BOUNCED, EXPIRED
+from mailrelay.delivery.tlsinfo import describe
 from mailrelay.metrics import UNKNOWN
 
 
@@ -76,14 +77,16 @@ class OutcomesMixin:
     def _log_outcome(self, attempt: _Attempt, job: _Job, rcpt, result: RecipientResult) -> None:
         stage = {None: "deferred", BOUNCED: "bounced"}.get(rcpt.done, rcpt.done)
         delay = self._now() - attempt.message.envelope.received_at
+        tls, verified = getattr(result, "tls", None), getattr(result, "tls_verified", False)
         self.log.info("{queue_id}: {stage} {recipient} via {hop} ({remote}): {code} {status} {text}",
                       queue_id=attempt.queue_id, stage=stage, recipient=rcpt.recipient, hop=job.hop_name,
                       remote=result.remote_host or "-", code=result.code, status=result.status,
                       text=result.text, attempts=rcpt.attempts, next_attempt=rcpt.next_attempt,
-                      delay=round(delay, 3))
+                      delay=round(delay, 3), tls=describe(tls, verified))
         if self._metrics is not None:
-            # RecipientResult carries no TLS fact (yet): `tls` is read if a next hop adds one.
-            self._metrics.delivery_result(job.hop_name, stage, getattr(result, "tls", UNKNOWN), delay)
+            # The session's TLS (delivery.tlsinfo); "unknown" when none said (DNS failure, no connection).
+            self._metrics.delivery_result(job.hop_name, stage, UNKNOWN if tls is None else tls, delay,
+                                          verified=verified)
 
     def _job_done(self, result, attempt: _Attempt, wait: bool = False) -> Optional[defer.Deferred]:
         """Count one delivery recorded; after the last, settle the attempt.  With `wait`, returns the

@@ -7,7 +7,7 @@ In: SMTP replies, or connection-level failures.  Out: frozen `RecipientResult` /
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 # RFC 3463 section 2: class "." subject "." detail, at the start of the reply text (RFC 2034 section 4).
@@ -16,12 +16,16 @@ _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 @dataclass(frozen=True)
 class RecipientResult:
-    """The reply that settles one recipient on one attempt, e.g. (rcpt, 550, "5.1.1", "User unknown", host)."""
+    """The reply that settles one recipient on one attempt, e.g. (rcpt, 550, "5.1.1", "User unknown", host).
+    `tls` and `tls_verified` say what protected the session that gave it (delivery.tlsinfo: "none",
+    "tls1.3", ...; None when no SMTP session said, e.g. a DNS failure); they take no part in equality."""
     recipient: str
     code: int
     status: str          # RFC 3463 enhanced status code, its class agreeing with `code`
     text: str
     remote_host: str = ""
+    tls: Optional[str] = field(default=None, compare=False)
+    tls_verified: bool = field(default=False, compare=False)
 
     @property
     def delivered(self) -> bool:

@@ -144,13 +144,17 @@ def read_secret(path: Path) -> Secret:
 class SmarthostTransport:
     """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
     certificate check and credentials.  The password is read once here; it appears in no repr or log.
-    Idle connections wait in `pool` (default: a new ConnectionPool on `clock`) for the next batch."""
+    Idle connections wait in `pool` (default: a new ConnectionPool on `clock`) for the next batch.
+    Connections leave from the transport's `source_address`, else from `source_address` given here
+    (`[delivery] source_address`: MX and smarthosts alike), else from any address."""
 
     def __init__(self, transport: config.Transport, hostname: str, clock: Any = None, reactor: Any = None,
-                 timeouts: Timeouts = Timeouts(), pool: Optional[ConnectionPool] = None):
+                 timeouts: Timeouts = Timeouts(), pool: Optional[ConnectionPool] = None,
+                 source_address: str = ""):
         if reactor is None:
             from twisted.internet import reactor
         self.transport, self.hostname, self.timeouts = transport, hostname, timeouts
+        self.bind_address = transport.bind_address(source_address)
         self._reactor, self._clock = reactor, clock if clock is not None else reactor
         self.pool = pool if pool is not None else ConnectionPool(self._clock)
         self._tls_options = None
@@ -183,8 +187,8 @@ class SmarthostTransport:
         return deliver_to_host(
             t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
             implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
-            password=self._password.reveal() if self._password else None, timeouts=self.timeouts,
-            reactor=self._reactor, clock=self._clock, pool=self.pool, on_settled=on_settled,
+            password=self._password.reveal() if self._password else None, bind_address=self.bind_address,
+            timeouts=self.timeouts, reactor=self._reactor, clock=self._clock, pool=self.pool, on_settled=on_settled,
         )
 
     def close_idle(self) -> defer.Deferred:

@@ -98,7 +98,8 @@ class DeliveryWorker(service.MultiService):
     def reload(self) -> None:
         from mailrelay.service import build_delivery_parts, reread
 
-        loaded = reread(self.config.path, build_delivery_parts, self.reactor)
+        loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts),
+                        self.reactor)
         if loaded is not None:
             self.config, parts = loaded
             parts.install(self.scheduler, self.config, replacing=self.parts)

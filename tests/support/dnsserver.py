@@ -17,8 +17,10 @@ answer does not fit (RFC 1035 §4.1.1, RFC 6891 §6.2.5 for the EDNS payload siz
 
 Names are case-insensitive, with or without the trailing dot.  A name with no records at all (and no
 records below it) answers NXDOMAIN; a name with records of other types answers NOERROR with no data.
-A CNAME is followed within the zone.  `records` may be changed between queries.  `queries` lists
-every question asked, as (name, type, "udp"|"tcp").
+A CNAME is followed within the zone.  A negative answer (NXDOMAIN or no data) carries the SOA of the
+closest enclosing name that has one, in the authority section (RFC 2308 section 3: its TTL and
+MINIMUM are the negative-caching TTL); without an SOA record it carries none.  `records` may be changed
+between queries.  `queries` lists every question asked, as (name, type, "udp"|"tcp").
 """
 from __future__ import annotations
 
@@ -148,7 +150,7 @@ class DNSServer:
         for _ in range(_MAX_CNAME_CHAIN):
             if name in self.nxdomain:
                 response.set_rcode(dns.rcode.NXDOMAIN)
-                return
+                return self._negative(response, name)
             rrset = self._rrset(name, rtype)
             if rrset is not None:
                 response.answer.append(rrset)
@@ -157,9 +159,17 @@ class DNSServer:
             if cname is None:
                 if not self._exists(name):
                     response.set_rcode(dns.rcode.NXDOMAIN)
-                return
+                return self._negative(response, name)
             response.answer.append(cname)
             name = _key(cname[0].target.to_text())
+
+    def _negative(self, response: dns.message.Message, name: str) -> None:
+        labels = name.split(".")
+        for i in range(len(labels)):
+            soa = self._rrset(".".join(labels[i:]), "SOA")
+            if soa is not None:
+                response.authority.append(soa)
+                return
 
     # -- wire ---------------------------------------------------------------------------------------
 

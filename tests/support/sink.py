@@ -44,9 +44,11 @@ class Transaction:
 @dataclass
 class Session:
     """One connection: every command line received, each with whether TLS was on when it arrived, and
-    the command lines grouped by the read they arrived in (to see a client's PIPELINING groups)."""
+    the command lines grouped by the read they arrived in (to see a client's PIPELINING groups), and the
+    address the client connected from."""
     commands: list[tuple[bool, bytes]] = field(default_factory=list)
     reads: list[list[bytes]] = field(default_factory=list)
+    peer: str = ""
 
 
 class Sink:
@@ -125,7 +127,7 @@ class SinkProtocol(basic.LineReceiver):
         self.sink: Sink = self.factory.sink
         self.lost = defer.Deferred()
         self.sink._connections.add(self)
-        self.session = Session()
+        self.session = Session(peer=getattr(self.transport.getPeer(), "host", ""))
         self.sink.sessions.append(self.session)
         self.tls = self.sink.implicit_tls
         self._reset_all()
