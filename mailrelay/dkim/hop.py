@@ -3,10 +3,12 @@
 In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).  Out: the inner hop's results for the same message with the
 DKIM-Signature and Authentication-Results headers prepended — the spooled bytes themselves are never
 changed, so a source signature survives byte for byte (passthrough) and a retry simply signs again.
+Only mail whose envelope says the client could use its From: domain is signed (permission.py).
 The work (reading the spool file, hashing, RSA) runs in a thread pool, never on the reactor thread.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 from twisted.internet import defer
@@ -15,6 +17,7 @@ from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.client import Job, takes_on_settled
+from mailrelay.dkim.permission import may_sign
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
 
@@ -84,8 +87,17 @@ class DKIMHop:
                 added += self._verifier.results_header(f, message.size)
         if self._signer is not None:
             with message.open() as f:
-                added = self._signer.sign(f) + added
+                added = self._signer.sign(f, functools.partial(self._permitted, message)) + added
         return added
+
+    def _permitted(self, message, addresses: list[str]) -> bool:
+        """Runs in a worker thread: may the sender of `message` use these From: addresses?"""
+        if may_sign(getattr(message, "envelope", None), addresses):
+            return True
+        self._reactor.callFromThread(
+            log.info, "dkim: {queue_id}: not signed: its client may not use the From: {addresses}",
+            queue_id=getattr(message, "queue_id", "?"), addresses="".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200]))
+        return False
 
     def deliver(self, message, recipients):
         d = deferToThreadPool(self._reactor, self._threadpool, self.headers_for, message)

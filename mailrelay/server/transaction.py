@@ -129,7 +129,18 @@ class TransactionMixin:
             sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
             client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
             body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+            dkim_senders=self._dkim_senders(),
         )
+
+    def _dkim_senders(self) -> tuple[str, ...]:
+        """Whose From: our keys may sign (dkim/permission.py): the client's rule's `senders`, or none at
+        all when a recipient was taken only through the postmaster exception (it lets anyone in)."""
+        client, policy = self.client_info(), self.factory.policy
+        postmaster = self.factory.postmaster
+        if postmaster and postmaster in self._rcpts and \
+                policy.check_recipient(client, self._mail.sender, postmaster) is not None:
+            return ()
+        return tuple(policy.signing_senders(client))
 
     def _received(self, queue_id: str, envelope: Envelope) -> bytes:
         return received_header(
