@@ -602,13 +602,22 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(self.client.cmd("AUTH LOGIN " + b64(b"alice")), "334 UGFzc3dvcmQ6\r\n")
         self.assertEqual(self.client.codes(b64(b"s3cret") + "\r\n"), ["235 2.7.0"])
 
-    def test_authenticated_message_is_recorded_as_esmtpsa(self):
+    def test_authenticated_message_is_recorded_as_esmtpsa_without_the_login(self):
         self.client.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret"))
         transaction(self.client)
         data = self.harness.queue.messages[0].data
-        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\t(authenticated as alice)\r\n", data)
+        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\tid Q", data)
+        self.assertNotIn(b"alice", data)
         self.assertNotIn(b"s3cret", data)
         self.assertEqual(self.harness.queue.messages[0].envelope.identity, "alice")
+
+    def test_received_names_the_user_when_configured(self):
+        self.harness.factory.received_shows_user = True
+        self.client.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret"))
+        transaction(self.client)
+        data = self.harness.queue.messages[0].data
+        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\t(authenticated as alice)\r\n\tid Q", data)
+        self.assertNotIn(b"s3cret", data)
 
     def test_malformed_responses_are_501_never_a_traceback(self):
         cases = {

@@ -81,6 +81,7 @@ class AuthConfig:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     password_file: Optional[Path] = None
     ldap: Optional[LDAPConfig] = None
+    received_shows_user: bool = False   # name the authenticated user in the Received field
 
 
 @dataclass(frozen=True)

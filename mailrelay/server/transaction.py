@@ -147,7 +147,7 @@ class TransactionMixin:
             helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
             protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
             queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
-            tls=envelope.tls, user=self._user,
+            tls=envelope.tls, user=self._user, show_user=self.factory.received_shows_user,
         )
 
     def _write_content(self, chunk: bytes) -> None:
