@@ -94,9 +94,10 @@ class DKIMHop:
         """Runs in a worker thread: may the sender of `message` use these From: addresses?"""
         if may_sign(getattr(message, "envelope", None), addresses):
             return True
+        shown = "".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200])
         self._reactor.callFromThread(
             log.info, "dkim: {queue_id}: not signed: its client may not use the From: {addresses}",
-            queue_id=getattr(message, "queue_id", "?"), addresses="".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200]))
+            queue_id=getattr(message, "queue_id", "?"), addresses=shown)
         return False
 
     def deliver(self, message, recipients):
