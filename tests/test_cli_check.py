@@ -90,13 +90,18 @@ class CheckCommandTests(unittest.TestCase):
         self.assertEqual(self.check(self.write("")), 0)
         self.assertIn("Received does not name the user", self.stdout.getvalue())
         path = self.write('[auth]\nreceived_shows_user = true\n\n[[permit]]\nnetworks = ["10.0.0.0/8"]\n'
-                          'senders = ["app.example.org"]\n\n[[permit]]\nanyone = true\nrecipients = ["example.org"]\n')
-        self.stdout.truncate(0)
+                          'senders = ["app.example.org"]\n\n[[permit]]\nnetworks = ["192.0.2.0/24"]\n'
+                          'senders = ["app.example.org"]\ncheck_from_header = true\n\n'
+                          '[[permit]]\nanyone = true\nrecipients = ["example.org"]\n')
+        self.stdout.seek(0)
+        self.stdout.truncate()
         self.assertEqual(self.check(path), 0)
         out = self.stdout.getvalue()
         self.assertIn("Received names the user", out)
-        self.assertIn("clients from 10.0.0.0/8 may send from app.example.org to *; From: header held to the senders",
-                      out)
+        self.assertIn("clients from 10.0.0.0/8 may send from app.example.org to *; a From: outside the senders "
+                      "goes unsigned\n", out)
+        self.assertIn("clients from 192.0.2.0/24 may send from app.example.org to *; From: header held to the "
+                      "senders\n", out)
         self.assertIn("any client may send from * to example.org\n", out)
 
     def test_config_error_is_one_line_on_stderr_and_exits_2(self) -> None:

@@ -17,7 +17,8 @@ from tests.support.sink import Sink
 RSA = keys.generate("rsa", 2048)
 
 # 127.0.0.2: a network rule that may send as anything; 127.0.0.3: one that may send only as
-# app.example.org (From: held to it, the default); 127.0.0.4: the same with check_from_header = false;
+# app.example.org, From: held to it (check_from_header = true); 127.0.0.4: the same, From: not held (the
+# default for network rules);
 # app1: a user allowed example.org; bob: a user allowed partner.example only, From: not checked;
 # everybody else (127.0.0.1): the inbound gateway for example.com, or the postmaster.
 PERMITS = """
@@ -28,11 +29,11 @@ senders = ["*"]
 [[permit]]
 networks = ["127.0.0.3/32"]
 senders = ["app.example.org"]
+check_from_header = true
 
 [[permit]]
 networks = ["127.0.0.4/32"]
 senders = ["app.example.org"]
-check_from_header = false
 
 [[permit]]
 users = ["app1"]
@@ -117,7 +118,7 @@ class DKIMFollowsThePermitDecision(unittest.TestCase):
             "stranger": (False, None),       # From: ceo@our-domain through the inbound gateway: not signed
             "postmaster": (False, None),     # anyone may write to the postmaster: never signed
             "network any": (True, True),     # senders = ["*"]
-            "network lax": (False, None),    # From: outside its senders, check_from_header = false
+            "network lax": (False, None),    # From: outside its senders (not held to them): relayed unsigned
             "user": (True, True),            # app1 may use example.org
             "user lax": (False, None),       # bob may not, check_from_header = false
         })

@@ -98,7 +98,8 @@ def _permit(permit: Permit) -> str:
         who = f"clients from {_list(permit.networks)}"
     else:
         who = "any authenticated user" if permit.users == ("*",) else f"users {_list(permit.users)}"
-    header = "; From: header held to the senders" if permit.check_from_header and not permit.anyone else ""
+    header = ("; From: header held to the senders" if permit.holds_from_header else
+              "" if permit.anyone or "*" in permit.senders else "; a From: outside the senders goes unsigned")
     return f"{who} may send from {_list(permit.senders)} to {_list(permit.recipients)}{header}"
 
 

@@ -163,7 +163,7 @@ def _permit(t: _Reader) -> Permit:
         networks=networks, users=users, anyone=anyone,
         senders=t.patterns("senders", addresses=True),
         recipients=t.patterns("recipients", addresses=False),
-        check_from_header=t.flag("check_from_header", True),
+        check_from_header=t.flag("check_from_header", None),
     ))
 
 

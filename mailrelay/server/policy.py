@@ -20,11 +20,12 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
   a rule matches, whatever its `senders`: it impersonates nobody, and an inbound gateway (`anyone`)
   must accept bounces.  It still counts against the rate limit, its recipients are still limited by
   `recipients`, and the From: header is still held to `senders`.
-- The From: header is held to `senders` (`check_from_header`, default true) for authenticated users and
-  network clients alike: both are clients we vouch for, and what they put in From: is what DKIM signs
-  (dkim/permission.py) and DMARC judges.  Refused: `550 5.7.1` at the end of data.  With
-  `check_from_header = false` such mail is relayed, but never signed with our keys.  `anyone` rules
-  (inbound gateways) never check it: mail from the world carries the world's From: addresses.
+- The From: header is held to `senders` when the rule's `check_from_header` says so: by default on
+  `users` rules (a login is bound to its senders, RFC 6409 §6.1), not on `networks` rules (a host
+  trusted by address, e.g. an application sending on behalf of its customers); `check_from_header = true`
+  on a network rule holds it too.  Refused: `550 5.7.1` at the end of data.  A From: its rule's
+  `senders` do not cover is relayed when not held, but never signed with our keys (dkim/permission.py).
+  `anyone` rules (inbound gateways) never check it: mail from the world carries the world's addresses.
 - The rate limit (`messages_per_minute`) is charged at MAIL, after the sender check passed, per
   identity (user name, or the rule for network/anyone clients: all of 10.0.0.0/8 share one budget).
 - Routing tricks (`%`, `!`, source routes, several `@`, quoted local parts hiding them, address
@@ -279,7 +280,7 @@ class PermitPolicy:
         if rule is None:
             # A login no rule names is refused; a stranger got here only through the postmaster exception.
             return RELAY_DENIED if client.user is not None else None
-        if rule.permit.anyone or not rule.permit.check_from_header or rule.senders.anything:
+        if not rule.permit.holds_from_header or rule.senders.anything:
             return None
         # No From: at all (RFC 5322 §3.6 requires one), a group with no address, or a header we
         # cannot parse cleanly: nothing we could hold to `senders`, so refused.
