@@ -307,6 +307,18 @@ class PermissionTests(unittest.TestCase):
         self.assertFalse(may_sign(self.envelope((), identity="alice"), ["ceo@example.org"]))
         self.assertFalse(may_sign(None, ["ceo@example.org"]))
 
+    def test_a_from_the_parsers_read_differently_is_not_signed_for_a_restricted_client(self):
+        restricted, anything = self.envelope(("example.org",)), self.envelope(("*",))
+        plain = b"From: CEO <ceo@example.org>\r\nSubject: s\r\n\r\n"
+        self.assertTrue(may_sign(restricted, ["ceo@example.org"], plain))
+        # The signer's parser saw ceo@example.org; the strict one refuses the field, or reads another address.
+        for block in (b"From: ceo@example.org)<boss@evil.example>\r\n\r\n",          # CVE-2023-27043 shape
+                      b"From: Alice <ceo@example.org> <boss@evil.example>\r\n\r\n",
+                      b"From: CEO <other@example.org>\r\n\r\n"):
+            self.assertFalse(may_sign(restricted, ["ceo@example.org"], block), block)
+        # A client that may use any From: loses nothing by an odd one: no domain is lent that it lacked.
+        self.assertTrue(may_sign(anything, ["ceo@example.org"], b"From: ceo@example.org)<boss@evil.example>\r\n\r\n"))
+
     def test_a_spool_file_without_the_field_signs_only_an_authenticated_users_mail(self):
         old_line = (b'{"body":"7BIT","client_address":"10.0.0.5","client_helo":"h","identity":%s,"params":{},'
                     b'"received_at":1.0,"recipients":["b@example.com"],"sender":"a@example.org",'
@@ -330,13 +342,13 @@ class PermissionTests(unittest.TestCase):
         signer = Signer([keys.SigningKey("example.org", "ed2026", ED)])
         asked = []
 
-        def permitted(addresses):
-            asked.append(addresses)
+        def permitted(addresses, block):
+            asked.append((addresses, block))
             return addresses == ["a@example.org", "b@example.org"]
         message = b"From: A <a@example.org>, b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
         self.assertIn(b"DKIM-Signature: ", signer.sign(io.BytesIO(message), permitted))
-        self.assertEqual(signer.sign(io.BytesIO(message), lambda addresses: False), b"")
-        self.assertEqual(asked, [["a@example.org", "b@example.org"]])
+        self.assertEqual(signer.sign(io.BytesIO(message), lambda addresses, block: False), b"")
+        self.assertEqual(asked, [(["a@example.org", "b@example.org"], message.split(b"\r\n\r\n")[0] + b"\r\n\r\n")])
         self.assertEqual(signer.sign(io.BytesIO(b"From: x@other.example\r\n\r\n"), permitted), b"")
         self.assertEqual(len(asked), 1)          # no key for the domain: not even asked
 

@@ -90,9 +90,9 @@ class DKIMHop:
                 added = self._signer.sign(f, functools.partial(self._permitted, message)) + added
         return added
 
-    def _permitted(self, message, addresses: list[str]) -> bool:
+    def _permitted(self, message, addresses: list[str], header_block: bytes) -> bool:
         """Runs in a worker thread: may the sender of `message` use these From: addresses?"""
-        if may_sign(getattr(message, "envelope", None), addresses):
+        if may_sign(getattr(message, "envelope", None), addresses, header_block):
             return True
         shown = "".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200])
         self._reactor.callFromThread(

@@ -21,7 +21,7 @@ import functools
 from typing import Iterable, Optional
 
 from mailrelay.envelope import Envelope
-from mailrelay.server.policy import AddressPatterns
+from mailrelay.server.policy import AddressPatterns, from_addresses
 
 
 @functools.lru_cache(maxsize=256)     # a handful of rules: parse each list once, not per message
@@ -41,11 +41,21 @@ def signing_senders(envelope: Optional[Envelope]) -> tuple[str, ...]:
     return ("*",)          # an authenticated user's mail, queued before the decision was recorded
 
 
-def may_sign(envelope: Optional[Envelope], addresses: Iterable[str]) -> bool:
-    """True when every From: address (there must be at least one) is one the client could use."""
+def may_sign(envelope: Optional[Envelope], addresses: Iterable[str], header_block: Optional[bytes] = None) -> bool:
+    """True when every From: address (there must be at least one) is one the client could use.
+
+    With `header_block`, a client held to particular senders must also have a From: that the strict
+    parser of server/policy.py reads as the same addresses: where two parsers disagree about a From:
+    (CVE-2023-27043 class), a mail reader may show the one we did not check, so it is not signed."""
     senders = signing_senders(envelope)
-    if not senders:
-        return False
     addresses = list(addresses)
+    if not senders or not addresses:
+        return False
     patterns = _patterns(senders)
-    return bool(addresses) and all(patterns.allows(a) for a in addresses)
+    if patterns.anything:
+        return True
+    if header_block is not None:
+        strict = from_addresses(header_block)
+        if strict is None or [a.lower() for a in strict] != [a.lower() for a in addresses]:
+            return False
+    return all(patterns.allows(a) for a in addresses)

@@ -92,10 +92,10 @@ class Signer:
                 return found
         return []
 
-    def sign(self, f: BinaryIO, permitted: Optional[Callable[[list[str]], bool]] = None) -> bytes:
+    def sign(self, f: BinaryIO, permitted: Optional[Callable[[list[str], bytes], bool]] = None) -> bytes:
         """The DKIM-Signature header lines for the message in `f` (read from its current position).
-        `permitted`, given the From: addresses, says whether the sender may use them (dkim/permission.py:
-        the permit decision); b"" when it says no."""
+        `permitted`, given the From: addresses and the header block, says whether the sender may use
+        them (dkim/permission.py: the permit decision); b"" when it says no."""
         block = read_header_block(f)
         if block is None:
             return b""
@@ -104,7 +104,7 @@ class Signer:
         keys = self.keys_for(domain) if domain else []
         if not keys:
             return b""
-        if permitted is not None and not permitted(from_addresses(headers)):
+        if permitted is not None and not permitted(from_addresses(headers), block):
             return b""
         hasher = BodyHasher(self._canonicalization[1])
         for chunk in iter(lambda: f.read(CHUNK), b""):

@@ -19,7 +19,7 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
 - The null sender <> (bounces, RFC 3464; auto-replies, RFC 3834) is allowed for every client
   a rule matches, whatever its `senders`: it impersonates nobody, and an inbound gateway (`anyone`)
   must accept bounces.  It still counts against the rate limit, its recipients are still limited by
-  `recipients`, and the From: header is still held to `senders`.
+  `recipients`, and the From: header is still held to `senders` where the rule holds it.
 - The From: header is held to `senders` when the rule's `check_from_header` says so: by default on
   `users` rules (a login is bound to its senders, RFC 6409 §6.1), not on `networks` rules (a host
   trusted by address, e.g. an application sending on behalf of its customers); `check_from_header = true`
