@@ -227,6 +227,7 @@ class DSNReporter:
             received_at=self.clock.seconds(),
             body="7BIT" if data.isascii() else "8BITMIME",
             smtputf8=not original.sender.isascii(),
+            dkim_senders=(self.builder.hostname,),     # our own report, From: MAILER-DAEMON@hostname
         )
         writer = self.spool.new_message(envelope)
         try:

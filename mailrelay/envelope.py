@@ -39,6 +39,10 @@ class Envelope:
     smtputf8: bool = False
     tls: Optional[str] = None
     params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
+    # The `senders` patterns of the permit decision that accepted the message: DKIM signs only a From:
+    # they cover. () = never sign (an `anyone` rule, the postmaster exception); None = not recorded
+    # (a spool file written before this field existed): see mailrelay.dkim.permission.
+    dkim_senders: Optional[tuple[str, ...]] = None
 
     def to_json(self) -> bytes:
         cached = self.__dict__.get("_json")
@@ -54,12 +58,20 @@ class Envelope:
     def from_json(cls, data: bytes | str) -> "Envelope":
         d = json.loads(data)
         d["recipients"] = tuple(d["recipients"])
+        if d.get("dkim_senders") is not None:
+            d["dkim_senders"] = _strings(d["dkim_senders"])
         return cls(**d)
 
 
 OCTETS_WIDTH = 4
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)   # what json.dumps(...) builds per call
+
+
+def _strings(value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("dkim_senders must be a list of strings")
+    return tuple(value)
 
 
 def domain_of(address: str) -> str:

@@ -39,6 +39,10 @@ class IRelayPolicy(Interface):
     def check_message(client, sender, headers):
         """After DATA: `headers` is the message's header block (bytes, CRLF line ends)."""
 
+    def signing_senders(client):
+        """The sender patterns ("*", domains, addresses) whose From: addresses the relay may DKIM-sign for
+        `client`'s mail; () when it must never sign it (a stranger: an `anyone` rule or no rule)."""
+
 
 class IMessageWriter(Interface):
     """One message being received. Lines arrive already un-dot-stuffed and with CRLF line ends."""

@@ -309,6 +309,7 @@ class RelayService(service.MultiService):
                 tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
                 authserv_id=own_authserv_id(config), postmaster=config.postmaster,
+                received_shows_user=config.auth.received_shows_user,
             )
             self.factories.append(factory)
             wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
@@ -336,7 +337,8 @@ class RelayService(service.MultiService):
         for factory in self.factories:
             factory.reconfigure(limits=config.limits, portal=parts.portal, mechanisms=config.auth.mechanisms,
                                 policy=parts.policy, authserv_id=own_authserv_id(config),
-                                postmaster=config.postmaster)
+                                postmaster=config.postmaster,
+                                received_shows_user=config.auth.received_shows_user)
         if self.delivery is not None:
             delivery.install(self.scheduler, config, replacing=self.delivery)
             self.delivery = delivery

@@ -86,6 +86,24 @@ class CheckCommandTests(unittest.TestCase):
         self.assertIn("directory fsync after every commit", out)
         self.assertIn("in a separate process, 5 nice steps below", out)
 
+    def test_received_user_and_from_header_holds_are_described(self) -> None:
+        self.assertEqual(self.check(self.write("")), 0)
+        self.assertIn("Received does not name the user", self.stdout.getvalue())
+        path = self.write('[auth]\nreceived_shows_user = true\n\n[[permit]]\nnetworks = ["10.0.0.0/8"]\n'
+                          'senders = ["app.example.org"]\n\n[[permit]]\nnetworks = ["192.0.2.0/24"]\n'
+                          'senders = ["app.example.org"]\ncheck_from_header = true\n\n'
+                          '[[permit]]\nanyone = true\nrecipients = ["example.org"]\n')
+        self.stdout.seek(0)
+        self.stdout.truncate()
+        self.assertEqual(self.check(path), 0)
+        out = self.stdout.getvalue()
+        self.assertIn("Received names the user", out)
+        self.assertIn("clients from 10.0.0.0/8 may send from app.example.org to *; a From: outside the senders "
+                      "goes unsigned\n", out)
+        self.assertIn("clients from 192.0.2.0/24 may send from app.example.org to *; From: header held to the "
+                      "senders\n", out)
+        self.assertIn("any client may send from * to example.org\n", out)
+
     def test_config_error_is_one_line_on_stderr_and_exits_2(self) -> None:
         line = self.assertOneLineError(self.check(self.write(BROKEN_ROUTE)), "route[0].transport")
         self.assertEqual(line, f'{self.dir / "tap.conf"}: route[0].transport: no transport named "ses" '

@@ -47,6 +47,7 @@ idle_timeout = "5m"
 [auth]
 mechanisms = ["PLAIN", "LOGIN"]
 password_file = "passwords"
+received_shows_user = false
 
 [auth.ldap]
 url = "ldaps://dc1.corp.example:636"
@@ -542,6 +543,19 @@ class RuleTests(ConfigTestCase):
     def test_transport_username_needs_password_file(self) -> None:
         self.assertRefused('[transports.t]\nhost = "h"\nusername = "u"\n', "transports.t.password_file", "required")
         self.assertRefused('[transports.t]\nport = 25\n', "transports.t.host", "missing")
+
+
+class ReceivedShowsUserTests(ConfigTestCase):
+    def test_off_unless_set(self) -> None:
+        self.assertFalse(self.load("").auth.received_shows_user)
+        self.assertFalse(self.load('[auth]\nmechanisms = ["PLAIN"]\n').auth.received_shows_user)
+        self.assertFalse(self.load("[auth]\nreceived_shows_user = false\n").auth.received_shows_user)
+        self.assertTrue(self.load("[auth]\nreceived_shows_user = true\n").auth.received_shows_user)
+
+    def test_a_wrong_type_is_one_line_naming_the_key(self) -> None:
+        for value in ('"yes"', "1", "[true]"):
+            self.assertRefused(f"[auth]\nreceived_shows_user = {value}\n", "auth.received_shows_user",
+                               "true or false")
 
 
 class RequiredFileTests(ConfigTestCase):

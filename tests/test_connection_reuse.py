@@ -228,7 +228,7 @@ class SchedulerBatchingTests(SchedulerTestCase):
 # -- DKIM in front of a batching hop ---------------------------------------------------------------
 
 class FakeSigner:
-    def sign(self, f):
+    def sign(self, f, permitted=None):
         data = f.read()
         if b"unsignable" in data:
             raise ValueError("no key for this one")

@@ -20,8 +20,10 @@ from mailrelay.delivery.results import RecipientResult
 from mailrelay.dkim import keys
 from mailrelay.dkim.bodyhash import BodyHasher
 from mailrelay.dkim.hop import DKIMHop
+from mailrelay.dkim.permission import may_sign
 from mailrelay.dkim.signer import Signer
 from mailrelay.dkim.verifier import Verifier, make_resolver, txt_lookup
+from mailrelay.envelope import Envelope
 from tests.support.dnsserver import DNSServer
 
 RSA = keys.generate("rsa", 2048)
@@ -225,8 +227,10 @@ class VerifierTests(unittest.TestCase):
 
 
 class _Spooled:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, dkim_senders=("*",), identity=None):
         self.data, self.queue_id, self.size = data, "Q1", len(data)
+        self.envelope = Envelope("app@example.org", ("b@example.com",), 0.0, identity=identity,
+                                 dkim_senders=dkim_senders)
 
     def open(self):
         return io.BytesIO(self.data)
@@ -256,17 +260,97 @@ class HopTests(unittest.TestCase):
         self.assertEqual((size, queue_id), (len(sent), "Q1"))
 
     @defer.inlineCallbacks
+    def test_a_message_its_client_may_not_sign_for_goes_unsigned(self):
+        inner = _RecordingHop()
+        hop = DKIMHop(inner, signer=Signer([keys.SigningKey("example.org", "ed2026", ED)]))
+        for dkim_senders, identity in (((), "alice"), (("app.example.org",), "permit[0]"), (None, "permit[2]")):
+            message = _Spooled(MESSAGES["folded"], dkim_senders=dkim_senders, identity=identity)
+            results = yield hop.deliver(message, ["b@example.com"])
+            self.assertTrue(results[0].delivered)
+            self.assertEqual(inner.sent[-1][0], MESSAGES["folded"], dkim_senders)     # as spooled: no signature
+        signed = _Spooled(MESSAGES["folded"], dkim_senders=None, identity="alice")     # an old file, a user's
+        yield hop.deliver(signed, ["b@example.com"])
+        self.assertTrue(inner.sent[-1][0].startswith(b"DKIM-Signature: "))
+
+    @defer.inlineCallbacks
     def test_signing_failure_defers_instead_of_sending_unsigned(self):
         inner = _RecordingHop()
 
         class Broken:
-            def sign(self, f):
+            def sign(self, f, permitted=None):
                 raise OSError("disk gone")
 
         results = yield DKIMHop(inner, signer=Broken()).deliver(_Spooled(MESSAGES["8bit"]), ["b@example.com"])
         self.assertEqual(inner.sent, [])
         self.assertEqual((results[0].code, results[0].status), (451, "4.3.0"))
         self.flushLoggedErrors(OSError)
+
+
+class PermissionTests(unittest.TestCase):
+    """The permit decision recorded in the envelope decides whether our keys sign (dkim/permission.py)."""
+
+    def envelope(self, dkim_senders, identity=None):
+        return Envelope("a@example.org", ("b@example.com",), 0.0, identity=identity, dkim_senders=dkim_senders)
+
+    def test_recorded_senders_cover_the_from_addresses_or_not(self):
+        allowed = self.envelope(("example.org", "*.example.net", "noreply@example.com"))
+        for addresses in (["a@example.org"], ["A@EXAMPLE.ORG"], ["x@sub.example.net"], ["noreply@example.com"],
+                          ["a@example.org", "b@example.org"]):
+            self.assertTrue(may_sign(allowed, addresses), addresses)
+        for addresses in (["ceo@sub.example.org"], ["a@example.net"], ["other@example.com"], [],
+                          ["a@example.org", "ceo@evil.example"], [""]):
+            self.assertFalse(may_sign(allowed, addresses), addresses)
+        self.assertTrue(may_sign(self.envelope(("*",)), ["anyone@anywhere.example"]))
+
+    def test_an_empty_decision_never_signs(self):
+        self.assertFalse(may_sign(self.envelope(()), ["ceo@example.org"]))
+        self.assertFalse(may_sign(self.envelope((), identity="alice"), ["ceo@example.org"]))
+        self.assertFalse(may_sign(None, ["ceo@example.org"]))
+
+    def test_a_from_the_parsers_read_differently_is_not_signed_for_a_restricted_client(self):
+        restricted, anything = self.envelope(("example.org",)), self.envelope(("*",))
+        plain = b"From: CEO <ceo@example.org>\r\nSubject: s\r\n\r\n"
+        self.assertTrue(may_sign(restricted, ["ceo@example.org"], plain))
+        # The signer's parser saw ceo@example.org; the strict one refuses the field, or reads another address.
+        for block in (b"From: ceo@example.org)<boss@evil.example>\r\n\r\n",          # CVE-2023-27043 shape
+                      b"From: Alice <ceo@example.org> <boss@evil.example>\r\n\r\n",
+                      b"From: CEO <other@example.org>\r\n\r\n"):
+            self.assertFalse(may_sign(restricted, ["ceo@example.org"], block), block)
+        # A client that may use any From: loses nothing by an odd one: no domain is lent that it lacked.
+        self.assertTrue(may_sign(anything, ["ceo@example.org"], b"From: ceo@example.org)<boss@evil.example>\r\n\r\n"))
+
+    def test_a_spool_file_without_the_field_signs_only_an_authenticated_users_mail(self):
+        old_line = (b'{"body":"7BIT","client_address":"10.0.0.5","client_helo":"h","identity":%s,"params":{},'
+                    b'"received_at":1.0,"recipients":["b@example.com"],"sender":"a@example.org",'
+                    b'"smtputf8":false,"tls":null}')
+        for identity, signed in ((b'"alice"', True), (b'"permit[0]"', False), (b'"permit[12]"', False),
+                                 (b"null", False)):
+            envelope = Envelope.from_json(old_line % identity)
+            self.assertIsNone(envelope.dkim_senders)
+            self.assertEqual(may_sign(envelope, ["ceo@example.org"]), signed, identity)
+
+    def test_the_decision_survives_the_spool_line(self):
+        envelope = self.envelope(("example.org", "noreply@example.com"), identity="permit[0]")
+        self.assertIn(b'"dkim_senders":["example.org","noreply@example.com"]', envelope.to_json())
+        self.assertEqual(Envelope.from_json(envelope.to_json()), envelope)
+        self.assertEqual(Envelope.from_json(self.envelope(()).to_json()).dkim_senders, ())
+        for bad in (b'"example.org"', b"[1]", b"{}"):
+            line = self.envelope(()).to_json().replace(b'"dkim_senders":[]', b'"dkim_senders":' + bad)
+            self.assertRaises(ValueError, Envelope.from_json, line)
+
+    def test_signer_asks_with_every_address_of_the_one_from_field(self):
+        signer = Signer([keys.SigningKey("example.org", "ed2026", ED)])
+        asked = []
+
+        def permitted(addresses, block):
+            asked.append((addresses, block))
+            return addresses == ["a@example.org", "b@example.org"]
+        message = b"From: A <a@example.org>, b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+        self.assertIn(b"DKIM-Signature: ", signer.sign(io.BytesIO(message), permitted))
+        self.assertEqual(signer.sign(io.BytesIO(message), lambda addresses, block: False), b"")
+        self.assertEqual(asked, [(["a@example.org", "b@example.org"], message.split(b"\r\n\r\n")[0] + b"\r\n\r\n")])
+        self.assertEqual(signer.sign(io.BytesIO(b"From: x@other.example\r\n\r\n"), permitted), b"")
+        self.assertEqual(len(asked), 1)          # no key for the domain: not even asked
 
 
 class KeyToolTests(unittest.TestCase):

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.dsn import MAX_HEADER_BYTES, DSNReporter, read_headers
+from mailrelay.dkim.permission import may_sign
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter
 from tests.support.fakes import FakeQueue
@@ -261,5 +262,8 @@ class RealSpoolTests(unittest.TestCase):
         self.assertEqual((spooled.envelope.sender, spooled.envelope.recipients), ("", ("alice@example.org",)))
         with spooled.open() as f:
             dsn = parse(f.read())
+        # Our own report: its From: MAILER-DAEMON@hostname is ours to DKIM-sign (dkim/permission.py).
+        self.assertEqual(spooled.envelope.dkim_senders, ("relay.example.org",))
+        self.assertTrue(may_sign(spooled.envelope, [dsn["From"].addresses[0].addr_spec]))
         self.assertEqual(dsn.get_content_type(), "multipart/report")
         self.assertIn(b"Subject: quarterly numbers", dsn.get_payload()[2].get_payload(decode=True))

@@ -56,7 +56,7 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual((arrived.mail_from, arrived.rcpt_tos), ("app@example.org", ["user@example.com"]))
         received = arrived.data.split(b"\r\n\r\n", 1)[0]
         self.assertIn(b"ESMTPSA", received)
-        self.assertIn(b"app1", received)
+        self.assertNotIn(b"app1", received)            # [auth] received_shows_user = false
         self.assertNotIn(b"correct horse", arrived.data)
 
     @defer.inlineCallbacks

@@ -306,15 +306,56 @@ class FromHeaderTests(ReplyAssertions, unittest.TestCase):
             found = from_addresses(block)
             self.assertTrue(found is None or isinstance(found, list), block)
 
-    def test_unauthenticated_clients_are_not_held_to_the_from_header(self):
+    def test_network_clients_are_not_held_to_the_from_header_unless_their_rule_says_so(self):
+        # The LAN rule's senders are app.example.org and noreply@example.org; check_from_header unset.
         self.assertIsNone(self.check(LAN, b"From: boss@evil.example\r\n"))
-        self.assertIsNone(self.check(OUTSIDER, b"Subject: none\r\n"))
+        held = PermitPolicy((Permit(networks=(net("10.0.0.0/8"),), senders=("app.example.org", "noreply@example.org"),
+                                    check_from_header=True),), Limits())
+        for block in (b"From: App <x@app.example.org>\r\n", b"From: noreply@EXAMPLE.org\r\n"):
+            self.assertIsNone(held.check_message(LAN, "", block), block)
+        for block in (b"From: ceo@example.org\r\n", b"From: boss@evil.example\r\n", b"Subject: none\r\n",
+                      b"From: x@app.example.org, ceo@example.org\r\n"):
+            reply = held.check_message(LAN, "", block)
+            self.assertRefused(reply, 550, "5.7.1")
+            self.assertEqual(reply.text, "From header not allowed for clients of this network")
+
+    def test_users_rules_hold_the_from_header_unless_told_not_to(self):
+        policy = PermitPolicy((Permit(users=("*",), senders=("example.org",)),), Limits())
+        self.assertRefused(policy.check_message(ALICE, "", b"From: boss@evil.example\r\n"), 550, "5.7.1")
+
+    def test_strangers_through_an_anyone_rule_or_no_rule_are_not_held_to_the_from_header(self):
+        self.assertIsNone(self.check(OUTSIDER, b"From: ceo@example.org\r\n"))     # the gateway rule
+        gateway = PermitPolicy((Permit(anyone=True, senders=("example.net",), recipients=("example.org",),
+                                       check_from_header=True),), Limits())
+        self.assertIsNone(gateway.check_message(OUTSIDER, "", b"From: ceo@example.org\r\n"))
+        lonely = PermitPolicy(NETWORK_ONLY, Limits())            # OUTSIDER matches nothing: postmaster only
+        self.assertIsNone(lonely.check_message(OUTSIDER, "", b"Subject: none\r\n"))
 
     def test_check_from_header_off_or_any_sender_skips_the_check(self):
         for permit in (Permit(users=("*",), senders=("example.org",), check_from_header=False),
                        Permit(users=("*",))):
             policy = PermitPolicy((permit,), Limits())
             self.assertIsNone(policy.check_message(ALICE, "", b"From: boss@evil.example\r\n"))
+        for permit in (Permit(networks=(net("10.0.0.0/8"),), senders=("example.org",), check_from_header=False),
+                       Permit(networks=(net("10.0.0.0/8"),), senders=("example.org",)),
+                       Permit(networks=(net("10.0.0.0/8"),), check_from_header=True)):
+            policy = PermitPolicy((permit,), Limits())
+            self.assertIsNone(policy.check_message(LAN, "", b"From: boss@evil.example\r\n"))
+
+
+class SigningSendersTests(unittest.TestCase):
+    """Whose From: the relay may DKIM-sign: the senders of the rule that accepts the client."""
+
+    def test_users_and_networks_get_their_rules_senders(self):
+        policy = PermitPolicy(SPEC_PERMITS, Limits())
+        self.assertEqual(policy.signing_senders(ALICE), ("example.org",))
+        self.assertEqual(policy.signing_senders(LAN), ("app.example.org", "noreply@example.org"))
+        self.assertEqual(PermitPolicy(NETWORK_ANYWHERE, Limits()).signing_senders(LAN), ("*",))
+
+    def test_strangers_get_nothing(self):
+        self.assertEqual(PermitPolicy(SPEC_PERMITS, Limits()).signing_senders(OUTSIDER), ())   # anyone rule
+        self.assertEqual(PermitPolicy(NETWORK_ONLY, Limits()).signing_senders(OUTSIDER), ())   # no rule
+        self.assertEqual(PermitPolicy(NETWORK_ONLY, Limits()).signing_senders(ALICE), ())      # no rule
 
 
 class RateLimitTests(ReplyAssertions, unittest.TestCase):

@@ -6,6 +6,7 @@ test_server_network) that fails against stock twisted.mail.smtp.ESMTP.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -18,6 +19,7 @@ from zope.interface import alsoProvides
 from mailrelay import config
 from mailrelay.interfaces import Reply
 from mailrelay.server.factory import RelayServerFactory
+from mailrelay.server.policy import PermitPolicy
 from tests.support.fakes import (
     AllowAllPolicy, DenyRelayPolicy, FakeQueue, PendingChecker, TemporaryFailureChecker, TLSStringTransport,
     memory_portal,
@@ -279,6 +281,41 @@ class AddressTests(unittest.TestCase):
         client.cmd("DATA")
         self.assertTrue(client.send(b"Subject: abuse\r\n\r\nreport\r\n.\r\n").startswith("250 "))
         self.assertEqual(harness.queue.messages[0].envelope.recipients, ("admin@example.org",))
+
+
+class SigningDecisionTests(unittest.TestCase):
+    """The envelope records whose From: our DKIM keys may sign: the accepting rule's `senders`."""
+
+    PERMITS = (config.Permit(networks=(ipaddress.ip_network("127.0.0.0/24"),), senders=("app.example.org",),
+                             recipients=("example.net",)),
+               config.Permit(anyone=True, recipients=("example.org",)))
+
+    def envelope_of(self, peer: str, recipients: list[str], postmaster: str | None = None):
+        harness = Harness(policy=PermitPolicy(self.PERMITS, config.Limits()))
+        harness.factory.postmaster = postmaster
+        client = harness.connect(peer=peer)
+        client.cmd("EHLO c.test")
+        client.cmd("MAIL FROM:<>")
+        for recipient in recipients:
+            self.assertTrue(client.cmd(f"RCPT TO:<{recipient}>").startswith("250 "), recipient)
+        client.cmd("DATA")
+        self.assertTrue(client.send(b"From: x@app.example.org\r\n\r\nbody\r\n.\r\n").startswith("250 "))
+        return harness.queue.messages[0].envelope
+
+    def test_a_network_client_gets_its_rules_senders(self):
+        self.assertEqual(self.envelope_of("127.0.0.5", ["b@example.net"]).dkim_senders, ("app.example.org",))
+
+    def test_a_stranger_through_an_anyone_rule_gets_nothing(self):
+        self.assertEqual(self.envelope_of("192.0.2.9", ["b@example.org"]).dkim_senders, ())
+
+    def test_mail_taken_through_the_postmaster_exception_gets_nothing(self):
+        for peer, recipients in (("192.0.2.9", ["postmaster"]), ("127.0.0.5", ["b@example.net", "postmaster"])):
+            envelope = self.envelope_of(peer, recipients, postmaster="admin@example.com")
+            self.assertIn("admin@example.com", envelope.recipients)
+            self.assertEqual(envelope.dkim_senders, (), (peer, recipients))
+        # A postmaster mailbox the client's rule could reach anyway lends it nothing it did not have.
+        envelope = self.envelope_of("127.0.0.5", ["postmaster"], postmaster="admin@example.net")
+        self.assertEqual(envelope.dkim_senders, ("app.example.org",))
 
 
 class PolicyTests(unittest.TestCase):
@@ -576,13 +613,22 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(self.client.cmd("AUTH LOGIN " + b64(b"alice")), "334 UGFzc3dvcmQ6\r\n")
         self.assertEqual(self.client.codes(b64(b"s3cret") + "\r\n"), ["235 2.7.0"])
 
-    def test_authenticated_message_is_recorded_as_esmtpsa(self):
+    def test_authenticated_message_is_recorded_as_esmtpsa_without_the_login(self):
         self.client.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret"))
         transaction(self.client)
         data = self.harness.queue.messages[0].data
-        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\t(authenticated as alice)\r\n", data)
+        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\tid Q", data)
+        self.assertNotIn(b"alice", data)
         self.assertNotIn(b"s3cret", data)
         self.assertEqual(self.harness.queue.messages[0].envelope.identity, "alice")
+
+    def test_received_names_the_user_when_configured(self):
+        self.harness.factory.received_shows_user = True
+        self.client.cmd("AUTH PLAIN " + b64(b"\0alice\0s3cret"))
+        transaction(self.client)
+        data = self.harness.queue.messages[0].data
+        self.assertIn(b"with ESMTPSA (version=TLS cipher=unknown)\r\n\t(authenticated as alice)\r\n\tid Q", data)
+        self.assertNotIn(b"s3cret", data)
 
     def test_malformed_responses_are_501_never_a_traceback(self):
         cases = {

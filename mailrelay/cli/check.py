@@ -87,6 +87,7 @@ def _auth(config: Config) -> str:
         parts.append(f"password file {auth.password_file}{missing}")
     if len(parts) == 1 and not auth.ldap:
         parts.append("no password file or LDAP: every AUTH will fail")
+    parts.append("Received names the user" if auth.received_shows_user else "Received does not name the user")
     return "; ".join(parts)
 
 
@@ -97,7 +98,8 @@ def _permit(permit: Permit) -> str:
         who = f"clients from {_list(permit.networks)}"
     else:
         who = "any authenticated user" if permit.users == ("*",) else f"users {_list(permit.users)}"
-    header = "; From: header held to the senders" if permit.check_from_header and permit.users else ""
+    header = ("; From: header held to the senders" if permit.holds_from_header else
+              "" if permit.anyone or "*" in permit.senders else "; a From: outside the senders goes unsigned")
     return f"{who} may send from {_list(permit.senders)} to {_list(permit.recipients)}{header}"
 
 

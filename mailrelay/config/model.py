@@ -81,6 +81,7 @@ class AuthConfig:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     password_file: Optional[Path] = None
     ldap: Optional[LDAPConfig] = None
+    received_shows_user: bool = False   # name the authenticated user in the Received field
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,14 @@ class Permit:
     anyone: bool = False
     senders: tuple[str, ...] = ("*",)
     recipients: tuple[str, ...] = ("*",)
-    check_from_header: bool = True
+    check_from_header: Optional[bool] = None    # unset: true for `users` rules, false for `networks` rules
+
+    @property
+    def holds_from_header(self) -> bool:
+        """Is the From: header held to `senders`? Never on an `anyone` rule (an inbound gateway)."""
+        if self.anyone:
+            return False
+        return self.check_from_header if self.check_from_header is not None else bool(self.users)
 
 
 # With no [[permit]] at all: authenticated users may relay anything, nobody else may relay.

@@ -134,7 +134,8 @@ def _auth(t: _Reader) -> AuthConfig:
         if name.upper() not in mechanisms:
             mechanisms.append(name.upper())
     ldap = _ldap(t.table("ldap")) if t.has("ldap") else None
-    return _closed(t, AuthConfig(tuple(mechanisms), t.path("password_file"), ldap))
+    return _closed(t, AuthConfig(tuple(mechanisms), t.path("password_file"), ldap,
+                                 received_shows_user=t.flag("received_shows_user", False)))
 
 
 def _networks(t: _Reader) -> tuple[IPNetwork, ...]:
@@ -162,7 +163,7 @@ def _permit(t: _Reader) -> Permit:
         networks=networks, users=users, anyone=anyone,
         senders=t.patterns("senders", addresses=True),
         recipients=t.patterns("recipients", addresses=False),
-        check_from_header=t.flag("check_from_header", True),
+        check_from_header=t.flag("check_from_header", None),
     ))
 
 

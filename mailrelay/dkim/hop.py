@@ -6,10 +6,12 @@ changed, so a source signature survives byte for byte (passthrough) and a retry 
 A message that must go to a next hop without 8BITMIME is converted to 7-bit MIME first and signed
 after converting (`seven_bit`: DKIM signs what is sent, RFC 6376 5.3); its Authentication-Results
 stay those of the message as received.
+Only mail whose envelope says the client could use its From: domain is signed (permission.py).
 The work (reading the spool file, hashing, RSA) runs in a thread pool, never on the reactor thread.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 from twisted.internet import defer
@@ -19,6 +21,7 @@ from zope.interface import alsoProvides, implementer
 from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.client import Job, takes_on_settled
 from mailrelay.delivery.sevenbit import convert_message
+from mailrelay.dkim.permission import may_sign
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
 
@@ -91,7 +94,7 @@ class DKIMHop:
                 added += self._verifier.results_header(f, received.size)
         if self._signer is not None:
             with message.open() as f:
-                added = self._signer.sign(f) + added
+                added = self._signer.sign(f, functools.partial(self._permitted, message)) + added
         return added
 
     def _prefixed(self, message, prefix: bytes):
@@ -108,6 +111,16 @@ class DKIMHop:
         if converted is message:
             return PrefixedMessage(message, prefix)      # nothing to convert: as signed before
         return PrefixedMessage(converted, self.headers_for(converted, received=message))
+
+    def _permitted(self, message, addresses: list[str], header_block: bytes) -> bool:
+        """Runs in a worker thread: may the sender of `message` use these From: addresses?"""
+        if may_sign(getattr(message, "envelope", None), addresses, header_block):
+            return True
+        shown = "".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200])
+        self._reactor.callFromThread(
+            log.info, "dkim: {queue_id}: not signed: its client may not use the From: {addresses}",
+            queue_id=getattr(message, "queue_id", "?"), addresses=shown)
+        return False
 
     def deliver(self, message, recipients):
         d = deferToThreadPool(self._reactor, self._threadpool, self.headers_for, message)

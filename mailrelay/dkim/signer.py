@@ -2,7 +2,8 @@
 
 In: a spooled message as a binary file (headers, blank line, body).  Out: the header lines to prepend —
 one signature per key of the From: domain or its nearest parent that has keys (RSA and Ed25519 alike),
-or b"" when none applies.  The message itself is never altered.
+or b"" when none applies or the sender may not use the From: domain.  The message itself is never
+altered.
 
 dkimpy builds the header: its header canonicalisation, header hashing, tag folding and b= placement
 (`DKIM.gen_header`). Two things we give it: the body hash, computed by `bodyhash` in constant memory, and
@@ -46,14 +47,23 @@ def read_header_block(f: BinaryIO, limit: int = MAX_HEADER_BLOCK) -> Optional[by
     return None
 
 
-def from_domain(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+def from_addresses(headers: list[tuple[bytes, bytes]]) -> Optional[list[str]]:
+    """The addresses of the one From: field, or None (none, several fields, or no address in it)."""
     values = [v.decode("utf-8", "replace") for k, v in headers if k.lower() == b"from"]
     if len(values) != 1:          # RFC 5322 3.6: exactly one From; anything else we do not sign
         return None
-    addresses = email.utils.getaddresses(values)
-    if not addresses or "@" not in addresses[0][1]:
+    addresses = [address for _, address in email.utils.getaddresses(values)]
+    if not addresses or "@" not in addresses[0]:
         return None
-    return addresses[0][1].rpartition("@")[2].strip().lower().rstrip(".")
+    return addresses
+
+
+def from_domain(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+    """The domain the signature is for: that of the first From: address."""
+    addresses = from_addresses(headers)
+    if addresses is None:
+        return None
+    return addresses[0].rpartition("@")[2].strip().lower().rstrip(".")
 
 
 class Signer:
@@ -82,8 +92,10 @@ class Signer:
                 return found
         return []
 
-    def sign(self, f: BinaryIO) -> bytes:
-        """The DKIM-Signature header lines for the message in `f` (read from its current position)."""
+    def sign(self, f: BinaryIO, permitted: Optional[Callable[[list[str], bytes], bool]] = None) -> bytes:
+        """The DKIM-Signature header lines for the message in `f` (read from its current position).
+        `permitted`, given the From: addresses and the header block, says whether the sender may use
+        them (dkim/permission.py: the permit decision); b"" when it says no."""
         block = read_header_block(f)
         if block is None:
             return b""
@@ -91,6 +103,8 @@ class Signer:
         domain = from_domain(headers)
         keys = self.keys_for(domain) if domain else []
         if not keys:
+            return b""
+        if permitted is not None and not permitted(from_addresses(headers), block):
             return b""
         hasher = BodyHasher(self._canonicalization[1])
         for chunk in iter(lambda: f.read(CHUNK), b""):

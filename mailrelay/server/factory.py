@@ -151,12 +151,14 @@ class RelayServerFactory(protocol.ServerFactory):
         auth_failures: Optional["FailureWindow"] = None,
         authserv_id: Optional[str] = None,
         postmaster: Optional[str] = None,
+        received_shows_user: bool = False,
     ):
         """`connections` and `auth_failures` may be shared between the listeners of one relay, so that
         max_connections counts "in all" and an attacker gets one AUTH budget, not one per port.
         `authserv_id`: the name our own Authentication-Results carry (when the relay verifies DKIM);
         incoming fields claiming it are removed (server/authres.py).  `postmaster`: the mailbox that
-        `RCPT TO:<postmaster>` (and postmaster@hostname) is delivered to, from any client."""
+        `RCPT TO:<postmaster>` (and postmaster@hostname) is delivered to, from any client.
+        `received_shows_user`: name the authenticated user in our Received field ([auth])."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.hostname = hostname
@@ -168,6 +170,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.queue = queue
         self.authserv_id = authserv_id
         self.postmaster = postmaster
+        self.received_shows_user = received_shows_user
         self.tls_options = tls_options
         self.clock = clock
         self.metrics = metrics
@@ -178,10 +181,12 @@ class RelayServerFactory(protocol.ServerFactory):
         self._drain_waiters: list[defer.Deferred] = []
 
     def reconfigure(self, *, limits: config.Limits, portal: Optional[Portal], mechanisms: tuple[str, ...],
-                    policy, authserv_id: Optional[str] = None, postmaster: Optional[str] = None) -> None:
+                    policy, authserv_id: Optional[str] = None, postmaster: Optional[str] = None,
+                    received_shows_user: bool = False) -> None:
         """A reloaded config: new connections use these; sessions already open keep what they had."""
         self.limits, self.portal, self.policy = limits, portal, policy
         self.authserv_id, self.postmaster = authserv_id, postmaster
+        self.received_shows_user = received_shows_user
         self.mechanisms = tuple(m.upper() for m in mechanisms if m.upper() in SUPPORTED_MECHANISMS)
         self.connections.set_limits(limits.max_connections, limits.max_connections_per_ip)
         self.auth_failures.set_limit(limits.auth_failures_per_minute)

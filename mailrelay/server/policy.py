@@ -19,7 +19,13 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
 - The null sender <> (bounces, RFC 3464; auto-replies, RFC 3834) is allowed for every client
   a rule matches, whatever its `senders`: it impersonates nobody, and an inbound gateway (`anyone`)
   must accept bounces.  It still counts against the rate limit, its recipients are still limited by
-  `recipients`, and an authenticated user's From: header is still held to `senders`.
+  `recipients`, and the From: header is still held to `senders` where the rule holds it.
+- The From: header is held to `senders` when the rule's `check_from_header` says so: by default on
+  `users` rules (a login is bound to its senders, RFC 6409 §6.1), not on `networks` rules (a host
+  trusted by address, e.g. an application sending on behalf of its customers); `check_from_header = true`
+  on a network rule holds it too.  Refused: `550 5.7.1` at the end of data.  A From: its rule's
+  `senders` do not cover is relayed when not held, but never signed with our keys (dkim/permission.py).
+  `anyone` rules (inbound gateways) never check it: mail from the world carries the world's addresses.
 - The rate limit (`messages_per_minute`) is charged at MAIL, after the sender check passed, per
   identity (user name, or the rule for network/anyone clients: all of 10.0.0.0/8 share one budget).
   A client no rule matches is charged too, per IP (IPv6 per /64, ratelimit.client_key): its only
@@ -53,6 +59,7 @@ from mailrelay.server.ratelimit import RateLimiter, client_key
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not allowed for this client")
 FROM_DENIED = Reply(550, "5.7.1", "From header not allowed for this user")
+FROM_DENIED_NETWORK = Reply(550, "5.7.1", "From header not allowed for clients of this network")
 RATE_LIMITED = Reply(450, "4.7.1", "Too many messages from this client, try again later")
 
 # RFC 5322 §3.2.3 atext, which RFC 6531 §3.3 extends with any non-ASCII UTF-8 character.
@@ -290,19 +297,26 @@ class PermitPolicy:
         return None
 
     def check_message(self, client: ClientInfo, sender: str, headers: bytes) -> Optional[Reply]:
-        if client.user is None:
-            return None
         rule = self._rule_for(client)
         if rule is None:
-            return RELAY_DENIED
-        if not rule.permit.check_from_header or rule.senders.anything:
+            # A login no rule names is refused; a stranger got here only through the postmaster exception.
+            return RELAY_DENIED if client.user is not None else None
+        if not rule.permit.holds_from_header or rule.senders.anything:
             return None
         # No From: at all (RFC 5322 §3.6 requires one), a group with no address, or a header we
         # cannot parse cleanly: nothing we could hold to `senders`, so refused.
         addresses = from_addresses(headers)
         if not addresses or not all(rule.senders.allows(a) for a in addresses):
-            return FROM_DENIED
+            return FROM_DENIED if client.user is not None else FROM_DENIED_NETWORK
         return None
+
+    def signing_senders(self, client: ClientInfo) -> tuple[str, ...]:
+        """The `senders` of the rule that accepts `client`'s mail, whose From: addresses it covers are
+        ours to DKIM-sign; () for an `anyone` rule or no rule: a stranger's mail is never signed."""
+        rule = self._rule_for(client)
+        if rule is None or rule.permit.anyone:
+            return ()
+        return rule.permit.senders
 
 
 def from_addresses(headers: bytes) -> Optional[list[str]]:

@@ -7,7 +7,9 @@ IP, TLS, authenticated user), our hostname, the queue id, the recipients, the ti
 
 Implements RFC 5321 4.4 (Time-stamp-line: from / by / with / id / for ; date-time), RFC 3848 (the
 `with` keywords SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA) and RFC 5322 3.3 (date-time) / 3.2.2 (comments).
-Never a secret: only the user *name* appears, in a comment, escaped.
+Never a secret, and by default not even the login: the Received field leaves the organisation with the
+message, and a login (often an Active Directory account name) is of use to no recipient but an attacker.
+Only with `[auth] received_shows_user = true` does the user *name* appear, in a comment, escaped.
 """
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ def received_header(
     when: float,
     tls: Optional[str] = None,
     user: Optional[str] = None,
+    show_user: bool = False,
 ) -> bytes:
-    """The complete `Received:` field, folded, ending with CRLF. `tls` is "<version> <cipher>"."""
+    """The complete `Received:` field, folded, ending with CRLF. `tls` is "<version> <cipher>".
+    `user` (the login) is named only with `show_user` (`[auth] received_shows_user`): by default the
+    field says that the session was authenticated (ESMTPA/ESMTPSA, RFC 3848) but not as whom."""
     with_clause = f"with {protocol}"
     if tls:
         version, _, cipher = tls.partition(" ")
@@ -57,7 +62,7 @@ def received_header(
         f"Received: from {helo or 'unknown'} ({address_literal(address)})",
         f"by {hostname} (mailrelay) {with_clause}",
     ]
-    if user:
+    if user and show_user:
         lines.append(f"(authenticated as {_comment_text(user)})")
     lines.append(f"id {queue_id}")
     if len(recipients) == 1:

@@ -129,14 +129,26 @@ class TransactionMixin:
             sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
             client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
             body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+            dkim_senders=self._dkim_senders(),
         )
+
+    def _dkim_senders(self) -> tuple[str, ...]:
+        """Whose From: our keys may sign (dkim/permission.py): the client's rule's `senders`, or none at
+        all when a recipient was taken only through the postmaster exception (it lets anyone in)."""
+        client, policy = self.client_info(), self.factory.policy
+        postmaster = self.factory.postmaster
+        if postmaster and postmaster in self._rcpts and \
+                policy.check_recipient(client, self._mail.sender, postmaster) is not None:
+            return ()
+        signing_senders = getattr(policy, "signing_senders", None)     # a policy without it: never signed
+        return tuple(signing_senders(client)) if signing_senders is not None else ()
 
     def _received(self, queue_id: str, envelope: Envelope) -> bytes:
         return received_header(
             helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
             protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
             queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
-            tls=envelope.tls, user=self._user,
+            tls=envelope.tls, user=self._user, show_user=self.factory.received_shows_user,
         )
 
     def _write_content(self, chunk: bytes) -> None:

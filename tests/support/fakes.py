@@ -95,6 +95,9 @@ class AllowAllPolicy:
         self.headers.append(headers)
         return None
 
+    def signing_senders(self, client):
+        return ("*",)
+
 
 @implementer(IRelayPolicy)
 class DenyRelayPolicy(AllowAllPolicy):
