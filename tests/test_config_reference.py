@@ -2,10 +2,12 @@
 
 The reader refuses every key nobody asked for (`_Reader.close`), so the keys it accepts are exactly the
 keys its getters ask for.  `walk()` loads SHAPE (one of every table) with the getters recorded and
-gets every accepted key path ("limits.max_message_size", "permit.networks",
-"transports.NAME.host"), the allowed values of every choice, and whether the walk saw every table.
-docs/config.md is read as its tables: under "## Keys", a `### \\`[section]\\`` heading and one
-`| \\`key\\` | default | meaning |` row per key; under "## Not supported yet", one row per refused key.
+gets every accepted key path ("limits.max_message_size", "permit.networks", "transports.NAME.host"),
+the allowed values of every choice, and whether the walk reached every table.  docs/config.md is read
+as its tables: under "## Keys", a "### `[section]`" heading and one "| `key` | default | meaning |"
+row per key; under "## Not supported yet", one row per refused key or table.  Checked: the two key
+sets are equal, every allowed value is in its row, a default written as one TOML value is the default
+(writing it changes nothing), and every key not supported yet is refused.
 
 Adding a key: one row in docs/config.md under its section; the walk finds the key by itself.  Adding a
 new [[array]] table or a table read only when present: one entry in SHAPE (the test says so).
