@@ -15,7 +15,7 @@ from mailrelay import config
 from mailrelay.config import ConfigError, load, parse_duration, parse_host_port, parse_size
 from mailrelay.tls import generate_self_signed
 
-# The example of /work/shared/spec/config.md, with its /etc paths made relative to the config file.
+# The configuration contract's example, with its /etc paths made relative to the config file.
 EXAMPLE = '''
 hostname = "relay.example.org"
 spool = "/var/spool/mailrelay"

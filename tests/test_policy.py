@@ -27,7 +27,7 @@ ALICE = ClientInfo("192.0.2.9", user="alice", listener="submission")
 ALICE_ON_LAN = ClientInfo("10.1.2.3", user="alice", listener="submission")
 BOB = ClientInfo("198.51.100.7", user="bob", listener="submission")
 
-# The [[permit]] rules of the example in ../shared/spec/config.md.
+# The [[permit]] rules of the configuration contract's example.
 SPEC_PERMITS = (
     Permit(networks=(net("10.0.0.0/8"), net("2001:db8::/32")),
            senders=("app.example.org", "noreply@example.org")),

@@ -1,6 +1,6 @@
 """RelaySession conversations over StringTransport and task.Clock: client line, server reply.
 
-Each hole listed in shared/notes/twisted-smtp.md has a test here (or in test_server_data /
+Each hole of stock Twisted SMTP we close has a test here (or in test_server_data /
 test_server_network) that fails against stock twisted.mail.smtp.ESMTP.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""tap.conf: the configuration contract (../shared/spec/config.md) as typed, immutable objects.
+"""tap.conf: the configuration contract (docs/config.md) as typed, immutable objects.
 
 First stage of the journey: everything the relay does is decided by one `Config`, loaded once at start
 (and again on SIGHUP) from a TOML file.  In: a path.  Out: a frozen `Config`, or `ConfigError`, whose
@@ -12,8 +12,8 @@ here, so a typo is refused at start and not at the first message.  `auth.passwor
 
 The package, by stage: `model` (the frozen dataclasses, defaults, allowed values, ConfigError),
 `values` (durations, sizes, host:port, patterns), `reader` (typed access to one TOML table by key
-path), `sections` (one function per table) and, here, `load`, which reads the file and assembles a
-`Config`.  Every name other modules use is importable from `mailrelay.config` itself.
+path), `sections` (one function per table), `openrelay` (permit rules that would relay for anyone are
+refused) and, here, `load`, which reads the file and assembles a `Config`.  Every name other modules use is importable from `mailrelay.config` itself.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from mailrelay.config.model import (
     AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits,
     Listener, LogConfig, MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
 )
+from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
     _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _postmaster, _queue,
@@ -84,4 +85,6 @@ def load(path: str | Path) -> Config:
         postmaster=_postmaster(root),
     )
     root.close()
+    if permits:   # after every key is known good: a typo is named as a typo first
+        refuse_open_relay(permits, config.permits)
     return config

@@ -2,7 +2,7 @@
 
 Part of the first stage of the journey (mailrelay.config).  In: nothing; this module only declares.
 Out: `Config` and its sections, each a frozen dataclass whose defaults are the contract's
-(../shared/spec/config.md), the tuples of allowed values the sections are checked against, and
+(docs/config.md), the tuples of allowed values the sections are checked against, and
 `ConfigError`, the one-line refusal every stage of loading raises.
 """
 from __future__ import annotations

@@ -7,8 +7,9 @@ or a non-ASCII octet into the envelope or a `Received` header (header injection,
 Implements RFC 5321 4.1.1.1 (EHLO/HELO argument: Domain / address-literal), 4.1.1.2-3 and 4.1.2
 (Reverse-path / Forward-path, Mailbox, dot-string and quoted-string local parts, source routes),
 4.5.3.1 (local part 64, domain 255, path 256 octets), RFC 1870 (SIZE=), RFC 6152 (BODY=).
-Source routes (`<@a,@b:user@c>`) are accepted and stripped, as RFC 5321 4.1.1.3 allows; the policy then
-judges the mailbox.  `RCPT TO:<postmaster>` without a domain is accepted (RFC 5321 4.5.1).
+Source routes (`<@a,@b:user@c>`) are accepted and stripped, as RFC 5321 4.1.1.3 and Appendix C allow
+(servers SHOULD ignore the route): the policy judges, the spool keeps and delivery uses `user@c` only.
+`RCPT TO:<postmaster>` without a domain is accepted (RFC 5321 4.5.1).
 SMTPUTF8 is not offered, so a non-ASCII address is refused with 553 5.6.7 (RFC 6531 3.5).
 """
 from __future__ import annotations
@@ -153,9 +154,9 @@ def _strip_route(path: str) -> str:
     if not path.startswith("@") or ":" not in path:
         return path
     route, _, mailbox = path.partition(":")
-    if all(_ROUTE.fullmatch(hop) for hop in route.split(",")):
+    if mailbox and all(_ROUTE.fullmatch(hop) for hop in route.split(",")):
         return mailbox
-    return path                           # not a valid route: left for _mailbox to refuse
+    return path                           # not a route, or nothing after it: left for _mailbox to refuse
 
 
 def _params(text: str) -> Union[dict, Reply]:

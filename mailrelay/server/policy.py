@@ -5,9 +5,9 @@ before anything reaches the spool.  In: an envelope.ClientInfo (peer address, au
 envelope addresses, the header block.  Out: None (accepted) or an interfaces.Reply with an RFC 3463
 enhanced status code.  Implements the relay decision of RFC 5321 §3.6 (never an open relay), the
 sender binding of authenticated clients (RFC 6409 §6.1, "enforce submission rights") and the refusal of
-source routes and other routing forms (RFC 5321 §3.6.1, §4.1.1.3).
+routing forms that could carry mail past the rules (RFC 5321 §3.6.1; source routes are dropped, §4.1.1.3).
 
-Decisions (the contract in ../shared/spec/config.md leaves these to us):
+Decisions (the contract, docs/config.md, leaves these to us):
 - Which rule applies: the first, in file order, whose "who" matches the client.  An authenticated client
   matches only rules with `users` ("*" or its name); if such a rule also lists `networks`, the client
   must connect from one of them too (more fields, narrower rule; config.load refuses such rules, but
@@ -35,9 +35,10 @@ Decisions (the contract in ../shared/spec/config.md leaves these to us):
 - LDAP logins are case-insensitive (the directory compares them so): such a user arrives case-folded
   (`ClientInfo.user_folded`) and a `users` entry matches it when the entry case-folds to it.
   Password-file names compare exactly.
-- Routing tricks (`%`, `!`, source routes, several `@`, quoted local parts hiding them, address
-  literals, malformed domains) are refused for every client, whatever its `recipients`: legitimate
-  mail does not need them and their only use left is to smuggle mail through a relay.
+- Routing tricks (`%`, `!`, several `@`, quoted local parts hiding them, address literals, malformed
+  domains) are refused for every client, whatever its `recipients`: legitimate mail does not need them
+  and their only use left is to smuggle mail through a relay.  A source route never gets here: the
+  parser (server.addresses) drops the route, and the mailbox after it is judged like any other.
 """
 from __future__ import annotations
 
@@ -112,8 +113,9 @@ def routing_trick(address: str) -> Optional[str]:
     if any(ord(c) < 32 or ord(c) == 127 for c in address):
         return "control character in address"
     if address.startswith("@"):
-        # A source route `@a,@b:user@c` (RFC 5321 §4.1.1.3, Appendix C): a relay honouring it
-        # sends the mail on to `c` whatever the first domain was; we accept the syntax nowhere.
+        # A source route `@a,@b:user@c` (RFC 5321 §4.1.1.3, Appendix C): a relay that judged `a` would
+        # see the mail carried on to `c`.  The SMTP parser (server.addresses) already drops a valid
+        # route and hands on `user@c`; whatever still starts with "@" here is refused.
         return "source route"
     if address.startswith('"'):
         local, rest = _split_quoted(address)

@@ -12,7 +12,7 @@ domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PL
 under TLS), RFC 6409 (submission needs AUTH), RFC 8314 (implicit TLS).
 
 Built on twisted.mail.smtp.ESMTP for its shape (do_*/ext_* dispatch), but every command handler and
-the input path are our own: stock Twisted's holes (see shared/notes/twisted-smtp.md) are closed here
+the input path are our own: stock Twisted's holes (STARTTLS injection, DATA smuggling, unbounded lines) are closed here
 and in data.py.  Input is read from one buffer by `_process`; while an AUTH check or a commit is
 pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
 
