@@ -16,7 +16,6 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -26,6 +25,7 @@ from mailrelay.server.ldap import LDAPChecker
 from mailrelay.server.ldap_cache import CredentialCache
 from mailrelay.server.ldap_client import DirectoryError, LDAPConnection, connect
 from mailrelay.server.realm import TemporaryAuthFailure
+from tests.support.logcapture import LogLines
 from tests.support import slapd as fixture
 
 BIND_DN = "uid={user}," + fixture.PEOPLE
@@ -36,21 +36,6 @@ def login(checker, user, password) -> defer.Deferred:
     return checker.requestAvatarId(UsernamePassword(user.encode("utf-8"), password.encode("utf-8")))
 
 
-class LogCapture:
-    """Every log event's formatted text while installed (to prove that secrets stay out of logs)."""
-
-    def __init__(self, test: unittest.TestCase):
-        self.lines: list[str] = []
-        globalLogPublisher.addObserver(self.observe)
-        test.addCleanup(globalLogPublisher.removeObserver, self.observe)
-
-    def observe(self, event) -> None:
-        self.lines.append(formatEvent(event) or "")
-        if "log_failure" in event:
-            self.lines.append(event["log_failure"].getTraceback())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 # -- names, escaping, URLs ---------------------------------------------------------------------------
@@ -260,7 +245,7 @@ class ConversationTests(unittest.SynchronousTestCase):
         self.failureResultOf(d, TemporaryAuthFailure)
 
     def test_garbage_from_the_directory_is_a_temporary_failure_without_traceback(self):
-        log = LogCapture(self)
+        log = LogLines(self)
         played = PlayedDirectory(urls=("ldap://192.0.2.1",))
         d = login(played.checker, "alice", SECRET)
         proto, transport = played.accept(0)
@@ -434,7 +419,7 @@ class DirectBindTests(SlapdTestCase):
         await self.refused(login(checker, "alice,ou=people,dc=example,dc=org", fixture.USERS["alice"]))
 
     async def test_password_never_reaches_a_log_line(self):
-        log = LogCapture(self)
+        log = LogLines(self)
         checker = self.checker(bind_dn=BIND_DN, urls=(self.dead_url(), self.slapd.ldap_url))
         await login(checker, "alice", fixture.USERS["alice"])
         await self.refused(login(checker, "alice", "Wr0ng-Passw0rd"))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
 
+from tests.support.logcapture import LogLines
 from tests.support import slapd as fixture
 from tests.test_access_end_to_end import (
     FOREIGN_HOST, USERS_ONLY, Client, RelayTestCase, message, status,
@@ -69,22 +69,6 @@ OK = [(235, "2.7.0"), (250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")]
 REFUSED = [(535, "5.7.8"), (530, "5.7.0")]      # and no MAIL without a login (RFC 6409 §4.3)
 
 
-class LogLines:
-    """Every log event's text while the test runs: secrets must never appear in one."""
-
-    def __init__(self, test):
-        self.lines: list[str] = []
-        globalLogPublisher.addObserver(self.observe)
-        test.addCleanup(globalLogPublisher.removeObserver, self.observe)
-
-    def observe(self, event) -> None:
-        self.lines.append(formatEvent(event) or "")
-        self.lines.append(repr(event))
-        if "log_failure" in event:
-            self.lines.append(event["log_failure"].getTraceback())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 class LDAPThroughSMTPTests(RelayTestCase):
@@ -99,7 +83,7 @@ class LDAPThroughSMTPTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_good_password_over_ldap_starttls_is_235_and_the_message_is_relayed(self):
-        logs = LogLines(self)
+        logs = LogLines(self, raw=True)
         relay = self.start_ldap_relay(ldap_section([self.slapd.ldap_url], self.slapd.ca_file, starttls=True))
         password = fixture.USERS["alice"]
         replies = yield self.run_client(submit, relay, "alice", password)
@@ -131,7 +115,7 @@ class LDAPThroughSMTPTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_wrong_password_is_535_and_nothing_is_relayed(self):
-        logs = LogLines(self)
+        logs = LogLines(self, raw=True)
         relay = self.start_ldap_relay(ldap_section([self.slapd.ldap_url], self.slapd.ca_file, starttls=True))
         replies = yield self.run_client(submit, relay, "alice", "not-alices-password")
         self.assertEqual(replies, REFUSED)

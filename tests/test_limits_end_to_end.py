@@ -22,7 +22,8 @@ from tests.support import slapd as fixture
 from tests.test_access_end_to_end import (
     FOREIGN_HOST, NETWORK_ONLY, RECIPIENT_RULES, SENDER_RULES, Client, RelayTestCase, message, status,
 )
-from tests.test_ldap import LogCapture, SlapdTestCase, login
+from tests.support.logcapture import LogLines
+from tests.test_ldap import SlapdTestCase, login
 from tests.test_ldap_end_to_end import DIRECT_BIND, ldap_section, submit
 from tests.test_server_network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
 
@@ -170,7 +171,7 @@ class LDAPIdentityTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_alice_in_any_case_is_one_identity_for_rules_budgets_and_logs(self):
-        logs = LogCapture(self)
+        logs = LogLines(self)
         relay = self.start_relay(ALICE_ONLY, "[limits]\nmessages_per_minute = 2\n\n" + ldap_section(
             [self.slapd.ldap_url], self.slapd.ca_file, starttls=True, rest=DIRECT_BIND))
         password = fixture.USERS["alice"]
@@ -212,7 +213,7 @@ class LDAPCheckerTests(SlapdTestCase):
         # dave is in mail-senders only through team-a and team-b: with room for one group, the walk
         # stops at the guard, which must refuse the login (535), not fail on a NameError (454).
         self.patch(ldap, "MAX_NESTED_GROUPS", 1)
-        logs = LogCapture(self)
+        logs = LogLines(self)
         checker = self.search_checker(require_group=fixture.MAIL_SENDERS)
         await self.refused(login(checker, "dave", fixture.USERS["dave"]))
         self.assertIn("more than 1 groups around require_group", logs.text())

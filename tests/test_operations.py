@@ -10,9 +10,9 @@ import smtplib
 import urllib.request
 
 from twisted.internet import defer, reactor, task, threads
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from tests.support.logcapture import LogLines
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
 
@@ -85,22 +85,6 @@ def rate_refused(relay: RelayFixture, kind: str = "relay") -> int:
     return code
 
 
-class WarningLines:
-    """The text of every log event while installed."""
-
-    def __init__(self, test: unittest.TestCase):
-        self.lines: list[str] = []
-        globalLogPublisher.addObserver(self.observe)
-        test.addCleanup(globalLogPublisher.removeObserver, self.observe)
-
-    def observe(self, event) -> None:
-        self.lines.append(formatEvent(event) or "")
-
-    def take(self, word: str) -> list[str]:
-        """The lines containing `word` since the last take, and forget every line."""
-        found = [line for line in self.lines if word in line]
-        self.lines = []
-        return found
 
 
 class Reload(unittest.TestCase):
@@ -196,7 +180,7 @@ class Reload(unittest.TestCase):
         service = relay.start(reactor)
         self.addCleanup(relay.stop)
         original = relay.path.read_text()
-        lines = WarningLines(self)
+        lines = LogLines(self)
 
         self.write(relay, original.replace('process = "inline"', 'process = "separate"'))
         self.assertTrue(service.reload())
