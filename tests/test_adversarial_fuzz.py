@@ -430,3 +430,26 @@ class Fuzz(unittest.TestCase):
         log.msg(f"fuzz: relay RSS {baseline} KiB before, {rss} KiB after, peak {hwm} KiB")
         self.assertLess(rss - baseline, RSS_GROWTH_MIB * 1024,
                         f"RSS grew from {baseline} to {rss} KiB: {self.why('all')}")
+
+    @defer.inlineCallbacks
+    def test_parallel_auth_attempts_keep_memory_bounded(self):
+        # Each argon2id check takes 64 MiB (RFC 9106 low-memory parameters); twelve strangers trying a
+        # password at once must not make the relay hold twelve of them (it held ten: 720 MiB).
+        yield threads.deferToThread(self.spawn)
+        idle, _ = rss_kib(self.relay.process.pid)
+
+        def attempt(i: int) -> bytes:
+            connection = Connection(self.relay.ports["submissions"], f"127.0.6.{i + 1}", tls=self.context)
+            connection.send(b"EHLO parallel.test\r\n")
+            connection.until(rb"250 ")
+            connection.send(b"AUTH PLAIN " + base64.b64encode(b"\0app1\0wrong %d" % i) + b"\r\n")
+            connection.until(rb"5[0-9][0-9] ", HANG_SECONDS)
+            answer = connection.raw.split(b"\r\n")[-2]
+            self.keep(connection, f"parallel AUTH #{i}")
+            return answer
+
+        answers = yield defer.gatherResults([threads.deferToThread(attempt, i) for i in range(12)])
+        self.assertEqual(set(answers), {b"535 5.7.8 Authentication credentials invalid"})
+        _, peak = rss_kib(self.relay.process.pid)
+        self.assertLess(peak - idle, 3 * 64 * 1024, f"peak RSS {peak} KiB, idle {idle} KiB")
+        yield threads.deferToThread(self.judge, "parallel AUTH")
