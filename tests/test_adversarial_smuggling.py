@@ -19,14 +19,15 @@ Twisted's client: a "." line at a chunk boundary went out unstuffed, an early en
 """
 from __future__ import annotations
 
+import base64
 import time
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from tests.support.relay import RelayFixture
+from tests.support.relay import PASSWORD, RelayFixture
 from tests.support.sink import Sink
-from tests.support.wire import WireClient, malformed
+from tests.support.wire import WireClient, client_context, malformed
 
 # SEC Consult's smtp-smuggling-scanner: its inbound list and its outbound list (which adds the two
 # CR CR LF forms), then the other bare forms the scanner's paper discusses.
@@ -69,13 +70,22 @@ class Smuggling(unittest.TestCase):
 
     # -- the client side, in a thread ------------------------------------------------------------
 
-    def session(self, messages: list[list[bytes]]) -> dict:
-        """One connection to the relay listener: each message as one transaction, then a control
-        message.  Returns the DATA replies, anything the relay said beyond them, and every reply."""
-        client = WireClient("127.0.0.1", self.relay.ports["relay"])
+    def session(self, messages: list[list[bytes]], submissions: bool = False) -> dict:
+        """One connection to the relay listener (or to 465 with AUTH): each message as one transaction,
+        then a control message.  Returns the DATA replies, anything the relay said beyond them, and
+        every reply."""
+        if submissions:
+            context = client_context(self.relay.ca_file())
+            client = WireClient("127.0.0.1", self.relay.ports["submissions"], implicit_tls=context)
+        else:
+            client = WireClient("127.0.0.1", self.relay.ports["relay"])
         try:
             client.reply()
             client.command("EHLO client.test")
+            if submissions:
+                login = base64.b64encode(b"\0app1\0" + PASSWORD.encode()).decode()
+                if client.command("AUTH PLAIN " + login).code != 235:
+                    raise AssertionError(f"AUTH: {client.replies[-1].lines}")
             data_replies, extra = [], []        # extra: replies between a DATA reply and HELP's
             for writes in messages + [[header("CONTROL") + b"control body\r\n.\r\n"]]:
                 self.begin(client)
@@ -104,8 +114,8 @@ class Smuggling(unittest.TestCase):
     # -- the judgement ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def run_session(self, messages: list[list[bytes]]):
-        result = yield threads.deferToThread(self.session, messages)
+    def run_session(self, messages: list[list[bytes]], submissions: bool = False):
+        result = yield threads.deferToThread(self.session, messages, submissions)
         self.assertEqual(malformed(result["replies"]), [])
         self.assertEqual([r.lines for r in result["extra"]], [],
                          "the relay answered something after a DATA reply: it ran smuggled commands")
@@ -134,6 +144,14 @@ class Smuggling(unittest.TestCase):
             self.assertFalse([c for c in commands if b"smuggled" in c.lower() or b"victim" in c.lower()])
 
     # -- the payloads ------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_every_sequence_through_465_after_auth(self):
+        # The submission side reads DATA the same way: every sequence without a NUL (those have their
+        # own tests), both shapes, one authenticated session over implicit TLS.
+        messages = [m for seq in SEQUENCES if "\x00" not in seq for m in smuggling_messages(seq)]
+        codes = yield self.run_session(messages, submissions=True)
+        self.assertEqual(len(codes), len(messages) + 1)
 
     @defer.inlineCallbacks
     def test_a_stuffed_dot_and_the_terminator_split_at_every_position(self):
