@@ -304,6 +304,9 @@ class Fuzz(unittest.TestCase):
             self.keep(connection, label)
             return
         connection.send(b"EHLO fuzz.test\r\n")
+        if rng.random() < 0.15:     # logged in for real first: the rest is fuzzed as an authenticated user
+            connection.send(b"AUTH PLAIN " + base64.b64encode(b"\0app1\0" + PASSWORD.encode()) + b"\r\n")
+            connection.send(b"".join(fuzz_line(rng) for _ in range(rng.randint(1, 10))))
         for _ in range(rng.randint(1, 5)):
             mechanism = rng.choice([b"PLAIN", b"LOGIN", b"plain", b"CRAM-MD5", b"XOAUTH2", b"", noise(rng, 12)])
             blob_kind = rng.random()

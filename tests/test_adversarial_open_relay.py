@@ -111,6 +111,7 @@ class OpenRelay(unittest.TestCase):
         # All sixteen tests reached RCPT on port 25 and each was refused (an error would read otherwise).
         self.assertEqual(found["relay"], "Server doesn't seem to be an open relay, all tests failed")
         # 587 and 465 refuse MAIL without AUTH (530): nmap's own verdict for a server that needs a login.
+        # On 465 that verdict means nmap spoke TLS: the listener sends no banner before a handshake.
         self.assertEqual(found["submission"], "Server isn't an open relay, authentication needed")
         self.assertEqual(found["submissions"], "Server isn't an open relay, authentication needed")
         yield self.assert_nothing_reached_the_next_hop()
