@@ -38,6 +38,10 @@ _BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}\Z")
 # PHC string format, as argon2-cffi writes it: parameters, then base64 (no padding) salt and hash.
 _ARGON2ID_HASH = re.compile(r"\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{11,}\Z")
 _BAD_NAME_CHARS = re.compile(r"[:\s\x00-\x1f\x7f]")
+# RFC 9106 4: argon2id is memory-hard, each check takes its `m` (64 MiB with argon2-cffi's defaults).
+# Unbounded, ten unauthenticated AUTH attempts at once filled the reactor's ten threads (and starved
+# its DNS lookups) with 640 MiB (CWE-400); at most this many run at once, the others wait their turn.
+MAX_CONCURRENT_VERIFICATIONS = 2
 
 
 def valid_user_name(user: str) -> bool:
@@ -129,6 +133,7 @@ class PasswordFileChecker:
         self._threadpool = threadpool
         self._snapshot = _Snapshot()
         self._missing_logged = False
+        self._verifying = defer.DeferredSemaphore(MAX_CONCURRENT_VERIFICATIONS)
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         password = _as_bytes(credentials.password)
@@ -150,7 +155,7 @@ class PasswordFileChecker:
         if target is None:
             return defer.fail(UnauthorizedLogin())
         pool = self._threadpool or self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, verify_password, target, password)
+        d = self._verifying.run(deferToThreadPool, self._reactor, pool, verify_password, target, password)
         d.addCallback(self._outcome, user if known else None)
         return d
 
