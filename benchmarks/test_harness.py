@@ -145,7 +145,7 @@ class ConfigTests(unittest.TestCase):
         path = directory / "tap.conf"
         path.write_text(harness.mailrelay_conf(2525, 2526, directory / "spool", max_connections=1100))
         config = load(path)
-        self.assertEqual([(l.kind, l.endpoint) for l in config.listeners],
+        self.assertEqual([(listener.kind, listener.endpoint) for listener in config.listeners],
                          [("relay", "tcp:2525:interface=127.0.0.1")])
         self.assertEqual(config.limits.max_connections_per_ip, 1100)
         self.assertEqual([str(n) for n in config.permits[0].networks], ["127.0.0.0/8"])

@@ -127,7 +127,7 @@ class Client:
         code, text = self.cmd("DATA")
         if code != 354:
             return code, text
-        stuffed = b"\r\n".join(b"." + l if l.startswith(b".") else l for l in content.split(b"\r\n"))
+        stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in content.split(b"\r\n"))
         self.smtp.send(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
         return self.smtp.getreply()
 
@@ -255,7 +255,7 @@ class OpenRelayBatteryTests(RelayTestCase):
         # on the allowlisted host) may relay nothing.
         relay = self.start_relay(NETWORK_ONLY)
         for source in (ALLOWED_HOST, FOREIGN_HOST):
-            results = yield self.run_client(lambda: battery(login_client(relay, source)))
+            results = yield self.run_client(lambda source=source: battery(login_client(relay, source)))
             self.assertEqual(results, refused_everything(), source)
         yield self.settle(relay, [])
 
@@ -263,7 +263,7 @@ class OpenRelayBatteryTests(RelayTestCase):
     def test_users_rule_relays_nothing_without_auth_from_either_host(self):
         relay = self.start_relay(USERS_ONLY)
         for source in (ALLOWED_HOST, FOREIGN_HOST):
-            results = yield self.run_client(lambda: battery(Client(relay, source=source)))
+            results = yield self.run_client(lambda source=source: battery(Client(relay, source=source)))
             self.assertEqual(results, refused_everything(), source)
         yield self.settle(relay, [])
 
@@ -271,7 +271,7 @@ class OpenRelayBatteryTests(RelayTestCase):
     def test_users_rule_relays_only_allowed_recipients_for_authenticated_clients(self):
         relay = self.start_relay(USERS_ONLY)
         for source in (ALLOWED_HOST, FOREIGN_HOST):
-            results = yield self.run_client(lambda: battery(login_client(relay, source)))
+            results = yield self.run_client(lambda source=source: battery(login_client(relay, source)))
             self.assertEqual(results, relayed_allowed_only(), source)
         yield self.settle(relay, list(ALLOWED.values()) * 2)
 
@@ -315,7 +315,7 @@ class OpenRelayBatteryTests(RelayTestCase):
         expected.update({"MAIL": (250, "2.1.0"), "user@victim.example": (250, "2.1.5"),
                          "@allowed.example:routed@victim.example": (250, "2.1.5"), "DATA": (250, "2.0.0")})
         for make in (lambda: Client(relay, source=ALLOWED_HOST), lambda: login_client(relay, FOREIGN_HOST)):
-            replies = yield self.run_client(lambda: converse(make()))
+            replies = yield self.run_client(lambda make=make: converse(make()))
             self.assertEqual(replies, expected)
         yield self.settle(relay, ["routed@victim.example", "user@victim.example"] * 2)
 
@@ -336,7 +336,7 @@ class SenderTests(RelayTestCase):
             return replies
 
         for make in (lambda: Client(relay, source=ALLOWED_HOST), lambda: login_client(relay, FOREIGN_HOST)):
-            replies = yield self.run_client(lambda: converse(make()))
+            replies = yield self.run_client(lambda make=make: converse(make()))
             self.assertEqual(replies, [(553, "5.7.1"), (553, "5.7.1"), (503, "5.5.1")])
         yield self.settle(relay, [])
 

@@ -218,8 +218,8 @@ class Fuzz(unittest.TestCase):
         self.assertIsNone(self.relay.process.poll(), f"the relay died: {why}")
         bad = [line for line in self.lines if not REPLY_LINE.match(line)]
         self.assertEqual(bad[:5], [], f"malformed reply lines: {why}")
-        unenhanced = [l for l in self.lines if l[:1] in b"245" and l[:3] not in (b"220", b"250")
-                      and l[3:4] == b" " and not re.match(rb"^[245]\.[0-9]{1,3}\.[0-9]{1,3}( |$)", l[4:])]
+        unenhanced = [line for line in self.lines if line[:1] in b"245" and line[:3] not in (b"220", b"250")
+                      and line[3:4] == b" " and not re.match(rb"^[245]\.[0-9]{1,3}\.[0-9]{1,3}( |$)", line[4:])]
         self.assertEqual(unenhanced[:5], [], f"replies without an enhanced status code: {why}")
         self.assertEqual(self.hangs, [], f"connections left open after the client stopped: {why}")
         self.assertEqual(malformed(self.control()), [], why)
@@ -337,7 +337,7 @@ class Fuzz(unittest.TestCase):
                         + b"DATA\r\nSubject: many\r\n\r\nmany\r\n.\r\n")
         connection.until(rb"250 2\.0\.0 ", 30)
         self.keep(connection, "thousands of RCPTs")
-        rcpt_codes = [l[:9] for l in connection.raw.split(b"\r\n")]
+        rcpt_codes = [line[:9] for line in connection.raw.split(b"\r\n")]
         seen["rcpts"] = (rcpt_codes.count(b"250 2.1.5"), rcpt_codes.count(b"452 4.5.3"), connection.raw)
 
         # Garbage pipelined after STARTTLS in the same write: discarded, never answered, never run

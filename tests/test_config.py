@@ -2,6 +2,7 @@
 one line naming the file and the exact key path."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -252,7 +253,7 @@ class ExampleTests(ConfigTestCase):
         def add_transport() -> None:
             self.config.transports["x"] = None   # type: ignore[index]
         self.assertRaises(TypeError, add_transport)
-        self.assertRaises(Exception, setattr, self.config, "hostname", "other")
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, self.config, "hostname", "other")
 
 
 class DefaultTests(ConfigTestCase):

@@ -388,7 +388,8 @@ class RealSinkTests(unittest.TestCase):
             scheduler.enqueue(queue_id)
         yield self.sink.wait_for(20)
         self.assertEqual(len(self.sink.sessions), 4)
-        mails_per_session = [sum(1 for _, line in s.commands if line.startswith(b"MAIL FROM")) for s in self.sink.sessions]
+        mails_per_session = [sum(1 for _, line in s.commands if line.startswith(b"MAIL FROM"))
+                             for s in self.sink.sessions]
         self.assertEqual(mails_per_session, [5, 5, 5, 5])
 
     @defer.inlineCallbacks

@@ -86,7 +86,7 @@ class Conversation:
         self.test = test
 
     def server(self, *lines: str) -> None:
-        self.client.dataReceived(b"".join(l.encode() + b"\r\n" for l in lines))
+        self.client.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
 
     def sent(self) -> list[bytes]:
         lines = self.transport.value().split(b"\r\n")
@@ -94,7 +94,7 @@ class Conversation:
         return lines[:-1]
 
     def expect(self, *lines: str) -> None:
-        self.test.assertEqual(self.sent(), [l.encode() for l in lines])
+        self.test.assertEqual(self.sent(), [line.encode() for line in lines])
 
     def stream_body(self) -> bytes:
         while self.transport.producer is not None:
@@ -112,7 +112,7 @@ class Conversation:
         self.server("220 mx.test ESMTP")
         self.expect("EHLO relay.test")
         lines = ["mx.test", *extensions]
-        self.server(*[f"250-{l}" for l in lines[:-1]], f"250 {lines[-1]}")
+        self.server(*[f"250-{line}" for line in lines[:-1]], f"250 {lines[-1]}")
 
 
 class ConversationTests(unittest.TestCase):

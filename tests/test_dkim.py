@@ -104,7 +104,8 @@ MESSAGES = {
     "8bit": b"From: A <a@example.org>\r\nTo: b@example.com\r\nSubject: caf\xc3\xa9\r\n\r\n"
             b"gr\xc3\xbc\xc3\x9fe  aus  K\xc3\xb6ln\t \r\n",
     "folded": b"From: A <a@example.org>\r\nTo: b@example.com,\r\n  c@example.com,\r\n\td@example.com\r\n"
-              b"Subject: " + b"long " * 40 + b"\r\n subject continued\r\nList-Unsubscribe: <mailto:u@x>\r\n\r\nbody\r\n",
+              b"Subject: " + b"long " * 40 + b"\r\n subject continued\r\n"
+              b"List-Unsubscribe: <mailto:u@x>\r\n\r\nbody\r\n",
     "empty": b"From: a@example.org\r\nSubject: nothing\r\n\r\n",
     "trailing": b"From: a@sub.example.org\r\nSubject: t\r\n\r\nlast line\r\n\r\n\r\n\r\n",
 }
@@ -402,7 +403,8 @@ class KeyToolTests(unittest.TestCase):
             f'[[dkim.key]]\ndomain = "example.org"\nselector = "good"\nkey_file = "{key_file}"\n'
             f'[[dkim.key]]\ndomain = "example.org"\nselector = "bad"\nkey_file = "{key_file}"\n'
         )
-        good = yield threads.deferToThread(self.run_cli, "dkim", "check", "example.org", "good", "--config", self.config)
+        good = yield threads.deferToThread(self.run_cli, "dkim", "check", "example.org", "good",
+                                           "--config", self.config)
         bad = yield threads.deferToThread(self.run_cli, "dkim", "check", "example.org", "bad", "--config", self.config)
         self.assertEqual(good[0], 0, good[1])
         self.assertIn("OK", good[1])

@@ -111,7 +111,7 @@ class StuffingProducerTests(unittest.TestCase):
             transport = StringTransport()
             writes = []
             write = transport.write
-            transport.write = lambda data: (writes.append(data), write(data))[1]
+            transport.write = lambda data, writes=writes, write=write: (writes.append(data), write(data))[1]
             done = StuffingProducer(io.BytesIO(body), transport).start()
             self.drive(transport)
             self.assertIsNone(self.successResultOf(done))

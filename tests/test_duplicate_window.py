@@ -57,7 +57,7 @@ class SettledConversation(Conversation):
         return self.records[-1]
 
     def transaction(self, rcpt: str, data_reply: str = "250 2.0.0 queued") -> None:
-        self.expect(f"MAIL FROM:<app@example.org>")
+        self.expect("MAIL FROM:<app@example.org>")
         self.server("250 2.1.0 ok")
         self.expect(f"RCPT TO:<{rcpt}>")
         self.server("250 2.1.5 ok")

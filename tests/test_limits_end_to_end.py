@@ -91,7 +91,7 @@ class IPv6LoopbackTests(NetworkTestBase):
             with socket.socket(socket.AF_INET6) as s:
                 s.bind(("::1", 0))
         except OSError as e:
-            raise SkipTest(f"no IPv6 loopback: {e}")
+            raise SkipTest(f"no IPv6 loopback: {e}") from None
 
     def listen6(self, limits: config.Limits, portal=None) -> RelayServerFactory:
         factory = RelayServerFactory(

@@ -82,7 +82,7 @@ class ClassicTextTests(unittest.TestCase):
 
     def test_what_it_cannot_render_identically_goes_to_twisted(self):
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             failure = Failure()
         for event in (
@@ -107,7 +107,7 @@ class TwistdObserverTests(unittest.TestCase):
         log.warn("literal {{braces}}")
         log.info("{missing}")
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             log.failure("it broke: {why}", why="division")
 

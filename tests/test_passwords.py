@@ -233,7 +233,7 @@ class FileTests(CheckerTestCase):
         good = cheap_argon2id("pw")
         bad_hash = "$argon2id$v=19$m=1024,t=1,p=1$notbase64!!$xx"
         self.write("# users", "", f"alice:{good}", f"bob:{bad_hash}", "no colon here",
-                   f"bad user:{good}", f"carol:$argon2i$v=19$m=1024,t=1,p=1$c29tZXNhbHQ$aGFzaA",
+                   f"bad user:{good}", "carol:$argon2i$v=19$m=1024,t=1,p=1$c29tZXNhbHQ$aGFzaA",
                    f"dave:{cheap_bcrypt('pw')[:-3]}", f"alice:{cheap_argon2id('other')}")
         checker = self.checker()
         self.assertEqual((yield self.login(checker, b"alice", b"pw")), "alice")

@@ -657,7 +657,8 @@ class ControlTests(SchedulerTestCase):
         self.spool.requests.append(("bounce", "q1"))
         self.clock.advance(POLL_INTERVAL)
         [(queue_id, [result])] = self.reporter.bounces
-        self.assertEqual((queue_id, result.recipient, result.code, result.status), ("q1", "a@example.net", 554, "5.0.0"))
+        self.assertEqual((queue_id, result.recipient, result.code, result.status),
+                         ("q1", "a@example.net", 554, "5.0.0"))
         self.assertEqual(self.spool.removed, ["q1"])
 
     def test_unknown_or_incomplete_requests_are_ignored(self):

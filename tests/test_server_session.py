@@ -77,7 +77,7 @@ class Client:
 
     def codes(self, data: bytes | str) -> list[str]:
         """The reply codes + enhanced codes of every reply line, e.g. ["250 2.1.0"]."""
-        return [" ".join(l.split(" ")[:2]) for l in self.send(data).splitlines()]
+        return [" ".join(line.split(" ")[:2]) for line in self.send(data).splitlines()]
 
     @property
     def closed(self) -> bool:
@@ -703,7 +703,8 @@ class AuthTests(unittest.TestCase):
         client.cmd("EHLO c.test")
         self.assertEqual(client.send("AUTH PLAIN " + b64(b"\0alice\0pw") + "\r\nMAIL FROM:<a@example.org>\r\n"), "")
         checker.pending[0].callback(b"alice")
-        self.assertEqual([l[:9] for l in client.transport.value().decode().splitlines()], ["235 2.7.0", "250 2.1.0"])
+        self.assertEqual([line[:9] for line in client.transport.value().decode().splitlines()],
+                         ["235 2.7.0", "250 2.1.0"])
         self.assertEqual(harness.policy.clients[-1].user, "alice")
 
     def test_secrets_never_reach_the_log(self):
@@ -768,6 +769,7 @@ class LimitsTests(unittest.TestCase):
     def test_connections_per_ip_are_capped(self):
         harness = Harness(limits=config.Limits(max_connections_per_ip=2))
         first, second = harness.connect(), harness.connect()
+        self.assertEqual([first.greeting[:4], second.greeting[:4]], ["220 ", "220 "])
         third = harness.connect()
         self.assertTrue(third.greeting.startswith("421 4.7.0"))
         self.assertTrue(third.closed)

@@ -446,8 +446,8 @@ class DirectoryFsyncTests(SpoolTestCase):
         self.spool = self.start_spool(directory_fsync=mode)
         counts = self.count_fsyncs()
         writers = [self.spool.new_message(make_envelope()) for _ in range(3)]
-        for writer in writers:
-            writer.write(b"body\r\n")
+        for each in writers:
+            each.write(b"body\r\n")
         ids = yield gatherResults([w.commit() for w in writers])
         for queue_id in ids:
             self.assertEqual(read_body(self.spool.load(queue_id)), b"body\r\n")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             set_password(path, args.user, password)
         except OSError as e:
-            raise _Failure(f"cannot write {e.filename or path}: {e.strerror}", 1)
+            raise _Failure(f"cannot write {e.filename or path}: {e.strerror}", 1) from None
     except _Failure as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.status
@@ -60,9 +60,9 @@ def _password_file(args: argparse.Namespace):
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:
-        raise _Failure(str(e), 2)
+        raise _Failure(str(e), 2) from None
     except OSError as e:
-        raise _Failure(f"{args.config}: {e.strerror}", 2)
+        raise _Failure(f"{args.config}: {e.strerror}", 2) from None
     if cfg.auth.password_file is None:
         raise _Failure(f"{args.config}: auth.password_file: not set, so there is no file to write", 2)
     return cfg.auth.password_file
@@ -77,9 +77,9 @@ def _read_password(from_stdin: bool) -> str:
             if getpass.getpass("Retype password: ") != password:
                 raise _Failure("passwords do not match", 1)
     except (EOFError, KeyboardInterrupt):
-        raise _Failure("no password given", 1)
+        raise _Failure("no password given", 1) from None
     except UnicodeDecodeError:
-        raise _Failure("the password is not valid text in this locale", 1)
+        raise _Failure("the password is not valid text in this locale", 1) from None
     if not password:
         raise _Failure("empty password refused", 1)
     if "\0" in password:

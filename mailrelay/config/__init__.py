@@ -13,7 +13,8 @@ here, so a typo is refused at start and not at the first message.  `auth.passwor
 The package, by stage: `model` (the frozen dataclasses, defaults, allowed values, ConfigError),
 `values` (durations, sizes, host:port, patterns), `reader` (typed access to one TOML table by key
 path), `sections` (one function per table), `openrelay` (permit rules that would relay for anyone are
-refused) and, here, `load`, which reads the file and assembles a `Config`.  Every name other modules use is importable from `mailrelay.config` itself.
+refused) and, here, `load`, which reads the file and assembles a `Config`.  Every name other modules
+use is importable from `mailrelay.config` itself.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ Refused (recipients "*" means a list holding "*", or `recipients` left out, whos
 - `anyone = true` with recipients "*": any client may then send anywhere.
 - `networks` with recipients "*" that cover every IPv4 address (0.0.0.0/0 however written, e.g.
   "1.2.3.4/0", or "::ffff:0:0/96", the IPv4-mapped form the policy reads as 0.0.0.0/0) or every IPv6
-  address (::/0, or e.g. "::/1" with "8000::/1"), whether one entry does it or several together — in one rule or across rules: first
-  match wins, so every client some "*" rule names may relay anywhere, whatever other rules say.
+  address (::/0, or e.g. "::/1" with "8000::/1"), whether one entry does it or several together — in
+  one rule or across rules: first match wins, so every client some "*" rule names may relay anywhere,
+  whatever other rules say.
 A pattern such as "*.example.org" is not "*": it names that domain's subdomains only.
 """
 from __future__ import annotations

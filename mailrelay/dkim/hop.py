@@ -1,8 +1,9 @@
 """DKIM on the way out: an INextHop that signs and/or verifies, then hands the message to the real hop.
 
-In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).  Out: the inner hop's results for the same message with the
-DKIM-Signature and Authentication-Results headers prepended — the spooled bytes themselves are never
-changed, so a source signature survives byte for byte (passthrough) and a retry simply signs again.
+In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).
+Out: the inner hop's results for the same message with the DKIM-Signature and Authentication-Results
+headers prepended — the spooled bytes themselves are never changed, so a source signature survives
+byte for byte (passthrough) and a retry simply signs again.
 A message that must go to a next hop without 8BITMIME is converted to 7-bit MIME first and signed
 after converting (`seven_bit`: DKIM signs what is sent, RFC 6376 5.3); its Authentication-Results
 stay those of the message as received.

@@ -19,7 +19,8 @@ Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2
   on lets a downstream server that treats CR as a line end split the message.
 - A NUL octet anywhere refuses the message: `550 5.6.0`, answered only after the real end of data.
   SMTP smuggling (SEC Consult 2023, CVE-2023-51764 class): a next hop that strips NULs reads
-  `\\r\\n\\x00.\\r\\n` as an end of data, so a NUL is never passed on (neither 7bit nor 8bit data may hold one: RFC 2045 2.7, 2.8).
+  `\\r\\n\\x00.\\r\\n` as an end of data, so a NUL is never passed on (neither 7bit nor 8bit data
+  may hold one: RFC 2045 2.7, 2.8).
 - A text line over 998 octets (excluding CRLF) refuses the message (RFC 5321 4.5.3.1.6): we answer
   `554 5.6.0` after the real end of data.  554 "transaction failed" with 5.6.0 "other media error"
   is the most precise pair: the content, not the mailbox or the system, is at fault.  The reader

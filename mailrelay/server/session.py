@@ -410,7 +410,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._helo, self._esmtp = name, esmtp
         first = f"{self.hostname} Hello {name}"
         lines = [first] + (self.extensions() if esmtp else [])
-        body = "".join(f"250-{l}\r\n" for l in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        body = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
         self._write(body.encode("ascii"))
 
     def extensions(self) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -266,7 +266,7 @@ class SinkProtocol(basic.LineReceiver):
             return
         transaction, self.transaction, self.in_data = self.transaction, None, False
         transaction.data_raw = b"".join(self._raw)
-        transaction.data = b"".join(l + b"\r\n" for l in self._lines)
+        transaction.data = b"".join(line + b"\r\n" for line in self._lines)
         transaction.reply = self.sink.data_replies.pop(0) if self.sink.data_replies else "250 2.0.0 queued"
         self.sink.transactions.append(transaction)
         self.reply(transaction.reply)

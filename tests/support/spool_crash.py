@@ -24,7 +24,8 @@ def envelope_for(n: int) -> Envelope:
 
 
 def body_for(n: int) -> bytes:
-    """Deterministic, binary, of varied size: most small, every 5th about 1 MiB (spills: its file is in queue/, in progress, while it is written)."""
+    """Deterministic, binary, of varied size: most small, every 5th about 1 MiB (spills: its file is in
+    queue/, in progress, while it is written)."""
     size = 1_000_000 + n if n % 5 == 0 else 100 + (n * 7919) % 150_000
     seed = hashlib.sha256(b"%d" % n).digest()
     block = hashlib.sha256(seed).digest() * 2048                 # 64 KiB

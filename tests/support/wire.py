@@ -129,7 +129,8 @@ def malformed(replies: list[Reply], greeting_and_ehlo_exempt: bool = True) -> li
     (RFC 2034 3 exempts the 220 greeting and the EHLO/HELO reply, whose first word is the domain)."""
     bad = []
     for reply in replies:
-        if reply.code < 200 or any(not REPLY_LINE.match(l) or l[:3] != reply.lines[0][:3] for l in reply.lines):
+        if reply.code < 200 or any(not REPLY_LINE.match(line) or line[:3] != reply.lines[0][:3]
+                                   for line in reply.lines):
             bad.append(reply)
             continue
         exempt = greeting_and_ehlo_exempt and (

@@ -30,10 +30,10 @@ class MailRelayServiceMaker:
             return make_service(config, handle_sighup=True)
         except ConfigError as e:
             sys.stderr.write(f"mailrelay: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         except ValueError as e:   # certificate/key problems found while building
             sys.stderr.write(f"mailrelay: {options['config']}: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
 
 
 serviceMaker = MailRelayServiceMaker()
