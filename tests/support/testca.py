@@ -30,14 +30,14 @@ def _pem_key(key) -> bytes:
 
 @dataclass
 class IssuedPair:
-    cert: Path        # leaf, then the CA (a chain, leaf first)
+    cert: Path        # the leaf (the CA issued it directly: there is no intermediate to send)
     key: Path
     ca: Path          # what a client trusts
 
 
-def issue(directory: Path, hostname: str = "relay.test", key_type: str = "rsa", days: int = 30) -> IssuedPair:
+def issue(directory: Path, hostname: str = "relay.test", key_type: str = "rsa", days: int = 365) -> IssuedPair:
     """A new test CA and a server certificate for `hostname` and 127.0.0.1 (key_type "rsa" or "ec"),
-    valid for `days` days, written into `directory`."""
+    valid for `days` days (a year: public CAs issue at most 398 days), written into `directory`."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -64,7 +64,7 @@ def issue(directory: Path, hostname: str = "relay.test", key_type: str = "rsa", 
     )
     pem = serialization.Encoding.PEM
     pair = IssuedPair(directory / "relay.crt", directory / "relay.key", directory / "ca.crt")
-    pair.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    pair.cert.write_bytes(leaf.public_bytes(pem))
     pair.key.write_bytes(_pem_key(key))
     pair.key.chmod(0o600)
     pair.ca.write_bytes(ca.public_bytes(pem))
