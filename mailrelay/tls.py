@@ -134,8 +134,9 @@ def _make_context(certificate, private_key, chain: Sequence, policy: TLSPolicy) 
         | SSL.OP_CIPHER_SERVER_PREFERENCE  # our order: forward-secret AEAD first
         | SSL.OP_NO_RENEGOTIATION          # client-initiated renegotiation is a DoS lever (CVE-2011-1473);
                                            # the RFC 5746 extension is still sent
-        | SSL.OP_NO_TICKET                 # resumption from the server's session cache, so no ticket key
-                                           # (never rotated) undoes forward secrecy (RFC 8446 §C.4)
+        | SSL.OP_NO_TICKET                 # resume from the server's session cache (stateful tickets in
+                                           # TLS 1.3): no RFC 5077 ticket key, which OpenSSL never rotates,
+                                           # to undo forward secrecy
         | SSL.OP_SINGLE_DH_USE | SSL.OP_SINGLE_ECDH_USE
     )
     context.use_certificate(certificate)
