@@ -11,8 +11,8 @@ that aborts every handshake offering ALPN).  Policy per kind:
 
 - all: TLS 1.2 minimum, server cipher order, no compression, no renegotiation (secure renegotiation
   is still signalled), a server-side session cache for resumption, ALPN declined when offered.
-- "submission"/"submissions": forward-secret AEAD suites only (ECDHE with AES-GCM or ChaCha20-Poly1305;
-  the TLS 1.3 suites).
+- "submission"/"submissions": forward-secret AEAD suites only (ECDHE, then DHE with ffdhe2048, with
+  AES-GCM or ChaCha20-Poly1305; the TLS 1.3 suites).
 - "relay": those first, then ECDHE with AES-CBC and static-RSA AES for old senders (opportunistic TLS
   beats plaintext), never export, NULL, anonymous, RC4, DES/3DES or MD5 suites.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,12 +39,25 @@ from zope.interface import implementer
 
 # TLS 1.3 suites (RFC 8446 §9.1): all AEAD and forward secret; CCM is left out, as OpenSSL does by default.
 TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
-# RFC 7525 §4.2 / RFC 9325 §4.2: ECDHE with an AEAD cipher.
-FORWARD_SECRET_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# RFC 9325 §4.2: ephemeral key exchange with an AEAD cipher (DHE after ECDHE, for Windows 7's SChannel
+# with an RSA certificate).
+FORWARD_SECRET_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 # Never on any listener: export, NULL and anonymous suites, RC4 (RFC 7465), DES/3DES (SWEET32,
 # CVE-2016-2183), MD5 MACs, PSK/SRP (we have no such secrets), and rarely used ciphers.
-NEVER = "!aNULL:!eNULL:!EXPORT:!LOW:!RC4:!DES:!3DES:!MD5:!PSK:!SRP:!DSS:!AESCCM:!CAMELLIA:!ARIA:!SEED:!IDEA:!kDHE"
+NEVER = "!aNULL:!eNULL:!EXPORT:!LOW:!RC4:!DES:!3DES:!MD5:!PSK:!SRP:!DSS:!AESCCM:!CAMELLIA:!ARIA:!SEED:!IDEA"
 SESSION_TIMEOUT = 3600      # seconds a cached session may be resumed (Postfix's smtpd default)
+# The DHE group: RFC 7919's ffdhe2048 (a well-known safe prime, as RFC 7919 §3 asks; 2048 bits, so no
+# LOGJAM, CVE-2015-4000).  Without it OpenSSL would offer no DHE suite.
+FFDHE2048_PEM = b"""\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 @dataclass(frozen=True)
@@ -148,10 +162,23 @@ def _make_context(certificate, private_key, chain: Sequence, policy: TLSPolicy) 
     context.set_session_id(f"mailrelay-{policy.name}".encode("ascii"))
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.set_timeout(SESSION_TIMEOUT)
+    _load_dh_group(context)
     context.set_cipher_list(policy.tls12_ciphers.encode("ascii"))
     context.set_tls13_ciphersuites(policy.tls13_suites.encode("ascii"))
     context.set_alpn_select_callback(_decline_alpn)
     return context
+
+
+def _load_dh_group(context: SSL.Context) -> None:
+    """Give `context` the ffdhe2048 group for the DHE suites; a pyOpenSSL without load_tmp_dh (finite-field
+    DH is on its way out) leaves them unusable and ECDHE does the work."""
+    with tempfile.NamedTemporaryFile(prefix="mailrelay-dh-", suffix=".pem") as f:
+        f.write(FFDHE2048_PEM)
+        f.flush()
+        try:
+            context.load_tmp_dh(f.name.encode())
+        except (AttributeError, SSL.Error):
+            pass
 
 
 def _load_pair(cert_file: Path, key_file: Optional[Path]) -> tuple:

@@ -173,9 +173,10 @@ class PolicyTests(ListenerBase):
     def test_submission_ports_take_only_forward_secret_aead_the_relay_port_also_cbc_and_static_rsa(self):
         tls12 = ssl.TLSVersion.TLSv1_2
         for suite, relay_takes in (("ECDHE-RSA-AES128-GCM-SHA256", True), ("ECDHE-RSA-CHACHA20-POLY1305", True),
-                                   ("ECDHE-RSA-AES128-SHA", True), ("ECDHE-RSA-AES256-SHA384", True),
+                                   ("DHE-RSA-AES256-GCM-SHA384", True), ("ECDHE-RSA-AES128-SHA", True),
+                                   ("ECDHE-RSA-AES256-SHA384", True), ("DHE-RSA-AES128-SHA256", False),
                                    ("AES128-GCM-SHA256", True), ("AES256-SHA", True)):
-            aead_fs = suite.startswith("ECDHE") and ("GCM" in suite or "CHACHA20" in suite)
+            aead_fs = suite.startswith(("ECDHE-", "DHE-")) and ("GCM" in suite or "CHACHA20" in suite)
             for kind in KINDS:
                 got = yield self.outcome(kind, self.context(maximum=tls12, ciphers=suite))
                 takes = relay_takes if kind == "relay" else aead_fs
@@ -332,7 +333,7 @@ class PolicyUnitTests(unittest.SynchronousTestCase):
         for kind in ("submission", "submissions"):
             for name in self.ciphers(kind):
                 self.assertTrue(name.startswith("TLS_") or (
-                    name.startswith("ECDHE-") and ("-GCM-" in name or "CHACHA20-POLY1305" in name)), name)
+                    name.startswith(("ECDHE-", "DHE-")) and ("-GCM-" in name or "CHACHA20-POLY1305" in name)), name)
 
     def test_relay_suites_never_include_weak_ones_and_put_aead_first(self):
         names = self.ciphers("relay")
