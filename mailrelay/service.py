@@ -105,16 +105,18 @@ class QueueFront:
         return _NotifyingWriter(self._spool.new_message(envelope), self._scheduler)
 
 
-def server_tls_options(config: Config):
-    """The relay's own certificate: the configured one, or a self-signed one kept in the spool."""
+def server_tls_options(config: Config) -> dict:
+    """The relay's own certificate (the configured one, or a self-signed one kept in the spool), as
+    one mailrelay.tls.ServerTLS per listener kind: each kind has its own cipher policy."""
+    kinds = [listener.kind for listener in config.listeners]
     if config.tls.cert is not None:
-        return tls.server_options(config.tls.cert, config.tls.key)
+        return tls.listener_options(config.tls.cert, config.tls.key, kinds)
     path, created = tls.ensure_self_signed(config.spool, config.hostname)
     log.warn(
         "no [tls] cert configured: using the self-signed certificate {path} for {hostname}{new}",
         path=str(path), hostname=config.hostname, new=" (generated now)" if created else "",
     )
-    return tls.server_options(path)
+    return tls.listener_options(path, None, kinds)
 
 
 @dataclass
@@ -297,7 +299,7 @@ class RelayService(service.MultiService):
     def _listen(self, config: Config, parts: ReceivingParts, reactor) -> None:
         from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory
 
-        tls_options = server_tls_options(config)
+        tls_options = server_tls_options(config)     # per listener kind, built once: tls is restart-only
         queue = QueueFront(self.spool, self.scheduler)
         # One count for all listeners: max_connections is "in all", and a client gets one AUTH-failure budget.
         connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
@@ -306,13 +308,14 @@ class RelayService(service.MultiService):
             factory = RelayServerFactory(
                 hostname=config.hostname, listener=listener, limits=config.limits, portal=parts.portal,
                 mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
-                tls_options=None if listener.kind == "submissions" else tls_options, clock=reactor,
+                tls_options=None if listener.kind == "submissions" else tls_options[listener.kind], clock=reactor,
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
                 authserv_id=own_authserv_id(config), postmaster=config.postmaster,
                 received_shows_user=config.auth.received_shows_user,
             )
             self.factories.append(factory)
-            wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.kind == "submissions" else factory
+            implicit = listener.kind == "submissions"
+            wrapped = TLSMemoryBIOFactory(tls_options[listener.kind], False, factory) if implicit else factory
             listening = strports.service(with_backlog(listener.endpoint), wrapped, reactor=reactor)
             listening.setName(f"listen[{index}]")
             listening.setServiceParent(self)

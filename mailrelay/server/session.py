@@ -29,8 +29,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.mail import smtp
+from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Reply
@@ -43,6 +44,7 @@ from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.ratelimit import client_key
 from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
 from mailrelay.server.transaction import TransactionMixin
+from mailrelay.tls import handshake_failure
 
 __all__ = [
     "AUTH_FAILURE_DELAY", "COMMANDS", "LOCAL_ERROR", "MAX_AUTH_LINE", "MAX_COMMAND_LINE", "SHUTTING_DOWN",
@@ -68,6 +70,7 @@ def unmapped_ip(host: str) -> str:
     return str(mapped or address)
 
 
+@implementer(IHandshakeListener)
 class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
     """An ESMTP server session for one connection, configured by a RelayServerFactory.  The mixins come
     before smtp.ESMTP so that their do_*/ext_* handlers replace Twisted's."""
@@ -86,6 +89,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._busy = self._processing = self._closing = self._counted = self._paused = False
         self._draining = False            # shutdown began: finish the transaction in progress, no new one
         self._tls_on = False
+        self._handshake_done = False      # Twisted's TLS layer calls handshakeCompleted()
         self._ip, self._port = "", 0
         self._ip_key = ""                 # what per-IP limits count this peer under (IPv6: its /64)
         self._timers: dict[str, object] = {}
@@ -179,7 +183,14 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
     def greeting(self) -> str:
         return f"{self.hostname} ESMTP mailrelay"
 
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+
     def connectionLost(self, reason=None) -> None:
+        if self._tls_on and not self._handshake_done and self._counted:
+            # Postfix logs its SSL_accept errors too: a client that cannot connect is visible.
+            self._log.info("TLS handshake with {ip} on the {kind} listener failed: {reason}", ip=self._ip,
+                           kind=self.factory.listener.kind, reason=handshake_failure(reason, self._closing))
         self._closing = True
         for call in self._timers.values():
             if call.active():
