@@ -204,8 +204,8 @@ class PolicyTests(ListenerBase):
             self.assertNotEqual(code, 0, out)
         lines = yield self.wait_for_handshake_lines(3)
         for kind in KINDS:
-            self.assertTrue(any(f"on the {kind} listener failed: unsupported protocol" in l and "127.0.0.1" in l
-                                for l in lines), (kind, lines))
+            self.assertTrue(any(f"on the {kind} listener failed: unsupported protocol" in line and "127.0.0.1" in line
+                                for line in lines), (kind, lines))
 
     @defer.inlineCallbacks
     def test_sessions_resume_on_every_listener_with_tls_1_2_and_1_3(self):
@@ -252,7 +252,7 @@ class HandshakeFailureLogTests(ListenerBase):
     def test_garbage_after_starttls_is_logged_with_peer_and_reason_and_not_the_bytes(self):
         secret = "AHVzZXIAaHVudGVyMg=="
         for kind in ("relay", "submission"):
-            def garbage():
+            def garbage(kind=kind):
                 raw = _plain_to_starttls(self.relay.ports[kind])
                 raw.sendall(f"AUTH PLAIN {secret}\r\n".encode() * 4)
                 try:
@@ -270,7 +270,7 @@ class HandshakeFailureLogTests(ListenerBase):
             reason = line.rsplit("failed: ", 1)[1]
             self.assertIn(reason, ("wrong version number", "packet length too long", "http request",
                                    "unknown protocol", "record layer failure"))
-        self.assertFalse([l for l in self.lines() if secret in l or "AUTH PLAIN" in l])
+        self.assertFalse([line for line in self.lines() if secret in line or "AUTH PLAIN" in line])
 
     @defer.inlineCallbacks
     def test_a_tls_1_0_only_client_on_the_implicit_tls_port_is_logged(self):
