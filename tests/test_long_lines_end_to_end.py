@@ -117,3 +117,12 @@ class LongLinesEndToEnd(unittest.TestCase):
         [arrived] = yield self.next_hop.wait_for(1)
         self.assertIn(b"Subject: short", arrived.data)
         self.assertNoLongLine(arrived.data_raw)
+
+    @defer.inlineCallbacks
+    def test_a_separate_delivery_process_knows_the_long_lines_too(self):
+        relay = content.start_relay(self, self.sink(DEFAULT_EXTENSIONS), '[delivery]\nprocess = "separate"\n')
+        code, _ = yield relay.submit("relay", "app@example.org", ["u@example.com"], PLAIN)
+        self.assertEqual(code, 250)
+        [arrived] = yield self.next_hop.wait_for(1)
+        self.assertNoLongLine(arrived.data_raw)
+        self.assertEqual(parts(arrived.data), parts(PLAIN))

@@ -180,6 +180,21 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
         self.assertEqual(reader.outcome, line_too_long(65536))
 
+    def test_a_long_line_in_tiny_pieces_costs_linear_time(self):
+        # A client may send a line one octet per TCP segment; with a 512 KiB bound, copying the line so
+        # far for every octet would be ~80 GB of copying for this one line.
+        import time
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**9, max_line=512 * 1024)
+        started = time.process_time()
+        for _ in range(400_000):
+            reader.feed(b"w")
+        self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
+        self.assertLess(time.process_time() - started, 3.0)         # linear: ~0.3 s; copying: ~10 s
+        self.assertIsNone(reader.outcome)
+        self.assertEqual(b"".join(out), b"w" * 400_000 + b"\r\n")
+        self.assertTrue(all(isinstance(chunk, bytes) for chunk in out))
+
     def test_oversized_message_is_refused_after_the_dot_and_discarded(self):
         body = b"0123456789" * 10 + b"\r\n"
         out: list[bytes] = []

@@ -65,7 +65,7 @@ class DataReader:
         self._max_size = max_size
         self._max_line = max_line
         self._too_long = LINE_TOO_LONG if max_line == MAX_TEXT_LINE else line_too_long(max_line)
-        self._partial = b""          # start of an incomplete line (bounded by max_line + 2)
+        self._partial = bytearray()  # start of an incomplete line (bounded by max_line + 2)
         self._skipping = False       # inside an over-long line: discard until LF
         self._skip_ends_cr = False   # last discarded byte was CR (for a CRLF split across chunks)
         self._prev_crlf = True       # the previous line ended with CRLF (DATA's own CRLF at first)
@@ -83,17 +83,19 @@ class DataReader:
             data = self._skip(data)
             if data is None:
                 return None
-        buf = self._partial + data if self._partial else data
-        last_lf = buf.rfind(b"\n")
-        if last_lf < 0:
-            self._keep_partial(buf)
+        if b"\n" not in data:
+            # The line goes on: grown in place, so a long line sent in tiny pieces costs linear time,
+            # not a copy of everything so far per piece.
+            self._keep_partial(data)
             return None
+        buf = b"".join((self._partial, data)) if self._partial else data
+        self._partial = bytearray()
+        last_lf = buf.rfind(b"\n")
         out: list[bytes] = []
         rest = self._lines(buf, last_lf + 1, out)
         self._emit(out)
         if rest is not None:
             self.finished = True
-            self._partial = b""
             return rest
         self._keep_partial(buf[last_lf + 1:])
         return None
@@ -112,13 +114,13 @@ class DataReader:
     def _keep_partial(self, tail: bytes) -> None:
         # An incomplete line longer than any line we take (max_line + CRLF) will be refused anyway: drop it
         # now and skip to its LF, so a client sending no LF cannot make us buffer without bound.
-        if len(tail) > self._max_line + 1:
+        if len(self._partial) + len(tail) > self._max_line + 1:
             self._refuse(self._too_long)
-            self._partial = b""
+            self._partial = bytearray()
             self._skipping = True
             self._skip_ends_cr = tail.endswith(b"\r")
         else:
-            self._partial = tail
+            self._partial += tail
 
     def _lines(self, buf: bytes, end: int, out: list[bytes]) -> Optional[bytes]:
         """Process the complete lines in buf[:end]; return the bytes after CRLF.CRLF if found there."""
