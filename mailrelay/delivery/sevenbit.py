@@ -329,7 +329,7 @@ class _Walk:
             line = self._next()
             if line in (b"\r\n", b"\n"):
                 break
-            is_field = _FIELD.match(line) or (lines and line[:1] in (b" ", b"\t"))
+            is_field = not self._continues and (_FIELD.match(line) or (lines and line[:1] in (b" ", b"\t")))
             if not line or not is_field or self._delimiter(line, boundaries):
                 if line:
                     self._push(line)
