@@ -308,9 +308,9 @@ class LongLinesTests(SpoolTestCase):
     def test_the_line_watch_agrees_with_splitting_lines_however_the_pieces_fall(self):
         import random
         rng = random.Random(7)
-        for _ in range(300):
-            lines = [b"a" * rng.choice((0, 5, 997, 998, 999, 1000, 3000)) + rng.choice((b"\r\n", b"\n"))
-                     for _ in range(rng.randint(1, 6))]
+        for _ in range(3000):
+            lines = [b"a" * rng.choice((0, 5, 499, 500, 501, 997, 998, 999, 1000, 1498, 1999, 3000))
+                     + rng.choice((b"\r\n", b"\n")) for _ in range(rng.randint(1, 12))]
             data = b"".join(lines) + b"t" * rng.choice((0, 998, 1000, 1001))
             expected = any(len(line) - (2 if line.endswith(b"\r\n") else 1) > 998 for line in lines) or \
                 len(data) - len(b"".join(lines)) > 999    # an unfinished last line: its CRLF may still come

@@ -44,6 +44,24 @@ class LineWatch:
         self._run = 0            # octets of the line still open at the end of the last piece
         self._cr = False         # ... and whether its last octet is a CR
 
+    STEP = (MAX_LINE + 1) // 2     # a run of 999 octets without LF holds a whole window of this many
+
+    @classmethod
+    def _inner(cls, data: bytes, first: int, last: int) -> bool:
+        """Whether a line between the LFs at `first` and `last` is long: windows of STEP octets are
+        probed for an LF (one C-level find each); only a window without one has its line measured."""
+        at = first + 1
+        while at + cls.STEP <= last:
+            if data.find(b"\n", at, at + cls.STEP) >= 0:
+                at += cls.STEP
+                continue
+            start = data.rfind(b"\n", first, at) + 1
+            end = data.find(b"\n", at + cls.STEP, last + 1)
+            if end - start - (data[end - 1] == 13) > MAX_LINE:      # 13: its CR is not content
+                return True
+            at = end + 1
+        return False
+
     def feed(self, data: bytes) -> None:
         if self.found or not data:
             return
@@ -56,13 +74,7 @@ class LineWatch:
         if self._run + last > MAX_LINE:          # else no line up to the last LF can be long
             first = data.find(b"\n")
             cr = data[first - 1:first] == b"\r" if first else self._cr
-            if self._run + first - cr > MAX_LINE:
-                self.found = True
-            elif first < last:
-                lines = data[first + 1:last].split(b"\n")
-                longest = max(map(len, lines))
-                self.found = longest > MAX_LINE + 1 or (longest == MAX_LINE + 1 and any(
-                    len(line) == MAX_LINE + 1 and not line.endswith(b"\r") for line in lines))
+            self.found = self._run + first - cr > MAX_LINE or self._inner(data, first, last)
         self._run = len(data) - last - 1
         self._cr = self._run > 0 and data.endswith(b"\r")
         self.found = self.found or self._run > MAX_LINE + 1
