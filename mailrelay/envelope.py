@@ -36,6 +36,10 @@ class Envelope:
     # spool file from before the field existed): trust `body`.  Every value has OCTETS_WIDTH characters,
     # so the spool can patch it in place at commit (spool/writer.py).
     octets: Optional[str] = None
+    # Whether a line of the content is longer than 998 octets (RFC 5321 4.5.3.1.6), seen as it was
+    # spooled: such a message is re-encoded before it leaves (delivery/sevenbit.py).  None: not known (a
+    # spool file from before the field existed, when such lines were refused at the door): taken as False.
+    long_lines: Optional[bool] = None
     smtputf8: bool = False
     tls: Optional[str] = None
     params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)

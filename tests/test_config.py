@@ -445,6 +445,14 @@ class ValueTests(ConfigTestCase):
         self.assertRefused('[limits]\nmax_message_size = "50 megs"\n', "limits.max_message_size", "bad size")
         self.assertRefused('[limits]\nmax_message_size = 0\n', "limits.max_message_size", "more than 0")
 
+    def test_max_line_length_default_and_bounds(self) -> None:
+        self.assertEqual(self.load("").limits.max_line_length, 64 * 1024)
+        self.assertEqual(self.load('[limits]\nmax_line_length = "1MiB"\n').limits.max_line_length, 2**20)
+        self.assertEqual(self.load("[limits]\nmax_line_length = 998\n").limits.max_line_length, 998)
+        self.assertRefused("[limits]\nmax_line_length = 997\n", "limits.max_line_length", "from 998", "got 997")
+        self.assertRefused('[limits]\nmax_line_length = "2MiB"\n', "limits.max_line_length", "to 1MiB")
+        self.assertRefused('[limits]\nmax_line_length = "long"\n', "limits.max_line_length", "bad size")
+
     def test_ports_out_of_range(self) -> None:
         self.assertRefused('[delivery]\nmx_port = 0\n', "delivery.mx_port", "1..65535")
         self.assertRefused('[transports.t]\nhost = "h"\nport = 65536\n', "transports.t.port", "1..65535")

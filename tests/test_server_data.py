@@ -5,13 +5,15 @@ import random
 
 from twisted.trial import unittest
 
-from mailrelay.server.data import BARE_CR, LINE_TOO_LONG, NUL_OCTET, TOO_BIG, DataReader, HeaderCollector
+from mailrelay.server.data import (
+    BARE_CR, LINE_TOO_LONG, NUL_OCTET, TOO_BIG, DataReader, HeaderCollector, line_too_long,
+)
 
 
-def read(chunks, max_size=10 * 1024 * 1024):
+def read(chunks, max_size=10 * 1024 * 1024, **kwargs):
     """Feed chunks to a new reader; returns (content, rest, reader). rest is None if not finished."""
     out: list[bytes] = []
-    reader = DataReader(out.append, max_size)
+    reader = DataReader(out.append, max_size, **kwargs)
     rest = None
     for chunk in chunks:
         if rest is not None:
@@ -151,6 +153,47 @@ class LimitTests(unittest.TestCase):
         self.assertLess(len(reader._partial), 1000)
         self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
         self.assertEqual(reader.outcome, LINE_TOO_LONG)
+
+    def test_lines_over_998_are_taken_up_to_the_configured_bound(self):
+        body = b"Subject: x\r\n\r\n" + b"h" * 5000 + b"\r\n..x\r\n" + b"i" * 65536 + b"\r\n"
+        rng = random.Random(3)
+        for chunks in ([body + b".\r\nNOOP\r\n"], random_splits(body + b".\r\nNOOP\r\n", rng)):
+            content, rest, reader = read(chunks, max_line=65536)
+            self.assertIsNone(reader.outcome)
+            self.assertEqual(rest, b"NOOP\r\n")
+            self.assertEqual(content, body.replace(b"..x", b".x"))
+
+    def test_a_line_over_the_bound_is_refused_with_the_bound_in_the_reply(self):
+        data = b"Subject: x\r\n\r\n" + b"A" * 65537 + b"\r\n" + SMUGGLED + b".\r\nNOOP\r\n"
+        for chunks in ([data], [data[:30000], data[30000:]], random_splits(data, random.Random(5))):
+            _, rest, reader = read(chunks, max_line=65536)
+            self.assertEqual(reader.outcome, line_too_long(65536))
+            self.assertEqual(rest, b"NOOP\r\n")
+        self.assertEqual(str(line_too_long(65536)), "554 5.6.0 Message refused: a text line is longer than "
+                                                    "65536 octets, the most this relay accepts")
+
+    def test_memory_stays_bounded_by_the_configured_bound(self):
+        reader = DataReader([].append, 10**9, max_line=65536)
+        for _ in range(100):
+            self.assertIsNone(reader.feed(b"y" * 10000))
+            self.assertLessEqual(len(reader._partial), 65537)
+        self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
+        self.assertEqual(reader.outcome, line_too_long(65536))
+
+    def test_a_long_line_in_tiny_pieces_costs_linear_time(self):
+        # A client may send a line one octet per TCP segment; with a 512 KiB bound, copying the line so
+        # far for every octet would be ~80 GB of copying for this one line.
+        import time
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**9, max_line=512 * 1024)
+        started = time.process_time()
+        for _ in range(400_000):
+            reader.feed(b"w")
+        self.assertEqual(reader.feed(b"\r\n.\r\n"), b"")
+        self.assertLess(time.process_time() - started, 3.0)         # linear: ~0.3 s; copying: ~10 s
+        self.assertIsNone(reader.outcome)
+        self.assertEqual(b"".join(out), b"w" * 400_000 + b"\r\n")
+        self.assertTrue(all(isinstance(chunk, bytes) for chunk in out))
 
     def test_oversized_message_is_refused_after_the_dot_and_discarded(self):
         body = b"0123456789" * 10 + b"\r\n"

@@ -486,12 +486,37 @@ class DataTests(unittest.TestCase):
         self.assertEqual(transaction(self.client), "250 2.0.0 Ok: queued as Q000002\r\n")
         self.assertNotIn(b"\x00", self.harness.queue.messages[0].data)
 
-    def test_long_line_in_data_is_refused_after_the_end_and_never_runs_commands(self):
-        reply = transaction(self.client, b"Subject: a\r\n\r\n" + b"A" * 20000 + b"\r\nRSET\r\nQUIT\r\n")
-        self.assertEqual(reply.splitlines()[0][:9], "554 5.6.0")
-        self.assertEqual(len(reply.splitlines()), 1)
+    def test_a_line_over_the_bound_is_refused_after_the_end_and_never_runs_commands(self):
+        reply = transaction(self.client, b"Subject: a\r\n\r\n" + b"A" * (64 * 1024 + 1) + b"\r\nRSET\r\nQUIT\r\n")
+        self.assertEqual(reply, "554 5.6.0 Message refused: a text line is longer than 65536 octets, "
+                                "the most this relay accepts\r\n")
         self.assertFalse(self.client.closed)
+        self.assertEqual(self.harness.queue.messages, [])
+        self.assertTrue(self.harness.queue.writers[0].aborted)
         self.assertEqual(transaction(self.client), "250 2.0.0 Ok: queued as Q000002\r\n")
+
+    def test_a_5000_octet_line_is_accepted_and_spooled_whole(self):
+        line = b"<p>" + b"x" * 4993 + b"</p>"
+        reply = transaction(self.client, b"Subject: html\r\n\r\n" + line + b"\r\n..dot\r\n")
+        self.assertEqual(reply, "250 2.0.0 Ok: queued as Q000001\r\n")
+        [message] = self.harness.queue.messages
+        self.assertTrue(message.data.endswith(b"\r\nSubject: html\r\n\r\n" + line + b"\r\n.dot\r\n"))
+
+    def test_the_bound_is_the_configured_max_line_length(self):
+        harness = Harness(limits=config.Limits(max_line_length=2000))
+        client = harness.connect()
+        client.cmd("EHLO c.test")
+        self.assertEqual(transaction(client, b"Subject: a\r\n\r\n" + b"y" * 2000 + b"\r\n")[:9], "250 2.0.0")
+        pieces = [b"Subject: a\r\n\r\n", b"z" * 1500, b"z" * 501, b"\r\nMAIL FROM:<evil@example.net>\r\n"]
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.org>")
+        client.cmd("DATA")
+        replies = "".join(client.send(piece) for piece in pieces) + client.send(b".\r\n")
+        self.assertEqual(replies, "554 5.6.0 Message refused: a text line is longer than 2000 octets, "
+                                  "the most this relay accepts\r\n")
+        self.assertEqual(len(harness.queue.messages), 1)
+        self.assertEqual(client.codes("NOOP\r\n"), ["250 2.0.0"])       # in step: the MAIL was content
+        self.assertEqual(len(harness.policy.clients), 2)           # our two MAILs, not the smuggled one
 
     def test_message_over_the_size_limit_is_552_after_the_dot(self):
         harness = Harness(limits=config.Limits(max_message_size=100))

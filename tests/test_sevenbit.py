@@ -4,19 +4,22 @@ Unit tests on in-memory messages (the spooled-message contract); what a next hop
 sockets is in test_content_end_to_end."""
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import email.policy
 import io
 import os
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from twisted.trial import unittest
 
 from mailrelay.delivery.sevenbit import (
-    MAX_LINE, ConvertedMessage, Needs, Unconvertible, convert_message, needs_downgrade,
+    MAX_LINE, READ_LIMIT, ConvertedMessage, Needs, Unconvertible, convert_message, downgrade, needs_downgrade,
+    needs_for,
 )
 from mailrelay.envelope import Envelope
 
@@ -309,3 +312,158 @@ class GeneratedMessagesTests(unittest.TestCase):
                 data = f.read()
             assert_7bit_mime(self, data)
             self.assertEqual(self.payloads(data), self.payloads(original), f"seed {seed}")
+
+
+def longest(data: bytes) -> int:
+    return max(len(line) for line in data.split(b"\r\n"))
+
+
+def leaves(data: bytes) -> list:
+    return [(p.get_content_type(), p.get_payload(decode=True)) for p in email.message_from_bytes(data).walk()
+            if not p.is_multipart()]
+
+
+EIGHT_BIT_OK = Needs(eight_bit_ok=True)
+HTML_LINE = b"<html><body>" + b"<td>cell</td>" * 400 + b"</body></html>"       # 5,226 octets, no space
+
+
+class LongLineTests(unittest.TestCase):
+    """Lines over 998 octets re-encoded for every hop (RFC 5322 2.1.1), 8BITMIME or not."""
+
+    def test_a_message_with_long_lines_is_converted_for_every_hop(self):
+        message = spooled(b"x\r\n", octets="7bit")
+        self.assertFalse(needs_downgrade(message, {b"8BITMIME": b""}))
+        long = Spooled("Q1", replace(message.envelope, long_lines=True), b"x\r\n")
+        self.assertTrue(needs_downgrade(long, {b"8BITMIME": b""}))
+        self.assertTrue(needs_downgrade(long, {}))
+        self.assertEqual(needs_for({b"8BITMIME": b""}), EIGHT_BIT_OK)
+        self.assertEqual(needs_for({}), Needs())
+
+    def test_for_an_8bitmime_hop_only_the_part_with_the_long_line_is_encoded(self):
+        original = (b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+                    b"Content-Type: multipart/alternative; boundary=b\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                    b"--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                    b"caf\xc3\xa9\r\n"
+                    b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + HTML_LINE + b"\r\n.\r\n--b--\r\n")
+        result = convert_message(spooled(original), EIGHT_BIT_OK)
+        with result.open() as f:
+            data = f.read()
+        self.assertLessEqual(longest(data), 78)
+        self.assertEqual(leaves(data), leaves(original))
+        # The 8-bit part and the multipart's own label stay as they were: this hop takes 8-bit.
+        self.assertIn(b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n--b\r\n", data)
+        self.assertIn(b"boundary=b\r\nContent-Transfer-Encoding: 8bit\r\n\r\n--b", data)
+        self.assertIn(b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable"
+                      b"\r\n\r\n<html>", data)
+        self.assertEqual((result.envelope.octets, result.envelope.long_lines), ("8bit", False))
+
+    def test_for_a_hop_without_8bitmime_long_lines_and_8bit_both_go(self):
+        original = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                    + "é".encode() * 2000 + b"\r\n" + HTML_LINE + b"\r\n")
+        data = converted(original)
+        assert_7bit_mime(self, data)
+        self.assertEqual(leaves(data), leaves(original))
+
+    def test_a_message_without_long_lines_is_unchanged_for_an_8bitmime_hop(self):
+        message = spooled(MULTIPART)
+        self.assertIs(convert_message(message, EIGHT_BIT_OK), message)
+
+    def test_long_base64_lines_are_rewrapped_at_76(self):
+        blob = bytes(range(256)) * 30
+        encoded = base64.b64encode(blob)
+        original = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                    b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+                    b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                    + encoded[:5000] + b"\r\n" + encoded[5000:] + b"\r\n--b--\r\n")
+        data = converted(original, needs=EIGHT_BIT_OK)
+        self.assertLessEqual(longest(data), 76)
+        self.assertEqual(leaves(data)[-1], ("application/octet-stream", blob))
+        self.assertIn(b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
+                      b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n", data)
+        self.assertNotIn(b"MIME-Version: 1.0\r\nMIME-Version", data)
+
+    def test_long_quoted_printable_lines_get_soft_breaks_and_decode_the_same(self):
+        qp = (b"=C3=A9" * 12000 + b" --b=09\r\n"          # 65536 = 6 * 10922 + 4: a read ends inside "=A9"
+              + b"x" * 40000 + b"=\r\nend\r\n")           # a long line ending in a soft break
+        text = "é".encode() * 12000 + b" --b\t\r\n" + b"x" * 40000 + b"end\r\n"
+        self.assertGreater(longest(qp), READ_LIMIT)
+        original = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + qp)
+        data = converted(original, needs=EIGHT_BIT_OK)
+        self.assertLessEqual(longest(data), 78)
+        self.assertEqual(email.message_from_bytes(data).get_payload(decode=True), text)
+        self.assertEqual(email.message_from_bytes(original).get_payload(decode=True), text)
+        self.assertNotIn(b"\r\n--b", data)                   # a dash that starts a line is escaped
+
+    def test_a_long_header_line_is_folded_before_white_space_and_unfolds_to_the_same_field(self):
+        references = b" ".join(b"<%d.message@example.org>" % i for i in range(300))
+        original = (b"Subject: x\r\nReferences: " + references + b"\r\nX-Tab:\t" + b"a\t" * 800 + b"b\r\n"
+                    b"\r\nbody\r\n")
+        data = converted(original, needs=EIGHT_BIT_OK)
+        self.assertLessEqual(longest(data), 998)
+        head = data.split(b"\r\n\r\n")[0]
+        self.assertEqual(head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t"), original.split(b"\r\n\r\n")[0])
+        self.assertTrue(data.endswith(b"\r\n\r\nbody\r\n"))          # the body is untouched, no MIME added
+        self.assertNotIn(b"MIME-Version", data)
+
+    def test_a_header_line_without_a_place_to_fold_is_refused(self):
+        for field in (b"X-Token: " + b"t" * 1200, b"X-" + b"n" * 1100 + b": value"):
+            with self.assertRaises(Unconvertible) as caught:
+                convert_message(spooled(b"Subject: x\r\n" + field + b"\r\n\r\nbody\r\n"), EIGHT_BIT_OK)
+            self.assertIn("no space or tab to fold it at", str(caught.exception))
+
+    def test_a_long_line_in_a_part_that_allows_no_reencoding_is_refused(self):
+        for ctype, cte, why in ((b"application/octet-stream", b"x-uuencode", "Content-Transfer-Encoding x-uuencode"),
+                                (b"message/delivery-status", b"7bit", "message/delivery-status")):
+            body = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                    b"--b\r\nContent-Type: " + ctype + b"\r\nContent-Transfer-Encoding: " + cte + b"\r\n\r\n"
+                    + b"z" * 2000 + b"\r\n--b--\r\n")
+            with self.assertRaises(Unconvertible) as caught:
+                convert_message(spooled(body), EIGHT_BIT_OK)
+            self.assertIn(why, str(caught.exception))
+
+    def test_a_boundary_inside_a_line_longer_than_a_read_is_not_a_delimiter(self):
+        inner = b"z" * (READ_LIMIT - 2) + b"\r\n" + b"y" * READ_LIMIT + b"--b--"
+        original = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                    b"--b\r\nContent-Type: text/plain\r\n\r\n" + inner + b"\r\n--b--\r\n")
+        data = converted(original, needs=EIGHT_BIT_OK)
+        self.assertLessEqual(longest(data), 78)
+        self.assertEqual(leaves(data), [("text/plain", inner)])
+
+    def test_the_refusal_says_it_is_about_a_long_line(self):
+        message = Spooled("Q1", Envelope("a@example.org", ("b@example.com",), 0.0, octets="7bit", long_lines=True),
+                          b"Subject: x\r\nX-Token: " + b"t" * 1200 + b"\r\n\r\nbody\r\n")
+        d = downgrade(message, "mx.example.com", {b"8BITMIME": b""})
+        d.addCallback(self.assertEqual, (554, "5.6.3", "a line over 998 octets must be re-encoded for mx.example.com, "
+                                         "and a header field line longer than 998 octets has no space or tab to "
+                                         "fold it at"))
+        return d
+
+    def test_a_converted_message_is_what_downgrade_gives_an_8bitmime_hop(self):
+        body = b"Subject: x\r\n\r\n" + HTML_LINE + b"\r\n"
+        message = Spooled("Q1", Envelope("a@example.org", ("b@example.com",), 0.0, octets="7bit", long_lines=True),
+                          body)
+        d = downgrade(message, "mx.example.com", {b"8BITMIME": b""})
+
+        def check(result):
+            self.assertIsInstance(result, ConvertedMessage)
+            with result.open() as f:
+                data = f.read()
+            self.assertLessEqual(longest(data), 78)
+            self.assertEqual(email.message_from_bytes(data).get_payload(decode=True), HTML_LINE + b"\r\n")
+            self.assertFalse(needs_downgrade(result, {b"8BITMIME": b""}))
+        return d.addCallback(check)
+
+    def test_a_huge_line_is_converted_in_bounded_memory(self):
+        body = b"Subject: big\r\n\r\n" + b"w" * (8 * 1024 * 1024) + b"\r\n"
+        tracemalloc.start()
+        try:
+            result = convert_message(spooled(body), EIGHT_BIT_OK)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 2 * 1024 * 1024)
+        with result.open() as f:
+            data = f.read()
+        self.assertLessEqual(longest(data), 76)
+        self.assertEqual(email.message_from_bytes(data).get_payload(decode=True), body[16:])

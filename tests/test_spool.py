@@ -79,7 +79,7 @@ class RoundTripTests(SpoolTestCase):
         self.assertEqual(committed, queue_id)
         message = self.spool.load(queue_id)
         self.assertEqual(message.queue_id, queue_id)
-        self.assertEqual(message.envelope, make_envelope(octets="8bit"))     # what the spool saw in it
+        self.assertEqual(message.envelope, make_envelope(octets="8bit", long_lines=False))   # what it saw
         self.assertEqual(message.size, len(BINARY_BODY))
         self.assertEqual(read_body(message), BINARY_BODY)
         self.assertEqual(message.state, {})
@@ -266,6 +266,59 @@ class OctetsTests(SpoolTestCase):
             MAGIC + files.encode_size(len(body)) + b"\n" + line + b"\n" + body)
         self.assertEqual(check_file(self.directory / "queue" / "0000000001AB").envelope, old)
         self.assertIsNone(old.octets)
+
+
+class LongLinesTests(SpoolTestCase):
+    """The spool notes whether a line is longer than 998 octets (`long_lines`), as it notes `octets`."""
+
+    @inlineCallbacks
+    def test_a_message_in_memory_notes_its_long_lines(self):
+        for content, expected in ((b"Subject: hi\r\n\r\n" + b"x" * 998 + b"\r\n", False),
+                                  (b"Subject: hi\r\n\r\n" + b"x" * 999 + b"\r\n", True)):
+            message_writer = self.spool.new_message(make_envelope())
+            for i in range(0, len(content), 100):
+                message_writer.write(content[i:i + 100])        # lines split across pieces
+            queue_id = yield message_writer.commit()
+            self.assertIs(Spool(self.directory).load(queue_id).envelope.long_lines, expected)
+
+    @inlineCallbacks
+    def test_a_spilled_message_gets_long_lines_patched_in_and_loads(self):
+        for last, expected in ((b"y" * 5000 + b"\r\n", True), (b"short\r\n", False)):
+            message_writer = self.spool.new_message(make_envelope())
+            for _ in range(3 * BUFFER_LIMIT // 1000):
+                message_writer.write(b"y" * 998 + b"\r\n")     # on disk before the long line came
+            path = self.directory / "queue" / message_writer.queue_id
+            self.assertIn(b'"long_lines":false', path.read_bytes()[:4096])
+            message_writer.write(last)
+            queue_id = yield message_writer.commit()
+            message = Spool(self.directory).load(queue_id)      # a fresh reader: from the file, not memory
+            self.assertIs(message.envelope.long_lines, expected)
+            with message.open() as f:
+                self.assertTrue(f.read().endswith(b"y\r\n" + last))
+
+    def test_a_spool_file_from_before_the_field_loads_as_unknown(self):
+        old = make_envelope(octets="7bit")
+        line = old.to_json().replace(b',"long_lines":null', b"")
+        self.assertNotIn(b"long_lines", line)
+        body = b"Subject: old\r\n\r\nbody\r\n"
+        (self.directory / "queue" / "0000000001AB").write_bytes(
+            MAGIC + files.encode_size(len(body)) + b"\n" + line + b"\n" + body)
+        self.assertIsNone(check_file(self.directory / "queue" / "0000000001AB").envelope.long_lines)
+
+    def test_the_line_watch_agrees_with_splitting_lines_however_the_pieces_fall(self):
+        import random
+        rng = random.Random(7)
+        for _ in range(3000):
+            lines = [b"a" * rng.choice((0, 5, 499, 500, 501, 997, 998, 999, 1000, 1498, 1999, 3000))
+                     + rng.choice((b"\r\n", b"\n")) for _ in range(rng.randint(1, 12))]
+            data = b"".join(lines) + b"t" * rng.choice((0, 998, 1000, 1001))
+            expected = any(len(line) - (2 if line.endswith(b"\r\n") else 1) > 998 for line in lines) or \
+                len(data) - len(b"".join(lines)) > 999    # an unfinished last line: its CRLF may still come
+            watch = writer.LineWatch()
+            cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 8))))
+            for a, b in zip([0] + cuts, cuts + [len(data)]):
+                watch.feed(data[a:b])
+            self.assertEqual(watch.found, expected, (lines, cuts))
 
 
 class GroupCommitTests(SpoolTestCase):

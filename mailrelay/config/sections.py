@@ -88,7 +88,19 @@ def _limits(t: _Reader) -> Limits:
         auth_failures_per_minute=t.integer("auth_failures_per_minute", d.auth_failures_per_minute, low=1),
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
         session_timeout=t.duration("session_timeout", d.session_timeout),
+        max_line_length=_line_length(t, d.max_line_length),
     ))
+
+
+MAX_LINE_LENGTH_BOUND = 1024 * 1024     # each session may hold one such line while it reads DATA
+
+
+def _line_length(t: _Reader, default: int) -> int:
+    """[limits] max_line_length: 998 (RFC 5321 4.5.3.1.6, strict) up to 1 MiB."""
+    value = t.size("max_line_length", default)
+    if not 998 <= value <= MAX_LINE_LENGTH_BOUND:
+        t.fail("max_line_length", f"must be from 998 (the RFC 5321 line limit) to 1MiB, got {value}")
+    return value
 
 
 def _ldap(t: _Reader) -> LDAPConfig:

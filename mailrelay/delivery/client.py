@@ -453,12 +453,12 @@ class DeliveryClient(smtp.ESMTPClient):
         if refusal is not None:
             self._settle_job(*refusal)
             return self._next_job()
-        if sevenbit.needs_downgrade(job.message, self._extensions):   # RFC 6152 3: no 8-bit data without 8BITMIME
-            return self._pause(sevenbit.downgrade(job.message, self._host), self._downgraded, "converting")
+        if sevenbit.needs_downgrade(job.message, ext := self._extensions):   # RFC 6152 3; RFC 5322 2.1.1: 998
+            return self._pause(sevenbit.downgrade(job.message, self._host, ext), self._downgraded, "converting")
         self._start_transaction(job)
 
     def _downgraded(self, outcome: Any) -> None:
-        """The job's message in 7-bit MIME, or the (code, status, text) that settles it (sevenbit.py)."""
+        """The job's message converted for the hop, or the (code, status, text) that settles it (sevenbit.py)."""
         if isinstance(outcome, tuple):
             self._settle_job(*outcome)
             return self._next_job()

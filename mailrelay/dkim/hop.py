@@ -4,9 +4,9 @@ In: a spooled message and its recipients (or a batch of them, for a hop that reu
 Out: the inner hop's results for the same message with the DKIM-Signature and Authentication-Results
 headers prepended — the spooled bytes themselves are never changed, so a source signature survives
 byte for byte (passthrough) and a retry simply signs again.
-A message that must go to a next hop without 8BITMIME is converted to 7-bit MIME first and signed
-after converting (`seven_bit`: DKIM signs what is sent, RFC 6376 5.3); its Authentication-Results
-stay those of the message as received.
+A message that must go to a next hop without 8BITMIME is converted to 7-bit MIME first, and one with
+lines over 998 octets has them re-encoded for every hop, and signed after converting (`seven_bit`: DKIM
+signs what is sent, RFC 6376 5.3); its Authentication-Results stay those of the message as received.
 Only mail whose envelope says the client could use its From: domain is signed (permission.py).
 The work (reading the spool file, hashing, RSA) runs in a thread pool, never on the reactor thread.
 """
@@ -21,7 +21,7 @@ from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.client import Job, takes_on_settled
-from mailrelay.delivery.sevenbit import convert_message
+from mailrelay.delivery.sevenbit import SEVEN_BIT, Needs, convert_message
 from mailrelay.dkim.permission import may_sign
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
@@ -53,7 +53,8 @@ class _PrefixedReader(io.RawIOBase):
 
 class PrefixedMessage:
     """A spooled message seen with extra header lines in front; every other attribute is the original's.
-    `seven_bit()`, when given, gives a Deferred of its 7-bit form (delivery/sevenbit.py)."""
+    `seven_bit(needs)`, when given, gives a Deferred of its form for a hop that takes `needs`
+    (delivery/sevenbit.py)."""
 
     def __init__(self, message, prefix: bytes, seven_bit=None):
         self._message, self.prefix, self.seven_bit = message, prefix, seven_bit
@@ -102,13 +103,13 @@ class DKIMHop:
         """What the inner hop gets: `message` with `prefix` in front, re-signed if it is converted."""
         if not prefix:
             return message
-        return PrefixedMessage(message, prefix, lambda: deferToThreadPool(
-            self._reactor, self._threadpool, self._seven_bit, message, prefix))
+        return PrefixedMessage(message, prefix, lambda needs=SEVEN_BIT: deferToThreadPool(
+            self._reactor, self._threadpool, self._seven_bit, message, prefix, needs))
 
-    def _seven_bit(self, message, prefix: bytes):
-        """Runs in a worker thread: `message` converted to 7-bit MIME, then signed (sevenbit.Unconvertible
-        when it cannot be converted)."""
-        converted = convert_message(message)
+    def _seven_bit(self, message, prefix: bytes, needs: Needs = SEVEN_BIT):
+        """Runs in a worker thread: `message` converted for a hop that takes `needs`, then signed
+        (sevenbit.Unconvertible when it cannot be converted)."""
+        converted = convert_message(message, needs)
         if converted is message:
             return PrefixedMessage(message, prefix)      # nothing to convert: as signed before
         return PrefixedMessage(converted, self.headers_for(converted, received=message))

@@ -21,11 +21,14 @@ Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2
   SMTP smuggling (SEC Consult 2023, CVE-2023-51764 class): a next hop that strips NULs reads
   `\\r\\n\\x00.\\r\\n` as an end of data, so a NUL is never passed on (neither 7bit nor 8bit data
   may hold one: RFC 2045 2.7, 2.8).
-- A text line over 998 octets (excluding CRLF) refuses the message (RFC 5321 4.5.3.1.6): we answer
-  `554 5.6.0` after the real end of data.  554 "transaction failed" with 5.6.0 "other media error"
-  is the most precise pair: the content, not the mailbox or the system, is at fault.  The reader
-  never drops back to command mode mid-body (stock Twisted answers 500 and executes the rest of the
-  body as commands); an over-long line is discarded as it streams, never buffered.
+- A text line over `max_line` octets (excluding CRLF; `[limits] max_line_length`, 64 KiB by default)
+  refuses the message: we answer `554 5.6.0` after the real end of data.  554 "transaction failed"
+  with 5.6.0 "other media error" is the most precise pair: the content, not the mailbox or the
+  system, is at fault.  Lines over 998 octets (RFC 5321 4.5.3.1.6) up to that bound are accepted, as
+  Postfix does: the spool notes them and delivery re-encodes them, so none ever leaves
+  (delivery/sevenbit.py).  The reader never drops back to command mode mid-body (stock Twisted
+  answers 500 and executes the rest of the body as commands); a line over the bound is discarded as
+  it streams, never buffered beyond `max_line` octets.
 - Over `max_size` content octets (counted as they stream): `552 5.3.4` after the real end of data;
   further bytes are discarded (RFC 1870 section 6.3).
 - Once the message is refused nothing more is passed to `sink`.
@@ -43,7 +46,15 @@ MAX_TEXT_LINE = 998        # octets, excluding CRLF (RFC 5321 4.5.3.1.6)
 
 BARE_CR = Reply(550, "5.6.11", "Message refused: bare CR in message content (use CRLF line ends)")
 NUL_OCTET = Reply(550, "5.6.0", "Message refused: NUL octet in message content")
-LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 998 octets (RFC 5321 4.5.3.1.6)")
+
+
+def line_too_long(limit: int) -> Reply:
+    """The refusal of a message with a text line over `limit` octets."""
+    return Reply(554, "5.6.0", f"Message refused: a text line is longer than {limit} octets, "
+                               f"the most this relay accepts")
+
+
+LINE_TOO_LONG = line_too_long(MAX_TEXT_LINE)
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 
@@ -54,7 +65,8 @@ class DataReader:
         self._sink = sink
         self._max_size = max_size
         self._max_line = max_line
-        self._partial = b""          # start of an incomplete line (bounded by max_line + 2)
+        self._too_long = LINE_TOO_LONG if max_line == MAX_TEXT_LINE else line_too_long(max_line)
+        self._partial = bytearray()  # start of an incomplete line (bounded by max_line + 2)
         self._skipping = False       # inside an over-long line: discard until LF
         self._skip_ends_cr = False   # last discarded byte was CR (for a CRLF split across chunks)
         self._prev_crlf = True       # the previous line ended with CRLF (DATA's own CRLF at first)
@@ -72,17 +84,19 @@ class DataReader:
             data = self._skip(data)
             if data is None:
                 return None
-        buf = self._partial + data if self._partial else data
-        last_lf = buf.rfind(b"\n")
-        if last_lf < 0:
-            self._keep_partial(buf)
+        if b"\n" not in data:
+            # The line goes on: grown in place, so a long line sent in tiny pieces costs linear time,
+            # not a copy of everything so far per piece.
+            self._keep_partial(data)
             return None
+        buf = b"".join((self._partial, data)) if self._partial else data
+        self._partial = bytearray()
+        last_lf = buf.rfind(b"\n")
         out: list[bytes] = []
         rest = self._lines(buf, last_lf + 1, out)
         self._emit(out)
         if rest is not None:
             self.finished = True
-            self._partial = b""
             return rest
         self._keep_partial(buf[last_lf + 1:])
         return None
@@ -99,15 +113,15 @@ class DataReader:
         return data[lf + 1:]
 
     def _keep_partial(self, tail: bytes) -> None:
-        # An incomplete line longer than any legal line (998 + CRLF) will be refused anyway: drop it
+        # An incomplete line longer than any line we take (max_line + CRLF) will be refused anyway: drop it
         # now and skip to its LF, so a client sending no LF cannot make us buffer without bound.
-        if len(tail) > self._max_line + 1:
-            self._refuse(LINE_TOO_LONG)
-            self._partial = b""
+        if len(self._partial) + len(tail) > self._max_line + 1:
+            self._refuse(self._too_long)
+            self._partial = bytearray()
             self._skipping = True
             self._skip_ends_cr = tail.endswith(b"\r")
         else:
-            self._partial = tail
+            self._partial += tail
 
     def _lines(self, buf: bytes, end: int, out: list[bytes]) -> Optional[bytes]:
         """Process the complete lines in buf[:end]; return the bytes after CRLF.CRLF if found there."""
@@ -157,7 +171,7 @@ class DataReader:
         if b"\x00" in line:
             self._refuse(NUL_OCTET)     # NUL: refused, never forwarded (SMTP smuggling, CVE-2023-51764 class)
         if len(line) > self._max_line:
-            self._refuse(LINE_TOO_LONG)  # RFC 5321 4.5.3.1.6
+            self._refuse(self._too_long)  # our bound; memory stays bounded
         if line[:1] == b"." and line != b".":
             line = line[1:]             # RFC 5321 4.5.2 transparency: remove the stuffed dot
         out.append(line + b"\r\n")

@@ -110,7 +110,7 @@ class TransactionMixin:
             return
         envelope = self._new_envelope()
         self._envelope, self._headers = envelope, HeaderCollector()
-        self._reader = DataReader(self._write_content, self._limits.max_message_size)
+        self._reader = DataReader(self._write_content, self._limits.max_message_size, self._limits.max_line_length)
         # The 354 first: the client's body is on its way while the spool writer is set up.
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         try:

@@ -8,8 +8,10 @@ the session answer 250 (RFC 5321 §4.1.1.4 and §6.1: once 250 is sent the relay
 Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go to the file (plain
 writes from the reactor thread, no fsync there). A message that fits in the buffer is not on disk at
 all before its commit. Whether the content has 8-bit octets is noted as it is written (one `isascii`
-per piece, in C) and stored in the envelope (`octets`); a file already on disk gets the final envelope
-line written over its in-progress one at commit (same length).
+per piece, in C) and stored in the envelope (`octets`), and so is whether a line is longer than 998
+octets (`long_lines`; RFC 5321 4.5.3.1.6: delivery re-encodes such a message).  A file already on disk
+gets the final envelope line written over its in-progress one at commit, padded to the same length with
+spaces, which JSON ignores (`true` is one character shorter than the `false` written first).
 
 A write error (disk full) is kept and reported by commit(), so the session can answer
 452 4.3.1 instead of seeing an exception in the middle of DATA.
@@ -30,6 +32,52 @@ from mailrelay.spool.files import CommitJob, SpoolPaths, create_file, unlink_qui
 
 BUFFER_LIMIT = 64 * 1024
 OCTETS_PENDING = "?" * OCTETS_WIDTH      # in the envelope of a file on disk until the commit says 7bit / 8bit
+MAX_LINE = 998                           # octets without CRLF (RFC 5321 4.5.3.1.6, RFC 5322 2.1.1)
+
+
+class LineWatch:
+    """Whether any line of a stream given in pieces (split anywhere) is longer than MAX_LINE octets
+    without its CRLF.  Pieces are looked at with C-level find/split, never byte by byte in Python."""
+
+    def __init__(self) -> None:
+        self.found = False
+        self._run = 0            # octets of the line still open at the end of the last piece
+        self._cr = False         # ... and whether its last octet is a CR
+
+    STEP = (MAX_LINE + 1) // 2     # a run of 999 octets without LF holds a whole window of this many
+
+    @classmethod
+    def _inner(cls, data: bytes, first: int, last: int) -> bool:
+        """Whether a line between the LFs at `first` and `last` is long: windows of STEP octets are
+        probed for an LF (one C-level find each); only a window without one has its line measured."""
+        at = first + 1
+        while at + cls.STEP <= last:
+            if data.find(b"\n", at, at + cls.STEP) >= 0:
+                at += cls.STEP
+                continue
+            start = data.rfind(b"\n", first, at) + 1
+            end = data.find(b"\n", at + cls.STEP, last + 1)
+            if end - start - (data[end - 1] == 13) > MAX_LINE:      # 13: its CR is not content
+                return True
+            at = end + 1
+        return False
+
+    def feed(self, data: bytes) -> None:
+        if self.found or not data:
+            return
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._run += len(data)
+            self._cr = data.endswith(b"\r")
+            self.found = self._run > MAX_LINE + 1
+            return
+        if self._run + last > MAX_LINE:          # else no line up to the last LF can be long
+            first = data.find(b"\n")
+            cr = data[first - 1:first] == b"\r" if first else self._cr
+            self.found = self._run + first - cr > MAX_LINE or self._inner(data, first, last)
+        self._run = len(data) - last - 1
+        self._cr = self._run > 0 and data.endswith(b"\r")
+        self.found = self.found or self._run > MAX_LINE + 1
 
 
 @implementer(IMessageWriter)
@@ -42,6 +90,7 @@ class MessageWriter:
         self.envelope = envelope
         self._header = b""          # as first written to disk (a big message spills before its commit)
         self._eight_bit = False
+        self._lines = LineWatch()
         self._final_path = paths.message(queue_id)
         self._enqueue_commit = enqueue_commit
         self._buffer = bytearray()
@@ -68,6 +117,7 @@ class MessageWriter:
         self._size += len(data)
         if not self._eight_bit and not data.isascii():
             self._eight_bit = True
+        self._lines.feed(data)
         if len(self._buffer) + len(data) <= BUFFER_LIMIT:
             self._buffer += data
             return
@@ -80,7 +130,7 @@ class MessageWriter:
     def _spill(self, data: bytes) -> None:
         if self._fd is None:
             self._fd = create_file(self._final_path)
-            self._header = encode_header(replace(self.envelope, octets=OCTETS_PENDING))
+            self._header = encode_header(replace(self.envelope, octets=OCTETS_PENDING, long_lines=False))
             write_all(self._fd, self._header)
         write_all(self._fd, self._buffer)
         self._buffer.clear()
@@ -103,10 +153,16 @@ class MessageWriter:
         if self._error is not None:
             self.state = "failed"
             return fail(self._error)
-        self.envelope = replace(self.envelope, octets="8bit" if self._eight_bit else "7bit")
+        self.envelope = replace(self.envelope, octets="8bit" if self._eight_bit else "7bit",
+                                long_lines=self._lines.found)
         header = encode_header(self.envelope)
-        if self._fd is not None and len(header) != len(self._header):
-            raise AssertionError("spool header changed length")     # OCTETS_WIDTH keeps them equal
+        if self._fd is not None:
+            # OCTETS_WIDTH keeps `octets` the same length; `"long_lines":true` is one shorter than the
+            # `false` on disk: spaces before the envelope line's newline (JSON whitespace) make up for it.
+            short = len(self._header) - len(header)
+            if not 0 <= short <= 1:
+                raise AssertionError("spool header changed length")
+            header = header[:-1] + b" " * short + b"\n"
         job = CommitJob(self.queue_id, self._fd, header, bytes(self._buffer), self._size,
                         self._final_path, self.envelope)
         self._fd, self._buffer = None, bytearray()   # the job owns the file descriptor now
