@@ -5,7 +5,6 @@ sockets is in test_content_end_to_end."""
 from __future__ import annotations
 
 import base64
-import binascii
 import email
 import email.policy
 import io

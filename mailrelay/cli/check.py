@@ -116,7 +116,8 @@ def describe(config: Config) -> list[tuple[str, str]]:
     limits = config.limits
     rate = f"{limits.messages_per_minute}/min per client" if limits.messages_per_minute else "no rate limit"
     lines.append(("limits", f"{human_size(limits.max_message_size)} per message, {limits.max_recipients} "
-                  f"recipients, lines up to {human_size(limits.max_line_length)}; {limits.max_connections} connections ({limits.max_connections_per_ip} per IP); "
+                  f"recipients, lines up to {human_size(limits.max_line_length)}; {limits.max_connections} "
+                  f"connections ({limits.max_connections_per_ip} per IP); "
                   f"{rate}; {limits.auth_failures_per_minute} AUTH failures/min per IP; idle "
                   f"{human_duration(limits.idle_timeout)}, session {human_duration(limits.session_timeout)}"))
     lines.append(("auth", _auth(config)))
