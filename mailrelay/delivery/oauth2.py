@@ -116,6 +116,33 @@ def treq_post(reactor: Any, ca_file: Optional[Path] = None, connect_timeout: flo
     return post
 
 
+def blocking_post(ca_file: Optional[Path] = None, timeout: float = FETCH_TIMEOUT) -> Post:
+    """A Post for the command line (`mailrelay route-test`, no reactor running): stdlib urllib over
+    verified TLS (ca_file's CAs, else the system's), answered before it returns."""
+    import ssl as stdlib_ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    context = stdlib_ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+    def post(url: str, form: dict) -> defer.Deferred:
+        request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(),
+                                         headers={"Accept": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+                return defer.succeed((response.status, response.read(MAX_BODY + 1)))
+        except urllib.error.HTTPError as e:
+            return defer.succeed((e.code, e.read(MAX_BODY + 1)))
+        except TimeoutError:
+            return defer.fail(defer.TimeoutError())
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            return defer.fail(error.ConnectError(string=" ".join(str(reason).split())[:160]))
+
+    return post
+
+
 class OAuth2TokenSource:
     """The token client of one transport (see the module docstring).  The grant's secrets are read from
     their files here, once (a reload builds a new source, reading them again)."""
@@ -127,6 +154,7 @@ class OAuth2TokenSource:
         self._timeout, self._margin = timeout, margin
         self._client_secret = read_secret(oauth2.client_secret_file) if oauth2.client_secret_file else None
         self._refresh = read_secret(oauth2.refresh_token_file) if oauth2.refresh_token_file else None
+        self._on_disk = self._refresh.reveal() if self._refresh is not None else None
         self._current: Optional[BearerToken] = None
         self._waiting: Optional[list[defer.Deferred]] = None     # asks sharing the fetch in flight
         self.fetches = 0
@@ -154,11 +182,22 @@ class OAuth2TokenSource:
 
     # -- one fetch ----------------------------------------------------------------------------------------
 
+    def _refresh_token(self) -> str:
+        """Ours, unless the file changed since we last read or wrote it (an operator, or `mailrelay
+        route-test` saving a rotated one): then the file's."""
+        try:
+            current = read_secret(self.oauth2.refresh_token_file).reveal()
+        except OSError:
+            current = self._on_disk
+        if current and current != self._on_disk:
+            self._refresh, self._on_disk = Secret(current), current
+        return self._refresh.reveal().decode("utf-8", "replace")
+
     def _form(self) -> dict:
         o = self.oauth2
         form = {"client_id": o.client_id}
         if self._refresh is not None:
-            form.update(grant_type="refresh_token", refresh_token=self._refresh.reveal().decode("utf-8", "replace"))
+            form.update(grant_type="refresh_token", refresh_token=self._refresh_token())
         else:
             form["grant_type"] = "client_credentials"
         if self._client_secret is not None:
@@ -207,6 +246,7 @@ class OAuth2TokenSource:
             log.error("oauth2: transport {transport}: cannot save the new refresh token to {path}: {error}",
                       transport=self.transport, path=str(path), error=e.strerror or str(e))
         else:
+            self._on_disk = new.encode("utf-8")
             log.info("oauth2: transport {transport}: the token endpoint rotated the refresh token; saved "
                      "to {path}", transport=self.transport, path=str(path))
         self._refresh = Secret(new.encode("utf-8"))
