@@ -46,7 +46,7 @@ def token_text(t) -> tuple[str, bool]:
     """("token: ...", whether one was had) for an OAuth2 transport: one real request to its endpoint."""
     from twisted.internet import task
 
-    from mailrelay.delivery.oauth2 import OAuth2TokenSource, blocking_post
+    from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, blocking_post
 
     try:
         source = OAuth2TokenSource(t.name, t.oauth2, clock=task.Clock(), post=blocking_post(t.oauth2.ca_file))
@@ -54,7 +54,7 @@ def token_text(t) -> tuple[str, bool]:
         return f"token: unavailable now: cannot read {e.filename}: {e.strerror}", False
     outcome: list = []
     source.token().addBoth(outcome.append)      # the blocking post has answered before token() returns
-    if outcome and not hasattr(outcome[0], "value"):
+    if outcome and isinstance(outcome[0], BearerToken):
         return f"token: available now, valid for {int(outcome[0].expires_at)}s (not shown)", True
     reason = outcome[0].value if outcome else "no answer"
     return f"token: unavailable now: {reason} (mail for this transport would wait, 454 4.7.0)", False

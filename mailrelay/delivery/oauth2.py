@@ -254,13 +254,13 @@ class OAuth2TokenSource:
     def _why(self, failure: Failure) -> Failure:
         if failure.check(TokenUnavailable):
             return failure
-        if failure.check(defer.TimeoutError, defer.CancelledError):
+        reasons = getattr(failure.value, "reasons", None)      # twisted.web's ResponseNeverReceived / Failed
+        if reasons and isinstance(reasons[0], Failure):
+            failure = reasons[0]
+        if failure.check(defer.TimeoutError, defer.CancelledError):   # addTimeout cancelled the request
             reason = TokenUnavailable(f"token endpoint gave no answer within {self._timeout:g}s", "timeout")
         else:
             what = failure.value
-            reasons = getattr(what, "reasons", None)      # twisted.web's ResponseNeverReceived / ResponseFailed
-            if reasons and isinstance(reasons[0], Failure):
-                what = reasons[0].value
             text = " ".join(str(what).split())[:160] or type(what).__name__
             if failure.check(error.ConnectError, error.DNSLookupError):
                 text = f"cannot connect: {text}"
