@@ -7,9 +7,9 @@ counted, and failures on cue.
     self.addCleanup(endpoint.stop)
     endpoint.mode = "500"                # "ok" | "500" | "400" | "badjson" | "hang"
 
-Each good request issues a new access token "at-N" (handed to `on_issue`, e.g. the set a Sink accepts)
+Each good request issues a new access token "<prefix>at-N" (handed to `on_issue`, e.g. the set a Sink accepts)
 valid `expires_in` seconds.  With `rotate`, each refresh-token grant also returns a new refresh token
-"rt-N" and forgets the one it was given (which then gets 400 invalid_grant).
+"<prefix>rt-N" and forgets the one it was given (which then gets 400 invalid_grant).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class _Token(resource.Resource):
         e = self.endpoint
         form = {k.decode(): v[0].decode() for k, v in request.args.items()}
         e.requests.append(form)
-        e._notify()
+        from twisted.internet import reactor
+        reactor.callLater(0, e._notify)          # waiters run after this request has its answer
         if e.mode == "hang":
             e.hung.append(request)
             return server.NOT_DONE_YET
@@ -50,14 +51,14 @@ class _Token(resource.Resource):
             return json.dumps({"error": error or "invalid_client",
                                "error_description": "AADSTS7000215: Invalid client secret provided."}).encode()
         e.counter += 1
-        token = f"at-{e.counter}"
+        token = f"{e.prefix}at-{e.counter}"
         e.issued.append(token)
         if e.on_issue is not None:
             e.on_issue(token)
         answer = {"access_token": token, "token_type": "Bearer", "expires_in": e.expires_in}
         if form.get("grant_type") == "refresh_token" and e.rotate:
             e.refresh_tokens.discard(form.get("refresh_token"))
-            new = f"rt-{e.counter}"
+            new = f"{e.prefix}rt-{e.counter}"
             e.refresh_tokens.add(new)
             answer["refresh_token"] = new
         request.setHeader(b"content-type", b"application/json")
@@ -67,10 +68,11 @@ class _Token(resource.Resource):
 class TokenEndpoint:
     def __init__(self, ca: TestCA, *, client_id: str = "app-id", client_secret: Optional[str] = "client-s3cret",
                  refresh_tokens: tuple[str, ...] = (), scope: Optional[str] = None, expires_in=3600,
-                 rotate: bool = False, on_issue: Optional[Callable[[str], None]] = None):
+                 rotate: bool = False, on_issue: Optional[Callable[[str], None]] = None, prefix: str = ""):
         self.ca, self.client_id, self.client_secret, self.scope = ca, client_id, client_secret, scope
         self.refresh_tokens = set(refresh_tokens)
         self.expires_in, self.rotate, self.on_issue = expires_in, rotate, on_issue
+        self.prefix = prefix                      # before every token issued (unique strings to grep logs for)
         self.mode = "ok"
         self.requests: list[dict] = []
         self.issued: list[str] = []
