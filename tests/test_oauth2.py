@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import stat
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from mailrelay import config
 from mailrelay.cli.main import main
 from mailrelay.config import load
 from mailrelay.delivery import oauth2, sasl
-from mailrelay.delivery.client import Job, Timeouts
+from mailrelay.delivery.client import Timeouts
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.metrics import Metrics
@@ -342,6 +341,15 @@ class RealPeerTests(unittest.TestCase):
         self.assertEqual([m.auth_identity for m in peers.sink.messages], [USER, USER])
         self.assertEqual(peers.sink.sasl, [("XOAUTH2", sasl.xoauth2_response(USER, b"at-1"), True)] * 2)
         self.assertEqual(peers.endpoint.requests[0]["grant_type"], "client_credentials")
+
+    @defer.inlineCallbacks
+    def test_deliveries_that_start_together_share_one_fetch(self):
+        peers = Peers(self)
+        hop = peers.transport()
+        results = yield defer.gatherResults([deliver(hop, f"Q{n}") for n in range(3)])
+        self.assertEqual([r.code for [r] in results], [250, 250, 250])
+        self.assertEqual(peers.endpoint.count, 1)
+        self.assertGreaterEqual(len(peers.sink.sessions), 2)      # several connections, one token
 
     @defer.inlineCallbacks
     def test_oauthbearer_names_host_and_port(self):

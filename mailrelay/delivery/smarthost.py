@@ -36,7 +36,7 @@ from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, d
 from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, TokenSource, TokenUnavailable, treq_post
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, settle_all
-from mailrelay.delivery.secret import Secret, read_secret
+from mailrelay.delivery.secret import Secret, read_secret  # noqa: F401 (Secret: still importable from here)
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
 
