@@ -92,7 +92,8 @@ class TokenLifecycleTests(unittest.TestCase):
         (self.dir / "secret").write_text(SECRET + "\n")
         self.clock, self.post, self.metrics = task.Clock(), Scripted(), Metrics()
         self.source = oauth2.OAuth2TokenSource(
-            "m365", oauth_config(client_secret_file=self.dir / "secret", scope="https://outlook.office365.com/.default"),
+            "m365",
+            oauth_config(client_secret_file=self.dir / "secret", scope="https://outlook.office365.com/.default"),
             clock=self.clock, post=self.post, metrics=self.metrics, timeout=30)
 
     def fetched(self, result: str) -> float:
@@ -248,8 +249,9 @@ class RefreshGrantTests(unittest.TestCase):
 
 class SASLStringTests(unittest.TestCase):
     def test_xoauth2(self):
-        self.assertEqual(sasl.xoauth2_response("someuser@example.com", b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"),
-                         b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01")
+        token = b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"
+        self.assertEqual(sasl.xoauth2_response("someuser@example.com", token),
+                         b"user=someuser@example.com\x01auth=Bearer " + token + b"\x01\x01")
 
     def test_oauthbearer_rfc7628_example(self):
         # RFC 7628 section 4.1, without the base64
@@ -543,7 +545,8 @@ class ConfigTests(unittest.TestCase):
             "transports.m.password_file": self.OK + 'oauth2_client_secret_file = "secret"\npassword_file = "secret"\n',
             "transports.m.auth": self.OK + 'oauth2_client_secret_file = "secret"\nsecurity = "none"\n',
             "transports.m.oauth2_refresh_token_file": self.OK + 'oauth2_refresh_token_file = "missing"\n',
-            "transports.m.oauth2_ca_file": self.OK + 'oauth2_client_secret_file = "secret"\noauth2_ca_file = "secret"\n',
+            "transports.m.oauth2_ca_file":
+                self.OK + 'oauth2_client_secret_file = "secret"\noauth2_ca_file = "secret"\n',
             "transports.m.oauth2_scope": 'username = "u"\npassword_file = "secret"\noauth2_scope = "s"\n',
             "transports.m.client_key": 'client_cert = "ca.pem"\n',
         }

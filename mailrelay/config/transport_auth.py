@@ -59,7 +59,8 @@ def transport_auth(t: _Reader, security: str, username: Optional[str],
         except ValueError as e:
             t.fail("client_cert", str(e))
     # Left "" when not written: Transport.auth_kind then says "password" or "none" by the username.
-    return {"auth": auth if "auth" in t.data else "", "oauth2": oauth, "client_cert": client_cert, "client_key": client_key}
+    return {"auth": auth if "auth" in t.data else "", "oauth2": oauth,
+            "client_cert": client_cert, "client_key": client_key}
 
 
 def _oauth2_keys(t: _Reader) -> dict[str, Any]:

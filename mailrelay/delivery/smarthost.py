@@ -100,9 +100,10 @@ def deliver_to_host(
     hears of each job as soon as it is settled (client.deliver_over), once even across the retry below.
 
     `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
-    "verify" (default: `host`; give the MX name when `host` is an address).  `login`: a delivery.sasl
-    login for AUTH (default: PLAIN/LOGIN with username and password, when there is a username).  `tls_options`, when given,
+    "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
     replaces the options built from tls_hostname/ca_file (a caller delivering often can build them once).
+    `login`: a delivery.sasl login for AUTH (default: PLAIN/LOGIN with username and password, when there
+    is a username).
     With `pool`, an idle connection to the same host, port, security, TLS options and user is used when
     there is one, and a connection that ends cleanly is left there instead of closed.
     Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a
