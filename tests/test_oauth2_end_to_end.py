@@ -35,6 +35,7 @@ def message(n: int) -> bytes:
 
 class OAuth2ThroughTwistd(unittest.TestCase):
     timeout = 180
+    process = "inline"          # [delivery] process
 
     def setUp(self):
         self.ca = TestCA()
@@ -56,7 +57,10 @@ class OAuth2ThroughTwistd(unittest.TestCase):
             'client_cert = "client.pem"\nclient_key = "client.key"\n\n'
             '[[route]]\nrecipients = ["*"]\ntransport = "m365"\n\n'
             '[queue]\nfirst_retry = "1s"\nmax_retry = "2s"\n\n'
-            f'[metrics]\nendpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"\n'
+            f'[delivery]\nprocess = "{self.process}"\n\n'
+            # the token client runs where delivery runs: its counts are on that process's endpoint
+            f'[metrics]\n{"delivery_endpoint" if self.process == "separate" else "endpoint"} = '
+            f'"tcp:{self.metrics_port}:interface=127.0.0.1"\n'
         ))
         d = self.relay.dir
         self.ca.write(d)
@@ -133,3 +137,8 @@ class OAuth2ThroughTwistd(unittest.TestCase):
         for where, text in everything.items():
             for secret in secrets:
                 self.assertNotIn(secret, text, f"{secret!r} in {where}")
+
+
+class OAuth2ThroughTwistdWithASeparateDeliveryProcess(OAuth2ThroughTwistd):
+    """The same, with the token client in the delivery process (`[delivery] process = "separate"`)."""
+    process = "separate"
