@@ -406,7 +406,7 @@ class RealPeerTests(unittest.TestCase):
         metrics = Metrics()
         log = capture_log(self)
         hop = peers.transport(metrics=metrics)
-        hop.tokens._timeout = 1.0                         # the "hang" case, without waiting 30 s
+        hop.tokens.timeout = 1.0                         # the "hang" case, without waiting 30 s
         expected = {"500": "token endpoint answered HTTP 500",
                     "400": "token endpoint answered HTTP 400 (invalid_client)",
                     "badjson": "token endpoint answered something that is not a JSON object",

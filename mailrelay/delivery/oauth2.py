@@ -151,7 +151,7 @@ class OAuth2TokenSource:
                  metrics: Any = None, timeout: float = FETCH_TIMEOUT, margin: float = EXPIRY_MARGIN):
         self.transport, self.oauth2 = transport, oauth2
         self._clock, self._post, self._metrics = clock, post, metrics
-        self._timeout, self._margin = timeout, margin
+        self.timeout, self._margin = timeout, margin      # timeout: seconds for one whole request
         self._client_secret = read_secret(oauth2.client_secret_file) if oauth2.client_secret_file else None
         self._refresh = read_secret(oauth2.refresh_token_file) if oauth2.refresh_token_file else None
         self._on_disk = self._refresh.reveal() if self._refresh is not None else None
@@ -210,7 +210,7 @@ class OAuth2TokenSource:
         self.fetches += 1
         started = self._clock.seconds()
         d = defer.maybeDeferred(self._post, self.oauth2.token_url, self._form())
-        d.addTimeout(self._timeout, self._clock)
+        d.addTimeout(self.timeout, self._clock)
         d.addCallback(lambda answer: self._parse(*answer, started))
         d.addErrback(self._why)
         d.addBoth(self._settle)
@@ -258,7 +258,7 @@ class OAuth2TokenSource:
         if reasons and isinstance(reasons[0], Failure):
             failure = reasons[0]
         if failure.check(defer.TimeoutError, defer.CancelledError):   # addTimeout cancelled the request
-            reason = TokenUnavailable(f"token endpoint gave no answer within {self._timeout:g}s", "timeout")
+            reason = TokenUnavailable(f"token endpoint gave no answer within {self.timeout:g}s", "timeout")
         else:
             what = failure.value
             text = " ".join(str(what).split())[:160] or type(what).__name__
