@@ -24,6 +24,9 @@ Metrics (all prefixed `mailrelay_`):
                                                      verified: true | false (certificate and name)
     delivery_latency_seconds                         histogram: receipt to successful delivery
     dsn_sent_total{kind}                             DSNs queued: failed | delayed (RFC 3464)
+    oauth2_token_fetches_total{transport,result}     OAuth2 token requests of a smarthost transport:
+                                                     success | refused | server_error | bad_response |
+                                                     unreachable | timeout (never the token itself)
     queue_messages, queue_oldest_message_age_seconds, queue_held_messages
                                                      gauges read at scrape time from `watch_queue`
 
@@ -70,6 +73,7 @@ DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
 TLS_LABELS = ("none", "tls1.0", "tls1.1", "tls1.2", "tls1.3", "tls", "unknown")
 _TLS_VERSIONS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
 DSN_KINDS = ("failed", "delayed")
+OAUTH2_RESULTS = ("success", "refused", "server_error", "bad_response", "unreachable", "timeout")
 
 # Seconds: from a minute to past the default 5-day lifetime.
 LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
@@ -155,6 +159,8 @@ class Metrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.dsn_sent = Counter("mailrelay_dsn_sent", "Delivery status notifications queued.", ["kind"],
                                 registry=r)
+        self.oauth2_fetches = Counter("mailrelay_oauth2_token_fetches", "OAuth2 token requests by result.",
+                                      ["transport", "result"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
 
@@ -199,6 +205,10 @@ class Metrics:
     def dsn(self, kind: str) -> None:
         """A DSN was queued to the sender: "failed" | "delayed"."""
         self.dsn_sent.labels(_fold(kind, DSN_KINDS, "failed")).inc()
+
+    def oauth2_fetch(self, transport: str, result: str) -> None:
+        """A smarthost transport's token request ended: `result` one of OAUTH2_RESULTS."""
+        self.oauth2_fetches.labels(transport, _fold(result, OAUTH2_RESULTS, "bad_response")).inc()
 
     # -- the queue gauges -------------------------------------------------------------------------
 

@@ -170,9 +170,11 @@ def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingPar
                           build_portal(checkers) if checkers else None)
 
 
-def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryParts] = None) -> DeliveryParts:
+def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryParts] = None,
+                         metrics=None) -> DeliveryParts:
     """Routes and next hops (behind DKIM) for `config`; the MX resolver (and its DNS cache) of
-    `previous` is kept when it asks the same nameservers. Raises ValueError (unreadable secrets, bad keys)."""
+    `previous` is kept when it asks the same nameservers. `metrics` counts the smarthosts' OAuth2 token
+    fetches. Raises ValueError (unreadable secrets, bad keys)."""
     from mailrelay.delivery.dns import MXResolver
     from mailrelay.delivery.mx import MXDelivery
     from mailrelay.delivery.routes import Router
@@ -185,7 +187,8 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
     return DeliveryParts(
         router=Router(config.routes),
         transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor,
-                                                      source_address=config.delivery.source_address))
+                                                      source_address=config.delivery.source_address,
+                                                      metrics=metrics))
                     for name, t in config.transports.items()},
         direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver)),
         resolver=resolver,
@@ -281,7 +284,8 @@ class RelayService(service.MultiService):
         receiving = build_receiving_parts(config, reactor)
         self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
-        delivery = build_delivery_parts(config, reactor)   # built here in either mode: a bad one stops the start
+        # built here in either mode: a bad one stops the start
+        delivery = build_delivery_parts(config, reactor, metrics=self.metrics)
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
@@ -327,7 +331,7 @@ class RelayService(service.MultiService):
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
         def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
             return (build_receiving_parts(config, reactor, limiter=self._limiter),
-                    build_delivery_parts(config, reactor, self.delivery))
+                    build_delivery_parts(config, reactor, self.delivery, metrics=self.metrics))
 
         loaded = reread(self.config.path, build, self.reactor)
         if loaded is None:

@@ -13,7 +13,8 @@ from mailrelay.dkim import keys
 from mailrelay.tls import generate_self_signed
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SECRET_KEYS = ("password_file", "service_password_file")
+SECRET_KEYS = ("password_file", "service_password_file", "oauth2_client_secret_file", "oauth2_refresh_token_file")
+CERT_KEYS = ("cert", "key", "key_file", "ca_file", "oauth2_ca_file", "client_cert", "client_key")
 
 
 def referenced_files(node, found=None):
@@ -21,7 +22,7 @@ def referenced_files(node, found=None):
     found = [] if found is None else found
     if isinstance(node, dict):
         for key, value in node.items():
-            if isinstance(value, str) and key in ("cert", "key", "key_file", "ca_file") + SECRET_KEYS:
+            if isinstance(value, str) and key in CERT_KEYS + SECRET_KEYS:
                 found.append((key, value))
             else:
                 referenced_files(value, found)
@@ -35,7 +36,7 @@ class Examples(unittest.TestCase):
     def provide(self, directory: Path, key: str, relative: str) -> None:
         path = directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        if key in ("cert", "ca_file", "key"):
+        if key in ("cert", "ca_file", "key", "oauth2_ca_file", "client_cert", "client_key"):
             cert, private = generate_self_signed("relay.example.org")
             path.write_bytes(cert + private if key != "key" else private)
         elif key == "key_file":
@@ -60,9 +61,32 @@ class Examples(unittest.TestCase):
                 cert, private = generate_self_signed("relay.example.org")
                 (directory / tls["cert"]).write_bytes(cert)
                 (directory / tls["key"]).write_bytes(private)
+            for transport in data.get("transports", {}).values():     # a client certificate and its key
+                if "client_cert" in transport:
+                    cert, private = generate_self_signed("relay.example.org")
+                    (directory / transport["client_cert"]).write_bytes(cert)
+                    (directory / transport["client_key"]).write_bytes(private)
             config = load(directory / example.name)
             self.assertEqual(config.path, directory / example.name, example.name)
 
     def test_the_examples_say_what_they_are_for(self):
         for example in EXAMPLES.glob("*.conf"):
             self.assertTrue(example.read_text().startswith("#"), example.name)
+
+    def test_smarthosts_in_2026(self):
+        """Microsoft 365 and Gmail take no passwords any more: the examples relay through them with OAuth2
+        (client credentials for Microsoft 365, a refresh token for Gmail) or a connector certificate."""
+        kinds = {}
+        for example in EXAMPLES.glob("*.conf"):
+            for name, t in tomllib.loads(example.read_text()).get("transports", {}).items():
+                host = t["host"]
+                if host.endswith(("office365.com", "outlook.com", "gmail.com")):
+                    self.assertNotIn("password_file", t, example.name)
+                    kinds[example.name] = (t.get("auth"), "client_cert" in t,
+                                           "oauth2_refresh_token_file" in t, t.get("oauth2_token_url", ""))
+        self.assertEqual(kinds["m365-oauth2-relay.conf"][:3], ("xoauth2", False, False))
+        self.assertTrue(kinds["m365-oauth2-relay.conf"][3].startswith("https://login.microsoftonline.com/"))
+        self.assertEqual(kinds["ad-security-buffer.conf"][:3], ("xoauth2", False, False))
+        self.assertEqual(kinds["m365-connector-certificate.conf"][:3], ("none", True, False))
+        self.assertEqual(kinds["gmail-oauth2-relay.conf"][:3], ("oauthbearer", False, True))
+        self.assertEqual(kinds["gmail-oauth2-relay.conf"][3], "https://oauth2.googleapis.com/token")

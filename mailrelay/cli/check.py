@@ -103,6 +103,26 @@ def _permit(permit: Permit) -> str:
     return f"{who} may send from {_list(permit.senders)} to {_list(permit.recipients)}{header}"
 
 
+def _transport_auth(t) -> str:
+    """How a transport logs in: the kind and the files that hold its secrets, never a secret."""
+    kind = t.auth_kind
+    cert = f", client certificate {t.client_cert} (key {t.client_key})" if t.client_cert else ""
+    if kind == "password":
+        return f", auth password: login {t.username} (password from {t.password_file}){cert}"
+    if kind == "none":
+        return f", auth none{cert}"
+    o = t.oauth2
+    if o.grant == "refresh_token":
+        grant = f"refresh-token grant (refresh token from {o.refresh_token_file}" + (
+            f", client secret from {o.client_secret_file})" if o.client_secret_file else ")")
+    else:
+        grant = f"client-credentials grant (client secret from {o.client_secret_file})"
+    scope = f", scope {o.scope}" if o.scope else ""
+    ca = f", endpoint CA {o.ca_file}" if o.ca_file else ""
+    return (f", auth {kind} as {t.username}: OAuth2 token from {o.token_url}, client id {o.client_id}, "
+            f"{grant}{scope}{ca}{cert}")
+
+
 def describe(config: Config) -> list[tuple[str, str]]:
     """(label, text) lines saying what `config` makes the relay do."""
     lines = [("hostname", config.hostname), ("spool", str(config.spool))]
@@ -143,7 +163,7 @@ def describe(config: Config) -> list[tuple[str, str]]:
                   + (f"in a separate process, {d.process_nice} nice steps below" if d.process == "separate"
                      else "in the main process")))
     for t in config.transports.values():
-        login = f", login {t.username} (password from {t.password_file})" if t.username else ""
+        login = _transport_auth(t)
         ca = f", CA {t.ca_file}" if t.ca_file else ""
         verify = "verified" if t.verify else "NOT verified"
         bind = t.bind_address(d.source_address)

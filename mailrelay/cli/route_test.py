@@ -1,9 +1,13 @@
 """`mailrelay route-test ADDRESS [--sender S] [--from-domain D] --config F`: what the relay would do with a
 recipient, without sending anything — the route (and any fallback after failed attempts), the transport or
-the MX hosts resolved with the configured DNS, the TLS policy, and the DKIM keys that would sign.
+the MX hosts resolved with the configured DNS, the TLS policy, how a smarthost would authenticate, and the
+DKIM keys that would sign.  For an OAuth2 transport it asks the token endpoint for a token right now and
+says whether one came (and for how long it is valid) or why not; the token itself is never shown.
 
 Exit status: 0 when the address can be routed, 1 when DNS says it cannot (null MX, no such domain), 2 for a
-config error or a temporary DNS failure. Nothing is written and no connection is made except DNS queries.
+config error, a temporary DNS failure or no OAuth2 token to be had. Nothing is written (except a refresh
+token the endpoint rotates, saved as the relay would) and no connection is made except DNS queries and
+that token request.
 """
 from __future__ import annotations
 
@@ -26,20 +30,57 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def describe_route(config: Config, route, index: int | None) -> list[str]:
+def auth_text(t) -> str:
+    """How transport `t` logs in, without any secret."""
+    kind = t.auth_kind
+    cert = f", client certificate {t.client_cert}" if t.client_cert else ""
+    if kind == "none":
+        return "auth: none" + cert
+    if kind == "password":
+        return f"auth: password (PLAIN/LOGIN) as {t.username}, only over TLS{cert}"
+    grant = "refresh-token" if t.oauth2.grant == "refresh_token" else "client-credentials"
+    return f"auth: {kind} (OAuth2 bearer token) as {t.username}, {grant} grant from {t.oauth2.token_url}{cert}"
+
+
+def token_text(t) -> tuple[str, bool]:
+    """("token: ...", whether one was had) for an OAuth2 transport: one real request to its endpoint."""
+    from twisted.internet import task
+
+    from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, blocking_post
+
+    try:
+        source = OAuth2TokenSource(t.name, t.oauth2, clock=task.Clock(), post=blocking_post(t.oauth2.ca_file))
+    except OSError as e:
+        return f"token: unavailable now: cannot read {e.filename}: {e.strerror}", False
+    outcome: list = []
+    source.token().addBoth(outcome.append)      # the blocking post has answered before token() returns
+    if outcome and isinstance(outcome[0], BearerToken):
+        return f"token: available now, valid for {int(outcome[0].expires_at)}s (not shown)", True
+    reason = outcome[0].value if outcome else "no answer"
+    return f"token: unavailable now: {reason} (mail for this transport would wait, 454 4.7.0)", False
+
+
+def describe_route(config: Config, route, index: int | None, tokens: dict | None = None) -> list[str]:
+    """The lines for `route`; with `tokens` (a dict kept across calls), an OAuth2 transport's token is
+    asked for (once per transport): `tokens[name]` is (its line, whether one was had)."""
     source = config.delivery.source_address
     if route is None:
         return ["route: none matches: direct delivery by MX",
                 f"tls: {config.delivery.tls} (delivery.tls), port {config.delivery.mx_port}"
                 + (f", from {source} (delivery.source_address)" if source else "")]
     t = config.transports[route.transport]
-    auth = f", AUTH as {t.username} (only over TLS)" if t.username else ""
     bind = t.bind_address(source)
     origin = f"transports.{t.name}.source_address" if t.source_address else "delivery.source_address"
-    return [f"route: route[{index}] -> transport {route.transport}"
-            + (f" (after {route.after_attempts} failed attempts)" if route.after_attempts else ""),
-            f"transport: {t.host}:{t.port} security={t.security} verify={'yes' if t.verify else 'no'}{auth}"
-            + (f", from {bind} ({origin})" if bind else "")]
+    lines = [f"route: route[{index}] -> transport {route.transport}"
+             + (f" (after {route.after_attempts} failed attempts)" if route.after_attempts else ""),
+             f"transport: {t.host}:{t.port} security={t.security} verify={'yes' if t.verify else 'no'}"
+             + (f", from {bind} ({origin})" if bind else ""),
+             auth_text(t)]
+    if t.oauth2 is not None and tokens is not None:
+        if t.name not in tokens:
+            tokens[t.name] = token_text(t)
+        lines.append(tokens[t.name][0])
+    return lines
 
 
 def mx_lines(config: Config, domain: str) -> tuple[list[str], int]:
@@ -80,7 +121,8 @@ def run(args) -> int:
     router = Router(config.routes)
     first = router.route(args.sender, args.address, 0)
     lines = [f"recipient: {args.address}", f"sender: <{args.sender}>"]
-    lines += describe_route(config, first, _index(config, first))
+    tokens: dict = {}
+    lines += describe_route(config, first, _index(config, first), tokens)
     status = 0
     if first is None:
         found, status = mx_lines(config, domain)
@@ -91,12 +133,12 @@ def run(args) -> int:
         if id(later) not in seen:
             seen.add(id(later))
             lines += [f"after {attempts} failed attempt(s):"] + [
-                "  " + line for line in describe_route(config, later, _index(config, later))
+                "  " + line for line in describe_route(config, later, _index(config, later), tokens)
             ]
     from_domain = args.from_domain or domain_of(args.sender)
     lines += dkim_lines(config, from_domain)
     print("\n".join(lines))
-    return status
+    return 2 if status == 0 and not all(ok for _, ok in tokens.values()) else status
 
 
 def _index(config: Config, route) -> int | None:

@@ -27,7 +27,8 @@ from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_PERMITS, DEFAULT_TRANSPORT_PORTS,
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
     AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits,
-    Listener, LogConfig, MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
+    Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig, TLSConfig,
+    Transport,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
@@ -41,8 +42,8 @@ __all__ = [
     "AUTH_MECHANISMS", "DEFAULT_ENDPOINTS", "DEFAULT_LISTENERS", "DEFAULT_PERMITS", "DEFAULT_TRANSPORT_PORTS",
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
     "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "IPNetwork",
-    "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "Permit", "QueueConfig", "Route",
-    "SendmailConfig", "TLSConfig", "Transport", "load", "parse_duration", "parse_host_port", "parse_size",
+    "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
+    "Route", "SendmailConfig", "TLSConfig", "Transport", "load", "parse_duration", "parse_host_port", "parse_size",
 ]
 
 

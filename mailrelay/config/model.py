@@ -150,6 +150,26 @@ class DeliveryConfig:
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")
+TRANSPORT_AUTH = ("password", "xoauth2", "oauthbearer", "none")
+OAUTH2_AUTH = ("xoauth2", "oauthbearer")
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    """Where and how a transport gets its OAuth2 bearer token (RFC 6749): the client-credentials grant
+    with `client_secret_file`, or the refresh-token grant with `refresh_token_file` (the client secret,
+    when given too, then authenticates the client, RFC 6749 section 6)."""
+    token_url: str
+    client_id: str
+    client_secret_file: Optional[Path] = None
+    refresh_token_file: Optional[Path] = None
+    scope: str = ""
+    ca_file: Optional[Path] = None      # trust for the token endpoint; None: the system's
+
+    @property
+    def grant(self) -> str:
+        """"refresh_token" or "client_credentials"."""
+        return "refresh_token" if self.refresh_token_file is not None else "client_credentials"
 
 
 @dataclass(frozen=True)
@@ -163,10 +183,19 @@ class Transport:
     password_file: Optional[Path] = None
     ca_file: Optional[Path] = None      # added key: trust these CAs instead of the system store
     source_address: str = ""            # bind this transport's connections here; "": [delivery] source_address
+    auth: str = ""                      # TRANSPORT_AUTH; "": "password" with a username, else "none"
+    oauth2: Optional["OAuth2Config"] = None     # with auth "xoauth2" / "oauthbearer"
+    client_cert: Optional[Path] = None  # TLS client certificate (PEM) presented to the smarthost
+    client_key: Optional[Path] = None
 
     def bind_address(self, delivery_default: str) -> str:
         """The address this transport's connections leave from: its own, else [delivery]'s ("" = any)."""
         return self.source_address or delivery_default
+
+    @property
+    def auth_kind(self) -> str:
+        """One of TRANSPORT_AUTH: `auth`, or by default "password" with a username and "none" without."""
+        return self.auth or ("password" if self.username else "none")
 
 
 @dataclass(frozen=True)

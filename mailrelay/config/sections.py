@@ -20,6 +20,7 @@ from mailrelay.config.model import (
     MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
 )
 from mailrelay.config.reader import _closed, _Reader
+from mailrelay.config.transport_auth import transport_auth
 from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, parse_host_port
 
 
@@ -279,10 +280,9 @@ def _transport(name: str, t: _Reader) -> Transport:
         t.fail("host", f'"{host}" is not a host name')
     username = t.text("username")
     password_file = t.path("password_file", readable=True)
-    if username is not None and password_file is None:
-        t.fail("password_file", "required with username (a file holding the password)")
     if password_file is not None and username is None:
         t.fail("username", "required with password_file")
+    login = transport_auth(t, security, username, password_file)
     return _closed(t, Transport(
         name=name, host=host,
         port=t.port("port", DEFAULT_TRANSPORT_PORTS[security]),
@@ -291,6 +291,7 @@ def _transport(name: str, t: _Reader) -> Transport:
         username=username, password_file=password_file,
         ca_file=t.path("ca_file", readable=True),
         source_address=_source_address(t),
+        **login,
     ))
 
 

@@ -8,7 +8,7 @@ per job — delivered through the `finished` Deferred, which never fails: a refu
 a failed TLS handshake or a lost connection settle every unsettled recipient with a 4xx result.
 
 Implements RFC 5321 (section 3 transactions, 4.2 replies, 4.5.2 dot-stuffing, 4.5.3.2 timeouts),
-RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN / LOGIN, only over TLS), RFC 1870 (SIZE), RFC 6152
+RFC 3207 (STARTTLS), RFC 4954 (AUTH, only over TLS; the mechanisms in delivery.sasl), RFC 1870 (SIZE), RFC 6152
 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3463 (enhanced status codes in every result).
 
 Each job reported as soon as it is settled (crash safety, docs/crash-safety.md section 2): with an
@@ -30,7 +30,6 @@ silent STARTTLS skipping and exception-based error reporting are all replaced he
 """
 from __future__ import annotations
 
-import base64
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
 )
+from mailrelay.delivery.sasl import Exchange, PasswordLogin
 from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
@@ -119,6 +119,7 @@ class SessionParams:
     username: Optional[str] = None
     password: Optional[bytes] = field(default=None, repr=False)
     timeouts: Timeouts = Timeouts()
+    login: Any = field(default=None, repr=False)    # a delivery.sasl login; default: PLAIN/LOGIN with the above
 
 
 def temporary_status(status: str) -> str:
@@ -156,8 +157,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._tls_active = self._tls_pending = self._tls_failed = False
         self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
         self._greeted = False
-        self._secrets: list[bytes] = []
-        self._login_step = 0
+        self._exchange: Optional[Exchange] = None       # the AUTH exchange under way (delivery.sasl)
         self._awaiting: deque[Awaited] = deque()
         self._command = "connect"
         self._connected_at: Optional[float] = None
@@ -400,42 +400,37 @@ class DeliveryClient(smtp.ESMTPClient):
         self._ehlo()
 
     def _maybe_auth(self) -> None:
-        if not self.params.username:
+        login = self.params.login or (PasswordLogin(self.params.username, self.params.password or b"")
+                                      if self.params.username else None)
+        if login is None:
             return self._next_job()
         if not self._tls_active:
             # RFC 4954 4 / RFC 8314: a password is never sent in plaintext, whatever the server offers.
             self._failure = (451, "4.7.11", f"not sending credentials to {self._host} without TLS")
             return self._quit()
-        mechanisms = self._extensions.get(b"AUTH", b"").upper().split()
-        user = self.params.username.encode("utf-8")
-        password = self.params.password or b""
-        if b"PLAIN" in mechanisms:
-            blob = base64.b64encode(b"\0" + user + b"\0" + password)
-            self._secrets = [blob]
-            return self._send(b"AUTH PLAIN " + blob, "AUTH", (235,), self._on_authenticated, self._on_auth_refused)
-        if b"LOGIN" in mechanisms:
-            self._secrets, self._login_step = [base64.b64encode(user), base64.b64encode(password)], 0
-            return self._send(b"AUTH LOGIN", "AUTH", (334,), self._on_login_challenge, self._on_auth_refused)
-        offered = printable(self._extensions.get(b"AUTH", b"none"))
-        self._failure = (451, "4.7.0", f"{self._host} offers no AUTH mechanism we use (offered: {offered})")
-        self._quit()
+        self._exchange = login.start(self._extensions.get(b"AUTH", b"").upper().split())
+        if self._exchange is None:
+            offered = printable(self._extensions.get(b"AUTH", b"none"))
+            self._failure = (451, "4.7.0", f"{self._host} offers no AUTH mechanism we use "
+                             f"(we use {login.wanted}; offered: {offered})")
+            return self._quit()
+        self._send(self._exchange.command, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
 
-    def _on_login_challenge(self, code: int, text: bytes) -> None:
-        # AUTH LOGIN: the first 334 asks for the user name, the second for the password.
-        step, self._login_step = self._login_step, self._login_step + 1
-        last = step == len(self._secrets) - 1
-        self._send(self._secrets[step], "AUTH", (235,) if last else (334,),
-                   self._on_authenticated if last else self._on_login_challenge, self._on_auth_refused)
+    def _on_auth_step(self, code: int, text: bytes) -> None:
+        """235: in.  334: the mechanism's next response (delivery.sasl), if it has one."""
+        if code == 235:
+            self._exchange = None
+            return self._next_job()
+        response = self._exchange.respond(text)
+        if response is None:
+            return self._abort(421, "4.7.0", f"{self._host} sent an AUTH challenge {self._exchange.mechanism.decode()} "
+                               "has no answer for")
+        self._send(response, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
 
     def _on_auth_refused(self, code: int, text: bytes) -> None:
-        for secret in self._secrets:     # a server echoing our blob must not put it in a log or a DSN
-            text = text.replace(secret, b"[secret]")
-        self._secrets = []
-        self._fail_from_reply(code, text, "AUTH")
-
-    def _on_authenticated(self, code: int, text: bytes) -> None:
-        self._secrets = []
-        self._next_job()
+        exchange, self._exchange = self._exchange, None
+        exchange.refused(code)
+        self._fail_from_reply(code, exchange.scrub(text), "AUTH")
 
     # -- transactions: MAIL, RCPT, DATA, once per job --------------------------------------------------
 

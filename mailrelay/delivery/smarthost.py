@@ -11,7 +11,10 @@ TLS policies (config.md [delivery] tls, Postfix's smtp_tls_security_level): "non
 failed handshake is no reason to keep mail back); "required" (STARTTLS or 4.7.4, any certificate);
 "verify" (STARTTLS, certificate chain and host name checked against the platform trust or `ca_file`:
 RFC 6125 via service_identity).  `implicit_tls` is RFC 8314 implicit TLS (port 465) from the first byte.
-AUTH (RFC 4954) is only ever sent over TLS.
+AUTH (RFC 4954) is only ever sent over TLS: PLAIN/LOGIN with a password, or XOAUTH2/OAUTHBEARER
+(RFC 7628) with a token from delivery.oauth2 (`auth` in [transports.NAME]; the SASL strings are in
+delivery.sasl).  A TLS client certificate (`client_cert`/`client_key`) goes with STARTTLS and implicit
+TLS alike.
 
 Connection reuse: each SmarthostTransport keeps a delivery.pool.ConnectionPool, so a batch that follows
 within pool.IDLE_TIME goes over the connection the previous one left open, already past EHLO, STARTTLS
@@ -28,26 +31,41 @@ from twisted.internet import defer, endpoints, ssl
 from zope.interface import implementer
 
 from mailrelay import config
+from mailrelay.delivery import sasl
 from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over, report_once
+from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, TokenSource, TokenUnavailable, treq_post
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
-from mailrelay.delivery.results import SessionResult
+from mailrelay.delivery.results import SessionResult, settle_all
+from mailrelay.delivery.secret import Secret, read_secret  # noqa: F401 (Secret: still importable from here)
 from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.logger import Logger
+
+log = Logger(namespace="mailrelay.delivery")
 
 TLS_POLICIES = config.TLS_POLICIES
 
 
-def client_tls_options(hostname: str, verify: bool, ca_file: Optional[Path] = None) -> Any:
+def client_tls_options(hostname: str, verify: bool, ca_file: Optional[Path] = None,
+                       client_cert: Optional[Path] = None, client_key: Optional[Path] = None) -> Any:
     """Client TLS options: with `verify`, chain and host name checked (ca_file's CAs as the only trust
-    roots when given, else the platform's); without, any certificate is accepted (encryption only)."""
+    roots when given, else the platform's); without, any certificate is accepted (encryption only).
+    With `client_cert`/`client_key` (PEM; chain certificates after the leaf), that certificate is
+    presented when the server asks for one."""
+    mine: dict = {}
+    if client_cert is not None:
+        from mailrelay.tls import server_options     # the same loading (and pair check) as our own cert
+        loaded = server_options(client_cert, client_key)
+        mine = {"privateKey": loaded.privateKey, "certificate": loaded.certificate,
+                "extraCertChain": loaded.extraCertChain}
     if not verify:
-        return ssl.CertificateOptions()
+        return ssl.CertificateOptions(**mine)
     trust = ssl.platformTrust()
     if ca_file is not None:
         certs = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
         trust = ssl.trustRootFromCertificates(
             [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs]
         )
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=mine)
 
 
 def _security(tls_policy: str, implicit_tls: bool) -> str:
@@ -70,6 +88,7 @@ def deliver_to_host(
     tls_options: Any = None,
     username: Optional[str] = None,
     password: Optional[bytes] = None,
+    login: Any = None,
     bind_address: str = "",
     timeouts: Timeouts = Timeouts(),
     reactor: Any = None,
@@ -83,6 +102,8 @@ def deliver_to_host(
     `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
     "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
     replaces the options built from tls_hostname/ca_file (a caller delivering often can build them once).
+    `login`: a delivery.sasl login for AUTH (default: PLAIN/LOGIN with username and password, when there
+    is a username).
     With `pool`, an idle connection to the same host, port, security, TLS options and user is used when
     there is one, and a connection that ends cleanly is left there instead of closed.
     Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a
@@ -99,7 +120,8 @@ def deliver_to_host(
     if options is None and (tls_policy != "none" or implicit_tls):
         options = client_tls_options(name, tls_policy == "verify", ca_file)
     params = SessionParams(helo=helo, remote_host=host, security=_security(tls_policy, implicit_tls),
-                           tls_options=options, username=username, password=password, timeouts=timeouts)
+                           tls_options=options, username=username, password=password, timeouts=timeouts,
+                           login=login)
 
     def attempt(params: SessionParams) -> defer.Deferred:
         endpoint = endpoints.HostnameEndpoint(
@@ -112,7 +134,7 @@ def deliver_to_host(
     def maybe_plaintext(result: SessionResult) -> Any:
         if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
             plain = SessionParams(helo=helo, remote_host=host, security="none", username=username,
-                                  password=password, timeouts=timeouts)
+                                  password=password, timeouts=timeouts, login=login)
             return attempt(plain).addCallback(
                 lambda again: SessionResult(again.jobs, None, True, again.before_mail))
         return result
@@ -120,37 +142,21 @@ def deliver_to_host(
     return attempt(params).addCallback(maybe_plaintext)
 
 
-class Secret:
-    """A password that shows as <hidden> in every repr, so no log line or traceback can carry it."""
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes):
-        self._value = value
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<hidden>"
-
-
-def read_secret(path: Path) -> Secret:
-    """A secret file's content without its trailing newline (LF or CRLF)."""
-    data = Path(path).read_bytes()
-    return Secret(data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data)
-
-
 @implementer(INextHop, IBatchNextHop)
 class SmarthostTransport:
     """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
-    certificate check and credentials.  The password is read once here; it appears in no repr or log.
+    certificate check, client certificate and credentials.  The password is read once here; it appears
+    in no repr or log.  With `auth = "xoauth2"` / `"oauthbearer"` each connection first gets a token
+    from `tokens` (default: an oauth2.OAuth2TokenSource over treq, shared by all of this transport's
+    connections); no token means a 454 4.7.0 for every recipient (the mail waits), and a 535 to a token
+    means one fresh token and one more try (see deliver_jobs).
     Idle connections wait in `pool` (default: a new ConnectionPool on `clock`) for the next batch.
     Connections leave from the transport's `source_address`, else from `source_address` given here
     (`[delivery] source_address`: MX and smarthosts alike), else from any address."""
 
     def __init__(self, transport: config.Transport, hostname: str, clock: Any = None, reactor: Any = None,
                  timeouts: Timeouts = Timeouts(), pool: Optional[ConnectionPool] = None,
-                 source_address: str = ""):
+                 source_address: str = "", tokens: Optional[TokenSource] = None, metrics: Any = None):
         if reactor is None:
             from twisted.internet import reactor
         self.transport, self.hostname, self.timeouts = transport, hostname, timeouts
@@ -159,12 +165,18 @@ class SmarthostTransport:
         self.pool = pool if pool is not None else ConnectionPool(self._clock)
         self._tls_options = None
         if transport.security != "none":       # built once: the CA file is read here, not per message
-            self._tls_options = client_tls_options(transport.host, transport.verify, transport.ca_file)
+            self._tls_options = client_tls_options(transport.host, transport.verify, transport.ca_file,
+                                                   transport.client_cert, transport.client_key)
         self._password = read_secret(transport.password_file) if transport.password_file else None
+        self.tokens = tokens
+        if tokens is None and transport.oauth2 is not None and transport.auth_kind in sasl.OAUTH_MECHANISMS:
+            self.tokens = OAuth2TokenSource(transport.name, transport.oauth2, clock=self._clock, metrics=metrics,
+                                            post=treq_post(reactor, transport.oauth2.ca_file))
 
     def __repr__(self) -> str:
         t = self.transport
-        return f"<SmarthostTransport {t.name} {t.host}:{t.port} security={t.security} verify={t.verify}>"
+        return (f"<SmarthostTransport {t.name} {t.host}:{t.port} security={t.security} verify={t.verify} "
+                f"auth={t.auth_kind}>")
 
     @property
     def tls_policy(self) -> str:
@@ -182,14 +194,50 @@ class SmarthostTransport:
         return self.deliver_jobs(list(jobs), on_settled).addCallback(lambda r: [list(job) for job in r.jobs])
 
     def deliver_jobs(self, jobs: list[Job], on_settled: Optional[OnSettled] = None) -> defer.Deferred:
-        """Several messages on one connection: Deferred[results.SessionResult]."""
+        """Several messages on one connection: Deferred[results.SessionResult]; it never fails.
+        With OAuth2, a 535 to the token before any mail was tried drops that token, and the jobs get one
+        more connection with a freshly fetched one; a second 535 leaves them deferred."""
+        on_settled = report_once(on_settled)
+        if self.tokens is None:
+            login = None
+            if self._password is not None and self.transport.auth_kind == "password":
+                login = sasl.PasswordLogin(self.transport.username, self._password.reveal())
+            return self._send(jobs, on_settled, login)
+        return self._with_token(jobs, on_settled, again=True)
+
+    def _send(self, jobs: list[Job], on_settled: Optional[OnSettled], login: Any) -> defer.Deferred:
         t = self.transport
         return deliver_to_host(
             t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
             implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
-            password=self._password.reveal() if self._password else None, bind_address=self.bind_address,
+            login=login, bind_address=self.bind_address,
             timeouts=self.timeouts, reactor=self._reactor, clock=self._clock, pool=self.pool, on_settled=on_settled,
         )
+
+    def _with_token(self, jobs: list[Job], on_settled: Optional[OnSettled], again: bool) -> defer.Deferred:
+        t = self.transport
+
+        def send(token: BearerToken) -> defer.Deferred:
+            login = sasl.BearerLogin(t.auth_kind, t.username, token.value.reveal(), t.host, t.port)
+
+            def judged(result: SessionResult) -> Any:
+                if not login.rejected:
+                    return result
+                self.tokens.rejected(token)
+                if again and result.before_mail:
+                    log.info("oauth2: transport {transport}: {host} refused the token (535); fetching a new one",
+                             transport=t.name, host=t.host)
+                    return self._with_token(jobs, on_settled, again=False)
+                return result
+            return self._send(jobs, on_settled, login).addCallback(judged)
+
+        def unavailable(failure: Any) -> SessionResult:
+            failure.trap(TokenUnavailable)
+            text = f"OAuth2 token unavailable: {failure.value}"
+            return SessionResult(tuple(settle_all(j.recipients, 454, "4.7.0", text, t.host) for j in jobs),
+                                 before_mail=True)
+
+        return self.tokens.token().addCallbacks(send, unavailable)
 
     def close_idle(self) -> defer.Deferred:
         """QUIT every idle connection and keep none from now on; fires once they are all closed."""

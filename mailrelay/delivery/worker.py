@@ -71,7 +71,7 @@ class DeliveryWorker(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False,
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
-        self.parts = build_delivery_parts(config, reactor)
+        self.parts = build_delivery_parts(config, reactor, metrics=self.metrics)
         self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
         if config.metrics.delivery_endpoint:
@@ -98,7 +98,8 @@ class DeliveryWorker(service.MultiService):
     def reload(self) -> None:
         from mailrelay.service import build_delivery_parts, reread
 
-        loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts),
+        loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts,
+                                                                              metrics=self.metrics),
                         self.reactor)
         if loaded is not None:
             self.config, parts = loaded

@@ -3,9 +3,11 @@
 Not part of the relay.  A small LineReceiver server (raw control matters more than reuse of
 twisted.mail here) that records each transaction — MAIL FROM and its parameters, accepted RCPTs, the
 DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
-TLS was on, the AUTH identity — and can be told to refuse recipients, answer DATA with a scripted
-sequence, offer or withhold STARTTLS, break the TLS handshake, drop the connection in the middle of DATA,
-or never answer at all.
+TLS was on, the AUTH identity, the client certificate's name — and can be told to refuse recipients,
+answer DATA with a scripted sequence, offer or withhold STARTTLS, break the TLS handshake, drop the
+connection in the middle of DATA, or never answer at all.  With `bearer={user: {tokens}}` it also offers AUTH XOAUTH2 and OAUTHBEARER,
+checks the client's string byte for byte (RFC 7628 3.1 for OAUTHBEARER, with this sink's host and port)
+and records each (`sasl`); a token not in the set gets the mechanism's error challenge and then 535.
 
     sink = Sink(rcpt_replies={"bad@example.net": "550 5.1.1 no such user"})
     port = sink.start(reactor, tls_options=options)
@@ -39,6 +41,7 @@ class Transaction:
     tls: bool = False
     auth_identity: Optional[str] = None
     reply: str = ""
+    client_cert: Optional[str] = None   # the CN of the certificate the client presented, if any
 
 
 @dataclass
@@ -57,7 +60,8 @@ class Sink:
     def __init__(self, *, hostname: str = "sink.test", offer_starttls: Optional[bool] = None,
                  fail_tls: bool = False, rcpt_replies: Optional[dict] = None, mail_reply: str = "250 2.1.0 OK",
                  data_replies: tuple = (), drop_in_data: Optional[int] = None, silent: bool = False,
-                 extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None):
+                 extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None,
+                 bearer: Optional[dict] = None):
         self.hostname = hostname
         self.offer_starttls = offer_starttls      # None: offer when started with tls_options
         self.fail_tls = fail_tls                  # answer STARTTLS with 220, then send garbage and hang up
@@ -72,6 +76,9 @@ class Sink:
         self.messages: list[Transaction] = []     # the accepted ones (2xx after DATA)
         self.sessions: list[Session] = []
         self.auth_attempts: list[tuple[bool, str]] = []   # (tls on?, mechanism) for every AUTH command
+        self.bearer = bearer                      # {user: set of tokens} accepted for XOAUTH2 / OAUTHBEARER
+        self.sasl: list[tuple[str, bytes, bool]] = []    # (mechanism, decoded client string, accepted?)
+        self.after_error: list[bytes] = []        # what the client answered each error challenge with
         self.tls_options = None
         self.implicit_tls = False
         self.auth: dict = {}
@@ -171,8 +178,9 @@ class SinkProtocol(basic.LineReceiver):
         lines = [self.sink.hostname, *self.sink.extensions]
         if self.sink.offer_starttls and not self.tls:
             lines.append("STARTTLS")
-        if self.sink.auth:
-            lines.append("AUTH PLAIN LOGIN")    # offered even in plaintext: clients must refuse on their own
+        if self.sink.auth or self.sink.bearer is not None:
+            # offered even in plaintext: clients must refuse on their own
+            lines.append("AUTH PLAIN LOGIN" + (" XOAUTH2 OAUTHBEARER" if self.sink.bearer is not None else ""))
         for text in lines[:-1]:
             self.reply("250-" + text)
         self.reply("250 " + lines[-1])
@@ -205,9 +213,44 @@ class SinkProtocol(basic.LineReceiver):
         if mechanism == "LOGIN":
             self.login = ["LOGIN"]
             return self.reply("334 VXNlcm5hbWU6")
+        if mechanism in ("XOAUTH2", "OAUTHBEARER") and self.sink.bearer is not None:
+            self.login = [mechanism]
+            if initial:
+                return self._bearer_step(initial.encode("ascii", "replace"))
+            return self.reply("334 ")
         self.reply("504 5.5.4 unknown mechanism")
 
+    def _bearer_step(self, line: bytes) -> None:
+        mechanism = self.login[0]
+        if len(self.login) == 2:                   # the client's answer to our error challenge
+            self.login = None
+            self.sink.after_error.append(line)
+            return self.reply("535 5.7.8 Username and Password not accepted")
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except binascii.Error:
+            self.login = None
+            return self.reply("501 5.5.2 bad base64")
+        user, token = _bearer_fields(mechanism, raw, self.transport.getHost().port)
+        accepted = user is not None and token in self.sink.bearer.get(user, ())
+        self.sink.sasl.append((mechanism, raw, accepted))
+        if accepted:
+            self.login, self.identity = None, user
+            return self.reply("235 2.7.0 Accepted")
+        self.login.append("error")
+        problem = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+        self.reply("334 " + base64.b64encode(problem).decode())
+
+    def _peer_cn(self) -> Optional[str]:
+        try:
+            cert = self.transport.getPeerCertificate()
+        except Exception:
+            return None
+        return None if cert is None else cert.get_subject().CN
+
     def _login_step(self, line: bytes) -> None:
+        if self.login[0] in ("XOAUTH2", "OAUTHBEARER"):
+            return self._bearer_step(line)
         if self.login[0] == "PLAIN":
             self.login = None
             return self._check_plain(line.decode("ascii", "replace"))
@@ -237,7 +280,8 @@ class SinkProtocol(basic.LineReceiver):
     def smtp_MAIL(self, rest: str) -> None:
         path, params = _path_and_params(rest, "FROM:")
         self.transaction = Transaction(helo=self.helo, mail_from=path, mail_params=params, tls=self.tls,
-                                       auth_identity=self.identity)
+                                       auth_identity=self.identity,
+                                       client_cert=self._peer_cn() if self.tls else None)
         self.reply(self.sink.mail_reply)
         if not self.sink.mail_reply.startswith("2"):
             self.transaction = None
@@ -283,6 +327,27 @@ class SinkProtocol(basic.LineReceiver):
     def smtp_QUIT(self, rest: str) -> None:
         self.reply("221 2.0.0 bye")
         self.transport.loseConnection()
+
+
+def _bearer_fields(mechanism: str, raw: bytes, port: int) -> tuple[Optional[str], Optional[str]]:
+    """(user, token) from a well-formed client string, else (None, None): XOAUTH2 exactly
+    "user=U^Aauth=Bearer T^A^A"; OAUTHBEARER "n,a=U,^Ahost=H^Aport=P^Aauth=Bearer T^A^A" (RFC 7628 3.1)
+    with P this sink's port."""
+    if not raw.endswith(b"\x01\x01"):
+        return None, None
+    parts = raw[:-2].split(b"\x01")
+    if mechanism == "XOAUTH2":
+        if len(parts) != 2 or not parts[0].startswith(b"user=") or not parts[1].startswith(b"auth=Bearer "):
+            return None, None
+        return parts[0][5:].decode(), parts[1][12:].decode()
+    if len(parts) != 4 or not parts[0].startswith(b"n,a=") or not parts[0].endswith(b","):
+        return None, None
+    fields = dict(p.split(b"=", 1) for p in parts[1:] if b"=" in p)
+    if not fields.get(b"host") or fields.get(b"port") != str(port).encode() or \
+            not fields.get(b"auth", b"").startswith(b"Bearer "):
+        return None, None
+    user = parts[0][4:-1].decode().replace("=2C", ",").replace("=3D", "=")
+    return user, fields[b"auth"][7:].decode()
 
 
 def _path_and_params(rest: str, prefix: str) -> tuple[str, list[str]]:
