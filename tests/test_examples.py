@@ -78,7 +78,7 @@ class Examples(unittest.TestCase):
         (client credentials for Microsoft 365, a refresh token for Gmail) or a connector certificate."""
         kinds = {}
         for example in EXAMPLES.glob("*.conf"):
-            for name, t in tomllib.loads(example.read_text()).get("transports", {}).items():
+            for _name, t in tomllib.loads(example.read_text()).get("transports", {}).items():
                 host = t["host"]
                 if host.endswith(("office365.com", "outlook.com", "gmail.com")):
                     self.assertNotIn("password_file", t, example.name)

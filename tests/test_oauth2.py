@@ -422,8 +422,9 @@ class RealPeerTests(unittest.TestCase):
         [result] = yield deliver(hop)
         self.assertEqual(result.code, 250, result)
         self.assertEqual(peers.endpoint.count, 5)
-        value = lambda result: metrics.registry.get_sample_value(
-            "mailrelay_oauth2_token_fetches_total", {"transport": "hop", "result": result})
+        def value(result):
+            return metrics.registry.get_sample_value(
+                "mailrelay_oauth2_token_fetches_total", {"transport": "hop", "result": result})
         self.assertEqual([value(r) for r in ("server_error", "refused", "bad_response", "timeout", "success")],
                          [1, 1, 1, 1, 1])
         for reason in expected.values():

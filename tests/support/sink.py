@@ -5,7 +5,8 @@ twisted.mail here) that records each transaction — MAIL FROM and its parameter
 DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
 TLS was on, the AUTH identity, the client certificate's name — and can be told to refuse recipients,
 answer DATA with a scripted sequence, offer or withhold STARTTLS, break the TLS handshake, drop the
-connection in the middle of DATA, or never answer at all.  With `bearer={user: {tokens}}` it also offers AUTH XOAUTH2 and OAUTHBEARER,
+connection in the middle of DATA, or never answer at all.  With `bearer={user: {tokens}}` it also offers
+AUTH XOAUTH2 and OAUTHBEARER,
 checks the client's string byte for byte (RFC 7628 3.1 for OAUTHBEARER, with this sink's host and port)
 and records each (`sasl`); a token not in the set gets the mechanism's error challenge and then 535.
 
