@@ -217,6 +217,20 @@ def listener_options(cert_file: Path, key_file: Optional[Path], kinds: Sequence[
         raise ValueError(f"certificate and key do not match: {e}") from None
 
 
+def client_certificate(cert_file: Path, key_file: Optional[Path] = None) -> dict:
+    """A certificate chain (leaf first) and its key to present as a TLS client, as the keyword arguments
+    Twisted's CertificateOptions takes; ValueError as server_options (the pair is checked too)."""
+    certificate, private_key, chain = _load_pair(cert_file, key_file)
+    probe = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    try:
+        probe.use_certificate(certificate)
+        probe.use_privatekey(private_key)
+        probe.check_privatekey()
+    except SSL.Error as e:
+        raise ValueError(f"certificate and key do not match: {e}") from None
+    return {"privateKey": private_key, "certificate": certificate, "extraCertChain": chain}
+
+
 MAX_REASON = 200
 
 

@@ -53,9 +53,9 @@ def transport_auth(t: _Reader, security: str, username: Optional[str],
     if client_cert is not None:
         if security == "none":
             t.fail("client_cert", 'a client certificate needs security = "starttls" or "tls"')
-        from mailrelay.tls import server_options   # loads the pair now: a mismatch is refused at start
+        from mailrelay.tls import client_certificate   # loads the pair now: a mismatch is refused at start
         try:
-            server_options(client_cert, client_key)
+            client_certificate(client_cert, client_key)
         except ValueError as e:
             t.fail("client_cert", str(e))
     # Left "" when not written: Transport.auth_kind then says "password" or "none" by the username.

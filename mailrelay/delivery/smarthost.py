@@ -53,10 +53,8 @@ def client_tls_options(hostname: str, verify: bool, ca_file: Optional[Path] = No
     presented when the server asks for one."""
     mine: dict = {}
     if client_cert is not None:
-        from mailrelay.tls import server_options     # the same loading (and pair check) as our own cert
-        loaded = server_options(client_cert, client_key)
-        mine = {"privateKey": loaded.privateKey, "certificate": loaded.certificate,
-                "extraCertChain": loaded.extraCertChain}
+        from mailrelay.tls import client_certificate   # the same loading (and pair check) as our own cert
+        mine = client_certificate(client_cert, client_key)
     if not verify:
         return ssl.CertificateOptions(**mine)
     trust = ssl.platformTrust()
