@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from twisted.trial import unittest
 
 from mailrelay.cli import sendmail
 from mailrelay.tls import generate_self_signed
+from tests.support.ports import free_port
 
 
 class _Recorder:
@@ -35,9 +35,7 @@ class _Recorder:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _authenticate(server, session, envelope, mechanism, auth_data):

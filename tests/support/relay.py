@@ -17,25 +17,11 @@ from twisted.internet import threads
 
 from mailrelay.config import load
 from mailrelay.server.passwords import set_password
+from tests.support.ports import free_port, free_ports
+
+__all__ = ["PASSWORD", "RelayFixture", "free_port", "free_ports"]
 
 PASSWORD = "correct horse battery staple"
-
-
-def free_port(interface: str = "127.0.0.1") -> int:
-    return free_ports(1, interface)[0]
-
-
-def free_ports(count: int, interface: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports the OS reports free: all held open together while they are picked, so the
-    same port cannot come back twice (it did, once, for two listeners of one relay)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((interface, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class RelayFixture:

@@ -47,6 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support import ports
+
 BASE = "dc=example,dc=org"
 PEOPLE = f"ou=people,{BASE}"
 GROUPS = f"ou=groups,{BASE}"
@@ -205,10 +207,8 @@ def make_server_cert(ca: x509.Certificate, ca_key) -> tuple[x509.Certificate, ec
 
 
 def free_port() -> int:
-    """A port of 127.0.0.1 the OS says is free right now (slapd binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of 127.0.0.1 no other test process is given (slapd binds it a moment later)."""
+    return ports.free_port()
 
 
 def _die_with_parent() -> None:
