@@ -190,12 +190,12 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
     )
 
 
-def reread(path, build, reactor, source: Optional[bytes] = None):
+def reread(path, build, reactor, source: Optional[bytes] = None, delivery_only: bool = False):
     """(config, build(config, reactor)) from the config file (or `source`, its bytes as the main process
     read them), or None — with one log line — when it or what it names is refused; nothing is changed
-    before both are built (reload, in either process)."""
+    before both are built (reload, in either process; the delivery process's with `delivery_only`)."""
     try:
-        config = load(path, source)
+        config = load(path, source, delivery_only)
         return config, build(config, reactor)
     except (ConfigError, ValueError, OSError) as e:
         log.error("reload refused, the running configuration stays in force: {error}", error=str(e))

@@ -104,6 +104,30 @@ class SeparateDeliveryProcess(unittest.TestCase):
         self.assertEqual(self.service.scheduler.restarts, 1)
 
     @defer.inlineCallbacks
+    def test_a_receiving_side_file_gone_since_the_start_does_not_stop_delivery(self):
+        """[tls] cert and key (and [auth.ldap] files) are the main process's: a child started again does
+        not open them, so a certificate being replaced (or a directory CA removed) cannot stop delivery."""
+        from mailrelay import tls
+
+        yield self.relay.stop()
+        (self.relay.dir / "cert.pem").write_bytes(b"".join(tls.generate_self_signed("relay.test")))
+        self.relay.path.write_text(self.relay.path.read_text().replace(
+            'spool = "spool"\n', 'spool = "spool"\n[tls]\ncert = "cert.pem"\nkey = "cert.pem"\n', 1))
+        self.service = self.relay.start(reactor)
+        (self.relay.dir / "cert.pem").unlink()
+        first = self.child_pid()
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100):
+            transport = self.service.scheduler._transport
+            if transport is not None and transport.pid not in (None, first):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)
+        self.assertEqual(self.service.scheduler.restarts, 1)
+
+    @defer.inlineCallbacks
     def test_stopping_the_relay_stops_the_child(self):
         pid = self.child_pid()
         yield self.relay.stop()

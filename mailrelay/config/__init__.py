@@ -59,13 +59,18 @@ def _read_toml(file: str, source: bytes | None = None) -> tuple[dict, bytes]:
         raise ConfigError(file, "", f"TOML syntax error: {e}") from None
 
 
-def load(path: str | Path, source: bytes | None = None) -> Config:
+# Tables whose files only the receiving side reads: the delivery process does not open them.
+RECEIVING_FILES = ("tls", "auth")
+
+
+def load(path: str | Path, source: bytes | None = None, delivery_only: bool = False) -> Config:
     """Read and validate a tap.conf; raise ConfigError (one line) on any problem. `source`: the file's
-    bytes as read before (a delivery process gets them from the main process), not read again."""
+    bytes as read before (a delivery process gets them from the main process), not read again.
+    `delivery_only`: the files of RECEIVING_FILES are not opened (the main process proved them)."""
     file = str(path)
     absolute = Path(os.path.abspath(file))
     data, source = _read_toml(file, source)
-    root = _Reader(file, absolute.parent, "", data)
+    root = _Reader(file, absolute.parent, "", data, RECEIVING_FILES if delivery_only else ())
     hostname = _hostname(root)
     transports = _transports(root.table("transports"))
     permits = root.tables("permit")

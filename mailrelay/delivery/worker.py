@@ -11,7 +11,8 @@ in flight finish (bounded, Scheduler.stopService) and the process exits. Log lin
 one is set, else to standard output in twistd's text format (mailrelay.logger.classic_text), gathered for
 LOG_BATCH_DELAY: that is a pipe to the main process, which puts them into its own log (delivery.process,
 mailrelay.logrelay). The spool is shared: the main process holds its lock and ran recovery before
-starting this one.
+starting this one. With `--config-on-stdin` the config is the bytes the main process validated (its
+first line); the files only the receiving side reads ([tls], [auth]) are not opened here either.
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ class DeliveryWorker(service.MultiService):
         from mailrelay.service import build_delivery_parts, reread
 
         loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts),
-                        self.reactor, source)
+                        self.reactor, source, delivery_only=True)
         if loaded is not None:
             self.config, parts = loaded
             parts.install(self.scheduler, self.config, replacing=self.parts)
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        config = load(args.config, source)
+        config = load(args.config, source, delivery_only=True)    # the receiving side's files: not ours
     except ConfigError as e:
         print(f"mailrelay delivery process: {e}", file=sys.stderr)
         return 2
