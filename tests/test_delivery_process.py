@@ -493,6 +493,13 @@ class PipeOrders(unittest.TestCase):
         self.process.running = True
         self.process._transport = Pipe()
 
+    def test_it_is_a_whole_scheduler_for_the_main_process(self):
+        from zope.interface.verify import verifyObject
+
+        from mailrelay.interfaces import IScheduler
+
+        self.assertTrue(verifyObject(IScheduler, self.process))      # enqueue and flush
+
     def test_a_flush_follows_the_ids_committed_in_the_same_turn(self):
         self.process.enqueue("0123456789ABCDEF")
         self.process.flush()
