@@ -89,6 +89,10 @@ class IScheduler(Interface):
     def enqueue(queue_id):
         """A message was committed to the spool: try it as soon as limits allow."""
 
+    def flush(queue_id=None):
+        """Make every message (or the one named) due now, whatever its next attempt says; in either
+        `[delivery] process` mode (the delivery process gets the order down its pipe)."""
+
 
 class INextHop(Interface):
     """One way out: a smarthost transport, or direct MX delivery."""

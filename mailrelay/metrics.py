@@ -29,6 +29,14 @@ Metrics (all prefixed `mailrelay_`):
                                                      unreachable | timeout (never the token itself)
     queue_messages, queue_oldest_message_age_seconds, queue_held_messages
                                                      gauges read at scrape time from `watch_queue`
+    delivery_process_up                              with `[delivery] process = "separate"` only: 1 when
+                                                     this scrape includes the delivery process's families
+
+With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
+process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
+scrape (bounded: `DeliveryProcess.metrics_text`) and serves them after its own, each family once: the
+main process leaves out its own (empty) copies of those.  A delivery process that does not answer in
+time costs the scrape its delivery families, never the scrape itself (`delivery_process_up 0`).
 
 Standards: no SMTP RFC is implemented here; the output is the Prometheus text exposition format over
 HTTP/1.1 (twisted.web).  Enhanced status codes (RFC 3463) stay in the replies; this module only counts.
@@ -39,6 +47,7 @@ from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -81,6 +90,15 @@ LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 8640
 SIZE_BUCKETS = tuple(2 ** n for n in range(10, 28, 2))
 
 QueueSnapshot = Callable[[], "tuple[int, float, int]"]
+# The families the scheduler and the DSN reporter count: where delivery runs in its own process, that
+# process owns them (a new delivery-side metric belongs here too).
+DELIVERY_FAMILIES = frozenset((
+    "mailrelay_delivery_attempts", "mailrelay_delivery_results", "mailrelay_delivery_latency_seconds",
+    "mailrelay_dsn_sent", "mailrelay_queue_messages", "mailrelay_queue_oldest_message_age_seconds",
+    "mailrelay_queue_held_messages",
+))
+# The delivery process's families, or None when it did not answer (see DeliveryProcess.metrics_text).
+DeliveryText = Callable[[], "defer.Deferred[Optional[bytes]]"]
 
 
 def _fold(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
@@ -218,6 +236,63 @@ class Metrics:
         self._queue.snapshot = snapshot
 
 
+class _Families:
+    """A view of a registry for generate_latest: only the families `keep(name)` accepts."""
+
+    def __init__(self, registry: CollectorRegistry, keep: Callable[[str], bool]):
+        self._registry, self._keep = registry, keep
+
+    def collect(self) -> Iterator:
+        return (family for family in self._registry.collect() if self._keep(family.name))
+
+
+def delivery_text(metrics: Metrics) -> bytes:
+    """The DELIVERY_FAMILIES of `metrics` in the text format: what the delivery process hands up."""
+    return generate_latest(_Families(metrics.registry, DELIVERY_FAMILIES.__contains__))
+
+
+class _Up:
+    def __init__(self, up: bool):
+        self.up = up
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("mailrelay_delivery_process_up",
+                                "1 when this scrape includes the delivery process's metrics.",
+                                value=1 if self.up else 0)
+
+
+class JoinedMetricsResource(resource.Resource):
+    """/metrics of the main process when a delivery process runs: this process's families but the
+    DELIVERY_FAMILIES, then the delivery process's text, then `mailrelay_delivery_process_up`."""
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, delivery: DeliveryText):
+        super().__init__()
+        self._metrics, self._delivery = metrics, delivery
+
+    def render_GET(self, request) -> object:
+        finished = []
+        request.notifyFinish().addBoth(finished.append)     # the scraper may hang up meanwhile
+        d = defer.maybeDeferred(self._delivery)
+        d.addErrback(self._failed)
+        d.addCallback(self._respond, request, finished)
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _failed(failure) -> None:
+        log.failure("asking the delivery process for its metrics failed", failure)
+        return None
+
+    def _respond(self, theirs: Optional[bytes], request, finished: list) -> None:
+        if finished:
+            return
+        own = generate_latest(_Families(self._metrics.registry, lambda name: name not in DELIVERY_FAMILIES))
+        body = own + (theirs or b"") + generate_latest(_Up(theirs is not None))
+        request.setHeader(b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        request.write(body)
+        request.finish()
+
+
 class _Root(resource.Resource):
     """Only /metrics exists; everything else is 404 (and no directory listing, no traceback)."""
 
@@ -236,13 +311,17 @@ class _QuietSite(server.Site):
         pass
 
 
-def metrics_site(metrics: Metrics) -> server.Site:
-    """The HTTP site serving `metrics` at /metrics."""
-    # Imported here: prometheus_client.twisted imports the global reactor at import time.
-    from prometheus_client.twisted import MetricsResource
-
+def metrics_site(metrics: Metrics, delivery: Optional[DeliveryText] = None) -> server.Site:
+    """The HTTP site serving `metrics` at /metrics, joined with the delivery process's families when
+    `delivery` fetches them (JoinedMetricsResource)."""
     root = _Root()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    if delivery is not None:
+        root.putChild(b"metrics", JoinedMetricsResource(metrics, delivery))
+    else:
+        # Imported here: prometheus_client.twisted imports the global reactor at import time.
+        from prometheus_client.twisted import MetricsResource
+
+        root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     return _QuietSite(root)
 
 
@@ -288,14 +367,16 @@ class MetricsService(service.Service):
         return defer.maybeDeferred(port.stopListening) if port is not None else None
 
 
-def metrics_service(endpoint: str, metrics: Metrics, reactor=None) -> service.IService:
+def metrics_service(endpoint: str, metrics: Metrics, reactor=None,
+                    delivery: Optional[DeliveryText] = None) -> service.IService:
     """A service listening on the Twisted server endpoint string `endpoint` (e.g.
-    "tcp:9425:interface=127.0.0.1") and serving `metrics` at /metrics while running."""
+    "tcp:9425:interface=127.0.0.1") and serving `metrics` at /metrics while running (with the delivery
+    process's families when `delivery` fetches them)."""
     if reactor is None:
         from twisted.internet import reactor
     if endpoint.startswith(("tcp:", "tcp6:")) and "interface=" not in endpoint:
         log.warn("metrics endpoint {endpoint} listens on every interface; "
                  "add interface=127.0.0.1 to keep it local", endpoint=endpoint)
-    listening = MetricsService(endpoints.serverFromString(reactor, endpoint), metrics_site(metrics))
+    listening = MetricsService(endpoints.serverFromString(reactor, endpoint), metrics_site(metrics, delivery))
     listening.setName("metrics")
     return listening

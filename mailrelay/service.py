@@ -195,11 +195,12 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
     )
 
 
-def reread(path, build, reactor):
-    """(config, build(config, reactor)) from the config file, or None — with one log line — when the file
-    or what it names is refused; nothing is changed before both are built (reload, in either process)."""
+def reread(path, build, reactor, source: Optional[bytes] = None, delivery_only: bool = False):
+    """(config, build(config, reactor)) from the config file (or `source`, its bytes as the main process
+    read them), or None — with one log line — when it or what it names is refused; nothing is changed
+    before both are built (reload, in either process; the delivery process's with `delivery_only`)."""
     try:
-        config = load(path)
+        config = load(path, source, delivery_only)
         return config, build(config, reactor)
     except (ConfigError, ValueError, OSError) as e:
         log.error("reload refused, the running configuration stays in force: {error}", error=str(e))
@@ -290,13 +291,16 @@ class RelayService(service.MultiService):
             from mailrelay.delivery.process import DeliveryProcess
 
             self.scheduler = DeliveryProcess(config.path, reactor, spool=self.spool,
-                                             log_text=self.log_service.relay)
+                                             log_text=self.log_service.relay, source=config.source)
         else:
             self.delivery = delivery
             self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
         if config.metrics.endpoint:
-            metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor).setServiceParent(self)
+            # Separate: the delivery families come from the delivery process, over its pipe, per scrape.
+            delivery_side = self.scheduler.metrics_text if self.delivery is None else None
+            metrics_service(config.metrics.endpoint, self.metrics, reactor=reactor,
+                            delivery=delivery_side).setServiceParent(self)
         self.factories = []
         self._listen(config, receiving, reactor)
 
@@ -350,7 +354,7 @@ class RelayService(service.MultiService):
             delivery.install(self.scheduler, config, replacing=self.delivery)
             self.delivery = delivery
         else:
-            self.scheduler.reload()       # the delivery process re-reads the file itself
+            self.scheduler.reload(config.source)     # the bytes just validated, not the file again
         self.config = config
         log.info("reload: {path} applied", path=str(config.path))
         return True

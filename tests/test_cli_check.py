@@ -76,15 +76,23 @@ class CheckCommandTests(unittest.TestCase):
         self.assertIn("everything goes direct to MX", out)
         self.assertIn("any authenticated user", out)
         self.assertIn("directory fsync after commits unless on ext4 or XFS (auto)", out)
-        self.assertIn("in the main process", out)
+        self.assertIn("in a separate process, 10 nice steps below", out)      # the default mode
 
     def test_added_delivery_and_queue_keys_are_described(self) -> None:
-        path = self.write('[queue]\ndirectory_fsync = "always"\n\n[delivery]\nprocess = "separate"\n'
-                          'process_nice = 5\n')
+        path = self.write('[queue]\ndirectory_fsync = "always"\n\n[delivery]\nprocess = "inline"\n'
+                          'process_nice = 5\n\n[metrics]\nendpoint = "tcp:9425:interface=127.0.0.1"\n')
         self.assertEqual(self.check(path), 0)
         out = self.stdout.getvalue()
         self.assertIn("directory fsync after every commit", out)
+        self.assertIn("in the main process", out)
+        self.assertIn("metrics      tcp:9425:interface=127.0.0.1\n", out)
+        path = self.write('[delivery]\nprocess_nice = 5\n\n[metrics]\nendpoint = "tcp:9425:interface=127.0.0.1"\n')
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.check(path), 0)
+        out = self.stdout.getvalue()
         self.assertIn("in a separate process, 5 nice steps below", out)
+        self.assertIn("metrics      tcp:9425:interface=127.0.0.1 (the delivery process's included)\n", out)
 
     def test_received_user_and_from_header_holds_are_described(self) -> None:
         self.assertEqual(self.check(self.write("")), 0)

@@ -613,3 +613,33 @@ class RequiredFileTests(ConfigTestCase):
         self.assertRefused('[transports.t]\nhost = "h"\nusername = "u"\npassword_file = "pw"\n',
                            "transports.t.password_file", "cannot read")
         self.assertRefused('[transports.t]\nhost = "h"\nca_file = "ca.pem"\n', "transports.t.ca_file", "cannot read")
+
+
+class DeliveryOnlyTests(ConfigTestCase):
+    """What the delivery process loads: the main process's validated bytes, without opening the files
+    only the receiving side reads ([tls], [auth])."""
+
+    RECEIVING = ('[tls]\ncert = "gone.pem"\nkey = "gone.key"\n\n'
+                 '[auth.ldap]\nurl = "ldaps://a"\nbind_dn = "{user}"\nca_file = "gone-ca.pem"\n'
+                 'service_dn = "cn=relay"\nservice_password_file = "gone.secret"\n')
+
+    def test_receiving_side_files_are_not_opened(self) -> None:
+        path = self.write(self.RECEIVING)
+        self.assertRaises(ConfigError, load, path)                      # the main process refuses them
+        loaded = load(path, delivery_only=True)
+        self.assertEqual(loaded.tls.cert, self.dir / "gone.pem")
+        self.assertEqual(loaded.auth.ldap.ca_file, self.dir / "gone-ca.pem")
+
+    def test_delivery_side_files_still_are(self) -> None:
+        key = '[[dkim.key]]\ndomain = "example.org"\nselector = "s1"\nkey_file = "missing.pem"\n'
+        error = self.assertRaises(ConfigError, load, self.write(self.RECEIVING + key), delivery_only=True)
+        self.assertEqual(error.key, "dkim.key[0].key_file")
+        transport = '[transports.out]\nhost = "smtp.example"\nusername = "u"\npassword_file = "missing"\n'
+        error = self.assertRaises(ConfigError, load, self.write(transport), delivery_only=True)
+        self.assertEqual(error.key, "transports.out.password_file")
+
+    def test_source_bytes_are_used_instead_of_the_file(self) -> None:
+        path = self.write('hostname = "on.disk"\n')
+        loaded = load(path, source=b'hostname = "validated"\n')
+        self.assertEqual((loaded.hostname, loaded.source), ("validated", b'hostname = "validated"\n'))
+        self.assertEqual(load(path).source, b'hostname = "on.disk"\n')

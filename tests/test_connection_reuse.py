@@ -30,7 +30,7 @@ from mailrelay.dkim.hop import DKIMHop
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IBatchNextHop, IDeliveryReporter
 from mailrelay.spool.store import Spool
-from tests.support.relay import RelayFixture, free_port
+from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 from tests.test_scheduler import FakeHop, SchedulerTestCase
 
@@ -452,7 +452,7 @@ class HopDownEndToEnd(unittest.TestCase):
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {sink_port}\nsecurity = "none"\n\n'
             '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n'
             '[queue]\nfirst_retry = "1h"\nmax_retry = "1h"\n\n'
-            '[delivery]\nconcurrency_per_domain = 1\n'))
+            '[delivery]\nconcurrency_per_domain = 1\n'), process=SEPARATE)   # flush reaches the delivery process
         service = relay.start(reactor)
         self.addCleanup(relay.stop)
         for n in range(20):

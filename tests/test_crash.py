@@ -8,7 +8,7 @@ import threading
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from tests.support.relay import RelayFixture, free_port
+from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 
 
@@ -26,7 +26,7 @@ class KillNine(unittest.TestCase):
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {self.sink_port}\nsecurity = "none"\n\n'
             '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n'
             '[queue]\nfirst_retry = "1s"\nmax_retry = "2s"\n'
-        ))
+        ), process=SEPARATE)
         self.addCleanup(self.relay.kill)
 
     def start_sink(self) -> Sink:

@@ -5,7 +5,7 @@ import json
 import os
 import signal
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from tests.support.relay import RelayFixture
@@ -75,6 +75,46 @@ class SeparateDeliveryProcess(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_killed_child_is_started_again_and_nothing_is_lost(self):
+        first = self.child_pid()
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100):
+            transport = self.service.scheduler._transport
+            if transport is not None and transport.pid not in (None, first):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)
+        self.assertEqual(self.service.scheduler.restarts, 1)
+
+    @defer.inlineCallbacks
+    def test_a_child_started_again_runs_the_config_the_main_process_validated_not_the_file(self):
+        original = self.relay.path.read_text()
+        self.relay.path.write_text(original + "\n[limits\n")          # half edited, never reloaded
+        first = self.child_pid()
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100):
+            transport = self.service.scheduler._transport
+            if transport is not None and transport.pid not in (None, first):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)            # delivered by the new child, on the config in force
+        self.assertEqual(self.service.scheduler.restarts, 1)
+
+    @defer.inlineCallbacks
+    def test_a_receiving_side_file_gone_since_the_start_does_not_stop_delivery(self):
+        """[tls] cert and key (and [auth.ldap] files) are the main process's: a child started again does
+        not open them, so a certificate being replaced (or a directory CA removed) cannot stop delivery."""
+        from mailrelay import tls
+
+        yield self.relay.stop()
+        (self.relay.dir / "cert.pem").write_bytes(b"".join(tls.generate_self_signed("relay.test")))
+        self.relay.path.write_text(self.relay.path.read_text().replace(
+            'spool = "spool"\n', 'spool = "spool"\n[tls]\ncert = "cert.pem"\nkey = "cert.pem"\n', 1))
+        self.service = self.relay.start(reactor)
+        (self.relay.dir / "cert.pem").unlink()
         first = self.child_pid()
         os.kill(first, signal.SIGKILL)
         for _ in range(100):
@@ -336,3 +376,164 @@ class ChildOutputSplitting(unittest.TestCase):
         child.processEnded(None)
         self.assertEqual(owner.got, [(1, "first line\n"), (1, "second: café\n"),
                                      (2, "Traceback (most recent call last):\n"), (1, "third\n")])
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+
+
+class MetricsOfBothProcesses(unittest.TestCase):
+    """`[metrics] endpoint` in the main process serves the delivery process's families too (fetched over
+    its pipe at each scrape), each family once; `delivery_endpoint` still serves the child's own."""
+    timeout = 90
+
+    def setUp(self):
+        from tests.support.relay import free_ports
+
+        self.sink = Sink()
+        self.sink_port = self.sink.start(reactor)
+        self.addCleanup(self.sink.stop)
+        self.main_port, self.child_port = free_ports(2)
+        extra = config_for(self.sink_port).split("[log]")[0] + (
+            f'[metrics]\nendpoint = "tcp:{self.main_port}:interface=127.0.0.1"\n'
+            f'delivery_endpoint = "tcp:{self.child_port}:interface=127.0.0.1"\n')
+        self.relay = RelayFixture(self.mktemp(), extra=extra)
+        self.service = self.relay.start(reactor)
+        self.addCleanup(self.relay.stop)
+
+    @defer.inlineCallbacks
+    def deliver_one(self):
+        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
+        self.assertEqual(code, 250)
+        yield self.sink.wait_for(1)
+        queue = self.relay.dir / "spool" / "queue"
+        for _ in range(100):        # removed once its result is recorded (and counted)
+            if not any(queue.iterdir()):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_one_scrape_of_the_main_endpoint_shows_the_delivery_once(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from mailrelay.metrics import DELIVERY_FAMILIES, Metrics
+
+        yield self.deliver_one()
+        body = yield threads.deferToThread(scrape, self.main_port)
+        delivered = ('mailrelay_delivery_results_total{result="delivered",tls="none",transport="sink",'
+                     'verified="false"} 1.0')
+        self.assertIn(delivered, body)
+        self.assertIn('mailrelay_delivery_attempts_total{transport="sink"} 1.0', body)
+        self.assertIn("mailrelay_delivery_latency_seconds_count 1.0", body)
+        self.assertIn('mailrelay_messages_accepted_total{listener="relay"} 1.0', body)    # ours
+        self.assertIn("mailrelay_queue_messages 0.0", body)
+        self.assertIn("mailrelay_delivery_process_up 1.0", body)
+        names = [family.name for family in text_string_to_metric_families(body)]
+        self.assertEqual(len(names), len(set(names)), names)                              # each family once
+        every = {family.name for family in Metrics().registry.collect()}
+        # (the 0.0.4 text gives each counter's and histogram's `_created` samples a gauge family of its own)
+        self.assertEqual({name for name in names if not name.endswith("_created")},
+                         every | {"mailrelay_delivery_process_up"})
+        self.assertEqual(body.count("# TYPE mailrelay_delivery_results_total "), 1)
+        self.assertTrue(DELIVERY_FAMILIES < every)
+
+        child = yield threads.deferToThread(scrape, self.child_port)     # delivery_endpoint: as before
+        self.assertIn(delivered, child)
+        self.assertIn("mailrelay_connections_total", child)              # its whole registry, as before
+        self.assertNotIn('mailrelay_messages_accepted_total{listener="relay"} 1.0', child)
+
+    @defer.inlineCallbacks
+    def test_a_stuck_delivery_process_costs_a_scrape_its_delivery_families_not_the_scrape(self):
+        import time
+
+        from mailrelay.delivery.process import METRICS_WAIT
+
+        yield self.deliver_one()
+        pid = self.child_pid()
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        started = time.monotonic()
+        body = yield threads.deferToThread(scrape, self.main_port)
+        waited = time.monotonic() - started
+        os.kill(pid, signal.SIGCONT)
+        self.assertGreaterEqual(waited, METRICS_WAIT * 0.9)
+        self.assertLess(waited, METRICS_WAIT + 5)
+        self.assertIn("mailrelay_delivery_process_up 0.0", body)
+        self.assertIn('mailrelay_messages_accepted_total{listener="relay"} 1.0', body)
+        self.assertNotIn("mailrelay_delivery_results_total", body)    # never a stale or zeroed copy
+        # Its late answer is dropped; the next scrape has it again.
+        body = yield threads.deferToThread(scrape, self.main_port)
+        self.assertIn("mailrelay_delivery_process_up 1.0", body)
+        self.assertEqual(body.count("# TYPE mailrelay_delivery_results_total "), 1)
+
+    def child_pid(self) -> int:
+        return self.service.scheduler._transport.pid
+
+
+class PipeOrders(unittest.TestCase):
+    """What goes down the child's stdin for a flush and a metrics request, and how answers come back."""
+
+    def setUp(self):
+        from mailrelay.delivery.process import DeliveryProcess
+
+        self.clock = task.Clock()
+        self.written: list[bytes] = []
+        written = self.written
+
+        class Pipe:
+            pipes: dict = {}
+            pid = 4242
+
+            def write(self, data):
+                written.append(data)
+
+        self.process = DeliveryProcess("tap.conf", self.clock)
+        self.process.running = True
+        self.process._transport = Pipe()
+
+    def test_it_is_a_whole_scheduler_for_the_main_process(self):
+        from zope.interface.verify import verifyObject
+
+        from mailrelay.interfaces import IScheduler
+
+        self.assertTrue(verifyObject(IScheduler, self.process))      # enqueue and flush
+
+    def test_a_flush_follows_the_ids_committed_in_the_same_turn(self):
+        self.process.enqueue("0123456789ABCDEF")
+        self.process.flush()
+        self.process.flush("FEDCBA9876543210")
+        self.assertEqual(b"".join(self.written), b"enqueue 0123456789ABCDEF\nflush\nflush FEDCBA9876543210\n")
+
+    def test_a_flush_while_the_child_restarts_goes_to_the_next_one(self):
+        transport, self.process._transport = self.process._transport, None
+        self.process.flush()
+        self.assertEqual(self.written, [])
+        self.process.reactor = type("R", (), {"seconds": staticmethod(lambda: 0.0),
+                                              "spawnProcess": staticmethod(lambda *a, **k: transport)})()
+        self.process._spawn()
+        self.assertEqual(self.written, [b"flush\n"])
+
+    def test_metrics_answers_are_matched_by_sequence_and_a_late_one_is_dropped(self):
+        first, second = self.process.metrics_text(), self.process.metrics_text()
+        self.assertEqual(self.written, [b"metrics 1\n", b"metrics 2\n"])
+        got = []
+        first.addCallback(got.append)
+        second.addCallback(got.append)
+        text = b"# TYPE x counter\nx_total 1.0\n"
+        self.process.child_reply(b"metrics 2 %d\n" % len(text) + text[:5])      # in pieces
+        self.assertEqual(got, [])
+        self.process.child_reply(text[5:])
+        self.assertEqual(got, [text])
+        self.clock.advance(2.0)                               # METRICS_WAIT: the first goes without
+        self.assertEqual(got, [text, None])
+        self.process.child_reply(b"metrics 1 %d\n" % len(text) + text)           # too late: ignored
+        self.assertEqual(got, [text, None])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_child_that_ends_answers_every_request_with_nothing(self):
+        asked = self.process.metrics_text()
+        self.process.child_ended(self.process._child, type("F", (), {"getErrorMessage": lambda self: "gone"})())
+        self.assertIsNone(self.successResultOf(asked))
+        self.assertIsNone(self.successResultOf(self.process.metrics_text()))     # no child: at once

@@ -95,7 +95,8 @@ endpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"
 format = "json"
 file = "relay.log"
 '''
-        self.relay = RelayFixture(self.mktemp(), extra=extra)
+        # It reads the counters from this process's registry: the scheduler must run here.
+        self.relay = RelayFixture(self.mktemp(), extra=extra, process="inline")
         self.service = self.relay.start(reactor)
         self.addCleanup(self.relay.stop)
         code, _ = yield self.relay.submit("relay", "app@example.org", ["a@v.example", "b@u.example", "c@p.example"],

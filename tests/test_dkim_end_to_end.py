@@ -13,7 +13,7 @@ from mailrelay.dkim.keys import SigningKey
 from mailrelay.dkim.signer import Signer
 from mailrelay.dkim.verifier import make_resolver, txt_lookup
 from tests.support.dnsserver import DNSServer
-from tests.support.relay import RelayFixture
+from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 from tests.test_end_to_end import strip_received
 
@@ -51,7 +51,7 @@ class DKIMEndToEnd(unittest.TestCase):
         self.addCleanup(self.sink.stop)
 
     def start_relay(self, dkim: str) -> RelayFixture:
-        relay = RelayFixture(self.mktemp())
+        relay = RelayFixture(self.mktemp(), process=SEPARATE)     # signed in the delivery process
         (relay.dir / "rsa.pem").write_bytes(keys.private_pem(RSA))
         (relay.dir / "ed.pem").write_bytes(keys.private_pem(ED))
         relay.path.write_text(relay.path.read_text() + (

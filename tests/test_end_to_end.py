@@ -8,7 +8,7 @@ import smtplib
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tests.support.relay import RelayFixture
+from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 
 MESSAGE = (b"From: App <app@example.org>\r\nTo: <user@example.com>\r\nSubject: hello\r\n"
@@ -38,6 +38,7 @@ class EndToEnd(unittest.TestCase):
         extra = (f'[transports.sink]\nhost = "127.0.0.1"\nport = {self.sink_port}\nsecurity = "none"\n\n'
                  f'[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n[queue]\nfirst_retry = "1s"\n'
                  + extra)
+        kwargs.setdefault("process", SEPARATE)        # the default mode: a delivery process
         relay = RelayFixture(self.mktemp(), extra=extra, **kwargs)
         relay.start(reactor)
         self.addCleanup(relay.stop)

@@ -21,7 +21,7 @@ from mailrelay.cli.main import main
 from mailrelay.config import ConfigError, Limits, Permit, load
 from mailrelay.envelope import ClientInfo
 from mailrelay.server.policy import PermitPolicy
-from tests.support.relay import RelayFixture
+from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,8 @@ class Twistd(unittest.TestCase):
         sink = Sink()
         sink_port = sink.start(reactor)
         self.addCleanup(sink.stop)
-        relay = RelayFixture(self.mktemp(), extra=_route_to(sink_port))
+        # The default mode: the delivery process must not pick up the refused file either.
+        relay = RelayFixture(self.mktemp(), extra=_route_to(sink_port), process=SEPARATE)
         self.addCleanup(relay.kill)
         yield threads.deferToThread(relay.spawn)
         # One message first: the port is bound before the SIGHUP handler is installed (twistd binds in

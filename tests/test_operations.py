@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from tests.support.logcapture import LogLines
-from tests.support.relay import RelayFixture, free_port
+from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 
 MESSAGE = b"From: app@example.org\r\nTo: user@example.com\r\nSubject: ops\r\n\r\nbody\r\n"
@@ -25,7 +25,9 @@ def route_to(port: int) -> str:
 
 
 class Observability(unittest.TestCase):
+    """In the default mode: the delivery process counts the delivery, the main endpoint shows it."""
     timeout = 60
+    PROCESS = SEPARATE
 
     def setUp(self):
         self.sink = Sink()
@@ -37,14 +39,18 @@ class Observability(unittest.TestCase):
         metrics_port = free_port()
         relay = RelayFixture(self.mktemp(), extra=route_to(self.sink_port) + (
             f'[metrics]\nendpoint = "tcp:{metrics_port}:interface=127.0.0.1"\n\n'
-            '[log]\nformat = "json"\nfile = "relay.json"\n'))
+            '[log]\nformat = "json"\nfile = "relay.json"\n'), process=self.PROCESS)
         relay.start(reactor)
         self.addCleanup(relay.stop)
         code, text = yield relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
         self.assertEqual(code, 250)
         queue_id = text.decode().rsplit(" ", 1)[1]
         yield self.sink.wait_for(1)
-        yield task.deferLater(reactor, 0.3, lambda: None)   # the scheduler records the result
+        queue = relay.dir / "spool" / "queue"
+        for _ in range(100):        # removed from the spool once its result is recorded (and counted)
+            if not any(queue.iterdir()):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
 
         body = yield threads.deferToThread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
@@ -62,6 +68,11 @@ class Observability(unittest.TestCase):
         queued = [e for e in lines if e.get("queue_id") == queue_id and e.get("stage") == "queued"][0]
         self.assertEqual((queued["sender"], queued["client"]), ("app@example.org", "127.0.0.1"))
         self.assertNotIn("correct horse", (relay.dir / "relay.json").read_text())
+
+
+class InlineObservability(Observability):
+    """The same with `[delivery] process = "inline"`: one process counts everything."""
+    PROCESS = "inline"
 
 
 def auth_attempt(relay: RelayFixture, source: str, password: str) -> int:

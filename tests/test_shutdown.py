@@ -10,11 +10,11 @@ from __future__ import annotations
 import signal
 import socket
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailrelay.server.factory import CLOSE_BOUND
-from tests.support.relay import RelayFixture
+from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 from tests.test_server_session import Harness
 
@@ -201,7 +201,10 @@ def refused(port: int) -> bool:
 
 
 class RelayShutdownTests(unittest.TestCase):
+    """In the default mode (a delivery process): a delivery process still starting up when the stop
+    begins may find the message in the spool and deliver it; either way it is never lost or doubled."""
     timeout = 60
+    PROCESS = SEPARATE
 
     def setUp(self):
         self.sink = Sink()
@@ -209,7 +212,7 @@ class RelayShutdownTests(unittest.TestCase):
         self.addCleanup(self.sink.stop)
         self.relay = RelayFixture(self.mktemp(), extra=(
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n\n'
-            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n'))
+            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n'), process=self.PROCESS)
         self.addCleanup(self.relay.stop)
         self.clients: list[BlockingClient] = []
         self.addCleanup(lambda: [c.close() for c in self.clients])
@@ -235,12 +238,25 @@ class RelayShutdownTests(unittest.TestCase):
         self.assertEqual(codes(final)[0], "250 2.0.0")
         self.assertEqual(codes(bye), ["221 2.0.0"])
         yield stopped
-        self.assertEqual(len(list((self.relay.dir / "spool" / "queue").iterdir())), 1)   # kept for the next start
+        kept = len(list((self.relay.dir / "spool" / "queue").iterdir()))
+        self.assertEqual(kept + len(self.sink.messages), 1)       # kept for the next start, or delivered
+        if self.PROCESS == "inline":
+            self.assertEqual(kept, 1)                             # the scheduler stopped before the commit
 
         self.relay.start(reactor)
         delivered = yield self.sink.wait_for(1)
         self.assertIn(b"<graceful@example.org>", delivered[0].data)
         self.assertIn(b"second half", delivered[0].data)
+        queue = self.relay.dir / "spool" / "queue"
+        for _ in range(100):
+            if not any(queue.iterdir()):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(self.sink.messages), 1)              # once
+
+
+class InlineRelayShutdownTests(RelayShutdownTests):
+    PROCESS = "inline"
 
 
 class TwistdSigtermTests(unittest.TestCase):
@@ -252,7 +268,7 @@ class TwistdSigtermTests(unittest.TestCase):
         self.addCleanup(self.sink.stop)
         self.relay = RelayFixture(self.mktemp(), extra=(
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n\n'
-            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n'))
+            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n'), process=SEPARATE)
         self.addCleanup(self.relay.kill)
         self.clients: list[BlockingClient] = []
         self.addCleanup(lambda: [c.close() for c in self.clients])

@@ -175,6 +175,9 @@ def describe(config: Config) -> list[tuple[str, str]]:
         lines.append((f"route[{i}]", f"to {_list(r.recipients)} from {_list(r.senders)} via {r.transport}{after}"))
     if not config.routes:
         lines.append(("route", "none: everything goes direct to MX"))
-    lines.append(("metrics", config.metrics.endpoint or "off"))
+    joined = " (the delivery process's included)" if d.process == "separate" else ""
+    lines.append(("metrics", f"{config.metrics.endpoint}{joined}" if config.metrics.endpoint else "off"))
+    if config.metrics.delivery_endpoint and d.process == "separate":
+        lines.append(("metrics", f"delivery process alone on {config.metrics.delivery_endpoint}"))
     lines.append(("log", f"{config.log.format} to {config.log.file or 'the twistd log'}"))
     return lines

@@ -47,10 +47,12 @@ __all__ = [
 ]
 
 
-def _read_toml(file: str) -> dict:
+def _read_toml(file: str, source: bytes | None = None) -> tuple[dict, bytes]:
     try:
-        with open(file, "rb") as f:
-            return tomllib.load(f)
+        if source is None:
+            with open(file, "rb") as f:
+                source = f.read()
+        return tomllib.loads(source.decode("utf-8")), source
     except OSError as e:
         raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -59,11 +61,18 @@ def _read_toml(file: str) -> dict:
         raise ConfigError(file, "", f"TOML syntax error: {e}") from None
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a tap.conf; raise ConfigError (one line) on any problem."""
+# Tables whose files only the receiving side reads: the delivery process does not open them.
+RECEIVING_FILES = ("tls", "auth")
+
+
+def load(path: str | Path, source: bytes | None = None, delivery_only: bool = False) -> Config:
+    """Read and validate a tap.conf; raise ConfigError (one line) on any problem. `source`: the file's
+    bytes as read before (a delivery process gets them from the main process), not read again.
+    `delivery_only`: the files of RECEIVING_FILES are not opened (the main process proved them)."""
     file = str(path)
     absolute = Path(os.path.abspath(file))
-    root = _Reader(file, absolute.parent, "", _read_toml(file))
+    data, source = _read_toml(file, source)
+    root = _Reader(file, absolute.parent, "", data, RECEIVING_FILES if delivery_only else ())
     hostname = _hostname(root)
     transports = _transports(root.table("transports"))
     permits = root.tables("permit")
@@ -85,6 +94,7 @@ def load(path: str | Path) -> Config:
         log=_log(root.table("log")),
         sendmail=_sendmail(root.table("sendmail")),
         postmaster=_postmaster(root),
+        source=source,
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

@@ -145,7 +145,7 @@ class DeliveryConfig:
     mx_port: int = 25
     nameservers: tuple[tuple[str, int], ...] = ()   # ("127.0.0.1", 5353); empty: system resolver
     source_address: str = ""
-    process: str = "inline"     # added key: "separate" runs delivery in a second process (a second core)
+    process: str = "separate"   # "separate": delivery in a second process (a second core); "inline": one
     process_nice: int = 10      # added key: how much nicer (nice(2)) that process runs than the receiving one
 
 
@@ -247,6 +247,8 @@ class Config:
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
     postmaster: Optional[str] = None    # added key: where RCPT TO:<postmaster> goes (RFC 5321 4.5.1)
+    # The file's bytes as validated: a delivery process runs exactly these, whatever the file says later.
+    source: bytes = field(default=b"", repr=False, compare=False)
 
 
 DKIM_MODES = ("sign", "passthrough")

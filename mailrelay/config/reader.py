@@ -31,9 +31,16 @@ class _Reader:
     """One TOML table at a key path ("permit[1]").  Every getter names the full key in its errors and
     remembers the key as known; `close()` then refuses any key nobody asked for (a typo)."""
 
-    def __init__(self, file: str, base: Path, path: str, data: dict):
+    def __init__(self, file: str, base: Path, path: str, data: dict, skip_files: tuple[str, ...] = ()):
+        """`skip_files`: tables ("tls", "auth") whose files are not opened to prove them (the delivery
+        process never reads them: one gone since the relay started must not stop delivery)."""
         self.file, self.base, self.prefix, self.data = file, base, path, data
+        self.skip_files = skip_files
         self.seen: set[str] = set()
+
+    def checks_files(self) -> bool:
+        """False inside a table of `skip_files`."""
+        return not any(self.prefix == p or self.prefix.startswith((p + ".", p + "[")) for p in self.skip_files)
 
     def where(self, key: str | None) -> str:
         if key is None:
@@ -55,7 +62,7 @@ class _Reader:
         return value
 
     def child(self, path: str, data: dict) -> "_Reader":
-        return _Reader(self.file, self.base, path, data)
+        return _Reader(self.file, self.base, path, data, self.skip_files)
 
     def close(self) -> None:
         for key in self.data:
@@ -172,7 +179,7 @@ class _Reader:
         if not value.strip() or "\0" in value:
             self.fail(key, "empty path" if not value.strip() else "NUL in path")
         path = self.base / value     # an absolute value replaces the base
-        if readable:
+        if readable and self.checks_files():
             problem = _unreadable(path)
             if problem:
                 self.fail(key, f"cannot read {path}: {problem}")

@@ -47,7 +47,7 @@ def _tls(t: _Reader) -> TLSConfig:
     cert, key = t.path("cert", readable=True), t.path("key", readable=True)
     if (cert is None) != (key is None):
         t.fail("key" if key is None else "cert", "give both cert and key, or neither (self-signed)")
-    if cert is not None:
+    if cert is not None and t.checks_files():
         from mailrelay.tls import server_options   # loads the pair now: a mismatch is refused at start
         try:
             server_options(cert, key)

@@ -8,6 +8,14 @@ spool directory and a pipe: committed queue ids go down the child's stdin (`enqu
 durable before its id is sent; if the pipe or the child is lost, the child's next start finds the message
 in the spool anyway.
 
+Configuration: the child runs the bytes of the config file this process validated (`config` and
+`reload` lines carry them, base64), never the file as it may read later: a child started again after a
+crash, or at a moment the file is half edited, delivers with what this process runs.
+
+Orders down the same pipe: `flush [ID]` (make every message, or one, due now) and `metrics SEQ` (the
+delivery side's metrics families, for `[metrics] endpoint` here). The child answers the latter on its fd 3,
+a pipe of its own: `metrics SEQ LENGTH`, a newline, then LENGTH bytes of text exposition.
+
 Log lines: with `[log] file` the child appends to that file itself. Without one it sends them up its
 standard output, in batches (worker.LOG_BATCH_DELAY), and `log_text` puts them into this process's log
 (mailrelay.logrelay): a daemonised twistd's log file, rotated by twistd, gets them like our own. What
@@ -15,6 +23,7 @@ the child writes to its standard error (a traceback, a refused config) is logged
 """
 from __future__ import annotations
 
+import base64
 import os
 import sys
 from pathlib import Path
@@ -37,6 +46,8 @@ RESTART_DELAY = 1.0      # seconds before a delivery process that died is starte
 RESTART_MAX = 60.0       # ... doubling while it keeps dying within STABLE seconds of its start
 STABLE = 30.0
 STOP_BOUND = 60.0        # the child's own stop waits up to 30 s for deliveries in flight; then TERM, KILL
+METRICS_WAIT = 2.0       # seconds a scrape waits for the child's metrics; then it goes out without them
+REPLY_FD = 3             # the child's end of the pipe its answers come up
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -45,6 +56,9 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self._partial = {1: b"", 2: b""}      # bytes after the last newline, per pipe
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == REPLY_FD:
+            self.owner.child_reply(data)
+            return
         # Split on newlines before decoding: a read may end inside a multi-byte UTF-8 character.
         whole, _, self._partial[fd] = (self._partial.get(fd, b"") + data).rpartition(b"\n")
         if whole:
@@ -67,6 +81,11 @@ def enqueue_line(queue_id: str, message=None) -> str:
     return f"enqueue {queue_id} {message.size} {message.data_offset} {envelope}\n"
 
 
+def config_line(verb: str, source: bytes) -> bytes:
+    """`config B64` / `reload B64`: the config file's bytes on one line."""
+    return verb.encode("ascii") + b" " + base64.b64encode(source) + b"\n"
+
+
 def child_environment() -> dict:
     """Ours, with the directory this mailrelay was imported from first on the path: the child runs the
     same code as the main process, installed or not."""
@@ -85,12 +104,14 @@ class DeliveryProcess(service.Service):
     logs_queued = True      # each message's "queued" line comes from here or from the child (QueueFront)
 
     def __init__(self, config_path, reactor, python: str = sys.executable, spool=None,
-                 log_text: Optional[Callable[[str], None]] = None):
+                 log_text: Optional[Callable[[str], None]] = None, source: Optional[bytes] = None):
         """`spool`: ours; what it remembers of a fresh commit (size, offset, envelope) goes down the pipe
         with the id, so the child need not read the file back to start delivering it. `log_text`: takes
         the child's log lines (whole classic text lines); default: onto twisted.logger's global
-        publisher (mailrelay.logrelay)."""
+        publisher (mailrelay.logrelay). `source`: the config file's bytes as validated (Config.source);
+        None: the child reads the file itself."""
         self.config_path, self.reactor, self.python, self.spool = str(config_path), reactor, python, spool
+        self.source = source
         self._log_text = log_text or (lambda text: relay_text(globalLogPublisher, text))
         self._child = None
         self._transport = None
@@ -99,6 +120,10 @@ class DeliveryProcess(service.Service):
         self._started_at = 0.0
         self._delay = RESTART_DELAY
         self.restarts = 0
+        self._flushes: list[str] = []          # flush orders given while no child was there to take them
+        self._asked: dict[int, defer.Deferred] = {}      # metrics requests awaiting the child's answer
+        self._sequence = 0
+        self._replies = b""
 
     def startService(self) -> None:
         super().startService()
@@ -109,10 +134,75 @@ class DeliveryProcess(service.Service):
         self._started_at = self.reactor.seconds()
         self._child = _ChildProtocol(self)
         self._transport = self.reactor.spawnProcess(
-            self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path],
-            env=child_environment(), childFDs={0: "w", 1: "r", 2: "r"},
+            self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path,
+                                       "--reply-fd", str(REPLY_FD)]
+            + (["--config-on-stdin"] if self.source is not None else []),
+            env=child_environment(), childFDs={0: "w", 1: "r", 2: "r", REPLY_FD: "r"},
         )
+        if self.source is not None:
+            self._write(config_line("config", self.source))
         log.info("delivery process started (pid {pid})", pid=self._transport.pid)
+        flushes, self._flushes = self._flushes, []
+        for line in flushes:             # after its recovery has scheduled the spool: they still apply
+            self._write(line.encode("ascii"))
+
+    def flush(self, queue_id: Optional[str] = None) -> None:
+        """Make every message (or one) due now, in the child (as Scheduler.flush); a flush given while the
+        child is being restarted is handed to the next one."""
+        line = f"flush {queue_id}\n" if queue_id else "flush\n"
+        if self._transport is None:
+            if self.running:
+                self._flushes.append(line)
+            return
+        self._send_enqueued()              # ids committed this turn first: they are part of "every"
+        self._write(line.encode("ascii"))
+
+    # -- the child's metrics, for [metrics] endpoint -------------------------------------------------------
+
+    def metrics_text(self, timeout: float = METRICS_WAIT) -> defer.Deferred:
+        """The child's DELIVERY_FAMILIES as exposition text (bytes), or None if it has not answered
+        within `timeout` seconds (stopped, restarting, stuck): a scrape never waits longer."""
+        if self._transport is None:
+            return defer.succeed(None)
+        self._sequence += 1
+        sequence = self._sequence
+        answer = defer.Deferred()
+        self._asked[sequence] = answer
+        timer = self.reactor.callLater(timeout, self._answer, sequence, None)
+
+        def cancel(result):
+            if timer.active():
+                timer.cancel()
+            return result
+        answer.addBoth(cancel)
+        self._write(f"metrics {sequence}\n".encode("ascii"))
+        return answer
+
+    def _answer(self, sequence: int, text: Optional[bytes]) -> None:
+        waiting = self._asked.pop(sequence, None)
+        if waiting is not None:
+            waiting.callback(text)
+
+    def child_reply(self, data: bytes) -> None:
+        """Bytes from the child's fd 3: `metrics SEQ LENGTH` lines, each followed by LENGTH bytes."""
+        self._replies += data
+        while True:
+            head, newline, rest = self._replies.partition(b"\n")
+            if not newline:
+                return
+            try:
+                verb, sequence, length = head.split(b" ")
+                sequence, length = int(sequence), int(length)
+                if verb != b"metrics" or length < 0:
+                    raise ValueError(head)
+            except ValueError:
+                log.warn("delivery process: unreadable reply {head!r}", head=head[:80])
+                self._replies = rest
+                continue
+            if len(rest) < length:
+                return
+            self._replies = rest[length:]
+            self._answer(sequence, rest[:length])
 
     def enqueue(self, queue_id: str) -> None:
         """Tell the child; the ids committed in one reactor turn go down the pipe in one write. The child
@@ -160,14 +250,21 @@ class DeliveryProcess(service.Service):
             if line.strip():
                 log.warn("delivery process: {line}", line=line)
 
-    def reload(self) -> None:
+    def reload(self, source: Optional[bytes] = None) -> None:
+        """The main process applied a reload: `source`, the bytes it validated, are the child's too (and
+        any later child's)."""
+        if source is not None:
+            self.source = source
         if self._transport is not None:
-            self._write(b"reload\n")
+            self._write(config_line("reload", self.source) if self.source is not None else b"reload\n")
 
     def child_ended(self, child: _ChildProtocol, reason) -> None:
         if child is not self._child:
             return
         self._transport = None
+        self._replies = b""
+        for sequence in list(self._asked):
+            self._answer(sequence, None)
         if self.running:
             self.restarts += 1
             if self.reactor.seconds() - self._started_at >= STABLE:

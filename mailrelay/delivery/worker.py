@@ -4,16 +4,21 @@ the machine's second core, while the main process receives and spools.
     python -m mailrelay.delivery.worker --config tap.conf      (started by delivery.process, not by hand)
 
 In (stdin, one line each): `enqueue QUEUEID` for a message the main process just committed, `reload`
-(re-read the config: routes, transports, DKIM keys, queue timings). End of stdin means stop: deliveries
-in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines go to `[log] file` when
-one is set, else to standard output in twistd's text format (mailrelay.logger.classic_text), gathered for
+(re-read the config: routes, transports, DKIM keys, queue timings), `flush [QUEUEID]` (due now) and
+`metrics SEQ`, answered on `--reply-fd` (the main process's `[metrics] endpoint` serves what comes back:
+`metrics SEQ LENGTH`, a newline, LENGTH bytes of the delivery families' text exposition). End of stdin
+means stop: deliveries in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines
+go to `[log] file` when one is set, else to standard output in twistd's text format (mailrelay.logger.classic_text), gathered for
 LOG_BATCH_DELAY: that is a pipe to the main process, which puts them into its own log (delivery.process,
 mailrelay.logrelay). The spool is shared: the main process holds its lock and ran recovery before
-starting this one.
+starting this one. With `--config-on-stdin` the config is the bytes the main process validated (its
+first line); the files only the receiving side reads ([tls], [auth]) are not opened here either.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
 import sys
 
@@ -36,6 +41,7 @@ class Commands(LineOnlyReceiver):
     """The main process's orders, on stdin."""
 
     delimiter = b"\n"
+    MAX_LENGTH = 4 * 1024 * 1024       # a `reload` line carries the whole config file (base64)
 
     def __init__(self, worker: "DeliveryWorker", reactor):
         self.worker, self.reactor = worker, reactor
@@ -48,7 +54,14 @@ class Commands(LineOnlyReceiver):
                 self.worker.remember(queue_id, described)
             self.worker.scheduler.enqueue(queue_id)
         elif verb == "reload":
-            self.worker.reload()
+            self.worker.reload(decode_source(argument) if argument else None)
+        elif verb == "flush":
+            self.worker.scheduler.flush(argument or None)
+        elif verb == "metrics" and argument.isdigit():
+            from mailrelay.metrics import delivery_text
+
+            text = delivery_text(self.worker.metrics)
+            self.transport.write(f"metrics {argument} {len(text)}\n".encode("ascii") + text)
         else:
             log.warn("delivery process: unknown command {line!r}", line=line[:80])
 
@@ -95,12 +108,13 @@ class DeliveryWorker(service.MultiService):
         # main process described, before anything is tried (the receiving process spends nothing on it).
         log_queued(queued_log, queue_id, message.envelope, message.size)
 
-    def reload(self) -> None:
+    def reload(self, source: bytes | None = None) -> None:
+        """Apply the config the main process just applied (`source`, its bytes), or re-read the file."""
         from mailrelay.service import build_delivery_parts, reread
 
         loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts,
                                                                               metrics=self.metrics),
-                        self.reactor)
+                        self.reactor, source, delivery_only=True)
         if loaded is not None:
             self.config, parts = loaded
             parts.install(self.scheduler, self.config, replacing=self.parts)
@@ -165,14 +179,51 @@ def batch_scheduling(nice: int = 0) -> bool:
     return True
 
 
+def decode_source(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        log.warn("delivery process: unreadable config in a reload order; the file is read instead")
+        return None
+
+
+def read_config_line(fd: int = 0) -> tuple[bytes | None, bytes]:
+    """The main process's first line, `config B64`, read before the reactor runs: (the config bytes, or
+    None if the line is not one, and whatever came after the line, for the command reader)."""
+    buffered = b""
+    while b"\n" not in buffered:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None, buffered
+        buffered += chunk
+    line, _, rest = buffered.partition(b"\n")
+    verb, _, argument = line.partition(b" ")
+    if verb != b"config":
+        return None, buffered
+    try:
+        return base64.b64decode(argument, validate=True), rest
+    except (binascii.Error, ValueError):
+        return None, rest
+
+
 def main(argv=None) -> int:
     from mailrelay.config import ConfigError, load
 
     parser = argparse.ArgumentParser(prog="mailrelay-delivery")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--reply-fd", type=int, default=None,
+                        help="answers to `metrics` go here (default: standard error)")
+    parser.add_argument("--config-on-stdin", action="store_true",
+                        help="the config file's bytes come first on stdin (`config B64`), as the main "
+                             "process validated them; --config then only names the file")
     args = parser.parse_args(argv)
+    source, pending = read_config_line() if args.config_on_stdin else (None, b"")
+    if args.config_on_stdin and source is None:
+        print(f"mailrelay delivery process: {args.config}: no configuration from the main process",
+              file=sys.stderr)
+        return 2
     try:
-        config = load(args.config)
+        config = load(args.config, source, delivery_only=True)    # the receiving side's files: not ours
     except ConfigError as e:
         print(f"mailrelay delivery process: {e}", file=sys.stderr)
         return 2
@@ -191,7 +242,11 @@ def main(argv=None) -> int:
     worker = DeliveryWorker(config, reactor)
     worker.startService()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
-    stdio.StandardIO(Commands(worker, reactor), stdout=sys.stderr.fileno())
+    reply_fd = args.reply_fd if args.reply_fd is not None else sys.stderr.fileno()
+    commands = Commands(worker, reactor)
+    stdio.StandardIO(commands, stdout=reply_fd)
+    if pending:
+        commands.dataReceived(pending)      # orders that came in the same read as the config
     reactor.run()
     return 0
 

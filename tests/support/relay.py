@@ -1,9 +1,16 @@
 """A whole relay for end-to-end tests: a tap.conf written into a temp dir, `make_service` started on this
 reactor (or `twistd` in a subprocess), free loopback ports, a password file, and a real SMTP client
-(stdlib smtplib, run in a thread so the relay keeps serving on the reactor)."""
+(stdlib smtplib, run in a thread so the relay keeps serving on the reactor).
+
+`[delivery] process`: the relay's default is "separate" (a delivery child process). A fixture writes
+`process = "inline"` unless told otherwise (`process=SEPARATE`, the test's own tables name a mode, or
+MAILRELAY_TEST_PROCESS=separate is set for the whole run):
+most tests are about one stage and need no second Python started and stopped per test. The end-to-end
+tests that matter most (delivery, DKIM, crash, the delivery process itself) run in the default mode."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -11,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from twisted.internet import threads
@@ -22,14 +30,21 @@ from tests.support.ports import free_port, free_ports
 __all__ = ["PASSWORD", "RelayFixture", "free_port", "free_ports"]
 
 PASSWORD = "correct horse battery staple"
+SEPARATE = None      # RelayFixture(process=SEPARATE): no `process` key, so the default mode (separate) runs
+# What a fixture writes when the test does not say: MAILRELAY_TEST_PROCESS=separate runs every such relay
+# in the default mode (slower: a delivery child per relay), to look for what differs between the two.
+FIXTURE_PROCESS = None if os.environ.get("MAILRELAY_TEST_PROCESS") == "separate" else "inline"
 
 
 class RelayFixture:
     """Writes a config with three listeners (relay, submission, submissions) on free loopback ports."""
 
     def __init__(self, directory: str, extra: str = "", users: dict | None = None, permits: str | None = None,
-                 top: str = ""):
-        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended."""
+                 top: str = "", process: str | None = FIXTURE_PROCESS):
+        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended.
+        `process`: the `[delivery] process` written in before the relay starts, unless the file names one
+        by then (tables appended to `path` after construction included); SEPARATE: the default."""
+        self.process_mode = process
         self.dir = Path(directory).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = dict(zip(("relay", "submission", "submissions"), free_ports(3)))
@@ -52,14 +67,43 @@ class RelayFixture:
         self.process = None
 
     def config(self):
+        self.settle_process()
         return load(self.path)
+
+    def settle_process(self) -> None:
+        """Write `[delivery] process = <process_mode>` into the file unless it names a mode already."""
+        if self.process_mode is None:
+            return
+        text = self.path.read_text()
+        try:
+            delivery = tomllib.loads(text).get("delivery")
+        except tomllib.TOMLDecodeError:
+            return                  # a test about a broken file: leave it as it is
+        if isinstance(delivery, dict) and "process" in delivery:
+            return
+        line = f'process = "{self.process_mode}"\n'
+        header = re.search(r"^\[delivery\][ \t]*\n", text, re.M)
+        if header is not None:
+            text = text[:header.end()] + line + text[header.end():]
+        else:
+            text += "\n[delivery]\n" + line
+        self.path.write_text(text)
 
     # --- in this process, on the test's reactor ------------------------------------------------------
     def start(self, reactor=None):
         from mailrelay.service import make_service
 
         self.service = make_service(self.config(), reactor=reactor)
-        self.service.startService()
+        try:
+            self.service.startService()
+        except BaseException:
+            # A listener that could not bind: a delivery child already started gets its stdin closed
+            # and exits, so nothing outlives the test.
+            try:
+                self.service.stopService()
+            except Exception:
+                pass
+            raise
         return self.service
 
     def stop(self):
@@ -70,6 +114,7 @@ class RelayFixture:
     def spawn(self, logfile: str = "-") -> subprocess.Popen:
         """twistd in the foreground; its standard output and error go to twistd.log, and so does its log
         unless `logfile` names a file for twistd to write (and rotate) itself."""
+        self.settle_process()
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         log = open(self.dir / "twistd.log", "ab")
         self.process = subprocess.Popen(
