@@ -21,6 +21,7 @@ from mailrelay.delivery.client import Timeouts
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
+from tests.support.logcapture import LogLines
 from tests.support.sink import Sink
 from tests.test_mx import BODY, message_to
 
@@ -155,7 +156,10 @@ class HappyEyeballsDeliveryTests(unittest.TestCase):
         sink, port = self.sink_with("127.0.0.1", "::1")
         mx = self.mx(port)
         mx.attempt_delay = 2.0            # the longest stagger RFC 8305 allows: only a refusal explains speed
+        logs = LogLines(self)
         result, took = yield self.deliver(mx, "dual.example")
+        [line] = logs.take("connected to 127.0.0.1 after")     # the broken address is not hidden
+        self.assertIn("mx.dual.example: connected to 127.0.0.1 after ::1: Connection was refused", line)
         self.assertEqual([a for a, _ in self.attempts], ["::1", "127.0.0.1"])
         self.assertLess(self.attempts[1][1] - self.attempts[0][1], 1.0)
         self.assertLess(took, 1.5)

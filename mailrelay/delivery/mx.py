@@ -233,6 +233,10 @@ class MXDelivery:
                  on_settled: Optional[OnSettled] = None):
         policy = self.delivery.tls
         session: SessionResult = yield self._session(jobs, host, endpoint, _SECURITY[policy], on_settled)
+        if endpoint.connected and endpoint.failures:     # e.g. a broken IPv6 route, hidden by the race
+            log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
+                     host=host.name, address=endpoint.connected,
+                     failed="; ".join(f"{a}: {reason.value}" for a, reason in endpoint.failures))
         if session.tls_failed and policy == "opportunistic":
             # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
             # plaintext on the same address; "required" and "verify" never fall back.
