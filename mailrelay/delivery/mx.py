@@ -6,14 +6,17 @@ share one connection to each exchanger tried).  Out: a Deferred firing with one 
 recipient (never failing): 2xx delivered, 5xx bounced, 4xx to be retried later by the scheduler.
 
 How: resolve the domain (delivery.dns: MX by preference, shuffled among equals, implicit MX, null MX),
-then try each exchanger's addresses in order with the delivery client on `[delivery] mx_port`, under
-the `[delivery] tls` policy, bound to `source_address` when set.  A 2xx or 5xx settles a recipient; a
-4xx or a failed connection leaves it for the next exchanger; what is unsettled after the last one keeps
-its last 4xx.  RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and
-RFC 7435 (opportunistic TLS: a failed handshake falls back to plaintext once), RFC 7505 (null MX).
+then try the exchangers in order with the delivery client on `[delivery] mx_port`, under the
+`[delivery] tls` policy, bound to `source_address` when set (and then only to addresses of its family).
+Each exchanger's addresses are raced by delivery.eyeballs (RFC 8305: IPv6 first, families alternating,
+a new attempt every 250 ms, the first connection wins); a session that fails before MAIL FROM leaves
+the addresses not yet tried for another race.  A 2xx or 5xx settles a recipient; a 4xx or a failed
+connection leaves it for the next exchanger; what is unsettled after the last one keeps its last 4xx.
+RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and RFC 7435
+(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address), RFC 7505.
 
 Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
-address, port, security and TLS options (built once per exchanger name and kept, so equal checks share
+name, port, security and TLS options (built once per exchanger name and kept, so equal checks share
 one object), and the next batch to that exchanger — for any domain it serves — starts at MAIL FROM on it.
 `close_idle()` says QUIT on them all.
 
@@ -36,6 +39,7 @@ from zope.interface import implementer
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
+from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsEndpoint, interleave
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
@@ -109,6 +113,7 @@ class MXDelivery:
         self.send = send
         self.pool = pool if pool is not None else ConnectionPool(reactor)
         self._tls_kept: OrderedDict[str, Any] = OrderedDict()
+        self.attempt_delay = CONNECTION_ATTEMPT_DELAY   # RFC 8305 §5 stagger between connection attempts
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
 
     def deliver(self, message, recipients) -> defer.Deferred:
@@ -155,13 +160,19 @@ class MXDelivery:
                 results[i] = job_results
         return results
 
-    def _candidates(self, hosts: list[MXHost]) -> list[tuple[MXHost, str]]:
-        """(exchanger, address) pairs in order; only our source address's family when one is set."""
-        pairs = [(h, a) for h in hosts for a in h.addresses]
-        if self.delivery.source_address:
-            family = _family(self.delivery.source_address)
-            pairs = [(h, a) for h, a in pairs if _family(a) == family]
-        return pairs[:MAX_ADDRESSES]
+    def _candidates(self, hosts: list[MXHost]) -> list[tuple[MXHost, list[str]]]:
+        """Each exchanger with its addresses in happy-eyeballs order (RFC 8305 §4: IPv6 first, then the
+        families alternating); only our source address's family when one is set; MAX_ADDRESSES in all."""
+        family = _family(self.delivery.source_address) if self.delivery.source_address else None
+        left, candidates = MAX_ADDRESSES, []
+        for host in hosts:
+            addresses = interleave(a for a in host.addresses if family is None or _family(a) == family)[:left]
+            if addresses:
+                candidates.append((host, addresses))
+                left -= len(addresses)
+            if left <= 0:
+                break
+        return candidates
 
     @defer.inlineCallbacks
     def _try_hosts(self, jobs: list[Job], hosts: list[MXHost], on_settled: Optional[OnSettled] = None):
@@ -169,29 +180,35 @@ class MXDelivery:
         last: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         answered_hosts: set[str] = set()
         reported: set[int] = set()
-        for host, address in self._candidates(hosts):
-            pending = [(i, tuple(r for r in job.recipients if r not in final[i])) for i, job in enumerate(jobs)]
-            pending = [(i, recipients) for i, recipients in pending if recipients]
-            if not pending:
-                break
-            if host.name in answered_hosts:
-                continue      # this exchanger already answered (4xx): its other addresses would too
-            tried = [Job(jobs[i].message, recipients) for i, recipients in pending]
-            report = None if on_settled is None else self._reporter(jobs, pending, final, reported, on_settled)
-            session = yield self._attempt(tried, host, address, report)
-            for (i, recipients), job_results in zip(pending, session.jobs):
-                for rcpt, result in zip(recipients, job_results):
-                    # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
-                    (final[i] if result.delivered or result.permanent else last[i])[rcpt] = result
-            if not session.before_mail:
-                answered_hosts.add(host.name)
-            for i, recipients in pending:
-                unsettled = [last[i][r] for r in recipients if r not in final[i]]
-                if unsettled:
-                    log.info("{queue_id}: {host}[{address}]: {count} recipient(s) not settled: {reply}",
-                             queue_id=_queue_id(jobs[i].message), host=host.name, address=address,
-                             count=len(unsettled),
-                             reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
+        for host, addresses in self._candidates(hosts):
+            untried, sessions = addresses, 0
+            # RFC 5321 §5.1: an exchanger that failed before MAIL FROM (no connection, a 421 greeting,
+            # a failed STARTTLS) leaves its other addresses to try, then the next exchanger.
+            while untried and sessions < len(addresses) and host.name not in answered_hosts:
+                pending = [(i, tuple(r for r in job.recipients if r not in final[i])) for i, job in enumerate(jobs)]
+                pending = [(i, recipients) for i, recipients in pending if recipients]
+                if not pending:
+                    break
+                tried = [Job(jobs[i].message, recipients) for i, recipients in pending]
+                report = None if on_settled is None else self._reporter(jobs, pending, final, reported, on_settled)
+                endpoint = self._eyeballs(untried)
+                session = yield self._attempt(tried, host, endpoint, report)
+                sessions += 1
+                for (i, recipients), job_results in zip(pending, session.jobs):
+                    for rcpt, result in zip(recipients, job_results):
+                        # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
+                        (final[i] if result.delivered or result.permanent else last[i])[rcpt] = result
+                if not session.before_mail:
+                    answered_hosts.add(host.name)    # it answered (4xx): its other addresses would too
+                untried = endpoint.untried()
+                for i, recipients in pending:
+                    unsettled = [last[i][r] for r in recipients if r not in final[i]]
+                    if unsettled:
+                        # remote_host names the address that answered ("mx[192.0.2.1]") when one did.
+                        log.info("{queue_id}: {where}: {count} recipient(s) not settled: {reply}",
+                                 queue_id=_queue_id(jobs[i].message), where=unsettled[0].remote_host or host.name,
+                                 count=len(unsettled),
+                                 reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
         return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
                 for i, job in enumerate(jobs)]
 
@@ -212,19 +229,26 @@ class MXDelivery:
         return report
 
     @defer.inlineCallbacks
-    def _attempt(self, jobs: list[Job], host: MXHost, address: str, on_settled: Optional[OnSettled] = None):
+    def _attempt(self, jobs: list[Job], host: MXHost, endpoint: HappyEyeballsEndpoint,
+                 on_settled: Optional[OnSettled] = None):
         policy = self.delivery.tls
-        session: SessionResult = yield self._session(jobs, host, address, _SECURITY[policy], on_settled)
+        session: SessionResult = yield self._session(jobs, host, endpoint, _SECURITY[policy], on_settled)
+        if endpoint.connected and endpoint.failures:     # e.g. a broken IPv6 route, hidden by the race
+            log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
+                     host=host.name, address=endpoint.connected,
+                     failed="; ".join(f"{a}: {reason.value}" for a, reason in endpoint.failures))
         if session.tls_failed and policy == "opportunistic":
             # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
             # plaintext on the same address; "required" and "verify" never fall back.
             self.plaintext_fallbacks += 1
+            address = endpoint.connected
             log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
                      queue_id=_queue_ids(jobs), host=host.name, address=address)
-            session = yield self._session(jobs, host, address, "none", on_settled)
+            again = self._eyeballs([address]) if address else endpoint
+            session = yield self._session(jobs, host, again, "none", on_settled)
         return session
 
-    def _session(self, jobs: list[Job], host: MXHost, address: str, security: str,
+    def _session(self, jobs: list[Job], host: MXHost, endpoint: Any, security: str,
                  on_settled: Optional[OnSettled] = None) -> defer.Deferred:
         params = SessionParams(
             helo=self.hostname,
@@ -234,10 +258,10 @@ class MXDelivery:
             timeouts=self.timeouts,
         )
         if self.send is not None:
-            return self.send(self._endpoint(address), params, jobs, self.reactor)
-        key = PoolKey(address, self.delivery.mx_port, security, params.tls_options)
-        return deliver_over(self._endpoint(address), params, jobs, self.reactor, pool=self.pool, key=key,
-                            on_settled=on_settled)
+            return self.send(endpoint, params, jobs, self.reactor)
+        # Reuse per exchanger: whichever of its addresses the connection went to (RFC 8305 picks it).
+        key = PoolKey(host.name, self.delivery.mx_port, security, params.tls_options)
+        return deliver_over(endpoint, params, jobs, self.reactor, pool=self.pool, key=key, on_settled=on_settled)
 
     def _tls_options(self, name: str):
         """The client TLS options for an exchanger name, built once and kept (least recently used out)."""
@@ -255,7 +279,12 @@ class MXDelivery:
             return ssl.optionsForClientTLS(name.strip("[]"), trustRoot=self.trust_root)
         return UnverifiedTLS(name)
 
+    def _eyeballs(self, addresses: list[str]) -> HappyEyeballsEndpoint:
+        """One exchanger's addresses raced as RFC 8305 says, each attempt through `_endpoint`."""
+        return HappyEyeballsEndpoint(self.reactor, addresses, self._endpoint, self.attempt_delay)
+
     def _endpoint(self, address: str):
+        """The TCP endpoint of one connection attempt (its own connect timeout), bound to source_address."""
         bind = (self.delivery.source_address, 0) if self.delivery.source_address else None
         cls = endpoints.TCP6ClientEndpoint if _family(address) == 6 else endpoints.TCP4ClientEndpoint
         return cls(self.reactor, address, self.delivery.mx_port, timeout=self.timeouts.connect,

@@ -20,7 +20,8 @@ records below it) answers NXDOMAIN; a name with records of other types answers N
 A CNAME is followed within the zone.  A negative answer (NXDOMAIN or no data) carries the SOA of the
 closest enclosing name that has one, in the authority section (RFC 2308 section 3: its TTL and
 MINIMUM are the negative-caching TTL); without an SOA record it carries none.  `records` may be changed
-between queries.  `queries` lists every question asked, as (name, type, "udp"|"tcp").
+between queries.  `queries` lists every question asked, as (name, type, "udp"|"tcp").  The records of
+one set come in random order in each answer, as servers may send them; `shuffle=False` keeps the zone's.
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ class DNSServer:
         silent=(),
         ttl: int = 300,
         authenticated_data: bool = False,
+        shuffle: bool = True,
     ):
         self.records: dict[tuple[str, str], list] = {}
         for (name, rtype), values in (records or {}).items():
@@ -119,6 +121,7 @@ class DNSServer:
         self.silent = {_key(n) for n in silent}           # never answer at all (a timeout)
         self.ttl = ttl
         self.authenticated_data = authenticated_data      # set the AD bit, as a validating resolver would
+        self.shuffle = shuffle        # records of one set in random order per answer (as servers may); else as given
         self.queries: list[tuple[str, str, str]] = []
         self.host = "127.0.0.1"
         self.port = 0
@@ -206,13 +209,12 @@ class DNSServer:
             failed.set_rcode(dns.rcode.SERVFAIL)
             return failed.to_wire()
 
-    @staticmethod
-    def _to_wire(query, response, transport: str) -> bytes:
+    def _to_wire(self, query, response, transport: str) -> bytes:
         if transport == "tcp":
-            return response.to_wire()
+            return response.to_wire(want_shuffle=self.shuffle)
         limit = max(512, query.payload) if query.edns >= 0 else 512
         try:
-            return response.to_wire(max_size=limit)
+            return response.to_wire(max_size=limit, want_shuffle=self.shuffle)
         except dns.exception.TooBig:
             # RFC 1035 §4.1.1: too big for UDP → an empty answer with TC set; the client retries on TCP.
             truncated = dns.message.make_response(query)
