@@ -110,7 +110,7 @@ class IBatchNextHop(INextHop):
     scheduler batches only hops that provide it and calls deliver() once per message otherwise."""
 
     def deliver_batch(jobs, on_settled=None):
-        """Send `jobs` (a list of delivery.client.Job: a spooled message and its recipients, all bound
+        """Send `jobs` (a list of delivery.job.Job: a spooled message and its recipients, all bound
         for this one next hop) over one connection, one transaction per job, in order.
 
         `on_settled(index, results)`, when given, is called as soon as job `index` has its final

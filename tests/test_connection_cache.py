@@ -17,7 +17,9 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.client import DeliveryClient, Job, SessionParams, deliver_over
+from mailrelay.delivery.client import DeliveryClient
+from mailrelay.delivery.connect import deliver_over
+from mailrelay.delivery.job import Job, SessionParams
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.routes import Router

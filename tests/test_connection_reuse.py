@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
 from mailrelay.delivery.batch import MAX_BATCH, batch_size, can_batch, take_batch
-from mailrelay.delivery.client import Job
+from mailrelay.delivery.job import Job
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.routes import Router
 from mailrelay.delivery.scheduler import Scheduler

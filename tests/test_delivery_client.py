@@ -18,7 +18,8 @@ from zope.interface import directlyProvides
 from zope.interface.verify import verifyObject
 
 from mailrelay import config
-from mailrelay.delivery.client import DeliveryClient, Job, SessionParams, Timeouts
+from mailrelay.delivery.client import DeliveryClient
+from mailrelay.delivery.job import Job, SessionParams, Timeouts
 from mailrelay.delivery.dotstuff import CHUNK_SIZE, stuff_all
 from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
 from mailrelay.envelope import Envelope

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.client import Job, report_once, takes_on_settled
+from mailrelay.delivery.job import Job, report_once, takes_on_settled
 from mailrelay.delivery.dns import MXHost
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.routes import Router

@@ -17,7 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.client import Timeouts
+from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from tests.support.dnsserver import DNSServer

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from mailrelay import tls
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.client import Timeouts
+from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.dns import (
     MXHost, MXResolver, ResolutionFailed, make_resolver, resolve_sync, shuffle_equal_preferences,
 )

@@ -22,7 +22,7 @@ from mailrelay import config
 from mailrelay.cli.main import main
 from mailrelay.config import load
 from mailrelay.delivery import oauth2, sasl
-from mailrelay.delivery.client import Timeouts
+from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.metrics import Metrics

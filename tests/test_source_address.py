@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from mailrelay import config
 from mailrelay.cli.main import main
 from mailrelay.config import DeliveryConfig, load
-from mailrelay.delivery.client import Timeouts
+from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.smarthost import SmarthostTransport

@@ -17,12 +17,7 @@ settles it (the reply to the final dot, a refused MAIL FROM, the last refused RC
 MAIL FROM waits until the Deferred it returns has fired — the caller's record of job k is durable before
 job k+1 is offered, so a kill -9 can duplicate at most the one message in flight on a connection.
 
-Connection reuse (with a delivery.pool.ConnectionPool): a session that ends cleanly is parked in the pool
-instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs its jobs on it, starting
-at MAIL FROM (RFC 5321 3.3: one session may carry many transactions).  That first command is the liveness
-check: a parked connection found closed, or answering 421, before its first reply is replaced by a fresh
-one for the same jobs, and counts as no attempt.  Never reused: after a 421, an error, a failed TLS
-handshake, a refused MAIL FROM or a "too many" (X.5.3) reply.
+Connection reuse: see delivery.connect.
 
 Built on twisted.mail.smtp.ESMTPClient for its line handling and timeout plumbing, with the states
 rewritten: Twisted's retry-on-4xx, transcript logging (it kept AUTH secrets), chunk-wise dot-stuffing,
@@ -30,12 +25,10 @@ silent STARTTLS skipping and exception-based error reporting are all replaced he
 """
 from __future__ import annotations
 
-import inspect
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.mail import smtp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -44,9 +37,13 @@ from zope.interface import implementer
 
 from mailrelay.delivery import sevenbit
 from mailrelay.delivery.dotstuff import StuffingProducer
+from mailrelay.delivery import offer
+from mailrelay.delivery.job import (
+    Job, OnSettled, SessionParams, rcpt_command, temporary_status, valid_address,
+)
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
-    RecipientResult, SessionResult, from_reply, parse_reply, printable, settle_all,
+    RecipientResult, SessionResult, from_reply, parse_reply, printable,
 )
 from mailrelay.delivery.sasl import Exchange, PasswordLogin
 from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
@@ -59,81 +56,9 @@ SECURITY_MODES = ("none", "opportunistic", "starttls", "tls")
 MAX_REPLY_LINES = 100
 QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle connection
 
-# on_settled(index, results): job `index` has its final per-recipient results; the next job waits for
-# the Deferred it may return.
-OnSettled = Callable[[int, list], Optional[defer.Deferred]]
 # A reply the client waits for: (command it answers, what a timeout names, codes that are success,
 # handler for those, handler for any other code).  Replies are matched to these in order (RFC 2920 3.1).
 Awaited = tuple[str, str, Any, Callable, Callable]
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds; RFC 5321 4.5.3.2 asks for 5 minutes per reply and 10 for the reply to the final dot."""
-    connect: float = 30.0
-    reply: float = 300.0
-    data_end: float = 600.0
-
-
-@dataclass(frozen=True)
-class Job:
-    """One message to send on a connection: a spooled message (queue_id, envelope, size, open()) and the
-    recipients to try for it (a subset of its envelope's)."""
-    message: Any
-    recipients: tuple[str, ...]
-
-
-def report_once(on_settled: Optional[OnSettled]) -> Optional[OnSettled]:
-    """`on_settled` called at most once per job index, however many connections the jobs are tried on
-    (a stale cached connection, a plaintext retry after a failed handshake); repeats return None."""
-    if on_settled is None:
-        return None
-    reported: set[int] = set()
-
-    def report(index: int, results: list) -> Optional[defer.Deferred]:
-        if index in reported:
-            return None
-        reported.add(index)
-        return on_settled(index, results)
-    return report
-
-
-def takes_on_settled(hop: Any) -> bool:
-    """Whether `hop.deliver_batch` accepts the `on_settled` keyword (older or test hops may not)."""
-    try:
-        parameters = inspect.signature(hop.deliver_batch).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return "on_settled" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-@dataclass(frozen=True)
-class SessionParams:
-    """How to talk to one remote host.  `security`: "none"; "opportunistic" (STARTTLS when offered);
-    "starttls" (STARTTLS required, else 4.7.4); "tls" (the transport is already TLS from the first byte).
-    `tls_options`: the client TLS connection creator used for STARTTLS."""
-    helo: str
-    remote_host: str
-    security: str = "opportunistic"
-    tls_options: Any = None
-    username: Optional[str] = None
-    password: Optional[bytes] = field(default=None, repr=False)
-    timeouts: Timeouts = Timeouts()
-    login: Any = field(default=None, repr=False)    # a delivery.sasl login; default: PLAIN/LOGIN with the above
-
-
-def temporary_status(status: str) -> str:
-    """The same RFC 3463 subject and detail in the temporary class: "5.7.8" -> "4.7.8"."""
-    return "4" + status[1:]
-
-
-def valid_address(address: str) -> bool:
-    """No control characters and no angle brackets: an address can never inject a command line."""
-    return all(c >= " " and c != "\x7f" for c in address) and "<" not in address and ">" not in address
-
-
-def rcpt_command(recipient: str) -> bytes:
-    return b"RCPT TO:<" + recipient.encode("utf-8") + b">"
 
 
 @implementer(IHandshakeListener)
@@ -539,29 +464,10 @@ class DeliveryClient(smtp.ESMTPClient):
         self._close()
 
     def _refusal(self, job: Job) -> Optional[tuple[int, str, str]]:
-        """A permanent reason not to try this job on this server at all, or None."""
-        envelope, ext = job.message.envelope, self._extensions
-        if not valid_address(envelope.sender):
-            return 553, "5.1.7", "invalid sender address syntax"
-        limit = ext.get(b"SIZE", b"")
-        if limit.isdigit() and int(limit) and job.message.size > int(limit):
-            # RFC 1870 6.1: the server told us its fixed limit; sending anyway would only waste the transfer.
-            return 552, "5.3.4", f"message size {job.message.size} exceeds the limit {int(limit)} of {self._host}"
-        if not all(a.isascii() for a in (envelope.sender, *job.recipients)) and b"SMTPUTF8" not in ext:
-            return 553, "5.6.7", f"non-ASCII address, but {self._host} does not offer SMTPUTF8"   # RFC 6531 3.2
-        return None
+        return offer.refusal(job, self._extensions, self._host)
 
     def _mail_command(self, job: Job) -> bytes:
-        envelope, ext = job.message.envelope, self._extensions
-        line = b"MAIL FROM:<" + envelope.sender.encode("utf-8") + b">"
-        if b"SIZE" in ext:
-            line += b" SIZE=%d" % job.message.size                                     # RFC 1870
-        if b"8BITMIME" in ext and (envelope.body == "8BITMIME" or envelope.octets == "8bit"):
-            line += b" BODY=8BITMIME"                                        # RFC 6152, declared or not
-        utf8 = envelope.smtputf8 or not all(a.isascii() for a in (envelope.sender, *job.recipients))
-        if b"SMTPUTF8" in ext and utf8:
-            line += b" SMTPUTF8"                                                       # RFC 6531
-        return line
+        return offer.mail_command(job, self._extensions)
 
     def _settle_job(self, code: int, status: str, text: str) -> None:
         results = self._results[self._job_index]
@@ -708,64 +614,4 @@ class DeliveryClient(smtp.ESMTPClient):
         self._quit()
         return closed
 
-
-class _Factory(protocol.Factory):
-    noisy = False       # no "Starting/Stopping factory" pair in the log for every delivery connection
-
-    def __init__(self, build: Callable[[], DeliveryClient]):
-        self._build = build
-
-    def buildProtocol(self, addr) -> DeliveryClient:
-        return self._build()
-
-
-def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -> SessionResult:
-    """Every recipient temporarily failed because no connection was made (RFC 3463 X.4.1 / X.4.3)."""
-    why = printable(str(reason.value).encode("utf-8", "replace"), 200)
-    status = "4.4.3" if reason.check(error.DNSLookupError) else "4.4.1"
-    text = f"cannot connect to {remote_host}: {why}"
-    return SessionResult(tuple(settle_all(j.recipients, 451, status, text, remote_host) for j in jobs),
-                         before_mail=True)
-
-
-def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None,
-                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey] = None,
-                 on_settled: Optional[OnSettled] = None) -> defer.Deferred:
-    """Send `jobs` over an idle connection from `pool` under `key` when there is one, else connect with
-    `endpoint` (wrapped in TLS already when params.security == "tls").  With a pool, a connection that
-    ends cleanly is parked there for the next call instead of closed.  `on_settled(index, results)` is
-    called once per job as soon as it is settled, and the next job waits for its Deferred (see above);
-    jobs it was not called for (connection lost) are only in the final result.
-
-    Returns a Deferred firing with a SessionResult once every job is settled; it never fails."""
-    if params.security not in SECURITY_MODES:
-        raise ValueError(f"unknown security mode {params.security!r}")
-    if clock is None:
-        from twisted.internet import reactor as clock
-    on_settled = report_once(on_settled)
-    idle = pool.take(key) if pool is not None else None
-    if idle is None:
-        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
-
-    def fresh_if_stale(result: SessionResult) -> Any:
-        if not idle.stale:
-            return result
-        pool.stale += 1       # dead before any reply: nothing was tried, so this is no failed attempt
-        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
-
-    return idle.reuse(jobs, on_settled).addCallback(fresh_if_stale)
-
-
-def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
-             pool: Optional[ConnectionPool], key: Optional[PoolKey],
-             on_settled: Optional[OnSettled] = None) -> defer.Deferred:
-    client = DeliveryClient(params, jobs, clock, pool, key, on_settled)
-
-    def connected(_):
-        return client.finished
-
-    def failed(reason: Failure):
-        return connect_failure_result(jobs, reason, params.remote_host)
-
-    return endpoint.connect(_Factory(lambda: client)).addCallbacks(connected, failed)
 

@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.batch import batch_size, take_batch
-from mailrelay.delivery.client import Job, takes_on_settled
+from mailrelay.delivery.job import Job, takes_on_settled
 
 
 class ConcurrencyMixin:

@@ -37,7 +37,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over
+from mailrelay.delivery.connect import deliver_over
+from mailrelay.delivery.job import Job, OnSettled, SessionParams, Timeouts
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
 from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsEndpoint, interleave
 from mailrelay.delivery.pool import ConnectionPool, PoolKey

@@ -1,6 +1,6 @@
 """The SASL side of the delivery client's AUTH (RFC 4954): what to send for each mechanism we speak.
 
-Journey: the next hop (smarthost.SmarthostTransport) puts a login into client.SessionParams; once the
+Journey: the next hop (smarthost.SmarthostTransport) puts a login into job.SessionParams; once the
 session is past EHLO over TLS, client.DeliveryClient asks it to `start` an `Exchange` among the
 mechanisms the server offers, sends the exchange's `command`, and answers every 334 with
 `respond(challenge)` until a 235 (or a refusal).  In: a user name and a password, or a user name and an

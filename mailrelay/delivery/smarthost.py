@@ -3,7 +3,7 @@
 Journey: the scheduler asks the router for a route; a route names a transport (`[transports.NAME]`),
 and `SmarthostTransport.deliver` sends the message there.  The MX engine resolves a domain's hosts and
 calls `deliver_to_host` for each in turn.
-In: a spooled message and its recipients, or a list of client.Job.  Out: RecipientResults (never an
+In: a spooled message and its recipients, or a list of job.Job.  Out: RecipientResults (never an
 exception).
 
 TLS policies (config.md [delivery] tls, Postfix's smtp_tls_security_level): "none"; "opportunistic"
@@ -32,7 +32,8 @@ from zope.interface import implementer
 
 from mailrelay import config
 from mailrelay.delivery import sasl
-from mailrelay.delivery.client import Job, OnSettled, SessionParams, Timeouts, deliver_over, report_once
+from mailrelay.delivery.connect import deliver_over
+from mailrelay.delivery.job import Job, OnSettled, SessionParams, Timeouts, report_once
 from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, TokenSource, TokenUnavailable, treq_post
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, settle_all
@@ -95,7 +96,7 @@ def deliver_to_host(
     on_settled: Optional[OnSettled] = None,
 ) -> defer.Deferred:
     """Connect to (host, port) and send every job on that one connection.  `on_settled(index, results)`
-    hears of each job as soon as it is settled (client.deliver_over), once even across the retry below.
+    hears of each job as soon as it is settled (connect.deliver_over), once even across the retry below.
 
     `tls_policy` is one of TLS_POLICIES; `tls_hostname` is the name the certificate must carry under
     "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,

@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
-from mailrelay.delivery.client import Job, takes_on_settled
+from mailrelay.delivery.job import Job, takes_on_settled
 from mailrelay.delivery.sevenbit import SEVEN_BIT, Needs, convert_message
 from mailrelay.dkim.permission import may_sign
 from mailrelay.interfaces import IBatchNextHop, INextHop
