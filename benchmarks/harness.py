@@ -1,4 +1,4 @@
-"""Measuring helpers for the relay benchmarks (issue 7, "Performance"): not part of the relay.
+"""Measuring helpers for the relay benchmarks (performance against Postfix): not part of the relay.
 
 Where it sits: outside the message's journey, timing it.  smtp-source (Postfix's load generator) sends
 messages into a relay (Postfix or mailrelay) which relays them to smtp-sink; the sink's running counter

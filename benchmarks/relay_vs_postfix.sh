@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # relay_vs_postfix.sh — mailrelay against Postfix, side by side, under Postfix's own load tools.
 #
-# Where it sits: outside the message's journey, timing it (issue 7, "Performance").
+# Where it sits: outside the message's journey, timing it.
 #   smtp-source ──SMTP──▶ relay (a private Postfix, or mailrelay) ──SMTP──▶ smtp-sink -c
 # In: nothing but the machine (installs Debian's postfix if missing; needs root).  Out: for each load,
 # accept and end-to-end messages/s, medians of 3 runs, the ratio mailrelay/Postfix, and the ceiling

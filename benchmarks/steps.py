@@ -1,4 +1,4 @@
-"""Where one session's time goes: the latency of each SMTP step, relay by relay (issue 7, "Performance").
+"""Where one session's time goes: the latency of each SMTP step, relay by relay.
 
 Where it sits: outside the message's journey, timing it.  `smtp-source -s 1` is bound by the sum of
 these steps, not by throughput, so the table says which step makes the difference.  In: relays as
