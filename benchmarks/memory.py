@@ -1,4 +1,4 @@
-"""Memory of a running mailrelay : is a message streamed, is a session cheap?
+"""Memory of a running mailrelay: is a message streamed, is a session cheap?
 
 Where it sits: outside the message's journey, watching the relay process while the journey happens.
 It starts mailrelay (twistd) on loopback with a tap.conf like relay_vs_postfix.sh's, whose one route
