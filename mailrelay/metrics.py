@@ -29,6 +29,8 @@ Metrics (all prefixed `mailrelay_`):
                                                      unreachable | timeout (never the token itself)
     queue_messages, queue_oldest_message_age_seconds, queue_held_messages
                                                      gauges read at scrape time from `watch_queue`
+    suppressed_addresses                             gauge: addresses on the suppression list, in force
+                                                     (`watch_suppression`; absent while it is off)
 
 Standards: no SMTP RFC is implemented here; the output is the Prometheus text exposition format over
 HTTP/1.1 (twisted.web).  Enhanced status codes (RFC 3463) stay in the replies; this module only counts.
@@ -65,6 +67,7 @@ REFUSAL_REASONS = (
     "from_header",          # From: header outside what the identity may send as
     "local_error",          # the spool could not take the message (4xx)
     "connection_limit",     # [limits] max_connections / max_connections_per_ip (421 4.7.0)
+    "suppressed",           # RCPT to an address on the suppression list (550 5.1.1)
     "other",
 )
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
@@ -132,6 +135,21 @@ class _QueueCollector(Collector):
             # A broken snapshot must not break the whole scrape: the counters still matter.
             log.failure("queue snapshot for metrics failed")
             return 0, 0.0, 0
+
+
+class _SizeCollector(Collector):
+    """One gauge read at scrape time from a callable (in the scrape's thread: it must only read)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            value = int(self.read())
+        except Exception:
+            log.failure("{name} for metrics failed", name=self.name)
+            return
+        yield GaugeMetricFamily(self.name, self.documentation, value=value)
 
 
 class Metrics:
@@ -216,6 +234,11 @@ class Metrics:
         """Read (messages, oldest age in seconds, held messages) from `snapshot` at every scrape;
         a later call replaces the earlier one."""
         self._queue.snapshot = snapshot
+
+    def watch_suppression(self, size: Callable[[], int]) -> None:
+        """Read the number of suppressed addresses from `size` at every scrape."""
+        self.registry.register(_SizeCollector("mailrelay_suppressed_addresses",
+                                              "Addresses on the suppression list, in force.", size))
 
 
 class _Root(resource.Resource):
