@@ -269,3 +269,60 @@ class Recorder(ListTestCase):
         recorder.note("b@example.net", 550, "5.1.1", "User unknown")
         self.journal.refresh()
         self.assertEqual([e.address for e in self.journal.entries()], ["b@example.net"])
+
+
+class CommandOnAStoppedRelay(unittest.TestCase):
+    """`mailrelay suppression` in this process (cli.suppression.run), no relay running."""
+
+    def setUp(self):
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.config = self.dir / "tap.conf"
+        self.config.write_text('spool = "var/spool"\n\n[suppression]\nenabled = false\nduration = "2d"\n')
+        self.clock = task.Clock()
+        self.clock.advance(1_767_225_600)
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        import contextlib
+        import io
+
+        from mailrelay.cli import suppression as cli
+        from mailrelay.cli.main import build_parser
+
+        args = build_parser().parse_args(["suppression", *argv, "--config", str(self.config)])
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.run(args, clock=self.clock)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_add_creates_the_spool_list_shows_it_and_says_suppression_is_off(self):
+        status, out, err = self.run_cli("add", "Bob@Example.NET", "--reason", "left\nthe company")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "Bob@Example.NET suppressed until 2026-01-03 00:00:00 UTC; a running relay refuses "
+                              "RCPT to it within a second; suppression is off in the config: listed addresses "
+                              "are not refused until it is enabled\n")
+        self.assertEqual(os.stat(self.dir / "var" / "spool").st_mode & 0o777, 0o700)
+        status, out, _ = self.run_cli("list")
+        self.assertEqual(out.splitlines()[0], "Bob@Example.NET  since 2026-01-01 00:00:00 UTC  until 2026-01-03 "
+                                              "00:00:00 UTC  added by an operator: left the company")
+        status, out, _ = self.run_cli("list", "--json")
+        self.assertEqual(json.loads(out)[0]["until"], "2026-01-03T00:00:00Z")
+        self.clock.advance(2 * DAY)
+        status, out, _ = self.run_cli("list")
+        self.assertEqual(out.splitlines()[0], "0 addresses suppressed; suppression is off in the config: listed "
+                                              "addresses are not refused until it is enabled")
+
+    def test_remove_of_an_address_not_listed_exits_1_and_a_bad_config_exits_2(self):
+        self.assertEqual(self.run_cli("remove", "nobody@example.net"),
+                         (1, "", "mailrelay suppression: nobody@example.net is not suppressed\n"))
+        self.config.write_text("[suppression]\nenabled = \"yes\"\n")
+        status, out, err = self.run_cli("list")
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("suppression.enabled", err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+    def test_what_is_not_an_address_is_refused(self):
+        for bad in ("bob", "@example.net", "bob@localhost", "bob@exa mple.net", "b\x00b@example.net"):
+            status, out, err = self.run_cli("add", bad)
+            self.assertEqual((status, out), (1, ""), bad)
+            self.assertIn("is not an address (local@domain)", err)
