@@ -158,13 +158,15 @@ class SuppressionList:
             changed = bool(self._entries) or self._identity is not None
             self._reset(None)
             return changed
+        replaced = False
         try:
             st = os.fstat(fd)
             identity = (st.st_dev, st.st_ino)
             if identity != self._identity or st.st_size < self._offset:
+                replaced = bool(self._entries) or self._identity is not None
                 self._reset(identity)
             if st.st_size == self._offset:
-                return False
+                return replaced
             data = os.pread(fd, st.st_size - self._offset, self._offset)
         finally:
             os.close(fd)
@@ -172,7 +174,7 @@ class SuppressionList:
         self._offset += len(whole)
         for line in whole.splitlines():
             self._apply(line)
-        return bool(whole)
+        return replaced or bool(whole)
 
     def _reset(self, identity: Optional[tuple[int, int]]) -> None:
         self._entries, self._identity, self._offset, self.records, self.skipped = {}, identity, 0, 0, 0
