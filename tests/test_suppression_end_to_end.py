@@ -17,7 +17,8 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 import mailrelay
-from tests.support.relay import RelayFixture
+from tests.support.logcapture import LogLines
+from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
 
 MESSAGE = b"From: app@example.org\r\nTo: several@example.net\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -204,6 +205,36 @@ class SenderRefused(unittest.TestCase):
         self.assertFalse((relay.dir / "spool" / "suppression.jsonl").exists())
         code, text = yield rcpt(relay, "gone@example.net")
         self.assertEqual(code, 250, text)
+
+
+class Postmaster(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_mail_to_the_postmaster_is_taken_even_when_its_mailbox_is_suppressed(self):
+        relay = RelayFixture(self.mktemp(), top='postmaster = "admin@example.org"\n',
+                             extra=config_for(free_port(), "inline"))
+        service = relay.start(reactor)
+        self.addCleanup(relay.stop)
+        service.suppression.journal.add("admin@example.org", reason="testing")
+        code, text = yield rcpt_until(relay, "admin@example.org", 550)
+        self.assertEqual(code, 550, text)
+        for source in ("127.0.0.1", "127.0.0.2"):          # RFC 5321 4.5.1: from anyone, whatever the list
+            code, text = yield rcpt(relay, "postmaster", source=source)
+            self.assertEqual(code, 250, (source, text))
+
+
+class Reload(unittest.TestCase):
+    def test_a_changed_suppression_section_waits_for_a_restart_and_says_so(self):
+        relay = RelayFixture(self.mktemp(), extra=config_for(free_port(), "inline"))
+        service = relay.start(reactor)
+        self.addCleanup(relay.stop)
+        lines = LogLines(self)
+        relay.path.write_text(relay.path.read_text().replace('duration = "7d"', 'duration = "1d"'))
+        self.assertTrue(service.reload())
+        self.assertEqual(lines.take("takes effect"),
+                         ["reload: suppression changed; that takes effect only after a restart"])
+        self.assertEqual(service.suppression.journal.duration, 7 * 86400)
 
 
 class Disabled(unittest.TestCase):
