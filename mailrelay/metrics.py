@@ -31,6 +31,8 @@ Metrics (all prefixed `mailrelay_`):
                                                      gauges read at scrape time from `watch_queue`
     delivery_process_up                              with `[delivery] process = "separate"` only: 1 when
                                                      this scrape includes the delivery process's families
+    suppressed_addresses                             gauge: addresses on the suppression list, in force
+                                                     (`watch_suppression`; absent while it is off)
 
 With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
 process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
@@ -74,6 +76,7 @@ REFUSAL_REASONS = (
     "from_header",          # From: header outside what the identity may send as
     "local_error",          # the spool could not take the message (4xx)
     "connection_limit",     # [limits] max_connections / max_connections_per_ip (421 4.7.0)
+    "suppressed",           # RCPT to an address on the suppression list (550 5.1.1)
     "other",
 )
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
@@ -150,6 +153,21 @@ class _QueueCollector(Collector):
             # A broken snapshot must not break the whole scrape: the counters still matter.
             log.failure("queue snapshot for metrics failed")
             return 0, 0.0, 0
+
+
+class _SizeCollector(Collector):
+    """One gauge read at scrape time from a callable (in the scrape's thread: it must only read)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            value = int(self.read())
+        except Exception:
+            log.failure("{name} for metrics failed", name=self.name)
+            return
+        yield GaugeMetricFamily(self.name, self.documentation, value=value)
 
 
 class Metrics:
@@ -234,6 +252,11 @@ class Metrics:
         """Read (messages, oldest age in seconds, held messages) from `snapshot` at every scrape;
         a later call replaces the earlier one."""
         self._queue.snapshot = snapshot
+
+    def watch_suppression(self, size: Callable[[], int]) -> None:
+        """Read the number of suppressed addresses from `size` at every scrape."""
+        self.registry.register(_SizeCollector("mailrelay_suppressed_addresses",
+                                              "Addresses on the suppression list, in force.", size))
 
 
 class _Families:

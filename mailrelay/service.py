@@ -38,7 +38,7 @@ from mailrelay.logger import Logger
 log = Logger(namespace="mailrelay.service")
 
 # Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
-RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process")
+RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression")
 
 
 def restart_only(config: Config) -> dict:
@@ -218,11 +218,29 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
 
         reporter = DSNReporter(spool, config.hostname, clock=reactor, lifetime=config.queue.lifetime,
                                metrics=metrics)
+    suppression = None
+    if config.suppression.enabled:
+        from mailrelay.spool.suppression import SuppressionList, SuppressionRecorder
+
+        suppression = SuppressionRecorder(SuppressionList(config.spool, config.suppression.duration, reactor),
+                                          getattr(spool, "run_blocking", None))
     scheduler = Scheduler(spool, parts.router, parts.transports, parts.direct, config.queue, config.delivery,
-                          reporter, clock=reactor, metrics=metrics)
+                          reporter, clock=reactor, metrics=metrics, suppression=suppression)
     if reporter is not None:
         reporter.scheduler = scheduler
     return scheduler
+
+
+def suppression_watcher(config: Config, reactor, metrics):
+    """The receiving side of `[suppression]` (spool.suppression): the list RCPT is judged by, kept
+    up to date from the spool, its size a metrics gauge; None when suppression is off."""
+    if not config.suppression.enabled:
+        return None
+    from mailrelay.spool.suppression import SuppressionList, SuppressionWatcher
+
+    journal = SuppressionList(config.spool, config.suppression.duration, reactor)
+    metrics.watch_suppression(journal.size)
+    return SuppressionWatcher(journal, reactor)
 
 
 def own_authserv_id(config: Config) -> Optional[str]:
@@ -282,6 +300,9 @@ class RelayService(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor,
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
+        self.suppression = suppression_watcher(config, reactor, self.metrics)   # None: [suppression] off
+        if self.suppression is not None:
+            self.suppression.setServiceParent(self)
         receiving = build_receiving_parts(config, reactor)
         self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
@@ -320,6 +341,7 @@ class RelayService(service.MultiService):
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
                 authserv_id=own_authserv_id(config), postmaster=config.postmaster,
                 received_shows_user=config.auth.received_shows_user,
+                suppression=self.suppression.journal if self.suppression is not None else None,
             )
             self.factories.append(factory)
             implicit = listener.kind == "submissions"

@@ -94,6 +94,15 @@ class CheckCommandTests(unittest.TestCase):
         self.assertIn("in a separate process, 5 nice steps below", out)
         self.assertIn("metrics      tcp:9425:interface=127.0.0.1 (the delivery process's included)\n", out)
 
+    def test_suppression_is_said_to_be_on_or_off(self) -> None:
+        self.assertEqual(self.check(self.write("")), 0)
+        self.assertIn("suppression  off\n", self.stdout.getvalue())
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.check(self.write('[suppression]\nenabled = true\nduration = "14d"\n')), 0)
+        self.assertIn("suppression  on: a 5.1.x or 5.2.1 failure refuses RCPT to the address for 14d (list in ",
+                      self.stdout.getvalue())
+
     def test_received_user_and_from_header_holds_are_described(self) -> None:
         self.assertEqual(self.check(self.write("")), 0)
         self.assertIn("Received does not name the user", self.stdout.getvalue())

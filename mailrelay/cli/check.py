@@ -162,6 +162,10 @@ def describe(config: Config) -> list[tuple[str, str]]:
                   f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}; "
                   + (f"in a separate process, {d.process_nice} nice steps below" if d.process == "separate"
                      else "in the main process")))
+    s = config.suppression
+    lines.append(("suppression", f"on: a 5.1.x or 5.2.1 failure refuses RCPT to the address for "
+                  f"{human_duration(s.duration)} (list in {config.spool / 'suppression.jsonl'})"
+                  if s.enabled else "off"))
     for t in config.transports.values():
         login = _transport_auth(t)
         ca = f", CA {t.ca_file}" if t.ca_file else ""

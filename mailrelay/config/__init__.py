@@ -27,14 +27,14 @@ from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_PERMITS, DEFAULT_TRANSPORT_PORTS,
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
     AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits,
-    Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig, TLSConfig,
-    Transport,
+    Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig,
+    TLSConfig, Transport,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
     _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _postmaster, _queue,
-    _route, _sendmail, _tls, _transports,
+    _route, _sendmail, _suppression, _tls, _transports,
 )
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 
@@ -43,7 +43,8 @@ __all__ = [
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
     "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
-    "Route", "SendmailConfig", "TLSConfig", "Transport", "load", "parse_duration", "parse_host_port", "parse_size",
+    "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "load", "parse_duration",
+    "parse_host_port", "parse_size",
 ]
 
 
@@ -95,6 +96,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         sendmail=_sendmail(root.table("sendmail")),
         postmaster=_postmaster(root),
         source=source,
+        suppression=_suppression(root.table("suppression")),
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

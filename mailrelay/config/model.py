@@ -207,6 +207,12 @@ class Route:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    enabled: bool = False               # a 5.1.x / 5.2.1 failure suppresses the address (spool.suppression)
+    duration: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     endpoint: Optional[str] = None      # absent: off
     delivery_endpoint: Optional[str] = None   # added key: the delivery process's metrics ([delivery] process)
@@ -249,6 +255,7 @@ class Config:
     postmaster: Optional[str] = None    # added key: where RCPT TO:<postmaster> goes (RFC 5321 4.5.1)
     # The file's bytes as validated: a delivery process runs exactly these, whatever the file says later.
     source: bytes = field(default=b"", repr=False, compare=False)
+    suppression: SuppressionConfig = SuppressionConfig()
 
 
 DKIM_MODES = ("sign", "passthrough")

@@ -17,7 +17,7 @@ from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
     DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
     DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
-    MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, TLSConfig, Transport,
+    MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig, TLSConfig, Transport,
 )
 from mailrelay.config.reader import _closed, _Reader
 from mailrelay.config.transport_auth import transport_auth
@@ -239,6 +239,12 @@ def _queue(t: _Reader) -> QueueConfig:
         bounces=t.flag("bounces", d.bounces),
         directory_fsync=t.choice("directory_fsync", d.directory_fsync, DIRECTORY_FSYNC),
     ))
+
+
+def _suppression(t: _Reader) -> SuppressionConfig:
+    d = SuppressionConfig()
+    return _closed(t, SuppressionConfig(enabled=t.flag("enabled", d.enabled),
+                                        duration=t.duration("duration", d.duration)))
 
 
 def _delivery(t: _Reader) -> DeliveryConfig:

@@ -469,11 +469,11 @@ class DeliveryClient(smtp.ESMTPClient):
     def _mail_command(self, job: Job) -> bytes:
         return offer.mail_command(job, self._extensions)
 
-    def _settle_job(self, code: int, status: str, text: str) -> None:
+    def _settle_job(self, code: int, status: str, text: str, sender_refused: bool = False) -> None:
         results = self._results[self._job_index]
         for i, rcpt in enumerate(self.jobs[self._job_index].recipients):
             if results[i] is None:
-                results[i] = RecipientResult(rcpt, code, status, text, self._host)
+                results[i] = RecipientResult(rcpt, code, status, text, self._host, sender_refused=sender_refused)
 
     def _on_mail_refused(self, code: int, text: bytes) -> None:
         self._mail_answered = True
@@ -482,7 +482,7 @@ class DeliveryClient(smtp.ESMTPClient):
         if not 400 <= code < 600:
             return self._on_unexpected(code, text)
         result = from_reply("", code, text, self._host)
-        self._settle_job(result.code, result.status, result.text)    # every recipient shares the sender's fate
+        self._settle_job(result.code, result.status, result.text, sender_refused=True)   # the sender's fate
         if code == 421:
             return self._closing(code, text)
         if self._pipelined:

@@ -12,7 +12,8 @@ after `[queue] delay_warning`); RFC 5321 §4.5.5 / §6.1 (never a DSN to the nul
 
 `OutcomesMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_spool`,
 `_reporter`, `_queue`, `_backoff`, `_attempts`, `_stop_waiters`, `_metrics`, `running`, `log` and
-its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`.
+its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`; `_suppression` hears of every recipient
+that failed for good (spool.suppression decides whether that suppresses it).
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class OutcomesMixin:
             after = before.recorded(result, now, retry_at)
             attempt.state = attempt.state.with_recipient(after)
             self._log_outcome(attempt, job, after, result)
+            if after.done == BOUNCED and self._suppression is not None:
+                self._suppression.note(recipient, result.code, result.status, result.text, result.remote_host,
+                                       attempt.queue_id, getattr(result, "sender_refused", False))
         if attempt.outstanding == 1 and attempt.state.finished and not attempt.action:
             # The last delivery settled every recipient for good: the removal that follows at once is
             # the record. A save in between would only narrow nothing (a crash before it, or before the

@@ -18,7 +18,9 @@ _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 class RecipientResult:
     """The reply that settles one recipient on one attempt, e.g. (rcpt, 550, "5.1.1", "User unknown", host).
     `tls` and `tls_verified` say what protected the session that gave it (delivery.tlsinfo: "none",
-    "tls1.3", ...; None when no SMTP session said, e.g. a DNS failure); they take no part in equality."""
+    "tls1.3", ...; None when no SMTP session said, e.g. a DNS failure); they take no part in equality.
+    `sender_refused`: settled by the next hop's refusal of MAIL FROM, a verdict on the sender, not on
+    this recipient (so it never suppresses the recipient: spool.suppression)."""
     recipient: str
     code: int
     status: str          # RFC 3463 enhanced status code, its class agreeing with `code`
@@ -26,6 +28,7 @@ class RecipientResult:
     remote_host: str = ""
     tls: Optional[str] = field(default=None, compare=False)
     tls_verified: bool = field(default=False, compare=False)
+    sender_refused: bool = field(default=False, compare=False)
 
     @property
     def delivered(self) -> bool:

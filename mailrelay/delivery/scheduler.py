@@ -66,13 +66,14 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
     """The queue runner.  `spool`: ISpool (plus hold/release/take_requests); `router`: IRouter;
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
-    jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics."""
+    jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics; `suppression`:
+    told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off)."""
 
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                  delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
-                 metrics=None):
+                 metrics=None, suppression=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
@@ -92,6 +93,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._received: dict[str, float] = {}    # queue id -> received_at of every message seen in the spool
         self._held: set[str] = set()
         self._metrics = metrics
+        self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
 

@@ -152,13 +152,15 @@ class RelayServerFactory(protocol.ServerFactory):
         authserv_id: Optional[str] = None,
         postmaster: Optional[str] = None,
         received_shows_user: bool = False,
+        suppression=None,
     ):
         """`connections` and `auth_failures` may be shared between the listeners of one relay, so that
         max_connections counts "in all" and an attacker gets one AUTH budget, not one per port.
         `authserv_id`: the name our own Authentication-Results carry (when the relay verifies DKIM);
         incoming fields claiming it are removed (server/authres.py).  `postmaster`: the mailbox that
         `RCPT TO:<postmaster>` (and postmaster@hostname) is delivered to, from any client.
-        `received_shows_user`: name the authenticated user in our Received field ([auth])."""
+        `received_shows_user`: name the authenticated user in our Received field ([auth]).
+        `suppression`: the spool.suppression.SuppressionList RCPT is judged by, or None ([suppression] off)."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.hostname = hostname
@@ -171,6 +173,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.authserv_id = authserv_id
         self.postmaster = postmaster
         self.received_shows_user = received_shows_user
+        self.suppression = suppression
         self.tls_options = tls_options
         self.clock = clock
         self.metrics = metrics

@@ -93,9 +93,23 @@ class TransactionMixin:
             if refusal is not None:
                 self._reply(refusal)
                 return
+            if self._suppressed(recipient):
+                return
         if recipient not in self._rcpts:
             self._rcpts.append(recipient)
         self._send(250, "2.1.5", "Recipient ok")
+
+    def _suppressed(self, recipient: str) -> bool:
+        """A recipient that failed for good lately (spool.suppression) gets 550 5.1.1 saying since when
+        and why; asked only once the policy has let the client relay to it (no list for strangers)."""
+        suppression = getattr(self.factory, "suppression", None)
+        reply = suppression.refusal(recipient) if suppression is not None else None
+        if reply is None:
+            return False
+        self._count("refused", "suppressed")
+        self._log.info("RCPT to {recipient} from {ip} refused: suppressed", recipient=recipient, ip=self._ip)
+        self._send(reply.code, reply.status, reply.text)
+        return True
 
     def _is_postmaster(self, recipient: str) -> bool:
         lowered = recipient.lower()

@@ -171,6 +171,10 @@ class Spool(Service):
             d = fail()
         return d.addBoth(self._job_done)
 
+    def run_blocking(self, f: Callable, *args) -> Deferred:
+        """`f(*args)` on the spool's threads (synchronously before start); stopService waits for it."""
+        return self._run_blocking(f, *args)
+
     def _job_done(self, result: object) -> object:
         self._jobs -= 1
         if self._jobs == 0 and self._idle_waiters:
