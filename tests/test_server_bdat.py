@@ -298,7 +298,7 @@ class SizeTests(BdatTestCase):
 
     def test_a_declared_chunk_over_the_limit_is_refused_unread_by_the_reader(self):
         self.client.send(ENVELOPE + b"BDAT 100000\r\n")
-        self.assertTrue(self.harness.queue.writers[0].aborted)           # refused as soon as declared
+        self.assertEqual(self.harness.queue.writers, [])                 # refused as soon as declared
         piece = b"NOOP\r\n" * 1000 + b"\r\n.\r\n" * 800          # 10,000 octets of the chunk's 100,000
         for _ in range(9):
             self.assertEqual(self.client.send(piece), "")
@@ -327,7 +327,7 @@ class TimeoutTests(unittest.TestCase):
     def test_the_session_deadline_applies_inside_a_chunk(self):
         harness = Harness(limits=config.Limits(idle_timeout=30, session_timeout=100))
         client = harness.connect()
-        client.send(ENVELOPE + b"BDAT 100000000\r\n")
+        client.send(ENVELOPE + b"BDAT 1000000\r\n")
         for _ in range(10):
             harness.clock.advance(10)
             client.protocol.dataReceived(b"x" * 100 + b"\r\n")
@@ -369,3 +369,20 @@ class AuthenticatedTests(unittest.TestCase):
         out = client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<b@example.org>\r\n" + bdat(MESSAGE, True))
         self.assertEqual(replies(out), ["250 2.1.0", "250 2.1.5", "250 2.0.0"])
         self.assertIn(b"with ESMTPSA", harness.queue.messages[0].data)
+
+
+class MetricsTests(unittest.TestCase):
+    def test_a_refused_message_is_counted_once_whatever_its_chunks(self):
+        from mailrelay.metrics import Metrics
+        harness = Harness(limits=config.Limits(max_message_size=10))
+        harness.factory.metrics = metrics = Metrics()
+        client = harness.connect()
+        client.send(ENVELOPE + bdat(b"x" * 20) + bdat(b"y") + b"BDAT 0 LAST\r\n")
+        self.assertEqual(metrics.registry.get_sample_value("mailrelay_messages_refused_total",
+                                                           {"reason": "size"}), 1)
+
+    def test_no_spool_file_for_a_message_refused_at_its_first_declaration(self):
+        harness = Harness(limits=config.Limits(max_message_size=10))
+        client = harness.connect()
+        self.assertEqual(replies(client.send(ENVELOPE + bdat(b"x" * 20, last=True)))[-1], "552 5.3.4")
+        self.assertEqual(harness.queue.writers, [])

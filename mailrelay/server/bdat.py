@@ -102,12 +102,14 @@ class BdatMixin:
             chunk.reply = NEED_RCPT
         else:
             message = self._bdat
-            if message is None:
+            first = message is None
+            if first:
                 message = self._bdat = BdatMessage(self._new_reader(dots=False))
-                self._open_message()
             message.declared += size
             if message.refusal is None and message.declared > self._limits.max_message_size:
                 self._refuse_message(message, TOO_BIG)      # RFC 1870 6.3: known before a byte is read
+            elif first:
+                self._open_message()
         if size == 0:
             self._chunk_done(chunk)
         else:
@@ -115,13 +117,13 @@ class BdatMixin:
 
     def do_DATA(self, rest: str) -> None:
         if self._bdat is not None:
-            self._reply(DATA_AFTER_BDAT)     # RFC 3030 2: DATA and BDAT never in one transaction
+            self._answer(DATA_AFTER_BDAT)    # RFC 3030 2: DATA and BDAT never in one transaction
             return
         super().do_DATA(rest)
 
     def do_RCPT(self, rest: str) -> None:
         if self._bdat is not None:
-            self._reply(RCPT_AFTER_BDAT)     # the message (and its Received header) is under way
+            self._answer(RCPT_AFTER_BDAT)    # the message (and its Received header) is under way
             return
         super().do_RCPT(rest)
 
@@ -153,7 +155,10 @@ class BdatMixin:
             if chunk.reply is BAD_SYNTAX and self._bdat is not None:
                 self._abort_writer()         # a chunk of the message was lost: the message with it
                 self._reset_transaction()
-            self._reply(chunk.reply)
+            if chunk.reply.code == 503:
+                self._answer(chunk.reply)    # out of order: not a refused message (as DATA's 503)
+            else:
+                self._reply(chunk.reply)
             return
         message = self._bdat
         if message.refusal is None:
@@ -171,7 +176,10 @@ class BdatMixin:
                 return
         if chunk.last:
             self._reset_transaction()
-        self._send(message.refusal.code, message.refusal.status, message.refusal.text)
+        self._answer(message.refusal)        # counted once, in _refuse_message
+
+    def _answer(self, reply: Reply) -> None:
+        self._send(reply.code, reply.status, reply.text)
 
     def _refuse_message(self, message: BdatMessage, refusal: Reply) -> None:
         """The message fails: its partial content is thrown away; what is left of it will be discarded."""
