@@ -386,3 +386,31 @@ class MetricsTests(unittest.TestCase):
         client = harness.connect()
         self.assertEqual(replies(client.send(ENVELOPE + bdat(b"x" * 20, last=True)))[-1], "552 5.3.4")
         self.assertEqual(harness.queue.writers, [])
+
+
+class FailureTests(unittest.TestCase):
+    def test_an_error_opening_the_message_is_451_after_the_chunk_is_read(self):
+        harness = Harness()
+
+        def broken(client):
+            raise RuntimeError("policy bug")
+
+        harness.policy.signing_senders = broken
+        client = harness.connect()
+        out = client.send(ENVELOPE + bdat(b"NOOP\r\nQUIT\r\n") + b"NOOP\r\n")
+        self.assertEqual(replies(out)[-2:], ["451 4.3.0", "250 2.0.0"])
+        self.assertFalse(client.closed)          # the QUIT inside the chunk was never run
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_and_data_still_gets_its_451_before_any_354(self):
+        harness = Harness()
+
+        def broken(client):
+            raise RuntimeError("policy bug")
+
+        harness.policy.signing_senders = broken
+        client = harness.connect()
+        out = client.send(ENVELOPE + b"DATA\r\n")
+        self.assertEqual(replies(out)[-1], "451 4.3.0")
+        self.assertNotIn("354", out)
+        self.flushLoggedErrors(RuntimeError)

@@ -96,24 +96,35 @@ class BdatMixin:
             return
         size, last, well_formed = parsed
         chunk = Chunk(size, size, last)
-        if not well_formed:
-            chunk.reply = BAD_SYNTAX
-        elif self._mail is None or not self._rcpts:
-            chunk.reply = NEED_RCPT
-        else:
-            message = self._bdat
-            first = message is None
-            if first:
-                message = self._bdat = BdatMessage(self._new_reader(dots=False))
-            message.declared += size
-            if message.refusal is None and message.declared > self._limits.max_message_size:
-                self._refuse_message(message, TOO_BIG)      # RFC 1870 6.3: known before a byte is read
-            elif first:
-                self._open_message()
+        try:
+            chunk.reply = self._start_chunk(size, well_formed)
+        except Exception:
+            # Whatever went wrong, the chunk's octets are still read (never run as commands).
+            self._log.failure("error at a BDAT command from {ip}", ip=self._ip)
+            self._reset_transaction_safely()
+            chunk.reply = LOCAL_ERROR
         if size == 0:
             self._chunk_done(chunk)
         else:
             self._chunk = chunk
+
+    def _start_chunk(self, size: int, well_formed: bool) -> Optional[Reply]:
+        """Take a chunk into its transaction's message (opened by the first chunk); the reply to give
+        after its octets instead, when no message takes them."""
+        if not well_formed:
+            return BAD_SYNTAX
+        if self._mail is None or not self._rcpts:
+            return NEED_RCPT
+        message = self._bdat
+        envelope = self._new_envelope() if message is None else None
+        if message is None:
+            message = self._bdat = BdatMessage(self._new_reader(dots=False))
+        message.declared += size
+        if message.refusal is None and message.declared > self._limits.max_message_size:
+            self._refuse_message(message, TOO_BIG)      # RFC 1870 6.3: known before a byte is read
+        elif envelope is not None:
+            self._open_message(envelope)
+        return None
 
     def do_DATA(self, rest: str) -> None:
         if self._bdat is not None:

@@ -108,21 +108,21 @@ class TransactionMixin:
         if rest.strip():
             self._send(501, "5.5.4", "DATA takes no arguments")
             return
+        envelope = self._new_envelope()       # before the 354: should it fail, DATA gets the 451
         self._reader = self._new_reader(dots=True)
         # The 354 first: the client's body is on its way while the spool writer is set up.
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-        self._open_message()
+        self._open_message(envelope)
 
     def _new_reader(self, dots: bool) -> DataReader:
         """The content reader of a new message: DATA's (dot-stuffed) or BDAT's (RFC 3030: counted)."""
         return DataReader(self._write_content, self._limits.max_message_size, self._limits.max_line_length,
                           dots=dots)
 
-    def _open_message(self) -> None:
-        """The envelope and the spool writer of the message whose content now begins, our Received
-        header first in it.  Should the queue refuse, the content is still read, and its end is answered
-        451 (`_write_failed`)."""
-        envelope = self._new_envelope()
+    def _open_message(self, envelope: Envelope) -> None:
+        """The spool writer of the message whose content now begins, our Received header first in it.
+        Should the queue refuse, the content is still read, and its end is answered 451
+        (`_write_failed`)."""
         self._envelope, self._headers = envelope, HeaderCollector()
         try:
             self._writer = self.factory.queue.new_message(envelope)
