@@ -11,6 +11,9 @@ Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4
 recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
 and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
 
+BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_open_message` and
+`_end_of_data`, so both ways in share one content path and one commit.
+
 `TransactionMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_helo`,
 `_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_reader`, `_writer`,
 `_content_filter`, `_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`,
