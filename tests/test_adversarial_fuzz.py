@@ -1,6 +1,7 @@
 """The adversarial battery, part 3: a bounded, seeded fuzz of a real relay (twistd in a subprocess) over
-real sockets, in each phase of a session: commands, DATA, BDAT (not offered: it must be refused
-cleanly whatever follows it), AUTH (under STARTTLS and implicit TLS), and a few fixed attacks — thousands
+real sockets, in each phase of a session: commands, DATA, BDAT (RFC 3030 chunks: framed exactly, with
+hostile content, the session must stay in step; or framed falsely — unreadable, huge or short sizes —
+the session must end cleanly), AUTH (under STARTTLS and implicit TLS), and a few fixed attacks — thousands
 of pipelined RCPTs, garbage pipelined after STARTTLS (CVE-2011-0411 class), huge AUTH blobs, over-long
 lines with and without CRLF.
 
@@ -148,13 +149,21 @@ class Connection:
             return False
         return True
 
-    def finish(self) -> bool:
-        """Sends the ender and reads to EOF; False if the relay kept the connection open.  When the
+    def finish(self, half_close: bool = False) -> bool:
+        """Sends the ender and reads to EOF; False if the relay kept the connection open.  With
+        `half_close` the client then ends its side (a relay inside a chunk of a size never sent waits
+        for its octets until the idle timeout: that is in step, not a hang).  When the
         relay's last word is STARTTLS's 220, the bytes after that STARTTLS were discarded (RFC 3207
         4.2) or went into the TLS handshake, where bytes looking like the start of a record (0x16 0x03,
         or an SSLv2 length with the high bit set) make any TLS server wait for the rest until its
         idle timeout: the relay is waiting for a handshake then, not hanging."""
         self.send(ENDER)
+        if half_close and not self.eof:
+            self.drain(0.5)
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.eof = True
         deadline = time.monotonic() + HANG_SECONDS
         while not self.eof and time.monotonic() < deadline:
             self.drain(0.5)
@@ -182,6 +191,7 @@ class Fuzz(unittest.TestCase):
         self.context = None
         self.lines: list[bytes] = []        # every reply line the relay sent a fuzzing client
         self.hangs: list[str] = []
+        self.bdat_seen = {"framed": 0, "chunks": 0, "queued": 0, "out_of_step": []}
 
     def spawn(self) -> None:
         self.relay.spawn()
@@ -230,8 +240,8 @@ class Fuzz(unittest.TestCase):
         self.assertLess(hwm, RSS_CEILING_MIB * 1024, f"peak RSS {hwm} KiB: {why}")
         log.msg(f"fuzz {phase}: relay RSS {rss} KiB, peak {hwm} KiB")
 
-    def keep(self, connection: Connection, label: str) -> None:
-        if not connection.finish():
+    def keep(self, connection: Connection, label: str, half_close: bool = False) -> None:
+        if not connection.finish(half_close):
             self.hangs.append(f"{label}: the last it said: {connection.raw[-300:]!r}")
         lines = connection.raw.split(b"\r\n")
         if lines and lines[-1] == b"":
@@ -285,7 +295,12 @@ class Fuzz(unittest.TestCase):
         self.keep(connection, label)
 
     def bdat_phase(self, rng: random.Random, label: str) -> None:
-        connection = self.open(rng, ("relay", "relay", "submissions"))
+        if rng.random() < 0.6:
+            self.bdat_framed(rng, label)
+            return
+        # Framed falsely: sizes unreadable, absurd or larger than what follows (then the next BDAT
+        # lines are chunk octets).  Plaintext only: the client half-closes to end a chunk it never sent.
+        connection = self.open(rng, ("relay",))
         self.envelope(rng, connection)
         for _ in range(rng.randint(1, 6)):
             size = rng.choice([0, 1, 7, 100, 4096, 65536, 10 ** 12, 2 ** 64])
@@ -293,7 +308,29 @@ class Fuzz(unittest.TestCase):
             last = rng.choice([b"", b" LAST", b" last", b" LAST junk"])
             payload = noise(rng, min(size, rng.choice([0, 10, 1000, 70000])))
             connection.send(b"BDAT " + spelled + last + b"\r\n" + payload)
+        self.keep(connection, label, half_close=True)
+
+    def bdat_framed(self, rng: random.Random, label: str) -> None:
+        """Chunks exactly as long as declared, holding anything (CRLF.CRLF, NULs, bare CR/LF, commands):
+        whatever the answers, the relay must stay in step, so the ender's QUIT is answered 221."""
+        connection = self.open(rng, ("relay", "relay", "submissions"))
+        self.envelope(rng, connection)
+        for _ in range(rng.randint(1, 6)):
+            size = rng.choice([0, 1, 7, 100, 4096, 65536])
+            if rng.random() < 0.3:
+                payload = b"".join(noise(rng, rng.choice(LENGTHS[:11])) + rng.choice(LINE_ENDS)
+                                   for _ in range(rng.randint(1, 20)))[:size]
+                payload += b"\r\n.\r\n" + fuzz_line(rng)     # a DATA terminator and a command: content
+            else:
+                payload = noise(rng, size)
+            last = rng.choice([b"", b" LAST", b" last", b" LAST junk", b""])
+            connection.send(b"BDAT %d" % len(payload) + last + b"\r\n" + payload)
         self.keep(connection, label)
+        self.bdat_seen["framed"] += 1
+        self.bdat_seen["chunks"] += len(re.findall(rb"(^|\r\n)250 2\.0\.0 Ok: [0-9]+ octets", connection.raw))
+        self.bdat_seen["queued"] += len(re.findall(rb"(^|\r\n)250 2\.0\.0 Ok: queued", connection.raw))
+        if not re.search(rb"(^|\r\n)221 2\.0\.0 [^\r\n]*\r\n$", connection.raw):
+            self.bdat_seen["out_of_step"].append(f"{label}: {connection.raw[-300:]!r}")
 
     def auth_phase(self, rng: random.Random, label: str) -> None:
         kind = rng.choice(["relay", "submission", "submissions"])
@@ -408,6 +445,14 @@ class Fuzz(unittest.TestCase):
             count = yield threads.deferToThread(self.run_phase, name, one, SECONDS / len(phases))
             self.assertGreater(count, 0)
             yield threads.deferToThread(self.judge, name)
+        # BDAT was really spoken (chunks taken, messages queued) and every exactly framed session,
+        # whatever its chunks held, stayed in step to its QUIT.
+        seen = self.bdat_seen
+        log.msg(f"fuzz bdat: {seen['framed']} framed sessions, {seen['chunks']} chunks taken, "
+                f"{seen['queued']} messages queued")
+        self.assertEqual(seen["out_of_step"][:3], [], self.why("bdat"))
+        if seen["framed"] >= 10:
+            self.assertGreater(seen["chunks"], 0, self.why("bdat"))
 
         seen = yield threads.deferToThread(self.fixed_attacks)
         yield threads.deferToThread(self.judge, "fixed attacks")

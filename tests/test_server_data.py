@@ -278,3 +278,53 @@ class HeaderCollectorTests(unittest.TestCase):
         collector = HeaderCollector()
         collector.feed(b"\r\nbody\r\n")
         self.assertEqual(collector.headers, b"")
+
+
+def read_bdat(chunks, max_size=10 * 1024 * 1024, **kwargs):
+    """Feed BDAT content (dots=False) to a new reader, then finish it; returns (content, reader)."""
+    out: list[bytes] = []
+    reader = DataReader(out.append, max_size, dots=False, **kwargs)
+    for chunk in chunks:
+        if reader.feed(chunk) is not None:
+            raise AssertionError("BDAT content never ends inside the reader")
+    reader.finish()
+    return b"".join(out), reader
+
+
+class BdatContentTests(unittest.TestCase):
+    """The reader in BDAT mode (RFC 3030): no end of data, no dot-stuffing, every other rule as DATA's."""
+
+    def test_crlf_dot_crlf_and_stuffed_dots_are_content(self):
+        data = b"Subject: a\r\n\r\nbody\r\n.\r\n" + SMUGGLED + b"..two\r\n.\r\n"
+        content, reader = read_bdat([data])
+        self.assertEqual(content, data)
+        self.assertIsNone(reader.outcome)
+
+    def test_bare_lf_is_normalised_and_bare_cr_and_nul_refused(self):
+        self.assertEqual(read_bdat([b"a\n.\nb\n"])[0], b"a\r\n.\r\nb\r\n")
+        self.assertEqual(read_bdat([b"a\r.\r\n"])[1].outcome, BARE_CR)
+        self.assertEqual(read_bdat([b"a\r\n\x00.\r\n"])[1].outcome, NUL_OCTET)
+
+    def test_the_last_line_gets_its_crlf_and_a_last_cr_is_bare(self):
+        self.assertEqual(read_bdat([b"a\r\nno end"])[0], b"a\r\nno end\r\n")
+        self.assertEqual(read_bdat([b"a\r\n", b"b\r"])[1].outcome, BARE_CR)
+        self.assertEqual(read_bdat([])[0], b"")
+
+    def test_line_and_size_limits_hold(self):
+        self.assertEqual(read_bdat([b"x" * 999 + b"\r\n"], max_line=998)[1].outcome, LINE_TOO_LONG)
+        self.assertEqual(read_bdat([b"x" * 999], max_line=998)[1].outcome, LINE_TOO_LONG)   # at finish
+        self.assertEqual(read_bdat([b"x" * 50 + b"\n"] * 2, max_size=100)[1].outcome, TOO_BIG)
+        self.assertIsNone(read_bdat([b"x" * 48 + b"\n"] * 2, max_size=100)[1].outcome)
+
+    def test_every_split_point_gives_the_same_result(self):
+        for message in ChunkBoundaryTests.MESSAGES:
+            content, reader = read_bdat([message])
+            whole = (None if reader.outcome else content, reader.outcome)
+            for i in range(1, len(message)):
+                content, reader = read_bdat([message[:i], message[i:]])
+                self.assertEqual((None if reader.outcome else content, reader.outcome), whole, (message[:40], i))
+
+    def test_finish_is_for_bdat_only_and_once(self):
+        self.assertRaises(RuntimeError, DataReader(lambda chunk: None, 100).finish)
+        _, reader = read_bdat([b"x\r\n"])
+        self.assertRaises(RuntimeError, reader.finish)

@@ -110,7 +110,7 @@ class GreetingAndEhloTests(unittest.TestCase):
         reply = Harness().connect().cmd("EHLO client.test")
         self.assertEqual(reply.splitlines(), [
             "250-relay.test Hello client.test", "250-PIPELINING", "250-SIZE 52428800", "250-8BITMIME",
-            "250-ENHANCEDSTATUSCODES", "250 STARTTLS",
+            "250-ENHANCEDSTATUSCODES", "250-CHUNKING", "250 STARTTLS",
         ])
 
     def test_auth_is_not_advertised_in_plaintext(self):

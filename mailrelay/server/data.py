@@ -33,6 +33,11 @@ Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2
   further bytes are discarded (RFC 1870 section 6.3).
 - Once the message is refused nothing more is passed to `sink`.
 
+BDAT (RFC 3030) content is read by the same class with `dots=False`: its chunks are counted by the
+session (server/bdat.py), so there is no end-of-data sequence and no dot-stuffing to undo — a "." line,
+even CRLF "." CRLF, is content — while every rule above about bare LF, bare CR, NUL, line length and
+size holds the same.  `finish()` ends such content; a last line without a line end gets CRLF.
+
 Lines are found with `bytes.find`/`bytes.count` over whole chunks; a chunk of ordinary lines (all
 CRLF, none starting with ".", none too long) is passed on in one piece without a per-line loop.
 """
@@ -61,8 +66,10 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 class DataReader:
     """Reads one message's DATA phase incrementally. See the module docstring for the policy."""
 
-    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line: int = MAX_TEXT_LINE):
+    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line: int = MAX_TEXT_LINE, *,
+                 dots: bool = True):
         self._sink = sink
+        self._dots = dots            # DATA: dot-stuffed, ends at CRLF.CRLF; BDAT (False): neither
         self._max_size = max_size
         self._max_line = max_line
         self._too_long = LINE_TOO_LONG if max_line == MAX_TEXT_LINE else line_too_long(max_line)
@@ -101,6 +108,18 @@ class DataReader:
         self._keep_partial(buf[last_lf + 1:])
         return None
 
+    def finish(self) -> None:
+        """The end of BDAT content (BDAT LAST): pass on the last line, with CRLF when it has no line end
+        (a CR left at the very end is a bare CR).  Only for `dots=False`: DATA ends at CRLF.CRLF."""
+        if self._dots or self.finished:
+            raise RuntimeError("DataReader.finish is for BDAT content, once")
+        self.finished = True
+        partial, self._partial, self._skipping = bytes(self._partial), bytearray(), False
+        if partial:
+            out: list[bytes] = []
+            self._line(partial, False, out)
+            self._emit(out)
+
     def _skip(self, data: bytes) -> Optional[bytes]:
         """Discard the rest of an over-long line; return what follows its LF, or None if not there yet."""
         lf = data.find(b"\n")
@@ -130,7 +149,7 @@ class DataReader:
             out.append(region)
             self._prev_crlf = True
             return None
-        term = region.find(b"\r\n.\r\n")
+        term = region.find(b"\r\n.\r\n") if self._dots else -1
         if term >= 0 and self._is_plain(region[:term + 2]):
             # The usual last chunk: plain lines, then CRLF.CRLF — taken whole, not line by line. The
             # first such sequence is the end (CVE-2024-27305: nothing else ends DATA).
@@ -145,7 +164,7 @@ class DataReader:
             crlf = line.endswith(b"\r")
             if crlf:
                 line = line[:-1]
-            if line == b"." and crlf and self._prev_crlf:
+            if line == b"." and crlf and self._prev_crlf and self._dots:
                 return buf[pos:]        # the one and only end of data: CRLF . CRLF
             self._line(line, crlf, out)
         return None
@@ -157,7 +176,7 @@ class DataReader:
         lines = region.count(b"\n")
         if region.count(b"\r\n") != lines or region.count(b"\r") != lines:
             return False
-        if region.startswith(b".") or b"\n." in region:
+        if self._dots and (region.startswith(b".") or b"\n." in region):
             return False
         if len(region) > self._max_line + 2 and max(map(len, region.split(b"\n"))) > self._max_line + 1:
             return False
@@ -172,7 +191,7 @@ class DataReader:
             self._refuse(NUL_OCTET)     # NUL: refused, never forwarded (SMTP smuggling, CVE-2023-51764 class)
         if len(line) > self._max_line:
             self._refuse(self._too_long)  # our bound; memory stays bounded
-        if line[:1] == b"." and line != b".":
+        if line[:1] == b"." and line != b"." and self._dots:
             line = line[1:]             # RFC 5321 4.5.2 transparency: remove the stuffed dot
         out.append(line + b"\r\n")
         self._prev_crlf = crlf

@@ -6,19 +6,22 @@ SMTP replies, and for each accepted transaction one IMessageWriter filled with a
 the un-dot-stuffed content, committed before `250 2.0.0 Ok: queued as <id>` is sent.
 
 Implements RFC 5321 (4.1.1 commands, 4.1.4 order, 4.5.3.1 limits, 4.4 trace), RFC 1870 (SIZE),
-RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
+RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py),
+RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
 reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first word must be our
 domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
 under TLS), RFC 6409 (submission needs AUTH), RFC 8314 (implicit TLS).
 
 Built on twisted.mail.smtp.ESMTP for its shape (do_*/ext_* dispatch), but every command handler and
 the input path are our own: stock Twisted's holes (STARTTLS injection, DATA smuggling, unbounded lines) are closed here
-and in data.py.  Input is read from one buffer by `_process`; while an AUTH check or a commit is
+and in data.py.  Input is read from one buffer by `_process`: as command lines, as DATA content
+(data.py) or as a BDAT chunk of a counted length (bdat.py); while an AUTH check or a commit is
 pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
 
 The session is in parts, each a module: this one holds the connection, the input path, the simple
 commands, EHLO and STARTTLS; auth.py the AUTH exchange (AuthMixin); transaction.py MAIL, RCPT, DATA
-and the commit (TransactionMixin); replies.py the replies they share.
+and the commit (TransactionMixin); bdat.py BDAT and its chunks, read by count (BdatMixin); replies.py
+the replies they share.
 
 Graceful shutdown (driven by the factory): `shut_down()` closes an idle session at once with 421 4.3.2;
 a session in a transaction finishes it, then its next command other than QUIT gets 421 4.3.2;
@@ -40,6 +43,7 @@ from mailrelay.net import no_delay, write_now
 from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
 from mailrelay.server.authres import AuthResultsFilter
+from mailrelay.server.bdat import BdatMessage, BdatMixin, Chunk
 from mailrelay.server.data import DataReader, HeaderCollector
 from mailrelay.server.ratelimit import client_key
 from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
@@ -54,7 +58,8 @@ __all__ = [
 MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
 BUSY_INPUT_LIMIT = 64 * 1024      # unread input held while a check or commit is pending; then reading pauses
 COMMANDS = frozenset(
-    ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"]
+    ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS",
+     "AUTH"]
 )
 
 
@@ -71,7 +76,7 @@ def unmapped_ip(host: str) -> str:
 
 
 @implementer(IHandshakeListener)
-class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
+class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
     """An ESMTP server session for one connection, configured by a RelayServerFactory.  The mixins come
     before smtp.ESMTP so that their do_*/ext_* handlers replace Twisted's."""
 
@@ -95,6 +100,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._timers: dict[str, object] = {}
         self._logout = None
         self._auth: Optional[tuple] = None
+        self._chunk: Optional[Chunk] = None     # a BDAT chunk being read: input is counted, not lines
         self._reset_session()
 
     # -- state -----------------------------------------------------------------------------------
@@ -114,6 +120,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._identity: Optional[str] = None
         self._rcpts: list[str] = []
         self._reader: Optional[DataReader] = None
+        self._bdat: Optional[BdatMessage] = None
         self._writer = None
         self._content_filter: Optional[AuthResultsFilter] = None
         self._headers: Optional[HeaderCollector] = None
@@ -196,8 +203,8 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
             if call.active():
                 call.cancel()
         self._timers.clear()
-        if self._reader is not None:
-            self._abort_writer()      # connection lost mid-DATA: the partial message is thrown away
+        if self._receiving():
+            self._abort_writer()      # connection lost mid-DATA/BDAT: the partial message is thrown away
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
@@ -227,6 +234,10 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
             return
         self._close_for_shutdown()
 
+    def _receiving(self) -> bool:
+        """Message content is being read: DATA, or BDAT chunks before the LAST one (not the commit)."""
+        return self._reader is not None or self._bdat is not None
+
     def _in_transaction(self) -> bool:
         """MAIL given, DATA being received, or a check/commit pending."""
         return self._mail is not None or self._reader is not None or self._busy
@@ -243,7 +254,7 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._timers.pop(timer, None)
         self._log.info("closing connection from {ip}: {why}", ip=self._ip, why=why)
         self._send(421, "4.4.2", f"{self.hostname} {why}, closing connection")
-        if self._reader is not None:
+        if self._receiving():
             self._abort_writer()
             self._reader = None
         self._close()
@@ -311,7 +322,10 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
         self._processing = True
         try:
             while self._inpos < len(self._inbuf) and not self._busy and not self._closing:
-                if self._reader is not None:
+                if self._chunk is not None:
+                    if not self._feed_chunk():
+                        break
+                elif self._reader is not None:
                     if not self._feed_data():
                         break
                 elif not self._next_line():
@@ -426,7 +440,8 @@ class RelaySession(AuthMixin, TransactionMixin, smtp.ESMTP):
 
     def extensions(self) -> list[str]:
         """The EHLO keywords for the session's current state."""
-        ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+               "CHUNKING"]
         if self.canStartTLS and not self._tls_on:
             ext.append("STARTTLS")
         if self._tls_on and self.factory.portal is not None and self.factory.mechanisms:

@@ -11,6 +11,9 @@ Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4
 recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
 and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
 
+BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_open_message` and
+`_end_of_data`, so both ways in share one content path and one commit.
+
 `TransactionMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_helo`,
 `_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_reader`, `_writer`,
 `_content_filter`, `_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`,
@@ -122,11 +125,22 @@ class TransactionMixin:
         if rest.strip():
             self._send(501, "5.5.4", "DATA takes no arguments")
             return
-        envelope = self._new_envelope()
-        self._envelope, self._headers = envelope, HeaderCollector()
-        self._reader = DataReader(self._write_content, self._limits.max_message_size, self._limits.max_line_length)
+        envelope = self._new_envelope()       # before the 354: should it fail, DATA gets the 451
+        self._reader = self._new_reader(dots=True)
         # The 354 first: the client's body is on its way while the spool writer is set up.
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._open_message(envelope)
+
+    def _new_reader(self, dots: bool) -> DataReader:
+        """The content reader of a new message: DATA's (dot-stuffed) or BDAT's (RFC 3030: counted)."""
+        return DataReader(self._write_content, self._limits.max_message_size, self._limits.max_line_length,
+                          dots=dots)
+
+    def _open_message(self, envelope: Envelope) -> None:
+        """The spool writer of the message whose content now begins, our Received header first in it.
+        Should the queue refuse, the content is still read, and its end is answered 451
+        (`_write_failed`)."""
+        self._envelope, self._headers = envelope, HeaderCollector()
         try:
             self._writer = self.factory.queue.new_message(envelope)
             self._writer.write(self._received(self._writer.queue_id, envelope))
