@@ -42,8 +42,9 @@ class RelayFixture:
     """Writes a config with three listeners (relay, submission, submissions) on free loopback ports."""
 
     def __init__(self, directory: str, extra: str = "", users: dict | None = None, permits: str | None = None,
-                 top: str = ""):
-        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended."""
+                 top: str = "", listener_keys: str = ""):
+        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended;
+        `listener_keys`: lines added to each [[listen]] table."""
         self.dir = Path(directory).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = dict(zip(("relay", "submission", "submissions"), free_ports(3)))
@@ -52,7 +53,7 @@ class RelayFixture:
             permits = ('[[permit]]\nnetworks = ["127.0.0.1/32"]\n\n'
                        '[[permit]]\nusers = ["*"]\nsenders = ["example.org", "*.example.org"]\n')
         listeners = "".join(
-            f'[[listen]]\nkind = "{kind}"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n\n'
+            f'[[listen]]\nkind = "{kind}"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n{listener_keys}\n'
             for kind, port in self.ports.items()
         )
         self.path = self.dir / "tap.conf"
