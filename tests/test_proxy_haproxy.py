@@ -182,6 +182,8 @@ class BehindHAProxy(RelayBehind):
         received = yield self.delivered_from(1)
         self.assertTrue(received.startswith("from client.test ([127.0.0.5]) by relay.test"), received)
         self.assertIn("with ESMTPSA", received)
+        yield self.relay.stop()
+        self.assertNotIn("TLS handshake", self.log.text())      # the session heard the handshake finish
 
     @defer.inlineCallbacks
     def test_implicit_tls_on_465_behind_haproxy(self):
@@ -191,6 +193,8 @@ class BehindHAProxy(RelayBehind):
         received = yield self.delivered_from(1)
         self.assertTrue(received.startswith("from client.test ([127.0.0.5]) by relay.test"), received)
         self.assertIn("with ESMTPSA", received)
+        yield self.relay.stop()
+        self.assertNotIn("TLS handshake", self.log.text())
 
 
 def first_bytes(port: int, source: str, send: bytes = b"", wait: float = 3.0) -> bytes:

@@ -362,6 +362,10 @@ class Wrapper(unittest.TestCase):
         self.assertIn(b"250 STARTTLS\r\n", transport.value())
         protocol.dataReceived(b"STARTTLS\r\n")
         self.assertIs(transport.tls_options, h.relay.tls_options)
+        session = protocol.wrappedProtocol
+        self.assertFalse(session._handshake_done)
+        protocol.handshakeCompleted()         # the socket's TLS layer wraps this wrapper: it tells us
+        self.assertTrue(session._handshake_done)
 
     def test_implicit_tls_starts_only_after_the_header(self):
         from tests.support.pki import TestCA

@@ -20,9 +20,10 @@ What is accepted (proxy-protocol.txt section numbers):
   ignore them).
 
 Twisted ships a parser (twisted.protocols.haproxy) but lets a malformed v1 port escape as a ValueError,
-takes any text as an address, lets a v1 line with its CRLF run past 107 octets, accepts UNIX and UDP,
-and its wrapper starts the wrapped protocol (our 220 banner) before the header has arrived.  Hence this
-module and mailrelay.server.proxylistener.
+takes any text as an address, lets a v1 line with its CRLF run past 107 octets and accepts UNIX and UDP;
+its wrapper drops a header whose first read is shorter than 8 or 16 octets, has no timeout and no list
+of trusted peers, and starts the wrapped protocol (our 220 banner, or the TLS layer on 465) before the
+header has arrived.  Hence this module and mailrelay.server.proxylistener.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from twisted.internet import interfaces
 from twisted.protocols import policies
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from mailrelay.config import IPNetwork
 from mailrelay.logger import Logger
@@ -35,8 +35,11 @@ HEADER_TIMEOUT = 5.0
 log = Logger(namespace="mailrelay.server.proxylistener")
 
 
+@implementer(interfaces.IHandshakeListener)
 class ProxyHeaderReader(policies.ProtocolWrapper):
-    """One connection: the header first, then the listener's protocol, with this as its transport."""
+    """One connection: the header first, then the listener's protocol, with this as its transport.
+    STARTTLS puts the socket's TLS layer around this wrapper, so the end of the handshake is told here
+    and passed on."""
 
     def __init__(self, factory: "ProxyProtocolFactory"):
         super().__init__(factory, None)
@@ -128,6 +131,10 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
         if self._header is not None and self._header.destination is not None:
             return self._header.destination
         return self.transport.getHost()
+
+    def handshakeCompleted(self) -> None:
+        if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason) -> None:
         self._cancel_timer()
