@@ -180,6 +180,34 @@ class V2Parser(unittest.TestCase):
         self.assertIsNotNone(parse(v2(tlvs=tlv(0x04, b"\x00" * (MAX_HEADER - 16 - 12 - 3)))))   # exactly the bound
 
 
+class Mutations(unittest.TestCase):
+
+    def test_mutated_headers_parse_or_are_refused_never_crash(self):
+        """Seeded mutations of every valid form: each gives None, a header within the bytes given, or
+        ProxyHeaderError — never another exception, never a header longer than its bound."""
+        import random
+        rng = random.Random(19)
+        seeds = [V1_TCP4, V1_TCP6, V1_LONGEST, v2(tlvs=TLVS), v2(family=0x21), v2(command=0, tlvs=TLVS)]
+        for _ in range(20000):
+            data = bytearray(rng.choice(seeds))
+            for _ in range(rng.randint(1, 4)):
+                where = rng.randrange(len(data))
+                action = rng.random()
+                if action < 0.5:
+                    data[where] = rng.randrange(256)
+                elif action < 0.75:
+                    del data[where]
+                else:
+                    data[where:where] = bytes([rng.randrange(256)])
+            try:
+                header = parse(bytes(data))
+            except ProxyHeaderError:
+                continue
+            if header is not None:
+                self.assertLessEqual(header.length, min(len(data), MAX_HEADER))
+                self.assertLessEqual(header.length, V1_MAX if header.version == 1 else MAX_HEADER)
+
+
 class Harness:
     """A relay listener (a real RelayServerFactory) behind the PROXY wrapper, on a task.Clock."""
 

@@ -71,7 +71,8 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         if self._header is not None:
-            self.wrappedProtocol.dataReceived(data)
+            if self.wrappedProtocol is not None:
+                self.wrappedProtocol.dataReceived(data)
             return
         if self._refused:
             return
