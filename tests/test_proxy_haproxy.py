@@ -198,22 +198,20 @@ class BehindHAProxy(RelayBehind):
 
 
 def first_bytes(port: int, source: str, send: bytes = b"", wait: float = 3.0) -> bytes:
-    """What the relay sends before it closes a connection from `source` (after we send `send`)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait, source_address=(source, 0)) as s:
-        if send:
-            try:
+    """What the relay sends before it closes a connection from `source` (after we send `send`).  The relay
+    aborts (a RST): it may even reach us before connect() returns."""
+    data = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=wait, source_address=(source, 0)) as s:
+            if send:
                 s.sendall(send)
-            except OSError:
-                return b""
-        data = b""
-        try:
             while True:
                 chunk = s.recv(4096)
                 if not chunk:
                     return data
                 data += chunk
-        except ConnectionResetError:      # aborted: a RST rather than a FIN
-            return data
+    except (ConnectionResetError, BrokenPipeError):
+        return data
 
 
 class WithoutAProxy(RelayBehind):
