@@ -27,6 +27,8 @@ Metrics (all prefixed `mailrelay_`):
     oauth2_token_fetches_total{transport,result}     OAuth2 token requests of a smarthost transport:
                                                      success | refused | server_error | bad_response |
                                                      unreachable | timeout (never the token itself)
+    proxy_refused_total{reason}                      connections a PROXY protocol listener closed before
+                                                     the session: untrusted | invalid | timeout
     queue_messages, queue_oldest_message_age_seconds, queue_held_messages
                                                      gauges read at scrape time from `watch_queue`
     delivery_process_up                              with `[delivery] process = "separate"` only: 1 when
@@ -85,6 +87,8 @@ DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
 TLS_LABELS = ("none", "tls1.0", "tls1.1", "tls1.2", "tls1.3", "tls", "unknown")
 _TLS_VERSIONS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
 DSN_KINDS = ("failed", "delayed")
+# Why a PROXY protocol listener closed a connection before its session began (server/proxylistener.py).
+PROXY_REFUSALS = ("untrusted", "invalid", "timeout")
 OAUTH2_RESULTS = ("success", "refused", "server_error", "bad_response", "unreachable", "timeout")
 
 # Seconds: from a minute to past the default 5-day lifetime.
@@ -197,10 +201,16 @@ class Metrics:
                                 registry=r)
         self.oauth2_fetches = Counter("mailrelay_oauth2_token_fetches", "OAuth2 token requests by result.",
                                       ["transport", "result"], registry=r)
+        self.proxy_refusals = Counter("mailrelay_proxy_refused", "Connections closed by a PROXY protocol "
+                                      "listener before the session began.", ["reason"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
 
     # -- call-site helpers: the listeners -----------------------------------------------------
+
+    def proxy_refused(self, reason: str) -> None:
+        """A PROXY protocol listener closed a connection, for one of PROXY_REFUSALS."""
+        self.proxy_refusals.labels(_fold(reason, PROXY_REFUSALS)).inc()
 
     def connection(self, listener: str) -> None:
         """A connection was accepted on a listener of this kind ("relay" | "submission" | "submissions")."""

@@ -346,6 +346,11 @@ class RelayService(service.MultiService):
             self.factories.append(factory)
             implicit = listener.kind == "submissions"
             wrapped = TLSMemoryBIOFactory(tls_options[listener.kind], False, factory) if implicit else factory
+            if listener.proxy_protocol:       # the PROXY header first: before the banner, before TLS on 465
+                from mailrelay.server.proxylistener import ProxyProtocolFactory
+
+                wrapped = ProxyProtocolFactory(wrapped, listener.trusted_proxies, name=f"listen[{index}]",
+                                               clock=reactor, metrics=self.metrics)
             listening = strports.service(with_backlog(listener.endpoint), wrapped, reactor=reactor)
             listening.setName(f"listen[{index}]")
             listening.setServiceParent(self)

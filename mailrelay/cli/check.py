@@ -132,6 +132,8 @@ def describe(config: Config) -> list[tuple[str, str]]:
     for listener in config.listeners:
         required = listener.kind == "relay" and listener.require_tls
         note = _LISTENER_TLS[listener.kind] + (", required before MAIL" if required else "")
+        if listener.proxy_protocol:
+            note += "; PROXY protocol from " + ", ".join(str(n) for n in listener.trusted_proxies) + " only"
         lines.append(("listen", f"{listener.kind} on {listener.endpoint} ({note})"))
     limits = config.limits
     rate = f"{limits.messages_per_minute}/min per client" if limits.messages_per_minute else "no rate limit"

@@ -38,6 +38,8 @@ class Listener:
     kind: str                  # one of LISTENER_KINDS
     endpoint: str              # Twisted server endpoint string, e.g. "tcp:587:interface=127.0.0.1"
     require_tls: bool = False  # always True for "submission"; ignored for "submissions"
+    proxy_protocol: bool = False   # a PROXY protocol v1/v2 header (HAProxy) comes first on every connection
+    trusted_proxies: tuple[IPNetwork, ...] = ()   # with proxy_protocol: who may connect (others: closed)
 
 
 DEFAULT_LISTENERS = (

@@ -66,7 +66,26 @@ def _listener(t: _Reader, seen: dict[str, str]) -> Listener:
     if kind == "submission" and not require_tls:
         # RFC 8314 §3.3 / RFC 4954 §4: submission needs TLS before AUTH; use kind = "relay" to allow plaintext.
         t.fail("require_tls", 'is always true on a "submission" listener; use kind = "relay" for plaintext')
-    return _closed(t, Listener(kind, endpoint, require_tls))
+    proxy_protocol, trusted = t.flag("proxy_protocol", False), _networks(t, "trusted_proxies")
+    _check_proxies(t, endpoint, proxy_protocol, trusted)
+    return _closed(t, Listener(kind, endpoint, require_tls, proxy_protocol, trusted))
+
+
+def _check_proxies(t: _Reader, endpoint: str, proxy_protocol: bool, trusted: tuple[IPNetwork, ...]) -> None:
+    """`trusted_proxies` goes with `proxy_protocol` (HAProxy's proxy-protocol.txt sections 2 and 5: take
+    the header only from known proxies, never guess whether it is there), and never trusts every address."""
+    if proxy_protocol and not trusted:
+        t.fail("trusted_proxies", 'required with proxy_protocol = true: the addresses or networks of the '
+                                  'proxies, e.g. ["10.0.0.5/32"]')
+    if trusted and not proxy_protocol:
+        t.fail("trusted_proxies", "only means something with proxy_protocol = true")
+    for i, network in enumerate(trusted):
+        if network.prefixlen == 0:
+            # Trusting every address would let any client claim any address, a permit network's included.
+            t.fail(f"trusted_proxies[{i}]", f'"{network}" trusts every address; name the proxies')
+    if proxy_protocol and endpoint.split(":", 1)[0].lower() == "ssl":
+        t.fail("endpoint", 'proxy_protocol needs a plain endpoint ("tcp:..."): the header comes before TLS, '
+                           'and a "submissions" listener starts TLS after it')
 
 
 def _listeners(tables: Optional[list[_Reader]], root: _Reader) -> tuple[Listener, ...]:
@@ -151,13 +170,13 @@ def _auth(t: _Reader) -> AuthConfig:
                                  received_shows_user=t.flag("received_shows_user", False)))
 
 
-def _networks(t: _Reader) -> tuple[IPNetwork, ...]:
+def _networks(t: _Reader, key: str = "networks") -> tuple[IPNetwork, ...]:
     result = []
-    for i, text in enumerate(t.texts("networks", ())):
+    for i, text in enumerate(t.texts(key, ())):
         try:
             result.append(ipaddress.ip_network(text.strip(), strict=False))   # host bits allowed: 10.1.2.3/8
         except ValueError:
-            t.fail(f"networks[{i}]", f'bad network "{text}": expected an address or CIDR like "10.0.0.0/8"')
+            t.fail(f"{key}[{i}]", f'bad network "{text}": expected an address or CIDR like "10.0.0.0/8"')
     return tuple(result)
 
 

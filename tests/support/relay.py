@@ -40,8 +40,9 @@ class RelayFixture:
     """Writes a config with three listeners (relay, submission, submissions) on free loopback ports."""
 
     def __init__(self, directory: str, extra: str = "", users: dict | None = None, permits: str | None = None,
-                 top: str = "", process: str | None = FIXTURE_PROCESS):
-        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended.
+                 top: str = "", process: str | None = FIXTURE_PROCESS, listener_keys: str = ""):
+        """`top`: top-level keys (they must come before any table in TOML); `extra`: tables, appended;
+        `listener_keys`: lines added to each [[listen]] table.
         `process`: the `[delivery] process` written in before the relay starts, unless the file names one
         by then (tables appended to `path` after construction included); SEPARATE: the default."""
         self.process_mode = process
@@ -53,7 +54,7 @@ class RelayFixture:
             permits = ('[[permit]]\nnetworks = ["127.0.0.1/32"]\n\n'
                        '[[permit]]\nusers = ["*"]\nsenders = ["example.org", "*.example.org"]\n')
         listeners = "".join(
-            f'[[listen]]\nkind = "{kind}"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n\n'
+            f'[[listen]]\nkind = "{kind}"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n{listener_keys}\n'
             for kind, port in self.ports.items()
         )
         self.path = self.dir / "tap.conf"
