@@ -7,8 +7,11 @@ import http.client
 import json
 import os
 import socket
+import ssl
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dkim
@@ -18,9 +21,11 @@ from twisted.trial import unittest
 from mailrelay.dkim import keys
 from mailrelay.server import apikeys
 from mailrelay.server.http import body_limit, data_stream
-from mailrelay.config import Limits
+from mailrelay.cli.check import describe
+from mailrelay.config import ConfigError, Limits, load
 from tests.support.logcapture import LogLines
 from tests.support.relay import RelayFixture, free_port
+from tests.support import testca
 from tests.support.sink import Sink
 
 ED = keys.generate("ed25519")
@@ -28,9 +33,12 @@ MESSAGE = "From: App <app@example.org>\nTo: u@example.com\nSubject: hello\n\nlin
 
 
 def post(port: int, body, key: str | None, path: str = "/v1/messages", method: str = "POST",
-         headers: dict | None = None):
-    """(status, parsed JSON body, response headers) of one request."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+         headers: dict | None = None, context: ssl.SSLContext | None = None):
+    """(status, parsed JSON body, response headers) of one request (over TLS with `context`)."""
+    if context is not None:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         sent = dict(headers or {})
         if key is not None:
@@ -55,10 +63,18 @@ def request(**fields):
 class HTTPRelay:
     """A relay with an http listener on a free loopback port and a sink as its only next hop."""
 
-    def __init__(self, test: unittest.TestCase, sink_port: int, limits: str = "", dkim: bool = True):
+    def __init__(self, test: unittest.TestCase, sink_port: int, limits: str = "", dkim: bool = True,
+                 tls: bool = False):
         self.port = free_port()
-        relay = RelayFixture(test.mktemp(), extra=(
-            f'[[listen]]\nkind = "http"\nendpoint = "tcp:{self.port}:interface=127.0.0.1"\n\n'
+        directory = Path(test.mktemp()).absolute()
+        endpoint = f"tcp:{self.port}:interface=127.0.0.1"
+        self.context = None
+        if tls:
+            pair = testca.issue(directory / "pki")
+            endpoint = f"ssl:{self.port}:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+            self.context = ssl.create_default_context(cafile=str(pair.ca))
+        relay = RelayFixture(str(directory), extra=(
+            f'[[listen]]\nkind = "http"\nendpoint = "{endpoint}"\n\n'
             '[http]\napi_keys_file = "apikeys"\n\n'
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {sink_port}\nsecurity = "none"\n\n'
             '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n'
@@ -70,7 +86,8 @@ class HTTPRelay:
         self.key = apikeys.set_key(relay.dir / "apikeys", "app1")
 
     def post(self, body, key: str | None = "", **kwargs) -> defer.Deferred:
-        return threads.deferToThread(post, self.port, body, self.key if key == "" else key, **kwargs)
+        return threads.deferToThread(post, self.port, body, self.key if key == "" else key,
+                                     context=self.context, **kwargs)
 
 
 def verify(message: bytes) -> bool:
@@ -134,6 +151,18 @@ class Accepted(Base):
         self.assertEqual(status, 401)
         status, _, _ = yield self.api.post(request())
         self.assertEqual(status, 202)
+
+
+class Reloaded(Base):
+    @defer.inlineCallbacks
+    def test_reload_applies_new_permit_rules_to_the_api(self):
+        status, _, _ = yield self.api.post(request())
+        self.assertEqual(status, 202)
+        path = self.api.relay.path
+        path.write_text(path.read_text().replace('users = ["*"]', 'users = ["someone-else"]'))
+        self.assertTrue(self.api.relay.service.reload())
+        status, answer, _ = yield self.api.post(request())
+        self.assertEqual((status, answer.get("smtp")), (403, "550 5.7.1 Relay access denied"), answer)
 
 
 class Refusals(Base):
@@ -303,3 +332,96 @@ class Command(unittest.TestCase):
         bad = run("a:b")
         self.assertEqual(bad.returncode, 2)
         self.assertEqual(len(bad.stderr.strip().splitlines()), 1)
+
+
+class OverTLS(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_ssl_endpoint_serves_https(self):
+        sink = Sink()
+        port = sink.start(reactor)
+        self.addCleanup(sink.stop)
+        api = HTTPRelay(self, port, tls=True)
+        api.relay.start(reactor)
+        self.addCleanup(api.relay.stop)
+        status, body, _ = yield api.post(request())
+        self.assertEqual(status, 202, body)
+        arrived = (yield sink.wait_for(1))[0]
+        self.assertIn(b"(mailrelay) with HTTPS (version=TLSv1.", arrived.data)
+        plain = yield threads.deferToThread(_plain_attempt, api.port)
+        self.assertFalse(plain.startswith(b"HTTP/1.1 202"), plain[:80])      # no plaintext on that port
+
+
+def _plain_attempt(port: int) -> bytes:
+    try:
+        status = post(port, request(), "k")
+        return repr(status).encode()
+    except (OSError, http.client.HTTPException) as e:
+        return repr(e).encode()
+
+
+class ThroughTwistd(unittest.TestCase):
+    """The listener as `twistd -n mailrelay` runs it, with the key checked against twistd's whole log."""
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_end_to_end(self):
+        sink = Sink()
+        port = sink.start(reactor)
+        self.addCleanup(sink.stop)
+        api = HTTPRelay(self, port)
+        yield threads.deferToThread(api.relay.spawn)
+        self.addCleanup(api.relay.kill)
+        yield threads.deferToThread(_wait_for_port, api.port)
+        status, body, _ = yield api.post(request())
+        self.assertEqual(status, 202, body)
+        status, _, _ = yield api.post(request(), key="not-" + api.key)
+        self.assertEqual(status, 401)
+        status, answer, _ = yield api.post(request(**{"from": "app@evil.example"}))
+        self.assertEqual((status, answer["smtp"][:9]), (403, "553 5.7.1"))
+        arrived = (yield sink.wait_for(1))[0]
+        self.assertTrue((yield threads.deferToThread(verify, arrived.data)))
+        api.relay.kill(signal.SIGTERM)
+        log = (api.relay.dir / "twistd.log").read_text()
+        self.assertIn(body["queue_id"], log)
+        self.assertIn("HTTP submission from 127.0.0.1 as app1 refused: 403", log)
+        self.assertNotIn(api.key, log)
+        self.assertNotIn(api.key[:16], log)
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class Configuration(unittest.TestCase):
+    def write(self, text: str) -> Path:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('hostname = "relay.test"\n' + text)
+        return path
+
+    def test_http_listener_needs_a_key_file(self):
+        with self.assertRaises(ConfigError) as caught:
+            load(self.write('[[listen]]\nkind = "http"\n'))
+        self.assertEqual(caught.exception.key, "http.api_keys_file")
+
+    def test_require_tls_is_refused_on_http(self):
+        with self.assertRaises(ConfigError) as caught:
+            load(self.write('[[listen]]\nkind = "http"\nrequire_tls = true\n[http]\napi_keys_file = "k"\n'))
+        self.assertEqual(caught.exception.key, "listen[0].require_tls")
+
+    def test_default_endpoint_is_loopback_and_check_describes_it(self):
+        config = load(self.write('[[listen]]\nkind = "http"\n[http]\napi_keys_file = "k"\n'))
+        self.assertEqual(config.listeners[0].endpoint, "tcp:8025:interface=127.0.0.1")
+        lines = dict(describe(config))
+        self.assertIn("POST /v1/messages", lines["listen"])
+        self.assertIn("API keys in", lines["http"])
