@@ -310,7 +310,7 @@ class RelayService(service.MultiService):
         auth_failures = FailureWindow(config.limits.auth_failures_per_minute, reactor)
         for index, listener in enumerate(config.listeners):
             if listener.kind == "http":
-                self._listen_http(index, listener, config, parts, queue, reactor)
+                self._listen_http(index, listener, config, parts, queue, reactor, connections)
                 continue
             factory = RelayServerFactory(
                 hostname=config.hostname, listener=listener, limits=config.limits, portal=parts.portal,
@@ -328,7 +328,8 @@ class RelayService(service.MultiService):
             listening.setServiceParent(self)
             self.listeners.append(listening)
 
-    def _listen_http(self, index: int, listener, config: Config, parts: ReceivingParts, queue, reactor) -> None:
+    def _listen_http(self, index: int, listener, config: Config, parts: ReceivingParts, queue, reactor,
+                     connections) -> None:
         """The HTTP injection API (server/http.py); TLS, when wanted, comes from an ssl: endpoint."""
         from mailrelay.server.apikeys import ApiKeyFile
         from mailrelay.server.http import ApiFactory
@@ -336,7 +337,7 @@ class RelayService(service.MultiService):
         factory = ApiFactory(hostname=config.hostname, listener=listener, limits=config.limits,
                              policy=parts.policy, queue=queue, keys=ApiKeyFile(config.http.api_keys_file),
                              clock=reactor, metrics=self.metrics, authserv_id=own_authserv_id(config),
-                             received_shows_user=config.auth.received_shows_user)
+                             received_shows_user=config.auth.received_shows_user, connections=connections)
         self.factories.append(factory)
         listening = strports.service(with_backlog(listener.endpoint), factory, reactor=reactor)
         listening.setName(f"listen[{index}]")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import dkim
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailrelay.dkim import keys
@@ -150,6 +150,32 @@ class Accepted(Base):
         status, _, _ = yield self.api.post(request(), key=old)
         self.assertEqual(status, 401)
         status, _, _ = yield self.api.post(request())
+        self.assertEqual(status, 202)
+
+
+class ConnectionLimit(Base):
+    limits = "max_connections_per_ip = 2"
+
+    @defer.inlineCallbacks
+    def test_http_connections_count_with_the_smtp_ones(self):
+        def probe():
+            held = [socket.create_connection(("127.0.0.1", self.api.relay.ports["relay"]), timeout=10)]
+            held[0].recv(100)                                 # the SMTP banner: counted
+            held.append(socket.create_connection(("127.0.0.1", self.api.port), timeout=10))
+            try:
+                third = socket.create_connection(("127.0.0.1", self.api.port), timeout=10)
+                with third:
+                    try:
+                        third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        return third.recv(100)
+                    except ConnectionResetError:
+                        return b""          # closed with our request unread: a reset, just as good
+            finally:
+                for s in held:
+                    s.close()
+        self.assertEqual((yield threads.deferToThread(probe)), b"")       # closed at once, unanswered
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        status, _, _ = yield self.api.post(request())                     # counted down again
         self.assertEqual(status, 202)
 
 

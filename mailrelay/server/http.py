@@ -44,6 +44,7 @@ from mailrelay.server import addresses
 from mailrelay.server.apikeys import ApiKeyFile
 from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector, pass_content
+from mailrelay.server.ratelimit import client_key
 from mailrelay.server.received import address_literal, received_header
 from mailrelay.server.replies import refusal_reason
 from mailrelay.server.session import unmapped_ip
@@ -395,7 +396,8 @@ class ApiFactory(http.HTTPFactory):
 
     def __init__(self, *, hostname: str, listener: config.Listener, limits: config.Limits, policy, queue,
                  keys: ApiKeyFile, clock=None, metrics=None, authserv_id: Optional[str] = None,
-                 received_shows_user: bool = False):
+                 received_shows_user: bool = False, connections=None):
+        """`connections`: the relay's server.factory.ConnectionCounter, shared with its SMTP listeners."""
         if clock is None:
             from twisted.internet import reactor as clock
         super().__init__(timeout=limits.idle_timeout, reactor=clock)
@@ -403,12 +405,28 @@ class ApiFactory(http.HTTPFactory):
         self.clock, self.metrics = clock, metrics
         self.limits, self.policy = limits, policy
         self.authserv_id, self.received_shows_user = authserv_id, received_shows_user
+        self.connections = connections
         self._pending: set[defer.Deferred] = set()
 
     def buildProtocol(self, addr):
+        key = client_key(unmapped_ip(str(getattr(addr, "host", ""))))
+        if self.connections is not None and not self.connections.open(key):
+            # max_connections (in all, shared with the SMTP listeners) and max_connections_per_ip: the
+            # connection is closed at once, as Twisted does when a factory builds no protocol.
+            _log.info("HTTP connection from {ip} refused: connection limit", ip=key)
+            if self.metrics is not None:
+                self.metrics.refused("connection_limit")
+            return None
         channel = super().buildProtocol(addr)
         channel.requestFactory = ApiRequest
         channel.site = self
+        if self.connections is not None:
+            lost = channel.connectionLost
+
+            def connection_lost(reason, counter=self.connections):
+                counter.close(key)
+                return lost(reason)
+            channel.connectionLost = connection_lost
         return channel
 
     def startFactory(self) -> None:
