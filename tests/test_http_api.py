@@ -132,6 +132,24 @@ class Accepted(Base):
                                                            {"listener": "http"}), 1.0)
 
     @defer.inlineCallbacks
+    def test_no_202_before_the_commit_is_durable(self):
+        spool, gate = self.api.relay.service.spool, defer.Deferred()
+        real = spool.new_message
+
+        def new_message(envelope):
+            writer = real(envelope)
+            commit = writer.commit
+            writer.commit = lambda: gate.addCallback(lambda _: commit())    # the fsync'd commit, held back
+            return writer
+        spool.new_message = new_message
+        answer = self.api.post(request())
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(answer.called)
+        gate.callback(None)
+        status, body, _ = yield answer
+        self.assertEqual(status, 202, body)
+
+    @defer.inlineCallbacks
     def test_key_never_in_the_log(self):
         yield self.api.post(request())
         yield self.api.post(request(), key=self.api.key + "x")       # a near miss

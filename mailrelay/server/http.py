@@ -293,6 +293,9 @@ class ApiRequest(http.Request):
         """Answer before the body is read and close the connection: the body is never looked at."""
         self._answered = True
         self._count_refusal(refused)
+        peer = getattr(self.channel.transport.getPeer(), "host", "?")
+        _log.info("HTTP request from {ip} refused: {status} {error}", ip=unmapped_ip(str(peer)),
+                  status=refused.status, error=refused.body["error"])
         body = json.dumps(refused.body).encode("utf-8")
         reason = http.RESPONSES.get(refused.status, b"Error")
         extra = self._extra_headers(refused.status)
