@@ -150,6 +150,13 @@ class Accepted(Base):
         self.assertEqual(status, 202, body)
 
     @defer.inlineCallbacks
+    def test_any_content_type_is_read_as_json(self):
+        # curl -d sends application/x-www-form-urlencoded unless told otherwise: the body is still JSON.
+        for kind in ("application/x-www-form-urlencoded", "text/plain"):
+            status, body, _ = yield self.api.post(request(), headers={"Content-Type": kind})
+            self.assertEqual(status, 202, (kind, body))
+
+    @defer.inlineCallbacks
     def test_key_never_in_the_log(self):
         yield self.api.post(request())
         yield self.api.post(request(), key=self.api.key + "x")       # a near miss
