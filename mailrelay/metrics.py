@@ -61,7 +61,7 @@ from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.metrics")
 
-LISTENERS = ("relay", "submission", "submissions")
+LISTENERS = ("relay", "submission", "submissions", "http")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_RESULTS = ("success", "failure", "temporary")
 REFUSAL_REASONS = (

@@ -38,7 +38,8 @@ from mailrelay.logger import Logger
 log = Logger(namespace="mailrelay.service")
 
 # Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
-RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression")
+RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression",
+                "http")
 
 
 def restart_only(config: Config) -> dict:
@@ -108,7 +109,7 @@ class QueueFront:
 def server_tls_options(config: Config) -> dict:
     """The relay's own certificate (the configured one, or a self-signed one kept in the spool), as
     one mailrelay.tls.ServerTLS per listener kind: each kind has its own cipher policy."""
-    kinds = [listener.kind for listener in config.listeners]
+    kinds = [listener.kind for listener in config.listeners if listener.kind != "http"]   # http: its endpoint
     if config.tls.cert is not None:
         return tls.listener_options(config.tls.cert, config.tls.key, kinds)
     path, created = tls.ensure_self_signed(config.spool, config.hostname)
@@ -334,6 +335,9 @@ class RelayService(service.MultiService):
         connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         auth_failures = FailureWindow(config.limits.auth_failures_per_minute, reactor)
         for index, listener in enumerate(config.listeners):
+            if listener.kind == "http":
+                self._listen_http(index, listener, config, parts, queue, reactor, connections)
+                continue
             factory = RelayServerFactory(
                 hostname=config.hostname, listener=listener, limits=config.limits, portal=parts.portal,
                 mechanisms=config.auth.mechanisms, policy=parts.policy, queue=queue,
@@ -355,6 +359,22 @@ class RelayService(service.MultiService):
             listening.setName(f"listen[{index}]")
             listening.setServiceParent(self)
             self.listeners.append(listening)
+
+    def _listen_http(self, index: int, listener, config: Config, parts: ReceivingParts, queue, reactor,
+                     connections) -> None:
+        """The HTTP injection API (server/http.py); TLS, when wanted, comes from an ssl: endpoint."""
+        from mailrelay.server.apikeys import ApiKeyFile
+        from mailrelay.server.http import ApiFactory
+
+        factory = ApiFactory(hostname=config.hostname, listener=listener, limits=config.limits,
+                             policy=parts.policy, queue=queue, keys=ApiKeyFile(config.http.api_keys_file),
+                             clock=reactor, metrics=self.metrics, authserv_id=own_authserv_id(config),
+                             received_shows_user=config.auth.received_shows_user, connections=connections)
+        self.factories.append(factory)
+        listening = strports.service(with_backlog(listener.endpoint), factory, reactor=reactor)
+        listening.setName(f"listen[{index}]")
+        listening.setServiceParent(self)
+        self.listeners.append(listening)
 
     # -- reload ------------------------------------------------------------------------------------------
 

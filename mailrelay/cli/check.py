@@ -19,6 +19,7 @@ _LISTENER_TLS = {
     "relay": "STARTTLS offered",
     "submission": "STARTTLS required before AUTH and MAIL",
     "submissions": "implicit TLS",
+    "http": "HTTP API POST /v1/messages; TLS only with an ssl: endpoint",
 }
 
 
@@ -135,6 +136,8 @@ def describe(config: Config) -> list[tuple[str, str]]:
         if listener.proxy_protocol:
             note += "; PROXY protocol from " + ", ".join(str(n) for n in listener.trusted_proxies) + " only"
         lines.append(("listen", f"{listener.kind} on {listener.endpoint} ({note})"))
+    if config.http.api_keys_file is not None:
+        lines.append(("http", f"API keys in {config.http.api_keys_file}"))
     limits = config.limits
     rate = f"{limits.messages_per_minute}/min per client" if limits.messages_per_minute else "no rate limit"
     lines.append(("limits", f"{human_size(limits.max_message_size)} per message, {limits.max_recipients} "

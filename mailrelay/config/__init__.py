@@ -26,22 +26,22 @@ from types import MappingProxyType
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_PERMITS, DEFAULT_TRANSPORT_PORTS,
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
-    AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits,
-    Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig,
-    TLSConfig, Transport,
+    AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig,
+    Limits, Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig,
+    SuppressionConfig, TLSConfig, Transport,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
-    _auth, _delivery, _dkim, _hostname, _limits, _listeners, _log, _metrics, _permit, _postmaster, _queue,
-    _route, _sendmail, _suppression, _tls, _transports,
+    _auth, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
+    _queue, _route, _sendmail, _suppression, _tls, _transports,
 )
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 
 __all__ = [
     "AUTH_MECHANISMS", "DEFAULT_ENDPOINTS", "DEFAULT_LISTENERS", "DEFAULT_PERMITS", "DEFAULT_TRANSPORT_PORTS",
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
-    "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "IPNetwork",
+    "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig", "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
     "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "load", "parse_duration",
     "parse_host_port", "parse_size",
@@ -77,12 +77,13 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
     hostname = _hostname(root)
     transports = _transports(root.table("transports"))
     permits = root.tables("permit")
+    listeners = _listeners(root.tables("listen"), root)
     config = Config(
         path=absolute,
         hostname=hostname,
         spool=root.path("spool", absolute.parent / "spool"),
         tls=_tls(root.table("tls")),
-        listeners=_listeners(root.tables("listen"), root),
+        listeners=listeners,
         limits=_limits(root.table("limits")),
         auth=_auth(root.table("auth")),
         permits=tuple(_permit(t) for t in permits) if permits else DEFAULT_PERMITS,
@@ -94,6 +95,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         metrics=_metrics(root.table("metrics")),
         log=_log(root.table("log")),
         sendmail=_sendmail(root.table("sendmail")),
+        http=_http(root.table("http"), listeners),
         postmaster=_postmaster(root),
         source=source,
         suppression=_suppression(root.table("suppression")),

@@ -30,7 +30,7 @@ class TLSConfig:
     key: Optional[Path] = None
 
 
-LISTENER_KINDS = ("relay", "submission", "submissions")
+LISTENER_KINDS = ("relay", "submission", "submissions", "http")
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,11 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class HTTPConfig:
+    api_keys_file: Optional[Path] = None    # `name:sha256:<hex>` lines, written by `mailrelay apikey`
+
+
+@dataclass(frozen=True)
 class SendmailConfig:
     server: str = "127.0.0.1:587"
     security: str = "starttls"
@@ -254,6 +259,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    http: HTTPConfig = HTTPConfig()
     postmaster: Optional[str] = None    # added key: where RCPT TO:<postmaster> goes (RFC 5321 4.5.1)
     # The file's bytes as validated: a delivery process runs exactly these, whatever the file says later.
     source: bytes = field(default=b"", repr=False, compare=False)
@@ -265,5 +271,6 @@ DELIVERY_PROCESS = ("inline", "separate")
 DIRECTORY_FSYNC = ("auto", "always")
 LOG_FORMATS = ("text", "json")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")   # password mechanisms; offered only over TLS (RFC 4954 §4)
-DEFAULT_ENDPOINTS = {"relay": "tcp:25", "submission": "tcp:587", "submissions": "tcp:465"}
+DEFAULT_ENDPOINTS = {"relay": "tcp:25", "submission": "tcp:587", "submissions": "tcp:465",
+                     "http": "tcp:8025:interface=127.0.0.1"}
 DEFAULT_TRANSPORT_PORTS = {"starttls": 587, "tls": 465, "none": 25}

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
     DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
-    DeliveryConfig, DKIMConfig, DKIMKey, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
+    DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
     MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig, TLSConfig, Transport,
 )
 from mailrelay.config.reader import _closed, _Reader
@@ -63,6 +63,8 @@ def _listener(t: _Reader, seen: dict[str, str]) -> Listener:
         t.fail("endpoint", f'"{endpoint}" is already used by {seen[endpoint]}')
     seen[endpoint] = t.prefix
     require_tls = t.flag("require_tls", kind == "submission")
+    if kind == "http" and require_tls:
+        t.fail("require_tls", 'not for an "http" listener: give it an ssl: endpoint for TLS')
     if kind == "submission" and not require_tls:
         # RFC 8314 §3.3 / RFC 4954 §4: submission needs TLS before AUTH; use kind = "relay" to allow plaintext.
         t.fail("require_tls", 'is always true on a "submission" listener; use kind = "relay" for plaintext')
@@ -363,3 +365,11 @@ def _sendmail(t: _Reader) -> SendmailConfig:
         password_file=t.path("password_file"),
         ca_file=t.path("ca_file"),
     ))
+
+
+def _http(t: _Reader, listeners: tuple[Listener, ...]) -> HTTPConfig:
+    """[http]: where the HTTP injection API's keys are; required once a listener is of kind "http"."""
+    keys = t.path("api_keys_file")          # may be missing at start: `mailrelay apikey` creates it
+    if keys is None and any(listener.kind == "http" for listener in listeners):
+        t.fail("api_keys_file", 'required with a [[listen]] kind = "http" (write keys with `mailrelay apikey`)')
+    return _closed(t, HTTPConfig(keys))

@@ -43,6 +43,7 @@ CRLF, none starting with ".", none too long) is passed on in one piece without a
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 from mailrelay.interfaces import Reply
@@ -209,6 +210,21 @@ class DataReader:
     def _refuse(self, reply: Reply) -> None:
         if self.outcome is None:
             self.outcome = reply
+
+
+_HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
+
+
+def pass_content(chunk: bytes, headers: "HeaderCollector", write: Callable[[bytes], None]) -> None:
+    """Hand one content chunk from DataReader on to `write` (the spool writer, or the
+    Authentication-Results filter before it), keeping a copy of the header block in `headers`.  Content
+    that starts with body text gets an empty line first: our Received field must not run into it, and
+    such content has no header block of its own (RFC 5322 2.1).  Both SMTP DATA and the HTTP API use it."""
+    if headers.headers == b"" and not headers.complete and not _HEADER_START.match(chunk):
+        write(b"\r\n")                  # content starts with body text: end our header block
+        headers.complete = True         # ... and it has no header block of its own
+    headers.feed(chunk)
+    write(chunk)
 
 
 class HeaderCollector:

@@ -23,7 +23,6 @@ BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 from twisted.internet import defer
@@ -33,11 +32,9 @@ from mailrelay.interfaces import Reply
 from mailrelay.logs import log_queued
 from mailrelay.server import addresses
 from mailrelay.server.authres import AuthResultsFilter
-from mailrelay.server.data import DataReader, HeaderCollector
+from mailrelay.server.data import DataReader, HeaderCollector, pass_content
 from mailrelay.server.received import protocol_name, received_header
 from mailrelay.server.replies import LOCAL_ERROR
-
-_HEADER_START = re.compile(rb"[!-9;-~]+:|\r\n")
 
 
 class TransactionMixin:
@@ -185,11 +182,7 @@ class TransactionMixin:
             return
         write = self._writer.write if self._content_filter is None else self._content_filter.feed
         try:
-            if self._headers.headers == b"" and not self._headers.complete and not _HEADER_START.match(chunk):
-                write(b"\r\n")                  # content starts with body text: end our header block
-                self._headers.complete = True     # ... and it has no header block of its own
-            self._headers.feed(chunk)
-            write(chunk)
+            pass_content(chunk, self._headers, write)
         except Exception:
             self._log.failure("writing message content failed")
             self._write_failed = True
