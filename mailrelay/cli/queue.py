@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Iterator, Optional
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mailrelay.config import Config, ConfigError, load
+from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
+from mailrelay.config import Config
 from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
                                         sender_text, show_lines)
 from mailrelay.delivery.scheduler import ADMIN_BOUNCE
@@ -43,7 +43,6 @@ from mailrelay.spool.ids import is_valid_queue_id
 from mailrelay.spool.message import check_file, read_header
 
 PROG = "mailrelay queue"
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("list", "one line per waiting message, and a summary", None, True),
@@ -54,12 +53,6 @@ _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("delete", "remove a message without a DSN", "required", False),
     ("bounce", "give up on a message's pending recipients, with a DSN to the sender", "required", False),
 )
-
-
-class _Failure(Exception):
-    def __init__(self, message: str, status: int = EXIT_FAILED):
-        super().__init__(message)
-        self.status = status
 
 
 def register(subparsers) -> None:
@@ -84,33 +77,12 @@ def run(args: argparse.Namespace, clock=None) -> int:
     """Carry out one queue action; `clock` (default: the reactor) gives the time ages are measured to."""
     if clock is None:
         from twisted.internet import reactor as clock
-    try:
-        config = _load_config(args.config)
+
+    def act() -> int:
+        config = load_config(args.config)
         spool = Spool(config.spool, clock=clock, directory_fsync=config.queue.directory_fsync)
         return _HANDLERS[args.action](spool, args, clock.seconds(), config)
-    except _Failure as e:
-        _error(str(e))
-        return e.status
-    except OSError as e:
-        _error(f"{e.filename or 'spool'}: {e.strerror or e}")
-        return EXIT_FAILED
-    except Exception as e:   # a bug, not a user error: still one line, never a traceback
-        _error(f"unexpected error: {e.__class__.__name__}: {' '.join(str(e).split())}")
-        return EXIT_FAILED
-
-
-def _error(text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr)
-
-
-def _load_config(config_path: str) -> Config:
-    try:
-        return load(config_path)
-    except ConfigError as e:
-        raise _Failure(str(e), EXIT_CONFIG) from None
-    except Exception as e:   # a loader bug must still be one line and a config failure
-        raise _Failure(f"{config_path}: cannot load: {e.__class__.__name__}: {' '.join(str(e).split())}",
-                       EXIT_CONFIG) from None
+    return guarded(PROG, "spool", act)
 
 
 # -- reading the spool -----------------------------------------------------------------------------
@@ -162,14 +134,14 @@ def _queue_id(spool: Spool, text: str) -> str:
     """The id `text` names, if such a message is in the spool; one-line failure (exit 1) otherwise."""
     queue_id = text.strip().upper()
     if not (is_valid_queue_id(queue_id) and spool.exists(queue_id)):
-        raise _Failure(f"no message {printable(text)} in {spool.directory}")
+        raise CLIError(f"no message {printable(text)} in {spool.directory}")
     return queue_id
 
 
 def _entry(spool: Spool, queue_id: str) -> QueueEntry:
     entry = read_entry(spool, queue_id)
     if entry is None:
-        raise _Failure(f"no message {queue_id} in {spool.directory}")
+        raise CLIError(f"no message {queue_id} in {spool.directory}")
     return entry
 
 
@@ -295,7 +267,7 @@ def _flush(spool: Spool, queue_id: Optional[str]) -> int:
     print(f"{flushed} {noun} made due now: the relay tries {them} as soon as it starts"
           + (f"; {held} held, left alone (release them first)" if held else ""))
     if unreadable:
-        _error(f"state unreadable, not flushed: {', '.join(unreadable)}")
+        error(PROG, f"state unreadable, not flushed: {', '.join(unreadable)}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -320,7 +292,7 @@ def do_bounce(spool: Spool, args: argparse.Namespace, now: float, config: Config
 def _bounce(spool: Spool, queue_id: str, bounces: bool) -> int:
     entry = _entry(spool, queue_id)
     if entry.state is None:
-        raise _Failure(f"{queue_id}: cannot bounce: {printable(entry.problem or 'unreadable')}")
+        raise CLIError(f"{queue_id}: cannot bounce: {printable(entry.problem or 'unreadable')}")
     pending = entry.state.pending
     if not pending:
         print(f"{queue_id} has no pending recipient: nothing to bounce")

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from mailrelay.cli.check import human_duration
-from mailrelay.config import Config, ConfigError, load
+from mailrelay.cli.common import EXIT_OK, CLIError, guarded, load_config
+from mailrelay.config import Config
 from mailrelay.spool.files import make_directory
 from mailrelay.spool.suppression import SuppressionList, clean_text, rfc3339, utc
 
 PROG = "mailrelay suppression"
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 REASON_LIMIT = 200
-
-
-class _Failure(Exception):
-    def __init__(self, message: str, status: int = EXIT_FAILED):
-        super().__init__(message)
-        self.status = status
 
 
 class _WallClock:
@@ -56,30 +49,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace, clock=None) -> int:
-    try:
-        config = _load_config(args.config)
+    def act() -> int:
+        config = load_config(args.config)
         journal = SuppressionList(config.spool, config.suppression.duration, clock or _WallClock())
         return {"list": do_list, "add": do_add, "remove": do_remove}[args.action](journal, args, config)
-    except _Failure as e:
-        _error(str(e))
-        return e.status
-    except OSError as e:
-        _error(f"{e.filename or 'suppression list'}: {e.strerror or e}")
-        return EXIT_FAILED
-    except Exception as e:   # a bug, not a user error: still one line, never a traceback
-        _error(f"unexpected error: {e.__class__.__name__}: {' '.join(str(e).split())}")
-        return EXIT_FAILED
-
-
-def _error(text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr)
-
-
-def _load_config(path: str) -> Config:
-    try:
-        return load(path)
-    except ConfigError as e:
-        raise _Failure(str(e), EXIT_CONFIG) from None
+    return guarded(PROG, "suppression list", act)
 
 
 def _status(config: Config) -> str:
@@ -108,7 +82,7 @@ def _checked_address(text: str) -> str:
     local, at, domain = text.strip().rpartition("@")
     if (not at or not local or "." not in domain or any(c in domain for c in " <>[]@\\\"")
             or any(ord(c) < 33 or ord(c) == 127 for c in local + domain) or len(text) > 254):
-        raise _Failure(f"{clean_text(text, 100)!r} is not an address (local@domain)")
+        raise CLIError(f"{clean_text(text, 100)!r} is not an address (local@domain)")
     return f"{local}@{domain}"
 
 
@@ -132,7 +106,7 @@ def do_remove(journal: SuppressionList, args: argparse.Namespace, config: Config
     address = args.address.strip()
     entry = journal.remove(address) if journal.path.exists() else None
     if entry is None:
-        raise _Failure(f"{clean_text(address, 254)} is not suppressed")
+        raise CLIError(f"{clean_text(address, 254)} is not suppressed")
     print(f"{clean_text(address, 254)} is no longer suppressed (it was since {utc(entry.since)} "
           f"{entry.why()}); a running relay accepts RCPT to it within a second")
     return EXIT_OK
