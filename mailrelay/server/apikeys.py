@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from mailrelay.logger import Logger
-from mailrelay.server.passwords import _atomic_write, _replace_entry, valid_user_name
+from mailrelay.server.passwords import _atomic_write, _replace_entry, parse_entries, valid_user_name
 
 HASH_PREFIX = "sha256:"
 _HASH = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -64,23 +64,7 @@ def set_key(path: Path, name: str) -> str:
 
 def parse_key_file(data: bytes, source: str, log: Optional[Logger] = None) -> dict[str, str]:
     """The `name -> stored hash` entries; malformed and duplicate lines skipped, logged by line number."""
-    entries: dict[str, str] = {}
-    for number, raw in enumerate(data.splitlines(), start=1):
-        line = raw.decode("utf-8", "replace").strip()
-        if not line or line.startswith("#"):
-            continue
-        name, colon, stored = line.partition(":")
-        stored = stored.strip()
-        if not colon or not valid_user_name(name) or not _HASH.match(stored):
-            if log is not None:
-                log.warn("{file}:{line}: malformed API key entry skipped", file=source, line=number)
-            continue
-        if name in entries:
-            if log is not None:
-                log.warn("{file}:{line}: duplicate API key entry skipped", file=source, line=number)
-            continue
-        entries[name] = stored
-    return entries
+    return parse_entries(data, source, _HASH.match, "API key", "duplicate API key entry skipped", log)
 
 
 @dataclass(frozen=True)

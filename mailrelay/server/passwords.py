@@ -18,7 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import argon2
 import bcrypt
@@ -96,26 +96,33 @@ class _Snapshot:
     users: dict = field(default_factory=dict)    # user name -> hash
 
 
-def parse_password_file(data: bytes, source: str, log: Optional[Logger] = None) -> dict[str, str]:
-    """The `user -> hash` entries of a password file's contents; malformed lines are skipped and logged
-    by file name and line number (never their content: it may hold a hash)."""
-    users: dict[str, str] = {}
+def parse_entries(data: bytes, source: str, valid_value: Callable[[str], Any], what: str, duplicate: str,
+                  log: Optional[Logger] = None) -> dict[str, str]:
+    """The `name -> stored value` entries of a `name:value` file (the password file, the API key file);
+    malformed lines (a bad name, or a value `valid_value` refuses) and repeated names are skipped and
+    logged by file name and line number (never their content: it may hold a hash)."""
+    entries: dict[str, str] = {}
     for number, raw in enumerate(data.splitlines(), start=1):
         line = raw.decode("utf-8", "replace").strip()
         if not line or line.startswith("#"):
             continue
-        user, colon, stored = line.partition(":")
+        name, colon, stored = line.partition(":")
         stored = stored.strip()
-        if not colon or not valid_user_name(user) or not valid_hash(stored):
+        if not colon or not valid_user_name(name) or not valid_value(stored):
             if log is not None:
-                log.warn("{file}:{line}: malformed password entry skipped", file=source, line=number)
+                log.warn("{file}:{line}: malformed {what} entry skipped", file=source, line=number, what=what)
             continue
-        if user in users:
+        if name in entries:
             if log is not None:
-                log.warn("{file}:{line}: duplicate entry for a user skipped", file=source, line=number)
+                log.warn("{file}:{line}: " + duplicate, file=source, line=number)
             continue
-        users[user] = stored
-    return users
+        entries[name] = stored
+    return entries
+
+
+def parse_password_file(data: bytes, source: str, log: Optional[Logger] = None) -> dict[str, str]:
+    """The `user -> hash` entries of a password file's contents (see parse_entries)."""
+    return parse_entries(data, source, valid_hash, "password", "duplicate entry for a user skipped", log)
 
 
 @implementer(ICredentialsChecker)
