@@ -406,8 +406,17 @@ class RelayService(service.MultiService):
         log.info("reload: {path} applied", path=str(config.path))
         return True
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the listeners here, before startService: a SIGHUP from then on (a log rotation, a
+        # deploy script that saw the port open) must reload, not kill the process with its default action.
+        self._install_sighup()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._install_sighup()         # started without privilegedStartService (embedded): install it now
         super().startService()
+
+    def _install_sighup(self) -> None:
         if self._handle_sighup:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
 

@@ -98,6 +98,36 @@ def rate_refused(relay: RelayFixture, kind: str = "relay") -> int:
 
 
 
+class SighupHandler(unittest.TestCase):
+    """twistd binds the listeners in privilegedStartService, before startService: the SIGHUP handler must
+    be in place by then, or a SIGHUP in between kills the relay."""
+
+    def test_the_handler_is_installed_before_the_listeners_are_bound(self):
+        from twisted.application import service as twisted_service
+
+        from mailrelay.service import make_service
+
+        relay = RelayFixture(self.mktemp())
+        installed, bound = [], []
+        self.patch(signal, "signal", lambda signum, handler: installed.append(signum))
+        self.patch(twisted_service.MultiService, "privilegedStartService",
+                   lambda self: bound.append(list(installed)))
+        make_service(relay.config(), handle_sighup=True).privilegedStartService()
+        self.assertEqual(bound, [[signal.SIGHUP]])
+
+    def test_no_handler_unless_asked(self):
+        from twisted.application import service as twisted_service
+
+        from mailrelay.service import make_service
+
+        relay = RelayFixture(self.mktemp())
+        installed = []
+        self.patch(signal, "signal", lambda signum, handler: installed.append(signum))
+        self.patch(twisted_service.MultiService, "privilegedStartService", lambda self: None)
+        make_service(relay.config()).privilegedStartService()
+        self.assertEqual(installed, [])
+
+
 class Reload(unittest.TestCase):
     timeout = 90
 
