@@ -74,7 +74,8 @@ class SeparateDeliveryProcess(unittest.TestCase):
         self.assertEqual(os.getpriority(os.PRIO_PROCESS, self.child_pid()), min(ours + 10, 19))
 
     @defer.inlineCallbacks
-    def test_a_killed_child_is_started_again_and_nothing_is_lost(self):
+    def kill_the_child_and_submit(self):
+        """SIGKILL the delivery process, wait for its successor, then submit one message (250)."""
         first = self.child_pid()
         os.kill(first, signal.SIGKILL)
         for _ in range(100):
@@ -84,6 +85,10 @@ class SeparateDeliveryProcess(unittest.TestCase):
             yield task.deferLater(reactor, 0.1, lambda: None)
         code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
         self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_a_killed_child_is_started_again_and_nothing_is_lost(self):
+        yield self.kill_the_child_and_submit()
         yield self.sink.wait_for(1)
         self.assertEqual(self.service.scheduler.restarts, 1)
 
@@ -91,15 +96,7 @@ class SeparateDeliveryProcess(unittest.TestCase):
     def test_a_child_started_again_runs_the_config_the_main_process_validated_not_the_file(self):
         original = self.relay.path.read_text()
         self.relay.path.write_text(original + "\n[limits\n")          # half edited, never reloaded
-        first = self.child_pid()
-        os.kill(first, signal.SIGKILL)
-        for _ in range(100):
-            transport = self.service.scheduler._transport
-            if transport is not None and transport.pid not in (None, first):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
-        self.assertEqual(code, 250)
+        yield self.kill_the_child_and_submit()
         yield self.sink.wait_for(1)            # delivered by the new child, on the config in force
         self.assertEqual(self.service.scheduler.restarts, 1)
 
@@ -115,15 +112,7 @@ class SeparateDeliveryProcess(unittest.TestCase):
             'spool = "spool"\n', 'spool = "spool"\n[tls]\ncert = "cert.pem"\nkey = "cert.pem"\n', 1))
         self.service = self.relay.start(reactor)
         (self.relay.dir / "cert.pem").unlink()
-        first = self.child_pid()
-        os.kill(first, signal.SIGKILL)
-        for _ in range(100):
-            transport = self.service.scheduler._transport
-            if transport is not None and transport.pid not in (None, first):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
-        self.assertEqual(code, 250)
+        yield self.kill_the_child_and_submit()
         yield self.sink.wait_for(1)
         self.assertEqual(self.service.scheduler.restarts, 1)
 
