@@ -83,6 +83,32 @@ class ISpool(IIncomingQueue):
         """Delete a message once every recipient has a final answer."""
 
 
+class ISpoolControl(ISpool):
+    """The queue CLI's hand on a spool (Postfix's postsuper -h/-H and postqueue -f): hold flags, the
+    control requests a running relay polls, and the spool-wide suspension a drain (`mailrelay queue
+    transfer --hold`) leaves behind. The scheduler relies on every method here."""
+
+    def hold(queue_id):
+        """Keep a message but stop delivering it (a persisted flag). Returns a Deferred."""
+
+    def release(queue_id):
+        """Deliver a held message again. Returns a Deferred."""
+
+    def take_requests():
+        """Relay side: pending (verb, queue id or None) control requests, oldest first, each taken once."""
+
+    def suspension():
+        """The spool-wide suspension record (a dict: since, in_flight, idle), or None when deliveries run.
+        Persisted: a relay started on a suspended spool delivers nothing until it is resumed."""
+
+    def set_suspension(record):
+        """Write (a dict) or clear (None) the suspension record, atomically and durably."""
+
+    def forget_fresh(queue_id):
+        """Drop any copy of the message kept in memory since its commit: the files are the truth again
+        (another process may change them while deliveries are suspended)."""
+
+
 class IScheduler(Interface):
     """Runs the queue: decides when each message is tried, and by which route."""
 

@@ -21,7 +21,7 @@ from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.scheduler import POLL_INTERVAL, STOP_TIMEOUT, Scheduler
 from mailrelay.delivery.state import MessageState, RecipientState, StateError
 from mailrelay.envelope import Envelope, domain_of
-from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpool
+from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpool, ISpoolControl
 
 NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
 
@@ -40,7 +40,7 @@ class FakeMessage:
         raise NotImplementedError("the scheduler never reads the body")
 
 
-@implementer(ISpool)
+@implementer(ISpool, ISpoolControl)
 class FakeSpool:
     """Records save_state/remove; states go through JSON as a real spool would store them."""
 
@@ -95,6 +95,18 @@ class FakeSpool:
     def take_requests(self):
         requests, self.requests = self.requests, []
         return requests
+
+    suspended: dict | None = None
+    forgotten: list[str] = []
+
+    def suspension(self):
+        return self.suspended
+
+    def set_suspension(self, record):
+        self.suspended = record
+
+    def forget_fresh(self, queue_id):
+        self.forgotten = [*self.forgotten, queue_id]
 
     def recipient_state(self, queue_id, recipient) -> RecipientState:
         state = MessageState.from_dict(self.states[queue_id], self.envelopes[queue_id].recipients)
@@ -669,6 +681,66 @@ class ControlTests(SchedulerTestCase):
         self.assertEqual(self.logged_failures(KeyError), 1)   # "nosuch" is not in the spool
         self.assertEqual(self.spool.removed, [])
         self.assertIn("q1", self.spool.envelopes)
+
+
+class SuspendTests(SchedulerTestCase):
+    """suspend/resume: every delivery stopped for a drain (`mailrelay queue transfer --hold`)."""
+
+    def test_spools_provide_the_control_interface(self):
+        self.assertTrue(verifyObject(ISpoolControl, self.spool))
+
+    def test_suspend_stops_every_delivery_and_new_mail_waits_until_resume(self):
+        self.direct.script = {"a@example.net": [(451, "4.4.1"), (250, "2.0.0")]}
+        self.spool.add("q1", ["a@example.net"])
+        scheduler = self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("suspend", None))
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(self.spool.suspended["idle"], True)
+        self.assertEqual(self.spool.suspended["in_flight"], 0)
+        self.spool.add("q2", ["b@example.net"])
+        scheduler.enqueue("q2")                        # accepted while suspended: spooled, not tried
+        self.clock.advance(7200)
+        self.assertEqual(self.direct.calls, [("q1", ("a@example.net",))])
+        self.assertIn("q2", self.spool.forgotten)      # its copy in memory dropped: the files are the truth
+        self.spool.requests.append(("resume", None))
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertIsNone(self.spool.suspended)
+        self.assertEqual(sorted(self.spool.removed), ["q1", "q2"])
+
+    def test_suspension_is_idle_only_once_the_delivery_in_flight_has_ended(self):
+        self.direct.manual = True
+        self.spool.add("q1", ["a@example.net"])
+        self.make()
+        self.clock.advance(0)
+        self.spool.requests.append(("suspend", None))
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual((self.spool.suspended["idle"], self.spool.suspended["in_flight"]), (False, 1))
+        self.direct.finish_all()
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual((self.spool.suspended["idle"], self.spool.suspended["in_flight"]), (True, 0))
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_message_removed_by_another_process_while_suspended_is_not_tried_after_resume(self):
+        self.spool.add("q1", ["a@example.net"])
+        self.spool.suspended = {"since": NOW, "in_flight": 0, "idle": True}    # persisted by a drain
+        self.make()
+        self.clock.advance(3600)
+        self.assertEqual(self.direct.calls, [])        # started suspended: stays so
+        self.spool.remove("q1")                        # the transfer took it
+        self.spool.requests.append(("resume", None))
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [])
+
+    def test_held_messages_stay_held_across_suspend_and_resume(self):
+        self.spool.add("q1", ["a@example.net"], held=True)
+        self.make()
+        self.spool.requests.extend([("suspend", None), ("resume", None)])
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(3600)
+        self.assertEqual(self.direct.calls, [])
 
 
 class RecoveryAndShutdownTests(SchedulerTestCase):

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from mailrelay.cli import transfer
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
 from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
@@ -52,6 +53,8 @@ _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("release", "deliver a held message again", "required", False),
     ("delete", "remove a message without a DSN", "required", False),
     ("bounce", "give up on a message's pending recipients, with a DSN to the sender", "required", False),
+    ("suspend", "stop every delivery (persisted) until resume; mail is still accepted", None, False),
+    ("resume", "deliver again after suspend or `transfer --hold`", None, False),
 )
 
 
@@ -70,6 +73,7 @@ def register(subparsers) -> None:
             action.add_argument("queue_id", metavar="ID", nargs="?", help="only this message")
         if has_json:
             action.add_argument("--json", action="store_true", help="print JSON with full detail")
+    transfer.register(actions, common)
     parser.set_defaults(func=run)
 
 
@@ -153,7 +157,18 @@ def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) 
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
     else:
         print("\n".join(list_lines(entries, now)))
+        suspended = spool.suspension()
+        if suspended is not None:
+            print(f"deliveries suspended {_age(now - float(suspended.get('since') or now))} ago "
+                  f"(in flight: {suspended.get('in_flight', '?')}): `mailrelay queue resume` delivers again")
     return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def do_show(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
@@ -319,7 +334,31 @@ def _bounce(spool: Spool, queue_id: str, bounces: bool) -> int:
     return EXIT_OK
 
 
+def do_suspend(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
+    return _change(spool, "suspend", None, lambda spool, _: _suspend(spool, now))
+
+
+def _suspend(spool: Spool, now: float) -> int:
+    if spool.suspension() is None:
+        spool.set_suspension({"since": now, "in_flight": 0, "idle": True, "pid": os.getpid()})
+    print("deliveries suspended: the relay delivers nothing when it starts, until `mailrelay queue resume`")
+    return EXIT_OK
+
+
+def do_resume(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
+    return _change(spool, "resume", None, _resume)
+
+
+def _resume(spool: Spool, _queue_id: Optional[str]) -> int:
+    if spool.suspension() is None:
+        print("deliveries were not suspended")
+    else:
+        spool.set_suspension(None)
+        print("deliveries resumed: the relay delivers again when it starts")
+    return EXIT_OK
+
+
 _HANDLERS = {
     "list": do_list, "show": do_show, "flush": do_flush, "hold": do_hold, "release": do_release,
-    "delete": do_delete, "bounce": do_bounce,
+    "delete": do_delete, "bounce": do_bounce, "suspend": do_suspend, "resume": do_resume,
 }

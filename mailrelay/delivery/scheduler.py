@@ -110,6 +110,8 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self._spool.suspension() is not None:     # a drain left the spool suspended: stay so
+            self._suspend()
         for queue_id in self._queue_ids():
             self._recover(queue_id)
         self._poller = task.LoopingCall(self._poll_requests)
@@ -201,7 +203,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._timers.pop(queue_id, None)
         force = queue_id in self._forced
         self._forced.discard(queue_id)
-        if not self.running or queue_id in self._attempts:
+        if not self.running or queue_id in self._attempts or self._suspended_due(queue_id):
             return   # an attempt in progress reschedules the message when it ends
         loaded = self._load_unheld(queue_id, "tried")
         if loaded is None:

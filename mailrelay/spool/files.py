@@ -67,6 +67,10 @@ class SpoolPaths:
         return self.root / "control"
 
     @cached_property
+    def suspended(self) -> Path:
+        return self.root / "suspended"
+
+    @cached_property
     def lock(self) -> Path:
         return self.root / "lock"
 

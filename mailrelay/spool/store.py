@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import ISpool
+from mailrelay.interfaces import ISpool, ISpoolControl
 from mailrelay.logger import Logger
 from mailrelay.spool import control, recovery
 from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
@@ -47,7 +47,7 @@ FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
 REMOVAL_SYNC_DELAY = 0.1   # seconds a removal waits for others to share its directory fsync
 
 
-@implementer(ISpool)
+@implementer(ISpool, ISpoolControl)
 class Spool(Service):
     _log = Logger()
 
@@ -385,6 +385,32 @@ class Spool(Service):
             raise UnknownMessage(queue_id)
         unlink_quietly(self.paths.hold_flag(queue_id))
         return self._run_blocking(fsync_directory, self.paths.hold)
+
+    # -- suspension: every delivery stopped, persisted (a drain by `mailrelay queue transfer --hold`) --
+
+    def suspension(self) -> Optional[dict]:
+        """The suspension record, or None when deliveries run (an unreadable record counts as one:
+        suspended is the safe reading of a file that says the postmaster stopped delivery)."""
+        try:
+            data = self.paths.suspended.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            return {"since": 0.0, "in_flight": None, "idle": False, "unreadable": True}
+        return record if isinstance(record, dict) else {"since": 0.0, "in_flight": None, "idle": False}
+
+    def set_suspension(self, record: Optional[dict]) -> None:
+        if record is None:
+            if unlink_quietly(self.paths.suspended):
+                fsync_directory(self.paths.root)
+            return
+        make_directory(self.paths.tmp)
+        atomic_write(self.paths.tmp, self.paths.suspended, json.dumps(record, sort_keys=True).encode())
+
+    def forget_fresh(self, queue_id: str) -> None:
+        self._fresh.pop(queue_id, None)
 
     # -- control channel (see control.py) --------------------------------------------------------
 

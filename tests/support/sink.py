@@ -78,6 +78,8 @@ class Sink:
         self.sessions: list[Session] = []
         self.auth_attempts: list[tuple[bool, str]] = []   # (tls on?, mechanism) for every AUTH command
         self.bearer = bearer                      # {user: set of tokens} accepted for XOAUTH2 / OAUTHBEARER
+        self.stall_after: Optional[int] = None    # once this many messages are accepted, never answer a dot
+        self.stalled = 0                          # final dots left unanswered since
         self.sasl: list[tuple[str, bytes, bool]] = []    # (mechanism, decoded client string, accepted?)
         self.after_error: list[bytes] = []        # what the client answered each error challenge with
         self.tls_options = None
@@ -310,6 +312,9 @@ class SinkProtocol(basic.LineReceiver):
             self._lines.append(line[1:] if line.startswith(b".") else line)
             return
         transaction, self.transaction, self.in_data = self.transaction, None, False
+        if self.sink.stall_after is not None and len(self.sink.messages) >= self.sink.stall_after:
+            self.sink.stalled += 1
+            return                                # the client waits for a reply that never comes
         transaction.data_raw = b"".join(self._raw)
         transaction.data = b"".join(line + b"\r\n" for line in self._lines)
         transaction.reply = self.sink.data_replies.pop(0) if self.sink.data_replies else "250 2.0.0 queued"
