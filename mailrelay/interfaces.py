@@ -76,6 +76,13 @@ class ISpool(IIncomingQueue):
     def load(queue_id):
         """A spool.SpooledMessage: envelope, body access and per-recipient state."""
 
+    def state_of(queue_id):
+        """The per-recipient delivery state alone ({} before the first save), without opening the message
+        (what the scheduler's start-up scan reads)."""
+
+    def is_held(queue_id):
+        """Whether the message is held (a persisted flag), without opening it."""
+
     def save_state(queue_id, state):
         """Atomically replace the per-recipient delivery state of a message (a JSON-able dict)."""
 

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
 from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import POLL_INTERVAL, STOP_TIMEOUT, Scheduler
+from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT, Scheduler
 from mailrelay.delivery.state import MessageState, RecipientState, StateError
 from mailrelay.envelope import Envelope, domain_of
 from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpool, ISpoolControl
@@ -69,6 +69,12 @@ class FakeSpool:
     def load(self, queue_id):
         return FakeMessage(queue_id, self.envelopes[queue_id], copy.deepcopy(self.states.get(queue_id, {})),
                            queue_id in self.held)
+
+    def state_of(self, queue_id):
+        return copy.deepcopy(self.states.get(queue_id, {}))
+
+    def is_held(self, queue_id):
+        return queue_id in self.held
 
     def save_state(self, queue_id, state):
         assert queue_id in self.envelopes, f"save_state after remove: {queue_id}"
@@ -741,6 +747,58 @@ class SuspendTests(SchedulerTestCase):
         self.clock.advance(POLL_INTERVAL)
         self.clock.advance(3600)
         self.assertEqual(self.direct.calls, [])
+
+
+class DepthTests(SchedulerTestCase):
+    """A deep queue: a flush or a restart takes messages into work in bounded steps, never all at once."""
+
+    def fill(self, count: int, state=None) -> list[str]:
+        ids = [f"q{n:05d}" for n in range(count)]
+        for queue_id in ids:
+            self.spool.add(queue_id, [f"user@{queue_id}.example"], state=state)
+        return ids
+
+    def test_restart_scans_a_deep_spool_in_steps_reading_state_files_only(self):
+        later = {"version": 1, "recipients": {"x": {"attempts": 1, "next_attempt": NOW + 3600}}}
+        self.fill(1200, state=later)
+        loads = []
+        self.patch(self.spool, "load", lambda q, load=self.spool.load: loads.append(q) or load(q))
+        steps: list[int] = []
+        recover = Scheduler._recover_some
+
+        def counted(scheduler):
+            before = len(scheduler._timetable)
+            recover(scheduler)
+            steps.append(len(scheduler._timetable) - before)
+        self.patch(Scheduler, "_recover_some", counted)
+        self.make()
+        self.assertEqual(loads, [])                       # nothing opened to schedule it
+        self.clock.advance(0)
+        self.assertEqual(steps, [500, 500, 200])          # one reactor turn each
+        self.assertTrue(any(e.get("stage") == "recovered" for e in self.events))
+        self.assertEqual(loads, [])
+        self.assertEqual(len(self.direct.calls), 0)
+        self.clock.advance(3600)
+        for _ in range(20):
+            self.clock.advance(0)
+        self.assertEqual(len(self.direct.calls), 1200)
+
+    def test_a_deep_queue_all_due_at_once_is_taken_into_work_a_bounded_number_at_a_time(self):
+        self.direct.manual = True
+        ids = self.fill(3000)
+        scheduler = self.make()
+        in_work = []
+        for _ in range(40):
+            self.clock.advance(0)
+            in_work.append(len(scheduler._attempts))
+        limit = max(ACTIVE_MIN, ACTIVE_PER_SLOT * self.delivery.concurrency)
+        self.assertEqual(max(in_work), limit)             # bounded by the active set, not the depth
+        self.assertEqual(len(self.direct.calls), self.delivery.concurrency)
+        while self.direct.pending:
+            self.direct.finish_all()
+            for _ in range(5):
+                self.clock.advance(0)
+        self.assertEqual(sorted(self.spool.removed), ids)
 
 
 class RecoveryAndShutdownTests(SchedulerTestCase):

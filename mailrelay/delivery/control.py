@@ -67,11 +67,8 @@ class ControlMixin:
             self.log.warn("deliveries suspended: nothing is delivered until `mailrelay queue resume`",
                           stage="control")
         self._suspended = True
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        self._forced.clear()
+        self._timetable.clear()
+        self._recovery = None
         for attempt in {job.attempt for jobs in self._waiting.values() for job in jobs}:
             self._drop_waiting(attempt, finish=False)
             if not attempt.outstanding:
@@ -86,8 +83,7 @@ class ControlMixin:
             self.log.info("deliveries resumed: reading the spool again", stage="control")
         for queue_id in list(self._received):
             self._forget(queue_id)
-        for queue_id in self._queue_ids():
-            self._recover(queue_id)
+        self._recover_all()
 
     def _record_suspension(self) -> None:
         """Persist how many deliveries are still in flight; "idle" tells the CLI it may take over."""

@@ -225,6 +225,7 @@ class OutcomesMixin:
     def _attempt_over(self, attempt: _Attempt) -> None:
         if self._attempts.get(attempt.queue_id) is attempt:
             del self._attempts[attempt.queue_id]
+        self._timetable.kick()          # room for another message in work
         if not self.running and not self._attempts:
             self._stopped("deliveries finished")
 

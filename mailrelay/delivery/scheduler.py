@@ -49,16 +49,21 @@ from mailrelay.delivery.backoff import Backoff
 from mailrelay.delivery.concurrency import ConcurrencyMixin
 from mailrelay.delivery.control import ADMIN_BOUNCE, POLL_INTERVAL, ControlMixin
 from mailrelay.delivery.outcomes import OutcomesMixin
-from mailrelay.delivery.state import MessageState, StateError
+from mailrelay.delivery.state import MessageState, StateError, due_time
+from mailrelay.delivery.timetable import Timetable
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
-from mailrelay.spool.message import UnknownMessage
+from mailrelay.spool.ids import id_time
+from mailrelay.spool.message import CorruptMessage, UnknownMessage
 
 __all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STOP_TIMEOUT", "Scheduler"]
 
 STOP_TIMEOUT = 30.0      # stopService waits at most this long for deliveries in flight
 DUE_SLACK = 1.0          # recipients due within this many seconds join the attempt being made
+RECOVER_PER_TURN = 500   # messages the start-up scan schedules per reactor turn (the rest: later turns)
+ACTIVE_MIN = 1000        # messages in work (loaded, waiting for a slot or in flight) at most: this, or
+ACTIVE_PER_SLOT = 10     # ... this many per `[delivery] concurrency` slot, whichever is more
 
 
 @implementer(IScheduler)
@@ -80,8 +85,9 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._queue, self._delivery, self._reporter, self._clock = queue, delivery, reporter, clock
         self._rng = rng or random.Random()
         self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
-        self._timers: dict = {}                  # queue id -> IDelayedCall of its next attempt
-        self._forced: set[str] = set()           # ids whose next attempt ignores next_attempt (flush)
+        # When each message not in work is due; admits them as room allows (delivery.timetable).
+        self._timetable = Timetable(clock, self._due, self._has_room)
+        self._recovery: Optional[list[str]] = None   # ids the start-up scan has still to schedule
         self._attempts: dict[str, _Attempt] = {}
         self._waiting: dict[str, deque[_Job]] = {}   # limit key -> deliveries waiting for a slot
         self._in_flight = 0
@@ -110,10 +116,10 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self._timetable.start()
         if self._spool.suspension() is not None:     # a drain left the spool suspended: stay so
             self._suspend()
-        for queue_id in self._queue_ids():
-            self._recover(queue_id)
+        self._recover_all()
         self._poller = task.LoopingCall(self._poll_requests)
         self._poller.clock = self._clock
         self._poller.start(POLL_INTERVAL, now=False)
@@ -122,13 +128,11 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self._timetable.stop()
+        self._recovery = None
         if self._pump_call is not None and self._pump_call.active():
             self._pump_call.cancel()
         self._pump_call = None
-        self._forced.clear()
         for attempt in {job.attempt for jobs in self._waiting.values() for job in jobs}:
             self._drop_waiting(attempt, finish=False)
             if not attempt.outstanding:
@@ -160,6 +164,41 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
 
     # -- when messages are due --------------------------------------------------------------------
 
+    def _recover_all(self) -> None:
+        """Schedule every message in the spool by its persisted state: RECOVER_PER_TURN per reactor turn,
+        so a restart over a deep queue answers at once and catches up in the background."""
+        self._recovery = self._queue_ids()
+        self._recovery.reverse()                     # oldest first, popped from the end
+        self._recover_some()
+
+    def _recover_some(self) -> None:
+        ids = self._recovery
+        if ids is None or not self.running:
+            return
+        for _ in range(min(RECOVER_PER_TURN, len(ids))):
+            self._recover_quick(ids.pop())
+        if ids:
+            self._clock.callLater(0, self._recover_some)
+        else:
+            self._recovery = None
+            self.log.info("start-up scan done: {count} messages in the queue", count=len(self._received),
+                          queue_id="*", stage="recovered")
+
+    def _recover_quick(self, queue_id: str) -> None:
+        """Schedule one message by its state file alone (the message itself is read when it is due)."""
+        if queue_id in self._attempts or queue_id in self._timetable:
+            return                                   # enqueued or flushed meanwhile
+        made = id_time(queue_id)        # when it was received, near enough until it is loaded
+        self._received.setdefault(queue_id, self._now() if made is None else made)
+        try:
+            if self._spool.is_held(queue_id):
+                self._load(queue_id)        # held (rare): loaded once, so the queue gauges know it
+                return
+            when = due_time(self._spool.state_of(queue_id))
+        except (CorruptMessage, OSError, ValueError):
+            when = 0.0                               # loaded when due: the load says what is wrong
+        self._schedule(queue_id, when)
+
     def _recover(self, queue_id: str) -> None:
         """Schedule a message by its persisted state (due now if never tried)."""
         loaded = self._load_unheld(queue_id, "scheduled")
@@ -187,22 +226,18 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
     def _schedule(self, queue_id: str, when: float, force: bool = False) -> None:
         if not self.running:
             return
-        self._unschedule(queue_id)
-        if force:
-            self._forced.add(queue_id)
-            if queue_id in self._attempts:
-                self._attempts[queue_id].force_again = True
-        self._timers[queue_id] = self._clock.callLater(max(0.0, when - self._now()), self._due, queue_id)
+        if force and queue_id in self._attempts:
+            self._attempts[queue_id].force_again = True
+        self._timetable.schedule(queue_id, when, force)
 
     def _unschedule(self, queue_id: str) -> None:
-        timer = self._timers.pop(queue_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timetable.unschedule(queue_id)
 
-    def _due(self, queue_id: str) -> None:
-        self._timers.pop(queue_id, None)
-        force = queue_id in self._forced
-        self._forced.discard(queue_id)
+    def _has_room(self) -> bool:
+        """Whether another message may be taken into work: loaded, routed, waiting for a slot."""
+        return len(self._attempts) < max(ACTIVE_MIN, ACTIVE_PER_SLOT * self._delivery.concurrency)
+
+    def _due(self, queue_id: str, force: bool = False) -> None:
         if not self.running or queue_id in self._attempts or self._suspended_due(queue_id):
             return   # an attempt in progress reschedules the message when it ends
         loaded = self._load_unheld(queue_id, "tried")

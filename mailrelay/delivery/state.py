@@ -190,3 +190,20 @@ def _optional_float(value) -> Optional[float]:
 
 def _version_of(data) -> object:
     return data.get("version") if isinstance(data, dict) else type(data).__name__
+
+
+def due_time(data: dict) -> float:
+    """When a message is next due, from its saved state alone (the start-up scan: no message opened):
+    its earliest pending recipient's next_attempt (already capped at its lifetime when recorded), or 0
+    ("now") when it has never been tried, has a DSN to send, or has nothing pending left to settle."""
+    recipients = data.get("recipients") if isinstance(data, dict) else None
+    if not recipients:
+        return 0.0
+    times = []
+    for rcpt in recipients.values():
+        done = rcpt.get("done")
+        if done is None:
+            times.append(float(rcpt.get("next_attempt", 0.0)))
+        elif done in (BOUNCED, EXPIRED) and not rcpt.get("reported", False):
+            return 0.0
+    return min(times) if times else 0.0

@@ -26,6 +26,16 @@ def _encode(number: int, width: int) -> str:
     return "".join(chars)
 
 
+def id_time(queue_id: str) -> "float | None":
+    """The unix time a well-formed id was made (its first TIME_CHARS characters); None for anything else."""
+    if not is_valid_queue_id(queue_id):
+        return None
+    micros = 0
+    for char in queue_id[:TIME_CHARS]:
+        micros = micros * 32 + ALPHABET.index(char)
+    return micros / 1e6
+
+
 def is_valid_queue_id(text: object) -> bool:
     """True for a well-formed id. Anything taken from a file name or a command line is checked with this
     before it becomes part of a path (no `..`, no `/`)."""
