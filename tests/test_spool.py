@@ -732,6 +732,37 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(spool.recovery_report.torn_temp_files, 1)
         self.assertRaises(RuntimeError, spool.recover)     # never while receiving
 
+    @inlineCallbacks
+    def test_a_deep_spool_is_recovered_in_a_thread_and_mail_received_meanwhile_is_untouched(self):
+        from mailrelay.spool.message import IN_PROGRESS, SIZE_DIGITS, SIZE_OFFSET
+
+        self.patch(store, "RECOVER_IN_BACKGROUND", 2)
+        kept = [self.commit_offline(b"kept %d" % n) for n in range(3)]
+        queue = self.directory / "queue"
+        good = (queue / kept[0]).read_bytes()
+        write_raw(queue / ("4" * 16), good[:SIZE_OFFSET] + IN_PROGRESS + good[SIZE_OFFSET + SIZE_DIGITS:])
+        write_raw(queue / ("2" * 16), b"From: someone else's file\r\n")
+        write_raw(self.directory / "state" / f"{'0' * 16}.json", b"{}")                 # orphan
+        spool = Spool(self.directory, reactor=reactor)
+        gate = threading.Event()
+        self.patch(store.recovery, "recover",
+                   lambda paths, names, recover=store.recovery.recover: gate.wait(10) and recover(paths, names))
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        self.assertIsNone(spool.recovery_report)             # not yet: the relay already serves
+        self.assertRaises(UnknownMessage, spool.load, "4" * 16)  # a leftover in progress: "not there yet"
+        writer = spool.new_message(Envelope("a@example.org", ("b@example.net",), 0.0))
+        writer.write(b"received while recovering\r\n")
+        fresh = yield writer.commit()
+        yield spool.save_state(fresh, {"new": True})
+        gate.set()
+        report = yield spool.recovered
+        self.assertEqual(report.queued, tuple(kept))
+        self.assertEqual(files_in(queue), sorted([*kept, fresh]))
+        self.assertEqual(files_in(self.directory / "state"), [f"{fresh}.json"])
+        self.assertEqual(files_in(self.directory / "corrupt"), ["2" * 16])
+        self.assertEqual(spool.load(fresh).state, {"new": True})
+
     def test_a_quarantined_name_never_overwrites_an_earlier_one(self):
         (self.directory / "queue").mkdir(parents=True)
         write_raw(self.directory / "queue" / "junk", b"one")

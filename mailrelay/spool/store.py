@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -45,6 +45,11 @@ from mailrelay.spool.writer import MessageWriter
 
 FRESH_LIMIT = 10_000   # committed messages remembered for their first load()
 REMOVAL_SYNC_DELAY = 0.1   # seconds a removal waits for others to share its directory fsync
+
+
+# A spool with this many queue files or more at start is checked in a thread while the relay already
+# listens (recovery.py); a smaller one at once (a few milliseconds), before anything is received.
+RECOVER_IN_BACKGROUND = 1000
 
 
 @implementer(ISpool, ISpoolControl)
@@ -78,6 +83,7 @@ class Spool(Service):
         self._state_locks: dict[str, DeferredLock] = {}
         self._poller: Optional[control.RequestPoller] = None
         self.recovery_report: Optional[recovery.RecoveryReport] = None
+        self.recovered: Optional[Deferred] = None    # fires with the report once start-up recovery is done
         # Messages committed by this process and not loaded yet: their first load() (the scheduler's, a
         # moment after the commit) is answered from memory instead of re-reading what we just wrote.
         self._fresh: dict[str, SpooledMessage] = {}
@@ -91,18 +97,27 @@ class Spool(Service):
 
     def startService(self) -> None:
         """Create the directories, take the spool lock (files.SpoolLocked if a relay already runs),
-        run recover() (its ids are in `recovery_report.queued`), start the thread pool."""
+        start the thread pool and run recovery in it over the files a previous run left (`recovered` fires
+        with its report, also kept in `recovery_report`)."""
         ensure_directories(self.paths)
+        names = None
         if self._owner:
             self._lock_fd = acquire_lock(self.paths.lock)
             try:
-                self.recover()
+                names = recovery.snapshot(self.paths)     # what a previous run left; nothing opened yet
+                if len(names.queue) < RECOVER_IN_BACKGROUND:
+                    self.recovered = succeed(self._report_recovery(recovery.recover(self.paths, names)))
+                    names = None
             except BaseException:
                 os.close(self._lock_fd)
                 self._lock_fd = None
                 raise
         self._pool = BlockingThreads(self._reactor, self._threadpool_size, "mailrelay-spool")
         self._pool.start()
+        if names is not None:
+            # Checked in a thread while the relay already listens (recovery.py: only these files).
+            self.recovered = self._run_blocking(recovery.recover, self.paths, names)
+            self.recovered.addCallbacks(self._report_recovery, self._recovery_failed)
         if self._owner:
             when = "yes" if self.sync_directory else "no (the file's own fsync makes its name durable)"
             self._log.info("spool: {queue} is on {fstype}; directory fsync after each commit: {when}",
@@ -142,6 +157,19 @@ class Spool(Service):
         """True when a running relay holds this spool (the CLI then posts requests instead of acting)."""
         return is_locked(SpoolPaths(Path(directory)).lock)
 
+    def _report_recovery(self, report: "recovery.RecoveryReport") -> "recovery.RecoveryReport":
+        for name, why in report.quarantined:
+            self._log.warn("spool: {name} moved to corrupt/: {why}", name=name, why=why)
+        if report.torn_temp_files or report.orphans_removed:
+            self._log.info("spool recovery: {torn} files of messages never acknowledged, {orphans} orphan "
+                           "files removed", torn=report.torn_temp_files, orphans=report.orphans_removed)
+        self.recovery_report = report
+        return report
+
+    def _recovery_failed(self, failure: Failure) -> None:
+        self._log.failure("spool: start-up recovery failed; the files it did not reach stay as they are",
+                          failure)
+
     def recover(self) -> list[str]:
         """Repair the spool after a crash (see recovery.py) and return the ids to queue again, oldest
         first. startService() calls it; call it yourself only on a spool no process is using
@@ -150,14 +178,7 @@ class Spool(Service):
             raise RuntimeError("recover() would discard messages being received; run it before start")
         if self._lock_fd is None and is_locked(self.paths.lock):
             raise SpoolLocked(f"{self.directory} is in use by a running relay; recover() refused")
-        report = recovery.recover(self.paths)
-        for name, why in report.quarantined:
-            self._log.warn("spool: {name} moved to corrupt/: {why}", name=name, why=why)
-        if report.torn_temp_files or report.orphans_removed:
-            self._log.info("spool recovery: {torn} files of messages never acknowledged, {orphans} orphan "
-                           "files removed", torn=report.torn_temp_files, orphans=report.orphans_removed)
-        self.recovery_report = report
-        return list(report.queued)
+        return list(self._report_recovery(recovery.recover(self.paths)).queued)
 
     # -- thread pool -----------------------------------------------------------------------------
 
@@ -286,6 +307,11 @@ class Spool(Service):
             header = read_header(f)
         return SpooledMessage(queue_id, header.envelope, header.size, path, header.data_offset,
                               self._read_state(queue_id), self.is_held(queue_id))
+
+    def state_of(self, queue_id: str) -> dict:
+        """The message's per-recipient state alone ({} before the first save), without opening the
+        message; CorruptMessage when unreadable."""
+        return self._read_state(self._checked(queue_id))
 
     def _read_state(self, queue_id: str) -> dict:
         try:
