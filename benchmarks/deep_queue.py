@@ -140,19 +140,19 @@ class Probe(threading.Thread):
     def __init__(self, port: int):
         super().__init__(daemon=True)
         self.port, self.worst, self.failed = port, 0.0, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             waited = banner_seconds(self.port)
             if waited is None:
                 self.failed += 1
             else:
                 self.worst = max(self.worst, waited)
-            self._stop.wait(0.2)
+            self._halt.wait(0.2)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 
@@ -313,8 +313,10 @@ pickup    unix  n - n 60 1 pickup
 
     def stop(self) -> None:
         try:
-            pid = self.root()
-        except RuntimeError:
+            pid = int((self.dir / "queue" / "pid" / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return
+        if not pid_alive(pid):
             return
         self._postfix("stop")
         for _ in range(200):
