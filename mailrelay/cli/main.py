@@ -12,16 +12,21 @@ import sys
 SUBCOMMANDS = ("check", "passwd", "dkim", "queue", "route-test", "suppression", "apikey")   # mailrelay.cli.*
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the arguments, only the subcommand they name is imported (each pulls in a part
+    of the relay: `mailrelay queue list` need not load DKIM, LDAP and TLS first), else all of them."""
     parser = argparse.ArgumentParser(prog="mailrelay", description="mailrelay SMTP relay tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     for name in SUBCOMMANDS:
-        importlib.import_module(f"mailrelay.cli.{name.replace('-', '_')}").register(subparsers)
+        if wanted is None or name == wanted:
+            importlib.import_module(f"mailrelay.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -36,7 +36,7 @@ from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded,
 from mailrelay.config import Config
 from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
                                         sender_text, show_lines)
-from mailrelay.delivery.scheduler import ADMIN_BOUNCE
+from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.state import BOUNCED, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
 from mailrelay.spool.files import acquire_lock
@@ -91,11 +91,12 @@ def run(args: argparse.Namespace, clock=None) -> int:
 
 # -- reading the spool -----------------------------------------------------------------------------
 
-def read_entry(spool: Spool, queue_id: str) -> Optional[QueueEntry]:
+def read_entry(spool: Spool, queue_id: str, held: Optional[set[str]] = None) -> Optional[QueueEntry]:
     """The message as the CLI shows it; None if it is gone (delivered since it was listed).  A damaged
-    state or queue file is reported in `problem`, never raised: one bad message must not hide the rest."""
+    state or queue file is reported in `problem`, never raised: one bad message must not hide the rest.
+    `held`: the held ids (Spool.held_ids()) when reading many, else each message's flag is looked up."""
     try:
-        message = spool.load(queue_id)
+        message = spool.load(queue_id, None if held is None else queue_id in held)
     except UnknownMessage:
         return None
     except CorruptMessage as e:
@@ -152,7 +153,8 @@ def _entry(spool: Spool, queue_id: str) -> QueueEntry:
 # -- list, show ------------------------------------------------------------------------------------
 
 def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
-    entries = [e for e in map(lambda q: read_entry(spool, q), spool.queue_ids()) if e is not None]
+    held = spool.held_ids()
+    entries = [e for e in (read_entry(spool, q, held) for q in spool.queue_ids()) if e is not None]
     if args.json:
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
     else:

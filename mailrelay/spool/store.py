@@ -294,9 +294,10 @@ class Spool(Service):
             return []
         return sorted(name for name in names if is_valid_queue_id(name))
 
-    def load(self, queue_id: str) -> SpooledMessage:
+    def load(self, queue_id: str, held: Optional[bool] = None) -> SpooledMessage:
         """The message's envelope, size, state and hold flag. message.CorruptMessage for a bad queue
-        file or an unreadable state file; UnknownMessage (a KeyError) when there is no such message."""
+        file or an unreadable state file; UnknownMessage (a KeyError) when there is no such message.
+        `held`: the hold flag when the caller knows it already (held_ids()), saving a stat."""
         self._fresh.pop(queue_id, None)
         path = self.paths.message(self._checked(queue_id))
         try:
@@ -306,7 +307,14 @@ class Spool(Service):
         with f:
             header = read_header(f)
         return SpooledMessage(queue_id, header.envelope, header.size, path, header.data_offset,
-                              self._read_state(queue_id), self.is_held(queue_id))
+                              self._read_state(queue_id), self.is_held(queue_id) if held is None else held)
+
+    def held_ids(self) -> set[str]:
+        """Every held message's id, from one listing of hold/ (a reader of the whole queue: `queue list`)."""
+        try:
+            return set(os.listdir(self.paths.hold))
+        except FileNotFoundError:
+            return set()
 
     def state_of(self, queue_id: str) -> dict:
         """The message's per-recipient state alone ({} before the first save), without opening the
