@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import json
 import os
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class StoredEvent:
     body: bytes
     created: float         # unix time of the outcome (the document's "time")
     segment: int
+    seq: int = 0           # order of arrival in this outbox (oldest first)
+
+    def __lt__(self, other: "StoredEvent") -> bool:
+        return self.seq < other.seq
 
 
 def _parse(line: bytes) -> Optional[tuple[str, float]]:
@@ -131,6 +136,8 @@ class Outbox:
         self.max_pending = max_pending
         self._run, self._on_ready, self._on_drop = run, on_ready, on_drop
         self._pending: collections.deque[StoredEvent] = collections.deque()   # durable, not in flight
+        self._returned: list[StoredEvent] = []      # a heap: events whose POST failed, sent first again
+        self._seq = 0
         self._in_flight: dict[str, StoredEvent] = {}
         self._buffer: list[tuple[StoredEvent, defer.Deferred]] = []
         self._acks: dict[int, list[str]] = {}
@@ -152,7 +159,8 @@ class Outbox:
         events, done = read_segments(self.directory)
         for number, rows in sorted(events.items()):
             acked = done.get(number, set())
-            left = [StoredEvent(i, body, created, number) for i, body, created in rows if i not in acked]
+            left = [StoredEvent(i, body, created, number, self._next_seq()) for i, body, created in rows
+                    if i not in acked]
             if not left:
                 _remove_segment(self.directory, number)
                 continue
@@ -167,6 +175,10 @@ class Outbox:
             self.status = {}
         return self.live
 
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
     # -- the delivery side -------------------------------------------------------------------------
 
     def append(self, event_id: str, body: bytes, created: float) -> defer.Deferred:
@@ -180,7 +192,7 @@ class Outbox:
             return defer.succeed(False)
         self.live += 1
         d = defer.Deferred()
-        self._buffer.append((StoredEvent(event_id, body, created, 0), d))
+        self._buffer.append((StoredEvent(event_id, body, created, 0, self._next_seq()), d))
         self._write()
         return d
 
@@ -233,24 +245,28 @@ class Outbox:
     @property
     def waiting(self) -> int:
         """Durable events not in flight."""
-        return len(self._pending)
+        return len(self._pending) + len(self._returned)
 
     def take(self) -> Optional[StoredEvent]:
-        if not self._pending:
+        """The oldest durable event not in flight (one given back before any never tried), or None."""
+        if self._returned:
+            event = heapq.heappop(self._returned)
+        elif self._pending:
+            event = self._pending.popleft()
+        else:
             return None
-        event = self._pending.popleft()
         self._in_flight[event.id] = event
         return event
 
     def give_back(self, event: StoredEvent) -> None:
-        """A POST that failed: the event goes first in line again."""
+        """A POST that failed: the event goes back in line, before every event taken after it."""
         if self._in_flight.pop(event.id, None) is not None:
-            self._pending.appendleft(event)
+            heapq.heappush(self._returned, event)
 
     def return_all(self) -> None:
-        """Every event in flight back in line, oldest first (the sender stopped)."""
-        for event in sorted(self._in_flight.values(), key=lambda e: e.created, reverse=True):
-            self._pending.appendleft(event)
+        """Every event in flight back in line (the sender stopped)."""
+        for event in self._in_flight.values():
+            heapq.heappush(self._returned, event)
         self._in_flight.clear()
 
     def ack(self, event: StoredEvent) -> None:
@@ -299,6 +315,8 @@ class Outbox:
     def oldest(self) -> Optional[float]:
         """The time of the oldest outstanding durable event, or None."""
         times = [e.created for e in self._in_flight.values()]
+        if self._returned:
+            times.append(self._returned[0].created)
         if self._pending:
             times.append(self._pending[0].created)
         return min(times) if times else None
