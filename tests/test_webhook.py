@@ -383,3 +383,71 @@ class CostPerEvent(unittest.TestCase):
         self.assertTrue(all(ok and value for ok, value in results))
         self.assertLess(len(synced), 200)          # group commit: far fewer fsyncs than events
         yield events.stopService()
+
+
+class Operations(unittest.TestCase):
+    """`mailrelay queue list|webhooks` read the outboxes from the spool; metrics show the backlog."""
+
+    def setUp(self):
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.config = self.dir / "tap.conf"
+        self.config.write_text('hostname = "relay.test"\nspool = "spool"\n'
+                               '[[webhook]]\nurl = "https://h.example/hook?token=SECRETTOKEN"\n')
+        now = 1767225600.0
+        box = Outbox(self.dir / "spool", "https://h.example/hook?token=SECRETTOKEN", 100, run_now, lambda: None)
+        box.load()
+        for i in range(2):
+            box.append(f"e{i}", body(f"e{i}", now - 600), now - 600)
+        box.note(last_error="HTTP 503", last_error_at=now - 60)
+        gone = Outbox(self.dir / "spool", "https://old.example/x", 100, run_now, lambda: None)
+        gone.load()
+        gone.append("g1", body("g1", now - 3600), now - 3600)
+        self.clock = task.Clock()
+        self.clock.advance(now)
+
+    def run_queue(self, *argv: str) -> str:
+        import argparse
+        import contextlib
+        import io
+
+        from mailrelay.cli import queue as cli_queue
+
+        out = io.StringIO()
+        args = argparse.Namespace(action=argv[0], config=str(self.config), json="--json" in argv)
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(cli_queue.run(args, clock=self.clock), 0)
+        return out.getvalue()
+
+    def test_queue_list_ends_with_each_webhook_backlog(self):
+        text = self.run_queue("list")
+        self.assertIn("queue is empty", text)
+        self.assertIn("webhook https://h.example/hook?…: 2 events waiting, oldest 10m, last error 1m ago: HTTP 503",
+                      text)
+        self.assertIn("webhook https://old.example/x (not configured: kept, not sent): 1 event waiting, oldest 1h",
+                      text)
+        self.assertNotIn("SECRETTOKEN", text)
+
+    def test_queue_webhooks_json(self):
+        rows = json.loads(self.run_queue("webhooks", "--json"))
+        self.assertEqual({(r["url"], r["configured"], r["pending"], r["last_error"]) for r in rows},
+                         {("https://h.example/hook?…", True, 2, "HTTP 503"), ("https://old.example/x", False, 1, None)})
+
+    def test_metrics_show_the_backlog_of_every_configured_url(self):
+        from mailrelay.metrics import delivery_text
+
+        metrics = Metrics()
+        events = DeliveryEvents(self.dir / "spool", load(self.config).webhooks, self.clock, drop_after=60.0,
+                                metrics=metrics, poster=lambda config: FakePoster())
+        events._threads.start = lambda: None
+        events._threads.run = run_now
+        events._threads.stop = lambda: None
+        events.startService()
+        self.addCleanup(events.stopService)
+        labels = {"url": "https://h.example/hook?…"}
+        self.assertEqual(metrics.registry.get_sample_value("mailrelay_webhook_pending", labels), 2.0)
+        self.assertEqual(metrics.registry.get_sample_value("mailrelay_webhook_oldest_event_age_seconds", labels),
+                         600.0)
+        text = delivery_text(metrics)          # counted in the delivery process, handed up per scrape
+        self.assertIn(b"mailrelay_webhook_pending{", text)
+        self.assertNotIn(b"SECRETTOKEN", text)

@@ -203,3 +203,19 @@ class AcrossARestart(_Relay):
         log = (relay.dir / "twistd.log").read_text()
         self.assertNotIn(SECRET.decode(), log)
         self.assertIn("3 events waiting from before", log)
+
+
+class Reload(_Relay):
+    @defer.inlineCallbacks
+    def test_a_url_removed_on_reload_stops_receiving_and_its_backlog_stays(self):
+        self.start_receiver()
+        relay = self.start_relay()
+        yield relay.submit("relay", "app@example.org", ["one@example.com"], MESSAGE)
+        yield self.receiver.wait_for_events(1)
+        text = relay.path.read_text()
+        relay.path.write_text(text[:text.index("[[webhook]]")])
+        self.assertTrue(relay.service.reload())
+        self.assertEqual(relay.service.events.backlog(), [])
+        yield relay.submit("relay", "app@example.org", ["two@example.com"], MESSAGE)
+        yield self.sink.wait_for(2)
+        self.assertEqual(len(self.receiver.events), 1)
