@@ -188,12 +188,12 @@ class _SizeCollector(Collector):
 class _WebhookCollector(Collector):
     """The two backlog gauges per webhook URL, read at scrape time (in the scrape's thread: reads only)."""
 
-    def __init__(self, backlog: WebhookBacklog) -> None:
-        self.backlog = backlog
+    def __init__(self) -> None:
+        self.backlog: Optional[WebhookBacklog] = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            rows = list(self.backlog())
+            rows = list(self.backlog()) if self.backlog is not None else []
         except Exception:
             log.failure("webhook backlog for metrics failed")
             return
@@ -244,6 +244,8 @@ class Metrics:
                                      ["url", "reason"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
+        self._webhooks = _WebhookCollector()
+        r.register(self._webhooks)
 
     # -- call-site helpers: the listeners -----------------------------------------------------
 
@@ -304,8 +306,8 @@ class Metrics:
         self.webhook_drops.labels(url, _fold(reason, WEBHOOK_DROPS, "error")).inc()
 
     def watch_webhooks(self, backlog: WebhookBacklog) -> None:
-        """Read every webhook URL's backlog from `backlog` at every scrape."""
-        self.registry.register(_WebhookCollector(backlog))
+        """Read every webhook URL's backlog from `backlog` at every scrape; a later call replaces it."""
+        self._webhooks.backlog = backlog
 
     # -- the queue gauges -------------------------------------------------------------------------
 
