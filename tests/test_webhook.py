@@ -451,3 +451,17 @@ class Operations(unittest.TestCase):
         text = delivery_text(metrics)          # counted in the delivery process, handed up per scrape
         self.assertIn(b"mailrelay_webhook_pending{", text)
         self.assertNotIn(b"SECRETTOKEN", text)
+
+
+class Check(unittest.TestCase):
+    def test_mailrelay_check_lists_each_webhook_without_its_query_or_secret(self):
+        from mailrelay.cli.check import describe
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "s").write_bytes(b"TOPSECRETVALUE")
+        (directory / "tap.conf").write_text('hostname = "relay.test"\n[[webhook]]\nurl = "https://h.example/x?t=TOKEN"\n'
+                                            'secret_file = "s"\nevents = ["bounced"]\n')
+        lines = dict(describe(load(directory / "tap.conf")))
+        self.assertEqual(lines["webhook[0]"], "bounced to https://h.example/x?…, signed (HMAC-SHA256)")
+        self.assertNotIn("TOKEN", repr(lines))
