@@ -134,6 +134,7 @@ class OutboxOnDisk(unittest.TestCase):
         box = Outbox(self.spool, "https://h.example/hook?token=x", max_pending, run_now,
                      lambda: self.ready.append(1))
         box.load()
+        self.addCleanup(box.close)
         return box
 
     def test_an_event_is_on_disk_before_it_can_be_taken(self):
@@ -152,11 +153,25 @@ class OutboxOnDisk(unittest.TestCase):
         box.ack(box.take())
         with open(box.directory / "0000000001.events", "ab") as f:
             f.write(b'{"id": "torn", "ev')          # a crash in the middle of a write
+        box.close()                                  # the process is gone: so is its lock
         again = self.outbox()
         self.assertEqual(again.live, 2)
         self.assertEqual([again.take().id, again.take().id], ["e1", "e2"])
         again.append("e3", body("e3"), 1.0)         # a new segment: never after the torn line
         self.assertTrue((again.directory / "0000000002.events").exists())
+
+    def test_a_segment_another_process_still_writes_is_left_alone(self):
+        ending = self.outbox()                       # e.g. a delivery process finishing after its parent died
+        ending.append("e1", body("e1"), 1.0)
+        starting = self.outbox()
+        self.assertEqual(starting.live, 0)           # not read now: read at the next start
+        starting.append("n1", body("n1"), 1.0)
+        self.assertTrue((starting.directory / "0000000002.events").exists())
+        ending.append("e2", body("e2"), 1.0)
+        ending.close()
+        starting.close()
+        later = self.outbox()
+        self.assertEqual({later.take().id for _ in range(3)}, {"e1", "e2", "n1"})
 
     def test_a_fully_acknowledged_segment_is_removed(self):
         self.patch(store, "SEGMENT_EVENTS", 2)
@@ -172,6 +187,7 @@ class OutboxOnDisk(unittest.TestCase):
         drops = []
         box = Outbox(self.spool, "https://h.example/x", 2, run_now, lambda: None, on_drop=drops.append)
         box.load()
+        self.addCleanup(box.close)
         results = [self.successResultOf(box.append(f"e{i}", body(f"e{i}"), 1.0)) for i in range(4)]
         self.assertEqual(results, [True, True, False, False])
         self.assertEqual((box.live, box.dropped, drops), (2, 2, ["full", "full"]))
@@ -229,6 +245,7 @@ class Sending(unittest.TestCase):
         config = WebhookConfig("https://h.example/hook", concurrency=concurrency, timeout=10.0)
         box = Outbox(self.spool, config.url, 1000, run_now, lambda: None)
         box.load()
+        self.addCleanup(box.close)
         for i in range(events):
             box.append(f"e{i}", body(f"e{i}", self.clock.seconds()), self.clock.seconds())
         sender = WebhookSender(box, config, self.clock, self.poster.post, SECRET, drop_after, rng=NoJitter(),
@@ -403,6 +420,8 @@ class Operations(unittest.TestCase):
         gone = Outbox(self.dir / "spool", "https://old.example/x", 100, run_now, lambda: None)
         gone.load()
         gone.append("g1", body("g1", now - 3600), now - 3600)
+        box.close()
+        gone.close()
         self.clock = task.Clock()
         self.clock.advance(now)
 

@@ -89,6 +89,7 @@ class DeliveryEvents(service.Service):
             sender = self._senders.pop(url)
             sender.stop()
             self._close_poster(url)
+            sender.outbox.flushed().addBoth(lambda _, o=sender.outbox: o.close())
             log.info("webhook {url}: no longer configured; its {count} waiting events stay in the spool",
                      url=sender.outbox.shown, count=sender.outbox.live)
         for url, config in wanted.items():
@@ -147,7 +148,9 @@ class DeliveryEvents(service.Service):
             sender.stop()
         for url in list(self._posters):
             self._close_poster(url)
-        d = defer.DeferredList([s.outbox.flushed() for s in self._senders.values()], consumeErrors=True)
+        outboxes = [s.outbox for s in self._senders.values()]
+        d = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
+        d.addBoth(lambda _: [o.close() for o in outboxes])
         d.addBoth(lambda _: self._threads.stop())
         return d
 

@@ -18,12 +18,16 @@ cache survives a kill -9) can forget one, and the event is then POSTed again (at
 lets a receiver dedupe).  A segment takes SEGMENT_EVENTS events; once every event of a segment that is
 no longer written to is acknowledged, both its files are removed.  At start every segment is read again
 (a line a crash tore is skipped) and a new segment begins, so a torn line is never followed by another.
+The segment being written is created with O_EXCL and held under flock(2): a process that starts while
+an ending one (a delivery process finishing after its parent was killed) still writes leaves that
+segment alone until its next start, so no event is removed or lost by two writers.
 The bound: with `max_pending` events outstanding (durable or being written), a new one is dropped —
 counted and logged, never waited for: delivery must not block on a full outbox.
 """
 from __future__ import annotations
 
 import collections
+import fcntl
 import hashlib
 import heapq
 import json
@@ -69,14 +73,19 @@ def _parse(line: bytes) -> Optional[tuple[str, float]]:
         return None
 
 
-def read_segments(directory: Path) -> tuple[dict[int, list[tuple[str, bytes, float]]], dict[int, set[str]]]:
-    """Every segment's events (id, body, time) and acknowledged ids, by segment number."""
+def read_segments(directory: Path, busy: Optional[set[int]] = None
+                  ) -> tuple[dict[int, list[tuple[str, bytes, float]]], dict[int, set[str]]]:
+    """Every segment's events (id, body, time) and acknowledged ids, by segment number.  With `busy`, a
+    segment another process still writes (it holds its lock) is left out and its number put in `busy`."""
     events: dict[int, list[tuple[str, bytes, float]]] = {}
     done: dict[int, set[str]] = {}
     for path in sorted(directory.glob("*.events")):
         if not path.stem.isdigit():
             continue
         number = int(path.stem)
+        if busy is not None and _locked_elsewhere(path):
+            busy.add(number)
+            continue
         rows = []
         for line in path.read_bytes().split(b"\n"):
             parsed = _parse(line) if line.strip() else None
@@ -101,6 +110,35 @@ def _append(path: Path, data: bytes, sync: bool) -> None:
         os.close(fd)
     if created:
         _fsync_directory(path.parent)      # a new segment's name is durable too (once per segment)
+
+
+def _locked_elsewhere(path: Path) -> bool:
+    """Does another process hold the lock of this segment (it is its current one)?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)              # closing releases a lock taken here
+    return False
+
+
+def _claim(directory: Path, number: int) -> tuple[int, int]:
+    """Create a new segment file (never one that exists: another process may have made it) and lock it
+    for as long as this process writes to it: (its number, the fd holding the lock)."""
+    while True:
+        path = directory / f"{number:010d}.events"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            number += 1
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return number, fd
 
 
 def _write_status(path: Path, status: dict) -> None:
@@ -145,6 +183,7 @@ class Outbox:
         self._acked: collections.Counter[int] = collections.Counter()
         self._writing = self._acking = False
         self._current = 1
+        self._locks: dict[int, int] = {}       # segment -> fd holding its lock (the one being written)
         self.live = 0                      # outstanding: buffered, durable or in flight
         self.dropped = 0
         self.status: dict = {}
@@ -156,7 +195,13 @@ class Outbox:
         events still to send.  Fully acknowledged segments are removed."""
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "url").write_text(self.shown + "\n")
-        events, done = read_segments(self.directory)
+        busy: set[int] = set()
+        events, done = read_segments(self.directory, busy)
+        if busy:
+            # A process that is ending (an old delivery process finishing its deliveries) still writes
+            # these: they are read at the next start, never removed or sent twice from here meanwhile.
+            log.info("webhook {url}: {count} outbox segments still written by another process; read at the "
+                     "next start", url=self.shown, count=len(busy))
         for number, rows in sorted(events.items()):
             acked = done.get(number, set())
             left = [StoredEvent(i, body, created, number, self._next_seq()) for i, body, created in rows
@@ -167,13 +212,28 @@ class Outbox:
             self._counts[number] = len(rows)
             self._acked[number] = len(rows) - len(left)
             self._pending.extend(left)
-        self._current = max(events, default=0) + 1       # never append after a line a crash may have torn
+        # A new segment: never appended after a line a crash may have torn, nor to another process's.
+        self._claim(max([*events, *busy], default=0) + 1)
         self.live = len(self._pending)
         try:
             self.status = json.loads((self.directory / "status.json").read_text())
         except (OSError, ValueError):
             self.status = {}
         return self.live
+
+    def _claim(self, number: int) -> None:
+        self._current, fd = _claim(self.directory, number)
+        self._locks[self._current] = fd
+
+    def _release_old_locks(self) -> None:
+        for number in [n for n in self._locks if n < self._current]:
+            os.close(self._locks.pop(number))
+
+    def close(self) -> None:
+        """Give up the segment locks (after `flushed`): another process may take this outbox over."""
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks.clear()
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -205,7 +265,7 @@ class Outbox:
             event.segment = segment
         self._counts[segment] += len(batch)
         if self._counts[segment] >= SEGMENT_EVENTS:
-            self._current += 1
+            self._claim(self._current + 1)     # the old lock goes once this write to it is done
         self._writing = True
         data = b"".join(event.body + b"\n" for event, _ in batch)
         d = self._run(_append, self.directory / f"{segment:010d}.events", data, True)
@@ -213,6 +273,7 @@ class Outbox:
 
     def _written(self, _, batch) -> None:
         self._writing = False
+        self._release_old_locks()
         self._pending.extend(event for event, _ in batch)
         for _, d in batch:
             d.callback(True)
@@ -221,6 +282,7 @@ class Outbox:
 
     def _not_written(self, failure, batch) -> None:
         self._writing = False
+        self._release_old_locks()
         log.failure("webhook {url}: cannot write {count} events to the outbox; dropped", failure,
                     url=self.shown, count=len(batch))
         for event, d in batch:
