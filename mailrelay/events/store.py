@@ -268,7 +268,7 @@ class Outbox:
             self._claim(self._current + 1)     # the old lock goes once this write to it is done
         self._writing = True
         data = b"".join(event.body + b"\n" for event, _ in batch)
-        d = self._run(_append, self.directory / f"{segment:010d}.events", data, True)
+        d = defer.maybeDeferred(self._run, _append, self.directory / f"{segment:010d}.events", data, True)
         d.addCallbacks(self._written, self._not_written, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _written(self, _, batch) -> None:
@@ -356,7 +356,7 @@ class Outbox:
 
         for number in finished:
             del self._counts[number], self._acked[number]
-        d = self._run(write)
+        d = defer.maybeDeferred(self._run, write)
         d.addErrback(lambda f: log.failure("webhook {url}: cannot record acknowledgements", f, url=self.shown))
         d.addBoth(self._acks_written)
 
@@ -370,7 +370,8 @@ class Outbox:
             self.status.update(status)
             return
         self.status.update(status)
-        self._run(_write_status, self.directory / "status.json", dict(self.status)).addErrback(lambda _: None)
+        defer.maybeDeferred(self._run, _write_status, self.directory / "status.json",
+                            dict(self.status)).addErrback(lambda _: None)
 
     # -- the backlog -------------------------------------------------------------------------------
 
