@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,6 +80,8 @@ def measure(reactor, events: int, burst: int):
     print(f"durable (emit to fsync'd), per event:{waited / done * 1e6:8.2f} µs wall, "
           f"{fsyncs[0] / done:.3f} fsyncs per event ({fsyncs[0]} in all)")
     print(f"outbox size: {sum(p.stat().st_size for p in directory.rglob('*.events')) / done:.0f} bytes per event")
+    print(f"load average while measuring: {os.getloadavg()[0]:.1f}")
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:

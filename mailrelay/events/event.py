@@ -13,8 +13,8 @@ the same document with the same signature input.
 from __future__ import annotations
 
 import json
+import secrets
 import time as _time
-import uuid
 
 KINDS = ("delivered", "deferred", "bounced", "expired")
 
@@ -29,7 +29,8 @@ def rfc3339(when: float) -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits (cheaper than uuid4, the same randomness)."""
+    return secrets.token_hex(16)
 
 
 def event_body(event_id: str, kind: str, queue_id: str, sender: str, recipient: str, when: float, reply,
