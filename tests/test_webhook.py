@@ -295,6 +295,19 @@ class Sending(unittest.TestCase):
         self.assertEqual(sender.outbox.status["last_error"], "HTTP 500")
         self.assertEqual(self.posts("server_error"), 3.0)
 
+    def test_the_first_connection_failure_is_retried_at_once_the_second_pauses(self):
+        from twisted.web.client import ResponseNeverReceived
+
+        sender = self.sender(1, concurrency=1)
+        self.poster.requests.pop()[3].errback(ResponseNeverReceived([]))
+        self.assertEqual((len(self.poster.requests), sender.paused), (1, False))   # a closed keep-alive
+        self.poster.requests.pop()[3].errback(ConnectionRefusedError("refused"))
+        self.assertEqual((len(self.poster.requests), sender.paused), (0, True))
+        self.assertEqual(self.posts("error"), 2.0)
+        self.clock.advance(RETRY_FIRST)
+        self.poster.answer(200)
+        self.assertEqual(sender.outbox.live, 0)
+
     def test_a_post_without_answer_times_out_and_is_retried(self):
         sender = self.sender(1, concurrency=1)
         self.clock.advance(10.0)

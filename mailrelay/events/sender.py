@@ -14,7 +14,9 @@ not a 2xx; a signed body is never replayed to a host the config does not name).
 At most `concurrency` POSTs are in flight; each is bounded by `timeout` (connect to the last byte of
 the answer).  Any answer but 2xx, a timeout or a connection failure puts the event back first in line
 and pauses the URL for a jittered, doubling interval (RETRY_FIRST up to RETRY_MAX, delivery.backoff);
-after the pause one POST probes, and full concurrency returns with the first 2xx.  A 4xx other than
+after the pause one POST probes, and full concurrency returns with the first 2xx.  The first
+connection failure after a 2xx is retried at once, without a pause: a kept-alive connection the
+receiver closed just as it was reused looks like that.  A 4xx other than
 408 and 429 (RFC 9110 sections 15.5.9, RFC 6585 section 4: "try again later") is a refusal of that very
 event: it is retried like the rest, but given up — logged and counted — once the event is older than
 `drop_after` (the `[queue] lifetime`), so one document a receiver will never take cannot hold the URL's
@@ -42,6 +44,7 @@ RETRY_FIRST = 5.0
 RETRY_MAX = 900.0
 RETRIED_4XX = (408, 429)     # RFC 9110 §15.5.9 Request Timeout, RFC 6585 §4 Too Many Requests
 USER_AGENT = "mailrelay-webhook/1"
+IDLE_CONNECTION = 20.0       # seconds a kept-alive connection to a receiver may stay idle
 POST_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
 
 Post = Callable[[str, bytes, dict], defer.Deferred]     # (url, body, headers) -> Deferred[status code]
@@ -78,6 +81,10 @@ class TreqPoster:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = concurrency
         self._pool.retryAutomatically = False       # a POST is never re-sent behind our back
+        # Idle connections are dropped before common server keep-alive timeouts (60-75 s) drop them:
+        # a POST on a connection the server just closed fails without an answer (RFC 9112 section 9.3).
+        self._pool.cachedConnectionTimeout = IDLE_CONNECTION
+
         agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
                       connectTimeout=connect_timeout, pool=self._pool)
         self._client = HTTPClient(agent)
@@ -105,6 +112,7 @@ class WebhookSender:
         self._retry_call = None
         self.failures = 0
         self.probing = False
+        self._struck = False        # a connection failure since the last 2xx, retried at once
         self.running = False
 
     def reconfigure(self, config: WebhookConfig, post: Post, key: Optional[bytes], drop_after: float) -> None:
@@ -157,7 +165,7 @@ class WebhookSender:
             self.outbox.ack(event)
             if self.failures:
                 log.info("webhook {url}: answering again", url=self.outbox.shown)
-            self.failures, self.probing = 0, False
+            self.failures, self.probing, self._struck = 0, False, False
             self.outbox.note(last_success_at=self._clock.seconds())
             self.pump()
             return
@@ -184,6 +192,13 @@ class WebhookSender:
         else:
             self._count("error")
             why = " ".join(failure.getErrorMessage().split())[:200] or failure.type.__name__
+            if not self.failures and not self._struck and self.running:
+                # The first connection failure after answers: most likely a kept-alive connection the
+                # receiver closed as we reused it (RFC 9112 section 9.3.1). Once, at once, on a new one.
+                self._struck = True
+                self.outbox.give_back(event)
+                self.pump()
+                return
         self._retry(event, why)
 
     def _retry(self, event: StoredEvent, why: str) -> None:
