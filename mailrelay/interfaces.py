@@ -177,3 +177,18 @@ class IDeliveryReporter(Interface):
     def delay(message, recipients):
         """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
         still pending, each with its last (temporary) reply."""
+
+
+class IDeliveryEvents(Interface):
+    """Hears every per-recipient outcome the scheduler records (the webhook events, mailrelay.events).
+    Optional: a scheduler without one emits nothing."""
+
+    def emit(kind, queue_id, sender, recipient, reply, attempt, next_hop, transport):
+        """One outcome: `kind` "delivered" | "deferred" | "bounced" | "expired"; `reply` a Reply (the one
+        that settled it, or for "expired" the RFC 3463 4.4.7 status with the last reply in its text);
+        `attempt` the recipient's attempt number (1 for the first); `next_hop` the host that answered,
+        else the transport name; `transport` "direct" or the transport's name.
+
+        Cheap and never blocking on a receiver: returns a Deferred that fires (never fails) once the
+        event is durable in the outbox, or at once when nobody subscribes to `kind` or it was dropped
+        (outbox full, disk error: logged and counted). Delivery never waits on the HTTP side."""

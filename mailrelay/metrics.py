@@ -33,6 +33,12 @@ Metrics (all prefixed `mailrelay_`):
                                                      gauges read at scrape time from `watch_queue`
     delivery_process_up                              with `[delivery] process = "separate"` only: 1 when
                                                      this scrape includes the delivery process's families
+    webhook_posts_total{url,result}                  POSTs of delivery events: ok | refused (4xx, 3xx) |
+                                                     server_error | timeout | error (no answer) | dropped
+    webhook_dropped_total{url,reason}                events given up: full (outbox at max_pending) | error
+                                                     (outbox not writable) | refused (4xx past lifetime)
+    webhook_pending{url}, webhook_oldest_event_age_seconds{url}
+                                                     gauges: events not yet answered 2xx, per URL
     suppressed_addresses                             gauge: addresses on the suppression list, in force
                                                      (`watch_suppression`; absent while it is off)
 
@@ -102,8 +108,13 @@ QueueSnapshot = Callable[[], "tuple[int, float, int]"]
 DELIVERY_FAMILIES = frozenset((
     "mailrelay_delivery_attempts", "mailrelay_delivery_results", "mailrelay_delivery_latency_seconds",
     "mailrelay_dsn_sent", "mailrelay_queue_messages", "mailrelay_queue_oldest_message_age_seconds",
-    "mailrelay_queue_held_messages",
+    "mailrelay_queue_held_messages", "mailrelay_webhook_posts", "mailrelay_webhook_dropped",
+    "mailrelay_webhook_pending", "mailrelay_webhook_oldest_event_age_seconds",
 ))
+WEBHOOK_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
+WEBHOOK_DROPS = ("full", "error", "refused")
+# (URL as shown, events pending, age of the oldest in seconds) per configured webhook URL.
+WebhookBacklog = Callable[[], "list[tuple[str, int, float]]"]
 # The delivery process's families, or None when it did not answer (see DeliveryProcess.metrics_text).
 DeliveryText = Callable[[], "defer.Deferred[Optional[bytes]]"]
 
@@ -174,6 +185,30 @@ class _SizeCollector(Collector):
         yield GaugeMetricFamily(self.name, self.documentation, value=value)
 
 
+class _WebhookCollector(Collector):
+    """The two backlog gauges per webhook URL, read at scrape time (in the scrape's thread: reads only)."""
+
+    def __init__(self) -> None:
+        self.backlog: Optional[WebhookBacklog] = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            rows = list(self.backlog()) if self.backlog is not None else []
+        except Exception:
+            log.failure("webhook backlog for metrics failed")
+            return
+        pending = GaugeMetricFamily("mailrelay_webhook_pending", "Delivery events not yet answered 2xx.",
+                                    labels=["url"])
+        oldest = GaugeMetricFamily("mailrelay_webhook_oldest_event_age_seconds",
+                                   "Age of the oldest delivery event not yet answered 2xx (0: none).",
+                                   labels=["url"])
+        for url, count, age in rows:
+            pending.add_metric([url], count)
+            oldest.add_metric([url], age)
+        yield pending
+        yield oldest
+
+
 class Metrics:
     """Every mailrelay collector, registered in `registry` (a new private one by default)."""
 
@@ -203,8 +238,14 @@ class Metrics:
                                       ["transport", "result"], registry=r)
         self.proxy_refusals = Counter("mailrelay_proxy_refused", "Connections closed by a PROXY protocol "
                                       "listener before the session began.", ["reason"], registry=r)
+        self.webhook_posts = Counter("mailrelay_webhook_posts", "POSTs of delivery events by result.",
+                                     ["url", "result"], registry=r)
+        self.webhook_drops = Counter("mailrelay_webhook_dropped", "Delivery events given up, by reason.",
+                                     ["url", "reason"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
+        self._webhooks = _WebhookCollector()
+        r.register(self._webhooks)
 
     # -- call-site helpers: the listeners -----------------------------------------------------
 
@@ -255,6 +296,18 @@ class Metrics:
     def oauth2_fetch(self, transport: str, result: str) -> None:
         """A smarthost transport's token request ended: `result` one of OAUTH2_RESULTS."""
         self.oauth2_fetches.labels(transport, _fold(result, OAUTH2_RESULTS, "bad_response")).inc()
+
+    def webhook_post(self, url: str, result: str) -> None:
+        """One POST of a delivery event to `url` (as shown: no query) ended with one of WEBHOOK_RESULTS."""
+        self.webhook_posts.labels(url, _fold(result, WEBHOOK_RESULTS, "error")).inc()
+
+    def webhook_dropped(self, url: str, reason: str) -> None:
+        """A delivery event for `url` was given up, for one of WEBHOOK_DROPS."""
+        self.webhook_drops.labels(url, _fold(reason, WEBHOOK_DROPS, "error")).inc()
+
+    def watch_webhooks(self, backlog: WebhookBacklog) -> None:
+        """Read every webhook URL's backlog from `backlog` at every scrape; a later call replaces it."""
+        self._webhooks.backlog = backlog
 
     # -- the queue gauges -------------------------------------------------------------------------
 

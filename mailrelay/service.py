@@ -208,9 +208,19 @@ def reread(path, build, reactor, source: Optional[bytes] = None, delivery_only: 
         return None
 
 
-def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metrics):
+def build_events(config: Config, reactor, metrics):
+    """The `[[webhook]]` delivery events (mailrelay.events): outboxes in the spool and their senders, in
+    the process that runs the scheduler. Always built: a reload may add the first webhook."""
+    from mailrelay.events.service import DeliveryEvents
+
+    return DeliveryEvents(config.spool, config.webhooks, reactor, drop_after=config.queue.lifetime,
+                          metrics=metrics)
+
+
+def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metrics, events=None):
     """The scheduler over `spool` with `parts`' routes and next hops, and its DSN reporter (unless
-    `[queue] bounces = false`) — in the main process, or in the delivery process."""
+    `[queue] bounces = false`) — in the main process, or in the delivery process. `events`: the
+    IDeliveryEvents told of every outcome (build_events), or None."""
     from mailrelay.delivery.scheduler import Scheduler
 
     reporter = None
@@ -226,7 +236,7 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
         suppression = SuppressionRecorder(SuppressionList(config.spool, config.suppression.duration, reactor),
                                           getattr(spool, "run_blocking", None))
     scheduler = Scheduler(spool, parts.router, parts.transports, parts.direct, config.queue, config.delivery,
-                          reporter, clock=reactor, metrics=metrics, suppression=suppression)
+                          reporter, clock=reactor, metrics=metrics, suppression=suppression, events=events)
     if reporter is not None:
         reporter.scheduler = scheduler
     return scheduler
@@ -307,6 +317,7 @@ class RelayService(service.MultiService):
         receiving = build_receiving_parts(config, reactor)
         self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
+        self.events = None                                 # so do the webhook events (mailrelay.events)
         # built here in either mode: a bad one stops the start
         delivery = build_delivery_parts(config, reactor, metrics=self.metrics)
         if config.delivery.process == "separate":
@@ -316,7 +327,9 @@ class RelayService(service.MultiService):
                                              log_text=self.log_service.relay, source=config.source)
         else:
             self.delivery = delivery
-            self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics)
+            self.events = build_events(config, reactor, self.metrics)
+            self.events.setServiceParent(self)           # started before the scheduler, stopped after it
+            self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics, self.events)
         self.scheduler.setServiceParent(self)
         if config.metrics.endpoint:
             # Separate: the delivery families come from the delivery process, over its pipe, per scrape.
@@ -400,6 +413,7 @@ class RelayService(service.MultiService):
         if self.delivery is not None:
             delivery.install(self.scheduler, config, replacing=self.delivery)
             self.delivery = delivery
+            self.events.reconfigure(config.webhooks, config.queue.lifetime)
         else:
             self.scheduler.reload(config.source)     # the bytes just validated, not the file again
         self.config = config

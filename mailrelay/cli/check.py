@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from mailrelay.config import Config, ConfigError, LDAPConfig, Permit, load
+from mailrelay.config.webhooks import display_url
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 
@@ -184,6 +185,10 @@ def describe(config: Config) -> list[tuple[str, str]]:
         lines.append((f"route[{i}]", f"to {_list(r.recipients)} from {_list(r.senders)} via {r.transport}{after}"))
     if not config.routes:
         lines.append(("route", "none: everything goes direct to MX"))
+    for i, w in enumerate(config.webhooks):
+        signed = "signed (HMAC-SHA256)" if w.secret_file else "unsigned"
+        trust = f", CAs from {w.ca_file}" if w.ca_file else ""
+        lines.append((f"webhook[{i}]", f"{', '.join(w.events)} to {display_url(w.url)}, {signed}{trust}"))
     joined = " (the delivery process's included)" if d.process == "separate" else ""
     lines.append(("metrics", f"{config.metrics.endpoint}{joined}" if config.metrics.endpoint else "off"))
     if config.metrics.delivery_endpoint and d.process == "separate":

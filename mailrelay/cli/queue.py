@@ -1,4 +1,4 @@
-"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID --config FILE`.
+"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID|webhooks --config FILE`.
 
 The operator's hand on the middle of the journey: the messages waiting in the spool between the SMTP
 session's 250 and their last delivery attempt (Postfix's postqueue -p/-f and postsuper -h/-H/-d).
@@ -14,7 +14,9 @@ In: the config (for `spool`), an action, maybe a queue id.  Out: text (or `--jso
   (done="bounced", not yet reported, scheduler.ADMIN_BOUNCE), which the scheduler reports in a DSN
   (RFC 3464) and then removes the message as soon as it starts.
 
-Reading (list, show) never takes the lock: queue and state files are replaced atomically.
+`list` ends with one line per webhook outbox (events.store: pending events, oldest, last error), and
+`webhooks` shows only those.  Reading (list, show, webhooks) never takes the lock: queue and state
+files are replaced atomically.
 Failures are one line on stderr, never a traceback: an unknown id exits 1, a config error exits 2.
 """
 from __future__ import annotations
@@ -35,7 +37,9 @@ from mailrelay.cli import transfer
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
 from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
-                                        sender_text, show_lines)
+                                        sender_text, show_lines, webhook_dict, webhook_lines)
+from mailrelay.config.webhooks import display_url
+from mailrelay.events.store import read_backlog
 from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.state import BOUNCED, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
@@ -55,6 +59,7 @@ _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("bounce", "give up on a message's pending recipients, with a DSN to the sender", "required", False),
     ("suspend", "stop every delivery (persisted) until resume; mail is still accepted", None, False),
     ("resume", "deliver again after suspend or `transfer --hold`", None, False),
+    ("webhooks", "the delivery events waiting for each [[webhook]] URL", None, True),
 )
 
 
@@ -158,11 +163,25 @@ def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) 
     if args.json:
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
     else:
-        print("\n".join(list_lines(entries, now)))
+        print("\n".join(list_lines(entries, now) + webhook_lines(read_backlog(config.spool), _shown(config), now)))
         suspended = spool.suspension()
         if suspended is not None:
             print(f"deliveries suspended {_age(now - float(suspended.get('since') or now))} ago "
                   f"(in flight: {suspended.get('in_flight', '?')}): `mailrelay queue resume` delivers again")
+    return EXIT_OK
+
+
+def _shown(config: Config) -> set[str]:
+    return {display_url(w.url) for w in config.webhooks}
+
+
+def do_webhooks(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
+    """The webhook outboxes, read from the spool directly (relay running or not): never locks."""
+    backlogs, shown = read_backlog(config.spool), _shown(config)
+    if args.json:
+        print(json.dumps([webhook_dict(b, shown) for b in backlogs], indent=2))
+    else:
+        print("\n".join(webhook_lines(backlogs, shown, now)) or "no webhook outboxes")
     return EXIT_OK
 
 
@@ -363,4 +382,5 @@ def _resume(spool: Spool, _queue_id: Optional[str]) -> int:
 _HANDLERS = {
     "list": do_list, "show": do_show, "flush": do_flush, "hold": do_hold, "release": do_release,
     "delete": do_delete, "bounce": do_bounce, "suspend": do_suspend, "resume": do_resume,
+    "webhooks": do_webhooks,
 }

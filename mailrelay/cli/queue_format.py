@@ -205,3 +205,30 @@ def _recipient_lines(rcpt: RecipientState, now: float) -> list[str]:
     if rcpt.last_reply is not None:
         lines.append(f"  last:      {reply_text(rcpt)}")
     return lines
+
+
+# -- webhook backlogs -------------------------------------------------------------------------------
+
+def webhook_lines(backlogs: list, configured: set[str], now: float) -> list[str]:
+    """One line per webhook outbox in the spool (events.store.Backlog): pending count, oldest, last error;
+    `configured`: the URLs (as shown) of the config's [[webhook]] tables."""
+    lines = []
+    for b in backlogs:
+        if not b.pending and b.url in configured and not b.last_error:
+            lines.append(f"webhook {printable(b.url)}: no events waiting")
+            continue
+        oldest = f", oldest {human_duration(now - b.oldest)}" if b.oldest is not None else ""
+        error = ""
+        if b.last_error and b.pending:
+            ago = f" {human_duration(now - b.last_error_at)} ago" if b.last_error_at else ""
+            error = f", last error{ago}: {printable(b.last_error)}"
+        gone = "" if b.url in configured else " (not configured: kept, not sent)"
+        noun = "event" if b.pending == 1 else "events"
+        lines.append(f"webhook {printable(b.url)}{gone}: {b.pending} {noun} waiting{oldest}{error}")
+    return lines
+
+
+def webhook_dict(backlog, configured: set[str]) -> dict:
+    return {"url": backlog.url, "configured": backlog.url in configured, "pending": backlog.pending,
+            "oldest": iso_time(backlog.oldest), "last_error": backlog.last_error or None,
+            "last_error_at": iso_time(backlog.last_error_at), "directory": str(backlog.directory)}

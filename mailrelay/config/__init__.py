@@ -28,7 +28,7 @@ from mailrelay.config.model import (
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
     AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig,
     Limits, Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig,
-    SuppressionConfig, TLSConfig, Transport,
+    SuppressionConfig, TLSConfig, Transport, WEBHOOK_EVENTS, WebhookConfig,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
@@ -36,6 +36,7 @@ from mailrelay.config.sections import (
     _auth, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
     _queue, _route, _sendmail, _suppression, _tls, _transports,
 )
+from mailrelay.config.webhooks import _webhooks
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 
 __all__ = [
@@ -43,7 +44,8 @@ __all__ = [
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
     "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig", "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
-    "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "load", "parse_duration",
+    "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "WEBHOOK_EVENTS", "WebhookConfig", "load",
+    "parse_duration",
     "parse_host_port", "parse_size",
 ]
 
@@ -99,6 +101,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         postmaster=_postmaster(root),
         source=source,
         suppression=_suppression(root.table("suppression")),
+        webhooks=_webhooks(root.tables("webhook")),
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

@@ -214,6 +214,21 @@ class SuppressionConfig:
     duration: float = 30 * 86400.0
 
 
+WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One `[[webhook]]`: where per-recipient delivery events are POSTed (mailrelay.events)."""
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    secret_file: Optional[Path] = None  # HMAC-SHA256 key (the file's content, stripped); None: unsigned
+    ca_file: Optional[Path] = None      # trust for the receiver; None: the system's
+    timeout: float = 10.0               # added key: seconds one POST may take, connect to last body byte
+    max_pending: int = 100_000          # added key: events kept for this URL; beyond: new ones dropped
+    concurrency: int = 4                # added key: POSTs in flight to this URL at once
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     endpoint: Optional[str] = None      # absent: off
@@ -264,6 +279,7 @@ class Config:
     # The file's bytes as validated: a delivery process runs exactly these, whatever the file says later.
     source: bytes = field(default=b"", repr=False, compare=False)
     suppression: SuppressionConfig = SuppressionConfig()
+    webhooks: tuple[WebhookConfig, ...] = ()
 
 
 DKIM_MODES = ("sign", "passthrough")

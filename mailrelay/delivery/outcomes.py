@@ -12,7 +12,9 @@ after `[queue] delay_warning`); RFC 5321 §4.5.5 / §6.1 (never a DSN to the nul
 
 `OutcomesMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_spool`,
 `_reporter`, `_queue`, `_backoff`, `_attempts`, `_stop_waiters`, `_metrics`, `running`, `log` and
-its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`; `_suppression` hears of every recipient
+its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`; `_events` (an IDeliveryEvents, or
+None) hears of every per-recipient outcome — the record waits for the event to be durable in its outbox
+(side by side with the state's own fsync), never for a webhook receiver; `_suppression` hears of every recipient
 that failed for good (spool.suppression decides whether that suppresses it).
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from twisted.python.failure import Failure
 from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.state import BOUNCED, EXPIRED
+from mailrelay.delivery.state import BOUNCED, DELIVERED, EXPIRED
 from mailrelay.delivery.tlsinfo import describe
+from mailrelay.interfaces import Reply
 from mailrelay.metrics import UNKNOWN
 
 
@@ -49,6 +52,7 @@ class OutcomesMixin:
         attempt, now = job.attempt, self._now()
         by_recipient = {r.recipient: r for r in results or () if r.recipient in job.recipients}
         delays: dict[int, float] = {}   # one draw per attempt count: a group is retried together
+        emitted: list[defer.Deferred] = []
         for recipient in job.recipients:
             result = by_recipient.get(recipient) or RecipientResult(
                 recipient, 451, "4.4.0", "the next hop gave no result for this recipient", "")
@@ -60,6 +64,10 @@ class OutcomesMixin:
             after = before.recorded(result, now, retry_at)
             attempt.state = attempt.state.with_recipient(after)
             self._log_outcome(attempt, job, after, result)
+            if self._events is not None:
+                kind = {DELIVERED: "delivered", BOUNCED: "bounced"}.get(after.done, "deferred")
+                emitted.append(self._emit(kind, attempt, after, result, result.remote_host or job.hop_name,
+                                          job.hop_name))
             if after.done == BOUNCED and self._suppression is not None:
                 self._suppression.note(recipient, result.code, result.status, result.text, result.remote_host,
                                        attempt.queue_id, getattr(result, "sender_refused", False))
@@ -68,10 +76,23 @@ class OutcomesMixin:
             # the record. A save in between would only narrow nothing (a crash before it, or before the
             # removal, sends the message again either way — docs/crash-safety.md) and costs an fsync.
             # Whoever waits on this record (a batch's next message) waits for that removal.
-            return defer.succeed(None).addBoth(self._job_done, attempt, wait=True)
-        d = self._persist(attempt)
+            return _all(emitted).addBoth(self._job_done, attempt, wait=True)
+        d = _all([self._persist(attempt), *emitted])
         d.addBoth(self._job_done, attempt)
         return d
+
+    def _emit(self, kind: str, attempt: _Attempt, rcpt, result: RecipientResult, next_hop: str,
+              transport: str) -> defer.Deferred:
+        """Tell the IDeliveryEvents of one outcome; a Deferred that never fails."""
+        try:
+            d = self._events.emit(kind, attempt.queue_id, attempt.message.envelope.sender, rcpt.recipient,
+                                  Reply(result.code, result.status, result.text), rcpt.attempts, next_hop,
+                                  transport)
+        except Exception:
+            self.log.failure("{queue_id}: delivery event not recorded", queue_id=attempt.queue_id)
+            return defer.succeed(None)
+        return d.addErrback(lambda f: self.log.failure("{queue_id}: delivery event not recorded", f,
+                                                       queue_id=attempt.queue_id))
 
     def _record_failed(self, failure, job: _Job) -> None:
         self.log.failure("{queue_id}: recording results failed", failure, queue_id=job.attempt.queue_id)
@@ -126,8 +147,9 @@ class OutcomesMixin:
             self._forget(attempt.queue_id)
             self.log.info("{queue_id}: deleted without DSN", queue_id=attempt.queue_id, stage="deleted")
             return
-        if self._close_pending(attempt):
-            yield self._persist(attempt)
+        closed = self._close_pending(attempt)
+        if closed:
+            yield _all([self._persist(attempt), *closed])
         if attempt.state.unreported:
             yield self._report_bounces(attempt)
         if self._delay_warning_due(attempt):
@@ -145,21 +167,26 @@ class OutcomesMixin:
             self._schedule(attempt.queue_id, self._now() if attempt.force_again else when,
                            force=attempt.force_again)
 
-    def _close_pending(self, attempt: _Attempt) -> bool:
+    def _close_pending(self, attempt: _Attempt) -> list:
         """Give the pending recipients a final answer if the postmaster bounced the message or it
-        outlived [queue] lifetime; True if anything changed."""
+        outlived [queue] lifetime; [] if nothing changed, else the Deferreds of their events (or
+        Nones, without events)."""
         pending = attempt.state.pending
         if attempt.action == "bounce":
             closed = [replace(r, done=BOUNCED, reported=False, last_reply=ADMIN_BOUNCE) for r in pending]
         elif self._now() >= self._expiry(attempt.message):
             closed = [replace(r, done=EXPIRED, reported=False) for r in pending]
         else:
-            return False
+            return []
+        emitted = []
         for rcpt in closed:
             attempt.state = attempt.state.with_recipient(rcpt)
             self.log.info("{queue_id}: {stage} {recipient} after {attempts} attempts", queue_id=attempt.queue_id,
                           stage=rcpt.done, recipient=rcpt.recipient, attempts=rcpt.attempts)
-        return bool(closed)
+            result = rcpt.as_result()       # expired: RFC 3463 4.4.7 with the last reply in its text
+            emitted.append(None if self._events is None else
+                           self._emit(rcpt.done, attempt, rcpt, result, result.remote_host or "", ""))
+        return emitted
 
     @defer.inlineCallbacks
     def _report_bounces(self, attempt: _Attempt):
@@ -235,3 +262,13 @@ class OutcomesMixin:
             self.log.info("scheduler stopped: {why}", why=why, queue_id="*", stage="stopped")
         for d in waiters:
             d.callback(None)
+
+
+def _all(deferreds: list) -> defer.Deferred:
+    """Fires when every one of `deferreds` (Deferreds or Nones) has; fails with the first failure."""
+    waiting = [d for d in deferreds if d is not None]
+    if not waiting:
+        return defer.succeed(None)
+    if len(waiting) == 1:
+        return waiting[0]
+    return defer.gatherResults(waiting, consumeErrors=True).addErrback(lambda f: f.value.subFailure)

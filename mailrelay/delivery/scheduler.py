@@ -72,13 +72,14 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
     jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics; `suppression`:
-    told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off)."""
+    told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off);
+    `events`: an IDeliveryEvents told of every per-recipient outcome (webhooks), or None."""
 
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                  delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
-                 metrics=None, suppression=None):
+                 metrics=None, suppression=None, events=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
@@ -100,6 +101,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._held: set[str] = set()
         self._metrics = metrics
         self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
+        self._events = events                    # an IDeliveryEvents, or None
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
 

@@ -72,12 +72,12 @@ class Commands(LineOnlyReceiver):
 
 
 class DeliveryWorker(service.MultiService):
-    """Spool (not its owner), scheduler, DSN reporter and next hops for one config."""
+    """Spool (not its owner), webhook events, scheduler, DSN reporter and next hops for one config."""
 
     def __init__(self, config, reactor):
         super().__init__()
         from mailrelay.metrics import Metrics, metrics_service
-        from mailrelay.service import build_delivery_parts, build_scheduler
+        from mailrelay.service import build_delivery_parts, build_events, build_scheduler
         from mailrelay.spool.store import Spool
 
         self.config, self.reactor = config, reactor
@@ -86,7 +86,9 @@ class DeliveryWorker(service.MultiService):
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
         self.parts = build_delivery_parts(config, reactor, metrics=self.metrics)
-        self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics)
+        self.events = build_events(config, reactor, self.metrics)   # webhooks: outboxes and senders
+        self.events.setServiceParent(self)
+        self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics, self.events)
         self.scheduler.setServiceParent(self)
         if config.metrics.delivery_endpoint:
             metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
@@ -120,6 +122,7 @@ class DeliveryWorker(service.MultiService):
             self.config, parts = loaded
             parts.install(self.scheduler, self.config, replacing=self.parts)
             self.parts = parts
+            self.events.reconfigure(self.config.webhooks, self.config.queue.lifetime)
 
     def stopService(self):
         """Deliveries in flight first (bounded), then the idle cached connections, then the spool."""
