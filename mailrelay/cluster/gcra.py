@@ -11,9 +11,9 @@ per `period` seconds is one event every `interval = period / limit` seconds; the
 `TAT + interval - burst * interval <= now`; then TAT moves on by one interval.  With `burst = limit`
 it is exactly the token bucket of server/ratelimit.py (a full bucket of `limit`, refilled
 continuously); with `burst = 1` it is "one every period/limit seconds, no burst" (the shape of
-`[[throttle]] messages_per_minute`).  The key also holds the interval it was written with: when the
-rate changes (a reload), the debt is carried over in events, not seconds, as the local bucket keeps
-its tokens ("an identity at its limit stays at its limit").
+`[[throttle]] messages_per_minute`).  The key also holds the interval and burst it was written with:
+when the rate changes (a reload), what is left is carried over in events, capped at the new burst, as
+the local bucket keeps its tokens ("an identity at its limit stays at its limit").
 
 The sliding log (AUTH attempts, server/factory.FailureWindow): a sorted set of attempts scored by
 time; an attempt is recorded when its check starts, those older than the window drop out, at most
@@ -51,11 +51,12 @@ local interval = period / limit
 local tat = now
 local stored = redis.call('GET', KEYS[1])
 if stored then
-  local old_tat, old_interval = string.match(stored, '^(%S+) (%S+)$')
-  old_tat, old_interval = tonumber(old_tat), tonumber(old_interval)
-  if old_tat and old_interval and old_interval > 0 and old_tat > now then
-    -- the debt, in events, carried over to the interval in force now
-    tat = now + (old_tat - now) / old_interval * interval
+  local old_tat, old_interval, old_burst = string.match(stored, '^(%S+) (%S+) (%S+)$')
+  old_tat, old_interval, old_burst = tonumber(old_tat), tonumber(old_interval), tonumber(old_burst)
+  if old_tat and old_interval and old_burst and old_interval > 0 and old_tat > now then
+    -- what is left, in events, carried over to the rate in force now and capped at its burst
+    local left = math.min(burst, old_burst - (old_tat - now) / old_interval)
+    tat = now + math.max(0, burst - left) * interval
   end
 end
 local new_tat = tat + interval * quantity
@@ -63,7 +64,7 @@ local allow_at = new_tat - burst * interval
 if allow_at > now then
   return {0, math.ceil((allow_at - now) * 1000)}
 end
-redis.call('SET', KEYS[1], string.format('%.6f %.9g', new_tat, interval),
+redis.call('SET', KEYS[1], string.format('%.6f %.9g %d', new_tat, interval, burst),
            'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
 return {1, 0}
 """
