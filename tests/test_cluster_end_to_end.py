@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import smtplib
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
@@ -139,6 +142,30 @@ class SharedLimitTests(TwoRelaysTestCase):
         reply = yield eventually(lambda: threads.deferToThread(rcpt_sync, self.b, "gone@example.net")
                                  .addCallback(lambda r: r if r[0] == 250 else None))
         self.assertEqual(reply[0], 250)
+
+
+class SuppressionCommandTests(TwoRelaysTestCase):
+    def cli(self, relay, *words) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).with_name("mailrelay")), "suppression", *words,
+                               "--config", str(relay.path)], capture_output=True, text=True, timeout=60)
+
+    @defer.inlineCallbacks
+    def test_the_command_adds_lists_and_removes_in_redis(self):
+        added = yield threads.deferToThread(self.cli, self.a, "add", "carol@example.net", "--reason", "asked")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        reply = yield threads.deferToThread(rcpt_sync, self.b, "carol@example.net")
+        self.assertEqual(reply[0], 550)                    # at once: the command wrote Redis itself
+        listed = yield threads.deferToThread(self.cli, self.b, "list")
+        self.assertIn("carol@example.net", listed.stdout)
+        self.assertIn("1 address suppressed", listed.stdout)
+        removed = yield threads.deferToThread(self.cli, self.b, "remove", "carol@example.net")
+        self.assertEqual(removed.returncode, 0, removed.stderr)
+        for relay in (self.a, self.b):                    # A's own journal entry is lifted by the removal
+            reply = yield threads.deferToThread(rcpt_sync, relay, "carol@example.net")
+            self.assertEqual(reply[0], 250)
+        listed = yield threads.deferToThread(self.cli, self.a, "list")
+        self.assertIn("0 addresses suppressed", listed.stdout)
+        self.assertNotIn("redis://", listed.stdout + listed.stderr)
 
 
 class RedisGoneTests(TwoRelaysTestCase):
