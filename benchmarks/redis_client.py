@@ -6,6 +6,9 @@ What is measured, for each client, in a process of its own (a reactor is chosen 
   waiting for the previous reply: the cost one SMTP session sees per MAIL FROM;
 - `concurrent`: the same call from 50 callers at once (each starts its next call when its reply came),
   total calls per second: the cost many sessions together see;
+- `message`: what one message with one recipient costs its session with `[cluster] redis` and
+  `[suppression]` on: the GCRA EVALSHA at MAIL FROM, then the GET of the recipient's suppression key at
+  RCPT TO, one after the other; messages per second (1e6 / it: the microseconds a message waits);
 - `reactor`: what the reactor itself costs the relay, without Redis: round trips of a 40-byte line over
   a loopback TCP connection between a Twisted client and a Twisted server in one process, under the
   reactor the client needs (epoll, twistd's default, for txredisapi; asyncio for redis-py).
@@ -83,12 +86,17 @@ def _child(client: str, port: int, calls: int) -> None:
         yield port_.stopListening()
 
     @defer.inlineCallbacks
-    def measure(call):
+    def measure(call, get):
         yield call(0)              # connected, script loaded
         started = time.perf_counter()
         for i in range(calls):
             yield call(i)
         results["sequential"] = calls / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for i in range(calls):
+            yield call(i)
+            yield get(f"bench:suppression:user{i % 100}@example.net")
+        results["message"] = calls / (time.perf_counter() - started)
 
         @defer.inlineCallbacks
         def worker(w):
@@ -108,7 +116,7 @@ def _child(client: str, port: int, calls: int) -> None:
         def call(i):
             keys, args = _gcra_args(i)
             return conn.evalsha(sha, keys, args)
-        yield measure(call)
+        yield measure(call, conn.get)
         yield conn.disconnect()
 
     @defer.inlineCallbacks
@@ -121,7 +129,10 @@ def _child(client: str, port: int, calls: int) -> None:
         def call(i):
             keys, args = _gcra_args(i)
             return defer.Deferred.fromFuture(asyncio_future(conn.evalsha(sha, len(keys), *keys, *args)))
-        yield measure(call)
+
+        def get(key):
+            return defer.Deferred.fromFuture(asyncio_future(conn.get(key)))
+        yield measure(call, get)
         yield defer.Deferred.fromFuture(asyncio_future(conn.aclose()))
 
     def asyncio_future(coroutine):
@@ -165,20 +176,22 @@ def main(argv=None) -> int:
             for client in ("txredisapi", "redis-py"):
                 runs = [_run_child(client, server.port, args.calls) for _ in range(args.runs)]
                 figures[client] = {k: statistics.median(r[k] for r in runs)
-                                   for k in ("sequential", "concurrent", "reactor")}
+                                   for k in ("sequential", "concurrent", "message", "reactor")}
         finally:
             server.stop()
     print(f"EVALSHA GCRA round trips per second, median of {args.runs} runs of {args.calls} calls "
           f"(redis-server {_redis_version()} on loopback, {os.cpu_count()} CPUs)")
-    print(f"{'client':<36} {'sequential':>12} {'50 concurrent':>14} {'reactor echo':>13}")
+    print(f"{'client':<36} {'sequential':>11} {'50 concurrent':>14} {'message':>8} {'reactor echo':>13}")
     for client, label in (("txredisapi", "txredisapi (epoll reactor)"),
                           ("redis-py", "redis-py asyncio (asyncio reactor)")):
         f = figures[client]
-        print(f"{label:<36} {f['sequential']:>12,.0f} {f['concurrent']:>14,.0f} {f['reactor']:>13,.0f}")
+        print(f"{label:<36} {f['sequential']:>11,.0f} {f['concurrent']:>14,.0f} {f['message']:>8,.0f} "
+              f"{f['reactor']:>13,.0f}")
     for client in figures:
         f = figures[client]
         print(f"{client}: {1e6 / f['sequential']:.0f} us per sequential call, "
-              f"{1e6 / f['concurrent']:.0f} us of relay time per call under concurrency")
+              f"{1e6 / f['concurrent']:.0f} us of relay time per call under concurrency, "
+              f"{1e6 / f['message']:.0f} us of Redis waits per message (MAIL + one RCPT)")
     return 0
 
 
