@@ -17,26 +17,8 @@ from mailrelay.metrics import Metrics
 from mailrelay.server.factory import FailureWindow
 from mailrelay.server.ratelimit import RateLimiter
 from mailrelay.spool.suppression import SuppressionList
+from tests.support.fakes import SilentRedisConnection
 from tests.support.logcapture import LogLines
-
-
-class SilentConnection:
-    """A connection that takes every command and never answers (a Redis that hangs)."""
-
-    def __init__(self):
-        self.sent = []
-        self.transport = self
-        self.aborted = False
-
-    def execute_command(self, *command):
-        self.sent.append(command)
-        return defer.Deferred()
-
-    def abortConnection(self):
-        self.aborted = True
-
-    def loseConnection(self):
-        self.aborted = True
 
 
 class RefusingEndpoint:
@@ -57,7 +39,7 @@ class FallbackTests(unittest.TestCase):
                               metrics=self.metrics, endpoint=self.endpoint)
         self.logs = LogLines(self)
         self.link.running = True          # as started, without connecting: the test hands it a connection
-        self.conn = SilentConnection()
+        self.conn = SilentRedisConnection()
         self.link._conn, self.link.up = self.conn, True
         self.link._announced = True
 
