@@ -123,8 +123,9 @@ class RedisLink(service.Service):
 
         def late():
             if not result.called:
-                result.errback(RedisUnavailable(f"no reply within {self.timeout:g}s"))
+                # Down first: whatever the caller does next (at once, in the errback) sees the link down.
                 self._down(f"no reply within {self.timeout:g}s", conn)
+                result.errback(RedisUnavailable(f"no reply within {self.timeout:g}s"))
 
         timer = self._reactor.callLater(self.timeout, late)
 
@@ -137,8 +138,8 @@ class RedisLink(service.Service):
                 if type(value.value).__name__ == "ResponseError":
                     result.errback(value)       # Redis refused the command (NOSCRIPT, a bug): reported
                 else:
-                    result.errback(RedisUnavailable(str(value.value)))     # lost, not connected
-                    self._down(str(value.value), conn)
+                    self._down(str(value.value), conn)                     # lost, not connected
+                    result.errback(RedisUnavailable(str(value.value)))
             else:
                 result.callback(value)
             return None

@@ -25,7 +25,10 @@ class RedisServer:
     """`start()` launches redis-server on 127.0.0.1 and waits until it answers PING; `kill()` ends it
     with SIGKILL (a crash: connections reset), `start()` again brings it back on the same port, empty."""
 
-    def __init__(self, directory: str, password: Optional[str] = None, port: Optional[int] = None):
+    def __init__(self, directory: str, password: Optional[str] = None, port: Optional[int] = None,
+                 tls: Optional[tuple[Path, Path, Path]] = None):
+        """`tls`: (certificate, key, CA file): TLS only, on `port` (clients need no certificate)."""
+        self.tls = tls
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -35,6 +38,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}localhost:{self.port}/0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
@@ -43,6 +48,10 @@ class RedisServer:
                 "--logfile", str(self.directory / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            cert, key, ca = self.tls
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -60,7 +69,8 @@ class RedisServer:
         """One command through redis-cli (it comes with redis-server), its reply as text: for a test's
         own checks and set-up, outside the relay's client."""
         env = dict(os.environ, REDISCLI_AUTH=self.password) if self.password else None
-        done = subprocess.run([REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *words], env=env,
+        tls = ["--tls", "--cacert", str(self.tls[2])] if self.tls else []
+        done = subprocess.run([REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *tls, *words], env=env,
                               capture_output=True, text=True, timeout=10)
         return done.stdout.strip()
 
