@@ -5,6 +5,8 @@ In-process relays (delivery inline), and a pair of real twistd processes with a 
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import smtplib
 import subprocess
 import sys
@@ -15,9 +17,10 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from mailrelay.server import apikeys
 from tests.support import redisserver
 from tests.support.logcapture import LogLines
-from tests.support.relay import RelayFixture
+from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
 
 MESSAGE = b"From: app@example.org\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -76,8 +79,23 @@ def eventually(check, seconds: float = 20.0, step: float = 0.1):
         yield task.deferLater(reactor, step, lambda: None)
 
 
+def post_sync(port: int, key: str) -> tuple[int, dict]:
+    """One message through the HTTP injection API: (status, JSON body)."""
+    body = json.dumps({"from": "app@example.org", "to": ["bob@example.net"],
+                       "message": MESSAGE.decode("ascii")}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/v1/messages", body=body, headers={"Authorization": f"Bearer {key}",
+                                                                        "Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
 class TwoRelaysTestCase(unittest.TestCase):
     rate = 5
+    http_on_a = False
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -91,7 +109,14 @@ class TwoRelaysTestCase(unittest.TestCase):
         self.logs = LogLines(self)
         self.relays = []
         for name in ("a", "b"):
-            relay = RelayFixture(self.mktemp() + name, extra=cluster_config(sink_port, self.redis.url, self.rate))
+            extra = cluster_config(sink_port, self.redis.url, self.rate)
+            if name == "a" and self.http_on_a:
+                self.http_port = free_port()
+                extra += (f'\n[[listen]]\nkind = "http"\nendpoint = "tcp:{self.http_port}:interface=127.0.0.1"\n\n'
+                          '[http]\napi_keys_file = "apikeys"\n')
+            relay = RelayFixture(self.mktemp() + name, extra=extra)
+            if name == "a" and self.http_on_a:
+                self.api_key = apikeys.set_key(relay.dir / "apikeys", "app1")
             relay.start(reactor)
             self.addCleanup(relay.stop)
             self.relays.append(relay)
@@ -142,6 +167,23 @@ class SharedLimitTests(TwoRelaysTestCase):
         reply = yield eventually(lambda: threads.deferToThread(rcpt_sync, self.b, "gone@example.net")
                                  .addCallback(lambda r: r if r[0] == 250 else None))
         self.assertEqual(reply[0], 250)
+
+
+class HTTPTests(TwoRelaysTestCase):
+    http_on_a = True
+
+    @defer.inlineCallbacks
+    def test_the_http_api_and_smtp_auth_share_one_budget_per_identity(self):
+        for _ in range(3):
+            status, body = yield threads.deferToThread(post_sync, self.http_port, self.api_key)
+            self.assertEqual(status, 202, body)
+        for _ in range(2):
+            code, _ = yield threads.deferToThread(self.b.submit_sync, "submission", "app@example.org",
+                                                  ["bob@example.net"], MESSAGE, user="app1")
+            self.assertEqual(code, 250)
+        status, body = yield threads.deferToThread(post_sync, self.http_port, self.api_key)
+        self.assertEqual(status, 429, body)
+        self.assertIn("450 4.7.1", body["smtp"])
 
 
 class SuppressionCommandTests(TwoRelaysTestCase):
