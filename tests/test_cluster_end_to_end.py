@@ -241,6 +241,23 @@ class RedisGoneTests(TwoRelaysTestCase):
         self.assertEqual(self.metric(self.a, "mailrelay_cluster_redis_up"), 1)
 
 
+    @defer.inlineCallbacks
+    def test_entries_noted_while_redis_was_away_are_shared_once_it_is_back(self):
+        self.redis.kill()
+        yield eventually(lambda: not self.a.service.cluster.up)
+        self.a.service.suppression.journal.add("away@example.net", reason="noted while Redis was down")
+        yield task.deferLater(reactor, 1.5, lambda: None)        # A's watcher read it; Redis was not there
+        reply = yield threads.deferToThread(rcpt_sync, self.b, "away@example.net")
+        self.assertEqual(reply[0], 250)                            # B on its own journal: not suppressed
+        reply = yield threads.deferToThread(rcpt_sync, self.a, "away@example.net")
+        self.assertEqual(reply[0], 550)                            # A's journal is in force on A
+        self.redis.start()                                         # back, and empty
+        reply = yield eventually(lambda: threads.deferToThread(rcpt_sync, self.b, "away@example.net")
+                                 .addCallback(lambda r: r if r[0] == 550 else None), seconds=40)
+        self.assertEqual(reply[0], 550)
+        self.assertIn("noted while Redis was down", reply[1])
+
+
 class TwistdPairTests(unittest.TestCase):
     """Two real twistd processes (delivery in its separate process) and a Redis with a password."""
 

@@ -91,6 +91,7 @@ class RedisLink(service.Service):
         self._connecting = False
         self._shas = {name: gcra.sha1(script) for name, script in gcra.SCRIPTS.items()}
         self.fallbacks = 0
+        self.on_up: list = []                # called (no arguments) each time the link comes up
         if metrics is not None:
             metrics.watch_cluster(lambda: 1 if self.up else 0)
 
@@ -244,6 +245,11 @@ class RedisLink(service.Service):
             return
         self._conn, self.up, self._attempt = conn, True, 0
         conn.whenDisconnected().addCallback(lambda _: self._down("connection lost", conn))
+        for hook in self.on_up:
+            try:
+                hook()
+            except Exception:
+                log.failure("cluster: a task run when Redis came up failed")
         if self._announced is not True:
             if self._announced is None:
                 log.info("cluster: Redis {url} reachable: limits and the suppression list are shared",

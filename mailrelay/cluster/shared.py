@@ -236,8 +236,17 @@ def redis_record(record: dict, duration: float, now: float) -> Optional[tuple[st
     return address, json.dumps(record, ensure_ascii=False, separators=(",", ":")), max(1, int(ttl * 1000))
 
 
-def publish(link: RedisLink, record: dict, duration: float) -> defer.Deferred:
-    """SET `record` under its address key with its TTL; a failure is counted as a fallback, never raised."""
+def share_journal(link: RedisLink, journal) -> defer.Deferred:
+    """Each entry in force in this relay's journal, put into Redis unless Redis already holds a record
+    for its address (SET NX: a newer entry or a removal there wins).  Run whenever the link comes up:
+    entries from before the cluster, or from while Redis was away or restarted empty, are shared."""
+    return defer.DeferredList([publish(link, entry.record(), journal.duration, only_new=True)
+                               for entry in journal.entries()], consumeErrors=True)
+
+
+def publish(link: RedisLink, record: dict, duration: float, only_new: bool = False) -> defer.Deferred:
+    """SET `record` under its address key with its TTL (with `only_new`, only where Redis holds none);
+    a failure is counted as a fallback, never raised."""
     value = redis_record(record, duration, link._reactor.seconds())
     if value is None:
         return defer.succeed(None)
@@ -245,5 +254,5 @@ def publish(link: RedisLink, record: dict, duration: float) -> defer.Deferred:
     if not link.up:
         link.fell_back("suppression")
         return defer.succeed(None)
-    d = link.call("SET", link.key("suppression", address), text, "PX", ttl)
+    d = link.call("SET", link.key("suppression", address), text, "PX", ttl, *(["NX"] if only_new else []))
     return d.addErrback(lambda failure: _fallback(link, "suppression", failure))

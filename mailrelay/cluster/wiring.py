@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Optional
 
 from mailrelay.cluster.redis import RedisLink
-from mailrelay.cluster.shared import SharedFailureWindow, SharedRateLimiter, SharedSuppression, publish
+from mailrelay.cluster.shared import (SharedFailureWindow, SharedRateLimiter, SharedSuppression, publish,
+                                      share_journal)
 from mailrelay.cluster.url import RedisURL
 
 
@@ -38,8 +39,10 @@ def shared_window(link: Optional[RedisLink], window):
 
 def shared_suppression(link: Optional[RedisLink], journal):
     """What RCPT asks: the journal itself, or it with the cluster's entries; appended records
-    (bounces noted by the delivery side, operators' adds and removals) are put into Redis."""
+    (bounces noted by the delivery side, operators' adds and removals) are put into Redis, and each time
+    the link comes up the journal's entries Redis does not know yet."""
     if link is None or journal is None:
         return journal
     journal.on_record = lambda record: publish(link, record, journal.duration)
+    link.on_up.append(lambda: share_journal(link, journal))
     return SharedSuppression(link, journal)
