@@ -112,3 +112,22 @@ class SlidingLogTests(ScriptTestCase):
         self.record(1002.0, "c")
         self.assertEqual(self.run_script(gcra.REFUND, "ip", "gone"), ["1"])
         self.assertEqual(self.redis.command("ZRANGE", "ip", "0", "-1"), "b")
+
+
+class LeaseTests(ScriptTestCase):
+    def acquire(self, now: float, member: str, limit: int = 2, lease: float = 30) -> bool:
+        return self.run_script(gcra.ACQUIRE, "conns", now, limit, lease, member) == ["1"]
+
+    def test_at_most_limit_leases_and_a_released_one_is_free_again(self):
+        self.assertTrue(self.acquire(1000.0, "a"))
+        self.assertTrue(self.acquire(1000.0, "b"))
+        self.assertFalse(self.acquire(1000.0, "c"))
+        self.assertTrue(self.acquire(1001.0, "a"))                 # renewing one's own lease
+        self.assertEqual(self.run_script(gcra.RELEASE, "conns", "b"), ["1"])
+        self.assertTrue(self.acquire(1002.0, "c"))
+
+    def test_a_lease_not_renewed_lapses_and_the_key_expires(self):
+        self.assertTrue(self.acquire(1000.0, "a", limit=1))
+        self.assertFalse(self.acquire(1029.0, "b", limit=1))
+        self.assertTrue(self.acquire(1030.0, "b", limit=1))        # a's holder died: its lease lapsed
+        self.assertTrue(0 < int(self.redis.command("PTTL", "conns")) <= 30000)

@@ -19,6 +19,11 @@ The sliding log (AUTH attempts, server/factory.FailureWindow): a sorted set of a
 time; an attempt is recorded when its check starts, those older than the window drop out, at most
 `limit + 1` are kept, a success refunds (removes) its own attempt.
 
+Connection leases (ACQUIRE / RELEASE) are for limits on things held open, such as connections to one
+destination: a sorted set of leases scored by when they lapse, so a relay that dies holding some
+frees them within one lease time.  A pause ("slow down" for a while) needs no script: `SET key 1 PX ms`
+and `EXISTS key`.  Rates, leases and pauses all go through RedisLink with its bounded wait.
+
 Time is an argument (`now`, seconds): tests pass it in and are deterministic.  An empty `now` makes
 the script read the Redis server's own clock (TIME), which is what the relays do, so that relays
 whose clocks disagree still share one timeline.
@@ -101,9 +106,31 @@ return 0
 """
 
 
+# Connection leases (for per-destination `connections` limits): KEYS[1] a sorted set of leases scored by
+# their expiry; ARGV: now, limit, lease (seconds), member.  A lease not renewed within `lease` seconds
+# (its holder died) drops out by itself.  Returns 1 (taken or renewed) or 0 (at the limit).
+ACQUIRE = _NOW + """
+local limit = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) == false and redis.call('ZCARD', KEYS[1]) >= limit then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
+return 1
+"""
+
+# KEYS[1] the sorted set of leases; ARGV: member.  Returns how many were released (0 or 1).
+RELEASE = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+
 def sha1(script: str) -> str:
     """The name EVALSHA knows `script` by."""
     return hashlib.sha1(script.encode("utf-8")).hexdigest()
 
 
-SCRIPTS = {"gcra": GCRA, "record": RECORD, "count": COUNT, "refund": REFUND}
+SCRIPTS = {"gcra": GCRA, "record": RECORD, "count": COUNT, "refund": REFUND, "acquire": ACQUIRE,
+           "release": RELEASE}

@@ -132,8 +132,8 @@ class SharedFailureWindow:
         seen = self._seen.get(key)
         if seen is not None:
             self._seen[key] = (max(0, seen[0] - 1), seen[1])
-        if not self.link.up:
-            return
+        if not self.link.up or not member:
+            return      # an attempt Redis never counted (it was away) takes nothing back there
         d = self.link.evalsha("refund", [self.link.key("auth", key)], [member])
         d.addErrback(lambda failure: _fallback(self.link, "auth", failure))
 
