@@ -106,6 +106,8 @@ class SharedFailureWindow:
 
     def record(self, key: str):
         local_count = self.local.record(key)
+        if self.local.limit <= 0:
+            return local_count          # no limit: nothing to share
         if not self.link.up:
             self.link.fell_back("auth")
             return local_count
