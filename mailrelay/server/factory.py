@@ -24,7 +24,6 @@ from typing import Optional
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
-
 from zope.interface import implementer
 
 from mailrelay import config

@@ -42,7 +42,6 @@ from typing import Callable, Iterator, Optional
 
 from twisted.application import service
 from twisted.internet import defer, task
-
 from zope.interface import implementer
 
 from mailrelay.interfaces import ISuppressionCheck, Reply
