@@ -153,6 +153,10 @@ class RedisLink(service.Service):
         if self._metrics is not None:
             self._metrics.cluster_fallback(what)
 
+    def seconds(self) -> float:
+        """The relay's clock (the link's reactor): what local expiry is judged by."""
+        return self._reactor.seconds()
+
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 

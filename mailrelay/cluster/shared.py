@@ -144,14 +144,14 @@ class SharedFailureWindow:
         if seen is None:
             return 0
         count, when = seen
-        if self.link._reactor.seconds() - when >= self._window:
+        if self.link.seconds() - when >= self._window:
             del self._seen[key]
             return 0
         return count
 
     def _note(self, key: str, count: int) -> None:
         self._seen.pop(key, None)
-        self._seen[key] = (count, self.link._reactor.seconds())
+        self._seen[key] = (count, self.link.seconds())
         while len(self._seen) > self._max_keys:
             self._seen.popitem(last=False)
 
@@ -200,7 +200,7 @@ class SharedSuppression:
             shared = Entry.from_record(record)
         except (KeyError, TypeError, ValueError):
             return self.journal.refusal(address)
-        if self.journal.expires(shared) <= self.link._reactor.seconds():
+        if self.journal.expires(shared) <= self.link.seconds():
             return self.journal.refusal(address)
         newest = shared if local is None or shared.since >= local.since else local
         return self.journal.refusal_for(address, newest)
@@ -249,7 +249,7 @@ def share_journal(link: RedisLink, journal) -> defer.Deferred:
 def publish(link: RedisLink, record: dict, duration: float, only_new: bool = False) -> defer.Deferred:
     """SET `record` under its address key with its TTL (with `only_new`, only where Redis holds none);
     a failure is counted as a fallback, never raised."""
-    value = redis_record(record, duration, link._reactor.seconds())
+    value = redis_record(record, duration, link.seconds())
     if value is None:
         return defer.succeed(None)
     address, text, ttl = value

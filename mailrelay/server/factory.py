@@ -151,7 +151,7 @@ class RelayServerFactory(protocol.ServerFactory):
         clock=None,
         metrics=None,
         connections: Optional["ConnectionCounter"] = None,
-        auth_failures=None,
+        auth_failures: Optional[IAttemptWindow] = None,
         authserv_id: Optional[str] = None,
         postmaster: Optional[str] = None,
         received_shows_user: bool = False,
