@@ -23,15 +23,17 @@ class Reply:
 
 
 class IRelayPolicy(Interface):
-    """Decides who may relay what (the one place issue 'access control' replaces). All methods are
-    synchronous and cheap; None means accepted, a Reply means refused with that reply."""
+    """Decides who may relay what. All methods are synchronous and cheap but check_sender (see
+    there); None means accepted, a Reply means refused with that reply."""
 
     def identify(client):
         """The identity a client relays as (user name, or the permit rule that matched, e.g. "permit[0]"),
         or None when no rule matches this client at all."""
 
     def check_sender(client, sender):
-        """MAIL FROM: `client` is an envelope.ClientInfo, `sender` the address ("" for <>)."""
+        """MAIL FROM: `client` is an envelope.ClientInfo, `sender` the address ("" for <>).  The one
+        method that may instead return a Deferred firing with None or a Reply (never failing): when
+        the rate limit it charges is shared through Redis (IRateCounter), within a bounded wait."""
 
     def check_recipient(client, sender, recipient):
         """RCPT TO: may `client` relay mail from `sender` to `recipient`?"""
@@ -192,3 +194,47 @@ class IDeliveryEvents(Interface):
         Cheap and never blocking on a receiver: returns a Deferred that fires (never fails) once the
         event is durable in the outbox, or at once when nobody subscribes to `kind` or it was dropped
         (outbox full, disk error: logged and counted). Delivery never waits on the HTTP side."""
+class IRateCounter(Interface):
+    """Message budgets per identity (`messages_per_minute`): server.ratelimit.RateLimiter on its own,
+    cluster.shared.SharedRateLimiter across the relays naming one Redis."""
+
+    rate = Attribute("The rate (events a minute) of the last check.")
+
+    def allow(key, rate=None):
+        """Take one event for `key` at `rate` a minute: True (taken) or False (over the limit), or a
+        Deferred firing with one of them within a bounded wait; never fails."""
+
+
+class IAttemptWindow(Interface):
+    """AUTH attempts per client key over the last minute (`auth_failures_per_minute`):
+    server.factory.FailureWindow on its own, cluster.shared.SharedFailureWindow across relays."""
+
+    limit = Attribute("Attempts allowed in the window (0: no limit).")
+
+    def set_limit(limit):
+        """A reload's new limit, applied at once to the keys already counted."""
+
+    def over_limit(count):
+        """True when `count` attempts in the window are more than the limit."""
+
+    def count(key):
+        """The attempts counted for `key` in the window, as known here (synchronous)."""
+
+    def exhausted(key):
+        """True when `key` may not start another attempt now (synchronous)."""
+
+    def record(key):
+        """Count one attempt as its check starts: the attempts in the window including it, or a
+        Deferred firing with that number within a bounded wait; never fails."""
+
+    def refund(key):
+        """Take back `key`'s latest attempt (it succeeded)."""
+
+
+class ISuppressionCheck(Interface):
+    """What RCPT asks of the suppression list: spool.suppression.SuppressionList on its own,
+    cluster.shared.SharedSuppression with the cluster's entries."""
+
+    def refusal(address):
+        """None (not suppressed) or the Reply (550 5.1.1) refusing `address`, or a Deferred firing with
+        one of them within a bounded wait; never fails."""

@@ -41,6 +41,11 @@ Metrics (all prefixed `mailrelay_`):
                                                      gauges: events not yet answered 2xx, per URL
     suppressed_addresses                             gauge: addresses on the suppression list, in force
                                                      (`watch_suppression`; absent while it is off)
+    cluster_redis_up                                 gauge, with `[cluster] redis` only: 1 while the
+                                                     shared counters answer, 0 while this relay counts
+                                                     on its own (`watch_cluster`)
+    cluster_redis_fallbacks_total{what}              decisions taken locally because Redis did not
+                                                     answer: rate | auth | suppression
 
 With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
 process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
@@ -118,6 +123,8 @@ WebhookBacklog = Callable[[], "list[tuple[str, int, float]]"]
 # The delivery process's families, or None when it did not answer (see DeliveryProcess.metrics_text).
 DeliveryText = Callable[[], "defer.Deferred[Optional[bytes]]"]
 
+
+CLUSTER_FALLBACKS = ("rate", "auth", "suppression")
 
 def _fold(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
     """A label value from the fixed set, or `other` (bounded cardinality whatever the input)."""
@@ -242,6 +249,9 @@ class Metrics:
                                      ["url", "result"], registry=r)
         self.webhook_drops = Counter("mailrelay_webhook_dropped", "Delivery events given up, by reason.",
                                      ["url", "reason"], registry=r)
+        self.cluster_fallbacks = Counter("mailrelay_cluster_redis_fallbacks", "Decisions taken with this "
+                                         "relay's own counters because Redis did not answer.", ["what"],
+                                         registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
         self._webhooks = _WebhookCollector()
@@ -315,6 +325,15 @@ class Metrics:
         """Read (messages, oldest age in seconds, held messages) from `snapshot` at every scrape;
         a later call replaces the earlier one."""
         self._queue.snapshot = snapshot
+
+    def cluster_fallback(self, what: str) -> None:
+        """One decision taken locally (`what`: one of CLUSTER_FALLBACKS) because Redis did not answer."""
+        self.cluster_fallbacks.labels(_fold(what, CLUSTER_FALLBACKS)).inc()
+
+    def watch_cluster(self, up: Callable[[], int]) -> None:
+        """Read whether the `[cluster] redis` link is up (1) or not (0) from `up` at every scrape."""
+        self.registry.register(_SizeCollector("mailrelay_cluster_redis_up",
+                                              "1 while the shared Redis counters answer, else 0.", up))
 
     def watch_suppression(self, size: Callable[[], int]) -> None:
         """Read the number of suppressed addresses from `size` at every scrape."""

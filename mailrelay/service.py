@@ -39,7 +39,7 @@ log = Logger(namespace="mailrelay.service")
 
 # Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
 RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression",
-                "http")
+                "http", "cluster")
 
 
 def restart_only(config: Config) -> dict:
@@ -311,10 +311,17 @@ class RelayService(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor,
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
+        from mailrelay.cluster import wiring as cluster
+
+        self.cluster = cluster.redis_link(config, reactor, self.metrics)    # None: no [cluster] redis
+        if self.cluster is not None:
+            self.cluster.setServiceParent(self)
         self.suppression = suppression_watcher(config, reactor, self.metrics)   # None: [suppression] off
         if self.suppression is not None:
             self.suppression.setServiceParent(self)
-        receiving = build_receiving_parts(config, reactor)
+        self.suppression_check = cluster.shared_suppression(
+            self.cluster, self.suppression.journal if self.suppression is not None else None)
+        receiving = build_receiving_parts(config, reactor, cluster.shared_limiter(self.cluster, config, reactor))
         self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
         self.events = None                                 # so do the webhook events (mailrelay.events)
@@ -340,13 +347,14 @@ class RelayService(service.MultiService):
         self._listen(config, receiving, reactor)
 
     def _listen(self, config: Config, parts: ReceivingParts, reactor) -> None:
+        from mailrelay.cluster.wiring import shared_window
         from mailrelay.server.factory import ConnectionCounter, FailureWindow, RelayServerFactory
 
         tls_options = server_tls_options(config)     # per listener kind, built once: tls is restart-only
         queue = QueueFront(self.spool, self.scheduler)
         # One count for all listeners: max_connections is "in all", and a client gets one AUTH-failure budget.
         connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
-        auth_failures = FailureWindow(config.limits.auth_failures_per_minute, reactor)
+        auth_failures = shared_window(self.cluster, FailureWindow(config.limits.auth_failures_per_minute, reactor))
         for index, listener in enumerate(config.listeners):
             if listener.kind == "http":
                 self._listen_http(index, listener, config, parts, queue, reactor, connections)
@@ -358,7 +366,7 @@ class RelayService(service.MultiService):
                 metrics=self.metrics, connections=connections, auth_failures=auth_failures,
                 authserv_id=own_authserv_id(config), postmaster=config.postmaster,
                 received_shows_user=config.auth.received_shows_user,
-                suppression=self.suppression.journal if self.suppression is not None else None,
+                suppression=self.suppression_check,
             )
             self.factories.append(factory)
             implicit = listener.kind == "submissions"

@@ -103,6 +103,23 @@ class CheckCommandTests(unittest.TestCase):
         self.assertIn("suppression  on: a 5.1.x or 5.2.1 failure refuses RCPT to the address for 14d (list in ",
                       self.stdout.getvalue())
 
+    def test_the_cluster_is_described_without_its_password(self) -> None:
+        self.assertEqual(self.check(self.write("")), 0)
+        self.assertIn("cluster      off: every limit is this relay's own\n", self.stdout.getvalue())
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        path = self.write('[cluster]\nredis = "redis://:topsecret@10.0.0.5:6380/2"\ntimeout = "0.05s"\n')
+        self.assertEqual(self.check(path), 0)
+        out = self.stdout.getvalue()
+        self.assertIn("cluster      Redis redis://:***@10.0.0.5:6380/2 shares messages_per_minute", out)
+        self.assertIn("waits at most 0.05s", out)
+        self.assertNotIn("topsecret", out)
+
+    def test_a_bad_cluster_url_is_one_line_without_its_password(self) -> None:
+        self.assertNotEqual(self.check(self.write('[cluster]\nredis = "http://:topsecret@host/0"\n')), 0)
+        self.assertIn("cluster.redis", self.stderr.getvalue())
+        self.assertNotIn("topsecret", self.stderr.getvalue() + self.stdout.getvalue())
+
     def test_received_user_and_from_header_holds_are_described(self) -> None:
         self.assertEqual(self.check(self.write("")), 0)
         self.assertIn("Received does not name the user", self.stdout.getvalue())

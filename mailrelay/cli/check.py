@@ -172,6 +172,15 @@ def describe(config: Config) -> list[tuple[str, str]]:
     lines.append(("suppression", f"on: a 5.1.x or 5.2.1 failure refuses RCPT to the address for "
                   f"{human_duration(s.duration)} (list in {config.spool / 'suppression.jsonl'})"
                   if s.enabled else "off"))
+    c = config.cluster
+    if c.redis:
+        from mailrelay.cluster.url import RedisURL
+
+        lines.append(("cluster", f"Redis {RedisURL.parse(c.redis)} shares messages_per_minute, "
+                      f"auth_failures_per_minute and the suppression list (keys {c.key_prefix}*); each call "
+                      f"waits at most {c.timeout:g}s, then this relay's own counters decide"))
+    else:
+        lines.append(("cluster", "off: every limit is this relay's own"))
     for t in config.transports.values():
         login = _transport_auth(t)
         ca = f", CA {t.ca_file}" if t.ca_file else ""

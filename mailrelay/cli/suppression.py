@@ -6,6 +6,11 @@ action, maybe an address.  Out: text (or `--json`) on stdout, and for add/remove
 appended to `<spool>/suppression.jsonl` under the writers' lock.  That works the same with the relay
 running (its receiving process sees the change within a second: it polls the journal) or stopped.
 
+With `[cluster] redis` the command acts on the shared list too (cluster/shared.py): `list` shows this
+relay's entries and the cluster's, `add` and `remove` write to Redis as well as to the journal.  A Redis
+that cannot be reached is one line on stderr; the journal is still changed, and the other relays
+learn of the change only if a later `add` or `remove` reaches Redis.
+
 Failures are one line on stderr, never a traceback: a config error exits 2; removing an address that
 is not listed, or adding one that is not `local@domain`, exits 1.
 """
@@ -13,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from typing import Optional
 
 from mailrelay.cli.check import human_duration
 from mailrelay.cli.common import EXIT_OK, CLIError, guarded, load_config
 from mailrelay.config import Config
 from mailrelay.spool.files import make_directory
-from mailrelay.spool.suppression import SuppressionList, clean_text, rfc3339, utc
+from mailrelay.spool.suppression import Entry, SuppressionList, address_key, clean_text, rfc3339, utc
 
 PROG = "mailrelay suppression"
 REASON_LIMIT = 200
@@ -62,9 +69,111 @@ def _status(config: Config) -> str:
     return "suppression is off in the config: listed addresses are not refused until it is enabled"
 
 
+class _Shared:
+    """The cluster's list in Redis, for the command line; every method a no-op without `[cluster] redis`
+    or when Redis cannot be reached (said once on stderr)."""
+
+    def __init__(self, config: Config, now: float):
+        self.prefix, self.now, self.duration = config.cluster.key_prefix, now, config.suppression.duration
+        self.redis = None
+        if not config.cluster.redis:
+            return
+        from mailrelay.cluster.blocking import BlockingRedis, RedisError
+        from mailrelay.cluster.url import RedisURL
+
+        self._error = RedisError
+        try:
+            ca = str(config.cluster.ca_file) if config.cluster.ca_file else None
+            self.redis = BlockingRedis(RedisURL.parse(config.cluster.redis), ca_file=ca)
+        except RedisError as e:
+            self._warn(e)
+
+    def _warn(self, error) -> None:
+        print(f"{PROG}: {error}; only this relay's list is used", file=sys.stderr)
+        self.redis = None
+
+    def records(self) -> dict:
+        """address key -> the record Redis holds for it ("add" or "remove")."""
+        found: dict = {}
+        if self.redis is None:
+            return found
+        try:
+            cursor = "0"
+            while True:
+                cursor, keys = self.redis.command("SCAN", cursor, "MATCH", f"{self.prefix}suppression:*",
+                                                  "COUNT", "1000")
+                for key, raw in zip(keys, self.redis.command("MGET", *keys) if keys else []):
+                    try:
+                        record = json.loads(raw) if raw else None
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict):
+                        found[key[len(self.prefix) + len("suppression:"):]] = record
+                if cursor == "0":
+                    return found
+        except self._error as e:
+            self._warn(e)
+            return found
+
+    def get(self, address: str) -> Optional[dict]:
+        return self.records_of([address]).get(address_key(address))
+
+    def records_of(self, addresses: list) -> dict:
+        if self.redis is None:
+            return {}
+        keys = [address_key(a) for a in addresses]
+        try:
+            values = self.redis.command("MGET", *[f"{self.prefix}suppression:{k}" for k in keys])
+        except self._error as e:
+            self._warn(e)
+            return {}
+        out = {}
+        for key, raw in zip(keys, values):
+            try:
+                record = json.loads(raw) if raw else None
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out[key] = record
+        return out
+
+    def put(self, record: dict) -> None:
+        if self.redis is None:
+            return
+        from mailrelay.cluster.shared import redis_record
+
+        value = redis_record(record, self.duration, self.now)
+        if value is None:
+            return
+        address, text, ttl = value
+        try:
+            self.redis.command("SET", f"{self.prefix}suppression:{address}", text, "PX", str(ttl))
+        except self._error as e:
+            self._warn(e)
+
+
+def _merged(journal: SuppressionList, shared: _Shared, now: float) -> list[Entry]:
+    """This relay's entries and the cluster's, combined as RCPT combines them (cluster.shared)."""
+    entries = {address_key(e.address): e for e in journal.entries()}
+    for key, record in shared.records().items():
+        local = entries.get(key)
+        if record.get("op") == "remove":
+            if local is not None and local.since <= float(record.get("time", 0)):
+                del entries[key]
+            continue
+        try:
+            entry = Entry.from_record(record)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if journal.expires(entry) > now and (local is None or entry.since > local.since):
+            entries[key] = entry
+    return sorted(entries.values(), key=lambda e: e.since)
+
+
 def do_list(journal: SuppressionList, args: argparse.Namespace, config: Config) -> int:
     journal.refresh()
-    entries = journal.entries()
+    now = journal._clock.seconds()
+    entries = _merged(journal, _Shared(config, now), now)
     if args.json:
         print(json.dumps([{
             "address": e.address, "since": rfc3339(e.since), "until": rfc3339(journal.expires(e)),
@@ -97,6 +206,7 @@ def do_add(journal: SuppressionList, args: argparse.Namespace, config: Config) -
     _ensure_spool(config)
     entry = journal.add(address, source="operator", reason=clean_text(" ".join(args.reason.split()),
                                                                       REASON_LIMIT))
+    _Shared(config, entry.since).put(entry.record())
     print(f"{address} suppressed until {utc(journal.expires(entry))}; a running relay refuses RCPT to it "
           f"within a second; {_status(config)}")
     return EXIT_OK
@@ -105,6 +215,18 @@ def do_add(journal: SuppressionList, args: argparse.Namespace, config: Config) -
 def do_remove(journal: SuppressionList, args: argparse.Namespace, config: Config) -> int:
     address = args.address.strip()
     entry = journal.remove(address) if journal.path.exists() else None
+    now = journal._clock.seconds()
+    shared = _Shared(config, now)
+    record = shared.get(address)
+    if entry is None and record is not None and record.get("op") == "add":
+        try:
+            entry = Entry.from_record(record)
+        except (KeyError, TypeError, ValueError):
+            entry = None
+        if entry is not None and journal.expires(entry) <= now:
+            entry = None
+    if entry is not None:
+        shared.put({"v": 1, "op": "remove", "address": address_key(address), "time": now})
     if entry is None:
         raise CLIError(f"{clean_text(address, 254)} is not suppressed")
     print(f"{clean_text(address, 254)} is no longer suppressed (it was since {utc(entry.since)} "

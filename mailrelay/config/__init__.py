@@ -26,14 +26,15 @@ from types import MappingProxyType
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_PERMITS, DEFAULT_TRANSPORT_PORTS,
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
-    AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig,
+    AuthConfig, ClusterConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork,
+    LDAPConfig,
     Limits, Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig,
     SuppressionConfig, TLSConfig, Transport, WEBHOOK_EVENTS, WebhookConfig,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
-    _auth, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
+    _auth, _cluster, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
     _queue, _route, _sendmail, _suppression, _tls, _transports,
 )
 from mailrelay.config.webhooks import _webhooks
@@ -42,7 +43,8 @@ from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 __all__ = [
     "AUTH_MECHANISMS", "DEFAULT_ENDPOINTS", "DEFAULT_LISTENERS", "DEFAULT_PERMITS", "DEFAULT_TRANSPORT_PORTS",
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
-    "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig", "IPNetwork",
+    "AuthConfig", "ClusterConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig",
+    "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
     "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "WEBHOOK_EVENTS", "WebhookConfig", "load",
     "parse_duration",
@@ -102,6 +104,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         source=source,
         suppression=_suppression(root.table("suppression")),
         webhooks=_webhooks(root.tables("webhook")),
+        cluster=_cluster(root.table("cluster")),
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

@@ -230,6 +230,14 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    redis: str = field(default="", repr=False)   # "" = no cluster; the URL may hold a password: no repr
+    key_prefix: str = "mailrelay:"      # added key: every key the relay writes in Redis starts with this
+    timeout: float = 0.1                # added key: the bounded wait of one Redis call, then local counters
+    ca_file: Optional[Path] = None      # added key: trust for a rediss:// server; default: the system's
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     endpoint: Optional[str] = None      # absent: off
     delivery_endpoint: Optional[str] = None   # added key: the delivery process's metrics ([delivery] process)
@@ -280,6 +288,7 @@ class Config:
     source: bytes = field(default=b"", repr=False, compare=False)
     suppression: SuppressionConfig = SuppressionConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 DKIM_MODES = ("sign", "passthrough")

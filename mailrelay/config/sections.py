@@ -16,9 +16,10 @@ from typing import Mapping, Optional
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
     DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
-    DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
+    ClusterConfig, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
     MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig, TLSConfig, Transport,
 )
+from mailrelay.cluster.url import RedisURL
 from mailrelay.config.reader import _closed, _Reader
 from mailrelay.config.transport_auth import transport_auth
 from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, parse_host_port
@@ -373,3 +374,21 @@ def _http(t: _Reader, listeners: tuple[Listener, ...]) -> HTTPConfig:
     if keys is None and any(listener.kind == "http" for listener in listeners):
         t.fail("api_keys_file", 'required with a [[listen]] kind = "http" (write keys with `mailrelay apikey`)')
     return _closed(t, HTTPConfig(keys))
+
+
+def _cluster(t: _Reader) -> ClusterConfig:
+    d = ClusterConfig()
+    redis = t.text("redis", d.redis).strip()
+    if redis:
+        try:
+            RedisURL.parse(redis)
+        except ValueError as e:
+            t.fail("redis", str(e))          # the message shows the URL with its password masked
+    timeout = t.duration("timeout", d.timeout)
+    if not 0 < timeout <= 5:
+        t.fail("timeout", "must be more than 0 and at most 5s (every SMTP session may wait this long)")
+    prefix = t.text("key_prefix", d.key_prefix)
+    if any(c.isspace() for c in prefix):
+        t.fail("key_prefix", "may not contain white space")
+    return _closed(t, ClusterConfig(redis=redis, key_prefix=prefix, timeout=timeout,
+                                    ca_file=t.path("ca_file", None, readable=True)))

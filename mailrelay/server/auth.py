@@ -104,15 +104,22 @@ class AuthMixin:
     def _check_credentials(self, user: bytes, password: bytes) -> None:
         # Counted when the check starts, not when it fails: otherwise N connections in parallel (or one
         # pipelining) each get a guess checked before any failure is recorded (CWE-307, CWE-362).
-        window = self.factory.auth_failures
-        count = window.record(self._ip_key)
-        if window.over_limit(count):
+        count = self.factory.auth_failures.record(self._ip_key)
+        self._set_busy(True)
+        if isinstance(count, defer.Deferred):
+            # Counted in Redis for every relay (cluster.shared), within its bounded wait.
+            count.addCallback(self._attempt_counted, user, password)
+            count.addErrback(self._log_unexpected)
+            return
+        self._attempt_counted(count, user, password)
+
+    def _attempt_counted(self, count: int, user: bytes, password: bytes) -> None:
+        if self.factory.auth_failures.over_limit(count):
             self._count("auth", "failure", self._mechanism)
             self._log.info("AUTH from {ip} refused unchecked: {count} attempts in the last minute",
                            ip=self._ip, count=count)
             self._too_many_failures()
             return
-        self._set_busy(True)
         d = defer.maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
         name = user.decode("utf-8", "replace")
         d.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(name,))

@@ -24,8 +24,10 @@ from typing import Optional
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
+from zope.interface import implementer
 
 from mailrelay import config
+from mailrelay.interfaces import IAttemptWindow
 from mailrelay.logger import Logger
 from mailrelay.server.session import RelaySession
 
@@ -65,6 +67,7 @@ class ConnectionCounter:
             self._per_ip.pop(ip, None)
 
 
+@implementer(IAttemptWindow)
 class FailureWindow:
     """AUTH attempts per client key (ratelimit.client_key: IPv6 per /64) over the last minute, bounded
     memory.  An attempt is counted when its check starts, so connections in parallel share one budget;
@@ -148,7 +151,7 @@ class RelayServerFactory(protocol.ServerFactory):
         clock=None,
         metrics=None,
         connections: Optional["ConnectionCounter"] = None,
-        auth_failures: Optional["FailureWindow"] = None,
+        auth_failures: Optional[IAttemptWindow] = None,
         authserv_id: Optional[str] = None,
         postmaster: Optional[str] = None,
         received_shows_user: bool = False,
@@ -160,7 +163,9 @@ class RelayServerFactory(protocol.ServerFactory):
         incoming fields claiming it are removed (server/authres.py).  `postmaster`: the mailbox that
         `RCPT TO:<postmaster>` (and postmaster@hostname) is delivered to, from any client.
         `received_shows_user`: name the authenticated user in our Received field ([auth]).
-        `suppression`: the spool.suppression.SuppressionList RCPT is judged by, or None ([suppression] off)."""
+        `suppression`: the ISuppressionCheck RCPT is judged by (spool.suppression.SuppressionList, or
+        cluster.shared.SharedSuppression with `[cluster] redis`), or None ([suppression] off).
+        `auth_failures`: an IAttemptWindow (FailureWindow, or cluster.shared.SharedFailureWindow)."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.hostname = hostname

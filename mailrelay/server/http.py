@@ -165,11 +165,19 @@ class Submission:
         self.sender, self.recipients, self.octets = sender, recipients, octets
         self.identity: Optional[str] = None
 
-    def check(self) -> None:
-        """The policy's word, as at MAIL FROM (the rate limit is charged here, as there) and RCPT TO."""
+    def check(self) -> Optional[defer.Deferred]:
+        """The policy's word, as at MAIL FROM (the rate limit is charged here, as there) and RCPT TO.
+        Raises Refused, or returns a Deferred failing with it (a shared rate limit is being asked)."""
         policy = self.site.policy
         self.identity = policy.identify(self.client)
         refusal = policy.check_sender(self.client, self.sender)
+        if isinstance(refusal, defer.Deferred):
+            return refusal.addCallback(self._sender_checked)
+        self._sender_checked(refusal)
+        return None
+
+    def _sender_checked(self, refusal: Optional[Reply]) -> None:
+        policy = self.site.policy
         if refusal is not None:
             raise _refusal(refusal, "from: ")
         for recipient in self.recipients:
@@ -334,8 +342,7 @@ class ApiRequest(http.Request):
                             listener="http", user=self._name, tls=self._tls())
         self._client = client
         submission = Submission(site, client, sender, recipients, octets)
-        submission.check()
-        d = submission.spool()
+        d = defer.maybeDeferred(submission.check).addCallback(lambda _: submission.spool())
         site.track(d)
         return d
 

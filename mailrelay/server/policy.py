@@ -30,6 +30,9 @@ Decisions (the contract, docs/config.md, leaves these to us):
   identity (user name, or the rule for network/anyone clients: all of 10.0.0.0/8 share one budget).
   A client no rule matches is charged too, per IP (IPv6 per /64, ratelimit.client_key): its only
   mail that can be accepted goes to the postmaster, and that must not be a free flood.
+- With `[cluster] redis` the limiter is cluster.shared.SharedRateLimiter: one budget per identity for
+  every relay naming that Redis, and `check_sender` returns a Deferred (fired within the link's
+  bounded wait) with the same answer.
 - Budgets outlive a reload: the service hands each new policy the limiter of the old one
   (`limiter=`), and the new `messages_per_minute` applies to the buckets already spent.
 - LDAP logins are case-insensitive (the directory compares them so): such a user arrives case-folded
@@ -50,11 +53,12 @@ from email.errors import NonASCIILocalPartDefect
 from email.parser import Parser
 from typing import Iterable, Optional
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailrelay import config
 from mailrelay.envelope import ClientInfo
-from mailrelay.interfaces import IRelayPolicy, Reply
+from mailrelay.interfaces import IRateCounter, IRelayPolicy, Reply
 from mailrelay.server.ratelimit import RateLimiter, client_key
 
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
@@ -247,7 +251,7 @@ class PermitPolicy:
     """IRelayPolicy over the `[[permit]]` rules and `limits.messages_per_minute` (see module docstring)."""
 
     def __init__(self, permits: tuple[config.Permit, ...], limits: config.Limits, clock=None,
-                 limiter: Optional[RateLimiter] = None):
+                 limiter: Optional[IRateCounter] = None):
         """`limiter`: the budgets to charge (those of the policy this one replaces at a reload, so a
         reload hands nobody a fresh budget); a new one when None."""
         self._rules = tuple(
@@ -283,9 +287,12 @@ class PermitPolicy:
             # No rule: every RCPT but the postmaster's gets 550 5.7.1 (relay access denied), and the
             # postmaster's is counted here, per IP (IPv6 per /64), like any other client's mail.
             key = f"ip:{client_key(client.address)}"
-        if self._limiter is not None and not self._limiter.allow(key, self._rate):
-            return RATE_LIMITED
-        return None
+        if self._limiter is None:
+            return None
+        allowed = self._limiter.allow(key, self._rate)
+        if isinstance(allowed, defer.Deferred):        # a shared limiter (cluster.shared): bounded wait
+            return allowed.addCallback(lambda ok: None if ok else RATE_LIMITED)
+        return None if allowed else RATE_LIMITED
 
     def check_recipient(self, client: ClientInfo, sender: str, recipient: str) -> Optional[Reply]:
         rule = self._rule_for(client)

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from mailrelay.interfaces import IRateCounter
 
 
 IPV6_CLIENT_PREFIX = 64
@@ -53,6 +56,7 @@ class _Bucket:
     updated: float
 
 
+@implementer(IRateCounter)
 class RateLimiter:
     """At most `rate` events per `per` seconds for each key (token bucket), on `clock`.  `rate` is the
     default; `allow(key, rate)` may name the rate in force (after a reload) without losing any bucket."""

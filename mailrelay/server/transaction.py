@@ -55,11 +55,23 @@ class TransactionMixin:
         client = self.client_info()
         identity = self.factory.policy.identify(client)
         refusal = self.factory.policy.check_sender(client, parsed.sender)
+        if isinstance(refusal, defer.Deferred):
+            # A shared rate limit (cluster.shared) answers within its bounded wait; meanwhile input
+            # waits unread (RFC 2920: replies keep their order).
+            self._set_busy(True)
+            refusal.addCallback(self._sender_checked, parsed, identity, True)
+            refusal.addErrback(self._log_unexpected)
+            return
+        self._sender_checked(refusal, parsed, identity, False)
+
+    def _sender_checked(self, refusal: Optional[Reply], parsed, identity: Optional[str], waited: bool) -> None:
         if refusal is not None:
             self._reply(refusal)
-            return
-        self._mail, self._identity, self._rcpts = parsed, identity, []
-        self._send(250, "2.1.0", "Sender ok")
+        else:
+            self._mail, self._identity, self._rcpts = parsed, identity, []
+            self._send(250, "2.1.0", "Sender ok")
+        if waited:
+            self._set_busy(False)
 
     def _mail_refusal(self) -> Optional[Reply]:
         if self._helo is None:
@@ -93,23 +105,32 @@ class TransactionMixin:
             if refusal is not None:
                 self._reply(refusal)
                 return
-            if self._suppressed(recipient):
+            # A recipient that failed for good lately (spool.suppression) gets 550 5.1.1 saying since
+            # when and why; asked only once the policy has let the client relay to it (no list for
+            # strangers).  A list shared through Redis (cluster.shared) answers within its bounded wait.
+            suppression = self.factory.suppression
+            reply = suppression.refusal(recipient) if suppression is not None else None
+            if isinstance(reply, defer.Deferred):
+                self._set_busy(True)
+                reply.addCallback(self._recipient_checked, recipient, True)
+                reply.addErrback(self._log_unexpected)
                 return
-        if recipient not in self._rcpts:
-            self._rcpts.append(recipient)
-        self._send(250, "2.1.5", "Recipient ok")
+            if reply is not None:
+                self._recipient_checked(reply, recipient, False)
+                return
+        self._recipient_checked(None, recipient, False)
 
-    def _suppressed(self, recipient: str) -> bool:
-        """A recipient that failed for good lately (spool.suppression) gets 550 5.1.1 saying since when
-        and why; asked only once the policy has let the client relay to it (no list for strangers)."""
-        suppression = getattr(self.factory, "suppression", None)
-        reply = suppression.refusal(recipient) if suppression is not None else None
-        if reply is None:
-            return False
-        self._count("refused", "suppressed")
-        self._log.info("RCPT to {recipient} from {ip} refused: suppressed", recipient=recipient, ip=self._ip)
-        self._send(reply.code, reply.status, reply.text)
-        return True
+    def _recipient_checked(self, suppressed: Optional[Reply], recipient: str, waited: bool) -> None:
+        if suppressed is not None:
+            self._count("refused", "suppressed")
+            self._log.info("RCPT to {recipient} from {ip} refused: suppressed", recipient=recipient, ip=self._ip)
+            self._send(suppressed.code, suppressed.status, suppressed.text)
+        else:
+            if recipient not in self._rcpts:
+                self._rcpts.append(recipient)
+            self._send(250, "2.1.5", "Recipient ok")
+        if waited:
+            self._set_busy(False)
 
     def _is_postmaster(self, recipient: str) -> bool:
         lowered = recipient.lower()

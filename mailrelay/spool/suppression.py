@@ -42,8 +42,9 @@ from typing import Callable, Iterator, Optional
 
 from twisted.application import service
 from twisted.internet import defer, task
+from zope.interface import implementer
 
-from mailrelay.interfaces import Reply
+from mailrelay.interfaces import ISuppressionCheck, Reply
 from mailrelay.logger import Logger
 from mailrelay.spool.files import FILE_MODE, fsync_directory, write_all
 
@@ -130,6 +131,7 @@ def _line(record: dict) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+@implementer(ISuppressionCheck)
 class SuppressionList:
     """The journal in `directory` (the spool), as of the last refresh.  `duration`: seconds an entry is
     in force; `clock`: IReactorTime-like (`seconds()`), the time entries are stamped and expired by."""
@@ -146,6 +148,10 @@ class SuppressionList:
         self._offset = 0             # bytes of it read, up to the last newline
         self.records = 0             # records read (the live ones and those they replaced)
         self.skipped = 0             # unreadable lines (torn by a crash, or not ours)
+        # Told of each record appended since the last refresh (not of a first read, nor of a re-read
+        # after a compaction): how new entries reach a shared list (cluster.shared.publish).
+        self.on_record: Optional[Callable[[dict], None]] = None
+        self._started = False        # a first refresh has read what was there
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -155,14 +161,19 @@ class SuppressionList:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            self._started = True         # whatever is appended from now on is news
             changed = bool(self._entries) or self._identity is not None
             self._reset(None)
             return changed
         replaced = False
+        # Appended records are news unless this is the first read, or a compacted journal read again.
+        news = self._started
+        self._started = True
         try:
             st = os.fstat(fd)
             identity = (st.st_dev, st.st_ino)
             if identity != self._identity or st.st_size < self._offset:
+                news = news and self._identity is None
                 replaced = bool(self._entries) or self._identity is not None
                 self._reset(identity)
             if st.st_size == self._offset:
@@ -173,15 +184,20 @@ class SuppressionList:
         whole = data[:data.rfind(b"\n") + 1]      # a line still being written waits for its newline
         self._offset += len(whole)
         for line in whole.splitlines():
-            self._apply(line)
+            record = self._apply(line)
+            if news and record is not None and self.on_record is not None:
+                try:
+                    self.on_record(record)
+                except Exception:
+                    log.failure("suppression list {path}: sharing a record failed", path=str(self.path))
         return replaced or bool(whole)
 
     def _reset(self, identity: Optional[tuple[int, int]]) -> None:
         self._entries, self._identity, self._offset, self.records, self.skipped = {}, identity, 0, 0, 0
 
-    def _apply(self, line: bytes) -> None:
+    def _apply(self, line: bytes) -> Optional[dict]:
         if not line.strip():
-            return
+            return None
         try:
             data = json.loads(line)
             key = address_key(str(data["address"]))
@@ -195,8 +211,9 @@ class SuppressionList:
             self.skipped += 1
             log.warn("suppression list {path}: unreadable line skipped ({error})", path=str(self.path),
                      error=clean_text(str(e), 100))
-            return
+            return None
         self.records += 1
+        return data
 
     def expires(self, entry: Entry) -> float:
         return entry.since + self.duration
@@ -229,8 +246,10 @@ class SuppressionList:
     def refusal(self, address: str) -> Optional[Reply]:
         """550 5.1.1 naming since when and why, for an address in force; None otherwise."""
         entry = self.lookup(address)
-        if entry is None:
-            return None
+        return None if entry is None else self.refusal_for(address, entry)
+
+    def refusal_for(self, address: str, entry: Entry) -> Reply:
+        """The 550 5.1.1 for `address` suppressed by `entry` (this list's, or a shared one)."""
         # RFC 3463 X.1.1: the destination mailbox address does not exist (as far as we know, it did not).
         text = (f"<{clean_text(address, 254)}>: suppressed since {utc(entry.since)} {entry.why()}; "
                 f"until {utc(self.expires(entry))}")
@@ -291,6 +310,7 @@ class SuppressionList:
         returns how many it kept.  Called by the owner at start and when the journal has grown."""
         with self._locked():
             self._reset(None)
+            self._started = False        # what the compaction reads again is no news
             self.refresh()
             if self._identity is None:
                 return 0
@@ -305,6 +325,7 @@ class SuppressionList:
                 os.close(fd)
             os.replace(new, self.path)
             fsync_directory(self.directory)
+        self._started = False
         self.refresh()
         return len(live)
 

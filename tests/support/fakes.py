@@ -163,3 +163,54 @@ class TLSStringTransport(StringTransport):
         self.tls_options = contextFactory
         self.tls_started_at = len(self.value())
         directlyProvides(self, providedBy(self), ISSLTransport)
+
+
+class SilentRedisConnection:
+    """Stands in for the RedisProtocol of a cluster.redis.RedisLink: takes every command and never
+    answers (a Redis that hangs); `answer(i, value)` fires the i-th command's reply."""
+
+    def __init__(self):
+        self.sent: list = []
+        self.pending: list = []
+        self.transport = self
+        self.aborted = False
+
+    def execute_command(self, *command):
+        from twisted.internet import defer
+
+        self.sent.append(command)
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def answer(self, index: int, value) -> None:
+        self.pending[index].callback(value)
+
+    def abortConnection(self):
+        self.aborted = True
+
+    def loseConnection(self):
+        self.aborted = True
+
+
+def silent_redis_link(clock, metrics=None, timeout: float = 0.1):
+    """A RedisLink that is up, on `clock`, over a SilentRedisConnection (returned with it); reconnects
+    are refused."""
+    from twisted.internet import defer
+
+    from mailrelay.cluster.redis import RedisLink
+    from mailrelay.cluster.url import RedisURL
+
+    class Refusing:
+        attempts = 0
+
+        def connect(self, factory):
+            Refusing.attempts += 1
+            return defer.fail(ConnectionRefusedError("connection refused"))
+
+    link = RedisLink(RedisURL.parse("redis://:s3cret@127.0.0.1:6390/0"), clock, timeout=timeout, metrics=metrics,
+                     endpoint=Refusing())
+    link.running = True
+    conn = SilentRedisConnection()
+    link._conn, link.up, link._announced = conn, True, True
+    return link, conn
