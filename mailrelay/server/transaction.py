@@ -76,7 +76,7 @@ class TransactionMixin:
         if self._mail is None:
             self._send(503, "5.5.1", "Need MAIL before RCPT")
             return
-        parsed = addresses.parse_rcpt(rest)
+        parsed = addresses.parse_rcpt(rest, self._mail.smtputf8)
         if isinstance(parsed, Reply):
             self._reply(parsed)
             return
@@ -153,7 +153,7 @@ class TransactionMixin:
         return Envelope(
             sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
             client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
-            body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+            body=self._mail.body, tls=self._tls_description(), smtputf8=self._mail.smtputf8,
             dkim_senders=self._dkim_senders(),
         )
 
@@ -171,7 +171,8 @@ class TransactionMixin:
     def _received(self, queue_id: str, envelope: Envelope) -> bytes:
         return received_header(
             helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
-            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
+            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None,
+                                   utf8=envelope.smtputf8),
             queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
             tls=envelope.tls, user=self._user, show_user=self.factory.received_shows_user,
         )
