@@ -32,10 +32,10 @@ def to_ascii(domain: str) -> str:
     ValueError says exactly what is wrong (RFC 5891 4: a name that fails is not registrable and
     cannot be looked up)."""
     name = domain[:-1] if domain.endswith(".") else domain
-    if name.isascii() and "xn--" not in name.lower():
-        return name.lower()
     if not name:
         raise ValueError("empty domain")
+    if name.isascii() and "xn--" not in name.lower():
+        return name.lower()
     try:
         encoded = idna.encode(name, uts46=True, std3_rules=True, transitional=False)
     except idna.IDNAError as e:
