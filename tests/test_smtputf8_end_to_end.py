@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 import smtplib
+import subprocess
+import sys
 
 import dkim
 from twisted.internet import defer, reactor, threads
@@ -55,7 +58,8 @@ def ascii_message(to: str) -> bytes:
             "body\r\n").encode("ascii")
 
 
-class Utf8EndToEnd(unittest.TestCase):
+class Utf8Hops(unittest.TestCase):
+    """The next hops and the DNS every test here uses (no tests of its own)."""
     timeout = 120
 
     @defer.inlineCallbacks
@@ -107,6 +111,8 @@ class Utf8EndToEnd(unittest.TestCase):
         lookup = txt_lookup(make_resolver([("127.0.0.1", self.dns_port)]))
         return threads.deferToThread(lambda: dkim.DKIM(data).verify(dnsfunc=lookup))
 
+
+class Utf8EndToEnd(Utf8Hops):
     @defer.inlineCallbacks
     def test_utf8_addresses_go_by_mx_of_the_a_label_to_an_smtputf8_peer_signed_with_the_a_label_key(self):
         relay = self.started()
@@ -205,6 +211,35 @@ class Utf8EndToEnd(unittest.TestCase):
         self.assertNotIn("SMTPUTF8", got.mail_params)
         self.assertTrue(got.data_raw.isascii())                      # our Received `for` too
         self.assertIn(f"for <user@{BUECHER_A}>".encode(), got.data)
+
+
+class SendmailTests(Utf8Hops):
+    """mailrelay-sendmail (a subprocess) submits UTF-8 addresses and headers with SMTPUTF8."""
+
+    def sendmail(self, port: int, args: list[str], stdin: bytes) -> subprocess.CompletedProcess:
+        env = dict(os.environ, MAILRELAY_SERVER=f"127.0.0.1:{port}", MAILRELAY_SECURITY="none")
+        return subprocess.run([sys.executable, "-m", "mailrelay.cli.sendmail", *args], input=stdin,
+                              capture_output=True, env=env, timeout=60)
+
+    @defer.inlineCallbacks
+    def test_sendmail_uses_smtputf8_for_utf8_addresses_and_headers(self):
+        relay = self.started()
+        stdin = f"From: Jörg <{SENDER}>\nTo: {CHINESE}\nSubject: Grüße\n\nbody\n".encode()
+        result = yield threads.deferToThread(self.sendmail, relay.ports["relay"], ["-t", "-i"], stdin)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        [got] = yield self.peer.wait_for(1)
+        self.assertEqual((got.mail_from, got.rcpt_tos, got.smtp_utf8), (SENDER, [CHINESE], True))
+        self.assertIn(b"Message-ID: <", got.content)
+        self.assertIn(b"@xn--exmple-cua.org>", got.content)        # the Message-ID's domain as its A-label
+
+    @defer.inlineCallbacks
+    def test_sendmail_to_a_server_without_smtputf8_fails_with_one_line(self):
+        stdin = f"From: <{SENDER}>\nSubject: x\n\nbody\n".encode()
+        result = yield threads.deferToThread(self.sendmail, self.plain_port, [CHINESE], stdin)
+        self.assertEqual(result.returncode, 69, result.stderr)
+        self.assertIn(b"SMTPUTF8", result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1)
+        self.assertEqual(self.plain.transactions, [])
 
 
 class DoorTests(unittest.TestCase):
