@@ -297,6 +297,13 @@ class DoorTests(unittest.TestCase):
         ])
 
     @defer.inlineCallbacks
+    def test_smtputf8_after_helo_is_refused(self):
+        replies = yield threads.deferToThread(self.conversation, [
+            b"HELO client.test", b"MAIL FROM:<" + SENDER.encode() + b"> SMTPUTF8",
+            b"MAIL FROM:<app@" + BUECHER_A.encode() + b">"])
+        self.assertEqual(replies[1:], [b"555 5.5.4", b"250 2.1.0"])
+
+    @defer.inlineCallbacks
     def test_an_idna_refusal_names_the_reason(self):
         def run():
             client = WireClient("127.0.0.1", self.relay.ports["relay"])

@@ -8,7 +8,8 @@ our `Received` header and the un-dot-stuffed content (forged Authentication-Resu
 partial message thrown away.
 
 Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
-recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
+recipients beyond the limit, never dropped), §4.4 (trace header), RFC 6531 §3.4 (SMTPUTF8: the
+transaction's flag, in the envelope and the Received keyword), RFC 1870 §6.1 (SIZE), RFC 3207 §4
 and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
 
 BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_open_message` and
@@ -46,6 +47,8 @@ class TransactionMixin:
             self._reply(refusal)
             return
         parsed = addresses.parse_mail(rest)
+        if not isinstance(parsed, Reply) and parsed.smtputf8 and not self._esmtp:
+            parsed = addresses.SMTPUTF8_NEEDS_EHLO     # RFC 6531 3.2: an extension only EHLO offers
         if isinstance(parsed, Reply):
             self._reply(parsed)
             return
