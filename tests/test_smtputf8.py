@@ -16,6 +16,7 @@ from mailrelay.delivery import offer
 from mailrelay.delivery.dns import MXResolver, ResolutionFailed
 from mailrelay.delivery.job import Job
 from mailrelay.delivery.results import RecipientResult
+from mailrelay.delivery.sevenbit import Unconvertible, convert_message
 from mailrelay.delivery.routes import Router
 from mailrelay.dkim import keys
 from mailrelay.dkim.keys import SigningKey
@@ -183,6 +184,39 @@ class FakeMessage:
 def job(sender: str, *recipients: str, smtputf8: bool = True, utf8_headers=False, octets="8bit") -> Job:
     envelope = Envelope(sender, recipients, 0.0, smtputf8=smtputf8, utf8_headers=utf8_headers, octets=octets)
     return Job(FakeMessage(envelope), recipients)
+
+
+@dataclass
+class BodyMessage:
+    envelope: Envelope
+    body: bytes
+    queue_id: str = "Q2"
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def open(self):
+        import io
+        return io.BytesIO(self.body)
+
+
+class SevenBitTests(unittest.TestCase):
+    BODY = "Subject: x\r\n\r\nGrüße\r\n".encode()
+
+    def test_declared_smtputf8_with_ascii_headers_converts_for_a_hop_without_8bitmime(self):
+        envelope = Envelope("a@bücher.example", ("b@example.net",), 0.0, smtputf8=True, utf8_headers=False,
+                            octets="8bit")
+        converted = convert_message(BodyMessage(envelope, self.BODY))
+        with converted.open() as f:
+            self.assertTrue(f.read().isascii())
+
+    def test_utf8_headers_under_smtputf8_are_never_converted(self):
+        envelope = Envelope("a@example.org", ("b@example.net",), 0.0, smtputf8=True, utf8_headers=True,
+                            octets="8bit")
+        with self.assertRaises(Unconvertible) as e:
+            convert_message(BodyMessage(envelope, "Subject: Grüße\r\n\r\nx\r\n".encode()))
+        self.assertIn("RFC 6532", str(e.exception))
 
 
 UTF8_HOP = {b"SMTPUTF8": b"", b"8BITMIME": b""}

@@ -133,6 +133,27 @@ class Utf8EndToEnd(Utf8Hops):
         self.assertTrue((yield self.verify(got.content)))
 
     @defer.inlineCallbacks
+    def test_bdat_carries_an_smtputf8_transaction_too(self):
+        relay = self.started()
+        content = message()
+
+        def send() -> list[bytes]:
+            client = WireClient("127.0.0.1", relay.ports["relay"])
+            client.reply()
+            client.send(b"EHLO client.test\r\n")
+            client.reply()
+            client.send(b"MAIL FROM:<" + SENDER.encode() + b"> SMTPUTF8 BODY=8BITMIME\r\nRCPT TO:<"
+                        + CHINESE.encode() + b">\r\n" + b"BDAT %d LAST\r\n" % len(content) + content)
+            codes = [client.reply().lines[-1][:9] for _ in range(3)]
+            client.sock.close()
+            return codes
+        codes = yield threads.deferToThread(send)
+        self.assertEqual(codes, [b"250 2.1.0", b"250 2.1.5", b"250 2.0.0"])
+        [got] = yield self.peer.wait_for(1)
+        self.assertEqual((got.mail_from, got.rcpt_tos, got.smtp_utf8), (SENDER, [CHINESE], True))
+        self.assertIn("with UTF8SMTP\r\n", got.content.decode("utf-8"))
+
+    @defer.inlineCallbacks
     def test_a_route_written_as_an_a_label_takes_a_u_label_recipient(self):
         relay = self.started(f'[[route]]\nrecipients = ["{BUECHER_A}"]\ntransport = "utf8"\n\n')
         code, _ = yield relay.submit("relay", SENDER, ["Jürgen@bücher.example"], message(to="Jürgen@bücher.example"),
