@@ -339,6 +339,11 @@ class DomainComparisonTests(unittest.TestCase):
         signer = Signer([SigningKey("xn--exmple-cua.org", "sel", key)])
         self.assertEqual(len(signer.keys_for("EXÄMPLE.org")), 1)
 
+    def test_the_dkim_record_name_is_the_a_label(self):
+        from mailrelay.cli.dkim import record_name
+        self.assertEqual(record_name("Exämple.org.", "sel"), "sel._domainkey.xn--exmple-cua.org.")
+        self.assertEqual(record_name("Example.org", "sel"), "sel._domainkey.example.org.")
+
     def test_mx_lookup_of_a_domain_idna_refuses_is_permanent(self):
         resolver = MXResolver(nameservers=[("127.0.0.1", 9)])
         self.addCleanup(resolver.stop)
