@@ -10,11 +10,20 @@ travels through the normal routes and policies like any other message.
 
 RFCs: RFC 3464 (DSN format), RFC 6522 (multipart/report), RFC 3463 (status codes), RFC 5321 §4.5.5
 and §6.1 (DSNs are sent from <>, and never about a message from <>: no bounce loops), RFC 3834
-(Auto-Submitted), RFC 5322 (dates).
+(Auto-Submitted), RFC 5322 (dates), RFC 6533 (internationalised DSNs).
+
+RFC 6533: a DSN about an SMTPUTF8 message (a UTF-8 envelope address, or UTF-8 header fields under
+SMTPUTF8) is a multipart/report; report-type=global-delivery-status whose status part is
+message/global-delivery-status (8bit, §6.1), with `utf-8;` address types (§3) for UTF-8 addresses
+(`rfc822;` stays for ASCII ones); its returned header block is message/global-headers (§6.3) when it
+holds UTF-8.  Such a DSN is itself spooled with `smtputf8` set, so it travels only to a next hop that
+offers SMTPUTF8 (or with its domains as A-labels, delivery/offer.py).
 """
 from __future__ import annotations
 
 import re
+import io
+from email.generator import BytesGenerator
 from email.message import EmailMessage, Message, MIMEPart
 from email.headerregistry import Address
 from email.policy import SMTP, SMTPUTF8
@@ -68,6 +77,33 @@ def _status(result) -> str:
     return f"{str(result.code)[0] if 400 <= result.code < 600 else '4'}.0.0"
 
 
+def address_field(address: str) -> str:
+    """A Final-/Original-Recipient value: `rfc822; addr`, or `utf-8; addr` for a UTF-8 address in a
+    message/global-delivery-status (RFC 6533 3, utf-8-addr-unitext)."""
+    return f"{'rfc822' if address.isascii() else 'utf-8'}; {_clean(address)}"
+
+
+def is_global(envelope: Envelope, recipients: Iterable[str] = ()) -> bool:
+    """Whether a DSN about this message is an RFC 6533 one: the message needed SMTPUTF8."""
+    if envelope.smtputf8 and envelope.utf8_headers:
+        return True
+    return not all(a.isascii() for a in (envelope.sender, *envelope.recipients, *recipients))
+
+
+GLOBAL_TYPES = ("message/global-delivery-status", "message/global-headers")
+
+
+class _Generator(BytesGenerator):
+    """The stdlib generator, which writes message/* payloads as ASCII only, with the RFC 6532 3.5 /
+    RFC 6533 6 types written as the UTF-8 text they are (8bit)."""
+
+    def _handle_message(self, msg) -> None:
+        if msg.get_content_type() in GLOBAL_TYPES and isinstance(msg.get_payload(), str):
+            self._fp.write(msg.get_payload().encode("utf-8", "surrogateescape"))
+            return
+        super()._handle_message(msg)
+
+
 def _field_block(fields: Iterable[tuple[str, str]]) -> Message:
     block = Message(policy=_POLICY)
     for name, value in fields:
@@ -94,7 +130,7 @@ class DSNBuilder:
                          retry_until: Optional[float]) -> list[tuple[str, str]]:
         # RFC 3464 §2.3: Final-Recipient, Action and Status are required for each recipient.
         fields = [
-            ("Final-Recipient", f"rfc822; {_clean(result.recipient)}"),
+            ("Final-Recipient", address_field(result.recipient)),
             ("Action", action),
             ("Status", _status(result)),
         ]
@@ -124,23 +160,33 @@ class DSNBuilder:
               retry_until: Optional[float] = None) -> bytes:
         """The DSN as bytes with CRLF line ends, ready for the spool."""
         results = list(results)
-        utf8 = not (envelope.sender.isascii() and all(r.recipient.isascii() for r in results))
+        glob = is_global(envelope, (r.recipient for r in results))
+        utf8 = glob or not (envelope.sender.isascii() and all(r.recipient.isascii() for r in results))
         policy = _POLICY_UTF8 if utf8 else _POLICY
         report = EmailMessage(policy=policy)
         self._set_headers(report, envelope, action, now)
         report.set_content(self.human_text(envelope, results, action), cte="8bit" if utf8 else "7bit")
         report.make_mixed()
         report.set_type("multipart/report")                   # RFC 6522 §3: the container of a DSN
-        report.set_param("report-type", "delivery-status")
-        report.attach(self._status_part(envelope, results, action, now, retry_until))
-        report.attach(_headers_part(headers))
-        return report.as_bytes(policy=policy)
+        # RFC 6533 §6.1: the report-type names the status part's subtype
+        report.set_param("report-type", "global-delivery-status" if glob else "delivery-status")
+        if glob:
+            report.attach(self._global_status_part(envelope, results, action, now, retry_until))
+        else:
+            report.attach(self._status_part(envelope, results, action, now, retry_until))
+        report.attach(_headers_part(headers, glob and envelope.smtputf8))
+        out = io.BytesIO()
+        _Generator(out, policy=policy).flatten(report)
+        return out.getvalue()
 
     def _set_headers(self, report: EmailMessage, envelope: Envelope, action: str, now: float) -> None:
         report["From"] = Address("Mail Delivery System", "MAILER-DAEMON", self.hostname)
         try:
-            report["To"] = Address(addr_spec=envelope.sender)
-        except Exception:       # a quoted or non-ASCII address the header registry refuses: cosmetic only
+            if envelope.sender.isascii():
+                report["To"] = Address(addr_spec=envelope.sender)
+            else:
+                report["To"] = f"<{_clean(envelope.sender)}>"     # RFC 6532 3.2: a UTF-8 mailbox
+        except Exception:       # a quoted address the header registry refuses: cosmetic only
             report["To"] = "undisclosed-recipients:;"
         report["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
                              else "Delayed Mail (still being retried)")
@@ -156,8 +202,26 @@ class DSNBuilder:
         part.set_payload(blocks)
         return part
 
+    def _global_status_part(self, envelope, results, action, now, retry_until) -> Message:
+        """message/global-delivery-status (RFC 6533 §6.1): the same fields, as UTF-8 text, 8bit."""
+        blocks = [self.message_fields(envelope)]
+        blocks += [self.recipient_fields(r, action, now, retry_until) for r in results]
+        part = Message(policy=_POLICY_UTF8)
+        part["Content-Type"] = "message/global-delivery-status"
+        part["Content-Transfer-Encoding"] = "8bit"
+        part.set_payload("\r\n".join("".join(f"{name}: {value}\r\n" for name, value in block)
+                                      for block in blocks))
+        return part
 
-def _headers_part(headers: bytes) -> MIMEPart:
+
+def _headers_part(headers: bytes, smtputf8: bool = False) -> Message:
+    if smtputf8 and not headers.isascii():
+        # RFC 6533 §6.3: the UTF-8 header block of an SMTPUTF8 message, returned as it was (8bit).
+        part = Message(policy=_POLICY_UTF8)
+        part["Content-Type"] = "message/global-headers"
+        part["Content-Transfer-Encoding"] = "8bit"
+        part.set_payload(headers.decode("utf-8", "surrogateescape"))
+        return part
     part = MIMEPart(policy=_POLICY)
     if headers.isascii():
         part.set_content(headers.decode("ascii"), subtype="rfc822-headers", charset="us-ascii", cte="7bit")
@@ -226,7 +290,8 @@ class DSNReporter:
             recipients=(original.sender,),
             received_at=self.clock.seconds(),
             body="7BIT" if data.isascii() else "8BITMIME",
-            smtputf8=not original.sender.isascii(),
+            # RFC 6533 §3: a DSN to a UTF-8 sender, or returning UTF-8 header fields, needs SMTPUTF8
+            smtputf8=not original.sender.isascii() or is_global(original),
             dkim_senders=(self.builder.hostname,),     # our own report, From: MAILER-DAEMON@hostname
         )
         writer = self.spool.new_message(envelope)

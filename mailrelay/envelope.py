@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from mailrelay.idn import domain_key
+
 
 @dataclass(frozen=True)
 class ClientInfo:
@@ -40,7 +42,14 @@ class Envelope:
     # spooled: such a message is re-encoded before it leaves (delivery/sevenbit.py).  None: not known (a
     # spool file from before the field existed, when such lines were refused at the door): taken as False.
     long_lines: Optional[bool] = None
+    # The client declared SMTPUTF8 (RFC 6531 3.4: `MAIL FROM:<...> SMTPUTF8`; for the HTTP API and a DSN:
+    # an address or a header needs it), so its addresses and header fields may be UTF-8 (RFC 6532).
     smtputf8: bool = False
+    # Whether the header block holds a non-ASCII octet, seen as it was spooled.  With `smtputf8` it is an
+    # RFC 6532 message that only a next hop offering SMTPUTF8 may take; without, legacy 8-bit headers
+    # (sent as 8BITMIME content, never converted).  None: not known (written before the field existed, or
+    # an envelope made without the spool): with `smtputf8`, 8-bit content is then taken to be such headers.
+    utf8_headers: Optional[bool] = None
     tls: Optional[str] = None
     params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
     # The `senders` patterns of the permit decision that accepted the message: DKIM signs only a From:
@@ -79,6 +88,7 @@ def _strings(value) -> tuple[str, ...]:
 
 
 def domain_of(address: str) -> str:
-    """The lower-cased domain of `local@domain` ('' for the null path or a bare local part)."""
+    """The domain of `local@domain` as it is compared and looked up: lower case, internationalised
+    domains as A-labels (mailrelay.idn); '' for the null path or a bare local part."""
     _, at, domain = address.rpartition("@")
-    return domain.lower().rstrip(".") if at else ""
+    return domain_key(domain) if at else ""

@@ -72,7 +72,7 @@ TRICKS = [
     ("user@allowed.example.", 550, "5.7.1"),                  # trailing dot
     ("user@victim.example.", 550, "5.7.1"),
     ("user@localhost", 550, "5.7.1"),
-    ("user@b\u00fccher.example", 553, "5.6.7"),               # raw UTF-8: no SMTPUTF8 offered (RFC 6531)
+    ("user@b\u00fccher.example", 553, "5.6.7"),               # raw UTF-8 without MAIL ... SMTPUTF8 (RFC 6531)
     ("postmaster", 550, "5.7.1"),                             # no domain: nothing a relay can route
     ("PostMaster", 550, "5.7.1"),
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mailrelay.config import ConfigError, load
 from mailrelay.dkim import keys
+from mailrelay.idn import domain_key
 
 
 def register(subparsers) -> None:
@@ -32,13 +33,14 @@ def register(subparsers) -> None:
 
 def _configured_key_file(config, domain: str, selector: str):
     for key in config.dkim.keys:
-        if key.domain.lower() == domain.lower() and key.selector == selector:
+        if domain_key(key.domain) == domain_key(domain) and key.selector == selector:
             return key.key_file
     return None
 
 
 def record_name(domain: str, selector: str) -> str:
-    return f"{selector}._domainkey.{domain.rstrip('.')}."
+    """The TXT record's name; an internationalised domain as its A-label, the name DNS holds (RFC 5890)."""
+    return f"{selector}._domainkey.{domain_key(domain)}."
 
 
 def genkey(args) -> int:

@@ -8,6 +8,9 @@ Out: one SMTP submission (STARTTLS or implicit TLS, AUTH when configured) and se
 Settings: `[sendmail]` of `--config FILE` (a tap.conf or a file with only that section), else the
 environment: MAILRELAY_SERVER (host:port), MAILRELAY_SECURITY, MAILRELAY_USERNAME, MAILRELAY_PASSWORD_FILE,
 MAILRELAY_CA_FILE, MAILRELAY_VERIFY (0/1).
+
+SMTPUTF8 (RFC 6531): a UTF-8 envelope address, or a header block holding UTF-8 (RFC 6532), is
+submitted with `MAIL FROM:<...> SMTPUTF8` (a relay without it refuses: EX_UNAVAILABLE).
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ import socket
 import ssl
 import sys
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from pathlib import Path
 from typing import Optional
 
+from mailrelay import idn
 from mailrelay.config import SendmailConfig
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE = 0, 64, 65, 69
@@ -150,13 +154,16 @@ def _drop_header(headers: bytes, name: bytes) -> bytes:
 def prepare(inv: Invocation, message: bytes) -> tuple[str, list[str], bytes]:
     """The envelope sender, the recipients and the message to submit."""
     headers, body = split_headers(message)
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(headers + b"\r\n")
+    # RFC 6532: header fields may be UTF-8; read as text so that UTF-8 addresses come out whole.
+    parsed = HeaderParser(policy=compat32).parsestr(headers.decode("utf-8", "surrogateescape") + "\r\n")
     recipients = list(inv.recipients)
     if inv.read_recipients:
         fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
         recipients += [addr for _, addr in email.utils.getaddresses([str(f) for f in fields]) if addr]
         headers = _drop_header(headers, b"Bcc")   # RFC 5322 3.6.3: Bcc must not reach the recipients
     recipients = list(dict.fromkeys(r for r in recipients if r))
+    for address in (inv.sender or "", *recipients):
+        _check_utf8(address)
     if not recipients:
         raise Failure(EX_USAGE, "no recipients given (use arguments or -t)")
     from_addrs = email.utils.getaddresses([str(f) for f in parsed.get_all("From", [])])
@@ -170,10 +177,32 @@ def prepare(inv: Invocation, message: bytes) -> tuple[str, list[str], bytes]:
         added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
     if parsed.get("Message-ID") is None:
         domain = sender.rpartition("@")[2] or socket.getfqdn()
+        try:
+            domain = idn.to_ascii(domain)       # a Message-ID is ASCII (RFC 5322 3.6.4): the A-label
+        except ValueError:
+            domain = socket.getfqdn()
         added += b"Message-ID: " + email.utils.make_msgid(domain=domain).encode() + b"\r\n"
     if headers and not headers.endswith(b"\r\n"):
         headers += b"\r\n"
+    _check_utf8(sender)
     return sender, recipients, added + headers + b"\r\n" + body
+
+
+def needs_smtputf8(sender: str, recipients: list[str], message: bytes) -> bool:
+    """A UTF-8 envelope address, or UTF-8 in the header block (RFC 6531 3.4, RFC 6532)."""
+    if not all(a.isascii() for a in (sender, *recipients)):
+        return True
+    headers, _ = split_headers(message)
+    return not headers.isascii()
+
+
+def _check_utf8(address: str) -> None:
+    """An address from the command line or a header that is not valid UTF-8 (a surrogate escape)."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Failure(EX_DATAERR, f"address {address.encode('utf-8', 'replace').decode()!r} is not valid UTF-8") \
+            from None
 
 
 def _tls_context(settings: SendmailConfig) -> ssl.SSLContext:
@@ -203,6 +232,8 @@ def submit(settings: SendmailConfig, sender: str, recipients: list[str], message
         except OSError as e:
             raise Failure(EX_CONFIG, f"password_file: cannot read {settings.password_file}: {e.strerror}") from None
     options = ["BODY=8BITMIME"] if any(b > 127 for b in message) else []
+    if needs_smtputf8(sender, recipients, message):
+        options.append("SMTPUTF8")      # RFC 6531 3.4; smtplib then sends the commands as UTF-8
     try:
         if settings.security == "tls":
             smtp = smtplib.SMTP_SSL(host, port_number, timeout=TIMEOUT, context=_tls_context(settings))

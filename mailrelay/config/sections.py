@@ -22,7 +22,7 @@ from mailrelay.config.model import (
 from mailrelay.cluster.url import RedisURL
 from mailrelay.config.reader import _closed, _Reader
 from mailrelay.config.transport_auth import transport_auth
-from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, parse_host_port
+from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, ascii_domain, domain_text, parse_host_port
 
 
 def _hostname(root: _Reader) -> str:
@@ -205,8 +205,12 @@ def _permit(t: _Reader) -> Permit:
 def _dkim_key(t: _Reader) -> DKIMKey:
     domain = t.text("domain", required=True)
     selector = t.text("selector", required=True)
-    if not _DOMAIN.fullmatch(domain):
+    if not domain_text(domain):
         t.fail("domain", f'"{domain}" is not a domain')
+    try:
+        domain = ascii_domain(domain)      # d= is the A-label (RFC 6376 3.5, RFC 8616 4); either form here
+    except ValueError as e:
+        t.fail("domain", str(e))
     if not _SELECTOR.fullmatch(selector):
         t.fail("selector", f'"{selector}" is not a DKIM selector (RFC 6376 §3.1)')
     key_file = t.path("key_file", readable=True)
@@ -215,7 +219,7 @@ def _dkim_key(t: _Reader) -> DKIMKey:
     problem = _dkim_key_problem(key_file)
     if problem:
         t.fail("key_file", problem)
-    return _closed(t, DKIMKey(domain.lower(), selector, key_file))
+    return _closed(t, DKIMKey(domain, selector, key_file))
 
 
 def _dkim_key_problem(path: Path) -> Optional[str]:

@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any
 
+from mailrelay import idn
+
 # --- values: durations, sizes, host:port ------------------------------------------------------------
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -91,8 +93,22 @@ _DOMAIN = re.compile(r"[\w-]+(\.[\w-]+)*")          # a match pattern: IDNs allo
 _SELECTOR = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")   # RFC 6376 §3.1 selector
 
 
+def domain_text(text: str) -> bool:
+    """Whether `text` looks like a domain: ASCII by the pattern above; a U-label domain is judged by
+    IDNA (ascii_domain), whose rules (combining marks, joiners, bidi) no regular expression states."""
+    return bool(_DOMAIN.fullmatch(text)) if text.isascii() else bool(text) and not any(
+        c.isspace() or c in "@,;<>()[]\\\"" for c in text)
+
+
+def ascii_domain(text: str) -> str:
+    """A domain as it is stored: lower case, an internationalised one as IDNA2008 A-labels (written as
+    U-labels or A-labels in the file: RFC 5890, one domain); ValueError naming what IDNA refuses."""
+    return idn.to_ascii(text)
+
+
 def _domain_pattern(text: str, addresses: bool) -> str:
-    """A normalised "*", "example.org", "*.example.org" (or "user@example.org"); ValueError if bad."""
+    """A normalised "*", "example.org", "*.example.org" (or "user@example.org"), its domain as A-labels;
+    ValueError if bad."""
     text = text.strip()
     if text == "*":
         return text
@@ -102,7 +118,8 @@ def _domain_pattern(text: str, addresses: bool) -> str:
     if at and (not local or any(c.isspace() for c in local)):
         raise ValueError(f'bad pattern "{text}": write "example.org" for the whole domain')
     bare = domain[2:] if domain.startswith("*.") else domain
-    if not _DOMAIN.fullmatch(bare):
+    if not domain_text(bare):
         raise ValueError(f'bad pattern "{text}": expected "*", "example.org", "*.example.org"'
                          + (' or "user@example.org"' if addresses else ""))
-    return f"{local}@{domain.lower()}" if at else domain.lower()
+    domain = ("*." if domain.startswith("*.") else "") + ascii_domain(bare)
+    return f"{local}@{domain}" if at else domain

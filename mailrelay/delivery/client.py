@@ -39,7 +39,7 @@ from mailrelay.delivery import sevenbit
 from mailrelay.delivery.dotstuff import StuffingProducer
 from mailrelay.delivery import offer
 from mailrelay.delivery.job import (
-    Job, OnSettled, SessionParams, rcpt_command, temporary_status, valid_address,
+    Job, OnSettled, SessionParams, temporary_status, valid_address,
 )
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
@@ -399,7 +399,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._expect(range(200, 300), self._on_mail, self._on_mail_refused, "MAIL FROM")
         lines = [self._mail_command(job)]
         for i in valid:
-            lines.append(rcpt_command(job.recipients[i]))
+            lines.append(offer.rcpt_line(job, job.recipients[i], self._extensions))
             on_reply = self._pipelined_rcpt(i)
             self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300), on_reply, on_reply))
         lines.append(b"DATA")
@@ -503,7 +503,8 @@ class DeliveryClient(smtp.ESMTPClient):
         while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
             self._rcpt_index += 1            # settled by _settle_invalid
         if self._rcpt_index < len(recipients):
-            return self._send(rcpt_command(recipients[self._rcpt_index]), "RCPT TO", range(0, 1000), self._on_rcpt)
+            line = offer.rcpt_line(self.jobs[self._job_index], recipients[self._rcpt_index], self._extensions)
+            return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
         if not self._accepted:
             return self._next_job()        # every RCPT failed: no DATA (RFC 5321 3.3)
         self._send(b"DATA", "DATA", (354,), self._on_data, self._on_data_refused)

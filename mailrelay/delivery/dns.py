@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mailrelay import idn
 from mailrelay.interfaces import Reply
 
 DEFAULT_TIMEOUT = 10.0      # seconds for one query, all nameservers and retries included
@@ -213,6 +214,15 @@ def address_literal(domain: str) -> list[MXHost] | None:
     return [MXHost(domain, 0, (str(address),))]
 
 
+def idna_name(domain: str) -> str:
+    """The name DNS is asked for: the A-label form (mailrelay.idn); a domain IDNA2008 refuses is a
+    permanent failure, never handed to the resolver's own (IDNA2003) conversion."""
+    try:
+        return idn.to_ascii(domain)
+    except ValueError as e:
+        raise permanent("5.1.2", f"invalid recipient domain: {e}", code=553) from None
+
+
 def check_domain(domain: str) -> None:
     """Refuse a name DNS cannot carry (empty, bad label, too long) as permanent, not as a DNS outage."""
     try:
@@ -298,12 +308,14 @@ class MXResolver:
         return result
 
     def resolve(self, domain: str) -> defer.Deferred:
-        """A Deferred firing with the exchangers to try, in order; fails only with ResolutionFailed."""
+        """A Deferred firing with the exchangers to try, in order; fails only with ResolutionFailed.
+        An internationalised domain is looked up by its A-labels (RFC 5890 2.3.2.1, RFC 6531 3.7.2)."""
         domain = domain.lower().rstrip(".")
         try:
             literal = address_literal(domain)
             if literal is not None:
                 return defer.succeed(literal)
+            domain = idna_name(domain)
             check_domain(domain)
         except ResolutionFailed as e:
             return defer.fail(e)

@@ -6,7 +6,8 @@ Out: the first matching config.Route (its `transport` names a smarthost), or Non
 (RFC 5321 section 5.1).  Like mox's routes and Postfix's transport_maps, first match wins, and
 `after_attempts` lets a route apply only once direct delivery has failed that many times.
 
-Patterns (case-insensitive, trailing dots ignored):
+Patterns (case-insensitive, trailing dots ignored; a U-label and its A-label are one domain, RFC 5890,
+so both sides are compared as A-labels):
   recipients: "example.com" the domain itself; "*.example.com" its subdomains only; "*" any.
   senders:    the same, plus an exact address "user@example.com"; the null sender matches only "*".
 """
@@ -18,6 +19,7 @@ from zope.interface import implementer
 
 from mailrelay import config
 from mailrelay.envelope import domain_of
+from mailrelay.idn import domain_key
 from mailrelay.interfaces import IRouter
 
 
@@ -39,12 +41,20 @@ def sender_matches(pattern: str, sender: str) -> bool:
     if not sender:
         return False                      # the null reverse-path <> has no domain: only "*" takes it
     if "@" in pattern:
-        return sender.lower() == pattern
+        local, _, domain = sender.rpartition("@")
+        return f"{local.lower()}@{domain_key(domain)}" == pattern
     return domain_matches(pattern, domain_of(sender))
 
 
 def _normalise(pattern: str) -> str:
-    return pattern.strip().lower().rstrip(".")
+    pattern = pattern.strip()
+    local, at, domain = pattern.rpartition("@")
+    wild = domain.startswith("*.")
+    domain = domain_key(domain[2:] if wild else domain)
+    if domain == "*":
+        return "*"
+    domain = ("*." if wild else "") + domain
+    return f"{local.lower()}@{domain}" if at else domain
 
 
 @implementer(IRouter)

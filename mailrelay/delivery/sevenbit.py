@@ -202,8 +202,11 @@ class ConvertedMessage:
 def convert_message(message: Any, needs: Needs = SEVEN_BIT) -> Any:
     """Blocking (run it in a thread): `message` converted so that nothing in it needs re-encoding for
     `needs`, or `message` itself when nothing does.  Raises Unconvertible."""
-    if message.envelope.smtputf8 and not needs.eight_bit_ok:
-        raise Unconvertible("it is an SMTPUTF8 message (RFC 6531), which cannot be converted")
+    envelope = message.envelope
+    if envelope.smtputf8 and envelope.utf8_headers is not False and not needs.eight_bit_ok:
+        # RFC 6532 3.5: UTF-8 header fields have no 7-bit form a reader would take as the same message.
+        raise Unconvertible("it is an SMTPUTF8 message with UTF-8 header fields (RFC 6532), which cannot be "
+                            "converted")
     with message.open() as f:
         plan = _Walk(f, needs, None, []).run()
     if not any(plan):

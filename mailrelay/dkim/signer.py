@@ -22,6 +22,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from mailrelay.dkim.bodyhash import BodyHasher
 from mailrelay.dkim.keys import SigningKey
+from mailrelay.idn import domain_key
 
 # Signed when present (RFC 6376 5.4.1 recommends the identity- and content-bearing fields); List-* by prefix.
 DEFAULT_HEADERS = (
@@ -63,7 +64,7 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
     addresses = from_addresses(headers)
     if addresses is None:
         return None
-    return addresses[0].rpartition("@")[2].strip().lower().rstrip(".")
+    return domain_key(addresses[0].rpartition("@")[2].strip())
 
 
 class Signer:
@@ -77,15 +78,16 @@ class Signer:
     ):
         self._keys: dict[str, list[SigningKey]] = {}
         for key in keys:
-            self._keys.setdefault(key.domain.lower().rstrip("."), []).append(key)
+            self._keys.setdefault(domain_key(key.domain), []).append(key)
         self._headers = tuple(h.lower() for h in headers) if headers else DEFAULT_HEADERS
         self._expire = expire
         self._canonicalization = canonicalization
         self._clock = clock
 
     def keys_for(self, domain: str) -> list[SigningKey]:
-        """Keys of `domain` or of its nearest parent domain that has keys."""
-        labels = domain.lower().rstrip(".").split(".")
+        """Keys of `domain` or of its nearest parent domain that has keys; a U-label domain finds the
+        keys of its A-label (RFC 5890: one domain; RFC 8616 4: d= is the A-label)."""
+        labels = domain_key(domain).split(".")
         for i in range(len(labels) - 1):
             found = self._keys.get(".".join(labels[i:]))
             if found:
@@ -126,7 +128,7 @@ class Signer:
             (b"v", b"1"),
             (b"a", key.algorithm),
             (b"c", canon.to_c_value()),
-            (b"d", key.domain.encode("ascii")),
+            (b"d", domain_key(key.domain).encode("ascii", "replace")),     # the A-label (RFC 8616 4)
             (b"s", key.selector.encode("ascii")),
             (b"t", str(now).encode("ascii")),
         ]

@@ -10,7 +10,13 @@ Implements RFC 5321 4.1.1.1 (EHLO/HELO argument: Domain / address-literal), 4.1.
 Source routes (`<@a,@b:user@c>`) are accepted and stripped, as RFC 5321 4.1.1.3 and Appendix C allow
 (servers SHOULD ignore the route): the policy judges, the spool keeps and delivery uses `user@c` only.
 `RCPT TO:<postmaster>` without a domain is accepted (RFC 5321 4.5.1).
-SMTPUTF8 is not offered, so a non-ASCII address is refused with 553 5.6.7 (RFC 6531 3.5).
+SMTPUTF8 (RFC 6531): `MAIL FROM:<...> SMTPUTF8` lets the transaction's addresses be UTF-8 (3.3: a
+UTF-8 local part, a domain of U-labels or A-labels); without it a non-ASCII address gets 553 5.6.7
+(3.5).  The command line arrives as octets (one character each, latin-1); a UTF-8 path is decoded
+strictly (an invalid sequence, an overlong form or a surrogate: 553 5.6.7), may hold no control
+character, C0 or C1, and its domain must pass IDNA2008 (mailrelay.idn; else 553 5.1.7 / 5.1.3 with
+the reason).  Lengths are counted in octets of UTF-8 (RFC 6531 3.3).  Nothing is normalised: the
+address goes on as the client wrote it (see mailrelay.idn).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Union
 
+from mailrelay import idn
 from mailrelay.interfaces import Reply
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -27,13 +34,20 @@ _HELO_DOMAIN = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,253})\Z")
 _LITERAL = re.compile(r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45}|[A-Za-z0-9-]*[A-Za-z0-9]:[!-Z^-~]+)\]\Z")
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 _QUOTED = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"\Z')
+# RFC 6531 3.3: atext and qtext extended with UTF8-non-ascii (controls are refused before these match).
+_UTF8_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
+                              r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*\Z")
+_UTF8_QUOTED = re.compile(r'"(?:[ !#-\[\]-~\u0080-\U0010ffff]|\\[ -~])*"\Z')
 _ROUTE = re.compile(rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[!-Z^-~]+\])")
 _XTEXT_VALUE = re.compile(r"[!-<>-~]+\Z")
 
 SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_PATH = Reply(501, "5.1.7", "Bad address syntax")
 BAD_RCPT = Reply(501, "5.1.3", "Bad recipient address syntax")
-NON_ASCII = Reply(553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)")
+NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address without SMTPUTF8 (RFC 6531): give MAIL FROM:<...> SMTPUTF8")
+BAD_UTF8 = Reply(553, "5.6.7", "Address is not valid UTF-8 (RFC 6531 3.3)")
+BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+SMTPUTF8_NEEDS_EHLO = Reply(555, "5.5.4", "SMTPUTF8 needs EHLO (RFC 6531)")
 NULL_RCPT = Reply(501, "5.1.3", "The null path <> is not a valid recipient")
 UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
@@ -45,6 +59,7 @@ class MailFrom:
     sender: str                  # "" for the null reverse-path
     size: int | None = None      # SIZE= as declared, None when absent
     body: str = "7BIT"           # BODY=
+    smtputf8: bool = False       # SMTPUTF8 given (RFC 6531 3.4): UTF-8 addresses and headers allowed
 
 
 @dataclass(frozen=True)
@@ -77,12 +92,16 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
     if isinstance(parsed, Reply):
         return parsed
     path, params = parsed
-    sender = "" if path == "" else _mailbox(path, BAD_PATH)
+    utf8 = "SMTPUTF8" in params
+    sender = "" if path == "" else _mailbox(path, BAD_PATH, utf8)
     if isinstance(sender, Reply):
         return sender
     size, body = None, "7BIT"
     for key, value in params.items():
-        if key == "SIZE":
+        if key == "SMTPUTF8":
+            if value is not None:
+                return BAD_SMTPUTF8           # RFC 6531 3.4: the parameter has no value
+        elif key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
                 return BAD_SIZE
             size = int(value)
@@ -92,11 +111,12 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
             body = value.upper()
         else:
             return UNKNOWN_PARAM          # RFC 5321 4.1.1.11: unrecognised parameter → 555
-    return MailFrom(sender, size, body)
+    return MailFrom(sender, size, body, utf8)
 
 
-def parse_rcpt(argument: str) -> Union[RcptTo, Reply]:
-    """`TO:<path> [params]` → RcptTo, or the Reply to send.  No RCPT parameters are offered."""
+def parse_rcpt(argument: str, smtputf8: bool = False) -> Union[RcptTo, Reply]:
+    """`TO:<path> [params]` → RcptTo, or the Reply to send.  No RCPT parameters are offered.
+    `smtputf8`: the transaction's MAIL FROM gave SMTPUTF8, so the path may be UTF-8."""
     parsed = _split_path(argument, "TO:")
     if isinstance(parsed, Reply):
         return parsed
@@ -107,7 +127,7 @@ def parse_rcpt(argument: str) -> Union[RcptTo, Reply]:
         return UNKNOWN_PARAM
     if path.lower() == "postmaster":
         return RcptTo("postmaster")      # RFC 5321 4.5.1: must be accepted without a domain
-    recipient = _mailbox(path, BAD_RCPT)
+    recipient = _mailbox(path, BAD_RCPT, smtputf8)
     if isinstance(recipient, Reply):
         return recipient
     return RcptTo(recipient)
@@ -126,8 +146,8 @@ def _split_path(argument: str, keyword: str) -> Union[tuple[str, dict], Reply]:
     path, tail = rest[1:end], rest[end + 1:]
     if tail and not tail.startswith(" "):
         return SYNTAX
-    if not (path + tail).isascii():
-        return NON_ASCII                  # RFC 6531 3.5: no SMTPUTF8 → 553 5.6.7
+    if not tail.isascii():
+        return NON_ASCII                  # RFC 6531 3.5: non-ASCII parameters → 553 5.6.7
     params = _params(tail)
     if isinstance(params, Reply):
         return params
@@ -170,15 +190,43 @@ def _params(text: str) -> Union[dict, Reply]:
     return params
 
 
-def _mailbox(path: str, bad: Reply) -> Union[str, Reply]:
-    """Validate `local@domain` (RFC 5321 4.1.2) and its lengths (4.5.3.1)."""
+def wire_text(text: str) -> str:
+    """Text as the session hands it to the parsers: each UTF-8 octet one character (latin-1), as a
+    command line read off the wire is (for callers with real text, such as the HTTP API)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def _mailbox(path: str, bad: Reply, utf8: bool = False) -> Union[str, Reply]:
+    """Validate `local@domain` (RFC 5321 4.1.2, RFC 6531 3.3 when `utf8`) and its lengths (4.5.3.1,
+    in octets).  Returns the address as Unicode text."""
+    if not path.isascii():
+        if not utf8:
+            return NON_ASCII                  # RFC 6531 3.5: no SMTPUTF8 → 553 5.6.7
+        try:
+            path = path.encode("latin-1").decode("utf-8")     # strict: overlongs, surrogates refused
+        except UnicodeError:
+            return BAD_UTF8
+        problem = idn.utf8_problem(path)
+        if problem is not None:
+            return Reply(bad.code, bad.status, f"{bad.text}: {problem}")
     local, at, domain = path.rpartition("@")
-    if not at or not local or not domain or len(path) > 254:
+    if not at or not local or not domain or len(path.encode("utf-8")) > 254:
         return bad
-    if len(local) > 64 or len(domain) > 255:
+    if len(local.encode("utf-8")) > 64 or len(domain.encode("utf-8")) > 255:
         return bad
-    if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
+    if local.isascii():
+        if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
+            return bad
+    elif not (_UTF8_DOT_STRING.match(local) or _UTF8_QUOTED.match(local)):
         return bad
-    if not (_DOMAIN.match(domain) or _LITERAL.match(domain)):
+    if _LITERAL.match(domain):
+        return path
+    if domain.isascii() and "xn--" not in domain.lower():
+        return path if _DOMAIN.match(domain) else bad
+    try:
+        ascii_domain = idn.to_ascii(domain)   # U-labels, or A-labels that must decode (RFC 5891 5.4)
+    except ValueError as e:
+        return Reply(553, bad.status, f"{bad.text}: {e}")
+    if not _DOMAIN.match(ascii_domain) or len(ascii_domain) > 255:
         return bad
     return path

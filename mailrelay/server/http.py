@@ -127,10 +127,10 @@ def parse_body(body: bytes, limits: config.Limits) -> tuple[str, list[str], byte
         raise Refused(400, '"to" must be a non-empty list of address strings')
     if not isinstance(message, str) or not message:
         raise Refused(400, '"message" must be a non-empty string: the RFC 5322 message')
-    sender = _address(sender, "from", addresses.parse_mail, "FROM")
+    sender = _address(sender, "from", "FROM")
     unique: list[str] = []
     for i, recipient in enumerate(recipients):
-        recipient = _address(recipient, f"to[{i}]", addresses.parse_rcpt, "TO")
+        recipient = _address(recipient, f"to[{i}]", "TO")
         if recipient not in unique:
             unique.append(recipient)
     if len(unique) > limits.max_recipients:
@@ -143,15 +143,23 @@ def parse_body(body: bytes, limits: config.Limits) -> tuple[str, list[str], byte
     return sender, unique, octets
 
 
-def _address(text: str, field: str, parse, keyword: str) -> str:
-    """An envelope address, checked by the SMTP parser exactly as MAIL FROM / RCPT TO would be."""
+def _address(text: str, field: str, keyword: str) -> str:
+    """An envelope address, checked by the SMTP parser exactly as MAIL FROM / RCPT TO would be, with
+    SMTPUTF8 given (RFC 6531: a JSON string is Unicode text, so a UTF-8 address is taken as one)."""
     if keyword == "FROM" and text == "":
         return ""
-    if _ADDRESS_FORBIDDEN.search(text) or not text.isascii():
+    if _ADDRESS_FORBIDDEN.search(text):
         # Controls, spaces and angle brackets could smuggle parameters or a second path into the
-        # command-line parser; non-ASCII addresses need SMTPUTF8 (RFC 6531), which we do not take.
-        raise Refused(400, f"{field}: {text[:100]!r} is not an ASCII address (no spaces, <>, controls)")
-    parsed = parse(f"{keyword}:<{text}>")
+        # command-line parser.
+        raise Refused(400, f"{field}: {text[:100]!r} is not an address (no spaces, <>, controls)")
+    try:
+        line = addresses.wire_text(f"{keyword}:<{text}>")
+    except UnicodeEncodeError:
+        raise Refused(400, f"{field}: holds a lone surrogate, which is no UTF-8 text") from None
+    if keyword == "FROM":
+        parsed = addresses.parse_mail(line + " SMTPUTF8")
+    else:
+        parsed = addresses.parse_rcpt(line, smtputf8=True)
     if isinstance(parsed, Reply):
         raise Refused(400, f"{field}: {parsed.text}", parsed)
     return parsed.sender if keyword == "FROM" else parsed.recipient
@@ -193,7 +201,7 @@ class Submission:
         envelope = Envelope(
             sender=self.sender, recipients=tuple(self.recipients), received_at=site.clock.seconds(),
             client_address=self.client.address, identity=self.identity,
-            body="7BIT" if self.octets.isascii() else "8BITMIME", tls=self.client.tls, smtputf8=False,
+            body="7BIT" if self.octets.isascii() else "8BITMIME", tls=self.client.tls, smtputf8=self._smtputf8(),
             dkim_senders=tuple(getattr(site.policy, "signing_senders", lambda client: ())(self.client)),
         )
         try:
@@ -217,6 +225,16 @@ class Submission:
                       "(forged, from {ip})", queue_id=writer.queue_id, count=removed, ip=self.client.address)
         d = defer.maybeDeferred(writer.commit)
         return d.addCallback(lambda queue_id: (queue_id, envelope, getattr(writer, "size", len(self.octets))))
+
+    def _smtputf8(self) -> bool:
+        """RFC 6531/6532: a UTF-8 address, or a header block that is UTF-8 text, makes an SMTPUTF8 message
+        (JSON carries Unicode text: non-ASCII in a header field can only be UTF-8 here)."""
+        if not all(a.isascii() for a in (self.sender, *self.recipients)):
+            return True
+        end = self.octets.find(b"\n\n")
+        end2 = self.octets.find(b"\r\n\r\n")
+        ends = [e for e in (end, end2) if e >= 0]
+        return not self.octets[:min(ends) if ends else len(self.octets)].isascii()
 
     def _fill(self, writer, envelope: Envelope) -> tuple[Optional[Reply], bytes, int]:
         site = self.site

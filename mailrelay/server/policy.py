@@ -56,7 +56,7 @@ from typing import Iterable, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailrelay import config
+from mailrelay import config, idn
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IRateCounter, IRelayPolicy, Reply
 from mailrelay.server.ratelimit import RateLimiter, client_key
@@ -76,17 +76,15 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def normal_domain(domain: str) -> Optional[str]:
-    """`domain` lower-cased in ASCII (IDNA A-labels), or None when it is not a valid host domain:
-    LDH labels of 1-63 octets (RFC 1035 §2.3.1, RFC 5890), at most 253 octets, at least two labels,
-    and a top-level label that is not all digits (RFC 3696 §2: `1.2.3.4` is not a domain)."""
+    """`domain` lower-cased in ASCII (IDNA2008 A-labels, mailrelay.idn), or None when it is not a valid
+    host domain: LDH labels of 1-63 octets (RFC 1035 §2.3.1, RFC 5890), at most 253 octets, at least two
+    labels, and a top-level label that is not all digits (RFC 3696 §2: `1.2.3.4` is not a domain)."""
     if not domain or domain.endswith("."):
         return None
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    domain = domain.lower()
+    try:
+        domain = idn.to_ascii(domain)
+    except ValueError:
+        return None
     labels = domain.split(".")
     if len(domain) > 253 or len(labels) < 2 or labels[-1].isdigit():
         return None

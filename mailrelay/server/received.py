@@ -6,7 +6,8 @@ IP, TLS, authenticated user), our hostname, the queue id, the recipients, the ti
 `Received:` header field, CRLF line ends, each line far below 998 octets.
 
 Implements RFC 5321 4.4 (Time-stamp-line: from / by / with / id / for ; date-time), RFC 3848 (the
-`with` keywords SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA) and RFC 5322 3.3 (date-time) / 3.2.2 (comments).
+`with` keywords SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA), RFC 6531 3.7.3 / 4.3 (UTF8SMTP[S][A]; a `for`
+address may be UTF-8) and RFC 5322 3.3 (date-time) / 3.2.2 (comments).
 Never a secret, and by default not even the login: the Received field leaves the organisation with the
 message, and a login (often an Active Directory account name) is of use to no recipient but an attacker.
 Only with `[auth] received_shows_user = true` does the user *name* appear, in a comment, escaped.
@@ -19,12 +20,17 @@ import functools
 import ipaddress
 from typing import Optional, Sequence
 
+from mailrelay import idn
 
-def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool) -> str:
-    """RFC 3848 `with` keyword for the session: SMTP for HELO, else ESMTP plus S (TLS) and A (AUTH)."""
+
+def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool = False) -> str:
+    """RFC 3848 `with` keyword for the session: SMTP for HELO, else ESMTP plus S (TLS) and A (AUTH);
+    for a transaction with SMTPUTF8 the keywords RFC 6531 4.3 registers: UTF8SMTP, UTF8SMTPS,
+    UTF8SMTPA, UTF8SMTPSA (SMTPUTF8 needs EHLO, so never with HELO)."""
     if not esmtp:
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    suffix = ("S" if tls else "") + ("A" if authenticated else "")
+    return ("UTF8SMTP" if utf8 else "ESMTP") + suffix
 
 
 @functools.lru_cache(maxsize=1024)
@@ -66,11 +72,20 @@ def received_header(
         lines.append(f"(authenticated as {_comment_text(user)})")
     lines.append(f"id {queue_id}")
     if len(recipients) == 1:
-        lines.append(f"for <{recipients[0]}>;")
+        lines.append(f"for <{_for_address(recipients[0])}>;")
     else:
         lines[-1] += ";"
     lines.append(_date(when))
-    return ("\r\n\t".join(lines) + "\r\n").encode("ascii", "replace")
+    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8")
+
+
+def _for_address(recipient: str) -> str:
+    """The `for` clause's address: ASCII where the address has an ASCII form (its domain as A-labels),
+    so a header of ours never makes a message need SMTPUTF8 that would not otherwise (RFC 6531 3.7.3
+    allows UTF-8 here; a UTF-8 local part has no other form, and such a message needs SMTPUTF8 anyway)."""
+    if recipient.isascii():
+        return recipient
+    return idn.ascii_address(recipient) or recipient
 
 
 @functools.lru_cache(maxsize=4)

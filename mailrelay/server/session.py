@@ -6,7 +6,7 @@ SMTP replies, and for each accepted transaction one IMessageWriter filled with a
 the un-dot-stuffed content, committed before `250 2.0.0 Ok: queued as <id>` is sent.
 
 Implements RFC 5321 (4.1.1 commands, 4.1.4 order, 4.5.3.1 limits, 4.4 trace), RFC 1870 (SIZE),
-RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py),
+RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py), RFC 6531 (SMTPUTF8, addresses.py),
 RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
 reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first word must be our
 domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
@@ -441,7 +441,7 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
     def extensions(self) -> list[str]:
         """The EHLO keywords for the session's current state."""
         ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
-               "CHUNKING"]
+               "SMTPUTF8", "CHUNKING"]        # SMTPUTF8: RFC 6531 3.2, on every listener
         if self.canStartTLS and not self._tls_on:
             ext.append("STARTTLS")
         if self._tls_on and self.factory.portal is not None and self.factory.mechanisms:

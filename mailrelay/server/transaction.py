@@ -8,7 +8,8 @@ our `Received` header and the un-dot-stuffed content (forged Authentication-Resu
 partial message thrown away.
 
 Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
-recipients beyond the limit, never dropped), §4.4 (trace header), RFC 1870 §6.1 (SIZE), RFC 3207 §4
+recipients beyond the limit, never dropped), §4.4 (trace header), RFC 6531 §3.4 (SMTPUTF8: the
+transaction's flag, in the envelope and the Received keyword), RFC 1870 §6.1 (SIZE), RFC 3207 §4
 and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
 
 BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_open_message` and
@@ -46,6 +47,8 @@ class TransactionMixin:
             self._reply(refusal)
             return
         parsed = addresses.parse_mail(rest)
+        if not isinstance(parsed, Reply) and parsed.smtputf8 and not self._esmtp:
+            parsed = addresses.SMTPUTF8_NEEDS_EHLO     # RFC 6531 3.2: an extension only EHLO offers
         if isinstance(parsed, Reply):
             self._reply(parsed)
             return
@@ -88,7 +91,7 @@ class TransactionMixin:
         if self._mail is None:
             self._send(503, "5.5.1", "Need MAIL before RCPT")
             return
-        parsed = addresses.parse_rcpt(rest)
+        parsed = addresses.parse_rcpt(rest, self._mail.smtputf8)
         if isinstance(parsed, Reply):
             self._reply(parsed)
             return
@@ -174,7 +177,7 @@ class TransactionMixin:
         return Envelope(
             sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
             client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
-            body=self._mail.body, tls=self._tls_description(), smtputf8=False,
+            body=self._mail.body, tls=self._tls_description(), smtputf8=self._mail.smtputf8,
             dkim_senders=self._dkim_senders(),
         )
 
@@ -192,7 +195,8 @@ class TransactionMixin:
     def _received(self, queue_id: str, envelope: Envelope) -> bytes:
         return received_header(
             helo=envelope.client_helo, address=self._ip, hostname=self.hostname,
-            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None),
+            protocol=protocol_name(esmtp=self._esmtp, tls=self._tls_on, authenticated=self._user is not None,
+                                   utf8=envelope.smtputf8),
             queue_id=queue_id, recipients=envelope.recipients, when=envelope.received_at,
             tls=envelope.tls, user=self._user, show_user=self.factory.received_shows_user,
         )

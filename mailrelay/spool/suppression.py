@@ -44,6 +44,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from zope.interface import implementer
 
+from mailrelay.idn import domain_key
 from mailrelay.interfaces import ISuppressionCheck, Reply
 from mailrelay.logger import Logger
 from mailrelay.spool.files import FILE_MODE, fsync_directory, write_all
@@ -65,13 +66,7 @@ def address_key(address: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         return address
-    domain = domain.lower()
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return f"{local}@{domain}"
+    return f"{local}@{domain_key(domain)}"       # RFC 5890: U-label and A-label are one domain
 
 
 def suppresses(code: int, status: str, sender_refused: bool = False) -> bool:

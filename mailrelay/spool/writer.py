@@ -9,7 +9,9 @@ Memory stays bounded: at most BUFFER_LIMIT bytes are held; beyond that they go t
 writes from the reactor thread, no fsync there). A message that fits in the buffer is not on disk at
 all before its commit. Whether the content has 8-bit octets is noted as it is written (one `isascii`
 per piece, in C) and stored in the envelope (`octets`), and so is whether a line is longer than 998
-octets (`long_lines`; RFC 5321 4.5.3.1.6: delivery re-encodes such a message).  A file already on disk
+octets (`long_lines`; RFC 5321 4.5.3.1.6: delivery re-encodes such a message), and whether the header
+block holds a non-ASCII octet (`utf8_headers`: with SMTPUTF8 declared, RFC 6532 UTF-8 header fields,
+which only a next hop offering SMTPUTF8 may receive).  A file already on disk
 gets the final envelope line written over its in-progress one at commit, padded to the same length with
 spaces, which JSON ignores (`true` is one character shorter than the `false` written first).
 
@@ -80,6 +82,29 @@ class LineWatch:
         self.found = self.found or self._run > MAX_LINE + 1
 
 
+class HeaderWatch:
+    """Whether the header block (up to the first empty line, RFC 5322 2.1) of a stream given in pieces
+    holds a non-ASCII octet.  Looks only at the pieces before the block ends."""
+
+    def __init__(self) -> None:
+        self.found = False
+        self._done = False
+        self._tail = b""          # the last octets of the block so far: a CRLF CRLF may span two pieces
+
+    def feed(self, data: bytes) -> None:
+        if self._done or not data:
+            return
+        if not self._tail and data.startswith(b"\r\n"):
+            self._done = True      # an empty line first: no header block at all
+            return
+        window = self._tail + data if self._tail else data
+        end = window.find(b"\r\n\r\n")
+        block = window if end < 0 else window[:end]
+        self.found = not block.isascii()
+        self._done = self.found or end >= 0
+        self._tail = window[-3:]
+
+
 @implementer(IMessageWriter)
 class MessageWriter:
     """States: open → committing → committed | failed; open → aborted. Made by Spool.new_message()."""
@@ -91,6 +116,7 @@ class MessageWriter:
         self._header = b""          # as first written to disk (a big message spills before its commit)
         self._eight_bit = False
         self._lines = LineWatch()
+        self._head = HeaderWatch()
         self._final_path = paths.message(queue_id)
         self._enqueue_commit = enqueue_commit
         self._buffer = bytearray()
@@ -118,6 +144,7 @@ class MessageWriter:
         if not self._eight_bit and not data.isascii():
             self._eight_bit = True
         self._lines.feed(data)
+        self._head.feed(data)
         if len(self._buffer) + len(data) <= BUFFER_LIMIT:
             self._buffer += data
             return
@@ -130,7 +157,8 @@ class MessageWriter:
     def _spill(self, data: bytes) -> None:
         if self._fd is None:
             self._fd = create_file(self._final_path)
-            self._header = encode_header(replace(self.envelope, octets=OCTETS_PENDING, long_lines=False))
+            self._header = encode_header(replace(self.envelope, octets=OCTETS_PENDING, long_lines=False,
+                                                 utf8_headers=False))
             write_all(self._fd, self._header)
         write_all(self._fd, self._buffer)
         self._buffer.clear()
@@ -154,13 +182,14 @@ class MessageWriter:
             self.state = "failed"
             return fail(self._error)
         self.envelope = replace(self.envelope, octets="8bit" if self._eight_bit else "7bit",
-                                long_lines=self._lines.found)
+                                long_lines=self._lines.found, utf8_headers=self._head.found)
         header = encode_header(self.envelope)
         if self._fd is not None:
-            # OCTETS_WIDTH keeps `octets` the same length; `"long_lines":true` is one shorter than the
-            # `false` on disk: spaces before the envelope line's newline (JSON whitespace) make up for it.
+            # OCTETS_WIDTH keeps `octets` the same length; `"long_lines":true` and `"utf8_headers":true`
+            # are each one shorter than the `false` on disk: spaces before the envelope line's newline
+            # (JSON whitespace) make up for it.
             short = len(self._header) - len(header)
-            if not 0 <= short <= 1:
+            if not 0 <= short <= 2:
                 raise AssertionError("spool header changed length")
             header = header[:-1] + b" " * short + b"\n"
         job = CommitJob(self.queue_id, self._fd, header, bytes(self._buffer), self._size,

@@ -153,8 +153,10 @@ class RelayFixture:
         return context
 
     def submit_sync(self, kind: str, sender: str, recipients: list[str], message: bytes,
-                    user: str | None = None, password: str | None = None, source: str | None = None):
-        """Send one message; returns (code, text) of the final reply, or raises smtplib errors."""
+                    user: str | None = None, password: str | None = None, source: str | None = None,
+                    mail_options: tuple = ()):
+        """Send one message; returns (code, text) of the final reply, or raises smtplib errors.
+        `mail_options`: MAIL FROM parameters (with "SMTPUTF8" smtplib sends the commands as UTF-8)."""
         port = self.ports[kind]
         source_address = (source, 0) if source else None
         if kind == "submissions":
@@ -169,7 +171,7 @@ class RelayFixture:
                 smtp.ehlo("client.test")
             if user:
                 smtp.login(user, password if password is not None else self.users[user])
-            code, text = smtp.mail(sender)
+            code, text = smtp.mail(sender, list(mail_options))
             if code >= 400:
                 raise smtplib.SMTPSenderRefused(code, text, sender)
             for recipient in recipients:

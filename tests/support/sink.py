@@ -5,7 +5,10 @@ twisted.mail here) that records each transaction — MAIL FROM and its parameter
 DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
 TLS was on, the AUTH identity, the client certificate's name — and can be told to refuse recipients,
 answer DATA with a scripted sequence, offer or withhold STARTTLS, break the TLS handshake, drop the
-connection in the middle of DATA, or never answer at all.  With `bearer={user: {tokens}}` it also offers
+connection in the middle of DATA, or never answer at all.  SMTPUTF8 (RFC 6531) is offered unless
+`extensions` leaves it out (WITHOUT_SMTPUTF8); a non-ASCII path without `SMTPUTF8` given on MAIL, or to
+a sink not offering it, gets 553 5.6.7 as from a strict server, and `mail_params` records what MAIL
+said.  With `bearer={user: {tokens}}` it also offers
 AUTH XOAUTH2 and OAUTHBEARER,
 checks the client's string byte for byte (RFC 7628 3.1 for OAUTHBEARER, with this sink's host and port)
 and records each (`sasl`); a token not in the set gets the mechanism's error challenge and then 535.
@@ -28,6 +31,7 @@ from twisted.internet import defer, protocol
 from twisted.protocols import basic
 
 DEFAULT_EXTENSIONS = ("8BITMIME", "SIZE 104857600", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+WITHOUT_SMTPUTF8 = tuple(e for e in DEFAULT_EXTENSIONS if e != "SMTPUTF8")
 
 
 @dataclass
@@ -280,8 +284,18 @@ class SinkProtocol(basic.LineReceiver):
             return self.reply("235 2.7.0 authenticated")
         self.reply("535 5.7.8 bad credentials")
 
+    def _utf8_refused(self, path: str, params: list[str]) -> bool:
+        """RFC 6531 3.5: a non-ASCII path needs SMTPUTF8 offered and given; 553 5.6.7 otherwise."""
+        utf8 = "SMTPUTF8" in self.sink.extensions and any(p.upper() == "SMTPUTF8" for p in params)
+        if path.isascii() or utf8:
+            return False
+        self.reply("553 5.6.7 non-ASCII address without SMTPUTF8")
+        return True
+
     def smtp_MAIL(self, rest: str) -> None:
         path, params = _path_and_params(rest, "FROM:")
+        if self._utf8_refused(path, params):
+            return
         self.transaction = Transaction(helo=self.helo, mail_from=path, mail_params=params, tls=self.tls,
                                        auth_identity=self.identity,
                                        client_cert=self._peer_cn() if self.tls else None)
@@ -293,6 +307,8 @@ class SinkProtocol(basic.LineReceiver):
         if self.transaction is None:
             return self.reply("503 5.5.1 MAIL first")
         path, _ = _path_and_params(rest, "TO:")
+        if self._utf8_refused(path, self.transaction.mail_params):
+            return
         answer = self.sink.rcpt_replies.get(path.lower(), "250 2.1.5 OK")
         if answer.startswith("2"):
             self.transaction.rcpt_tos.append(path)
