@@ -35,6 +35,13 @@ Metrics (all prefixed `mailrelay_`):
                                                      this scrape includes the delivery process's families
     suppressed_addresses                             gauge: addresses on the suppression list, in force
                                                      (`watch_suppression`; absent while it is off)
+    throttle_paused{destination}                     gauge: 1 while a [[throttle]] destination is paused
+                                                     after a "slow down" reply, 0 once it resumed
+    throttle_waiting{destination}                    gauge: deliveries waiting for a throttled destination
+                                                     (its rate, connections or pause), not yet started
+    throttle_connections{destination}                gauge: connections open to a throttled destination
+    (`watch_throttles`; a destination appears while it has something to show: a pause in force or
+    recent, a connection, a delivery waiting)
 
 With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
 process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
@@ -102,7 +109,8 @@ QueueSnapshot = Callable[[], "tuple[int, float, int]"]
 DELIVERY_FAMILIES = frozenset((
     "mailrelay_delivery_attempts", "mailrelay_delivery_results", "mailrelay_delivery_latency_seconds",
     "mailrelay_dsn_sent", "mailrelay_queue_messages", "mailrelay_queue_oldest_message_age_seconds",
-    "mailrelay_queue_held_messages",
+    "mailrelay_queue_held_messages", "mailrelay_throttle_paused", "mailrelay_throttle_waiting",
+    "mailrelay_throttle_connections",
 ))
 # The delivery process's families, or None when it did not answer (see DeliveryProcess.metrics_text).
 DeliveryText = Callable[[], "defer.Deferred[Optional[bytes]]"]
@@ -159,6 +167,40 @@ class _QueueCollector(Collector):
             return 0, 0.0, 0
 
 
+class _ThrottleCollector(Collector):
+    """The throttle gauges, from the scheduler's `throttle_snapshot` at scrape time (in the scrape's
+    thread: the snapshot only reads).  Label values are destinations a [[throttle]] rule matched."""
+
+    def __init__(self, snapshot: Callable[[], tuple]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            statuses, waiting, now = self.snapshot()
+        except Exception:
+            log.failure("throttle snapshot for metrics failed")
+            statuses, waiting, now = [], {}, 0.0
+        paused = GaugeMetricFamily("mailrelay_throttle_paused", "1 while the destination is paused after a "
+                                   "slow-down reply.", labels=["destination"])
+        queued = GaugeMetricFamily("mailrelay_throttle_waiting", "Deliveries waiting for a throttled "
+                                   "destination.", labels=["destination"])
+        open_ = GaugeMetricFamily("mailrelay_throttle_connections", "Connections open to a throttled "
+                                  "destination.", labels=["destination"])
+        shown = set()
+        for status in statuses:
+            shown.add(status.destination)
+            paused.add_metric([status.destination], 1 if status.paused(now) else 0)
+            open_.add_metric([status.destination], status.connections)
+            queued.add_metric([status.destination], waiting.get(status.destination, 0))
+        for destination in sorted(set(waiting) - shown):
+            paused.add_metric([destination], 0)
+            open_.add_metric([destination], 0)
+            queued.add_metric([destination], waiting[destination])
+        yield paused
+        yield queued
+        yield open_
+
+
 class _SizeCollector(Collector):
     """One gauge read at scrape time from a callable (in the scrape's thread: it must only read)."""
 
@@ -205,6 +247,7 @@ class Metrics:
                                       "listener before the session began.", ["reason"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
+        self._throttles: Optional[_ThrottleCollector] = None
 
     # -- call-site helpers: the listeners -----------------------------------------------------
 
@@ -262,6 +305,14 @@ class Metrics:
         """Read (messages, oldest age in seconds, held messages) from `snapshot` at every scrape;
         a later call replaces the earlier one."""
         self._queue.snapshot = snapshot
+
+    def watch_throttles(self, snapshot: Callable[[], tuple]) -> None:
+        """Read ([throttle.DestinationStatus], {destination: deliveries waiting}, the scheduler's time)
+        from `snapshot` at every scrape; a later call replaces the earlier one."""
+        if self._throttles is None:
+            self._throttles = _ThrottleCollector(snapshot)
+            self.registry.register(self._throttles)
+        self._throttles.snapshot = snapshot
 
     def watch_suppression(self, size: Callable[[], int]) -> None:
         """Read the number of suppressed addresses from `size` at every scrape."""

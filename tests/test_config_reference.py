@@ -40,8 +40,9 @@ SHAPE: dict[str, dict[str, str]] = {
     "permit": {"users": '["*"]'},
     "dkim.key": {"domain": '"example.org"', "selector": '"s1"', "key_file": '"dkim.pem"'},
     "route": {"transport": '"NAME"'},
+    "throttle": {},
 }
-ARRAYS = {"listen", "permit", "dkim.key", "route"}
+ARRAYS = {"listen", "permit", "dkim.key", "route", "throttle"}
 
 
 def normal(path: str) -> str:

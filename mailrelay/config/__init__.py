@@ -28,13 +28,13 @@ from mailrelay.config.model import (
     DELIVERY_PROCESS, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY,
     AuthConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig,
     Limits, Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig,
-    SuppressionConfig, TLSConfig, Transport,
+    SuppressionConfig, Throttle, TLSConfig, Transport,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
     _auth, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
-    _queue, _route, _sendmail, _suppression, _tls, _transports,
+    _queue, _route, _sendmail, _suppression, _throttles, _tls, _transports,
 )
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
 
@@ -43,7 +43,7 @@ __all__ = [
     "DELIVERY_PROCESS", "DKIM_MODES", "LISTENER_KINDS", "LOG_FORMATS", "TLS_POLICIES", "TRANSPORT_SECURITY",
     "AuthConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig", "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
-    "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "load", "parse_duration",
+    "Route", "SendmailConfig", "SuppressionConfig", "Throttle", "TLSConfig", "Transport", "load", "parse_duration",
     "parse_host_port", "parse_size",
 ]
 
@@ -99,6 +99,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         postmaster=_postmaster(root),
         source=source,
         suppression=_suppression(root.table("suppression")),
+        throttles=_throttles(root.tables("throttle") or ()),
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

@@ -25,18 +25,24 @@ Rules implemented:
   for a slot, for the same next hop share connections — one batch is one slot (delivery.batch).
 - Held messages are never tried; stopService stops starting work and waits (bounded) for what is in
   flight; everything needed to resume is already in the spool.
+- `[[throttle]]` (delivery.shaping, delivery.throttle): per recipient domain a rule matches, a smooth
+  message rate, a cap on connections at once, and a pause after a 421 or a 4.7.x deferral, doubling
+  while it goes on; deliveries waiting for them are no failed attempts.  The state sits behind
+  IThrottle (default: LocalThrottle).
 - Metrics (optional `metrics`, a mailrelay.metrics.Metrics): deliveries started, per-recipient results
-  and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool.
+  and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool,
+  and `throttle_snapshot()` the throttle gauges.
 
 The scheduler is in parts, each a module: this one holds the service, the timers (when each message
 is due) and the routing of its recipients to next hops; concurrency.py the slots and batches;
-outcomes.py recording results and settling attempts (DSNs, expiry, removal); control.py the queue
-CLI's requests; attempts.py the objects they share.
+shaping.py the throttles; outcomes.py recording results and settling attempts (DSNs, expiry,
+removal); control.py the queue CLI's requests; attempts.py the objects they share.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
+from pathlib import Path
 from typing import Mapping, Optional
 
 from twisted.application import service
@@ -49,31 +55,36 @@ from mailrelay.delivery.backoff import Backoff
 from mailrelay.delivery.concurrency import ConcurrencyMixin
 from mailrelay.delivery.control import ADMIN_BOUNCE, POLL_INTERVAL, ControlMixin
 from mailrelay.delivery.outcomes import OutcomesMixin
+from mailrelay.delivery.shaping import STATUS_FILE, ShapingMixin
 from mailrelay.delivery.state import MessageState, StateError
+from mailrelay.delivery.throttle import LocalThrottle, ThrottleRules
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
 from mailrelay.spool.message import UnknownMessage
 
-__all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STOP_TIMEOUT", "Scheduler"]
+__all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STATUS_FILE", "STOP_TIMEOUT", "Scheduler"]
 
 STOP_TIMEOUT = 30.0      # stopService waits at most this long for deliveries in flight
 DUE_SLACK = 1.0          # recipients due within this many seconds join the attempt being made
 
 
 @implementer(IScheduler)
-class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
+class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, service.Service):
     """The queue runner.  `spool`: ISpool (plus hold/release/take_requests); `router`: IRouter;
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
     jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics; `suppression`:
-    told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off)."""
+    told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off);
+    `throttles`: the [[throttle]] rules; `throttle`: their state, an IThrottle (default: a LocalThrottle);
+    `status_path`: where the throttle status is written for the queue CLI (None: nowhere)."""
 
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                  delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
-                 metrics=None, suppression=None):
+                 metrics=None, suppression=None, throttles: tuple = (), throttle=None,
+                 status_path: Optional[Path] = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
@@ -94,16 +105,30 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._held: set[str] = set()
         self._metrics = metrics
         self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
+        self._rules = ThrottleRules(throttles)
+        self._throttle = throttle if throttle is not None else LocalThrottle()
+        self._open_to: dict[str, int] = {}       # throttled destination -> connections this scheduler has open
+        self._paused: dict[str, float] = {}      # destination -> end of the pause announced in the log
+        self._throttle_call = None               # the wake-up for the earliest held-back destination
+        self._status_path, self._status_loop = status_path, None
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
+            metrics.watch_throttles(self.throttle_snapshot)
 
     def reconfigure(self, router, transports: Mapping[str, object], direct, queue: QueueConfig,
-                    delivery: DeliveryConfig) -> None:
+                    delivery: DeliveryConfig, throttles: Optional[tuple] = None) -> None:
         """A reloaded config (SIGHUP): later attempts use the new routes, next hops, timings and limits.
-        Deliveries in flight finish on the hop they started with; scheduled retries keep their times."""
+        Deliveries in flight finish on the hop they started with; scheduled retries keep their times.
+        New `throttles` apply at once to the state kept (a paused destination stays paused)."""
         self._router, self._transports, self._direct = router, transports, direct
         self._queue, self._delivery = queue, delivery
         self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        if throttles is not None:
+            had = bool(self._rules)
+            self._rules = ThrottleRules(throttles)
+            if self.running and bool(self._rules) != had:
+                self._stop_status()
+                self._start_status()
         self._pump()
 
     # -- the service ------------------------------------------------------------------------------
@@ -115,11 +140,13 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._poller = task.LoopingCall(self._poll_requests)
         self._poller.clock = self._clock
         self._poller.start(POLL_INTERVAL, now=False)
+        self._start_status()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
+        self._stop_status()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -212,7 +239,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         if now < self._expiry(message):
             due = [r for r in state.pending if force or r.next_attempt <= now + DUE_SLACK]
             for job in self._jobs_for(attempt, due):
-                self._waiting.setdefault(job.limit_key, deque()).append(job)
+                self._waiting.setdefault(job.line, deque()).append(job)
                 attempt.outstanding += 1
         if attempt.outstanding:
             self._pump_soon()
@@ -225,14 +252,18 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         return attempt
 
     def _jobs_for(self, attempt: _Attempt, due) -> list[_Job]:
-        """Group the due recipients by route: one deliver() per next hop (and per domain, direct)."""
+        """Group the due recipients by route: one deliver() per next hop (and per domain, direct), and
+        per recipient domain a [[throttle]] rule matches (the destination, also through a smarthost)."""
         groups: dict[tuple, list[str]] = {}
         hops: dict[tuple, tuple] = {}
         for rcpt in due:
             key, hop = self._route(attempt, rcpt.recipient, rcpt.attempts)
+            destination = self._destination_of(domain_of(rcpt.recipient)) if key[0] != "error" else None
+            key = (*key, destination)
             groups.setdefault(key, []).append(rcpt.recipient)
             hops[key] = hop
-        return [_Job(attempt, *hops[key], tuple(recipients)) for key, recipients in groups.items()]
+        return [_Job(attempt, *hops[key], tuple(recipients), destination=key[-1])
+                for key, recipients in groups.items()]
 
     def _route(self, attempt: _Attempt, recipient: str, attempts: int) -> tuple[tuple, tuple]:
         """(group key, (hop, hop name, limit key)) for one recipient; `attempts` = failed attempts so
