@@ -184,6 +184,12 @@ def describe(config: Config) -> list[tuple[str, str]]:
         lines.append((f"route[{i}]", f"to {_list(r.recipients)} from {_list(r.senders)} via {r.transport}{after}"))
     if not config.routes:
         lines.append(("route", "none: everything goes direct to MX"))
+    for i, t in enumerate(config.throttles):
+        rate = f"{t.messages_per_minute}/min" if t.messages_per_minute else "no rate limit"
+        cap = f"{t.connections} connections" if t.connections else "no connection cap of its own"
+        pause = (f"pause {human_duration(t.pause)} on 421 / 4.7.x, doubling up to 1h" if t.pause
+                 else "no pause")
+        lines.append((f"throttle[{i}]", f"each of {_list(t.domains)}: {rate}, {cap}, {pause}"))
     joined = " (the delivery process's included)" if d.process == "separate" else ""
     lines.append(("metrics", f"{config.metrics.endpoint}{joined}" if config.metrics.endpoint else "off"))
     if config.metrics.delivery_endpoint and d.process == "separate":

@@ -104,16 +104,22 @@ class ConcurrencyMixin:
             else:     # an older hop: every delivery is recorded when the connection is done
                 d = defer.maybeDeferred(first.hop.deliver_batch, jobs)
         d.addErrback(self._hop_failed, batch)
-        d.addBoth(self._release_slot, first.limit_key, shaped)
+        d.addBoth(self._release_slot, first.limit_key, shaped, batch)
         d.addCallback(self._record_batch, batch, recorded)
 
-    def _release_slot(self, result, limit_key: str, shaped: Optional[str] = None):
+    def _release_slot(self, result, limit_key: str, shaped: Optional[str] = None, batch: tuple = ()):
         self._in_flight -= 1
         self._per_key[limit_key] -= 1
         if not self._per_key[limit_key]:
             del self._per_key[limit_key]
         if shaped is not None:
             self._shaping_finished(shaped)
+            if isinstance(result, list):
+                # What the destination said counts before the freed slot starts anything for it (a
+                # pause, before its next message); recording the results later tells the same again.
+                now = self._now()
+                for job, job_results in zip(batch, result):
+                    self._shaping_outcome(job, list(job_results or ()), now)
         self._pump()
         return result
 
