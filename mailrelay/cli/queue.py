@@ -1,4 +1,4 @@
-"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID --config FILE`.
+"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID|throttle --config FILE`.
 
 The operator's hand on the middle of the journey: the messages waiting in the spool between the SMTP
 session's 250 and their last delivery attempt (Postfix's postqueue -p/-f and postsuper -h/-H/-d).
@@ -14,7 +14,9 @@ In: the config (for `spool`), an action, maybe a queue id.  Out: text (or `--jso
   (done="bounced", not yet reported, scheduler.ADMIN_BOUNCE), which the scheduler reports in a DSN
   (RFC 3464) and then removes the message as soon as it starts.
 
-Reading (list, show) never takes the lock: queue and state files are replaced atomically.
+Reading (list, show) never takes the lock: queue and state files are replaced atomically.  `throttle`
+(and the end of `list`) shows the running relay's `[[throttle]]` state from <spool>/throttle.json,
+which its scheduler rewrites every few seconds and removes when it stops (delivery.shaping).
 Failures are one line on stderr, never a traceback: an unknown id exits 1, a config error exits 2.
 """
 from __future__ import annotations
@@ -33,9 +35,10 @@ from twisted.python.failure import Failure
 
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
-from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
-                                        sender_text, show_lines)
-from mailrelay.delivery.scheduler import ADMIN_BOUNCE
+from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, paused_destinations,
+                                        printable, sender_text, show_lines, throttle_lines)
+from mailrelay.delivery.scheduler import ADMIN_BOUNCE, STATUS_FILE
+from mailrelay.delivery.shaping import read_status
 from mailrelay.delivery.state import BOUNCED, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
 from mailrelay.spool.files import acquire_lock
@@ -52,6 +55,8 @@ _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("release", "deliver a held message again", "required", False),
     ("delete", "remove a message without a DSN", "required", False),
     ("bounce", "give up on a message's pending recipients, with a DSN to the sender", "required", False),
+    ("throttle", "the running relay's throttled destinations: pauses, connections, rates, what waits", None,
+     True),
 )
 
 
@@ -151,8 +156,31 @@ def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) 
     entries = [e for e in map(lambda q: read_entry(spool, q), spool.queue_ids()) if e is not None]
     if args.json:
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
+        return EXIT_OK
+    status = _throttle_status(spool, config)
+    paused = paused_destinations(status, now)
+    print("\n".join(list_lines(entries, now, paused)))
+    if paused:
+        print("\n".join(throttle_lines(status, now, running=True)))
+    return EXIT_OK
+
+
+def _throttle_status(spool: Spool, config: Config) -> Optional[dict]:
+    """The running relay's throttle status (delivery.shaping writes it), or None: no rule, or no relay
+    running (a file a killed relay left behind says nothing about the present)."""
+    if not config.throttles or not Spool.in_use(spool.directory):
+        return None
+    return read_status(spool.directory / STATUS_FILE)
+
+
+def do_throttle(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
+    running = Spool.in_use(spool.directory)
+    status = _throttle_status(spool, config)
+    if args.json:
+        print(json.dumps({"running": running, "rules": len(config.throttles), "now": now,
+                          "status": status}, indent=2))
     else:
-        print("\n".join(list_lines(entries, now)))
+        print("\n".join(throttle_lines(status, now, running)))
     return EXIT_OK
 
 
@@ -321,5 +349,5 @@ def _bounce(spool: Spool, queue_id: str, bounces: bool) -> int:
 
 _HANDLERS = {
     "list": do_list, "show": do_show, "flush": do_flush, "hold": do_hold, "release": do_release,
-    "delete": do_delete, "bounce": do_bounce,
+    "delete": do_delete, "bounce": do_bounce, "throttle": do_throttle,
 }

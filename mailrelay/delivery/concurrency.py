@@ -156,5 +156,6 @@ class ConcurrencyMixin:
             else:
                 del self._waiting[key]
         attempt.outstanding -= dropped
+        self._status_dirty = self._status_dirty or bool(dropped)
         if finish and dropped and not attempt.outstanding:
             self._finish(attempt)

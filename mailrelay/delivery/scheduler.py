@@ -111,6 +111,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         self._paused: dict[str, float] = {}      # destination -> end of the pause announced in the log
         self._throttle_call = None               # the wake-up for the earliest held-back destination
         self._status_path, self._status_loop = status_path, None
+        self._status_dirty, self._status_written = False, 0.0
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
             metrics.watch_throttles(self.throttle_snapshot)
@@ -240,6 +241,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
             due = [r for r in state.pending if force or r.next_attempt <= now + DUE_SLACK]
             for job in self._jobs_for(attempt, due):
                 self._waiting.setdefault(job.line, deque()).append(job)
+                self._status_dirty = self._status_dirty or job.destination is not None
                 attempt.outstanding += 1
         if attempt.outstanding:
             self._pump_soon()

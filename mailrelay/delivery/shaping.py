@@ -5,7 +5,8 @@ limit key and throttled destination, see attempts._Job.line), the results of eac
 Out: whether the first delivery of a line may start now (and how many messages its connection may
 carry), a wake-up at the time a held-back destination may go on, a pause begun by a "slow down"
 reply (delivery.throttle.slows_down), log lines when a destination is paused and when it resumes, the
-throttle status for the metrics and for `mailrelay queue throttle` (written to `<spool>/throttle.json`).
+throttle status for the metrics and for `mailrelay queue throttle` (written to `<spool>/throttle.json` within a
+second of a change, and every few seconds anyway).
 
 Deliveries waiting for a destination's rate, connection cap or pause are not attempts: they stay in
 their line with their saved state untouched (no attempt counted, no backoff, no DSN), and start in
@@ -13,8 +14,8 @@ order once it lets them.  A recipient that got the "slow down" reply itself did 
 is counted, with that reply), and is tried again when the pause ends, not after the backoff.
 
 `ShapingMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_waiting`,
-`_throttle`, `_rules`, `_clock`, `_metrics`, `_status_path`, `running`, `log` and its `_now` and
-`_pump`; concurrency.py asks it at every start and finish.
+`_throttle`, `_rules`, `_clock`, `_metrics`, `_status_path`, `_status_dirty`, `_status_written`,
+`running`, `log` and its `_now` and `_pump`; concurrency.py asks it at every start and finish.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from mailrelay.config import Throttle
 from mailrelay.delivery.attempts import _Job
 from mailrelay.delivery.throttle import DestinationStatus, slows_down
 
-STATUS_INTERVAL = 5.0      # seconds between two writes of <spool>/throttle.json while throttles are configured
+STATUS_INTERVAL = 1.0      # seconds between two looks at whether <spool>/throttle.json needs writing ...
+STATUS_REFRESH = 5.0       # ... which it does after a change, and at least this often while throttles exist
 STATUS_FILE = "throttle.json"
 LISTED_IDS = 20            # queue ids of waiting deliveries named per destination in the status file
 
@@ -71,9 +73,11 @@ class ShapingMixin:
             return False
         self._throttle.start(first.destination, rule, now)
         self._open_to[first.destination] = self._open_to.get(first.destination, 0) + 1
+        self._status_dirty = True
         return True
 
     def _shaping_finished(self, destination: str) -> None:
+        self._status_dirty = True
         self._throttle.finish(destination)
         left = self._open_to.get(destination, 0) - 1
         if left > 0:
@@ -169,7 +173,7 @@ class ShapingMixin:
         if not self._rules:
             self._remove_status()
             return
-        self._status_loop = task.LoopingCall(self._publish_status)
+        self._status_loop = task.LoopingCall(self._refresh_status)
         self._status_loop.clock = self._clock
         self._status_loop.start(STATUS_INTERVAL, now=True)
 
@@ -182,10 +186,15 @@ class ShapingMixin:
         self._throttle_call = None
         self._remove_status()       # pauses live in memory: a stopped relay has none in force
 
+    def _refresh_status(self) -> None:
+        if self._status_dirty or self._now() - self._status_written >= STATUS_REFRESH:
+            self._publish_status()
+
     def _publish_status(self) -> None:
         if self._status_path is None or not self.running or not self._rules:
             return
         now = self._now()
+        self._status_dirty, self._status_written = False, now
         statuses, waiting, _ = self.throttle_snapshot()
         known = {s.destination for s in statuses}
         rows = [dict(destination=s.destination, messages_per_minute=s.messages_per_minute,
@@ -201,7 +210,7 @@ class ShapingMixin:
                              waiting_ids=self._waiting_ids(destination)[:LISTED_IDS]))
         try:
             write_status(self._status_path, {"written_at": now, "pid": os.getpid(),
-                                             "interval": STATUS_INTERVAL, "destinations": rows})
+                                             "interval": STATUS_REFRESH, "destinations": rows})
         except OSError as e:
             self.log.warn("cannot write {path}: {error}", path=str(self._status_path), error=e.strerror or str(e))
 
