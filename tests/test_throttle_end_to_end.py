@@ -226,6 +226,7 @@ class ThrottleThroughTwistd(unittest.TestCase):
         yield wait_until(lambda: any(e.get("stage") == "throttle-resumed" for e in
                                      (json.loads(x) for x in (relay.dir / "relay.json").read_text().splitlines())),
                          "the resume line")
-        relay.kill(sig=15)
+        self.assertTrue((relay.dir / "spool" / "throttle.json").exists())
+        yield threads.deferToThread(relay.kill, 15)     # SIGTERM: a clean stop (the sink answers its QUIT)
         self.assertFalse((relay.dir / "spool" / "throttle.json").exists())   # removed on a clean stop
 

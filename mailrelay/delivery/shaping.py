@@ -63,8 +63,10 @@ class ShapingMixin:
             return 0, 0
         if rule.connections:
             free = max(1, min(free, rule.connections - self._open_to.get(job.destination, 0)))
-        # A rate: each message takes its own place in it, so a connection carries one.
-        return free, (1 if rule.interval else -1)
+        # A rate: each message takes its own place in it.  A pause: a "slow down" reply must be heeded
+        # before the next message goes.  Either way one message per start; the connection the last one
+        # left open for reuse (delivery.pool) carries the next, so no connection is made for nothing.
+        return free, (1 if rule.interval or rule.pause else -1)
 
     def _shaping_started(self, first: _Job, now: float) -> bool:
         """A connection for `first`'s line starts now; True when the throttle counts it (finish then)."""
