@@ -19,12 +19,17 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from mailrelay import config as configuration
 from mailrelay.cli import main as cli_main
+from mailrelay.delivery.job import Timeouts
+from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.state import MessageState
+from mailrelay.delivery.throttle import slows_down
 from mailrelay.spool import Spool
 from tests.support.dnsserver import DNSServer
 from tests.support.ports import free_port
 from tests.support.relay import RelayFixture
+from tests.support.scheduling import BodyMessage
 from tests.support.sink import Sink
 
 MESSAGE = b"From: app@example.org\r\nSubject: shaped\r\n\r\nbody\r\n"
@@ -43,6 +48,47 @@ def wait_until(predicate, what: str, bound: float = 30.0):
 def events(relay: RelayFixture) -> list[dict]:
     path = relay.dir / "relay.json"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class SlowDownOverTheWire(unittest.TestCase):
+    """What the delivery client tells apart: the next hop's own "slow down", and the relay's verdicts."""
+
+    @defer.inlineCallbacks
+    def deliver(self, sink: Sink, reply_timeout: float = 10.0, port=None):
+        if port is None:
+            port = sink.start(reactor)
+            self.addCleanup(sink.stop)
+        hop = SmarthostTransport(configuration.Transport("sink", "127.0.0.1", port, security="none", verify=False),
+                                 "relay.test", reactor=reactor, timeouts=Timeouts(5.0, reply_timeout, reply_timeout))
+        self.addCleanup(hop.close_idle)
+        (result,) = yield hop.deliver(BodyMessage.to("a@slow.test"), ["a@slow.test"])
+        return result
+
+    @defer.inlineCallbacks
+    def test_a_421_greeting_is_the_next_hops_own_reply(self):
+        result = yield self.deliver(Sink(greetings=("421 4.7.0 too many connections from your IP",)))
+        self.assertEqual((result.code, result.remote_reply, slows_down(result)), (421, True, True))
+
+    @defer.inlineCallbacks
+    def test_a_451_4_7_1_to_mail_from_and_to_rcpt_slow_down(self):
+        result = yield self.deliver(Sink(mail_reply="451 4.7.1 rate limited"))
+        self.assertTrue(slows_down(result), result)
+        result = yield self.deliver(Sink(rcpt_replies={"a@slow.test": "450 4.7.28 unusual rate"}))
+        self.assertTrue(slows_down(result), result)
+
+    @defer.inlineCallbacks
+    def test_other_deferrals_and_refusals_do_not(self):
+        result = yield self.deliver(Sink(data_replies=("451 4.3.0 disk full",)))
+        self.assertEqual((result.code, result.remote_reply, slows_down(result)), (451, True, False))
+        result = yield self.deliver(Sink(greetings=("554 5.7.1 you are not welcome",)))
+        self.assertFalse(slows_down(result), result)       # a 5xx greeting, deferred by us: no pause
+
+    @defer.inlineCallbacks
+    def test_the_relays_own_verdicts_do_not(self):
+        result = yield self.deliver(Sink(), port=free_port())        # nothing listens there
+        self.assertEqual((result.temporary, result.remote_reply), (True, False))
+        result = yield self.deliver(Sink(silent=True), reply_timeout=0.5)    # a timeout: 421 4.4.2, ours
+        self.assertEqual((result.code, result.remote_reply, slows_down(result)), (421, False, False))
 
 
 class ThrottleEndToEnd(unittest.TestCase):

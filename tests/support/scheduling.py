@@ -1,14 +1,16 @@
 """In-memory doubles for driving the delivery scheduler over task.Clock: a spool and a next hop.
 
-`MemorySpool` provides ISpool (plus the hold/release/take_requests the scheduler's control part uses);
-states go through JSON as a real spool stores them.  `ManualHop` provides INextHop: each deliver() is
-recorded with the clock's time and waits until the test answers it (`answer_next`, `answer_all`), so
-the deliveries in flight can be counted; replies are the next hop's own (`remote_reply=True`) unless
-the test says they are the relay's verdict.
+`BodyMessage` is a spooled message a real next hop can read.  `MemorySpool` provides ISpool (plus the
+hold/release/take_requests the scheduler's control part uses); states go through JSON as a real spool
+stores them.  `ManualHop` provides INextHop: each deliver() is recorded with the clock's time and
+waits until the test answers it (`answer_next`, `answer_all`), so the deliveries in flight can be
+counted; replies are the next hop's own (`remote_reply=True`) unless the test says they are the
+relay's verdict.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 from dataclasses import dataclass
 
@@ -33,6 +35,25 @@ class MemoryMessage:
 
     def open(self):
         raise NotImplementedError("the scheduler never reads the body")
+
+
+@dataclass
+class BodyMessage:
+    """A message a real next hop can send (it reads the body): `BodyMessage.to("a@b.test")`."""
+    queue_id: str
+    envelope: Envelope
+    data: bytes = b"From: a@example.org\r\nSubject: test\r\n\r\nbody\r\n"
+
+    @classmethod
+    def to(cls, *recipients: str) -> "BodyMessage":
+        return cls("Q1", Envelope("a@example.org", tuple(recipients), NOW))
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def open(self):
+        return io.BytesIO(self.data)
 
 
 @implementer(ISpool)
