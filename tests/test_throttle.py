@@ -404,3 +404,16 @@ class ThrottleStatusTests(ThrottledSchedulerTestCase):
         self.assertEqual(len(self.direct.calls), 1)              # the pause in force stays
         self.clock.advance(30)
         self.assertEqual(len(self.direct.calls), 2)
+
+
+class ThrottleGaugeTests(unittest.TestCase):
+    def test_a_failing_snapshot_costs_the_gauges_not_the_scrape(self):
+        metrics = Metrics()
+
+        def broken():
+            raise RuntimeError("snapshot exploded")
+        metrics.watch_throttles(broken)
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("# TYPE mailrelay_throttle_paused gauge", text)
+        self.assertIn("mailrelay_queue_messages 0.0", text)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -81,7 +81,8 @@ class ConcurrencyMixin:
     def _start(self, batch: list[_Job], now: float) -> None:
         """One connection slot for `batch` (deliveries for one next hop): deliver() for a single one,
         deliver_batch() for several; each delivery's results are then recorded on their own."""
-        batch = [replace(job, started=now) for job in batch]
+        if batch[0].destination is not None:          # a throttled destination: when it started counts
+            batch = [replace(job, started=now) for job in batch]
         first = batch[0]
         self._in_flight += 1
         self._per_key[first.limit_key] = self._per_key.get(first.limit_key, 0) + 1
