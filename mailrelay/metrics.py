@@ -40,8 +40,8 @@ Metrics (all prefixed `mailrelay_`):
     throttle_waiting{destination}                    gauge: deliveries waiting for a throttled destination
                                                      (its rate, connections or pause), not yet started
     throttle_connections{destination}                gauge: connections open to a throttled destination
-    (`watch_throttles`; a destination appears while it has something to show: a pause in force or
-    recent, a connection, a delivery waiting)
+    (`watch_throttles`; samples only with [[throttle]] rules; a destination appears while it has
+    something to show: a pause in force or recent, a connection, a delivery waiting)
 
 With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
 process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
@@ -176,10 +176,12 @@ class _ThrottleCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            statuses, waiting, now = self.snapshot()
+            snapshot = self.snapshot()
         except Exception:
             log.failure("throttle snapshot for metrics failed")
-            statuses, waiting, now = [], {}, 0.0
+            snapshot = ([], {}, 0.0)
+        # No [[throttle]] rule (None): the families without samples, like a labelled counter never counted.
+        statuses, waiting, now = snapshot if snapshot is not None else ([], {}, 0.0)
         paused = GaugeMetricFamily("mailrelay_throttle_paused", "1 while the destination is paused after a "
                                    "slow-down reply.", labels=["destination"])
         queued = GaugeMetricFamily("mailrelay_throttle_waiting", "Deliveries waiting for a throttled "
@@ -247,7 +249,8 @@ class Metrics:
                                       "listener before the session began.", ["reason"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
-        self._throttles: Optional[_ThrottleCollector] = None
+        self._throttles = _ThrottleCollector(lambda: None)
+        r.register(self._throttles)
 
     # -- call-site helpers: the listeners -----------------------------------------------------
 
@@ -308,10 +311,8 @@ class Metrics:
 
     def watch_throttles(self, snapshot: Callable[[], tuple]) -> None:
         """Read ([throttle.DestinationStatus], {destination: deliveries waiting}, the scheduler's time)
-        from `snapshot` at every scrape; a later call replaces the earlier one."""
-        if self._throttles is None:
-            self._throttles = _ThrottleCollector(snapshot)
-            self.registry.register(self._throttles)
+        from `snapshot` at every scrape, or None for no throttle gauges at all; a later call replaces
+        the earlier one."""
         self._throttles.snapshot = snapshot
 
     def watch_suppression(self, size: Callable[[], int]) -> None:

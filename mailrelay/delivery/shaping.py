@@ -152,10 +152,12 @@ class ShapingMixin:
                 ids.update((job.attempt.queue_id, None) for job in list(jobs))
         return list(ids)
 
-    def throttle_snapshot(self) -> tuple[list[DestinationStatus], dict[str, int], float]:
-        """(the throttle's status, deliveries waiting per throttled destination, now), from memory only.
-        Called by the metrics collector in a scrape thread: it only reads, and reads again if the reactor
-        thread resized a dict meanwhile."""
+    def throttle_snapshot(self) -> Optional[tuple[list[DestinationStatus], dict[str, int], float]]:
+        """(the throttle's status, deliveries waiting per throttled destination, now), from memory only;
+        None without [[throttle]] rules (no gauges then).  Called by the metrics collector in a scrape
+        thread: it only reads, and reads again if the reactor thread resized a dict meanwhile."""
+        if not self._rules:
+            return None
         now = self._now()
         for _ in range(3):
             try:
@@ -197,7 +199,7 @@ class ShapingMixin:
             return
         now = self._now()
         self._status_dirty, self._status_written = False, now
-        statuses, waiting, _ = self.throttle_snapshot()
+        statuses, waiting, _ = self.throttle_snapshot() or ([], {}, now)
         known = {s.destination for s in statuses}
         rows = [dict(destination=s.destination, messages_per_minute=s.messages_per_minute,
                      connections_cap=s.connections_cap, connections=s.connections, next_start=s.next_start,
