@@ -83,3 +83,20 @@ class ThrottleConfigTests(unittest.TestCase):
         self.assertRefused('[[throttle]]\ndomains = ["a.example"]\n[[throttle]]\ndomains = "*"\n'
                            '[[throttle]]\ndomains = ["gmail.com"]\n', "throttle[2]", "never applies",
                            "throttle[1] matches every domain")
+
+    def test_mailrelay_check_prints_each_rule(self):
+        import contextlib
+        import io
+
+        from mailrelay.cli import main as cli_main
+
+        self.path.write_text(HEAD + '[[throttle]]\ndomains = ["gmail.com", "googlemail.com"]\n'
+                             'messages_per_minute = 120\nconnections = 5\npause = "1m"\n'
+                             '[[throttle]]\npause = "0"\n')
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(cli_main.main(["check", "--config", str(self.path)]), 0)
+        text = out.getvalue()
+        self.assertIn("each of gmail.com, googlemail.com: 120/min, 5 connections, pause 1m on 421 / 4.7.x, "
+                      "doubling up to 1h", text)
+        self.assertIn("each of *: no rate limit, no connection cap of its own, no pause", text)
