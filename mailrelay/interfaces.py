@@ -238,3 +238,41 @@ class ISuppressionCheck(Interface):
     def refusal(address):
         """None (not suppressed) or the Reply (550 5.1.1) refusing `address`, or a Deferred firing with
         one of them within a bounded wait; never fails."""
+
+
+class IThrottle(Interface):
+    """The state behind `[[throttle]]`: per destination (a recipient domain a rule matched), when the next
+    message may start (a smooth rate), how many connections are open, and whether it is paused after a
+    "slow down" reply.  `rule` is the config.Throttle that matched (the scheduler looks it up; a reload
+    may change it without losing any state), `now` and `started` are times on the scheduler's clock.
+
+    Every answer comes at once, from memory: an implementation shared between relays (a store such as
+    Redis) keeps a local view, brings it up to date on its own, and falls back to it alone when the store
+    is unreachable.  The local one is mailrelay.delivery.throttle.LocalThrottle."""
+
+    def ready_at(destination, rule, now):
+        """When a new connection to `destination` may start: a time <= `now` for at once, a later time
+        when a pause or the message rate holds it back, or None when every connection it may have is in
+        use (then only `finish` helps)."""
+
+    def start(destination, rule, now):
+        """A connection to `destination` starts now with one message (call only once `ready_at` said so):
+        it takes a connection slot and the next place in the message rate."""
+
+    def finish(destination):
+        """A connection that `start` counted is over: its slot is free."""
+
+    def slowed(destination, rule, started, now, reply):
+        """A delivery to `destination` that started at `started` got a "slow down" reply (`reply`, text
+        for the log).  Returns (the end of the pause in force, True if this reply began a new pause).
+        A reply to a delivery that started before the pause in force began belongs to that pause and
+        changes nothing; otherwise the pause is `rule.pause`, doubled for each pause in a row, at most 1 h."""
+
+    def succeeded(destination, started):
+        """A delivery to `destination` that started at `started` was accepted: the pauses in a row are
+        over, and the next one is `rule.pause` again (a delivery older than the latest pause says nothing)."""
+
+    def status(now):
+        """A list of throttle.DestinationStatus, one per destination with anything to show (a pause in
+        force or past, a connection open, a rate position in the future).  Safe to call from a thread
+        other than the reactor's: it only reads."""

@@ -46,6 +46,13 @@ Metrics (all prefixed `mailrelay_`):
                                                      on its own (`watch_cluster`)
     cluster_redis_fallbacks_total{what}              decisions taken locally because Redis did not
                                                      answer: rate | auth | suppression
+    throttle_paused{destination}                     gauge: 1 while a [[throttle]] destination is paused
+                                                     after a "slow down" reply, 0 once it resumed
+    throttle_waiting{destination}                    gauge: deliveries waiting for a throttled destination
+                                                     (its rate, connections or pause), not yet started
+    throttle_connections{destination}                gauge: connections open to a throttled destination
+    (`watch_throttles`; samples only with [[throttle]] rules; a destination appears while it has
+    something to show: a pause in force or recent, a connection, a delivery waiting)
 
 With `[delivery] process = "separate"` the families in DELIVERY_FAMILIES are counted in the delivery
 process. `[metrics] endpoint` (main process) then asks that process for them over its pipe at every
@@ -115,6 +122,8 @@ DELIVERY_FAMILIES = frozenset((
     "mailrelay_dsn_sent", "mailrelay_queue_messages", "mailrelay_queue_oldest_message_age_seconds",
     "mailrelay_queue_held_messages", "mailrelay_webhook_posts", "mailrelay_webhook_dropped",
     "mailrelay_webhook_pending", "mailrelay_webhook_oldest_event_age_seconds",
+    "mailrelay_queue_held_messages", "mailrelay_throttle_paused", "mailrelay_throttle_waiting",
+    "mailrelay_throttle_connections",
 ))
 WEBHOOK_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
 WEBHOOK_DROPS = ("full", "error", "refused")
@@ -175,6 +184,42 @@ class _QueueCollector(Collector):
             # A broken snapshot must not break the whole scrape: the counters still matter.
             log.failure("queue snapshot for metrics failed")
             return 0, 0.0, 0
+
+
+class _ThrottleCollector(Collector):
+    """The throttle gauges, from the scheduler's `throttle_snapshot` at scrape time (in the scrape's
+    thread: the snapshot only reads).  Label values are destinations a [[throttle]] rule matched."""
+
+    def __init__(self, snapshot: Callable[[], tuple]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            snapshot = self.snapshot()
+        except Exception:
+            log.failure("throttle snapshot for metrics failed")
+            snapshot = ([], {}, 0.0)
+        # No [[throttle]] rule (None): the families without samples, like a labelled counter never counted.
+        statuses, waiting, now = snapshot if snapshot is not None else ([], {}, 0.0)
+        paused = GaugeMetricFamily("mailrelay_throttle_paused", "1 while the destination is paused after a "
+                                   "slow-down reply.", labels=["destination"])
+        queued = GaugeMetricFamily("mailrelay_throttle_waiting", "Deliveries waiting for a throttled "
+                                   "destination.", labels=["destination"])
+        open_ = GaugeMetricFamily("mailrelay_throttle_connections", "Connections open to a throttled "
+                                  "destination.", labels=["destination"])
+        shown = set()
+        for status in statuses:
+            shown.add(status.destination)
+            paused.add_metric([status.destination], 1 if status.paused(now) else 0)
+            open_.add_metric([status.destination], status.connections)
+            queued.add_metric([status.destination], waiting.get(status.destination, 0))
+        for destination in sorted(set(waiting) - shown):
+            paused.add_metric([destination], 0)
+            open_.add_metric([destination], 0)
+            queued.add_metric([destination], waiting[destination])
+        yield paused
+        yield queued
+        yield open_
 
 
 class _SizeCollector(Collector):
@@ -256,6 +301,8 @@ class Metrics:
         r.register(self._queue)
         self._webhooks = _WebhookCollector()
         r.register(self._webhooks)
+        self._throttles = _ThrottleCollector(lambda: None)
+        r.register(self._throttles)
 
     # -- call-site helpers: the listeners -----------------------------------------------------
 
@@ -334,6 +381,11 @@ class Metrics:
         """Read whether the `[cluster] redis` link is up (1) or not (0) from `up` at every scrape."""
         self.registry.register(_SizeCollector("mailrelay_cluster_redis_up",
                                               "1 while the shared Redis counters answer, else 0.", up))
+    def watch_throttles(self, snapshot: Callable[[], tuple]) -> None:
+        """Read ([throttle.DestinationStatus], {destination: deliveries waiting}, the scheduler's time)
+        from `snapshot` at every scrape, or None for no throttle gauges at all; a later call replaces
+        the earlier one."""
+        self._throttles.snapshot = snapshot
 
     def watch_suppression(self, size: Callable[[], int]) -> None:
         """Read the number of suppressed addresses from `size` at every scrape."""

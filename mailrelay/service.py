@@ -139,7 +139,8 @@ class DeliveryParts:
     def install(self, scheduler, config: Config, replacing: Optional["DeliveryParts"] = None) -> None:
         """Give the scheduler these parts; the ones they replace close their idle cached connections
         (deliveries still running on them QUIT when they finish) and a resolver no longer used."""
-        scheduler.reconfigure(self.router, self.transports, self.direct, config.queue, config.delivery)
+        scheduler.reconfigure(self.router, self.transports, self.direct, config.queue, config.delivery,
+                              throttles=config.throttles)
         if replacing is not None:
             replacing.close_idle()
             if replacing.resolver is not None and replacing.resolver is not self.resolver:
@@ -221,7 +222,7 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
     """The scheduler over `spool` with `parts`' routes and next hops, and its DSN reporter (unless
     `[queue] bounces = false`) — in the main process, or in the delivery process. `events`: the
     IDeliveryEvents told of every outcome (build_events), or None."""
-    from mailrelay.delivery.scheduler import Scheduler
+    from mailrelay.delivery.scheduler import STATUS_FILE, Scheduler
 
     reporter = None
     if config.queue.bounces:
@@ -236,7 +237,8 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
         suppression = SuppressionRecorder(SuppressionList(config.spool, config.suppression.duration, reactor),
                                           getattr(spool, "run_blocking", None))
     scheduler = Scheduler(spool, parts.router, parts.transports, parts.direct, config.queue, config.delivery,
-                          reporter, clock=reactor, metrics=metrics, suppression=suppression, events=events)
+                          reporter, clock=reactor, metrics=metrics, suppression=suppression, events=events,
+                          throttles=config.throttles, status_path=config.spool / STATUS_FILE)
     if reporter is not None:
         reporter.scheduler = scheduler
     return scheduler

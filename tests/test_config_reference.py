@@ -41,8 +41,9 @@ SHAPE: dict[str, dict[str, str]] = {
     "dkim.key": {"domain": '"example.org"', "selector": '"s1"', "key_file": '"dkim.pem"'},
     "route": {"transport": '"NAME"'},
     "webhook": {"url": '"https://hooks.example.org/mail"'},
+    "throttle": {},
 }
-ARRAYS = {"listen", "permit", "dkim.key", "route", "webhook"}
+ARRAYS = {"listen", "permit", "dkim.key", "route", "webhook", "throttle"}
 
 
 def normal(path: str) -> str:

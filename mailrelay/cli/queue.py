@@ -1,4 +1,5 @@
-"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID|webhooks --config FILE`.
+"""`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID|suspend|resume|
+webhooks|throttle|transfer --config FILE`.
 
 The operator's hand on the middle of the journey: the messages waiting in the spool between the SMTP
 session's 250 and their last delivery attempt (Postfix's postqueue -p/-f and postsuper -h/-H/-d).
@@ -16,7 +17,9 @@ In: the config (for `spool`), an action, maybe a queue id.  Out: text (or `--jso
 
 `list` ends with one line per webhook outbox (events.store: pending events, oldest, last error), and
 `webhooks` shows only those.  Reading (list, show, webhooks) never takes the lock: queue and state
-files are replaced atomically.
+files are replaced atomically.  `throttle`
+(and the end of `list`) shows the running relay's `[[throttle]]` state from <spool>/throttle.json,
+which its scheduler rewrites every few seconds and removes when it stops (delivery.shaping).
 Failures are one line on stderr, never a traceback: an unknown id exits 1, a config error exits 2.
 """
 from __future__ import annotations
@@ -36,11 +39,13 @@ from twisted.python.failure import Failure
 from mailrelay.cli import transfer
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
-from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, printable,
-                                        sender_text, show_lines, webhook_dict, webhook_lines)
+from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, paused_destinations,
+                                        printable, sender_text, show_lines, throttle_lines, webhook_dict,
+                                        webhook_lines)
 from mailrelay.config.webhooks import display_url
 from mailrelay.events.store import read_backlog
 from mailrelay.delivery.control import ADMIN_BOUNCE
+from mailrelay.delivery.shaping import STATUS_FILE, read_status
 from mailrelay.delivery.state import BOUNCED, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
 from mailrelay.spool.files import acquire_lock
@@ -60,6 +65,8 @@ _ACTIONS = (   # name, help, queue id ("required" | "optional" | None), --json
     ("suspend", "stop every delivery (persisted) until resume; mail is still accepted", None, False),
     ("resume", "deliver again after suspend or `transfer --hold`", None, False),
     ("webhooks", "the delivery events waiting for each [[webhook]] URL", None, True),
+    ("throttle", "the running relay's throttled destinations: pauses, connections, rates, what waits", None,
+     True),
 )
 
 
@@ -162,12 +169,36 @@ def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) 
     entries = [e for e in (read_entry(spool, q, held) for q in spool.queue_ids()) if e is not None]
     if args.json:
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
+        return EXIT_OK
+    status = _throttle_status(spool, config)
+    paused = paused_destinations(status, now)
+    print("\n".join(list_lines(entries, now, paused)
+                     + webhook_lines(read_backlog(config.spool), _shown(config), now)))
+    if paused:
+        print("\n".join(throttle_lines(status, now, running=True)))
+    suspended = spool.suspension()
+    if suspended is not None:
+        print(f"deliveries suspended {_age(now - float(suspended.get('since') or now))} ago "
+              f"(in flight: {suspended.get('in_flight', '?')}): `mailrelay queue resume` delivers again")
+    return EXIT_OK
+
+
+def _throttle_status(spool: Spool, config: Config) -> Optional[dict]:
+    """The running relay's throttle status (delivery.shaping writes it), or None: no rule, or no relay
+    running (a file a killed relay left behind says nothing about the present)."""
+    if not config.throttles or not Spool.in_use(spool.directory):
+        return None
+    return read_status(spool.directory / STATUS_FILE)
+
+
+def do_throttle(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
+    running = Spool.in_use(spool.directory)
+    status = _throttle_status(spool, config)
+    if args.json:
+        print(json.dumps({"running": running, "rules": len(config.throttles), "now": now,
+                          "status": status}, indent=2))
     else:
-        print("\n".join(list_lines(entries, now) + webhook_lines(read_backlog(config.spool), _shown(config), now)))
-        suspended = spool.suspension()
-        if suspended is not None:
-            print(f"deliveries suspended {_age(now - float(suspended.get('since') or now))} ago "
-                  f"(in flight: {suspended.get('in_flight', '?')}): `mailrelay queue resume` delivers again")
+        print("\n".join(throttle_lines(status, now, running)))
     return EXIT_OK
 
 
@@ -382,5 +413,5 @@ def _resume(spool: Spool, _queue_id: Optional[str]) -> int:
 _HANDLERS = {
     "list": do_list, "show": do_show, "flush": do_flush, "hold": do_hold, "release": do_release,
     "delete": do_delete, "bounce": do_bounce, "suspend": do_suspend, "resume": do_resume,
-    "webhooks": do_webhooks,
+    "webhooks": do_webhooks, "throttle": do_throttle,
 }

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from mailrelay.delivery.state import MessageState, RecipientState
-from mailrelay.envelope import Envelope
+from mailrelay.envelope import Envelope, domain_of
 
 HEADER_CAP = 64 * 1024        # `show` prints at most this many bytes of the header section
 REPLY_WIDTH = 50              # `list` truncates the last reply to this many characters
@@ -93,11 +93,12 @@ def truncate(text: str, width: int) -> str:
 
 # -- list -------------------------------------------------------------------------------------------
 
-def list_lines(entries: list[QueueEntry], now: float) -> list[str]:
-    """One line per message and a summary line; ["queue is empty"] for no messages."""
+def list_lines(entries: list[QueueEntry], now: float, paused: Optional[dict[str, float]] = None) -> list[str]:
+    """One line per message and a summary line; ["queue is empty"] for no messages.  `paused`: the
+    running relay's paused destinations (domain -> until); a message waiting for one says so."""
     if not entries:
         return ["queue is empty"]
-    lines = [list_line(entry, now) for entry in entries]
+    lines = [list_line(entry, now) + _paused_note(entry, paused or {}, now) for entry in entries]
     held = sum(1 for e in entries if e.held)
     arrivals = [e.envelope.received_at for e in entries if e.envelope is not None]
     oldest = f", oldest {human_duration(now - min(arrivals))}" if arrivals else ""
@@ -126,6 +127,13 @@ def list_line(entry: QueueEntry, now: float) -> str:
     last = truncate(reply_text(max(tried, key=lambda r: r.attempts)), REPLY_WIDTH) if tried else "-"
     return (f"{head}{_recipients_text([r.recipient for r in pending])}  attempts {attempts}  "
             f"next {next_attempt}  last {last}{held}")
+
+
+def _paused_note(entry: QueueEntry, paused: dict[str, float], now: float) -> str:
+    if entry.state is None or not paused:
+        return ""
+    domains = sorted({d for d in (domain_of(r.recipient) for r in entry.state.pending) if paused.get(d, 0) > now})
+    return "".join(f"  waiting: {printable(d)} paused {human_duration(paused[d] - now)} more" for d in domains)
 
 
 def _recipients_text(recipients) -> str:
@@ -232,3 +240,46 @@ def webhook_dict(backlog, configured: set[str]) -> dict:
     return {"url": backlog.url, "configured": backlog.url in configured, "pending": backlog.pending,
             "oldest": iso_time(backlog.oldest), "last_error": backlog.last_error or None,
             "last_error_at": iso_time(backlog.last_error_at), "directory": str(backlog.directory)}
+
+
+# -- throttles --------------------------------------------------------------------------------------
+
+def paused_destinations(status: Optional[dict], now: float) -> dict[str, float]:
+    """destination -> end of its pause, for the pauses in force in a throttle status (delivery.shaping)."""
+    if not status:
+        return {}
+    return {str(row.get("destination")): float(row.get("paused_until") or 0)
+            for row in status.get("destinations", ()) if isinstance(row, dict)
+            and float(row.get("paused_until") or 0) > now}
+
+
+def throttle_lines(status: Optional[dict], now: float, running: bool) -> list[str]:
+    """`mailrelay queue throttle`: one line per throttled destination of the running relay, and a summary."""
+    if not running:
+        return ["the relay is not running: no destination is paused (pauses are not kept across a restart)"]
+    if status is None:
+        return ["no throttle status: no [[throttle]] rule, or the relay has not written it yet"]
+    rows = [row for row in status.get("destinations", ()) if isinstance(row, dict)]
+    lines = [_throttle_line(row, now) for row in rows]
+    paused = sum(1 for row in rows if float(row.get("paused_until") or 0) > now)
+    noun = "destination" if len(rows) == 1 else "destinations"
+    written = float(status.get("written_at") or now)
+    lines.append(f"{len(rows)} throttled {noun} with something to show, {paused} paused "
+                 f"(as of {human_duration(now - written)} ago)")
+    return lines
+
+
+def _throttle_line(row: dict, now: float) -> str:
+    until, cap = float(row.get("paused_until") or 0), int(row.get("connections_cap") or 0)
+    parts = [printable(str(row.get("destination", "?")))]
+    if until > now:
+        in_a_row = int(row.get("pauses_in_a_row") or 1)
+        parts.append(f"PAUSED {human_duration(until - now)} more (until {iso_time(until)}, {in_a_row} in a row, "
+                     f"after {truncate(printable(str(row.get('reason', ''))), REPLY_WIDTH)})")
+    rate = int(row.get("messages_per_minute") or 0)
+    parts.append(f"rate {rate}/min" if rate else "no rate limit")
+    parts.append(f"connections {int(row.get('connections') or 0)}" + (f"/{cap}" if cap else ""))
+    waiting, ids = int(row.get("waiting") or 0), [printable(str(q)) for q in row.get("waiting_ids") or ()]
+    more = f" +{waiting - len(ids)}" if waiting > len(ids) else ""
+    parts.append(f"waiting {waiting}" + (f": {', '.join(ids)}{more}" if ids else ""))
+    return "  ".join(parts)

@@ -29,13 +29,13 @@ from mailrelay.config.model import (
     AuthConfig, ClusterConfig, Config, ConfigError, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork,
     LDAPConfig,
     Limits, Listener, LogConfig, MetricsConfig, OAuth2Config, Permit, QueueConfig, Route, SendmailConfig,
-    SuppressionConfig, TLSConfig, Transport, WEBHOOK_EVENTS, WebhookConfig,
+    SuppressionConfig, Throttle, TLSConfig, Transport, WEBHOOK_EVENTS, WebhookConfig,
 )
 from mailrelay.config.openrelay import refuse_open_relay
 from mailrelay.config.reader import _Reader
 from mailrelay.config.sections import (
     _auth, _cluster, _delivery, _dkim, _hostname, _http, _limits, _listeners, _log, _metrics, _permit, _postmaster,
-    _queue, _route, _sendmail, _suppression, _tls, _transports,
+    _queue, _route, _sendmail, _suppression, _throttles, _tls, _transports,
 )
 from mailrelay.config.webhooks import _webhooks
 from mailrelay.config.values import parse_duration, parse_host_port, parse_size
@@ -46,8 +46,8 @@ __all__ = [
     "AuthConfig", "ClusterConfig", "Config", "ConfigError", "DeliveryConfig", "DKIMConfig", "DKIMKey", "HTTPConfig",
     "IPNetwork",
     "LDAPConfig", "Limits", "Listener", "LogConfig", "MetricsConfig", "OAuth2Config", "Permit", "QueueConfig",
-    "Route", "SendmailConfig", "SuppressionConfig", "TLSConfig", "Transport", "WEBHOOK_EVENTS", "WebhookConfig", "load",
-    "parse_duration",
+    "Route", "SendmailConfig", "SuppressionConfig", "Throttle", "TLSConfig", "Transport", "WEBHOOK_EVENTS",
+    "WebhookConfig", "load", "parse_duration",
     "parse_host_port", "parse_size",
 ]
 
@@ -105,6 +105,7 @@ def load(path: str | Path, source: bytes | None = None, delivery_only: bool = Fa
         suppression=_suppression(root.table("suppression")),
         webhooks=_webhooks(root.tables("webhook")),
         cluster=_cluster(root.table("cluster")),
+        throttles=_throttles(root.tables("throttle") or ()),
     )
     root.close()
     if permits:   # after every key is known good: a typo is named as a typo first

@@ -208,6 +208,24 @@ class Route:
     after_attempts: int = 0
 
 
+MAX_THROTTLE_PAUSE = 3600.0     # a pause doubles while it goes on, up to this
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """One `[[throttle]]` rule: how deliveries to each recipient domain it matches are shaped.  Every
+    domain it matches is its own destination, with its own rate, connections and pauses."""
+    domains: tuple[str, ...] = ("*",)
+    messages_per_minute: int = 0        # smooth: one message every 60/N seconds, no burst; 0 = no limit
+    connections: int = 0                # connections to the destination at once; 0 = no cap of its own
+    pause: float = 60.0                 # after a "slow down" reply; doubling up to MAX_THROTTLE_PAUSE; 0 = never
+
+    @property
+    def interval(self) -> float:
+        """Seconds between the starts of two messages to one destination (0: no rate limit)."""
+        return 60.0 / self.messages_per_minute if self.messages_per_minute else 0.0
+
+
 @dataclass(frozen=True)
 class SuppressionConfig:
     enabled: bool = False               # a 5.1.x / 5.2.1 failure suppresses the address (spool.suppression)
@@ -289,6 +307,7 @@ class Config:
     suppression: SuppressionConfig = SuppressionConfig()
     webhooks: tuple[WebhookConfig, ...] = ()
     cluster: ClusterConfig = ClusterConfig()
+    throttles: tuple[Throttle, ...] = ()     # [[throttle]] rules, first match wins
 
 
 DKIM_MODES = ("sign", "passthrough")

@@ -15,9 +15,10 @@ from typing import Mapping, Optional
 
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
-    DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, TLS_POLICIES, TRANSPORT_SECURITY, AuthConfig,
-    ClusterConfig, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork, LDAPConfig, Limits, Listener, LogConfig,
-    MetricsConfig, Permit, QueueConfig, Route, SendmailConfig, SuppressionConfig, TLSConfig, Transport,
+    DIRECTORY_FSYNC, DKIM_MODES, LISTENER_KINDS, LOG_FORMATS, MAX_THROTTLE_PAUSE, TLS_POLICIES,
+    TRANSPORT_SECURITY, AuthConfig, ClusterConfig, DeliveryConfig, DKIMConfig, DKIMKey, HTTPConfig, IPNetwork,
+    LDAPConfig, Limits, Listener, LogConfig, MetricsConfig, Permit, QueueConfig, Route, SendmailConfig,
+    SuppressionConfig, Throttle, TLSConfig, Transport,
 )
 from mailrelay.cluster.url import RedisURL
 from mailrelay.config.reader import _closed, _Reader
@@ -343,6 +344,31 @@ def _route(t: _Reader, transports: Mapping[str, Transport]) -> Route:
         senders=t.patterns("senders", addresses=True),
         after_attempts=t.integer("after_attempts", 0),
     ))
+
+
+def _throttle(t: _Reader) -> Throttle:
+    d = Throttle()
+    pause = t.duration("pause", d.pause, allow_zero=True)      # 0: a "slow down" reply pauses nothing
+    if pause > MAX_THROTTLE_PAUSE:
+        t.fail("pause", f"{pause:g}s is longer than 1h, the longest a pause grows to")
+    return _closed(t, Throttle(
+        domains=t.patterns("domains", addresses=False),
+        messages_per_minute=t.integer("messages_per_minute", d.messages_per_minute, high=60_000),
+        connections=t.integer("connections", d.connections, high=10_000),
+        pause=pause,
+    ))
+
+
+def _throttles(tables: list[_Reader]) -> tuple[Throttle, ...]:
+    """[[throttle]] rules in order; a rule after one matching every domain could never apply."""
+    rules: list[Throttle] = []
+    for t in tables:
+        rule = _throttle(t)
+        catch_all = next((i for i, r in enumerate(rules) if "*" in r.domains), None)
+        if catch_all is not None:
+            t.fail(None, f'never applies: throttle[{catch_all}] matches every domain ("*") first')
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _metrics(t: _Reader) -> MetricsConfig:

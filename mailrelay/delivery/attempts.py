@@ -3,9 +3,9 @@
 Part of the delivery stage (delivery.scheduler).  In: a loaded spool message and its MessageState.
 Out: `_Attempt`, the message while the scheduler works on it (deliveries outstanding, the state they
 update, control actions asked for meanwhile); `_Job`, one deliver() call for one next hop and the
-recipients that go that way; `_LocalFailure`, the stand-in next hop for a router error or unknown
-transport, which answers every recipient 451 4.3.5 (RFC 3463) so the failure is retried like a
-remote 4xx (RFC 5321 §4.2.1).
+recipients that go that way (and the throttled destination they are, delivery.throttle);
+`_LocalFailure`, the stand-in next hop for a router error or unknown transport, which answers every
+recipient 451 4.3.5 (RFC 3463) so the failure is retried like a remote 4xx (RFC 5321 §4.2.1).
 """
 from __future__ import annotations
 
@@ -58,3 +58,11 @@ class _Job:
     hop_name: str                 # "direct" or the transport name, for the log
     limit_key: str                # "domain:<d>" (direct) or "transport:<name>"
     recipients: tuple[str, ...]
+    destination: Optional[str] = None   # the recipient domain, when a [[throttle]] rule shapes it
+    started: float = 0.0          # when its connection slot was taken (set as it starts)
+
+    @property
+    def line(self) -> tuple[str, Optional[str]]:
+        """The waiting line it joins: one per limit key and throttled destination, so a paused or
+        rate-held destination never holds up another on the same transport."""
+        return self.limit_key, self.destination

@@ -99,6 +99,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self.finished: defer.Deferred = defer.Deferred()
         self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
         self._failure: Optional[tuple[int, str, str]] = None
+        self._failure_said = False       # _failure is the server's own 4xx reply (delivery.throttle)
         self._mail_answered = self._in_transaction = False
         self._job_index = -1
         self._rcpt_index = -1
@@ -210,6 +211,7 @@ class DeliveryClient(smtp.ESMTPClient):
         status, clean = parse_reply(code, text)
         self._failure = (code if 400 <= code < 500 else 451, temporary_status(status),
                          f"{self._host} said {code} {clean} (after {context})")
+        self._failure_said = 400 <= code < 500
 
     def _abort(self, code: int, status: str, text: str) -> None:
         self._fit_for_reuse = False
@@ -245,7 +247,8 @@ class DeliveryClient(smtp.ESMTPClient):
         """Every job's results; a recipient not settled by a reply gets the session's failure."""
         code, status, text = self._failure or (451, "4.3.0", "no reply for this recipient")
         jobs = tuple(
-            tuple(stamped((r or RecipientResult(rcpt, code, status, text, self._host)
+            tuple(stamped((r or RecipientResult(rcpt, code, status, text, self._host,
+                                                remote_reply=self._failure_said)
                            for rcpt, r in zip(j.recipients, res)), self._tls))
             for j, res in zip(self.jobs, self._results)
         )
@@ -469,11 +472,13 @@ class DeliveryClient(smtp.ESMTPClient):
     def _mail_command(self, job: Job) -> bytes:
         return offer.mail_command(job, self._extensions)
 
-    def _settle_job(self, code: int, status: str, text: str, sender_refused: bool = False) -> None:
+    def _settle_job(self, code: int, status: str, text: str, sender_refused: bool = False,
+                    remote_reply: bool = False) -> None:
         results = self._results[self._job_index]
         for i, rcpt in enumerate(self.jobs[self._job_index].recipients):
             if results[i] is None:
-                results[i] = RecipientResult(rcpt, code, status, text, self._host, sender_refused=sender_refused)
+                results[i] = RecipientResult(rcpt, code, status, text, self._host, sender_refused=sender_refused,
+                                             remote_reply=remote_reply)
 
     def _on_mail_refused(self, code: int, text: bytes) -> None:
         self._mail_answered = True
@@ -482,7 +487,8 @@ class DeliveryClient(smtp.ESMTPClient):
         if not 400 <= code < 600:
             return self._on_unexpected(code, text)
         result = from_reply("", code, text, self._host)
-        self._settle_job(result.code, result.status, result.text, sender_refused=True)   # the sender's fate
+        self._settle_job(result.code, result.status, result.text, sender_refused=True,    # the sender's fate
+                         remote_reply=result.remote_reply)
         if code == 421:
             return self._closing(code, text)
         if self._pipelined:

@@ -12,10 +12,11 @@ after `[queue] delay_warning`); RFC 5321 §4.5.5 / §6.1 (never a DSN to the nul
 
 `OutcomesMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_spool`,
 `_reporter`, `_queue`, `_backoff`, `_attempts`, `_stop_waiters`, `_metrics`, `running`, `log` and
-its `_now`, `_expiry`, `_next_due`, `_schedule` and `_forget`; `_events` (an IDeliveryEvents, or
-None) hears of every per-recipient outcome — the record waits for the event to be durable in its outbox
-(side by side with the state's own fsync), never for a webhook receiver; `_suppression` hears of every recipient
-that failed for good (spool.suppression decides whether that suppresses it).
+its `_now`, `_expiry`, `_next_due`, `_schedule`, `_forget` and `_shaping_outcome`; `_events` (an
+IDeliveryEvents, or None) hears of every per-recipient outcome — the record waits for the event to be
+durable in its outbox (side by side with the state's own fsync), never for a webhook receiver;
+`_suppression` hears of every recipient that failed for good (spool.suppression decides whether that
+suppresses it).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.state import BOUNCED, DELIVERED, EXPIRED
+from mailrelay.delivery.throttle import slows_down
 from mailrelay.delivery.tlsinfo import describe
 from mailrelay.interfaces import Reply
 from mailrelay.metrics import UNKNOWN
@@ -51,6 +53,9 @@ class OutcomesMixin:
         message — the settling that removes it); a batch's next message waits for it."""
         attempt, now = job.attempt, self._now()
         by_recipient = {r.recipient: r for r in results or () if r.recipient in job.recipients}
+        # [[throttle]]: a "slow down" reply pauses the destination; whoever got it is retried when the
+        # pause ends, not after the backoff (delivery.shaping).
+        paused_until = self._shaping_outcome(job, list(by_recipient.values()), now)
         delays: dict[int, float] = {}   # one draw per attempt count: a group is retried together
         emitted: list[defer.Deferred] = []
         for recipient in job.recipients:
@@ -61,6 +66,8 @@ class OutcomesMixin:
             if failures not in delays:
                 delays[failures] = self._backoff.next_delay(failures)
             retry_at = min(now + delays[failures], self._expiry(attempt.message))
+            if paused_until is not None and slows_down(result):
+                retry_at = min(paused_until, self._expiry(attempt.message))
             after = before.recorded(result, now, retry_at)
             attempt.state = attempt.state.with_recipient(after)
             self._log_outcome(attempt, job, after, result)

@@ -20,7 +20,9 @@ class RecipientResult:
     `tls` and `tls_verified` say what protected the session that gave it (delivery.tlsinfo: "none",
     "tls1.3", ...; None when no SMTP session said, e.g. a DNS failure); they take no part in equality.
     `sender_refused`: settled by the next hop's refusal of MAIL FROM, a verdict on the sender, not on
-    this recipient (so it never suppresses the recipient: spool.suppression)."""
+    this recipient (so it never suppresses the recipient: spool.suppression).  `remote_reply`: the code
+    and status are the next hop's own reply, not the relay's verdict on a failed connection, timeout or
+    handshake (delivery.throttle pauses a destination only for what it said itself)."""
     recipient: str
     code: int
     status: str          # RFC 3463 enhanced status code, its class agreeing with `code`
@@ -29,6 +31,7 @@ class RecipientResult:
     tls: Optional[str] = field(default=None, compare=False)
     tls_verified: bool = field(default=False, compare=False)
     sender_refused: bool = field(default=False, compare=False)
+    remote_reply: bool = field(default=False, compare=False)
 
     @property
     def delivered(self) -> bool:
@@ -89,8 +92,8 @@ def from_reply(recipient: str, code: int, text: bytes, remote_host: str) -> Reci
     status, clean = parse_reply(code, text)
     if not 200 <= code < 600:
         # A reply code outside 2xx-5xx is a protocol error: never a delivery, never a bounce.
-        code, clean = 451, f"unexpected reply code {code}: {clean}"
-    return RecipientResult(recipient, code, status, clean, remote_host)
+        return RecipientResult(recipient, 451, status, f"unexpected reply code {code}: {clean}", remote_host)
+    return RecipientResult(recipient, code, status, clean, remote_host, remote_reply=True)
 
 
 def settle_all(

@@ -25,18 +25,24 @@ Rules implemented:
   for a slot, for the same next hop share connections — one batch is one slot (delivery.batch).
 - Held messages are never tried; stopService stops starting work and waits (bounded) for what is in
   flight; everything needed to resume is already in the spool.
+- `[[throttle]]` (delivery.shaping, delivery.throttle): per recipient domain a rule matches, a smooth
+  message rate, a cap on connections at once, and a pause after a 421 or a 4.7.x deferral, doubling
+  while it goes on; deliveries waiting for them are no failed attempts.  The state sits behind
+  IThrottle (default: LocalThrottle).
 - Metrics (optional `metrics`, a mailrelay.metrics.Metrics): deliveries started, per-recipient results
-  and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool.
+  and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool,
+  and `throttle_snapshot()` the throttle gauges.
 
 The scheduler is in parts, each a module: this one holds the service, the timers (when each message
 is due) and the routing of its recipients to next hops; concurrency.py the slots and batches;
-outcomes.py recording results and settling attempts (DSNs, expiry, removal); control.py the queue
-CLI's requests; attempts.py the objects they share.
+shaping.py the throttles; outcomes.py recording results and settling attempts (DSNs, expiry,
+removal); control.py the queue CLI's requests; attempts.py the objects they share.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
+from pathlib import Path
 from typing import Mapping, Optional
 
 from twisted.application import service
@@ -49,7 +55,9 @@ from mailrelay.delivery.backoff import Backoff
 from mailrelay.delivery.concurrency import ConcurrencyMixin
 from mailrelay.delivery.control import ADMIN_BOUNCE, POLL_INTERVAL, ControlMixin
 from mailrelay.delivery.outcomes import OutcomesMixin
+from mailrelay.delivery.shaping import STATUS_FILE, ShapingMixin
 from mailrelay.delivery.state import MessageState, StateError, due_time
+from mailrelay.delivery.throttle import LocalThrottle, ThrottleRules
 from mailrelay.delivery.timetable import Timetable
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
@@ -57,29 +65,34 @@ from mailrelay.logger import Logger
 from mailrelay.spool.ids import id_time
 from mailrelay.spool.message import CorruptMessage, UnknownMessage
 
-__all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STOP_TIMEOUT", "Scheduler"]
+__all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STATUS_FILE", "STOP_TIMEOUT", "Scheduler"]
 
 STOP_TIMEOUT = 30.0      # stopService waits at most this long for deliveries in flight
 DUE_SLACK = 1.0          # recipients due within this many seconds join the attempt being made
 RECOVER_PER_TURN = 500   # messages the start-up scan schedules per reactor turn (the rest: later turns)
 ACTIVE_MIN = 1000        # messages in work (loaded, waiting for a slot or in flight) at most: this, or
 ACTIVE_PER_SLOT = 10     # ... this many per `[delivery] concurrency` slot, whichever is more
+ACTIVE_HARD_LIMIT = 20000  # ... and never more, even while most wait for a throttle (Postfix's
+                           # qmgr_message_active_limit is the same figure)
 
 
 @implementer(IScheduler)
-class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
+class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, service.Service):
     """The queue runner.  `spool`: ISpool (plus hold/release/take_requests); `router`: IRouter;
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
     jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics; `suppression`:
     told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off);
-    `events`: an IDeliveryEvents told of every per-recipient outcome (webhooks), or None."""
+    `events`: an IDeliveryEvents told of every per-recipient outcome (webhooks), or None;
+    `throttles`: the [[throttle]] rules; `throttle`: their state, an IThrottle (default: a LocalThrottle);
+    `status_path`: where the throttle status is written for the queue CLI (None: nowhere)."""
 
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                  delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
-                 metrics=None, suppression=None, events=None):
+                 metrics=None, suppression=None, events=None, throttles: tuple = (), throttle=None,
+                 status_path: Optional[Path] = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
@@ -102,16 +115,31 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._metrics = metrics
         self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
         self._events = events                    # an IDeliveryEvents, or None
+        self._rules = ThrottleRules(throttles)
+        self._throttle = throttle if throttle is not None else LocalThrottle()
+        self._open_to: dict[str, int] = {}       # throttled destination -> connections this scheduler has open
+        self._paused: dict[str, float] = {}      # destination -> end of the pause announced in the log
+        self._throttle_call = None               # the wake-up for the earliest held-back destination
+        self._status_path, self._status_loop = status_path, None
+        self._status_dirty, self._status_written = False, 0.0
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
+            metrics.watch_throttles(self.throttle_snapshot)
 
     def reconfigure(self, router, transports: Mapping[str, object], direct, queue: QueueConfig,
-                    delivery: DeliveryConfig) -> None:
+                    delivery: DeliveryConfig, throttles: Optional[tuple] = None) -> None:
         """A reloaded config (SIGHUP): later attempts use the new routes, next hops, timings and limits.
-        Deliveries in flight finish on the hop they started with; scheduled retries keep their times."""
+        Deliveries in flight finish on the hop they started with; scheduled retries keep their times.
+        New `throttles` apply at once to the state kept (a paused destination stays paused)."""
         self._router, self._transports, self._direct = router, transports, direct
         self._queue, self._delivery = queue, delivery
         self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        if throttles is not None:
+            had = bool(self._rules)
+            self._rules = ThrottleRules(throttles)
+            if self.running and bool(self._rules) != had:
+                self._stop_status()
+                self._start_status()
         self._pump()
 
     # -- the service ------------------------------------------------------------------------------
@@ -125,11 +153,13 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._poller = task.LoopingCall(self._poll_requests)
         self._poller.clock = self._clock
         self._poller.start(POLL_INTERVAL, now=False)
+        self._start_status()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
+        self._stop_status()
         self._timetable.stop()
         self._recovery = None
         if self._pump_call is not None and self._pump_call.active():
@@ -236,8 +266,16 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         self._timetable.unschedule(queue_id)
 
     def _has_room(self) -> bool:
-        """Whether another message may be taken into work: loaded, routed, waiting for a slot."""
-        return len(self._attempts) < max(ACTIVE_MIN, ACTIVE_PER_SLOT * self._delivery.concurrency)
+        """Whether another message may be taken into work: loaded, routed, waiting for a slot.  Deliveries
+        held back by a [[throttle]] (a paused or rate-held destination) do not count against the limit, up
+        to ACTIVE_HARD_LIMIT in all: a destination on hold never holds up the others."""
+        in_work, limit = len(self._attempts), max(ACTIVE_MIN, ACTIVE_PER_SLOT * self._delivery.concurrency)
+        if in_work < limit:
+            return True
+        if in_work >= ACTIVE_HARD_LIMIT:
+            return False
+        shaped = sum(len(jobs) for (_key, destination), jobs in self._waiting.items() if destination is not None)
+        return in_work - shaped < limit
 
     def _due(self, queue_id: str, force: bool = False) -> None:
         if not self.running or queue_id in self._attempts or self._suspended_due(queue_id):
@@ -251,7 +289,8 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         if now < self._expiry(message):
             due = [r for r in state.pending if force or r.next_attempt <= now + DUE_SLACK]
             for job in self._jobs_for(attempt, due):
-                self._waiting.setdefault(job.limit_key, deque()).append(job)
+                self._waiting.setdefault(job.line, deque()).append(job)
+                self._status_dirty = self._status_dirty or job.destination is not None
                 attempt.outstanding += 1
         if attempt.outstanding:
             self._pump_soon()
@@ -264,14 +303,18 @@ class Scheduler(ControlMixin, ConcurrencyMixin, OutcomesMixin, service.Service):
         return attempt
 
     def _jobs_for(self, attempt: _Attempt, due) -> list[_Job]:
-        """Group the due recipients by route: one deliver() per next hop (and per domain, direct)."""
+        """Group the due recipients by route: one deliver() per next hop (and per domain, direct), and
+        per recipient domain a [[throttle]] rule matches (the destination, also through a smarthost)."""
         groups: dict[tuple, list[str]] = {}
         hops: dict[tuple, tuple] = {}
         for rcpt in due:
             key, hop = self._route(attempt, rcpt.recipient, rcpt.attempts)
+            destination = self._destination_of(domain_of(rcpt.recipient)) if key[0] != "error" else None
+            key = (*key, destination)
             groups.setdefault(key, []).append(rcpt.recipient)
             hops[key] = hop
-        return [_Job(attempt, *hops[key], tuple(recipients)) for key, recipients in groups.items()]
+        return [_Job(attempt, *hops[key], tuple(recipients), destination=key[-1])
+                for key, recipients in groups.items()]
 
     def _route(self, attempt: _Attempt, recipient: str, attempts: int) -> tuple[tuple, tuple]:
         """(group key, (hop, hop name, limit key)) for one recipient; `attempts` = failed attempts so

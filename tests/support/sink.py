@@ -5,10 +5,15 @@ twisted.mail here) that records each transaction — MAIL FROM and its parameter
 DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
 TLS was on, the AUTH identity, the client certificate's name — and can be told to refuse recipients,
 answer DATA with a scripted sequence, offer or withhold STARTTLS, break the TLS handshake, drop the
-connection in the middle of DATA, or never answer at all.  SMTPUTF8 (RFC 6531) is offered unless
+connection in the middle of DATA, or never answer at all. SMTPUTF8 (RFC 6531) is offered unless
 `extensions` leaves it out (WITHOUT_SMTPUTF8); a non-ASCII path without `SMTPUTF8` given on MAIL, or to
 a sink not offering it, gets 553 5.6.7 as from a strict server, and `mail_params` records what MAIL
-said.  With `bearer={user: {tokens}}` it also offers
+said. For traffic shaping it counts the connections open at once (`max_at_once`), stamps each MAIL FROM
+with the time it came (`mail_times`, monotonic), can greet successive connections with scripted replies
+(`greetings`, e.g. a 421, then the connection is closed), answer one address with successive replies
+(`rcpt_replies` values may be lists, 250 once used up), and hold the replies to end of data until the
+test releases them (`hold_data`, `release`).
+With `bearer={user: {tokens}}` it also offers
 AUTH XOAUTH2 and OAUTHBEARER,
 checks the client's string byte for byte (RFC 7628 3.1 for OAUTHBEARER, with this sink's host and port)
 and records each (`sasl`); a token not in the set gets the mechanism's error challenge and then 535.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +53,7 @@ class Transaction:
     auth_identity: Optional[str] = None
     reply: str = ""
     client_cert: Optional[str] = None   # the CN of the certificate the client presented, if any
+    mail_time: float = 0.0              # time.monotonic() when MAIL FROM came
 
 
 @dataclass
@@ -66,11 +73,18 @@ class Sink:
                  fail_tls: bool = False, rcpt_replies: Optional[dict] = None, mail_reply: str = "250 2.1.0 OK",
                  data_replies: tuple = (), drop_in_data: Optional[int] = None, silent: bool = False,
                  extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None,
-                 bearer: Optional[dict] = None):
+                 bearer: Optional[dict] = None, greetings: tuple = (), hold_data: bool = False):
         self.hostname = hostname
         self.offer_starttls = offer_starttls      # None: offer when started with tls_options
         self.fail_tls = fail_tls                  # answer STARTTLS with 220, then send garbage and hang up
-        self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        # address -> a reply, or a list of replies for successive RCPTs (then 250)
+        self.rcpt_replies = {k.lower(): (list(v) if isinstance(v, (list, tuple)) else v)
+                             for k, v in (rcpt_replies or {}).items()}
+        self.greetings = list(greetings)          # greetings of successive connections, then 220
+        self.hold_data = hold_data                # keep end-of-data replies until release()
+        self.held: list = []                      # (protocol, reply) waiting for release()
+        self.open_now = self.max_at_once = 0
+        self.mail_times: list[float] = []
         self.mail_reply = mail_reply
         self.data_replies = list(data_replies)    # replies to successive end-of-data, then "250 2.0.0"
         self.drop_in_data = drop_in_data          # hang up after this many DATA lines
@@ -116,6 +130,14 @@ class Sink:
         self._port = None
         return defer.gatherResults(waits)
 
+    def release(self, hold: bool = False) -> None:
+        """Send every held end-of-data reply; `hold`: keep holding the ones to come."""
+        self.hold_data = hold
+        held, self.held = self.held, []
+        for proto, transaction in held:
+            if proto.transport is not None and proto in self._connections:
+                proto._finish_data(transaction)
+
     def wait_for(self, n: int) -> defer.Deferred:
         """Fires (with the accepted messages) once `n` messages have been accepted."""
         d = defer.Deferred()
@@ -141,15 +163,24 @@ class SinkProtocol(basic.LineReceiver):
         self.sink: Sink = self.factory.sink
         self.lost = defer.Deferred()
         self.sink._connections.add(self)
+        self.sink.open_now += 1
+        self.sink.max_at_once = max(self.sink.max_at_once, self.sink.open_now)
         self.session = Session(peer=getattr(self.transport.getPeer(), "host", ""))
         self.sink.sessions.append(self.session)
         self.tls = self.sink.implicit_tls
         self._reset_all()
+        if self.sink.greetings and not self.sink.silent:
+            greeting = self.sink.greetings.pop(0)
+            self.reply(greeting)
+            if not greeting.startswith("2"):
+                self.transport.loseConnection()      # RFC 5321 3.8: a 421 greeting, then close
+            return
         if not self.sink.silent:
             self.reply("220 %s ESMTP sink" % self.sink.hostname)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.sink._connections.discard(self)
+        self.sink.open_now -= 1
         self.lost.callback(None)
 
     def reply(self, text: str) -> None:
@@ -298,7 +329,9 @@ class SinkProtocol(basic.LineReceiver):
             return
         self.transaction = Transaction(helo=self.helo, mail_from=path, mail_params=params, tls=self.tls,
                                        auth_identity=self.identity,
-                                       client_cert=self._peer_cn() if self.tls else None)
+                                       client_cert=self._peer_cn() if self.tls else None,
+                                       mail_time=time.monotonic())
+        self.sink.mail_times.append(self.transaction.mail_time)
         self.reply(self.sink.mail_reply)
         if not self.sink.mail_reply.startswith("2"):
             self.transaction = None
@@ -310,9 +343,13 @@ class SinkProtocol(basic.LineReceiver):
         if self._utf8_refused(path, self.transaction.mail_params):
             return
         answer = self.sink.rcpt_replies.get(path.lower(), "250 2.1.5 OK")
+        if isinstance(answer, list):
+            answer = answer.pop(0) if answer else "250 2.1.5 OK"
         if answer.startswith("2"):
             self.transaction.rcpt_tos.append(path)
         self.reply(answer)
+        if answer.startswith("421"):
+            self.transport.loseConnection()          # RFC 5321 3.8: 421 closes the channel
 
     def smtp_DATA(self, rest: str) -> None:
         if self.transaction is None or not self.transaction.rcpt_tos:
@@ -334,10 +371,18 @@ class SinkProtocol(basic.LineReceiver):
         transaction.data_raw = b"".join(self._raw)
         transaction.data = b"".join(line + b"\r\n" for line in self._lines)
         transaction.reply = self.sink.data_replies.pop(0) if self.sink.data_replies else "250 2.0.0 queued"
+        if self.sink.hold_data:
+            self.sink.held.append((self, transaction))
+            return
+        self._finish_data(transaction)
+
+    def _finish_data(self, transaction: Transaction) -> None:
         self.sink.transactions.append(transaction)
         self.reply(transaction.reply)
         if transaction.reply.startswith("2"):
             self.sink._accepted(transaction)
+        elif transaction.reply.startswith("421"):
+            self.transport.loseConnection()
 
     def smtp_RSET(self, rest: str) -> None:
         self.transaction = None
