@@ -44,7 +44,7 @@ class ChunkReader:
     chunk of a message that lacks one).  One chunk is read ahead, so the last is known as such.
     `source` is buffered: read(n) comes back short only at its end."""
 
-    def __init__(self, source: BinaryIO, size: int = CHUNK_SIZE):
+    def __init__(self, source: BinaryIO, size: int):
         self._source, self._size = source, size
         self._ahead = source.read(size)
         self._tail = b""
@@ -81,7 +81,7 @@ class ChunkingClient(DeliveryClient):
         if not (self.use_chunking and b"CHUNKING" in self._extensions):
             return super()._send_data(lines)
         try:
-            self._chunks = ChunkReader(self.jobs[self._job_index].message.open())
+            self._chunks = ChunkReader(self.jobs[self._job_index].message.open(), CHUNK_SIZE)
         except OSError:
             return self._unreadable()
         self._chunks_awaited, self._chunks_failed = 0, False
