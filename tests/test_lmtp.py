@@ -18,7 +18,8 @@ from mailrelay.delivery.job import Job, Timeouts
 from mailrelay.delivery.lmtp import LMTPClient
 from mailrelay.delivery.smarthost import SmarthostTransport
 from tests.support.conversation import Conversation, message
-from tests.support.lmtpserver import LMTPSink
+from tests.support.lmtpserver import LMTP_EXTENSIONS, LMTPSink
+from tests.support.pki import TestCA
 from tests.support.relay import SEPARATE, RelayFixture
 
 THREE = ("a@example.net", "b@example.net", "c@example.net")
@@ -253,6 +254,36 @@ class DirectTests(unittest.TestCase):
         # PIPELINING offered: LHLO alone, then MAIL, the RCPTs and DATA in one read (RFC 2920)
         verbs = [[line.split(b" ")[0].split(b":")[0] for line in read] for read in server.sessions[0].reads if read]
         self.assertIn([b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"], verbs)
+
+
+    @defer.inlineCallbacks
+    def test_bdat_to_an_lmtp_server_that_offers_chunking_then_one_reply_per_recipient(self):
+        server = self.start(extensions=LMTP_EXTENSIONS + ("CHUNKING",),
+                            replies={"b@example.net": ["550 5.2.1 <b@example.net> disabled"]})
+        port = server.start(reactor)
+        hop = SmarthostTransport(transport(host="127.0.0.1", port=port), "relay.test")
+        self.addCleanup(hop.close_idle)
+        results = yield hop.deliver(message(BODY, recipients=THREE), THREE)
+        self.assertEqual([r.code for r in results], [250, 550, 250])
+        (transaction,) = server.transactions
+        self.assertEqual((transaction.data, transaction.chunks), (BODY, [(len(BODY), True)]))
+
+    @defer.inlineCallbacks
+    def test_lmtp_over_tcp_with_starttls_verified_and_lhlo_again_after_it(self):
+        ca = TestCA()
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        server = self.start()
+        port = server.start(reactor, tls_options=ca.server_options("127.0.0.1"))
+        hop = SmarthostTransport(transport(host="127.0.0.1", port=port, security="starttls",
+                                           ca_file=ca.write(directory)), "relay.test")
+        self.addCleanup(hop.close_idle)
+        results = yield hop.deliver(message(BODY), ["a@example.net"])
+        self.assertEqual(results[0].code, 250)
+        self.assertEqual(results[0].tls_verified, True)
+        self.assertEqual(server.transactions[0].tls, True)
+        commands = [(tls, line.split(b" ")[0]) for tls, line in server.sessions[0].commands]
+        self.assertEqual(commands[:3], [(False, b"LHLO"), (False, b"STARTTLS"), (True, b"LHLO")])   # RFC 3207 4.2
 
 
 # -- through the whole relay -----------------------------------------------------------------------------
