@@ -1,7 +1,7 @@
 """Connecting an outgoing SMTP session: `deliver_over(endpoint, params, jobs)` runs a DeliveryClient
-(delivery.client) over a fresh connection, or over one parked in a ConnectionPool (delivery.pool), and
-returns a Deferred SessionResult that never fails: a refused or timed-out connection settles every
-recipient with a 4xx result.
+(delivery.client; with BDAT, delivery.chunking; for params.protocol "lmtp", delivery.lmtp) over a fresh
+connection, or over one parked in a ConnectionPool (delivery.pool), and returns a Deferred SessionResult
+that never fails: a refused or timed-out connection settles every recipient with a 4xx result.
 
 Connection reuse (with a delivery.pool.ConnectionPool): a session that ends cleanly is parked in the pool
 instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs its jobs on it, starting
