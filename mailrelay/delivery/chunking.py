@@ -102,7 +102,7 @@ class ChunkingClient(DeliveryClient):
         self._chunks_awaited += 1
         if last:
             # Every reply code goes to _on_last_chunk: over LMTP the first of the per-recipient replies
-            # may be a 5xx for one recipient while the next are 250s (RFC 2033 4.2).
+            # may be a 5xx for one recipient while the next are 250s (RFC 2033 4.3).
             self._awaiting.append(("BDAT LAST", "the reply to BDAT LAST", range(0, 1000), self._on_last_chunk,
                                    self._on_last_chunk))
             self.setTimeout(self.params.timeouts.data_end)     # RFC 5321 4.5.3.2: as for the final dot

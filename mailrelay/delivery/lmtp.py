@@ -8,8 +8,8 @@ instead of the SMTP one.  In and out as delivery.client: `SessionParams` and `Jo
 What differs from SMTP, and nothing else does (PIPELINING, SIZE, 8BITMIME and the 7-bit conversion,
 STARTTLS and AUTH over TCP, CHUNKING, connection reuse are all the SMTP client's):
 - RFC 2033 4.1: the session opens with LHLO; there is no HELO to fall back to, so a refused LHLO ends it.
-- RFC 2033 4.2: after the final dot (or the last BDAT chunk) the server sends one reply for each RCPT it
-  accepted, in the order of the RCPTs, and each reply settles that recipient alone: 2xx delivered, 4xx
+- RFC 2033 4.2 and 4.3: after the final dot, or the BDAT chunk marked LAST, the server sends one reply
+  for each RCPT it accepted, in the order of the RCPTs, and each reply settles that recipient alone: 2xx delivered, 4xx
   retried later (only that recipient), 5xx bounced (only that recipient).
 - A connection lost, or a reply timeout, part-way through those replies settles only the recipients not
   answered yet (temporarily); the ones answered keep their own results, so a retry never delivers a
@@ -40,7 +40,7 @@ class LMTPClient(ChunkingClient):
         self._fail_from_reply(code, text, "LHLO")
 
     def _on_data_end(self, code: int, text: bytes) -> None:
-        """One reply for the next accepted recipient (RFC 2033 4.2); the last one ends the transaction."""
+        """One reply for the next accepted recipient (RFC 2033 4.2, 4.3); the last one ends the transaction."""
         if self._unanswered is None:
             self._unanswered = deque(self._accepted)
         index = self._unanswered.popleft()
