@@ -187,7 +187,7 @@ def describe(config: Config) -> list[tuple[str, str]]:
         verify = "verified" if t.verify else "NOT verified"
         bind = t.bind_address(d.source_address)
         source = (f", from {bind}" + ("" if t.source_address else " ([delivery] source_address)")) if bind else ""
-        lines.append(("transport", f"{t.name}: {t.host}:{t.port} {t.security}, certificate {verify}{ca}{login}"
+        lines.append(("transport", f"{t.name}: {t.place} {t.security}, certificate {verify}{ca}{login}"
                       f"{source}"))
     for i, r in enumerate(config.routes):
         after = f" after {r.after_attempts} failed attempts" if r.after_attempts else ""

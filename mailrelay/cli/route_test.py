@@ -73,7 +73,7 @@ def describe_route(config: Config, route, index: int | None, tokens: dict | None
     origin = f"transports.{t.name}.source_address" if t.source_address else "delivery.source_address"
     lines = [f"route: route[{index}] -> transport {route.transport}"
              + (f" (after {route.after_attempts} failed attempts)" if route.after_attempts else ""),
-             f"transport: {t.host}:{t.port} security={t.security} verify={'yes' if t.verify else 'no'}"
+             f"transport: {t.place} security={t.security} verify={'yes' if t.verify else 'no'}"
              + (f", from {bind} ({origin})" if bind else ""),
              auth_text(t)]
     if t.oauth2 is not None and tokens is not None:

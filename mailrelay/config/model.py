@@ -152,6 +152,8 @@ class DeliveryConfig:
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")
+TRANSPORT_PROTOCOLS = ("smtp", "lmtp")     # RFC 5321 / RFC 2033
+LMTP_PORT = 24                             # RFC 2033 section 5: never 25; 24 is the customary LMTP port
 TRANSPORT_AUTH = ("password", "xoauth2", "oauthbearer", "none")
 OAUTH2_AUTH = ("xoauth2", "oauthbearer")
 
@@ -189,10 +191,18 @@ class Transport:
     oauth2: Optional["OAuth2Config"] = None     # with auth "xoauth2" / "oauthbearer"
     client_cert: Optional[Path] = None  # TLS client certificate (PEM) presented to the smarthost
     client_key: Optional[Path] = None
+    protocol: str = "smtp"              # TRANSPORT_PROTOCOLS: "lmtp" is RFC 2033 (one reply per recipient)
+    unix_path: Optional[Path] = None    # host = "unix:PATH": a local (AF_UNIX) socket instead of host:port
 
     def bind_address(self, delivery_default: str) -> str:
         """The address this transport's connections leave from: its own, else [delivery]'s ("" = any)."""
         return self.source_address or delivery_default
+
+    @property
+    def place(self) -> str:
+        """Where it is and how it is spoken to, for people: "host:port" or "unix:PATH", "LMTP " before."""
+        where = self.host if self.unix_path is not None else f"{self.host}:{self.port}"
+        return ("LMTP " if self.protocol == "lmtp" else "") + where
 
     @property
     def auth_kind(self) -> str:

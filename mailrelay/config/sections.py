@@ -23,6 +23,7 @@ from mailrelay.config.model import (
 from mailrelay.cluster.url import RedisURL
 from mailrelay.config.reader import _closed, _Reader
 from mailrelay.config.transport_auth import transport_auth
+from mailrelay.config.transport_host import transport_host
 from mailrelay.config.values import _DOMAIN, _HOSTNAME, _SELECTOR, ascii_domain, domain_text, parse_host_port
 
 
@@ -307,23 +308,24 @@ def _source_address(t: _Reader) -> str:
 
 
 def _transport(name: str, t: _Reader) -> Transport:
-    security = t.choice("security", "starttls", TRANSPORT_SECURITY)
-    host = t.text("host", required=True).strip()
-    if not host or any(c.isspace() for c in host):
-        t.fail("host", f'"{host}" is not a host name')
+    where = transport_host(t)
+    security = where["security"]
     username = t.text("username")
     password_file = t.path("password_file", readable=True)
     if password_file is not None and username is None:
         t.fail("username", "required with password_file")
     login = transport_auth(t, security, username, password_file)
+    if where["unix_path"] is not None and (username or login["auth"] not in ("", "none")):
+        t.fail("username" if username else "auth", "no AUTH over a unix: socket (it has no TLS)")
+    source_address = _source_address(t)
+    if where["unix_path"] is not None and source_address:
+        t.fail("source_address", "not used with a unix: host")
     return _closed(t, Transport(
-        name=name, host=host,
-        port=t.port("port", DEFAULT_TRANSPORT_PORTS[security]),
-        security=security,
+        name=name, **where,
         verify=t.flag("verify", True),
         username=username, password_file=password_file,
         ca_file=t.path("ca_file", readable=True),
-        source_address=_source_address(t),
+        source_address=source_address,
         **login,
     ))
 

@@ -405,9 +405,13 @@ class DeliveryClient(smtp.ESMTPClient):
             lines.append(offer.rcpt_line(job, job.recipients[i], self._extensions))
             on_reply = self._pipelined_rcpt(i)
             self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300), on_reply, on_reply))
-        lines.append(b"DATA")
-        self._awaiting.append(("DATA", "the reply to DATA", (354,), self._on_pipelined_354, self._on_data_refused))
-        write_now(self.transport, self.delimiter.join(lines) + self.delimiter)
+        self._send_data(lines)
+
+    def _send_data(self, lines: list[bytes]) -> None:
+        """DATA after `lines` (pipelined MAIL and RCPTs, or none), in one write; delivery.chunking: BDAT."""
+        self._awaiting.append(("DATA", "the reply to DATA", (354,), self._on_pipelined_354 if lines else
+                               self._on_data, self._on_data_refused))
+        write_now(self.transport, self.delimiter.join([*lines, b"DATA"]) + self.delimiter)
 
     def _settle_invalid(self, job: Job) -> list[int]:
         """Recipients whose address could inject a command line are refused here, never sent; returns
@@ -513,7 +517,7 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
         if not self._accepted:
             return self._next_job()        # every RCPT failed: no DATA (RFC 5321 3.3)
-        self._send(b"DATA", "DATA", (354,), self._on_data, self._on_data_refused)
+        self._send_data([])
 
     def _on_rcpt(self, code: int, text: bytes) -> None:
         if self._rcpt_reply(self._rcpt_index, code, text):

@@ -1,7 +1,7 @@
 """Connecting an outgoing SMTP session: `deliver_over(endpoint, params, jobs)` runs a DeliveryClient
-(delivery.client) over a fresh connection, or over one parked in a ConnectionPool (delivery.pool), and
-returns a Deferred SessionResult that never fails: a refused or timed-out connection settles every
-recipient with a 4xx result.
+(delivery.client; with BDAT, delivery.chunking; for params.protocol "lmtp", delivery.lmtp) over a fresh
+connection, or over one parked in a ConnectionPool (delivery.pool), and returns a Deferred SessionResult
+that never fails: a refused or timed-out connection settles every recipient with a 4xx result.
 
 Connection reuse (with a delivery.pool.ConnectionPool): a session that ends cleanly is parked in the pool
 instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs its jobs on it, starting
@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, error, protocol
 from twisted.python.failure import Failure
 
+from mailrelay.delivery.chunking import ChunkingClient
 from mailrelay.delivery.client import SECURITY_MODES, DeliveryClient
+from mailrelay.delivery.lmtp import LMTPClient
 from mailrelay.delivery.job import Job, OnSettled, SessionParams, report_once
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, printable, settle_all
@@ -72,7 +74,8 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
 def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
              pool: Optional[ConnectionPool], key: Optional[PoolKey],
              on_settled: Optional[OnSettled] = None) -> defer.Deferred:
-    client = DeliveryClient(params, jobs, clock, pool, key, on_settled)
+    client_class = LMTPClient if params.protocol == "lmtp" else ChunkingClient     # RFC 2033 / RFC 5321
+    client = client_class(params, jobs, clock, pool, key, on_settled)
 
     def connected(_):
         return client.finished

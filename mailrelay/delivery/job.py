@@ -67,6 +67,7 @@ class SessionParams:
     password: Optional[bytes] = field(default=None, repr=False)
     timeouts: Timeouts = Timeouts()
     login: Any = field(default=None, repr=False)    # a delivery.sasl login; default: PLAIN/LOGIN with the above
+    protocol: str = "smtp"         # "lmtp": RFC 2033 (delivery.lmtp)
 
 
 def temporary_status(status: str) -> str:

@@ -37,6 +37,7 @@ from mailrelay.delivery.job import Job, OnSettled, SessionParams, Timeouts, repo
 from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, TokenSource, TokenUnavailable, treq_post
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, settle_all
+from mailrelay.delivery.unixhop import deliver_to_socket
 from mailrelay.delivery.secret import Secret, read_secret  # noqa: F401 (Secret: still importable from here)
 from mailrelay.interfaces import IBatchNextHop, INextHop
 from mailrelay.logger import Logger
@@ -94,6 +95,7 @@ def deliver_to_host(
     clock: Any = None,
     pool: Optional[ConnectionPool] = None,
     on_settled: Optional[OnSettled] = None,
+    protocol: str = "smtp",
 ) -> defer.Deferred:
     """Connect to (host, port) and send every job on that one connection.  `on_settled(index, results)`
     hears of each job as soon as it is settled (connect.deliver_over), once even across the retry below.
@@ -102,7 +104,7 @@ def deliver_to_host(
     "verify" (default: `host`; give the MX name when `host` is an address).  `tls_options`, when given,
     replaces the options built from tls_hostname/ca_file (a caller delivering often can build them once).
     `login`: a delivery.sasl login for AUTH (default: PLAIN/LOGIN with username and password, when there
-    is a username).
+    is a username).  `protocol`: "smtp", or "lmtp" (RFC 2033, delivery.lmtp).
     With `pool`, an idle connection to the same host, port, security, TLS options and user is used when
     there is one, and a connection that ends cleanly is left there instead of closed.
     Returns a Deferred firing with a results.SessionResult; it never fails.  Under "opportunistic", a
@@ -120,7 +122,7 @@ def deliver_to_host(
         options = client_tls_options(name, tls_policy == "verify", ca_file)
     params = SessionParams(helo=helo, remote_host=host, security=_security(tls_policy, implicit_tls),
                            tls_options=options, username=username, password=password, timeouts=timeouts,
-                           login=login)
+                           login=login, protocol=protocol)
 
     def attempt(params: SessionParams) -> defer.Deferred:
         endpoint = endpoints.HostnameEndpoint(
@@ -133,7 +135,7 @@ def deliver_to_host(
     def maybe_plaintext(result: SessionResult) -> Any:
         if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
             plain = SessionParams(helo=helo, remote_host=host, security="none", username=username,
-                                  password=password, timeouts=timeouts, login=login)
+                                  password=password, timeouts=timeouts, login=login, protocol=protocol)
             return attempt(plain).addCallback(
                 lambda again: SessionResult(again.jobs, None, True, again.before_mail))
         return result
@@ -174,7 +176,7 @@ class SmarthostTransport:
 
     def __repr__(self) -> str:
         t = self.transport
-        return (f"<SmarthostTransport {t.name} {t.host}:{t.port} security={t.security} verify={t.verify} "
+        return (f"<SmarthostTransport {t.name} {t.place} security={t.security} verify={t.verify} "
                 f"auth={t.auth_kind}>")
 
     @property
@@ -206,10 +208,14 @@ class SmarthostTransport:
 
     def _send(self, jobs: list[Job], on_settled: Optional[OnSettled], login: Any) -> defer.Deferred:
         t = self.transport
+        if t.unix_path is not None:
+            return deliver_to_socket(t.unix_path, jobs, helo=self.hostname, remote_host=t.host, protocol=t.protocol,
+                                     timeouts=self.timeouts, reactor=self._reactor, clock=self._clock, pool=self.pool,
+                                     on_settled=on_settled)
         return deliver_to_host(
             t.host, t.port, jobs, helo=self.hostname, tls_policy=self.tls_policy,
             implicit_tls=t.security == "tls", tls_options=self._tls_options, username=t.username,
-            login=login, bind_address=self.bind_address,
+            login=login, bind_address=self.bind_address, protocol=t.protocol,
             timeouts=self.timeouts, reactor=self._reactor, clock=self._clock, pool=self.pool, on_settled=on_settled,
         )
 

@@ -12,9 +12,11 @@ said. For traffic shaping it counts the connections open at once (`max_at_once`)
 with the time it came (`mail_times`, monotonic), can greet successive connections with scripted replies
 (`greetings`, e.g. a 421, then the connection is closed), answer one address with successive replies
 (`rcpt_replies` values may be lists, 250 once used up), and hold the replies to end of data until the
-test releases them (`hold_data`, `release`).
-With `bearer={user: {tokens}}` it also offers
-AUTH XOAUTH2 and OAUTHBEARER,
+test releases them (`hold_data`, `release`). Offered CHUNKING (`extensions` naming it), it
+takes BDAT (RFC 3030) too: each chunk's octets read exactly, recorded as they came (`chunks`: the sizes
+and whether LAST; `data` and `data_raw` both the octets, nothing added), each non-last chunk answered
+from `chunk_replies` (then "250 2.0.0"), the LAST one like the end of DATA.
+With `bearer={user: {tokens}}` it also offers AUTH XOAUTH2 and OAUTHBEARER,
 checks the client's string byte for byte (RFC 7628 3.1 for OAUTHBEARER, with this sink's host and port)
 and records each (`sasl`); a token not in the set gets the mechanism's error challenge and then 535.
 
@@ -54,6 +56,7 @@ class Transaction:
     reply: str = ""
     client_cert: Optional[str] = None   # the CN of the certificate the client presented, if any
     mail_time: float = 0.0              # time.monotonic() when MAIL FROM came
+    chunks: list[tuple[int, bool]] = field(default_factory=list)    # BDAT: (size, LAST?) in order
 
 
 @dataclass
@@ -69,11 +72,14 @@ class Session:
 class Sink:
     """The scriptable sink.  Attributes may be changed between deliveries (e.g. `data_replies`)."""
 
+    protocol_class: type = None      # SinkProtocol, set below
+
     def __init__(self, *, hostname: str = "sink.test", offer_starttls: Optional[bool] = None,
                  fail_tls: bool = False, rcpt_replies: Optional[dict] = None, mail_reply: str = "250 2.1.0 OK",
                  data_replies: tuple = (), drop_in_data: Optional[int] = None, silent: bool = False,
                  extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None,
-                 bearer: Optional[dict] = None, greetings: tuple = (), hold_data: bool = False):
+                 bearer: Optional[dict] = None, greetings: tuple = (), hold_data: bool = False,
+                 chunk_replies: tuple = ()):
         self.hostname = hostname
         self.offer_starttls = offer_starttls      # None: offer when started with tls_options
         self.fail_tls = fail_tls                  # answer STARTTLS with 220, then send garbage and hang up
@@ -88,6 +94,7 @@ class Sink:
         self.mail_reply = mail_reply
         self.data_replies = list(data_replies)    # replies to successive end-of-data, then "250 2.0.0"
         self.drop_in_data = drop_in_data          # hang up after this many DATA lines
+        self.chunk_replies = list(chunk_replies)  # replies to successive non-LAST BDAT chunks, then "250 2.0.0"
         self.silent = silent                      # accept connections, never say a word
         self.extensions = tuple(extensions)
         self.ehlo_reply = ehlo_reply              # e.g. "502 5.5.1 no EHLO" to force HELO
@@ -113,7 +120,7 @@ class Sink:
         self.tls_options, self.implicit_tls, self.auth = tls_options, implicit_tls, dict(auth or {})
         if self.offer_starttls is None:
             self.offer_starttls = tls_options is not None and not implicit_tls
-        factory = protocol.Factory.forProtocol(SinkProtocol)
+        factory = protocol.Factory.forProtocol(self.protocol_class)
         factory.sink = self
         if implicit_tls:
             self._port = reactor.listenSSL(port, factory, tls_options, interface=interface)
@@ -188,6 +195,7 @@ class SinkProtocol(basic.LineReceiver):
 
     def _reset_all(self) -> None:
         self.helo, self.identity, self.in_data, self.login = "", None, False, None
+        self._chunk_failed = False        # a BDAT chunk was refused: the rest up to LAST are too (RFC 3030 2)
         self.transaction: Optional[Transaction] = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -370,6 +378,10 @@ class SinkProtocol(basic.LineReceiver):
             return                                # the client waits for a reply that never comes
         transaction.data_raw = b"".join(self._raw)
         transaction.data = b"".join(line + b"\r\n" for line in self._lines)
+        self._end_of_message(transaction)
+
+    def _end_of_message(self, transaction: Transaction) -> None:
+        """The reply to the end of DATA or to BDAT LAST (an LMTP sink sends one per recipient instead)."""
         transaction.reply = self.sink.data_replies.pop(0) if self.sink.data_replies else "250 2.0.0 queued"
         if self.sink.hold_data:
             self.sink.held.append((self, transaction))
@@ -384,8 +396,48 @@ class SinkProtocol(basic.LineReceiver):
         elif transaction.reply.startswith("421"):
             self.transport.loseConnection()
 
+    def smtp_BDAT(self, rest: str) -> None:
+        # RFC 3030 2: exactly <size> octets follow the command line, whatever they are.
+        words = rest.split()
+        if not words or not words[0].isdigit() or len(words) > 2 or (len(words) == 2 and words[1].upper() != "LAST"):
+            self.reply("501 5.5.4 BDAT size [LAST]")
+            return self.transport.loseConnection()
+        self._chunk_left, self._chunk_last, self._chunk = int(words[0]), len(words) == 2, []
+        self.setRawMode()
+        if not self._chunk_left:
+            self.rawDataReceived(b"")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        take, rest = data[:self._chunk_left], data[self._chunk_left:]
+        self._chunk.append(take)
+        self._chunk_left -= len(take)
+        if self._chunk_left:
+            return
+        chunk, last = b"".join(self._chunk), self._chunk_last
+        transaction = self.transaction
+        if transaction is None or not transaction.rcpt_tos or self._chunk_failed:
+            self._chunk_failed = not last
+            if last:
+                self.transaction = None
+            self.reply("503 5.5.1 no valid recipients" if transaction is None or not transaction.rcpt_tos
+                       else "554 5.5.0 transaction failed")
+        else:
+            transaction.chunks.append((len(chunk), last))
+            transaction.data_raw += chunk
+            transaction.data += chunk
+            if last:
+                self.transaction = None
+                self._end_of_message(transaction)
+            else:
+                replies = self.sink.chunk_replies
+                answer = replies.pop(0) if replies else "250 2.0.0 %d octets" % len(chunk)
+                if not answer.startswith("2"):
+                    self._chunk_failed = True
+                self.reply(answer)
+        self.setLineMode(rest)
+
     def smtp_RSET(self, rest: str) -> None:
-        self.transaction = None
+        self.transaction, self._chunk_failed = None, False
         self.reply("250 2.0.0 OK")
 
     def smtp_NOOP(self, rest: str) -> None:
@@ -394,6 +446,9 @@ class SinkProtocol(basic.LineReceiver):
     def smtp_QUIT(self, rest: str) -> None:
         self.reply("221 2.0.0 bye")
         self.transport.loseConnection()
+
+
+Sink.protocol_class = SinkProtocol
 
 
 def _bearer_fields(mechanism: str, raw: bytes, port: int) -> tuple[Optional[str], Optional[str]]:
