@@ -144,3 +144,8 @@ class IDeliveryReporter(Interface):
     def delay(message, recipients):
         """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
         still pending, each with its last (temporary) reply."""
+
+    def success(message, results, action):
+        """A success DSN (RFC 3461 NOTIFY=SUCCESS) for a spooled message. `action`: "relayed" (handed to
+        a next hop that does not offer DSN, RFC 3461 6.2.1) or "delivered" (into the mailbox itself);
+        `results`: a delivery.RecipientResult per such recipient, with the reply that accepted it."""

@@ -6,7 +6,8 @@ or a non-ASCII octet into the envelope or a `Received` header (header injection,
 
 Implements RFC 5321 4.1.1.1 (EHLO/HELO argument: Domain / address-literal), 4.1.1.2-3 and 4.1.2
 (Reverse-path / Forward-path, Mailbox, dot-string and quoted-string local parts, source routes),
-4.5.3.1 (local part 64, domain 255, path 256 octets), RFC 1870 (SIZE=), RFC 6152 (BODY=).
+4.5.3.1 (local part 64, domain 255, path 256 octets), RFC 1870 (SIZE=), RFC 6152 (BODY=); the DSN
+(RFC 3461) and REQUIRETLS (RFC 8689) parameters are checked by params.py.
 Source routes (`<@a,@b:user@c>`) are accepted and stripped, as RFC 5321 4.1.1.3 and Appendix C allow
 (servers SHOULD ignore the route): the policy judges, the spool keeps and delivery uses `user@c` only.
 `RCPT TO:<postmaster>` without a domain is accepted (RFC 5321 4.5.1).
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from mailrelay.interfaces import Reply
+from mailrelay.server import params as esmtp_params
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?\Z")
@@ -35,7 +37,7 @@ BAD_PATH = Reply(501, "5.1.7", "Bad address syntax")
 BAD_RCPT = Reply(501, "5.1.3", "Bad recipient address syntax")
 NON_ASCII = Reply(553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)")
 NULL_RCPT = Reply(501, "5.1.3", "The null path <> is not a valid recipient")
-UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+UNKNOWN_PARAM = esmtp_params.UNKNOWN_PARAM
 BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
 BAD_SIZE = Reply(501, "5.5.4", "SIZE must be a decimal number of octets")
 
@@ -45,6 +47,7 @@ class MailFrom:
     sender: str                  # "" for the null reverse-path
     size: int | None = None      # SIZE= as declared, None when absent
     body: str = "7BIT"           # BODY=
+    params: dict = field(default_factory=dict)   # RET, ENVID, REQUIRETLS as the envelope keeps them
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
     sender = "" if path == "" else _mailbox(path, BAD_PATH)
     if isinstance(sender, Reply):
         return sender
-    size, body = None, "7BIT"
+    size, body, kept = None, "7BIT", {}
     for key, value in params.items():
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -91,26 +94,31 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
                 return BAD_BODY
             body = value.upper()
         else:
-            return UNKNOWN_PARAM          # RFC 5321 4.1.1.11: unrecognised parameter → 555
-    return MailFrom(sender, size, body)
+            refusal = esmtp_params.mail_parameter(key, value, kept)   # 555 for one we do not know
+            if refusal is not None:
+                return refusal
+    return MailFrom(sender, size, body, kept)
 
 
 def parse_rcpt(argument: str) -> Union[RcptTo, Reply]:
-    """`TO:<path> [params]` → RcptTo, or the Reply to send.  No RCPT parameters are offered."""
+    """`TO:<path> [params]` → RcptTo, or the Reply to send.  NOTIFY and ORCPT are the parameters."""
     parsed = _split_path(argument, "TO:")
     if isinstance(parsed, Reply):
         return parsed
     path, params = parsed
     if path == "":
         return NULL_RCPT
-    if params:
-        return UNKNOWN_PARAM
+    kept: dict = {}
+    for key, value in params.items():
+        refusal = esmtp_params.rcpt_parameter(key, value, kept)       # 555 for one we do not know
+        if refusal is not None:
+            return refusal
     if path.lower() == "postmaster":
-        return RcptTo("postmaster")      # RFC 5321 4.5.1: must be accepted without a domain
+        return RcptTo("postmaster", kept)      # RFC 5321 4.5.1: must be accepted without a domain
     recipient = _mailbox(path, BAD_RCPT)
     if isinstance(recipient, Reply):
         return recipient
-    return RcptTo(recipient)
+    return RcptTo(recipient, kept)
 
 
 def _split_path(argument: str, keyword: str) -> Union[tuple[str, dict], Reply]:
