@@ -153,8 +153,11 @@ class RelayFixture:
         return context
 
     def submit_sync(self, kind: str, sender: str, recipients: list[str], message: bytes,
-                    user: str | None = None, password: str | None = None, source: str | None = None):
-        """Send one message; returns (code, text) of the final reply, or raises smtplib errors."""
+                    user: str | None = None, password: str | None = None, source: str | None = None,
+                    mail_options: tuple = (), rcpt_options: dict | None = None, starttls: bool = False):
+        """Send one message; returns (code, text) of the final reply, or raises smtplib errors.
+        `mail_options` / `rcpt_options` ({recipient: [...]}) are ESMTP parameters for MAIL / RCPT;
+        `starttls` asks for STARTTLS on the relay listener even without a login."""
         port = self.ports[kind]
         source_address = (source, 0) if source else None
         if kind == "submissions":
@@ -164,16 +167,16 @@ class RelayFixture:
             smtp = smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=source_address)
         with smtp:
             smtp.ehlo("client.test")
-            if kind != "submissions" and (kind == "submission" or user):
+            if kind != "submissions" and (kind == "submission" or user or starttls):
                 smtp.starttls(context=self.tls_context())
                 smtp.ehlo("client.test")
             if user:
                 smtp.login(user, password if password is not None else self.users[user])
-            code, text = smtp.mail(sender)
+            code, text = smtp.mail(sender, list(mail_options))
             if code >= 400:
                 raise smtplib.SMTPSenderRefused(code, text, sender)
             for recipient in recipients:
-                code, text = smtp.rcpt(recipient)
+                code, text = smtp.rcpt(recipient, list((rcpt_options or {}).get(recipient, ())))
                 if code >= 400:
                     raise smtplib.SMTPRecipientsRefused({recipient: (code, text)})
             return smtp.data(message)
