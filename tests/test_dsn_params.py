@@ -204,6 +204,14 @@ class OfferTests(unittest.TestCase):
         self.assertEqual(offer.rcpt_command(the_job, "b@example.net", extensions),
                          b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;B+3Dx@example.net")
 
+    def test_transaction_parameters_for_another_sender_of_spooled_mail(self):
+        envelope = job(DSN_PARAMS, recipients=("b@example.net", "c@example.net")).message.envelope
+        mail, rcpts = offer.transaction_parameters(envelope, ("b@example.net", "c@example.net"),
+                                                   {b"DSN": b"", b"SIZE": b"1000"}, size=42)
+        self.assertEqual(mail, [b"SIZE=42", b"RET=FULL", b"ENVID=x+2By+20z"])      # no REQUIRETLS offered
+        self.assertEqual(rcpts, {"b@example.net": [b"NOTIFY=SUCCESS,DELAY", b"ORCPT=rfc822;B+3Dx@example.net"],
+                                 "c@example.net": []})
+
     def test_nothing_goes_to_a_hop_without_dsn(self):
         the_job = job(DSN_PARAMS)
         self.assertEqual(offer.mail_command(the_job, {}), b"MAIL FROM:<a@example.org>")

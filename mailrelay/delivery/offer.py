@@ -100,6 +100,16 @@ def rcpt_parameters(envelope, recipient: str, extensions: dict) -> list[bytes]:
     return params
 
 
+def transaction_parameters(envelope, recipients, extensions: dict,
+                           size: Optional[int] = None) -> tuple[list[bytes], dict[str, list[bytes]]]:
+    """Everything a spooled envelope asks a server with `extensions` (EHLO keywords upper-cased, as
+    bytes, values after them) to carry: (MAIL FROM parameters, {recipient: its RCPT TO parameters}).
+    For any sender of spooled mail (the delivery client, a queue transfer to another relay); check
+    `refusal` first: what this does not say (REQUIRETLS to a hop without it) may forbid sending at all."""
+    return (mail_parameters(envelope, recipients, extensions, size),
+            {r: rcpt_parameters(envelope, r, extensions) for r in recipients})
+
+
 def mail_command(job: Job, extensions: dict) -> bytes:
     """MAIL FROM:<sender> with the parameters the server's extensions allow."""
     envelope = job.message.envelope

@@ -6,7 +6,8 @@ SMTP replies, and for each accepted transaction one IMessageWriter filled with a
 the un-dot-stuffed content, committed before `250 2.0.0 Ok: queued as <id>` is sent.
 
 Implements RFC 5321 (4.1.1 commands, 4.1.4 order, 4.5.3.1 limits, 4.4 trace), RFC 1870 (SIZE),
-RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py),
+RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py), RFC 3461 (DSN) and
+RFC 8689 (REQUIRETLS, only under TLS; parameters in params.py),
 RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
 reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first word must be our
 domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
