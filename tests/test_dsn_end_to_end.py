@@ -205,14 +205,20 @@ class DSNEndToEnd(unittest.TestCase):
 
 
 class RestartEndToEnd(unittest.TestCase):
-    """`twistd -n mailrelay` in its default mode (a delivery process), killed with SIGKILL while the
-    message waits for an unreachable next hop, started again: the DSN requests reach the hop as given."""
+    """`twistd -n mailrelay`, killed with SIGKILL while the message waits for an unreachable next hop,
+    started again: the DSN requests reach the hop as given.  In both `[delivery] process` modes."""
     timeout = 120
 
-    @defer.inlineCallbacks
     def test_parameters_survive_a_restart_of_twistd(self):
+        return self.restart(SEPARATE)        # the default: a delivery process
+
+    def test_parameters_survive_a_restart_of_twistd_inline(self):
+        return self.restart("inline")
+
+    @defer.inlineCallbacks
+    def restart(self, process):
         port = free_port()
-        relay = RelayFixture(self.mktemp(), process=SEPARATE, extra=(
+        relay = RelayFixture(self.mktemp(), process=process, extra=(
             f'[transports.sink]\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n\n'
             '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n[queue]\nfirst_retry = "1s"\n'))
         yield threads.deferToThread(relay.spawn)

@@ -5,14 +5,21 @@ a loopback DNS server, and `TLS-Required: No`.  Reports are parsed with the emai
 from __future__ import annotations
 
 import email
+import io
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.trial import unittest
+
+from mailrelay.config import DeliveryConfig
+from mailrelay.delivery.dns import MXResolver
+from mailrelay.delivery.mx import MXDelivery
+from mailrelay.envelope import Envelope
 
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
 from tests.support.pki import TestCA
+from tests.support.ports import free_port
 from tests.support.relay import RelayFixture
 from tests.support.sink import Sink
 from tests.support.wire import WireClient
@@ -219,3 +226,57 @@ class TLSRequiredNo(Base):
         self.assertTrue(arrived.tls)                 # RFC 8689 4.2.2: STARTTLS still, if it can be had
         self.assertIn("4.7.5", logs)
 
+
+
+class DirectDelivery(Base):
+    """RFC 8689 4.2.1 under `tls = "verify"`: an exchanger without REQUIRETLS is left for the next one;
+    only when none can take the message does it bounce (5.7.30)."""
+
+    @defer.inlineCallbacks
+    def deliver(self, second_offers: bool):
+        port = free_port()
+        sinks = []
+        for address, name, offers in (("127.0.0.2", "mx1.rt.example", False),
+                                      ("127.0.0.3", "mx2.rt.example", second_offers)):
+            sink = Sink(requiretls=offers)
+            sink.start(reactor, port=port, interface=address, tls_options=self.ca.server_options(name))
+            self.addCleanup(sink.stop)
+            sinks.append(sink)
+        dns = DNSServer({("rt.example", "MX"): ["10 mx1.rt.example.", "20 mx2.rt.example."],
+                         ("mx1.rt.example", "A"): ["127.0.0.2"], ("mx2.rt.example", "A"): ["127.0.0.3"]})
+        dns_port = dns.start(reactor)
+        self.addCleanup(dns.stop)
+        resolver = MXResolver((("127.0.0.1", dns_port),), reactor, timeout=2.0)
+        self.addCleanup(resolver.stop)
+        mx = MXDelivery(DeliveryConfig(tls="verify", mx_port=port), "relay.test", reactor, resolver=resolver,
+                        trust_root=ssl.Certificate.loadPEM(self.ca.pem))
+        self.addCleanup(mx.close_idle)
+        envelope = Envelope(sender="app@example.org", recipients=("u@rt.example",), received_at=0.0,
+                            params={"REQUIRETLS": True})
+        results = yield mx.deliver(SpoolLike("Q1", envelope, MESSAGE), ["u@rt.example"])
+        return results[0], sinks
+
+    @defer.inlineCallbacks
+    def test_the_next_exchanger_that_offers_it_gets_the_message(self):
+        result, (first, second) = yield self.deliver(second_offers=True)
+        self.assertEqual(result.code, 250, result)
+        self.assertEqual(first.transactions, [])
+        self.assertIn("REQUIRETLS", second.messages[0].mail_params)
+
+    @defer.inlineCallbacks
+    def test_none_offers_it_bounces(self):
+        result, (first, second) = yield self.deliver(second_offers=False)
+        self.assertEqual((result.code, result.status), (550, "5.7.30"), result)
+        self.assertIn("mx2.rt.example", result.remote_host)          # the last one asked
+        self.assertEqual((first.transactions, second.transactions), ([], []))
+
+
+class SpoolLike:
+    """A spooled message as the next hops see it: queue id, envelope, size, open()."""
+
+    def __init__(self, queue_id: str, envelope: Envelope, data: bytes):
+        self.queue_id, self.envelope, self.data = queue_id, envelope, data
+        self.size = len(data)
+
+    def open(self):
+        return io.BytesIO(self.data)
