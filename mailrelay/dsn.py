@@ -275,9 +275,7 @@ class DSNReporter:
         # RFC 3461 4.3: RET applies to failure reports only; RFC 8689 5: a REQUIRETLS message's report
         # behaves as RET=HDRS whatever RET said.
         if action == "failed" and dsnparams.ret(envelope) == "FULL" and not dsnparams.requiretls(envelope):
-            size = getattr(message, "size", None)
-            if size is not None and size <= MAX_RETURN_BYTES:
-                full = read_message(message, MAX_RETURN_BYTES)
+            full = read_message(message, MAX_RETURN_BYTES)
             too_large = full is None
         return self.builder.build(envelope, results, action, read_headers(message), now, retry_until,
                                   full=full, too_large=too_large)
