@@ -168,7 +168,7 @@ class FakeReporter:
         self.bounces: list[tuple[str, list[RecipientResult]]] = []
         self.delays: list[tuple[str, list[RecipientResult]]] = []
         self.successes: list[tuple[str, list[str], str]] = []
-        self.fail_next_bounce = False
+        self.fail_next_bounce = self.fail_next_success = False
 
     def bounce(self, message, results):
         if self.fail_next_bounce:
@@ -181,6 +181,9 @@ class FakeReporter:
         self.delays.append((message.queue_id, list(recipients)))
 
     def success(self, message, results, action):
+        if self.fail_next_success:
+            self.fail_next_success = False
+            return defer.fail(ReporterDown())
         self.successes.append((message.queue_id, [r.recipient for r in results], action))
 
 
@@ -806,6 +809,19 @@ class NotifyTests(SchedulerTestCase):
         self.make()
         self.clock.advance(0)
         self.assertEqual([[r.recipient for r in rs] for _, rs in self.reporter.bounces], [["c@example.net"]])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_a_failed_success_report_is_asked_again_without_repeating_the_bounce(self):
+        self.add(["a@example.net", "b@example.net"], {"a@example.net": "SUCCESS"})
+        self.direct.script["b@example.net"] = [(550, "5.1.1")]
+        self.reporter.fail_next_success = True
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.reporter.bounces), 1)
+        self.assertEqual((self.reporter.successes, self.spool.removed), ([], []))
+        self.clock.advance(self.queue.max_retry)
+        self.assertEqual(len(self.reporter.bounces), 1)                   # never twice
+        self.assertEqual(self.reporter.successes, [("q1", ["a@example.net"], "relayed")])
         self.assertEqual(self.spool.removed, ["q1"])
 
     def test_a_due_success_report_is_sent_after_a_restart(self):

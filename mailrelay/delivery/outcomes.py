@@ -175,17 +175,20 @@ class OutcomesMixin:
     @defer.inlineCallbacks
     def _report_bounces(self, attempt: _Attempt):
         unreported = attempt.state.unreported
-        failed = [r for r in unreported if r.done != DELIVERED]
-        succeeded = [r for r in unreported if r.done == DELIVERED]
-        if failed and not (yield self._report(attempt, failed, "FAILURE", "bounce")):
-            return
-        for action in SUCCESS_ACTIONS:
-            group = [r for r in succeeded if r.dsn == action]
-            if group and not (yield self._report(attempt, group, "SUCCESS", action)):
-                return
-        for rcpt in unreported:
-            attempt.state = attempt.state.with_recipient(replace(rcpt, reported=True))
-        yield self._persist(attempt)
+        groups = [([r for r in unreported if r.done != DELIVERED], "FAILURE", "bounce")]
+        groups += [([r for r in unreported if r.done == DELIVERED and r.dsn == action], "SUCCESS", action)
+                   for action in SUCCESS_ACTIONS]
+        changed = False
+        for rcpts, event, what in groups:
+            if not rcpts:
+                continue
+            if not (yield self._report(attempt, rcpts, event, what)):
+                break               # this group and the rest stay unreported; those before are saved
+            for rcpt in rcpts:
+                attempt.state = attempt.state.with_recipient(replace(rcpt, reported=True))
+            changed = True
+        if changed:
+            yield self._persist(attempt)
 
     @defer.inlineCallbacks
     def _report(self, attempt: _Attempt, rcpts, event: str, what: str):
