@@ -18,6 +18,7 @@ RFC 8689 §5 (a report about a REQUIRETLS message goes with REQUIRETLS itself an
 from __future__ import annotations
 
 import re
+import uuid
 from email.message import EmailMessage, Message, MIMEPart
 from email.headerregistry import Address
 from email.policy import SMTP, SMTPUTF8
@@ -37,7 +38,7 @@ log = Logger(namespace="mailrelay.dsn")
 
 MAX_HEADER_BYTES = 64 * 1024      # the original header block quoted in a DSN is cut here
 MAX_RETURN_BYTES = 1024 * 1024    # RET=FULL: a message up to this size comes back whole; larger, its headers
-_RETURNED_MARK = "@@mailrelay-returned-message@@"
+
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 # Fold only beyond RFC 5322's hard limit: a long remote word in Diagnostic-Code must stay plain text,
@@ -153,12 +154,13 @@ class DSNBuilder:
         report.set_type("multipart/report")                   # RFC 6522 §3: the container of a DSN
         report.set_param("report-type", "delivery-status")
         report.attach(self._status_part(envelope, results, action, now, retry_until))
-        report.attach(_headers_part(headers) if full is None else _message_part(full))
+        # A mark nobody can predict (a remote reply quoted above cannot forge it) where a returned
+        # message goes back byte for byte: re-serialising it could refold or re-encode its fields.
+        mark = f"@@returned-{uuid.uuid4().hex}@@"
+        report.attach(_headers_part(headers) if full is None else _message_part(full, mark))
         data = report.as_bytes(policy=policy)
         if full is not None:
-            # The message goes back byte for byte (re-serialising it could refold or re-encode its
-            # header fields): the generator wrote a mark where it goes.
-            data = data.replace(_RETURNED_MARK.encode("ascii") + b"\r\n", full, 1)
+            data = data.replace(mark.encode("ascii") + b"\r\n", full, 1)
         return data
 
     def _set_headers(self, report: EmailMessage, envelope: Envelope, action: str, now: float) -> None:
@@ -195,13 +197,13 @@ _SUBJECTS = {"failed": "Undelivered Mail Returned to Sender", "delayed": "Delaye
              "relayed": "Successful Mail Delivery Report", "delivered": "Successful Mail Delivery Report"}
 
 
-def _message_part(full: bytes) -> Message:
-    """RFC 3461 RET=FULL: the returned message as message/rfc822 (the mark is replaced in build)."""
+def _message_part(full: bytes, mark: str) -> Message:
+    """RFC 3461 RET=FULL: the returned message as message/rfc822 (`mark` is replaced in build)."""
     part = Message(policy=_POLICY)
     part["Content-Type"] = "message/rfc822"
     if not full.isascii():
         part["Content-Transfer-Encoding"] = "8bit"        # RFC 2046 5.2.1: 7bit, 8bit or binary only
-    part.set_payload(_RETURNED_MARK + "\r\n")
+    part.set_payload(mark + "\r\n")
     return part
 
 
