@@ -10,7 +10,11 @@ travels through the normal routes and policies like any other message.
 
 RFCs: RFC 3464 (DSN format), RFC 6522 (multipart/report), RFC 3463 (status codes), RFC 5321 §4.5.5
 and §6.1 (DSNs are sent from <>, and never about a message from <>: no bounce loops), RFC 3834
-(Auto-Submitted), RFC 5322 (dates), RFC 6533 (internationalised DSNs).
+(Auto-Submitted), RFC 5322 (dates), RFC 6533 (internationalised DSNs); RFC 3461 (the sender's requests:
+ENVID as Original-Envelope-Id, ORCPT as Original-Recipient, RET=FULL returns the whole message with a
+failure report when it is at most MAX_RETURN_BYTES, else its header block; success reports
+"relayed"/"delivered" for NOTIFY=SUCCESS); RFC 8689 §5 (a report about a REQUIRETLS message goes
+with REQUIRETLS itself and returns only headers).
 
 RFC 6533: a DSN about an SMTPUTF8 message (a UTF-8 envelope address, or UTF-8 header fields under
 SMTPUTF8) is a multipart/report; report-type=global-delivery-status whose status part is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import re
 import io
+import uuid
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message, MIMEPart
 from email.headerregistry import Address
@@ -34,6 +39,7 @@ from typing import Iterable, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailrelay import dsnparams
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter
 from mailrelay.logger import Logger
@@ -47,6 +53,8 @@ _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 # not become an RFC 2047 encoded word that DSN parsers would not decode.
 _POLICY = SMTP.clone(max_line_length=998)
 _POLICY_UTF8 = SMTPUTF8.clone(max_line_length=998)
+
+MAX_RETURN_BYTES = 1024 * 1024    # RET=FULL: a message up to this size comes back whole; larger, its headers
 
 
 def read_headers(message, limit: int = MAX_HEADER_BYTES) -> bytes:
@@ -75,6 +83,15 @@ def _status(result) -> str:
     if _STATUS.match(result.status or "") and result.status[0] == str(result.code)[0]:
         return result.status
     return f"{str(result.code)[0] if 400 <= result.code < 600 else '4'}.0.0"
+
+
+def read_message(message, limit: int = MAX_RETURN_BYTES) -> Optional[bytes]:
+    """The whole message, ending in CRLF, or None when it is over `limit` bytes."""
+    with message.open() as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        return None
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def address_field(address: str) -> str:
@@ -118,18 +135,21 @@ class DSNBuilder:
         self.hostname = hostname
 
     def message_fields(self, envelope: Envelope) -> list[tuple[str, str]]:
-        # RFC 3464 §2.2: per-message fields; Reporting-MTA is required.
+        # RFC 3464 §2.2: per-message fields; Reporting-MTA is required; RFC 3461 §6.3 ENVID comes back.
         fields = [("Reporting-MTA", f"dns; {self.hostname}")]
-        envid = envelope.params.get("ENVID") if isinstance(envelope.params, dict) else None
+        envid = dsnparams.envid(envelope)
         if envid:
-            fields.append(("Original-Envelope-Id", _clean(str(envid))))
+            fields.append(("Original-Envelope-Id", _clean(envid)))
         fields.append(("Arrival-Date", _date(envelope.received_at)))
         return fields
 
     def recipient_fields(self, result, action: str, now: float,
-                         retry_until: Optional[float]) -> list[tuple[str, str]]:
-        # RFC 3464 §2.3: Final-Recipient, Action and Status are required for each recipient.
-        fields = [
+                         retry_until: Optional[float], envelope: Optional[Envelope] = None) -> list[tuple[str, str]]:
+        # RFC 3464 §2.3: Final-Recipient, Action and Status are required for each recipient; the
+        # ORCPT the client gave (RFC 3461 §4.2) comes back first, as Original-Recipient (§2.3.1).
+        orcpt = dsnparams.orcpt(envelope, result.recipient) if envelope is not None else None
+        fields = [("Original-Recipient", _clean(orcpt))] if orcpt else []
+        fields += [
             ("Final-Recipient", address_field(result.recipient)),
             ("Action", action),
             ("Status", _status(result)),
@@ -142,30 +162,35 @@ class DSNBuilder:
             fields.append(("Will-Retry-Until", _date(retry_until)))
         return fields
 
-    def human_text(self, envelope: Envelope, results, action: str) -> str:
-        if action == "failed":
-            lead = ("Your message could not be delivered to the recipients below. The mail system has\n"
-                    "given up on them; the reason each was refused follows its address.")
-        else:
-            lead = ("Your message has not yet been delivered to the recipients below. The mail system\n"
-                    "is still trying and will tell you again only if it gives up. You need not resend it.")
+    def human_text(self, envelope: Envelope, results, action: str, returned: str = "headers") -> str:
+        lead = _LEADS[action]
+        attached = {"headers": "The headers of your message are attached.",
+                    "full": "Your message is attached.",
+                    "too-large": f"Your message is larger than {MAX_RETURN_BYTES} bytes; only its headers are "
+                                 "attached."}[returned]
         lines = [f"This is the mail system at {self.hostname}.", "", lead, ""]
         for r in results:
             where = f" (from {_clean(r.remote_host)})" if r.remote_host else ""
             lines.append(f"<{_clean(r.recipient)}>: {r.code} {_status(r)} {_clean(r.text)}{where}")
-        lines += ["", "The headers of your message are attached."]
+        lines += ["", attached]
         return "\n".join(lines) + "\n"
 
     def build(self, envelope: Envelope, results, action: str, headers: bytes, now: float,
-              retry_until: Optional[float] = None) -> bytes:
-        """The DSN as bytes with CRLF line ends, ready for the spool."""
+              retry_until: Optional[float] = None, full: Optional[bytes] = None,
+              too_large: bool = False) -> bytes:
+        """The DSN as bytes with CRLF line ends, ready for the spool.  `full`: the whole message to
+        return (RET=FULL) instead of `headers`; `too_large`: RET=FULL was asked for a larger message.
+        An RFC 6533 report returns the header block only."""
         results = list(results)
         glob = is_global(envelope, (r.recipient for r in results))
+        if glob:
+            full = None
         utf8 = glob or not (envelope.sender.isascii() and all(r.recipient.isascii() for r in results))
         policy = _POLICY_UTF8 if utf8 else _POLICY
         report = EmailMessage(policy=policy)
         self._set_headers(report, envelope, action, now)
-        report.set_content(self.human_text(envelope, results, action), cte="8bit" if utf8 else "7bit")
+        returned = "full" if full is not None else "too-large" if too_large else "headers"
+        report.set_content(self.human_text(envelope, results, action, returned), cte="8bit" if utf8 else "7bit")
         report.make_mixed()
         report.set_type("multipart/report")                   # RFC 6522 §3: the container of a DSN
         # RFC 6533 §6.1: the report-type names the status part's subtype
@@ -174,10 +199,17 @@ class DSNBuilder:
             report.attach(self._global_status_part(envelope, results, action, now, retry_until))
         else:
             report.attach(self._status_part(envelope, results, action, now, retry_until))
-        report.attach(_headers_part(headers, glob and envelope.smtputf8))
+        # A mark nobody can predict (a remote reply quoted above cannot forge it) where a returned
+        # message goes back byte for byte: re-serialising it could refold or re-encode its fields.
+        mark = f"@@returned-{uuid.uuid4().hex}@@"
+        report.attach(_headers_part(headers, glob and envelope.smtputf8) if full is None
+                      else _message_part(full, mark))
         out = io.BytesIO()
         _Generator(out, policy=policy).flatten(report)
-        return out.getvalue()
+        data = out.getvalue()
+        if full is not None:
+            data = data.replace(mark.encode("ascii") + b"\r\n", full, 1)
+        return data
 
     def _set_headers(self, report: EmailMessage, envelope: Envelope, action: str, now: float) -> None:
         report["From"] = Address("Mail Delivery System", "MAILER-DAEMON", self.hostname)
@@ -188,8 +220,7 @@ class DSNBuilder:
                 report["To"] = f"<{_clean(envelope.sender)}>"     # RFC 6532 3.2: a UTF-8 mailbox
         except Exception:       # a quoted address the header registry refuses: cosmetic only
             report["To"] = "undisclosed-recipients:;"
-        report["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
-                             else "Delayed Mail (still being retried)")
+        report["Subject"] = _SUBJECTS[action]
         report["Date"] = _date(now)
         report["Message-ID"] = make_msgid(domain=self.hostname)
         report["Auto-Submitted"] = "auto-replied"          # RFC 3834 §5: no auto-reply to this
@@ -198,20 +229,44 @@ class DSNBuilder:
         part = Message(policy=_POLICY)
         part["Content-Type"] = "message/delivery-status"
         blocks = [_field_block(self.message_fields(envelope))]
-        blocks += [_field_block(self.recipient_fields(r, action, now, retry_until)) for r in results]
+        blocks += [_field_block(self.recipient_fields(r, action, now, retry_until, envelope)) for r in results]
         part.set_payload(blocks)
         return part
 
     def _global_status_part(self, envelope, results, action, now, retry_until) -> Message:
         """message/global-delivery-status (RFC 6533 §6.1): the same fields, as UTF-8 text, 8bit."""
         blocks = [self.message_fields(envelope)]
-        blocks += [self.recipient_fields(r, action, now, retry_until) for r in results]
+        blocks += [self.recipient_fields(r, action, now, retry_until, envelope) for r in results]
         part = Message(policy=_POLICY_UTF8)
         part["Content-Type"] = "message/global-delivery-status"
         part["Content-Transfer-Encoding"] = "8bit"
         part.set_payload("\r\n".join("".join(f"{name}: {value}\r\n" for name, value in block)
                                       for block in blocks))
         return part
+
+
+_LEADS = {
+    "failed": ("Your message could not be delivered to the recipients below. The mail system has\n"
+               "given up on them; the reason each was refused follows its address."),
+    "delayed": ("Your message has not yet been delivered to the recipients below. The mail system\n"
+                "is still trying and will tell you again only if it gives up. You need not resend it."),
+    # RFC 3461 6.2.1: NOTIFY=SUCCESS, and the next hop does not offer DSN: we say so, and no more comes.
+    "relayed": ("Your message was relayed to the recipients below, as you asked to be told. The next\n"
+                "mail system does not send delivery notifications, so no further report will follow."),
+    "delivered": "Your message was delivered to the recipients below, as you asked to be told.",
+}
+_SUBJECTS = {"failed": "Undelivered Mail Returned to Sender", "delayed": "Delayed Mail (still being retried)",
+             "relayed": "Successful Mail Delivery Report", "delivered": "Successful Mail Delivery Report"}
+
+
+def _message_part(full: bytes, mark: str) -> Message:
+    """RFC 3461 RET=FULL: the returned message as message/rfc822 (`mark` is replaced in build)."""
+    part = Message(policy=_POLICY)
+    part["Content-Type"] = "message/rfc822"
+    if not full.isascii():
+        part["Content-Transfer-Encoding"] = "8bit"        # RFC 2046 5.2.1: 7bit, 8bit or binary only
+    part.set_payload(mark + "\r\n")
+    return part
 
 
 def _headers_part(headers: bytes, smtputf8: bool = False) -> Message:
@@ -261,6 +316,12 @@ class DSNReporter:
         """The delay warning for `recipients` (RecipientResults still pending); same return value."""
         return self._report(message, list(recipients), "delayed")
 
+    def success(self, message, results, action: str) -> defer.Deferred:
+        """A success DSN, `action` "relayed" or "delivered" (RFC 3461 6.2.1); same return value."""
+        if action not in ("relayed", "delivered"):
+            raise ValueError(f"not a success action: {action!r}")
+        return self._report(message, list(results), action)
+
     def _report(self, message, results, action: str) -> defer.Deferred:
         envelope = message.envelope
         if envelope.sender == "":
@@ -281,7 +342,14 @@ class DSNReporter:
         now = self.clock.seconds()
         envelope = message.envelope
         retry_until = envelope.received_at + self.lifetime if self.lifetime else None
-        return self.builder.build(envelope, results, action, read_headers(message), now, retry_until)
+        full, too_large = None, False
+        # RFC 3461 4.3: RET applies to failure reports only; RFC 8689 5: a REQUIRETLS message's report
+        # behaves as RET=HDRS whatever RET said.
+        if action == "failed" and dsnparams.ret(envelope) == "FULL" and not dsnparams.requiretls(envelope):
+            full = read_message(message, MAX_RETURN_BYTES)
+            too_large = full is None
+        return self.builder.build(envelope, results, action, read_headers(message), now, retry_until,
+                                  full=full, too_large=too_large)
 
     def _spool(self, message, data: bytes, action: str, count: int) -> defer.Deferred:
         original = message.envelope
@@ -293,6 +361,8 @@ class DSNReporter:
             # RFC 6533 §3: a DSN to a UTF-8 sender, or returning UTF-8 header fields, needs SMTPUTF8
             smtputf8=not original.sender.isascii() or is_global(original),
             dkim_senders=(self.builder.hostname,),     # our own report, From: MAILER-DAEMON@hostname
+            # RFC 8689 5: a report about a REQUIRETLS message MUST go with REQUIRETLS too.
+            params={"REQUIRETLS": True} if dsnparams.requiretls(original) else {},
         )
         writer = self.spool.new_message(envelope)
         try:

@@ -51,7 +51,10 @@ class Envelope:
     # an envelope made without the spool): with `smtputf8`, 8-bit content is then taken to be such headers.
     utf8_headers: Optional[bool] = None
     tls: Optional[str] = None
-    params: dict = field(default_factory=dict)   # other ESMTP parameters worth keeping (ENVID, RET, ...)
+    # Other ESMTP parameters worth keeping: the DSN (RFC 3461) and REQUIRETLS (RFC 8689) requests, with
+    # per-recipient NOTIFY / ORCPT under "RCPT" (layout and readers: mailrelay/dsnparams.py).  Kept in
+    # this one dict, which every version loads, so a downgrade still reads the spool.
+    params: dict = field(default_factory=dict)
     # The `senders` patterns of the permit decision that accepted the message: DKIM signs only a From:
     # they cover. () = never sign (an `anyone` rule, the postmaster exception); None = not recorded
     # (a spool file written before this field existed): see mailrelay.dkim.permission.
@@ -70,7 +73,12 @@ class Envelope:
     @classmethod
     def from_json(cls, data: bytes | str) -> "Envelope":
         d = json.loads(data)
+        # A field this version does not know comes from a newer one: left aside, so a downgrade still
+        # delivers what the spool holds (without whatever that field meant).
+        d = {k: v for k, v in d.items() if k in _ENVELOPE_NAMES}
         d["recipients"] = tuple(d["recipients"])
+        if not isinstance(d.get("params", {}), dict):
+            raise ValueError("params must be a JSON object")
         if d.get("dkim_senders") is not None:
             d["dkim_senders"] = _strings(d["dkim_senders"])
         return cls(**d)
@@ -78,6 +86,7 @@ class Envelope:
 
 OCTETS_WIDTH = 4
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_ENVELOPE_NAMES = frozenset(_ENVELOPE_FIELDS)
 _COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)   # what json.dumps(...) builds per call
 
 

@@ -276,3 +276,7 @@ class IThrottle(Interface):
         """A list of throttle.DestinationStatus, one per destination with anything to show (a pause in
         force or past, a connection open, a rate position in the future).  Safe to call from a thread
         other than the reactor's: it only reads."""
+    def success(message, results, action):
+        """A success DSN (RFC 3461 NOTIFY=SUCCESS) for a spooled message. `action`: "relayed" (handed to
+        a next hop that does not offer DSN, RFC 3461 6.2.1) or "delivered" (into the mailbox itself);
+        `results`: a delivery.RecipientResult per such recipient, with the reply that accepted it."""

@@ -23,7 +23,7 @@ Metrics (all prefixed `mailrelay_`):
                                                      tls: none | tls1.0 .. tls1.3 | tls | unknown;
                                                      verified: true | false (certificate and name)
     delivery_latency_seconds                         histogram: receipt to successful delivery
-    dsn_sent_total{kind}                             DSNs queued: failed | delayed (RFC 3464)
+    dsn_sent_total{kind}                             DSNs queued: failed | delayed | relayed | delivered (RFC 3464)
     oauth2_token_fetches_total{transport,result}     OAuth2 token requests of a smarthost transport:
                                                      success | refused | server_error | bad_response |
                                                      unreachable | timeout (never the token itself)
@@ -104,7 +104,7 @@ DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
 # session said (a DNS failure, no connection, a local error).
 TLS_LABELS = ("none", "tls1.0", "tls1.1", "tls1.2", "tls1.3", "tls", "unknown")
 _TLS_VERSIONS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
-DSN_KINDS = ("failed", "delayed")
+DSN_KINDS = ("failed", "delayed", "relayed", "delivered")
 # Why a PROXY protocol listener closed a connection before its session began (server/proxylistener.py).
 PROXY_REFUSALS = ("untrusted", "invalid", "timeout")
 OAUTH2_RESULTS = ("success", "refused", "server_error", "bad_response", "unreachable", "timeout")
@@ -347,7 +347,7 @@ class Metrics:
             self.delivery_latency.observe(max(0.0, latency))
 
     def dsn(self, kind: str) -> None:
-        """A DSN was queued to the sender: "failed" | "delayed"."""
+        """A DSN was queued to the sender: one of DSN_KINDS (its Action)."""
         self.dsn_sent.labels(_fold(kind, DSN_KINDS, "failed")).inc()
 
     def oauth2_fetch(self, transport: str, result: str) -> None:

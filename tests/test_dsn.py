@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailrelay.delivery.results import RecipientResult
-from mailrelay.dsn import MAX_HEADER_BYTES, DSNReporter, read_headers
+from mailrelay.dsn import MAX_HEADER_BYTES, MAX_RETURN_BYTES, DSNReporter, read_headers
 from mailrelay.dkim.permission import may_sign
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter
@@ -267,3 +267,61 @@ class RealSpoolTests(unittest.TestCase):
         self.assertTrue(may_sign(spooled.envelope, [dsn["From"].addresses[0].addr_spec]))
         self.assertEqual(dsn.get_content_type(), "multipart/report")
         self.assertIn(b"Subject: quarterly numbers", dsn.get_payload()[2].get_payload(decode=True))
+
+
+class RequestedReportTests(ReporterTestCase):
+    """What the sender's RFC 3461 / RFC 8689 requests change in a report."""
+
+    def test_original_recipient_comes_first(self):
+        params = {"RCPT": {"bob@example.net": {"ORCPT": "rfc822;Bob@Example.NET"}}}
+        _, dsn = self.bounce(original(params=params))
+        bob, carol = self.status_blocks(dsn)[1:]
+        self.assertEqual(bob.keys()[:2], ["Original-Recipient", "Final-Recipient"])
+        self.assertEqual(bob["Original-Recipient"], "rfc822;Bob@Example.NET")
+        self.assertIsNone(carol["Original-Recipient"])
+
+    def test_ret_full_returns_the_message_byte_for_byte(self):
+        data = HEADERS + b"\r\n" + BODY + b"caf\xc3\xa9 8-bit\r\n"
+        writer, dsn = self.bounce(original(data=data, params={"RET": "FULL"}))
+        returned = dsn.get_payload()[2]
+        self.assertEqual(returned.get_content_type(), "message/rfc822")
+        self.assertEqual(str(returned["Content-Transfer-Encoding"]), "8bit")
+        self.assertIn(b"\r\n\r\n" + data, writer.data)
+        self.assertEqual(writer.envelope.body, "8BITMIME")
+        self.assertIn("Your message is attached.", dsn.get_payload()[0].get_content())
+
+    def test_ret_full_over_the_cap_returns_the_headers(self):
+        big = HEADERS + b"\r\n" + (b"x" * 998 + b"\r\n") * (MAX_RETURN_BYTES // 1000 + 1)
+        writer, dsn = self.bounce(original(data=big, params={"RET": "FULL"}))
+        self.assertEqual(dsn.get_payload()[2].get_content_type(), "text/rfc822-headers")
+        self.assertIn(f"larger than {MAX_RETURN_BYTES} bytes", dsn.get_payload()[0].get_content())
+        self.assertLess(len(writer.data), 10_000)
+
+    def test_ret_full_applies_to_failures_only(self):
+        queue_id = self.report("delay", original(params={"RET": "FULL"}), BOUNCED[1:])
+        self.assertTrue(queue_id)
+        dsn = parse(self.queue.messages[0].data)
+        self.assertEqual(dsn.get_payload()[2].get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(BODY, self.queue.messages[0].data)
+
+    def test_requiretls_report_goes_with_requiretls_and_headers_only(self):
+        # RFC 8689 5: as if RET=HDRS, whatever RET said; the report itself requires TLS.
+        writer, dsn = self.bounce(original(params={"RET": "FULL", "REQUIRETLS": True}))
+        self.assertEqual(dsn.get_payload()[2].get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(BODY, writer.data)
+        self.assertEqual(writer.envelope.params, {"REQUIRETLS": True})
+
+    def test_relayed_report(self):
+        delivered = [RecipientResult("bob@example.net", 250, "2.0.0", "queued as X1", "smarthost[192.0.2.9]")]
+        queue_id = self.successResultOf(self.reporter.success(original(params={"RET": "FULL"}), delivered,
+                                                              "relayed"))
+        writer = self.queue.messages[0]
+        self.assertEqual(writer.queue_id, queue_id)
+        dsn = parse(writer.data)
+        self.assertEqual(str(dsn["Subject"]), "Successful Mail Delivery Report")
+        bob = self.status_blocks(dsn)[1]
+        self.assertEqual((bob["Action"], bob["Status"]), ("relayed", "2.0.0"))
+        self.assertEqual(bob["Remote-MTA"], "dns; smarthost[192.0.2.9]")
+        self.assertNotIn(BODY, writer.data)                       # RFC 3461 4.3: RET is for failures
+        with self.assertRaises(ValueError):
+            self.reporter.success(original(), delivered, "failed")

@@ -132,6 +132,20 @@ class Accepted(Base):
                                                            {"listener": "http"}), 1.0)
 
     @defer.inlineCallbacks
+    def test_dsn_requests_reach_a_hop_that_offers_dsn(self):
+        self.sink.extensions += ("DSN",)
+        status, body, _ = yield self.api.post(request(to=["u@example.com", "v@example.com"], dsn={
+            "ret": "hdrs", "envid": "app id 7", "notify": ["SUCCESS", "FAILURE"],
+            "orcpt": {"u@example.com": "rfc822;U+1@example.com"}}))
+        self.assertEqual(status, 202, body)
+        arrived = (yield self.sink.wait_for(1))[0]
+        self.assertEqual([p for p in arrived.mail_params if p[:4] in ("RET=", "ENVI")],
+                         ["RET=HDRS", "ENVID=app+20id+207"])
+        self.assertEqual(arrived.rcpt_params, {
+            "u@example.com": ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;U+2B1@example.com"],
+            "v@example.com": ["NOTIFY=SUCCESS,FAILURE"]})
+
+    @defer.inlineCallbacks
     def test_no_202_before_the_commit_is_durable(self):
         spool, gate = self.api.relay.service.spool, defer.Deferred()
         real = spool.new_message
@@ -250,6 +264,18 @@ class Refusals(Base):
             (request(to=["a@example.com> NOTIFY=NEVER"]), "to[0]"),
             (request(**{"from": "a b@example.org"}), "from"),
             (request(to=["ü@ex☃mple.com"]), "IDNA2008"),      # UTF-8 is taken (SMTPUTF8), a bad IDN is not
+            (request(dsn=["FULL"]), '"dsn" must be'),
+            (request(dsn={"ret": "ALL"}), "dsn.ret"),
+            (request(dsn={"notify": ["NEVER", "SUCCESS"]}), "dsn.notify"),
+            (request(dsn={"notify": ["SUCCESS", "SUCCESS"]}), "dsn.notify"),
+            (request(dsn={"notify": "SUCCESS"}), "dsn.notify"),
+            (request(dsn={"envid": "x" * 101}), "dsn.envid"),
+            (request(dsn={"envid": "line\nbreak"}), "dsn.envid"),
+            (request(dsn={"orcpt": {"other@example.com": "rfc822;other@example.com"}}), "not one of the recipients"),
+            (request(dsn={"orcpt": {"u@example.com": "no type"}}), "dsn.orcpt"),
+            (request(dsn={"later": 1}), "unknown field 'later'"),
+            (request(requiretls="yes"), '"requiretls"'),
+            (request(requiretls=True), "HTTPS"),         # RFC 8689 2: only over TLS
         ]:
             yield self.assertRefused(None, body, 400, word)
 
@@ -406,6 +432,12 @@ class OverTLS(unittest.TestCase):
         self.assertIn(b"(mailrelay) with HTTPS (version=TLSv1.", arrived.data)
         plain = yield threads.deferToThread(_plain_attempt, api.port)
         self.assertFalse(plain.startswith(b"HTTP/1.1 202"), plain[:80])      # no plaintext on that port
+        # Over HTTPS "requiretls" is taken; the sink (plaintext) cannot carry it: a 5.7.10 report.
+        status, body, _ = yield api.post(request(requiretls=True))
+        self.assertEqual(status, 202, body)
+        report = (yield sink.wait_for(2))[1]
+        self.assertEqual(report.mail_from, "")
+        self.assertIn(b"Status: 5.7.10", report.data)
 
 
 def _plain_attempt(port: int) -> bytes:

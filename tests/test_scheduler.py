@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -185,7 +185,8 @@ class FakeReporter:
     def __init__(self):
         self.bounces: list[tuple[str, list[RecipientResult]]] = []
         self.delays: list[tuple[str, list[RecipientResult]]] = []
-        self.fail_next_bounce = False
+        self.successes: list[tuple[str, list[str], str]] = []
+        self.fail_next_bounce = self.fail_next_success = False
 
     def bounce(self, message, results):
         if self.fail_next_bounce:
@@ -196,6 +197,12 @@ class FakeReporter:
 
     def delay(self, message, recipients):
         self.delays.append((message.queue_id, list(recipients)))
+
+    def success(self, message, results, action):
+        if self.fail_next_success:
+            self.fail_next_success = False
+            return defer.fail(ReporterDown())
+        self.successes.append((message.queue_id, [r.recipient for r in results], action))
 
 
 class ReporterDown(Exception):
@@ -897,3 +904,62 @@ class StateTests(unittest.TestCase):
         result = RecipientResult("a@example.net", 354, "", "odd", "mx")
         after = RecipientState("a@example.net").recorded(result, NOW, NOW + 300)
         self.assertEqual((after.done, after.next_attempt), (None, NOW + 300))
+
+
+class NotifyTests(SchedulerTestCase):
+    """RFC 3461 NOTIFY as the scheduler honours it (the requests as mailrelay/dsnparams.py keeps them)."""
+
+    def add(self, recipients, notify: dict):
+        self.spool.add("q1", recipients)
+        envelope = self.spool.envelopes["q1"]
+        self.spool.envelopes["q1"] = Envelope(envelope.sender, envelope.recipients, envelope.received_at,
+                                              params={"RCPT": {r: {"NOTIFY": n} for r, n in notify.items()}})
+
+    def test_success_to_a_hop_without_dsn_is_reported_relayed_after_a_save(self):
+        self.add(["a@example.net", "b@example.net"], {"a@example.net": "SUCCESS"})
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.reporter.successes, [("q1", ["a@example.net"], "relayed")])
+        self.assertEqual(self.spool.saves[0][1]["recipients"]["a@example.net"]["dsn"], "relayed")
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_success_to_a_hop_with_dsn_is_its_own_business(self):
+        self.add(["a@example.net"], {"a@example.net": "SUCCESS"})
+        answer = self.direct._answer
+        self.direct._answer = lambda r: replace(answer(r), dsn_passed=True)
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual((self.reporter.successes, self.spool.saves, self.spool.removed), ([], [], ["q1"]))
+
+    def test_never_and_delay_alone_get_no_failure_report(self):
+        self.add(["a@example.net", "b@example.net", "c@example.net"],
+                 {"a@example.net": "NEVER", "b@example.net": "DELAY"})
+        for r in ("a@example.net", "b@example.net", "c@example.net"):
+            self.direct.script[r] = [(550, "5.1.1")]
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual([[r.recipient for r in rs] for _, rs in self.reporter.bounces], [["c@example.net"]])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_a_failed_success_report_is_asked_again_without_repeating_the_bounce(self):
+        self.add(["a@example.net", "b@example.net"], {"a@example.net": "SUCCESS"})
+        self.direct.script["b@example.net"] = [(550, "5.1.1")]
+        self.reporter.fail_next_success = True
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.reporter.bounces), 1)
+        self.assertEqual((self.reporter.successes, self.spool.removed), ([], []))
+        self.clock.advance(self.queue.max_retry)
+        self.assertEqual(len(self.reporter.bounces), 1)                   # never twice
+        self.assertEqual(self.reporter.successes, [("q1", ["a@example.net"], "relayed")])
+        self.assertEqual(self.spool.removed, ["q1"])
+
+    def test_a_due_success_report_is_sent_after_a_restart(self):
+        self.add(["a@example.net"], {"a@example.net": "SUCCESS"})
+        self.spool.states["q1"] = MessageState((RecipientState("a@example.net", attempts=1, done="delivered",
+                                                               dsn="relayed"),)).to_dict()
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(self.direct.calls, [])                          # never sent again
+        self.assertEqual(self.reporter.successes, [("q1", ["a@example.net"], "relayed")])
+        self.assertEqual(self.spool.removed, ["q1"])

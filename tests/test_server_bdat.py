@@ -180,7 +180,7 @@ class OrderTests(BdatTestCase):
         chunk = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nNOOP\r\n"
         out = self.client.send(b"EHLO c.test\r\n" + bdat(chunk, last=True) + b"NOOP\r\n")
         self.assertEqual(replies(out)[-2:], ["503 5.5.1", "250 2.0.0"])
-        self.assertEqual(out.count("\r\n"), 8 + 2)          # EHLO's eight lines, then one reply each
+        self.assertEqual(out.count("\r\n"), 9 + 2)          # EHLO's nine lines, then one reply each
         self.assertEqual(self.harness.queue.writers, [])
 
     def test_bdat_without_rcpt_is_503_after_its_chunk_is_read(self):
@@ -238,7 +238,7 @@ class ContentTests(BdatTestCase):
         if last_separate:
             wire += bdat(b"more\r\nNOOP\r\n") + b"BDAT 0 LAST\r\n"
         out = self.client.send(wire + b"NOOP\r\n" + ENVELOPE[13:] + bdat(b"Subject: ok\r\n\r\nok\r\n", True))
-        got = replies(out)[8 + 2:]
+        got = replies(out)[9 + 2:]
         expected = ["250 2.0.0", code] + ([code, code] if last_separate else []) + \
             ["250 2.0.0", "250 2.1.0", "250 2.1.5", "250 2.0.0"]
         self.assertEqual(got, expected, out)

@@ -110,7 +110,7 @@ class GreetingAndEhloTests(unittest.TestCase):
         reply = Harness().connect().cmd("EHLO client.test")
         self.assertEqual(reply.splitlines(), [
             "250-relay.test Hello client.test", "250-PIPELINING", "250-SIZE 52428800", "250-8BITMIME",
-            "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250 STARTTLS",
+            "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250-CHUNKING", "250-DSN", "250 STARTTLS",
         ])
 
     def test_auth_is_not_advertised_in_plaintext(self):
@@ -226,9 +226,9 @@ class AddressTests(unittest.TestCase):
 
     def test_unknown_parameters_are_555(self):
         self.assertEqual(self.client.codes("MAIL FROM:<a@example.org> XFORWARD\r\n"), ["555 5.5.4"])
-        self.assertEqual(self.client.codes("MAIL FROM:<a@example.org> RET=FULL\r\n"), ["555 5.5.4"])
+        self.assertEqual(self.client.codes("MAIL FROM:<a@example.org> XRET=FULL\r\n"), ["555 5.5.4"])
         self.client.cmd("MAIL FROM:<a@example.org>")
-        self.assertEqual(self.client.codes("RCPT TO:<b@example.org> NOTIFY=NEVER\r\n"), ["555 5.5.4"])
+        self.assertEqual(self.client.codes("RCPT TO:<b@example.org> XNOTIFY=NEVER\r\n"), ["555 5.5.4"])
 
     def test_body_parameter_is_honoured(self):
         self.assertEqual(self.client.codes("MAIL FROM:<a@example.org> BODY=BINARYMIME\r\n"), ["501 5.5.4"])

@@ -228,7 +228,7 @@ class OfferTests(unittest.TestCase):
         j = job("Jörg@exämple.org", f"用户@{CHINA}")
         self.assertEqual(offer.mail_command(j, UTF8_HOP),
                          "MAIL FROM:<Jörg@exämple.org> BODY=8BITMIME SMTPUTF8".encode())
-        self.assertEqual(offer.rcpt_line(j, f"用户@{CHINA}", UTF8_HOP), f"RCPT TO:<用户@{CHINA}>".encode())
+        self.assertEqual(offer.rcpt_command(j, f"用户@{CHINA}", UTF8_HOP), f"RCPT TO:<用户@{CHINA}>".encode())
         self.assertIsNone(offer.refusal(j, UTF8_HOP, "mx"))
 
     def test_a_utf8_local_part_or_utf8_headers_never_go_to_a_hop_without_smtputf8(self):
@@ -244,8 +244,8 @@ class OfferTests(unittest.TestCase):
         j = job("app@bücher.example", f"user@{CHINA}", "plain@example.net")
         self.assertIsNone(offer.refusal(j, PLAIN_HOP, "mx"))
         self.assertEqual(offer.mail_command(j, PLAIN_HOP), b"MAIL FROM:<app@xn--bcher-kva.example> BODY=8BITMIME")
-        self.assertEqual(offer.rcpt_line(j, f"user@{CHINA}", PLAIN_HOP), f"RCPT TO:<user@{CHINA_A}>".encode())
-        self.assertEqual(offer.rcpt_line(j, "plain@example.net", PLAIN_HOP), b"RCPT TO:<plain@example.net>")
+        self.assertEqual(offer.rcpt_command(j, f"user@{CHINA}", PLAIN_HOP), f"RCPT TO:<user@{CHINA_A}>".encode())
+        self.assertEqual(offer.rcpt_command(j, "plain@example.net", PLAIN_HOP), b"RCPT TO:<plain@example.net>")
 
     def test_declared_but_all_ascii_is_no_smtputf8_need(self):
         j = job("a@example.org", "b@example.net", utf8_headers=False)
@@ -393,7 +393,7 @@ class HttpTests(unittest.TestCase):
         return json.dumps({"from": sender, "to": to, "message": "Subject: x\r\n\r\nbody\r\n"}).encode()
 
     def test_utf8_addresses_are_taken(self):
-        sender, recipients, _ = parse_body(self.body("Jörg@exämple.org", [f"用户@{CHINA}"]), self.LIMITS)
+        sender, recipients, _, _ = parse_body(self.body("Jörg@exämple.org", [f"用户@{CHINA}"]), self.LIMITS)
         self.assertEqual((sender, recipients), ("Jörg@exämple.org", [f"用户@{CHINA}"]))
 
     def test_bad_utf8_addresses_are_400_with_the_smtp_reply(self):

@@ -153,6 +153,7 @@ def entry_dict(entry: QueueEntry) -> dict:
             arrival=envelope.received_at, arrival_iso=iso_time(envelope.received_at), sender=envelope.sender,
             client_address=envelope.client_address, client_helo=envelope.client_helo,
             identity=envelope.identity, tls=envelope.tls, body=envelope.body, smtputf8=envelope.smtputf8,
+            params=envelope.params,          # the DSN and REQUIRETLS requests (mailrelay/dsnparams.py)
         )
     if entry.state is not None:
         result["delay_warned"] = entry.state.delay_warned

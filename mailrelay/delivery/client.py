@@ -9,7 +9,8 @@ a failed TLS handshake or a lost connection settle every unsettled recipient wit
 
 Implements RFC 5321 (section 3 transactions, 4.2 replies, 4.5.2 dot-stuffing, 4.5.3.2 timeouts),
 RFC 3207 (STARTTLS), RFC 4954 (AUTH, only over TLS; the mechanisms in delivery.sasl), RFC 1870 (SIZE), RFC 6152
-(8BITMIME), RFC 6531 (SMTPUTF8), RFC 3463 (enhanced status codes in every result).
+(8BITMIME), RFC 6531 (SMTPUTF8), RFC 3461 (DSN) and RFC 8689 (REQUIRETLS) through delivery.offer,
+RFC 3463 (enhanced status codes in every result).
 
 Each job reported as soon as it is settled (crash safety, docs/crash-safety.md section 2): with an
 `on_settled(index, results)` callback, a job's final results are handed over right after the reply that
@@ -26,6 +27,7 @@ silent STARTTLS skipping and exception-based error reporting are all replaced he
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, protocol
@@ -127,7 +129,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
-        self._tls = negotiated(self.transport)
+        self._tls = negotiated(self.transport, self.params.tls_verification)
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -374,7 +376,8 @@ class DeliveryClient(smtp.ESMTPClient):
         job = self.jobs[self._job_index]
         refusal = self._refusal(job)
         if refusal is not None:
-            self._settle_job(*refusal)
+            # RFC 8689 4.2.1: a server unfit for REQUIRETLS says nothing of the domain's other servers.
+            self._settle_job(*refusal, next_host=refusal[1] in offer.REQUIRETLS_STATUSES)
             return self._next_job()
         if sevenbit.needs_downgrade(job.message, ext := self._extensions):   # RFC 6152 3; RFC 5322 2.1.1: 998
             return self._pause(sevenbit.downgrade(job.message, self._host, ext), self._downgraded, "converting")
@@ -402,7 +405,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._expect(range(200, 300), self._on_mail, self._on_mail_refused, "MAIL FROM")
         lines = [self._mail_command(job)]
         for i in valid:
-            lines.append(offer.rcpt_line(job, job.recipients[i], self._extensions))
+            lines.append(offer.rcpt_command(job, job.recipients[i], self._extensions))
             on_reply = self._pipelined_rcpt(i)
             self._awaiting.append(("RCPT TO", "the reply to RCPT TO", range(200, 300), on_reply, on_reply))
         self._send_data(lines)
@@ -471,18 +474,19 @@ class DeliveryClient(smtp.ESMTPClient):
         self._close()
 
     def _refusal(self, job: Job) -> Optional[tuple[int, str, str]]:
-        return offer.refusal(job, self._extensions, self._host)
+        tls = self._tls if self._tls_active else None
+        return offer.refusal(job, self._extensions, self._host, tls, self.params.after_tls_failure)
 
     def _mail_command(self, job: Job) -> bytes:
         return offer.mail_command(job, self._extensions)
 
     def _settle_job(self, code: int, status: str, text: str, sender_refused: bool = False,
-                    remote_reply: bool = False) -> None:
+                    remote_reply: bool = False, next_host: bool = False) -> None:
         results = self._results[self._job_index]
         for i, rcpt in enumerate(self.jobs[self._job_index].recipients):
             if results[i] is None:
                 results[i] = RecipientResult(rcpt, code, status, text, self._host, sender_refused=sender_refused,
-                                             remote_reply=remote_reply)
+                                             remote_reply=remote_reply, next_host=next_host)
 
     def _on_mail_refused(self, code: int, text: bytes) -> None:
         self._mail_answered = True
@@ -513,8 +517,9 @@ class DeliveryClient(smtp.ESMTPClient):
         while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
             self._rcpt_index += 1            # settled by _settle_invalid
         if self._rcpt_index < len(recipients):
-            line = offer.rcpt_line(self.jobs[self._job_index], recipients[self._rcpt_index], self._extensions)
-            return self._send(line, "RCPT TO", range(0, 1000), self._on_rcpt)
+            job = self.jobs[self._job_index]
+            return self._send(offer.rcpt_command(job, recipients[self._rcpt_index], self._extensions), "RCPT TO",
+                              range(0, 1000), self._on_rcpt)
         if not self._accepted:
             return self._next_job()        # every RCPT failed: no DATA (RFC 5321 3.3)
         self._send_data([])
@@ -537,8 +542,11 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _settle_accepted(self, code: int, text: bytes) -> None:
         recipients, results = self.jobs[self._job_index].recipients, self._results[self._job_index]
+        # RFC 3461 6.2.1: a server that offers DSN got the requests and reports on its own from now on.
+        dsn = b"DSN" in self._extensions
         for i in self._accepted:
-            results[i] = from_reply(recipients[i], code, text, self._host)
+            result = from_reply(recipients[i], code, text, self._host)
+            results[i] = replace(result, dsn_passed=True) if dsn and result.delivered else result
 
     def _on_data_refused(self, code: int, text: bytes) -> None:
         if not 400 <= code < 600:

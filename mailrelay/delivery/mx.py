@@ -13,7 +13,9 @@ a new attempt every 250 ms, the first connection wins); a session that fails bef
 the addresses not yet tried for another race.  A 2xx or 5xx settles a recipient; a 4xx or a failed
 connection leaves it for the next exchanger; what is unsettled after the last one keeps its last 4xx.
 RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and RFC 7435
-(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address), RFC 7505.
+(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address), RFC 7505,
+RFC 8689 (a REQUIRETLS message refused by one exchanger tries the next; a message tagged
+`TLS-Required: No` is sent as opportunistic TLS would send it when "required"/"verify" fails).
 
 Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
 name, port, security and TLS options (built once per exchanger name and kept, so equal checks share
@@ -42,6 +44,7 @@ from mailrelay.delivery.job import Job, OnSettled, SessionParams, Timeouts
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
 from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsEndpoint, interleave
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
+from mailrelay.delivery.requiretls import tls_optional
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IBatchNextHop, INextHop
@@ -198,7 +201,7 @@ class MXDelivery:
                 for (i, recipients), job_results in zip(pending, session.jobs):
                     for rcpt, result in zip(recipients, job_results):
                         # RFC 5321 §4.2.1: 2xx and 5xx are final; a 4xx leaves the recipient for the next exchanger.
-                        (final[i] if result.delivered or result.permanent else last[i])[rcpt] = result
+                        (final[i] if _final(result) else last[i])[rcpt] = result
                 if not session.before_mail:
                     answered_hosts.add(host.name)    # it answered (4xx): its other addresses would too
                 untried = endpoint.untried()
@@ -221,7 +224,7 @@ class MXDelivery:
         def report(k: int, job_results: list) -> Optional[defer.Deferred]:
             i, recipients = pending[k]
             for rcpt, result in zip(recipients, job_results):
-                if result.delivered or result.permanent:       # RFC 5321 §4.2.1: final answers
+                if _final(result):                              # RFC 5321 §4.2.1: final answers
                     final[i][rcpt] = result
             if i in reported or any(r not in final[i] for r in jobs[i].recipients):
                 return None
@@ -238,25 +241,55 @@ class MXDelivery:
             log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
                      host=host.name, address=endpoint.connected,
                      failed="; ".join(f"{a}: {reason.value}" for a, reason in endpoint.failures))
-        if session.tls_failed and policy == "opportunistic":
-            # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
-            # plaintext on the same address; "required" and "verify" never fall back.
-            self.plaintext_fallbacks += 1
-            address = endpoint.connected
-            log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
-                     queue_id=_queue_ids(jobs), host=host.name, address=address)
-            again = self._eyeballs([address]) if address else endpoint
-            session = yield self._session(jobs, host, again, "none", on_settled)
+        if policy in ("required", "verify") and _policy_failed(session):
+            session = yield self._tls_optional_retry(jobs, host, endpoint, session, on_settled)
+        elif session.tls_failed and policy == "opportunistic":
+            session = yield self._plaintext_retry(jobs, host, endpoint, on_settled)
         return session
 
+    def _plaintext_retry(self, jobs: list[Job], host: MXHost, endpoint: Any,
+                         on_settled: Optional[OnSettled]) -> defer.Deferred:
+        # RFC 7435 §3 / Twisted #10334: opportunistic TLS that fails its handshake is retried once in
+        # plaintext on the same address; "required" and "verify" never fall back (but see below).
+        self.plaintext_fallbacks += 1
+        address = endpoint.connected
+        log.info("{queue_id}: TLS handshake with {host}[{address}] failed; retrying once in plaintext",
+                 queue_id=_queue_ids(jobs), host=host.name, address=address)
+        again = self._eyeballs([address]) if address else endpoint
+        return self._session(jobs, host, again, "none", on_settled, after_tls_failure=True)
+
+    @defer.inlineCallbacks
+    def _tls_optional_retry(self, jobs: list[Job], host: MXHost, endpoint: Any, session: SessionResult,
+                            on_settled: Optional[OnSettled]):
+        """The domain's TLS policy failed on this exchanger (no STARTTLS, or a handshake or certificate
+        check that failed): the messages tagged `TLS-Required: No` (RFC 8689 4.2.2, delivery.requiretls)
+        are tried once more as opportunistic TLS would send them; the others keep their 4xx."""
+        optional = [k for k, job in enumerate(jobs) if tls_optional(job.message)]
+        if not optional:
+            return session
+        subset = [jobs[k] for k in optional]
+        log.info("{queue_id}: {host}: TLS policy {policy} failed; sent anyway (TLS-Required: No)",
+                 queue_id=_queue_ids(subset), host=host.name, policy=self.delivery.tls)
+        report = None if on_settled is None else (lambda k, results: on_settled(optional[k], results))
+        again = self._eyeballs([endpoint.connected]) if endpoint.connected else endpoint
+        retry = yield self._session(subset, host, again, "opportunistic", report, relaxed=True)
+        if retry.tls_failed:
+            retry = yield self._plaintext_retry(subset, host, again, report)
+        merged = list(session.jobs)
+        for k, job_results in zip(optional, retry.jobs):
+            merged[k] = job_results
+        return SessionResult(tuple(merged), retry.tls, retry.tls_failed, session.before_mail and retry.before_mail)
+
     def _session(self, jobs: list[Job], host: MXHost, endpoint: Any, security: str,
-                 on_settled: Optional[OnSettled] = None) -> defer.Deferred:
+                 on_settled: Optional[OnSettled] = None, relaxed: bool = False,
+                 after_tls_failure: bool = False) -> defer.Deferred:
         params = SessionParams(
             helo=self.hostname,
             remote_host=host.name,
             security=security,
-            tls_options=self._tls_options(host.name) if security != "none" else None,
+            tls_options=self._tls_options(host.name, relaxed) if security != "none" else None,
             timeouts=self.timeouts,
+            after_tls_failure=after_tls_failure,
         )
         if self.send is not None:
             return self.send(endpoint, params, jobs, self.reactor)
@@ -264,12 +297,13 @@ class MXDelivery:
         key = PoolKey(host.name, self.delivery.mx_port, security, params.tls_options)
         return deliver_over(endpoint, params, jobs, self.reactor, pool=self.pool, key=key, on_settled=on_settled)
 
-    def _tls_options(self, name: str):
-        """The client TLS options for an exchanger name, built once and kept (least recently used out)."""
-        options = self._tls_kept.pop(name, None)
+    def _tls_options(self, name: str, relaxed: bool = False):
+        """The client TLS options for an exchanger name (`relaxed`: unverified, for TLS-Required: No),
+        built once and kept (least recently used out)."""
+        options = self._tls_kept.pop((name, relaxed), None)
         if options is None:
-            options = self._new_tls_options(name)
-        self._tls_kept[name] = options
+            options = UnverifiedTLS(name) if relaxed else self._new_tls_options(name)
+        self._tls_kept[(name, relaxed)] = options
         while len(self._tls_kept) > TLS_OPTIONS_KEPT:
             self._tls_kept.popitem(last=False)
         return options
@@ -298,6 +332,18 @@ class MXDelivery:
     def stop(self) -> None:
         """Stop the resolver's threads (also done at reactor shutdown)."""
         self.resolver.stop()
+
+
+def _final(result: RecipientResult) -> bool:
+    """2xx and 5xx settle a recipient, except a 5xx about this exchanger alone (RFC 8689 4.2.1: a
+    REQUIRETLS message tries every exchanger before it bounces)."""
+    return result.delivered or (result.permanent and not result.next_host)
+
+
+def _policy_failed(session: SessionResult) -> bool:
+    """The session ended before MAIL FROM because the TLS policy could not be met: a failed handshake or
+    certificate check, or no STARTTLS offered (4.7.4)."""
+    return session.before_mail and (session.tls_failed or any(r.status == "4.7.4" for r in session.results))
 
 
 def _unreachable(recipient: str, hosts: list[MXHost]) -> RecipientResult:

@@ -8,7 +8,9 @@ IDeliveryReporter, `spool.remove` once every recipient has a final answer, or th
 Rules: RFC 5321 §4.2.1 / §4.5.4.1 (2xx delivered, 5xx failed for good, 4xx and connection failures
 retried after a growing, jittered interval until `[queue] lifetime`, then expired: RFC 3463 4.4.7);
 RFC 3464 DSNs (a failure DSN per attempt that settled recipients for good, one persisted delay DSN
-after `[queue] delay_warning`); RFC 5321 §4.5.5 / §6.1 (never a DSN to the null reverse-path).
+after `[queue] delay_warning`, a "relayed" DSN for NOTIFY=SUCCESS delivered to a hop without DSN),
+each only for the recipients whose RFC 3461 NOTIFY asks for it (none: FAILURE,DELAY); RFC 5321 §4.5.5
+/ §6.1 (never a DSN to the null reverse-path).
 
 `OutcomesMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_spool`,
 `_reporter`, `_queue`, `_backoff`, `_attempts`, `_stop_waiters`, `_metrics`, `running`, `log` and
@@ -29,7 +31,8 @@ from twisted.python.failure import Failure
 from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.control import ADMIN_BOUNCE
 from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.state import BOUNCED, DELIVERED, EXPIRED
+from mailrelay import dsnparams
+from mailrelay.delivery.state import BOUNCED, DELIVERED, EXPIRED, SUCCESS_ACTIONS
 from mailrelay.delivery.throttle import slows_down
 from mailrelay.delivery.tlsinfo import describe
 from mailrelay.interfaces import Reply
@@ -69,6 +72,8 @@ class OutcomesMixin:
             if paused_until is not None and slows_down(result):
                 retry_at = min(paused_until, self._expiry(attempt.message))
             after = before.recorded(result, now, retry_at)
+            if after.done == DELIVERED and self._success_dsn_due(attempt.message, result):
+                after = replace(after, dsn="delivered" if result.final else "relayed")
             attempt.state = attempt.state.with_recipient(after)
             self._log_outcome(attempt, job, after, result)
             if self._events is not None:
@@ -195,27 +200,59 @@ class OutcomesMixin:
                            self._emit(rcpt.done, attempt, rcpt, result, result.remote_host or "", ""))
         return emitted
 
+    def _success_dsn_due(self, message, result: RecipientResult) -> bool:
+        """RFC 3461 6.2.1: NOTIFY=SUCCESS, delivered to a hop that does not offer DSN (one that does got
+        the request and reports itself) or into the mailbox: our own success DSN is due."""
+        return (not result.dsn_passed and dsnparams.wants(message.envelope, result.recipient, "SUCCESS")
+                and not self._no_dsn_reason(message))
+
     @defer.inlineCallbacks
     def _report_bounces(self, attempt: _Attempt):
         unreported = attempt.state.unreported
-        recipients = [r.recipient for r in unreported]
-        why_not = self._no_dsn_reason(attempt.message)
+        groups = [([r for r in unreported if r.done != DELIVERED], "FAILURE", "bounce")]
+        groups += [([r for r in unreported if r.done == DELIVERED and r.dsn == action], "SUCCESS", action)
+                   for action in SUCCESS_ACTIONS]
+        changed = False
+        for rcpts, event, what in groups:
+            if not rcpts:
+                continue
+            if not (yield self._report(attempt, rcpts, event, what)):
+                break               # this group and the rest stay unreported; those before are saved
+            for rcpt in rcpts:
+                attempt.state = attempt.state.with_recipient(replace(rcpt, reported=True))
+            changed = True
+        if changed:
+            yield self._persist(attempt)
+
+    @defer.inlineCallbacks
+    def _report(self, attempt: _Attempt, rcpts, event: str, what: str):
+        """Hand one kind of report to the reporter for the recipients whose NOTIFY asks for `event`
+        (RFC 3461 4.1: NEVER, or a list without it, means none); False when the reporter failed — all
+        then stay unreported in the saved state, are asked again later, and the message stays."""
+        envelope = attempt.message.envelope
+        wanted = [r for r in rcpts if dsnparams.wants(envelope, r.recipient, event)]
+        unwanted = [r.recipient for r in rcpts if r not in wanted]
+        if unwanted:
+            self.log.info("{queue_id}: no DSN for {recipients}: NOTIFY without {event}", queue_id=attempt.queue_id,
+                          recipients=unwanted, event=event, stage="dsn-dropped")
+        recipients = [r.recipient for r in wanted]
+        why_not = self._no_dsn_reason(attempt.message) if wanted else None
         if why_not:
             self.log.info("{queue_id}: no DSN for {recipients}: {reason}", queue_id=attempt.queue_id,
                           recipients=recipients, reason=why_not, stage="dsn-dropped")
-        else:
+        elif wanted:
+            results = [r.as_result() for r in wanted]
             try:
-                yield defer.maybeDeferred(self._reporter.bounce, attempt.message,
-                                          [r.as_result() for r in unreported])
+                if event == "FAILURE":
+                    yield defer.maybeDeferred(self._reporter.bounce, attempt.message, results)
+                else:
+                    yield defer.maybeDeferred(self._reporter.success, attempt.message, results, what)
             except Exception:
-                # Left unreported in the saved state: asked again later, and the message stays.
-                self.log.failure("{queue_id}: bounce report failed", queue_id=attempt.queue_id)
-                return
-            self.log.info("{queue_id}: bounce reported for {recipients}", queue_id=attempt.queue_id,
-                          recipients=recipients, stage="dsn")
-        for rcpt in unreported:
-            attempt.state = attempt.state.with_recipient(replace(rcpt, reported=True))
-        yield self._persist(attempt)
+                self.log.failure("{queue_id}: {what} report failed", queue_id=attempt.queue_id, what=what)
+                return False
+            self.log.info("{queue_id}: {what} reported for {recipients}", queue_id=attempt.queue_id,
+                          what=what, recipients=recipients, stage="dsn")
+        return True
 
     def _delay_warning_due(self, attempt: _Attempt) -> bool:
         state, warning = attempt.state, self._queue.delay_warning
@@ -224,6 +261,9 @@ class OutcomesMixin:
         if self._now() - attempt.message.envelope.received_at < warning:
             return False
         why_not = self._no_dsn_reason(attempt.message)
+        envelope = attempt.message.envelope
+        if not why_not and not any(dsnparams.wants(envelope, r.recipient, "DELAY") for r in state.pending):
+            why_not = "NOTIFY without DELAY"           # RFC 3461 4.1: no DELAY, no delayed DSN
         if why_not:
             self.log.info("{queue_id}: no delay DSN: {reason}", queue_id=attempt.queue_id, reason=why_not,
                           stage="dsn-dropped")
@@ -232,7 +272,8 @@ class OutcomesMixin:
 
     @defer.inlineCallbacks
     def _report_delay(self, attempt: _Attempt):
-        pending = [r.as_result() for r in attempt.state.pending]
+        envelope = attempt.message.envelope
+        pending = [r.as_result() for r in attempt.state.pending if dsnparams.wants(envelope, r.recipient, "DELAY")]
         try:
             yield defer.maybeDeferred(self._reporter.delay, attempt.message, pending)
         except Exception:

@@ -22,7 +22,12 @@ class RecipientResult:
     `sender_refused`: settled by the next hop's refusal of MAIL FROM, a verdict on the sender, not on
     this recipient (so it never suppresses the recipient: spool.suppression).  `remote_reply`: the code
     and status are the next hop's own reply, not the relay's verdict on a failed connection, timeout or
-    handshake (delivery.throttle pauses a destination only for what it said itself)."""
+    handshake (delivery.throttle pauses a destination only for what it said itself).
+    `dsn_passed`: delivered to a hop that offers DSN (RFC 3461), which got the recipient's NOTIFY and
+    reports on its own; `final`: delivered into the mailbox itself (no further hop), so NOTIFY=SUCCESS
+    gets a "delivered" DSN rather than a "relayed" one (RFC 3464 2.3.3).
+    `next_host`: a permanent answer from this server only (REQUIRETLS, RFC 8689 4.2.1): direct delivery
+    tries the domain's other exchangers before it stands."""
     recipient: str
     code: int
     status: str          # RFC 3463 enhanced status code, its class agreeing with `code`
@@ -32,6 +37,9 @@ class RecipientResult:
     tls_verified: bool = field(default=False, compare=False)
     sender_refused: bool = field(default=False, compare=False)
     remote_reply: bool = field(default=False, compare=False)
+    dsn_passed: bool = field(default=False, compare=False)
+    final: bool = field(default=False, compare=False)
+    next_host: bool = field(default=False, compare=False)
 
     @property
     def delivered(self) -> bool:

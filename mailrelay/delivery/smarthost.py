@@ -135,7 +135,8 @@ def deliver_to_host(
     def maybe_plaintext(result: SessionResult) -> Any:
         if tls_policy == "opportunistic" and result.tls_failed and result.before_mail and not implicit_tls:
             plain = SessionParams(helo=helo, remote_host=host, security="none", username=username,
-                                  password=password, timeouts=timeouts, login=login, protocol=protocol)
+                                  password=password, timeouts=timeouts, login=login, protocol=protocol,
+                                  after_tls_failure=True)
             return attempt(plain).addCallback(
                 lambda again: SessionResult(again.jobs, None, True, again.before_mail))
         return result

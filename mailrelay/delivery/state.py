@@ -17,7 +17,10 @@ Schema (version 1):
             "next_attempt": 1767226200.0,   # unix time the recipient is due again (0: now)
             "last_reply": {"code": 451, "status": "4.4.1", "text": "...", "remote_host": "mx1..."},
             "done": null,                   # null | "delivered" | "bounced" | "expired"
-            "reported": false}}}            # a bounced/expired recipient's DSN was handed over
+            "dsn": "relayed",               # optional: a delivered recipient's success DSN is due
+                                            # ("relayed" | "delivered", RFC 3461 6.2.1 / RFC 3464 2.3.3)
+            "reported": false}}}            # a bounced/expired recipient's DSN (or a delivered one's
+                                            # success DSN) was handed over
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ DELIVERED = "delivered"
 BOUNCED = "bounced"
 EXPIRED = "expired"
 _DONE_VALUES = (None, DELIVERED, BOUNCED, EXPIRED)
+SUCCESS_ACTIONS = ("relayed", "delivered")      # RFC 3464 2.3.3 actions of a success DSN
 
 # RFC 3463 §3.5: X.4.7 "delivery time expired" — the status a DSN reports for a message that outlived
 # [queue] lifetime; the last remote reply goes into the text.
@@ -59,6 +63,7 @@ class RecipientState:
     last_reply: Optional[LastReply] = None
     done: Optional[str] = None
     reported: bool = False
+    dsn: str = ""            # a delivered recipient's success DSN ("relayed" | "delivered"); "" none due
 
     @property
     def pending(self) -> bool:
@@ -66,7 +71,9 @@ class RecipientState:
 
     @property
     def needs_report(self) -> bool:
-        return self.done in (BOUNCED, EXPIRED) and not self.reported
+        if self.reported:
+            return False
+        return self.done in (BOUNCED, EXPIRED) or (self.done == DELIVERED and self.dsn in SUCCESS_ACTIONS)
 
     def recorded(self, result: RecipientResult, now: float, retry_at: float) -> "RecipientState":
         """This recipient after one attempt answered with `result`; `retry_at` applies to a retry."""
@@ -92,7 +99,9 @@ class RecipientState:
 
     def to_dict(self) -> dict:
         last = self.last_reply
+        extra = {"dsn": self.dsn} if self.dsn else {}      # absent unless due: older states stay as they were
         return {
+            **extra,
             "attempts": self.attempts,
             "first_attempt": self.first_attempt,
             "next_attempt": self.next_attempt,
@@ -115,6 +124,7 @@ class RecipientState:
                     int(last["code"]), str(last["status"]), str(last["text"]), str(last.get("remote_host", ""))),
                 done=data.get("done"),
                 reported=bool(data.get("reported", False)),
+                dsn=str(data.get("dsn", "")),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise StateError(f"recipient {recipient!r}: {e}") from None

@@ -11,6 +11,12 @@ here.  `verified` is true when the handshake completed under certificate verific
 VERIFY_PEER): the next hops build verifying options only with Twisted's optionsForClientTLS, which also
 checks the host name (RFC 6125), and a handshake that fails either check never completes.  Every other
 session (opportunistic or "required" TLS, `verify = false`) encrypts without authenticating (RFC 7435).
+
+`verified_by` says what a verified handshake proved, for REQUIRETLS (RFC 8689 4.2.1) and the logs:
+"pkix" (chain to a trusted root and the host name, RFC 6125: a transport's `verify = true`, direct
+delivery's `tls = "verify"`), or the name a recipient-domain policy gives its own verifying options
+("mta-sts", RFC 8461; "dane", RFC 7672) through `SessionParams.tls_verification`; "" when not verified.
+It is the one answer to "was this connection's TLS verified, and by what".
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class Negotiated:
     verified: bool = False
     version: str = ""          # "TLSv1.3"
     cipher: str = ""           # "TLS_AES_256_GCM_SHA384"
+    verified_by: str = ""      # VERIFIERS: what verified it; "" when not verified
 
     @property
     def name(self) -> Optional[str]:
@@ -42,10 +49,13 @@ class Negotiated:
 
 
 PLAIN = Negotiated("none")
+PKIX = "pkix"
+VERIFIERS = (PKIX, "mta-sts", "dane")
 
 
-def negotiated(transport: Any) -> Negotiated:
-    """The TLS a transport whose handshake has just completed negotiated (never raises)."""
+def negotiated(transport: Any, verification: str = PKIX) -> Negotiated:
+    """The TLS a transport whose handshake has just completed negotiated (never raises); `verification`
+    is what a verified handshake on it proves (VERIFIERS)."""
     try:
         handle = transport.getHandle()
         version = handle.get_protocol_version_name() or ""
@@ -53,7 +63,8 @@ def negotiated(transport: Any) -> Negotiated:
         verified = bool(handle.get_verify_mode() & SSL.VERIFY_PEER)
     except Exception:
         return Negotiated("tls")
-    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher)
+    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher,
+                      verification if verified else "")
 
 
 def stamped(results: Iterable[RecipientResult], tls: Optional[Negotiated]) -> list[RecipientResult]:

@@ -6,7 +6,8 @@ or a non-ASCII octet into the envelope or a `Received` header (header injection,
 
 Implements RFC 5321 4.1.1.1 (EHLO/HELO argument: Domain / address-literal), 4.1.1.2-3 and 4.1.2
 (Reverse-path / Forward-path, Mailbox, dot-string and quoted-string local parts, source routes),
-4.5.3.1 (local part 64, domain 255, path 256 octets), RFC 1870 (SIZE=), RFC 6152 (BODY=).
+4.5.3.1 (local part 64, domain 255, path 256 octets), RFC 1870 (SIZE=), RFC 6152 (BODY=); the DSN
+(RFC 3461) and REQUIRETLS (RFC 8689) parameters are checked by params.py.
 Source routes (`<@a,@b:user@c>`) are accepted and stripped, as RFC 5321 4.1.1.3 and Appendix C allow
 (servers SHOULD ignore the route): the policy judges, the spool keeps and delivery uses `user@c` only.
 `RCPT TO:<postmaster>` without a domain is accepted (RFC 5321 4.5.1).
@@ -26,6 +27,7 @@ from typing import Union
 
 from mailrelay import idn
 from mailrelay.interfaces import Reply
+from mailrelay.server import params as esmtp_params
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?\Z")
@@ -49,7 +51,7 @@ BAD_UTF8 = Reply(553, "5.6.7", "Address is not valid UTF-8 (RFC 6531 3.3)")
 BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 SMTPUTF8_NEEDS_EHLO = Reply(555, "5.5.4", "SMTPUTF8 needs EHLO (RFC 6531)")
 NULL_RCPT = Reply(501, "5.1.3", "The null path <> is not a valid recipient")
-UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+UNKNOWN_PARAM = esmtp_params.UNKNOWN_PARAM
 BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
 BAD_SIZE = Reply(501, "5.5.4", "SIZE must be a decimal number of octets")
 
@@ -60,6 +62,7 @@ class MailFrom:
     size: int | None = None      # SIZE= as declared, None when absent
     body: str = "7BIT"           # BODY=
     smtputf8: bool = False       # SMTPUTF8 given (RFC 6531 3.4): UTF-8 addresses and headers allowed
+    params: dict = field(default_factory=dict)   # RET, ENVID, REQUIRETLS as the envelope keeps them
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
     sender = "" if path == "" else _mailbox(path, BAD_PATH, utf8)
     if isinstance(sender, Reply):
         return sender
-    size, body = None, "7BIT"
+    size, body, kept = None, "7BIT", {}
     for key, value in params.items():
         if key == "SMTPUTF8":
             if value is not None:
@@ -110,12 +113,14 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
                 return BAD_BODY
             body = value.upper()
         else:
-            return UNKNOWN_PARAM          # RFC 5321 4.1.1.11: unrecognised parameter → 555
-    return MailFrom(sender, size, body, utf8)
+            refusal = esmtp_params.mail_parameter(key, value, kept)   # 555 for one we do not know
+            if refusal is not None:
+                return refusal
+    return MailFrom(sender, size, body, utf8, kept)
 
 
 def parse_rcpt(argument: str, smtputf8: bool = False) -> Union[RcptTo, Reply]:
-    """`TO:<path> [params]` → RcptTo, or the Reply to send.  No RCPT parameters are offered.
+    """`TO:<path> [params]` → RcptTo, or the Reply to send.  NOTIFY and ORCPT are the parameters.
     `smtputf8`: the transaction's MAIL FROM gave SMTPUTF8, so the path may be UTF-8."""
     parsed = _split_path(argument, "TO:")
     if isinstance(parsed, Reply):
@@ -123,14 +128,17 @@ def parse_rcpt(argument: str, smtputf8: bool = False) -> Union[RcptTo, Reply]:
     path, params = parsed
     if path == "":
         return NULL_RCPT
-    if params:
-        return UNKNOWN_PARAM
+    kept: dict = {}
+    for key, value in params.items():
+        refusal = esmtp_params.rcpt_parameter(key, value, kept)       # 555 for one we do not know
+        if refusal is not None:
+            return refusal
     if path.lower() == "postmaster":
-        return RcptTo("postmaster")      # RFC 5321 4.5.1: must be accepted without a domain
+        return RcptTo("postmaster", kept)      # RFC 5321 4.5.1: must be accepted without a domain
     recipient = _mailbox(path, BAD_RCPT, smtputf8)
     if isinstance(recipient, Reply):
         return recipient
-    return RcptTo(recipient)
+    return RcptTo(recipient, kept)
 
 
 def _split_path(argument: str, keyword: str) -> Union[tuple[str, dict], Reply]:

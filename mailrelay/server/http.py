@@ -2,7 +2,8 @@
 
 Its job in the message's journey: a second front door beside SMTP, for applications without an SMTP
 library.  In: an HTTP/1.1 request (twisted.web; TLS when the endpoint is `ssl:`) with
-`Authorization: Bearer <key>` and a JSON body `{"from": ..., "to": [...], "message": "<RFC 5322 text>"}`.
+`Authorization: Bearer <key>` and a JSON body `{"from": ..., "to": [...], "message": "<RFC 5322 text>"}`,
+optionally with `"dsn"` (RFC 3461 requests) and `"requiretls"` (RFC 8689, HTTPS only): http_params.py.
 Out: one committed spool message, exactly as SMTP would have made it, and `202 {"queue_id": ...}` only
 once the spool's commit (fsync) has succeeded.
 
@@ -44,6 +45,7 @@ from mailrelay.server import addresses
 from mailrelay.server.apikeys import ApiKeyFile
 from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector, pass_content
+from mailrelay.server.http_params import OPTIONAL_FIELDS, parse_options
 from mailrelay.server.ratelimit import client_key
 from mailrelay.server.received import address_literal, received_header
 from mailrelay.server.replies import refusal_reason
@@ -107,17 +109,18 @@ def data_stream(message: bytes) -> bytes:
     return _LINE_DOT.sub(rb"\1..", message) + b".\r\n"
 
 
-def parse_body(body: bytes, limits: config.Limits) -> tuple[str, list[str], bytes]:
-    """(sender, recipients without duplicates, message octets) from a request body, or Refused (400)."""
+def parse_body(body: bytes, limits: config.Limits) -> tuple[str, list[str], bytes, dict]:
+    """(sender, recipients without duplicates, message octets, envelope params: the optional DSN and
+    REQUIRETLS requests, http_params.py) from a request body, or Refused (400)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         raise Refused(400, "the body is not valid JSON (RFC 8259) in UTF-8") from None
     if not isinstance(data, dict):
         raise Refused(400, 'the body must be a JSON object: {"from": ..., "to": [...], "message": ...}')
-    unknown = sorted(set(data) - FIELDS)
+    unknown = sorted(set(data) - FIELDS - OPTIONAL_FIELDS)
     if unknown:
-        raise Refused(400, f"unknown field {unknown[0]!r}: only from, to and message are read")
+        raise Refused(400, f"unknown field {unknown[0]!r}: only from, to, message, dsn and requiretls are read")
     for key in sorted(FIELDS - set(data)):
         raise Refused(400, f"missing field {key!r}")
     sender, recipients, message = data["from"], data["to"], data["message"]
@@ -140,7 +143,11 @@ def parse_body(body: bytes, limits: config.Limits) -> tuple[str, list[str], byte
         octets = message.encode("utf-8")
     except UnicodeEncodeError:
         raise Refused(400, '"message" holds a lone surrogate, which is no UTF-8 text') from None
-    return sender, unique, octets
+    try:
+        params = parse_options(data, unique)
+    except ValueError as e:
+        raise Refused(400, str(e)) from None
+    return sender, unique, octets, params
 
 
 def _address(text: str, field: str, keyword: str) -> str:
@@ -168,9 +175,11 @@ def _address(text: str, field: str, keyword: str) -> str:
 class Submission:
     """One request's message through policy, DataReader and the spool."""
 
-    def __init__(self, site: "ApiFactory", client: ClientInfo, sender: str, recipients: list[str], octets: bytes):
+    def __init__(self, site: "ApiFactory", client: ClientInfo, sender: str, recipients: list[str], octets: bytes,
+                 params: Optional[dict] = None):
         self.site, self.client = site, client
         self.sender, self.recipients, self.octets = sender, recipients, octets
+        self.params = params or {}
         self.identity: Optional[str] = None
 
     def check(self) -> Optional[defer.Deferred]:
@@ -203,6 +212,7 @@ class Submission:
             client_address=self.client.address, identity=self.identity,
             body="7BIT" if self.octets.isascii() else "8BITMIME", tls=self.client.tls, smtputf8=self._smtputf8(),
             dkim_senders=tuple(getattr(site.policy, "signing_senders", lambda client: ())(self.client)),
+            params=self.params,
         )
         try:
             writer = site.queue.new_message(envelope)
@@ -353,13 +363,16 @@ class ApiRequest(http.Request):
     def _submit(self, site: "ApiFactory") -> defer.Deferred:
         self._name = self._early_check(site, None, self.method, self.path)   # the file may have changed
         self.content.seek(0)
-        sender, recipients, octets = parse_body(self.content.read(), site.limits)
+        sender, recipients, octets, params = parse_body(self.content.read(), site.limits)
         self.content = io.BytesIO()                   # the body is not needed any more
         peer = self.getClientAddress()
         client = ClientInfo(address=unmapped_ip(str(getattr(peer, "host", ""))), port=getattr(peer, "port", 0),
                             listener="http", user=self._name, tls=self._tls())
         self._client = client
-        submission = Submission(site, client, sender, recipients, octets)
+        if params.get("REQUIRETLS") and client.tls is None:
+            # RFC 8689 2: a message that requires TLS is only taken over TLS (HTTPS here).
+            raise Refused(400, '"requiretls" needs HTTPS', Reply(530, "5.7.10", "REQUIRETLS needs TLS"))
+        submission = Submission(site, client, sender, recipients, octets, params)
         d = defer.maybeDeferred(submission.check).addCallback(lambda _: submission.spool())
         site.track(d)
         return d

@@ -7,6 +7,7 @@ the un-dot-stuffed content, committed before `250 2.0.0 Ok: queued as <id>` is s
 
 Implements RFC 5321 (4.1.1 commands, 4.1.4 order, 4.5.3.1 limits, 4.4 trace), RFC 1870 (SIZE),
 RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING, bdat.py), RFC 6531 (SMTPUTF8, addresses.py),
+RFC 3461 (DSN), RFC 8689 (REQUIRETLS, only under TLS; parameters in params.py),
 RFC 2034/3463 (enhanced status codes on every 2xx/4xx/5xx
 reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first word must be our
 domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
+# RFC 5321 4.5.3.1.4 lets extensions lengthen MAIL and RCPT: RFC 3461 2 (ENVID 100 and RET, NOTIFY and
+# ORCPT 500), RFC 8689 2 (REQUIRETLS 11), RFC 6531 (SMTPUTF8).
+MAX_ENVELOPE_LINE = MAX_COMMAND_LINE + 600
 BUSY_INPUT_LIMIT = 64 * 1024      # unread input held while a check or commit is pending; then reading pauses
 COMMANDS = frozenset(
     ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "STARTTLS",
@@ -119,6 +123,7 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         self._mail: Optional[addresses.MailFrom] = None
         self._identity: Optional[str] = None
         self._rcpts: list[str] = []
+        self._rcpt_params: dict[str, dict] = {}     # recipient -> its NOTIFY / ORCPT (RFC 3461)
         self._reader: Optional[DataReader] = None
         self._bdat: Optional[BdatMessage] = None
         self._writer = None
@@ -360,8 +365,10 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
 
     def lineReceived(self, line: bytes) -> None:
         """One command line (CRLF removed), or an AUTH response while an exchange is under way."""
-        in_auth = self._auth is not None or line[:5].upper() == b"AUTH "
-        if len(line) > (MAX_AUTH_LINE if in_auth else MAX_COMMAND_LINE):
+        start = line[:5].upper()
+        in_auth = self._auth is not None or start == b"AUTH "
+        limit = MAX_ENVELOPE_LINE if start in (b"MAIL ", b"RCPT ") else MAX_COMMAND_LINE
+        if len(line) > (MAX_AUTH_LINE if in_auth else limit):
             self._auth = None
             self._send(500, "5.5.2", "Line too long")       # RFC 5321 4.5.3.1.4
             return
@@ -441,9 +448,11 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
     def extensions(self) -> list[str]:
         """The EHLO keywords for the session's current state."""
         ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
-               "SMTPUTF8", "CHUNKING"]        # SMTPUTF8: RFC 6531 3.2, on every listener
+               "SMTPUTF8", "CHUNKING", "DSN"]   # SMTPUTF8: RFC 6531 3.2, on every listener; DSN: RFC 3461
         if self.canStartTLS and not self._tls_on:
             ext.append("STARTTLS")
+        if self._tls_on:
+            ext.append("REQUIRETLS")     # RFC 8689 2: offered only on a TLS session (after STARTTLS, 465)
         if self._tls_on and self.factory.portal is not None and self.factory.mechanisms:
             ext.append("AUTH " + " ".join(self.factory.mechanisms))   # RFC 4954: never in plaintext
         return ext

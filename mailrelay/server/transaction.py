@@ -10,13 +10,14 @@ partial message thrown away.
 Implements RFC 5321 §4.1.1.2-4 (MAIL, RCPT, DATA), §4.1.4 (command order), §4.5.3.1.8 (452 for
 recipients beyond the limit, never dropped), §4.4 (trace header), RFC 6531 §3.4 (SMTPUTF8: the
 transaction's flag, in the envelope and the Received keyword), RFC 1870 §6.1 (SIZE), RFC 3207 §4
-and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required).
+and RFC 4954 §6 / RFC 6409 §4.3 (530 before STARTTLS or AUTH where required), RFC 3461 §4 (NOTIFY,
+ORCPT, RET, ENVID kept in the envelope) and RFC 8689 §2, §4.1 (REQUIRETLS only over TLS, kept).
 
 BDAT (bdat.py) opens, fills and ends its message with the same `_new_reader`, `_open_message` and
 `_end_of_data`, so both ways in share one content path and one commit.
 
 `TransactionMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_helo`,
-`_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_reader`, `_writer`,
+`_esmtp`, `_user`, `_tls_on`, `_ip`, `_mail`, `_identity`, `_rcpts`, `_rcpt_params`, `_reader`, `_writer`,
 `_content_filter`, `_headers`, `_write_failed`, `_envelope`, `_inbuf`, `_inpos`, `_clock`, `_limits`,
 `factory`, `hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_abort_writer`,
 `_reset_transaction`, `_reset_transaction_safely`, `client_info`, `_tls_description`, `_log`,
@@ -32,6 +33,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.interfaces import Reply
 from mailrelay.logs import log_queued
 from mailrelay.server import addresses
+from mailrelay.server import params as esmtp_params
 from mailrelay.server.authres import AuthResultsFilter
 from mailrelay.server.data import DataReader, HeaderCollector, pass_content
 from mailrelay.server.received import protocol_name, received_header
@@ -51,6 +53,10 @@ class TransactionMixin:
             parsed = addresses.SMTPUTF8_NEEDS_EHLO     # RFC 6531 3.2: an extension only EHLO offers
         if isinstance(parsed, Reply):
             self._reply(parsed)
+            return
+        if parsed.params.get("REQUIRETLS") and not self._tls_on:
+            # RFC 8689 2: REQUIRETLS may only be given on a TLS session (we offer it only there).
+            self._reply(esmtp_params.REQUIRETLS_NEEDS_TLS)
             return
         if parsed.size is not None and parsed.size > self._limits.max_message_size:
             self._send(552, "5.3.4", "Message size exceeds fixed maximum message size")   # RFC 1870 6.1
@@ -115,15 +121,16 @@ class TransactionMixin:
             reply = suppression.refusal(recipient) if suppression is not None else None
             if isinstance(reply, defer.Deferred):
                 self._set_busy(True)
-                reply.addCallback(self._recipient_checked, recipient, True)
+                reply.addCallback(self._recipient_checked, recipient, True, parsed.params)
                 reply.addErrback(self._log_unexpected)
                 return
             if reply is not None:
-                self._recipient_checked(reply, recipient, False)
+                self._recipient_checked(reply, recipient, False, parsed.params)
                 return
-        self._recipient_checked(None, recipient, False)
+        self._recipient_checked(None, recipient, False, parsed.params)
 
-    def _recipient_checked(self, suppressed: Optional[Reply], recipient: str, waited: bool) -> None:
+    def _recipient_checked(self, suppressed: Optional[Reply], recipient: str, waited: bool,
+                           params: Optional[dict] = None) -> None:
         if suppressed is not None:
             self._count("refused", "suppressed")
             self._log.info("RCPT to {recipient} from {ip} refused: suppressed", recipient=recipient, ip=self._ip)
@@ -131,6 +138,8 @@ class TransactionMixin:
         else:
             if recipient not in self._rcpts:
                 self._rcpts.append(recipient)
+                if params:
+                    self._rcpt_params[recipient] = params    # NOTIFY, ORCPT (RFC 3461 4.1, 4.2)
             self._send(250, "2.1.5", "Recipient ok")
         if waited:
             self._set_busy(False)
@@ -178,8 +187,16 @@ class TransactionMixin:
             sender=self._mail.sender, recipients=tuple(self._rcpts), received_at=self._clock.seconds(),
             client_address=self._ip, client_helo=self._helo or "", identity=self._identity,
             body=self._mail.body, tls=self._tls_description(), smtputf8=self._mail.smtputf8,
-            dkim_senders=self._dkim_senders(),
+            dkim_senders=self._dkim_senders(), params=self._envelope_params(),
         )
+
+    def _envelope_params(self) -> dict:
+        """The DSN and REQUIRETLS requests as the spool keeps them (layout: mailrelay/dsnparams.py)."""
+        params = dict(self._mail.params)
+        rcpts = {r: p for r, p in self._rcpt_params.items() if r in self._rcpts}
+        if rcpts:
+            params["RCPT"] = rcpts
+        return params
 
     def _dkim_senders(self) -> tuple[str, ...]:
         """Whose From: our keys may sign (dkim/permission.py): the client's rule's `senders`, or none at

@@ -154,9 +154,10 @@ class RelayFixture:
 
     def submit_sync(self, kind: str, sender: str, recipients: list[str], message: bytes,
                     user: str | None = None, password: str | None = None, source: str | None = None,
-                    mail_options: tuple = ()):
+                    mail_options: tuple = (), rcpt_options: dict | None = None, starttls: bool = False):
         """Send one message; returns (code, text) of the final reply, or raises smtplib errors.
-        `mail_options`: MAIL FROM parameters (with "SMTPUTF8" smtplib sends the commands as UTF-8)."""
+        `mail_options` / `rcpt_options` ({recipient: [...]}) are ESMTP parameters for MAIL / RCPT;
+        `starttls` asks for STARTTLS on the relay listener even without a login."""
         port = self.ports[kind]
         source_address = (source, 0) if source else None
         if kind == "submissions":
@@ -166,7 +167,7 @@ class RelayFixture:
             smtp = smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=source_address)
         with smtp:
             smtp.ehlo("client.test")
-            if kind != "submissions" and (kind == "submission" or user):
+            if kind != "submissions" and (kind == "submission" or user or starttls):
                 smtp.starttls(context=self.tls_context())
                 smtp.ehlo("client.test")
             if user:
@@ -175,7 +176,7 @@ class RelayFixture:
             if code >= 400:
                 raise smtplib.SMTPSenderRefused(code, text, sender)
             for recipient in recipients:
-                code, text = smtp.rcpt(recipient)
+                code, text = smtp.rcpt(recipient, list((rcpt_options or {}).get(recipient, ())))
                 if code >= 400:
                     raise smtplib.SMTPRecipientsRefused({recipient: (code, text)})
             return smtp.data(message)

@@ -3,7 +3,8 @@
 Not part of the relay.  A small LineReceiver server (raw control matters more than reuse of
 twisted.mail here) that records each transaction — MAIL FROM and its parameters, accepted RCPTs, the
 DATA bytes exactly as they came over the wire (dot-stuffed, terminator included) and un-stuffed, whether
-TLS was on, the AUTH identity, the client certificate's name — and can be told to refuse recipients,
+TLS was on, the AUTH identity, the client certificate's name, each RCPT's parameters — and can be told
+to offer DSN (`extensions`) or REQUIRETLS after STARTTLS (`requiretls`), to refuse recipients,
 answer DATA with a scripted sequence, offer or withhold STARTTLS, break the TLS handshake, drop the
 connection in the middle of DATA, or never answer at all. SMTPUTF8 (RFC 6531) is offered unless
 `extensions` leaves it out (WITHOUT_SMTPUTF8); a non-ASCII path without `SMTPUTF8` given on MAIL, or to
@@ -49,6 +50,7 @@ class Transaction:
     mail_from: str = ""
     mail_params: list[str] = field(default_factory=list)
     rcpt_tos: list[str] = field(default_factory=list)
+    rcpt_params: dict = field(default_factory=dict)     # accepted recipient -> its RCPT parameters
     data_raw: bytes = b""           # exactly as received after 354, up to and including ".\r\n"
     data: bytes = b""               # un-stuffed, without the terminator line
     tls: bool = False
@@ -79,7 +81,7 @@ class Sink:
                  data_replies: tuple = (), drop_in_data: Optional[int] = None, silent: bool = False,
                  extensions: tuple = DEFAULT_EXTENSIONS, ehlo_reply: Optional[str] = None,
                  bearer: Optional[dict] = None, greetings: tuple = (), hold_data: bool = False,
-                 chunk_replies: tuple = ()):
+                 chunk_replies: tuple = (), requiretls: bool = False):
         self.hostname = hostname
         self.offer_starttls = offer_starttls      # None: offer when started with tls_options
         self.fail_tls = fail_tls                  # answer STARTTLS with 220, then send garbage and hang up
@@ -98,6 +100,7 @@ class Sink:
         self.silent = silent                      # accept connections, never say a word
         self.extensions = tuple(extensions)
         self.ehlo_reply = ehlo_reply              # e.g. "502 5.5.1 no EHLO" to force HELO
+        self.requiretls = requiretls              # offer REQUIRETLS (RFC 8689), only once TLS is on
         self.transactions: list[Transaction] = []
         self.messages: list[Transaction] = []     # the accepted ones (2xx after DATA)
         self.sessions: list[Session] = []
@@ -224,6 +227,8 @@ class SinkProtocol(basic.LineReceiver):
         lines = [self.sink.hostname, *self.sink.extensions]
         if self.sink.offer_starttls and not self.tls:
             lines.append("STARTTLS")
+        if self.sink.requiretls and self.tls:
+            lines.append("REQUIRETLS")
         if self.sink.auth or self.sink.bearer is not None:
             # offered even in plaintext: clients must refuse on their own
             lines.append("AUTH PLAIN LOGIN" + (" XOAUTH2 OAUTHBEARER" if self.sink.bearer is not None else ""))
@@ -347,7 +352,7 @@ class SinkProtocol(basic.LineReceiver):
     def smtp_RCPT(self, rest: str) -> None:
         if self.transaction is None:
             return self.reply("503 5.5.1 MAIL first")
-        path, _ = _path_and_params(rest, "TO:")
+        path, params = _path_and_params(rest, "TO:")
         if self._utf8_refused(path, self.transaction.mail_params):
             return
         answer = self.sink.rcpt_replies.get(path.lower(), "250 2.1.5 OK")
@@ -355,6 +360,7 @@ class SinkProtocol(basic.LineReceiver):
             answer = answer.pop(0) if answer else "250 2.1.5 OK"
         if answer.startswith("2"):
             self.transaction.rcpt_tos.append(path)
+            self.transaction.rcpt_params[path] = params
         self.reply(answer)
         if answer.startswith("421"):
             self.transport.loseConnection()          # RFC 5321 3.8: 421 closes the channel
