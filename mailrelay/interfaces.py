@@ -144,3 +144,52 @@ class IDeliveryReporter(Interface):
     def delay(message, recipients):
         """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
         still pending, each with its last (temporary) reply."""
+
+
+class IDNSLookup(Interface):
+    """A resolver that answers single questions with the AD bit kept (delivery.dns.MXResolver): what the
+    TLS policies of direct delivery (MTA-STS TXT, DANE TLSA, the policy host's addresses) ask."""
+
+    def lookup(name, rdtype):
+        """Deferred[delivery.dns.Lookup]: the records of (name, "TXT" | "TLSA" | "A" | "AAAA"), whether
+        the answer was authenticated, and whether the name exists; fails only with
+        delivery.dns.ResolutionFailed when the answer is unknown (SERVFAIL, timeout)."""
+
+
+class ITLSVerification(Interface):
+    """What authenticated the TLS of one outgoing connection (delivery.client.DeliveryClient, and the
+    delivery.tlsinfo.Negotiated it records)."""
+
+    tls_verified_by = Attribute(
+        '"dane" (RFC 7672: a TLSA record matched), "mta-sts" (RFC 8461: the chain and the MX name checked '
+        'under an enforced or testing policy), "verify" (`[delivery] tls = "verify"`, or a smarthost with '
+        'verify = true), or None: plaintext, or TLS that authenticated nobody.')
+
+
+class ITLSPeerCheck(Interface):
+    """Client TLS options (an IOpenSSLClientConnectionCreator) that judge the peer after the handshake,
+    before any mail is offered: DANE and MTA-STS (delivery.tlspolicy)."""
+
+    def check(connection):
+        """The delivery.tlspolicy.Verdict for the pyOpenSSL connection whose handshake just completed."""
+
+    def without_starttls(host):
+        """(status, text) for a server that offers no STARTTLS although this policy needs TLS."""
+
+    def refusal(host, verdict):
+        """The reply text (4.7.5) for a session ended because `verdict` failed under this policy."""
+
+
+class ITLSReportSink(Interface):
+    """Where every TLS outcome of direct MX delivery is recorded, for TLS reporting (RFC 8460)."""
+
+    def record(policy_domain, policy_type, policy_strings, mx_host, result_type, success, detail):
+        """One outcome.  `policy_domain`: the recipient domain; `policy_type`: "sts", "tlsa" or
+        "no-policy-found" (RFC 8460 4.3); `policy_strings`: the policy's lines (the MTA-STS policy text,
+        or the TLSA records in presentation form), () when none; `mx_host`: the exchanger's name, or None
+        for a failure before any (a policy fetch); `result_type`: an RFC 8460 4.3 result type
+        ("starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+        "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+        "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"), None on success;
+        `success`: whether the session was protected as the policy asks; `detail`: a short text for
+        operators.  Called on the reactor thread; must not block and must not fail."""

@@ -191,7 +191,8 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
                                                       source_address=config.delivery.source_address,
                                                       metrics=metrics))
                     for name, t in config.transports.items()},
-        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver)),
+        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver,
+                                   spool=config.spool, metrics=metrics)),
         resolver=resolver,
     )
 

@@ -46,7 +46,8 @@ from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable,
 )
 from mailrelay.delivery.sasl import Exchange, PasswordLogin
-from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
+from mailrelay.delivery.tlsinfo import Negotiated, judged, negotiated, stamped
+from mailrelay.interfaces import ITLSPeerCheck, ITLSVerification
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 
@@ -61,9 +62,10 @@ QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle co
 Awaited = tuple[str, str, Any, Callable, Callable]
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ITLSVerification)
 class DeliveryClient(smtp.ESMTPClient):
-    """One client connection.  Each `_on_*` method handles the reply to the command that preceded it."""
+    """One client connection.  Each `_on_*` method handles the reply to the command that preceded it.
+    `tls_verified_by` (ITLSVerification) says what authenticated its TLS, once the handshake is done."""
 
     debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
@@ -81,6 +83,8 @@ class DeliveryClient(smtp.ESMTPClient):
         self._extensions: dict[bytes, bytes] = {}
         self._tls_active = self._tls_pending = self._tls_failed = False
         self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
+        self._verdict = None           # the TLS policy's judgement of the peer (delivery.tlsverify), if any
+        self._starttls_missing = False
         self._greeted = False
         self._exchange: Optional[Exchange] = None       # the AUTH exchange under way (delivery.sasl)
         self._awaiting: deque[Awaited] = deque()
@@ -124,9 +128,21 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._abort(421, "4.7.5", f"implicit TLS to {self._host} requested, but the connection is plain")
         self._expect((220,), self._on_greeting, self._on_bad_greeting, "connect", "the greeting")
 
+    @property
+    def tls_verified_by(self) -> Optional[str]:
+        return self._tls.tls_verified_by if self._tls is not None else None
+
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
         self._tls = negotiated(self.transport)
+        options = self.params.tls_options
+        if ITLSPeerCheck.providedBy(options):
+            # RFC 7672 2.2 / RFC 8461 4.2: the peer is judged now, before the EHLO reply is read and
+            # long before MAIL FROM; a failure under an enforcing policy ends the session here.
+            self._verdict = options.check(self.transport.getHandle())      # never raises
+            self._tls = judged(self._tls, self._verdict)
+            if not self._verdict.ok and self._verdict.enforce:
+                self._abort(421, "4.7.5", options.refusal(self._host, self._verdict))
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -250,7 +266,8 @@ class DeliveryClient(smtp.ESMTPClient):
             for j, res in zip(self.jobs, self._results)
         )
         tls = self._tls.name if self._tls is not None else None
-        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered)
+        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered,
+                             tls_verdict=self._verdict, starttls_missing=self._starttls_missing)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
@@ -302,8 +319,13 @@ class DeliveryClient(smtp.ESMTPClient):
         if b"STARTTLS" in self._extensions:
             return self._send(b"STARTTLS", "STARTTLS", (220,), self._on_starttls, self._on_starttls_refused)
         if self.params.security == "starttls":
-            self._failure = (451, "4.7.4", f"TLS is required, but {self._host} does not offer STARTTLS")
+            self._starttls_missing = True
+            status, text = "4.7.4", f"TLS is required, but {self._host} does not offer STARTTLS"
+            if ITLSPeerCheck.providedBy(self.params.tls_options):
+                status, text = self.params.tls_options.without_starttls(self._host)
+            self._failure = (451, status, text)
             return self._quit()
+        self._starttls_missing = True
         self._maybe_auth()
 
     def _on_starttls_refused(self, code: int, text: bytes) -> None:

@@ -8,9 +8,11 @@ stayed in plaintext.
 
 Labels: "none" (plaintext), "tls1.0", "tls1.1", "tls1.2", "tls1.3", or "tls" for a version with no name
 here.  `verified` is true when the handshake completed under certificate verification (OpenSSL
-VERIFY_PEER): the next hops build verifying options only with Twisted's optionsForClientTLS, which also
-checks the host name (RFC 6125), and a handshake that fails either check never completes.  Every other
-session (opportunistic or "required" TLS, `verify = false`) encrypts without authenticating (RFC 7435).
+VERIFY_PEER) with Twisted's optionsForClientTLS (a smarthost with `verify = true`), which also checks the
+host name (RFC 6125) and never completes a handshake that fails either check; or when a TLS policy's
+check after the handshake (delivery.tlsverify: DANE, MTA-STS, `tls = "verify"`) passed (`judged`).
+`tls_verified_by` names which.  Every other session (opportunistic or "required" TLS, `verify = false`)
+encrypts without authenticating (RFC 7435).
 """
 from __future__ import annotations
 
@@ -18,20 +20,25 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional
 
 from OpenSSL import SSL
+from zope.interface import implementer
 
 from mailrelay.delivery.results import RecipientResult
+from mailrelay.interfaces import ITLSVerification
 
 VERSION_LABELS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
 LABELS = ("none", *VERSION_LABELS.values(), "tls")
 
 
+@implementer(ITLSVerification)
 @dataclass(frozen=True)
 class Negotiated:
-    """One session's protection: `label` from LABELS, `verified`, and OpenSSL's names for logs."""
+    """One session's protection: `label` from LABELS, `verified`, and OpenSSL's names for logs;
+    `tls_verified_by`: which policy authenticated the peer (ITLSVerification)."""
     label: str
     verified: bool = False
     version: str = ""          # "TLSv1.3"
     cipher: str = ""           # "TLS_AES_256_GCM_SHA384"
+    tls_verified_by: Optional[str] = None
 
     @property
     def name(self) -> Optional[str]:
@@ -53,14 +60,21 @@ def negotiated(transport: Any) -> Negotiated:
         verified = bool(handle.get_verify_mode() & SSL.VERIFY_PEER)
     except Exception:
         return Negotiated("tls")
-    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher)
+    # A verifying handshake (Twisted's optionsForClientTLS: chain and name) completes only when both hold.
+    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher, "verify" if verified else None)
+
+
+def judged(tls: Negotiated, verdict) -> Negotiated:
+    """`tls` as a TLS policy's check (delivery.tlsverify.Verdict) found it: verified only when it passed."""
+    return replace(tls, verified=verdict.verified_by is not None, tls_verified_by=verdict.verified_by)
 
 
 def stamped(results: Iterable[RecipientResult], tls: Optional[Negotiated]) -> list[RecipientResult]:
     """`results` carrying the session's protection (`tls` None: plaintext); one already stamped keeps
     its own (it was settled on an earlier connection)."""
     tls = tls or PLAIN
-    return [r if r.tls is not None else replace(r, tls=tls.label, tls_verified=tls.verified) for r in results]
+    return [r if r.tls is not None else replace(r, tls=tls.label, tls_verified=tls.verified,
+                                                tls_verified_by=tls.tls_verified_by) for r in results]
 
 
 def describe(label: Optional[str], verified: bool) -> Optional[str]:
