@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -108,15 +110,35 @@ def _read(response: Any) -> defer.Deferred:
     length = response.length
     if isinstance(length, int) and length > MAX_POLICY_SIZE:
         raise FetchFailed("sts-policy-invalid", f"policy of {length} bytes, over {MAX_POLICY_SIZE}")
-    chunks: list[bytes] = []
+    collector = _Collector()
+    response.deliverBody(collector)
+    return collector.done
 
-    def collect(data: bytes) -> None:
-        chunks.append(data)
-        if sum(map(len, chunks)) > MAX_POLICY_SIZE:
-            raise _TooBig()
 
-    import treq
-    return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
+class _Collector(protocol.Protocol):
+    """The body, or _TooBig once it passes MAX_POLICY_SIZE (the connection is then dropped at once)."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > MAX_POLICY_SIZE:
+            self.done.errback(_TooBig())
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
 
 
 def _failed(failure: Failure, url: str) -> Failure:

@@ -16,6 +16,7 @@ leftmost label).  DANE reads the chain the server presented and asks delivery.da
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -63,11 +64,13 @@ class _Seen:
         self.depth = 0
 
 
-def _note_error(connection: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
-    seen = connection.get_app_data()
-    if not ok and isinstance(seen, _Seen) and seen.error is None:
-        seen.error, seen.depth = errno, depth
-    return True          # never refuse here: check() decides, with the reason (see the module docstring)
+def _noting(seen: _Seen):
+    """A verify callback for one connection that records the first chain error in `seen`."""
+    def note_error(connection: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
+        if not ok and seen.error is None:
+            seen.error, seen.depth = errno, depth
+        return True      # never refuse here: check() decides, with the reason (see the module docstring)
+    return note_error
 
 
 def load_trust(ca_file: Optional[Path]) -> Any:
@@ -100,12 +103,14 @@ class PolicyTLS:
         context.set_options(SSL.OP_NO_COMPRESSION)             # CRIME (CVE-2012-4929)
         if kind != "dane":
             IOpenSSLTrustRoot(trust if trust is not None else ssl.platformTrust())._addCACertsToContext(context)
-        context.set_verify(SSL.VERIFY_PEER, _note_error)
+        context.set_verify(SSL.VERIFY_PEER, _noting(_Seen()))
         self._context = context
+        self._seen: "weakref.WeakKeyDictionary[SSL.Connection, _Seen]" = weakref.WeakKeyDictionary()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
-        connection.set_app_data(_Seen())
+        seen = self._seen[connection] = _Seen()     # app data is Twisted's (its TLS transport)
+        connection.set_verify(SSL.VERIFY_PEER, _noting(seen))
         if not _is_literal(self.hostname):
             connection.set_tlsext_host_name(self.hostname.encode("idna"))   # RFC 6066 3 (SNI)
         connection.set_connect_state()
@@ -133,8 +138,10 @@ class PolicyTLS:
         chain = [c.to_cryptography() for c in (connection.get_peer_cert_chain() or [])]
         if self.kind == "dane":
             return dane.match(self.records, chain, self.hostname)
-        seen = connection.get_app_data()
-        if isinstance(seen, _Seen) and seen.error is not None:
+        seen = self._seen.get(connection)
+        if seen is None or seen.error is not None:
+            if seen is None:
+                return "certificate-not-trusted", "the chain was not checked on this connection"
             reason = _REASONS.get(seen.error, f"verify error {seen.error}")
             kind = "certificate-expired" if seen.error in _EXPIRED else "certificate-not-trusted"
             return kind, f"certificate chain: {reason} (depth {seen.depth})"
