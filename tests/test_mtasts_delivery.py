@@ -243,3 +243,27 @@ class MTASTSDeliveryTests(unittest.TestCase):
         [r] = yield mx.deliver(message_to(RCPT), [RCPT])
         self.assertEqual(r.status, "4.7.5", r)
         self.assertEqual(sink.messages, [])
+
+
+class VerifyModeTests(unittest.TestCase):
+    """`[delivery] tls = "verify"` checks the chain against `[delivery] ca_file` and the MX name."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.world = World(self)
+        self.world.zone(("example.net", "MX"), ["10 mx1.example.net."])
+
+    @defer.inlineCallbacks
+    def test_a_certificate_from_the_ca_file_is_verified(self):
+        self.world.exchanger("mx1.example.net", "127.0.0.2", tls="good")
+        [result] = yield self.world.mx(tls="verify").deliver(message_to(RCPT), [RCPT])
+        self.assertEqual((result.code, result.tls_verified, result.tls_verified_by), (250, True, "verify"))
+
+    @defer.inlineCallbacks
+    def test_without_the_ca_file_the_same_certificate_is_not_trusted(self):
+        sink = self.world.exchanger("mx1.example.net", "127.0.0.2", tls="good")
+        [result] = yield self.world.mx(tls="verify", ca_file=None).deliver(message_to(RCPT), [RCPT])
+        self.assertEqual(result.status, "4.7.5", result)
+        self.assertIn("certificate-not-trusted", result.text)
+        self.assertEqual(sink.messages, [])

@@ -21,7 +21,8 @@ RFC 8461 as implemented here:
 - 4.1: an MX host matches a pattern equal to its name, or "*.rest" where it is one label more than
   "rest" (case-insensitive, trailing dots ignored).
 - 5.1: a policy is used until max_age after it was fetched; a new one is fetched when the TXT id
-  differs from the cached policy's, or the cached one is older than REFRESH_AFTER; when no policy can be
+  differs from the cached policy's, or the cached one is older than REFRESH_AFTER (or half its max_age,
+  so that it is renewed before it expires); when no policy can be
   fetched (or the TXT record is gone) a cached one that has not expired is still applied.  A domain whose
   fetch failed is not asked again for RETRY_AFTER seconds (3.3 asks senders to rate-limit fetches).
 """
@@ -208,7 +209,8 @@ class MTASTS:
             # RFC 8461 5.1: no live record, but an unexpired cached policy: apply it.
             return StsAnswer(cached.policy if cached else None, cached.policy_id if cached else None,
                              cached=cached is not None)
-        if cached is not None and cached.policy_id == policy_id and now - cached.fetched_at < REFRESH_AFTER:
+        refresh = min(REFRESH_AFTER, (cached.policy.max_age / 2) if cached is not None else 0)
+        if cached is not None and cached.policy_id == policy_id and now - cached.fetched_at < refresh:
             return StsAnswer(cached.policy, policy_id, cached=True)
         failed = self._failed.get(domain)
         if failed is not None and failed[0] == policy_id and now < failed[1]:
