@@ -231,9 +231,11 @@ class MXDelivery:
                                  count=len(unsettled),
                                  reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
         if refused and refused == len(plans):
-            log.info("{queue_id}: {domain}: mail waits: the TLS policy refuses every MX host: {reply}",
-                     queue_id=_queue_ids(jobs), domain=plans[0].policy_domain,
-                     reply=str(plans[-1].refusal))
+            # Said in the recipients' state (queue list/show) and the log: nothing was even tried.
+            domain = plans[0].policy_domain
+            why = f"mail waits: the TLS policy refuses every MX host of {domain}: {plans[-1].refusal.text}"
+            log.info("{queue_id}: {domain}: {why}", queue_id=_queue_ids(jobs), domain=domain, why=why)
+            return [list(settle_all(job.recipients, 451, "4.7.5", why)) for job in jobs]
         return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
                 for i, job in enumerate(jobs)]
 

@@ -11,6 +11,7 @@ policy host, and SMTP sinks standing in for mail exchangers on 127.0.0.x, all on
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from twisted.internet import reactor, ssl
@@ -57,7 +58,7 @@ class World:
     def __init__(self, test, authenticated: bool = False, insecure=(), policy_certificate: str = "good"):
         self.test = test
         self.ca = TestCA()
-        self.ca_file = self.ca.write(test.mktemp())
+        self.ca_file = self.ca.write(os.path.abspath(test.mktemp()))
         # TTL 0: the relay's resolver keeps nothing, so a test may change the zone between deliveries.
         self.dns = DNSServer({}, authenticated_data=authenticated, insecure=insecure, ttl=0)
         self.nameservers = (("127.0.0.1", self.dns.start(reactor)),)
