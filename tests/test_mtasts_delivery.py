@@ -225,6 +225,8 @@ class MTASTSDeliveryTests(unittest.TestCase):
             [r] = yield mx.deliver(message_to(RCPT), [RCPT])
             self.assertTrue(r.delivered, r)
         self.assertEqual(self.world.policies.fetches("example.net"), 1)
+        # One connection, kept for the second message: one TLS session to report.
+        self.assertEqual((len(self.world.sinks["mx1.example.net"].sessions), len(self.world.reports.records)), (1, 1))
         # The domain moves its mail: a new policy under a new id is fetched and obeyed at once.
         self.world.publish("example.net", "enforce", ["mx9.example.net"], policy_id="two")
         [r] = yield mx.deliver(message_to(RCPT), [RCPT])

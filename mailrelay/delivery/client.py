@@ -252,7 +252,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         )
         tls = self._tls.name if self._tls is not None else None
         return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered,
-                             tls_verdict=self._verdict, starttls_missing=self._starttls_missing)
+                             tls_verdict=self._verdict, starttls_missing=self._starttls_missing, reused=self._reused)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)

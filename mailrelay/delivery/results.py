@@ -57,13 +57,15 @@ class SessionResult:
     `before_mail` says the session failed before the first MAIL FROM was answered (connect, greeting,
     EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host.
     `tls_verdict`: the TLS policy's judgement of the peer (delivery.tlsverify.Verdict) when the session's
-    STARTTLS options check one; `starttls_missing`: TLS was wanted but the server did not offer it."""
+    STARTTLS options check one; `starttls_missing`: TLS was wanted but the server did not offer it;
+    `reused`: the session ran on a parked connection (its TLS was judged when it was made)."""
     jobs: tuple[tuple[RecipientResult, ...], ...]
     tls: Optional[str] = None
     tls_failed: bool = False
     before_mail: bool = False
     tls_verdict: Any = None
     starttls_missing: bool = False
+    reused: bool = False
 
     @property
     def results(self) -> tuple[RecipientResult, ...]:

@@ -205,7 +205,10 @@ class TLSPolicies:
                          plan.problem[0], False, plan.problem[1])
 
     def report(self, plan: HostPlan, session: Any) -> None:
-        """One session's TLS outcome (session: delivery.results.SessionResult)."""
+        """One session's TLS outcome (session: delivery.results.SessionResult); a session on a reused
+        connection was counted when that connection was made."""
+        if session.reused:
+            return
         verdict: Optional[Verdict] = session.tls_verdict
         if verdict is None:
             if session.tls_failed:
