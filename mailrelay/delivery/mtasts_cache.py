@@ -8,7 +8,8 @@ writes each policy it fetched.  In/out: `CachedPolicy` (the policy text as serve
 time it was fetched).  A policy past its max_age is never returned and its file is removed.  A file
 that cannot be read or parsed is ignored (as if absent; logged once).
 
-Writes are atomic (a temporary file beside it, fsync, rename); they are rare (a domain's policy at most
+Writes are atomic (oauth2.write_atomically: a temporary file beside it, fsync, rename, fsync the
+directory); they are rare (a domain's policy at most
 once per fetch) and small, so they run where the caller is.  Domain names become file names as their
 lower-case IDNA (A-label) form, which has only letters, digits, "-" and "."; anything else is refused.
 `mailrelay route-test` reads the same files.
@@ -16,13 +17,13 @@ lower-case IDNA (A-label) form, which has only letters, digits, "-" and "."; any
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from mailrelay.delivery.mtasts import Policy, PolicyInvalid, parse_policy
+from mailrelay.delivery.oauth2 import write_atomically
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.mtasts")
@@ -83,7 +84,7 @@ class PolicyCache:
         record = {"domain": domain, "id": policy_id, "fetched_at": now, "policy": policy.text}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.directory / name, json.dumps(record).encode("utf-8"))
+            write_atomically(self.directory / name, json.dumps(record).encode("utf-8"))
         except OSError as e:
             log.error("{domain}: cannot save the MTA-STS policy in {directory}: {why}", domain=domain,
                       directory=str(self.directory), why=e.strerror or str(e))
@@ -128,19 +129,3 @@ class PolicyCache:
                      path=str(path), why=str(e)[:200])
             return None
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
