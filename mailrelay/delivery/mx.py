@@ -6,14 +6,17 @@ share one connection to each exchanger tried).  Out: a Deferred firing with one 
 recipient (never failing): 2xx delivered, 5xx bounced, 4xx to be retried later by the scheduler.
 
 How: resolve the domain (delivery.dns: MX by preference, shuffled among equals, implicit MX, null MX),
-then try the exchangers in order with the delivery client on `[delivery] mx_port`, under the
-`[delivery] tls` policy, bound to `source_address` when set (and then only to addresses of its family).
+ask delivery.tlspolicy how each exchanger must be approached (DANE, RFC 7672; MTA-STS, RFC 8461; else
+`[delivery] tls`: an exchanger a policy forbids is never connected to), then try the exchangers in order
+with the delivery client on `[delivery] mx_port`, bound to `source_address` when set (and then only to
+addresses of its family).  Each session's TLS outcome goes back to delivery.tlspolicy for reporting.
 Each exchanger's addresses are raced by delivery.eyeballs (RFC 8305: IPv6 first, families alternating,
 a new attempt every 250 ms, the first connection wins); a session that fails before MAIL FROM leaves
 the addresses not yet tried for another race.  A 2xx or 5xx settles a recipient; a 4xx or a failed
 connection leaves it for the next exchanger; what is unsettled after the last one keeps its last 4xx.
 RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and RFC 7435
-(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address), RFC 7505.
+(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address, but never under
+DANE, an enforced MTA-STS policy, "required" or "verify"), RFC 7505.
 
 Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
 name, port, security and TLS options (built once per exchanger name and kept, so equal checks share
@@ -51,14 +54,6 @@ log = Logger(namespace="mailrelay.delivery.mx")
 MAX_ADDRESSES = 10     # connection attempts per delivery, over all exchangers (Postfix: smtp_mx_address_limit)
 
 __all__ = ["MXDelivery", "UnverifiedTLS"]
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _family(address: str) -> int:
