@@ -199,3 +199,9 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(first).policy, self.successResultOf(second).policy)
         self.assertEqual(len(self.fetched), 1)
 
+
+    def test_an_internationalised_domain_is_asked_under_its_a_label(self):
+        self.dns.txt["_mta-sts.xn--bcher-kva.example"] = ["v=STSv1; id=one"]
+        self.bodies["xn--bcher-kva.example"] = GOOD
+        self.assertEqual(self.answer("Bücher.example").policy.mode, "enforce")
+        self.assertEqual(self.fetched, ["xn--bcher-kva.example"])

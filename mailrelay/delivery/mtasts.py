@@ -174,8 +174,13 @@ class MTASTS:
         self._in_flight: dict[str, defer.Deferred] = {}
 
     def policy_for(self, domain: str) -> defer.Deferred:
-        """Deferred[StsAnswer]; never fails.  Concurrent calls for one domain share one discovery."""
+        """Deferred[StsAnswer]; never fails.  Concurrent calls for one domain share one discovery.
+        The domain is looked up, fetched and cached under its A-label (IDNA) form."""
         domain = domain.lower().rstrip(".")
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return defer.succeed(StsAnswer(None))      # no DNS name: no policy can exist
         if domain in self._in_flight:
             shared = defer.Deferred()
             self._in_flight[domain].addBoth(lambda r: (shared.callback(r), r)[1])

@@ -207,8 +207,8 @@ class TLSPolicies:
     def report(self, plan: HostPlan, session: Any) -> None:
         """One session's TLS outcome (session: delivery.results.SessionResult); a session on a reused
         connection was counted when that connection was made."""
-        if session.reused:
-            return
+        if session.reused or plan.problem is not None:
+            return         # counted when the connection was made / by before(): one record per session
         verdict: Optional[Verdict] = session.tls_verdict
         if verdict is None:
             if session.tls_failed:
