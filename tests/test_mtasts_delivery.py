@@ -99,6 +99,7 @@ class MTASTSDeliveryTests(unittest.TestCase):
         result = yield self.deliver()
         self.assertEqual((result.code, result.status), (451, "4.7.5"), result)
         self.assertIn("not an MX host allowed by the MTA-STS policy of example.net", result.text)
+        self.assertTrue(result.text.startswith("mail waits: the TLS policy refuses every MX host of example.net"))
         self.assertEqual(sink.sessions, [])
 
     @defer.inlineCallbacks
