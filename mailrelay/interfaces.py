@@ -194,6 +194,8 @@ class IDeliveryEvents(Interface):
         Cheap and never blocking on a receiver: returns a Deferred that fires (never fails) once the
         event is durable in the outbox, or at once when nobody subscribes to `kind` or it was dropped
         (outbox full, disk error: logged and counted). Delivery never waits on the HTTP side."""
+
+
 class IRateCounter(Interface):
     """Message budgets per identity (`messages_per_minute`): server.ratelimit.RateLimiter on its own,
     cluster.shared.SharedRateLimiter across the relays naming one Redis."""
@@ -280,3 +282,52 @@ class IThrottle(Interface):
         """A success DSN (RFC 3461 NOTIFY=SUCCESS) for a spooled message. `action`: "relayed" (handed to
         a next hop that does not offer DSN, RFC 3461 6.2.1) or "delivered" (into the mailbox itself);
         `results`: a delivery.RecipientResult per such recipient, with the reply that accepted it."""
+
+
+class IDNSLookup(Interface):
+    """A resolver that answers single questions with the AD bit kept (delivery.dns.MXResolver): what the
+    TLS policies of direct delivery (MTA-STS TXT, DANE TLSA, the policy host's addresses) ask."""
+
+    def lookup(name, rdtype):
+        """Deferred[delivery.dns.Lookup]: the records of (name, "TXT" | "TLSA" | "A" | "AAAA"), whether
+        the answer was authenticated, and whether the name exists; fails only with
+        delivery.dns.ResolutionFailed when the answer is unknown (SERVFAIL, timeout)."""
+
+
+class ITLSVerification(Interface):
+    """What authenticated the TLS of one outgoing connection (delivery.client.DeliveryClient, and the
+    delivery.tlsinfo.Negotiated it records)."""
+
+    tls_verified_by = Attribute(
+        '"dane" (RFC 7672: a TLSA record matched), "mta-sts" (RFC 8461: the chain and the MX name checked '
+        'under an enforced or testing policy), "verify" (`[delivery] tls = "verify"`, or a smarthost with '
+        'verify = true), or None: plaintext, or TLS that authenticated nobody.')
+
+
+class ITLSPeerCheck(Interface):
+    """Client TLS options (an IOpenSSLClientConnectionCreator) that judge the peer after the handshake,
+    before any mail is offered: DANE and MTA-STS (delivery.tlspolicy)."""
+
+    def check(connection):
+        """The delivery.tlspolicy.Verdict for the pyOpenSSL connection whose handshake just completed."""
+
+    def without_starttls(host):
+        """(status, text) for a server that offers no STARTTLS although this policy needs TLS."""
+
+    def refusal(host, verdict):
+        """The reply text (4.7.5) for a session ended because `verdict` failed under this policy."""
+
+
+class ITLSReportSink(Interface):
+    """Where every TLS outcome of direct MX delivery is recorded, for TLS reporting (RFC 8460)."""
+
+    def record(policy_domain, policy_type, policy_strings, mx_host, result_type, success, detail):
+        """One outcome.  `policy_domain`: the recipient domain; `policy_type`: "sts", "tlsa" or
+        "no-policy-found" (RFC 8460 4.3); `policy_strings`: the policy's lines (the MTA-STS policy text,
+        or the TLSA records in presentation form), () when none; `mx_host`: the exchanger's name, or None
+        for a failure before any (a policy fetch); `result_type`: an RFC 8460 4.3 result type
+        ("starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+        "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+        "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"), None on success;
+        `success`: whether the session was protected as the policy asks; `detail`: a short text for
+        operators.  Called on the reactor thread; must not block and must not fail."""

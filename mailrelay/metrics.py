@@ -108,6 +108,13 @@ DSN_KINDS = ("failed", "delayed", "relayed", "delivered")
 # Why a PROXY protocol listener closed a connection before its session began (server/proxylistener.py).
 PROXY_REFUSALS = ("untrusted", "invalid", "timeout")
 OAUTH2_RESULTS = ("success", "refused", "server_error", "bad_response", "unreachable", "timeout")
+# TLS policy outcomes of direct delivery (RFC 8460 4.3 policy and result types; "success" for none).
+TLS_POLICY_TYPES = ("sts", "tlsa", "no-policy-found")
+TLS_POLICY_RESULTS = (
+    "success", "starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+    "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+    "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid",
+)
 
 # Seconds: from a minute to past the default 5-day lifetime.
 LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
@@ -122,8 +129,8 @@ DELIVERY_FAMILIES = frozenset((
     "mailrelay_dsn_sent", "mailrelay_queue_messages", "mailrelay_queue_oldest_message_age_seconds",
     "mailrelay_queue_held_messages", "mailrelay_webhook_posts", "mailrelay_webhook_dropped",
     "mailrelay_webhook_pending", "mailrelay_webhook_oldest_event_age_seconds",
-    "mailrelay_queue_held_messages", "mailrelay_throttle_paused", "mailrelay_throttle_waiting",
-    "mailrelay_throttle_connections",
+    "mailrelay_throttle_paused", "mailrelay_throttle_waiting", "mailrelay_throttle_connections",
+    "mailrelay_tls_policy_results", "mailrelay_oauth2_token_fetches",
 ))
 WEBHOOK_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
 WEBHOOK_DROPS = ("full", "error", "refused")
@@ -297,6 +304,8 @@ class Metrics:
         self.cluster_fallbacks = Counter("mailrelay_cluster_redis_fallbacks", "Decisions taken with this "
                                          "relay's own counters because Redis did not answer.", ["what"],
                                          registry=r)
+        self.tls_policy_results = Counter("mailrelay_tls_policy_results", "TLS outcomes of direct delivery "
+                                          "by policy type and RFC 8460 result.", ["policy", "result"], registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
         self._webhooks = _WebhookCollector()
@@ -345,6 +354,12 @@ class Metrics:
         self.delivery_results.labels(transport, label, checked, result).inc()
         if result == "delivered" and latency is not None:
             self.delivery_latency.observe(max(0.0, latency))
+
+    def tls_policy_result(self, policy: str, result: str) -> None:
+        """One TLS outcome of direct delivery: `policy` one of TLS_POLICY_TYPES, `result` one of
+        TLS_POLICY_RESULTS (an RFC 8460 result type, or "success")."""
+        self.tls_policy_results.labels(_fold(policy, TLS_POLICY_TYPES, "no-policy-found"),
+                                       _fold(result, TLS_POLICY_RESULTS, "validation-failure")).inc()
 
     def dsn(self, kind: str) -> None:
         """A DSN was queued to the sender: one of DSN_KINDS (its Action)."""

@@ -173,10 +173,11 @@ def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingPar
 
 
 def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryParts] = None,
-                         metrics=None) -> DeliveryParts:
+                         metrics=None, tls_reports=None) -> DeliveryParts:
     """Routes and next hops (behind DKIM) for `config`; the MX resolver (and its DNS cache) of
     `previous` is kept when it asks the same nameservers. `metrics` counts the smarthosts' OAuth2 token
-    fetches. Raises ValueError (unreadable secrets, bad keys)."""
+    fetches and the TLS policy outcomes of direct delivery; `tls_reports` (an ITLSReportSink, default
+    none) is told each of those outcomes. Raises ValueError (unreadable secrets, bad keys)."""
     from mailrelay.delivery.dns import MXResolver
     from mailrelay.delivery.mx import MXDelivery
     from mailrelay.delivery.routes import Router
@@ -192,7 +193,8 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
                                                       source_address=config.delivery.source_address,
                                                       metrics=metrics))
                     for name, t in config.transports.items()},
-        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver)),
+        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver,
+                                   spool=config.spool, metrics=metrics, tls_reports=tls_reports)),
         resolver=resolver,
     )
 

@@ -463,6 +463,18 @@ class ValueTests(ConfigTestCase):
         self.assertRefused("[delivery]\nprocess_nice = 20\n", "delivery.process_nice", "0..19")
         self.assertRefused("[delivery]\nprocess_nice = -5\n", "delivery.process_nice", "0..19")
 
+    def test_delivery_tls_policy_keys(self) -> None:
+        d = self.load("").delivery
+        self.assertEqual((d.mta_sts, d.mta_sts_port, d.dane, d.ca_file), (True, 443, True, None))
+        d = self.load('[delivery]\nmta_sts = false\ndane = false\nmta_sts_port = 8443\nca_file = ""\n').delivery
+        self.assertEqual((d.mta_sts, d.mta_sts_port, d.dane, d.ca_file), (False, 8443, False, None))
+        self.assertRefused("[delivery]\nmta_sts_port = 0\n", "delivery.mta_sts_port")
+        self.assertRefused('[delivery]\nmta_sts = "yes"\n', "delivery.mta_sts")
+        self.assertRefused('[delivery]\nca_file = "missing.pem"\n', "delivery.ca_file", "cannot read")
+        path = self.write("")
+        (path.parent / "junk.pem").write_text("not a certificate")
+        self.assertRefused('[delivery]\nca_file = "junk.pem"\n', "delivery.ca_file", "cannot load certificates")
+
     def test_queue_directory_fsync_is_auto_or_always(self) -> None:
         self.assertEqual(self.load("").queue.directory_fsync, "auto")
         self.assertEqual(self.load('[queue]\ndirectory_fsync = "always"\n').queue.directory_fsync, "always")

@@ -168,6 +168,10 @@ def describe(config: Config) -> list[tuple[str, str]]:
                   f"({d.concurrency_per_domain} per domain); DNS via {resolver}{source}; "
                   + (f"in a separate process, {d.process_nice} nice steps below" if d.process == "separate"
                      else "in the main process")))
+    sts = f"MTA-STS on (policies from port {d.mta_sts_port})" if d.mta_sts else "MTA-STS off"
+    dane = "DANE on (when the resolver authenticates answers)" if d.dane else "DANE off"
+    trust = f"CAs from {d.ca_file}" if d.ca_file else "the system's CAs"
+    lines.append(("tls policies", f"{sts}; {dane}; MX certificates and policy hosts checked against {trust}"))
     s = config.suppression
     lines.append(("suppression", f"on: a 5.1.x or 5.2.1 failure refuses RCPT to the address for "
                   f"{human_duration(s.duration)} (list in {config.spool / 'suppression.jsonl'})"

@@ -1,13 +1,15 @@
 """`mailrelay route-test ADDRESS [--sender S] [--from-domain D] --config F`: what the relay would do with a
 recipient, without sending anything — the route (and any fallback after failed attempts), the transport or
-the MX hosts resolved with the configured DNS, the TLS policy, how a smarthost would authenticate, and the
-DKIM keys that would sign.  For an OAuth2 transport it asks the token endpoint for a token right now and
-says whether one came (and for how long it is valid) or why not; the token itself is never shown.
+the MX hosts resolved with the configured DNS, the TLS policy (for direct delivery: the domain's MTA-STS
+policy, each exchanger's DANE records and whether they were authenticated, and what each exchanger would
+get), how a smarthost would authenticate, and the DKIM keys that would sign.  For an OAuth2 transport it
+asks the token endpoint for a token right now and says whether one came (and for how long it is valid)
+or why not; the token itself is never shown.
 
 Exit status: 0 when the address can be routed, 1 when DNS says it cannot (null MX, no such domain), 2 for a
 config error, a temporary DNS failure or no OAuth2 token to be had. Nothing is written (except a refresh
-token the endpoint rotates, saved as the relay would) and no connection is made except DNS queries and
-that token request.
+token the endpoint rotates, saved as the relay would) and no connection is made except DNS queries, that
+token request, and the MTA-STS policy fetch when the relay has no cached policy for the TXT record's id.
 """
 from __future__ import annotations
 
@@ -84,14 +86,22 @@ def describe_route(config: Config, route, index: int | None, tokens: dict | None
 
 
 def mx_lines(config: Config, domain: str) -> tuple[list[str], int]:
+    """The MX hosts, then the TLS policy lines (cli.route_policy) of a domain that has a name."""
+    resolver = make_resolver(config.delivery.nameservers)
     try:
         hosts = address_literal(domain)
+        literal = hosts is not None
         if hosts is None:
             check_domain(domain)
-            hosts = resolve_sync(make_resolver(config.delivery.nameservers), domain)
+            hosts = resolve_sync(resolver, domain)
     except ResolutionFailed as e:
         return [f"mx: {e.reply}"], (2 if e.temporary else 1)
-    lines = [f"mx: {h.preference:>3} {h.name} [{', '.join(h.addresses)}]" for h in hosts]
+    lines = [f"mx: {h.preference:>3} {h.name} [{', '.join(h.addresses)}]" + (" (authenticated)" if h.secure else "")
+             for h in hosts]
+    if not literal:
+        from mailrelay.cli.route_policy import policy_lines
+
+        lines += policy_lines(config, resolver, domain, hosts)
     return lines, 0
 
 

@@ -149,6 +149,10 @@ class DeliveryConfig:
     source_address: str = ""
     process: str = "separate"   # "separate": delivery in a second process (a second core); "inline": one
     process_nice: int = 10      # added key: how much nicer (nice(2)) that process runs than the receiving one
+    mta_sts: bool = True        # RFC 8461: fetch, cache and obey MTA-STS policies (direct-to-MX only)
+    mta_sts_port: int = 443     # the HTTPS port policies are fetched from
+    dane: bool = True           # RFC 7672: TLSA records from answers the resolver marks authenticated
+    ca_file: Optional[Path] = None   # trust for MX certificates and policy hosts; None: the system's
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")

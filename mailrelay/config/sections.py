@@ -293,7 +293,23 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         source_address=source,
         process=t.choice("process", d.process, DELIVERY_PROCESS),
         process_nice=t.integer("process_nice", d.process_nice, low=0, high=19),
+        mta_sts=t.flag("mta_sts", d.mta_sts),
+        mta_sts_port=t.port("mta_sts_port", d.mta_sts_port),
+        dane=t.flag("dane", d.dane),
+        ca_file=_pem_file(t, "ca_file"),
     ))
+
+
+def _pem_file(t: _Reader, key: str) -> Optional[Path]:
+    """A CA file key: "" or absent is None (the system's trust); else a readable file of PEM certificates."""
+    path = t.path(key, readable=True, allow_empty=True)
+    if path is not None and t.checks_files():
+        from cryptography import x509
+        try:
+            x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as e:
+            t.fail(key, f"cannot load certificates from {path}: {' '.join(str(e).split())[:200]}")
+    return path
 
 
 def _source_address(t: _Reader) -> str:

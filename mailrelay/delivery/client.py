@@ -48,7 +48,9 @@ from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable,
 )
 from mailrelay.delivery.sasl import Exchange, PasswordLogin
-from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
+from mailrelay.delivery.starttls import StartTLSSteps
+from mailrelay.delivery.tlsinfo import Negotiated, stamped
+from mailrelay.interfaces import ITLSVerification
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 
@@ -63,9 +65,10 @@ QUIT_TIMEOUT = 10.0        # seconds to wait for the reply to QUIT on an idle co
 Awaited = tuple[str, str, Any, Callable, Callable]
 
 
-@implementer(IHandshakeListener)
-class DeliveryClient(smtp.ESMTPClient):
-    """One client connection.  Each `_on_*` method handles the reply to the command that preceded it."""
+@implementer(IHandshakeListener, ITLSVerification)
+class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
+    """One client connection.  Each `_on_*` method handles the reply to the command that preceded it.
+    `tls_verified_by` (ITLSVerification) says what authenticated its TLS, once the handshake is done."""
 
     debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
@@ -83,6 +86,8 @@ class DeliveryClient(smtp.ESMTPClient):
         self._extensions: dict[bytes, bytes] = {}
         self._tls_active = self._tls_pending = self._tls_failed = False
         self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
+        self._verdict = None           # the TLS policy's judgement of the peer (delivery.tlsverify), if any
+        self._starttls_missing = False
         self._greeted = False
         self._exchange: Optional[Exchange] = None       # the AUTH exchange under way (delivery.sasl)
         self._awaiting: deque[Awaited] = deque()
@@ -126,10 +131,6 @@ class DeliveryClient(smtp.ESMTPClient):
         if self.params.security == "tls" and not self._tls_active:
             return self._abort(421, "4.7.5", f"implicit TLS to {self._host} requested, but the connection is plain")
         self._expect((220,), self._on_greeting, self._on_bad_greeting, "connect", "the greeting")
-
-    def handshakeCompleted(self) -> None:
-        self._tls_pending = False
-        self._tls = negotiated(self.transport, self.params.tls_verification)
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -255,7 +256,8 @@ class DeliveryClient(smtp.ESMTPClient):
             for j, res in zip(self.jobs, self._results)
         )
         tls = self._tls.name if self._tls is not None else None
-        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered)
+        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered,
+                             tls_verdict=self._verdict, starttls_missing=self._starttls_missing, reused=self._reused)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
@@ -299,35 +301,6 @@ class DeliveryClient(smtp.ESMTPClient):
             keyword, _, value = line.strip().partition(b" ")
             self._extensions[keyword.upper()] = value.strip()
         self._maybe_starttls()
-
-    def _maybe_starttls(self) -> None:
-        wanted = self.params.security in ("opportunistic", "starttls") and self.params.tls_options is not None
-        if self._tls_active or not wanted:
-            return self._maybe_auth()
-        if b"STARTTLS" in self._extensions:
-            return self._send(b"STARTTLS", "STARTTLS", (220,), self._on_starttls, self._on_starttls_refused)
-        if self.params.security == "starttls":
-            self._failure = (451, "4.7.4", f"TLS is required, but {self._host} does not offer STARTTLS")
-            return self._quit()
-        self._maybe_auth()
-
-    def _on_starttls_refused(self, code: int, text: bytes) -> None:
-        if self.params.security == "starttls" or code == 421:
-            return self._fail_from_reply(code, text, "STARTTLS")
-        self._maybe_auth()      # RFC 3207 4: a 454 lets an opportunistic client go on in plaintext
-
-    def _on_starttls(self, code: int, text: bytes) -> None:
-        # CVE-2011-0411 class: plaintext the server pipelined behind its 220 must not be read as if it came
-        # through TLS; and RFC 3207 4.2: forget everything learned before TLS, EHLO again.
-        self.clearLineBuffer()
-        self._extensions = {}
-        self._tls_pending = self._tls_active = True
-        try:
-            self.transport.startTLS(self.params.tls_options)
-        except Exception as e:
-            self._tls_failed = True
-            return self._abort(421, "4.7.5", f"cannot start TLS with {self._host}: {printable(str(e).encode())}")
-        self._ehlo()
 
     def _maybe_auth(self) -> None:
         login = self.params.login or (PasswordLogin(self.params.username, self.params.password or b"")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import groupby
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -36,8 +37,10 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from zope.interface import implementer
+
 from mailrelay import idn
-from mailrelay.interfaces import Reply
+from mailrelay.interfaces import IDNSLookup, Reply
 
 DEFAULT_TIMEOUT = 10.0      # seconds for one query, all nameservers and retries included
 DOMAIN_BUDGET = 30.0        # seconds for all the queries about one domain (MX, then A/AAAA per exchanger)
@@ -48,10 +51,22 @@ CACHE_SIZE = 10_000         # answers kept (least recently used out): MX, A and 
 
 @dataclass(frozen=True)
 class MXHost:
-    """One mail exchanger to try: its name (for TLS and logs), preference, and addresses in order."""
+    """One mail exchanger to try: its name (for TLS and logs), preference, and addresses in order.
+    `secure`: the MX answer and every address answer for this host came marked authenticated (the AD
+    bit of a validating resolver): RFC 7672 section 2.2's condition for looking up its TLSA records."""
     name: str
     preference: int
     addresses: tuple[str, ...]
+    secure: bool = False
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The records of one (name, type) as text (TXT strings joined), and whether the answer came
+    with the AD bit (RFC 4035 section 3.2.3); `exists` is False for NXDOMAIN."""
+    records: tuple
+    authenticated: bool
+    exists: bool = True
 
 
 class ResolutionFailed(Exception):
@@ -93,6 +108,9 @@ def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT, cache=None) 
         resolver = dns.resolver.Resolver()
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, 3.0)     # per nameserver try; `lifetime` bounds the whole query
+    # RFC 6840 section 5.7: a validating resolver sets AD in its answer only when the query asked for it
+    # (AD or DO); DANE (RFC 7672 section 2.1) reads that bit, so every query sets AD.
+    resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.cache = cache
     return resolver
 
@@ -123,11 +141,16 @@ class _Budget:
 
 def _lookup(resolver: dns.resolver.Resolver, name: str, rdtype, budget: _Budget) -> list:
     """The records of (name, type): [] for NODATA; _NameNotFound for NXDOMAIN; else _LookupTemporary."""
+    return _lookup_secure(resolver, name, rdtype, budget)[0]
+
+
+def _lookup_secure(resolver: dns.resolver.Resolver, name: str, rdtype, budget: _Budget) -> tuple[list, bool]:
+    """(records, AD bit set) of (name, type), as `_lookup`; an NXDOMAIN carries its AD bit too."""
     lifetime = budget.lifetime(resolver.lifetime)
     try:
         answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
-    except dns.resolver.NXDOMAIN:
-        raise _NameNotFound(name) from None
+    except dns.resolver.NXDOMAIN as e:
+        raise _NameNotFound(name, _nx_authenticated(e)) from None
     except dns.resolver.NoAnswer:
         return []
     except dns.exception.Timeout:
@@ -136,51 +159,84 @@ def _lookup(resolver: dns.resolver.Resolver, name: str, rdtype, budget: _Budget)
         raise _LookupTemporary("no nameserver answered (SERVFAIL or REFUSED)") from None
     except dns.exception.DNSException as e:
         raise _LookupTemporary(type(e).__name__) from None
-    return list(answer.rrset) if answer.rrset is not None else []
+    secure = bool(answer.response.flags & dns.flags.AD)
+    return (list(answer.rrset) if answer.rrset is not None else []), secure
 
 
-def _addresses(resolver, name: str, budget: _Budget) -> tuple[tuple[str, ...], bool]:
-    """A then AAAA addresses of `name`, and whether a lookup failed temporarily."""
-    found, failed = [], False
+def _nx_authenticated(e: dns.resolver.NXDOMAIN) -> bool:
+    try:
+        return any(bool(r.flags & dns.flags.AD) for r in e.responses().values())
+    except Exception:
+        return False
+
+
+def lookup_sync(resolver: dns.resolver.Resolver, name: str, rdtype: str, timeout: float = DEFAULT_TIMEOUT) -> Lookup:
+    """Blocking lookup of one (name, type) for the TLS policies (TXT, TLSA, A, AAAA); raises
+    ResolutionFailed (4.4.3) when the answer is unknown (SERVFAIL, timeout), never for NXDOMAIN/NODATA."""
+    try:
+        records, secure = _lookup_secure(resolver, name, dns.rdatatype.from_text(rdtype), _Budget(timeout))
+    except _NameNotFound as e:
+        return Lookup((), bool(e.args[1:] and e.args[1]), exists=False)
+    except _LookupTemporary as e:
+        raise temporary(name, str(e)) from None
+    return Lookup(tuple(_as_value(r) for r in records), secure)
+
+
+def _as_value(record):
+    """TXT: its strings joined (RFC 7208 3.3 style); A/AAAA: the address; others: the rdata itself."""
+    if record.rdtype == dns.rdatatype.TXT:
+        return b"".join(record.strings).decode("utf-8", "replace")
+    if record.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return record.address
+    return record
+
+
+def _addresses(resolver, name: str, budget: _Budget) -> tuple[tuple[str, ...], bool, bool]:
+    """A then AAAA addresses of `name`, whether a lookup failed temporarily, and whether every answer
+    was authenticated (RFC 7672 2.2.2: the address records too must be secure for DANE)."""
+    found, failed, secure = [], False, True
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         try:
-            found.extend(r.address for r in _lookup(resolver, name, rdtype, budget))
+            records, authenticated = _lookup_secure(resolver, name, rdtype, budget)
+            found.extend(r.address for r in records)
+            secure &= authenticated
         except _NameNotFound:
             break          # NXDOMAIN for A means there is no AAAA either
         except _LookupTemporary:
-            failed = True
-    return tuple(dict.fromkeys(found)), failed
+            failed, secure = True, False
+    return tuple(dict.fromkeys(found)), failed, secure
 
 
-def _exchangers(resolver, domain: str, budget: _Budget) -> list[tuple[int, str]]:
-    """(preference, host) from the MX records, or the implicit MX (RFC 5321 §5.1)."""
+def _exchangers(resolver, domain: str, budget: _Budget) -> tuple[list[tuple[int, str]], bool]:
+    """(preference, host) from the MX records, or the implicit MX (RFC 5321 §5.1); and whether the MX
+    answer was authenticated."""
     try:
-        records = _lookup(resolver, domain, dns.rdatatype.MX, budget)
+        records, secure = _lookup_secure(resolver, domain, dns.rdatatype.MX, budget)
     except _NameNotFound:
         raise permanent("5.1.2", f"domain {domain} does not exist (NXDOMAIN)") from None
     except _LookupTemporary as e:
         raise temporary(domain, str(e)) from None
     if not records:
-        return [(0, domain)]          # RFC 5321 §5.1: no MX → the domain itself is the implicit MX
+        return [(0, domain)], secure  # RFC 5321 §5.1: no MX → the domain itself is the implicit MX
     real = [r for r in records if r.exchange != dns.name.root]
     if not real:
         # RFC 7505 §3: "MX 0 ." says the domain accepts no mail at all: bounce at once, never retry.
         raise permanent("5.1.10", f"domain {domain} accepts no mail (null MX)", code=556)
     # RFC 7505 §3 forbids mixing "." with real exchangers; if it happens, the real ones are used.
     ordered = sorted(real, key=lambda r: r.preference)[:MAX_MX_HOSTS]
-    return [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in ordered]
+    return [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in ordered], secure
 
 
 def resolve_sync(resolver: dns.resolver.Resolver, domain: str, budget: float = DOMAIN_BUDGET) -> list[MXHost]:
     """Blocking resolution of one domain (run it in a thread): exchangers sorted by preference only."""
     allowance = _Budget(budget)
-    exchangers = _exchangers(resolver, domain, allowance)
+    exchangers, mx_secure = _exchangers(resolver, domain, allowance)
     hosts, any_temporary = [], False
     for preference, name in exchangers:
-        addresses, failed = _addresses(resolver, name, allowance)
+        addresses, failed, secure = _addresses(resolver, name, allowance)
         any_temporary |= failed
         if addresses:
-            hosts.append(MXHost(name, preference, addresses))
+            hosts.append(MXHost(name, preference, addresses, mx_secure and secure))
     if hosts:
         return hosts
     if any_temporary:
@@ -233,6 +289,7 @@ def check_domain(domain: str) -> None:
         raise permanent("5.1.2", f"invalid recipient domain {domain!r}", code=553)
 
 
+@implementer(IDNSLookup)
 class MXResolver:
     """Resolves recipient domains on a dedicated thread pool, started on first use, through one
     dnspython resolver and its answer cache (see the module docstring), also made on first use.
@@ -324,6 +381,21 @@ class MXResolver:
         d.addBoth(self._answered)
         d.addCallback(shuffle_equal_preferences, self._rng)
         return d
+
+    def lookup(self, name: str, rdtype: str) -> defer.Deferred:
+        """IDNSLookup: Deferred[Lookup] for one (name, type) through the same resolver and cache; fails
+        only with ResolutionFailed (a temporary failure: the answer is unknown)."""
+        self._in_flight += 1
+        d = deferToThreadPool(self._reactor, self._ensure_pool(), self._lookup_in_thread, name, rdtype)
+        return d.addBoth(self._answered)
+
+    def _lookup_in_thread(self, name: str, rdtype: str) -> Lookup:
+        try:
+            return lookup_sync(self._dns(), name.lower().rstrip("."), rdtype, self._timeout)
+        except ResolutionFailed:
+            raise
+        except Exception as e:      # as in _resolve_in_thread
+            raise temporary(name, type(e).__name__) from None
 
     def _resolve_in_thread(self, domain: str) -> list[MXHost]:
         try:

@@ -68,9 +68,6 @@ class SessionParams:
     timeouts: Timeouts = Timeouts()
     login: Any = field(default=None, repr=False)    # a delivery.sasl login; default: PLAIN/LOGIN with the above
     protocol: str = "smtp"         # "lmtp": RFC 2033 (delivery.lmtp)
-    # What a verified handshake on this session proves (delivery.tlsinfo.VERIFIERS): "pkix" for the
-    # certificate checks of optionsForClientTLS; a recipient-domain policy (MTA-STS, DANE) names itself.
-    tls_verification: str = "pkix"
     # This plaintext session follows a failed TLS handshake with the same server (an opportunistic
     # fallback): what needs TLS waits instead of bouncing (delivery.offer.requiretls_refusal).
     after_tls_failure: bool = False

@@ -6,16 +6,19 @@ share one connection to each exchanger tried).  Out: a Deferred firing with one 
 recipient (never failing): 2xx delivered, 5xx bounced, 4xx to be retried later by the scheduler.
 
 How: resolve the domain (delivery.dns: MX by preference, shuffled among equals, implicit MX, null MX),
-then try the exchangers in order with the delivery client on `[delivery] mx_port`, under the
-`[delivery] tls` policy, bound to `source_address` when set (and then only to addresses of its family).
+ask delivery.tlspolicy how each exchanger must be approached (DANE, RFC 7672; MTA-STS, RFC 8461; else
+`[delivery] tls`: an exchanger a policy forbids is never connected to), then try the exchangers in order
+with the delivery client on `[delivery] mx_port`, bound to `source_address` when set (and then only to
+addresses of its family).  Each session's TLS outcome goes back to delivery.tlspolicy for reporting.
 Each exchanger's addresses are raced by delivery.eyeballs (RFC 8305: IPv6 first, families alternating,
 a new attempt every 250 ms, the first connection wins); a session that fails before MAIL FROM leaves
 the addresses not yet tried for another race.  A 2xx or 5xx settles a recipient; a 4xx or a failed
 connection leaves it for the next exchanger; what is unsettled after the last one keeps its last 4xx.
 RFC 5321 §5.1 (trying exchangers in order), RFC 5321 §4.2 (reply classes), RFC 3207 and RFC 7435
-(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address), RFC 7505,
-RFC 8689 (a REQUIRETLS message refused by one exchanger tries the next; a message tagged
-`TLS-Required: No` is sent as opportunistic TLS would send it when "required"/"verify" fails).
+(opportunistic TLS: a failed handshake falls back to plaintext once, on the same address, but never under
+DANE, an enforced MTA-STS policy, "required" or "verify"), RFC 7505, RFC 8689 (a REQUIRETLS message
+refused by one exchanger tries the next; a message tagged `TLS-Required: No` is sent as opportunistic
+TLS would send it when the TLS policy — `[delivery] tls`, MTA-STS or DANE — cannot be met).
 
 Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
 name, port, security and TLS options (built once per exchanger name and kept, so equal checks share
@@ -30,12 +33,9 @@ left at 4xx is reported at the end, once the later exchangers have had their say
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from typing import Any, Callable, Optional
 
-from OpenSSL import SSL
-from twisted.internet import defer, endpoints, ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet import defer, endpoints
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig
@@ -46,42 +46,17 @@ from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsE
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.requiretls import tls_optional
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
+from mailrelay.delivery.tlspolicy import HostPlan, TLSPolicies
+from mailrelay.delivery.tlsverify import UnverifiedTLS
 from mailrelay.envelope import domain_of
-from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.interfaces import IBatchNextHop, IDNSLookup, INextHop
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.mx")
 
 MAX_ADDRESSES = 10     # connection attempts per delivery, over all exchangers (Postfix: smtp_mx_address_limit)
-TLS_OPTIONS_KEPT = 128  # exchanger names whose client TLS options (an SSL context each) are kept for reuse
 
-# [delivery] tls → the client's security mode.  "required" and "verify" both insist on STARTTLS;
-# "verify" also checks the certificate chain and the exchanger's name.
-_SECURITY = {"none": "none", "opportunistic": "opportunistic", "required": "starttls", "verify": "starttls"}
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class UnverifiedTLS:
-    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI."""
-
-    def __init__(self, hostname: str):
-        self._hostname = hostname
-        self._context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
-
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        if not _is_address(self._hostname):
-            connection.set_tlsext_host_name(self._hostname.encode("idna"))
-        connection.set_connect_state()
-        return connection
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
+__all__ = ["MXDelivery", "UnverifiedTLS"]
 
 
 def _family(address: str) -> int:
@@ -90,10 +65,13 @@ def _family(address: str) -> int:
 
 @implementer(INextHop, IBatchNextHop)
 class MXDelivery:
-    """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts`, `pool` (idle
-    connections; default a new ConnectionPool) and `send` (replacing the client's deliver_over, then
-    called as send(endpoint, params, jobs, reactor), without connection reuse) may be replaced, mostly
-    by tests."""
+    """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify" and MTA-STS; default `[delivery]
+    ca_file`, else the system's), `timeouts`, `pool` (idle connections; default a new ConnectionPool) and
+    `send` (replacing the client's deliver_over, then called as send(endpoint, params, jobs, reactor),
+    without connection reuse) may be replaced, mostly by tests.  `policies` decides each exchanger's TLS
+    (delivery.tlspolicy); by default it is built from `[delivery]`: MTA-STS (its cache under `spool`, in
+    memory only without one) and DANE when they are on and the resolver answers single lookups
+    (IDNSLookup), outcomes told to `tls_reports` (an ITLSReportSink) and `metrics`."""
 
     def __init__(
         self,
@@ -105,6 +83,10 @@ class MXDelivery:
         timeouts: Timeouts = Timeouts(),
         send: Optional[Callable[..., defer.Deferred]] = None,
         pool: Optional[ConnectionPool] = None,
+        policies: Optional[TLSPolicies] = None,
+        spool: Any = None,
+        tls_reports: Any = None,
+        metrics: Any = None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -116,9 +98,22 @@ class MXDelivery:
         self.timeouts = timeouts
         self.send = send
         self.pool = pool if pool is not None else ConnectionPool(reactor)
-        self._tls_kept: OrderedDict[str, Any] = OrderedDict()
+        self.policies = policies if policies is not None else self._default_policies(spool, tls_reports, metrics)
         self.attempt_delay = CONNECTION_ATTEMPT_DELAY   # RFC 8305 §5 stagger between connection attempts
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
+
+    def _default_policies(self, spool: Any, sink: Any, metrics: Any) -> TLSPolicies:
+        d = self.delivery
+        lookup = self.resolver if IDNSLookup.providedBy(self.resolver) else None
+        mtasts = None
+        if d.mta_sts and lookup is not None:
+            from mailrelay.delivery.mtasts import MTASTS, treq_fetcher
+            from mailrelay.delivery.mtasts_cache import PolicyCache
+
+            fetch = treq_fetcher(self.reactor, lookup, d.mta_sts_port, d.ca_file)
+            mtasts = MTASTS(lookup, fetch, PolicyCache(spool), self.reactor)
+        return TLSPolicies(d.tls, lookup=lookup, mtasts=mtasts, dane=d.dane, mx_port=d.mx_port,
+                           ca_file=d.ca_file, trust=self.trust_root, sink=sink, metrics=metrics)
 
     def deliver(self, message, recipients) -> defer.Deferred:
         """One RecipientResult per recipient (all of one domain), in order; the Deferred never fails."""
@@ -159,32 +154,52 @@ class MXDelivery:
             else:
                 report = None if on_settled is None else (
                     lambda k, job_results, indexes=indexes: on_settled(indexes[k], job_results))
-                settled = yield self._try_hosts(group, hosts, report)
+                plans = yield self.policies.plan(domain, hosts)
+                settled = yield self._try_hosts(group, plans, report)
             for i, job_results in zip(indexes, settled):
                 results[i] = job_results
         return results
 
-    def _candidates(self, hosts: list[MXHost]) -> list[tuple[MXHost, list[str]]]:
+    def _candidates(self, plans: list[HostPlan]) -> list[tuple[HostPlan, list[str]]]:
         """Each exchanger with its addresses in happy-eyeballs order (RFC 8305 §4: IPv6 first, then the
-        families alternating); only our source address's family when one is set; MAX_ADDRESSES in all."""
+        families alternating); only our source address's family when one is set; MAX_ADDRESSES in all.
+        An exchanger its TLS policy refuses comes with no address (it is not tried)."""
         family = _family(self.delivery.source_address) if self.delivery.source_address else None
         left, candidates = MAX_ADDRESSES, []
-        for host in hosts:
+        for plan in plans:
+            if plan.refusal is not None:
+                candidates.append((plan, []))
+                continue
+            host = plan.host
             addresses = interleave(a for a in host.addresses if family is None or _family(a) == family)[:left]
             if addresses:
-                candidates.append((host, addresses))
+                candidates.append((plan, addresses))
                 left -= len(addresses)
             if left <= 0:
                 break
         return candidates
 
     @defer.inlineCallbacks
-    def _try_hosts(self, jobs: list[Job], hosts: list[MXHost], on_settled: Optional[OnSettled] = None):
+    def _try_hosts(self, jobs: list[Job], plans: list[HostPlan], on_settled: Optional[OnSettled] = None):
         final: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         last: list[dict[str, RecipientResult]] = [{} for _ in jobs]
         answered_hosts: set[str] = set()
         reported: set[int] = set()
-        for host, addresses in self._candidates(hosts):
+        hosts = [plan.host for plan in plans]
+        refused = 0
+        for plan, addresses in self._candidates(plans):
+            host = plan.host
+            if plan.refusal is not None:
+                # A TLS policy forbids this exchanger (RFC 8461 4.1 / RFC 7672 2.2): never connect to it.
+                refused += 1
+                self.policies.refused(plan)
+                for i, job in enumerate(jobs):
+                    for rcpt in job.recipients:
+                        if rcpt not in final[i]:
+                            last[i][rcpt] = RecipientResult(rcpt, plan.refusal.code, plan.refusal.status,
+                                                            plan.refusal.text, host.name)
+                continue
+            self.policies.before(plan)
             untried, sessions = addresses, 0
             # RFC 5321 §5.1: an exchanger that failed before MAIL FROM (no connection, a 421 greeting,
             # a failed STARTTLS) leaves its other addresses to try, then the next exchanger.
@@ -196,7 +211,7 @@ class MXDelivery:
                 tried = [Job(jobs[i].message, recipients) for i, recipients in pending]
                 report = None if on_settled is None else self._reporter(jobs, pending, final, reported, on_settled)
                 endpoint = self._eyeballs(untried)
-                session = yield self._attempt(tried, host, endpoint, report)
+                session = yield self._attempt(tried, plan, endpoint, report)
                 sessions += 1
                 for (i, recipients), job_results in zip(pending, session.jobs):
                     for rcpt, result in zip(recipients, job_results):
@@ -213,6 +228,12 @@ class MXDelivery:
                                  queue_id=_queue_id(jobs[i].message), where=unsettled[0].remote_host or host.name,
                                  count=len(unsettled),
                                  reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
+        if refused and refused == len(plans):
+            # Said in the recipients' state (queue list/show) and the log: nothing was even tried.
+            domain = plans[0].policy_domain
+            why = f"mail waits: the TLS policy refuses every MX host of {domain}: {plans[-1].refusal.text}"
+            log.info("{queue_id}: {domain}: {why}", queue_id=_queue_ids(jobs), domain=domain, why=why)
+            return [list(settle_all(job.recipients, 451, "4.7.5", why)) for job in jobs]
         return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
                 for i, job in enumerate(jobs)]
 
@@ -233,18 +254,20 @@ class MXDelivery:
         return report
 
     @defer.inlineCallbacks
-    def _attempt(self, jobs: list[Job], host: MXHost, endpoint: HappyEyeballsEndpoint,
+    def _attempt(self, jobs: list[Job], plan: HostPlan, endpoint: HappyEyeballsEndpoint,
                  on_settled: Optional[OnSettled] = None):
-        policy = self.delivery.tls
-        session: SessionResult = yield self._session(jobs, host, endpoint, _SECURITY[policy], on_settled)
+        host = plan.host
+        session: SessionResult = yield self._session(jobs, host, endpoint, plan.security, on_settled,
+                                                     plan.tls_options)
+        self.policies.report(plan, session)
         if endpoint.connected and endpoint.failures:     # e.g. a broken IPv6 route, hidden by the race
             log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
                      host=host.name, address=endpoint.connected,
                      failed="; ".join(f"{a}: {reason.value}" for a, reason in endpoint.failures))
-        if policy in ("required", "verify") and _policy_failed(session):
-            session = yield self._tls_optional_retry(jobs, host, endpoint, session, on_settled)
-        elif session.tls_failed and policy == "opportunistic":
+        if session.tls_failed and plan.plaintext_fallback:
             session = yield self._plaintext_retry(jobs, host, endpoint, on_settled)
+        elif not plan.plaintext_fallback and plan.security != "none" and _policy_failed(session):
+            session = yield self._tls_optional_retry(jobs, host, endpoint, session, on_settled)
         return session
 
     def _plaintext_retry(self, jobs: list[Job], host: MXHost, endpoint: Any,
@@ -272,7 +295,7 @@ class MXDelivery:
                  queue_id=_queue_ids(subset), host=host.name, policy=self.delivery.tls)
         report = None if on_settled is None else (lambda k, results: on_settled(optional[k], results))
         again = self._eyeballs([endpoint.connected]) if endpoint.connected else endpoint
-        retry = yield self._session(subset, host, again, "opportunistic", report, relaxed=True)
+        retry = yield self._session(subset, host, again, "opportunistic", report, UnverifiedTLS(host.name))
         if retry.tls_failed:
             retry = yield self._plaintext_retry(subset, host, again, report)
         merged = list(session.jobs)
@@ -281,13 +304,13 @@ class MXDelivery:
         return SessionResult(tuple(merged), retry.tls, retry.tls_failed, session.before_mail and retry.before_mail)
 
     def _session(self, jobs: list[Job], host: MXHost, endpoint: Any, security: str,
-                 on_settled: Optional[OnSettled] = None, relaxed: bool = False,
+                 on_settled: Optional[OnSettled] = None, tls_options: Any = None,
                  after_tls_failure: bool = False) -> defer.Deferred:
         params = SessionParams(
             helo=self.hostname,
             remote_host=host.name,
             security=security,
-            tls_options=self._tls_options(host.name, relaxed) if security != "none" else None,
+            tls_options=tls_options if security != "none" else None,
             timeouts=self.timeouts,
             after_tls_failure=after_tls_failure,
         )
@@ -297,22 +320,9 @@ class MXDelivery:
         key = PoolKey(host.name, self.delivery.mx_port, security, params.tls_options)
         return deliver_over(endpoint, params, jobs, self.reactor, pool=self.pool, key=key, on_settled=on_settled)
 
-    def _tls_options(self, name: str, relaxed: bool = False):
-        """The client TLS options for an exchanger name (`relaxed`: unverified, for TLS-Required: No),
-        built once and kept (least recently used out)."""
-        options = self._tls_kept.pop((name, relaxed), None)
-        if options is None:
-            options = UnverifiedTLS(name) if relaxed else self._new_tls_options(name)
-        self._tls_kept[(name, relaxed)] = options
-        while len(self._tls_kept) > TLS_OPTIONS_KEPT:
-            self._tls_kept.popitem(last=False)
-        return options
-
-    def _new_tls_options(self, name: str):
-        if self.delivery.tls == "verify":
-            # Certificate chain and exchanger name checked (service_identity); no fallback on failure.
-            return ssl.optionsForClientTLS(name.strip("[]"), trustRoot=self.trust_root)
-        return UnverifiedTLS(name)
+    def _tls_options(self, name: str):
+        """The client TLS options `[delivery] tls` alone gives an exchanger name (built once and kept)."""
+        return self.policies.base(MXHost(name, 0, ())).tls_options
 
     def _eyeballs(self, addresses: list[str]) -> HappyEyeballsEndpoint:
         """One exchanger's addresses raced as RFC 8305 says, each attempt through `_endpoint`."""
@@ -342,8 +352,9 @@ def _final(result: RecipientResult) -> bool:
 
 def _policy_failed(session: SessionResult) -> bool:
     """The session ended before MAIL FROM because the TLS policy could not be met: a failed handshake or
-    certificate check, or no STARTTLS offered (4.7.4)."""
-    return session.before_mail and (session.tls_failed or any(r.status == "4.7.4" for r in session.results))
+    certificate check (4.7.5: DANE, MTA-STS, "verify"), or no STARTTLS offered (4.7.4)."""
+    return session.before_mail and (session.tls_failed or any(r.status in ("4.7.4", "4.7.5")
+                                                              for r in session.results))
 
 
 def _unreachable(recipient: str, hosts: list[MXHost]) -> RecipientResult:

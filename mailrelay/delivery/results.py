@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 # RFC 3463 section 2: class "." subject "." detail, at the start of the reply text (RFC 2034 section 4).
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
@@ -35,6 +35,7 @@ class RecipientResult:
     remote_host: str = ""
     tls: Optional[str] = field(default=None, compare=False)
     tls_verified: bool = field(default=False, compare=False)
+    tls_verified_by: Optional[str] = field(default=None, compare=False)   # ITLSVerification.tls_verified_by
     sender_refused: bool = field(default=False, compare=False)
     remote_reply: bool = field(default=False, compare=False)
     dsn_passed: bool = field(default=False, compare=False)
@@ -65,11 +66,17 @@ class SessionResult:
     `tls` names the negotiated protocol ("TLSv1.3") or is None in plaintext.  `tls_failed` says a TLS
     handshake (STARTTLS or implicit) failed, so an opportunistic caller may retry in plaintext.
     `before_mail` says the session failed before the first MAIL FROM was answered (connect, greeting,
-    EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host."""
+    EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host.
+    `tls_verdict`: the TLS policy's judgement of the peer (delivery.tlsverify.Verdict) when the session's
+    STARTTLS options check one; `starttls_missing`: TLS was wanted but the server did not offer it;
+    `reused`: the session ran on a parked connection (its TLS was judged when it was made)."""
     jobs: tuple[tuple[RecipientResult, ...], ...]
     tls: Optional[str] = None
     tls_failed: bool = False
     before_mail: bool = False
+    tls_verdict: Any = None
+    starttls_missing: bool = False
+    reused: bool = False
 
     @property
     def results(self) -> tuple[RecipientResult, ...]:

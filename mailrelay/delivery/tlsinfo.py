@@ -8,15 +8,13 @@ stayed in plaintext.
 
 Labels: "none" (plaintext), "tls1.0", "tls1.1", "tls1.2", "tls1.3", or "tls" for a version with no name
 here.  `verified` is true when the handshake completed under certificate verification (OpenSSL
-VERIFY_PEER): the next hops build verifying options only with Twisted's optionsForClientTLS, which also
-checks the host name (RFC 6125), and a handshake that fails either check never completes.  Every other
-session (opportunistic or "required" TLS, `verify = false`) encrypts without authenticating (RFC 7435).
-
-`verified_by` says what a verified handshake proved, for REQUIRETLS (RFC 8689 4.2.1) and the logs:
-"pkix" (chain to a trusted root and the host name, RFC 6125: a transport's `verify = true`, direct
-delivery's `tls = "verify"`), or the name a recipient-domain policy gives its own verifying options
-("mta-sts", RFC 8461; "dane", RFC 7672) through `SessionParams.tls_verification`; "" when not verified.
-It is the one answer to "was this connection's TLS verified, and by what".
+VERIFY_PEER) with Twisted's optionsForClientTLS (a smarthost with `verify = true`), which also checks the
+host name (RFC 6125) and never completes a handshake that fails either check; or when a TLS policy's
+check after the handshake (delivery.tlsverify: DANE, MTA-STS, `tls = "verify"`) passed (`judged`).
+`tls_verified_by` names which.  Every other session (opportunistic or "required" TLS, `verify = false`)
+encrypts without authenticating (RFC 7435).
+It is the one answer to "was this connection's TLS verified, and by what" (REQUIRETLS, RFC 8689
+4.2.1, asks it too).
 """
 from __future__ import annotations
 
@@ -24,21 +22,25 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional
 
 from OpenSSL import SSL
+from zope.interface import implementer
 
 from mailrelay.delivery.results import RecipientResult
+from mailrelay.interfaces import ITLSVerification
 
 VERSION_LABELS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}
 LABELS = ("none", *VERSION_LABELS.values(), "tls")
 
 
+@implementer(ITLSVerification)
 @dataclass(frozen=True)
 class Negotiated:
-    """One session's protection: `label` from LABELS, `verified`, and OpenSSL's names for logs."""
+    """One session's protection: `label` from LABELS, `verified`, and OpenSSL's names for logs;
+    `tls_verified_by`: which policy authenticated the peer (ITLSVerification)."""
     label: str
     verified: bool = False
     version: str = ""          # "TLSv1.3"
     cipher: str = ""           # "TLS_AES_256_GCM_SHA384"
-    verified_by: str = ""      # VERIFIERS: what verified it; "" when not verified
+    tls_verified_by: Optional[str] = None
 
     @property
     def name(self) -> Optional[str]:
@@ -49,13 +51,10 @@ class Negotiated:
 
 
 PLAIN = Negotiated("none")
-PKIX = "pkix"
-VERIFIERS = (PKIX, "mta-sts", "dane")
 
 
-def negotiated(transport: Any, verification: str = PKIX) -> Negotiated:
-    """The TLS a transport whose handshake has just completed negotiated (never raises); `verification`
-    is what a verified handshake on it proves (VERIFIERS)."""
+def negotiated(transport: Any) -> Negotiated:
+    """The TLS a transport whose handshake has just completed negotiated (never raises)."""
     try:
         handle = transport.getHandle()
         version = handle.get_protocol_version_name() or ""
@@ -63,15 +62,21 @@ def negotiated(transport: Any, verification: str = PKIX) -> Negotiated:
         verified = bool(handle.get_verify_mode() & SSL.VERIFY_PEER)
     except Exception:
         return Negotiated("tls")
-    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher,
-                      verification if verified else "")
+    # A verifying handshake (Twisted's optionsForClientTLS: chain and name) completes only when both hold.
+    return Negotiated(VERSION_LABELS.get(version, "tls"), verified, version, cipher, "verify" if verified else None)
+
+
+def judged(tls: Negotiated, verdict) -> Negotiated:
+    """`tls` as a TLS policy's check (delivery.tlsverify.Verdict) found it: verified only when it passed."""
+    return replace(tls, verified=verdict.verified_by is not None, tls_verified_by=verdict.verified_by)
 
 
 def stamped(results: Iterable[RecipientResult], tls: Optional[Negotiated]) -> list[RecipientResult]:
     """`results` carrying the session's protection (`tls` None: plaintext); one already stamped keeps
     its own (it was settled on an earlier connection)."""
     tls = tls or PLAIN
-    return [r if r.tls is not None else replace(r, tls=tls.label, tls_verified=tls.verified) for r in results]
+    return [r if r.tls is not None else replace(r, tls=tls.label, tls_verified=tls.verified,
+                                                tls_verified_by=tls.tls_verified_by) for r in results]
 
 
 def describe(label: Optional[str], verified: bool) -> Optional[str]:

@@ -19,7 +19,9 @@ Names are case-insensitive, with or without the trailing dot.  A name with no re
 records below it) answers NXDOMAIN; a name with records of other types answers NOERROR with no data.
 A CNAME is followed within the zone.  A negative answer (NXDOMAIN or no data) carries the SOA of the
 closest enclosing name that has one, in the authority section (RFC 2308 section 3: its TTL and
-MINIMUM are the negative-caching TTL); without an SOA record it carries none.  `records` may be changed
+MINIMUM are the negative-caching TTL); without an SOA record it carries none.  With
+`authenticated_data=True` every answer has the AD bit, as a validating resolver's would, except answers
+about the names in `insecure` (a zone that is not signed).  `records` may be changed
 between queries.  `queries` lists every question asked, as (name, type, "udp"|"tcp").  The records of
 one set come in random order in each answer, as servers may send them; `shuffle=False` keeps the zone's.
 """
@@ -111,6 +113,7 @@ class DNSServer:
         silent=(),
         ttl: int = 300,
         authenticated_data: bool = False,
+        insecure=(),
         shuffle: bool = True,
     ):
         self.records: dict[tuple[str, str], list] = {}
@@ -121,6 +124,7 @@ class DNSServer:
         self.silent = {_key(n) for n in silent}           # never answer at all (a timeout)
         self.ttl = ttl
         self.authenticated_data = authenticated_data      # set the AD bit, as a validating resolver would
+        self.insecure = {_key(n) for n in insecure}       # ... except in answers about these names
         self.shuffle = shuffle        # records of one set in random order per answer (as servers may); else as given
         self.queries: list[tuple[str, str, str]] = []
         self.host = "127.0.0.1"
@@ -194,7 +198,7 @@ class DNSServer:
             return None
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
-        if self.authenticated_data:
+        if self.authenticated_data and name not in self.insecure:
             response.flags |= dns.flags.AD
         if name in self.servfail:
             response.set_rcode(dns.rcode.SERVFAIL)

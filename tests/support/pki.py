@@ -45,15 +45,20 @@ class TestCA:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, name: str, client: bool = False) -> tuple[bytes, bytes]:
+    def issue(self, name: str, client: bool = False, also: tuple[str, ...] = (),
+              expired: bool = False) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for `name`: an IP address gets an IP SAN (and DNS localhost), a name
-        a DNS SAN; `client` makes it a client certificate (CN = name)."""
+        a DNS SAN; `also`: more DNS names; `client` makes it a client certificate (CN = name);
+        `expired`: its validity ended yesterday."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            now -= datetime.timedelta(days=8)
         try:
             sans = [x509.IPAddress(ipaddress.ip_address(name)), x509.DNSName("localhost")]
         except ValueError:
             sans = [x509.DNSName(name)]
+        sans += [x509.DNSName(n) for n in also]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         cert = (
             x509.CertificateBuilder()
@@ -82,12 +87,17 @@ class TestCA:
         (directory / f"{stem}.key").write_bytes(key_pem)
         return directory / f"{stem}.pem", directory / f"{stem}.key"
 
-    def server_options(self, name: str = "127.0.0.1", require_client_cert: bool = False) -> ssl.CertificateOptions:
-        """Server TLS options with a certificate for `name`; with `require_client_cert`, the handshake
-        fails unless the client presents a certificate this CA signed."""
-        cert_pem, key_pem = self.issue(name)
+    def server_options(self, name: str = "127.0.0.1", require_client_cert: bool = False, also: tuple[str, ...] = (),
+                       expired: bool = False, send_ca: bool = False) -> ssl.CertificateOptions:
+        """Server TLS options with a certificate for `name` (and the names in `also`); with
+        `require_client_cert`, the handshake fails unless the client presents a certificate this CA
+        signed; `expired` as for issue(); `send_ca`: the CA's certificate is sent after the leaf."""
+        cert_pem, key_pem = self.issue(name, also=also, expired=expired)
+        self.last_issued = x509.load_pem_x509_certificate(cert_pem)
         leaf = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
-        extra = {}
+        extra: dict = {}
         if require_client_cert:
             extra = dict(verify=True, requireCertificate=True, caCerts=[ssl.Certificate.loadPEM(self.pem).original])
+        if send_ca:
+            extra["extraCertChain"] = [ssl.Certificate.loadPEM(self.pem).original]
         return ssl.CertificateOptions(privateKey=leaf.privateKey.original, certificate=leaf.original, **extra)
