@@ -144,3 +144,14 @@ class IDeliveryReporter(Interface):
     def delay(message, recipients):
         """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
         still pending, each with its last (temporary) reply."""
+
+
+class ITLSReportSink(Interface):
+    def record(policy_domain, policy_type, policy_strings, mx_host, result_type, success, detail):
+        """One TLS outcome of a direct-to-MX connection attempt. policy_type "sts" | "tlsa" | "no-policy-found";
+        policy_strings: the policy text lines (STS policy lines or TLSA records) or (); result_type per RFC 8460 4.3
+        (e.g. "starttls-not-supported", "certificate-host-mismatch", "certificate-expired", "certificate-not-trusted",
+        "validation-failure", "tlsa-invalid", "dnssec-invalid", "sts-policy-fetch-error", "sts-policy-invalid",
+        "sts-webpki-invalid") or None when success is True; detail: dict with optional sending-mta-ip,
+        receiving-ip, receiving-mx-helo, additional-information."""
+

@@ -39,7 +39,7 @@ log = Logger(namespace="mailrelay.service")
 
 # Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
 RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression",
-                "http")
+                "http", "delivery.tls_reports")
 
 
 def restart_only(config: Config) -> dict:
@@ -172,10 +172,11 @@ def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingPar
 
 
 def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryParts] = None,
-                         metrics=None) -> DeliveryParts:
+                         metrics=None, tls_reports=None) -> DeliveryParts:
     """Routes and next hops (behind DKIM) for `config`; the MX resolver (and its DNS cache) of
     `previous` is kept when it asks the same nameservers. `metrics` counts the smarthosts' OAuth2 token
-    fetches. Raises ValueError (unreadable secrets, bad keys)."""
+    fetches; `tls_reports` (an ITLSReportSink, or None) hears direct delivery's TLS outcomes. Raises
+    ValueError (unreadable secrets, bad keys)."""
     from mailrelay.delivery.dns import MXResolver
     from mailrelay.delivery.mx import MXDelivery
     from mailrelay.delivery.routes import Router
@@ -191,7 +192,8 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
                                                       source_address=config.delivery.source_address,
                                                       metrics=metrics))
                     for name, t in config.transports.items()},
-        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver)),
+        direct=outbound(MXDelivery(config.delivery, config.hostname, reactor=reactor, resolver=resolver,
+                                   tls_reports=tls_reports)),
         resolver=resolver,
     )
 
@@ -230,6 +232,27 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
     if reporter is not None:
         reporter.scheduler = scheduler
     return scheduler
+
+
+def tls_report_store(config: Config, reactor):
+    """The TLS report store in the spool (RFC 8460), or None with `[delivery] tls_reports = false`."""
+    if not config.delivery.tls_reports:
+        return None
+    from mailrelay.delivery.tlsrpt_store import TLSReportStore, store_directory
+
+    return TLSReportStore(store_directory(config.spool), clock=reactor)
+
+
+def tls_report_service(config: Config, sink, spool, scheduler, reactor):
+    """The daily TLS report run (delivery.tlsrpt_send) beside `scheduler`, in the process that
+    delivers; None without a store."""
+    if sink is None:
+        return None
+    from mailrelay.delivery.tlsrpt_send import TLSReportSender, TLSReportService, https_post, txt_lookup
+
+    sender = TLSReportSender(config.hostname, sink.directory, spool, txt_lookup(config.delivery.nameservers, reactor),
+                             https_post(reactor), reactor, spooled=scheduler.enqueue)
+    return TLSReportService(sink, sender, reactor)
 
 
 def suppression_watcher(config: Config, reactor, metrics):
@@ -308,7 +331,8 @@ class RelayService(service.MultiService):
         self._limiter = receiving.policy.limiter        # the message budgets: they outlive every reload
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
         # built here in either mode: a bad one stops the start
-        delivery = build_delivery_parts(config, reactor, metrics=self.metrics)
+        self.tls_reports = tls_report_store(config, reactor) if config.delivery.process == "inline" else None
+        delivery = build_delivery_parts(config, reactor, metrics=self.metrics, tls_reports=self.tls_reports)
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
@@ -318,6 +342,9 @@ class RelayService(service.MultiService):
             self.delivery = delivery
             self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics)
         self.scheduler.setServiceParent(self)
+        reports = tls_report_service(config, self.tls_reports, self.spool, self.scheduler, reactor)
+        if reports is not None:
+            reports.setServiceParent(self)
         if config.metrics.endpoint:
             # Separate: the delivery families come from the delivery process, over its pipe, per scrape.
             delivery_side = self.scheduler.metrics_text if self.delivery is None else None
@@ -382,7 +409,8 @@ class RelayService(service.MultiService):
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
         def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
             return (build_receiving_parts(config, reactor, limiter=self._limiter),
-                    build_delivery_parts(config, reactor, self.delivery, metrics=self.metrics))
+                    build_delivery_parts(config, reactor, self.delivery, metrics=self.metrics,
+                                         tls_reports=self.tls_reports))
 
         loaded = reread(self.config.path, build, self.reactor)
         if loaded is None:

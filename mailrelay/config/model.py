@@ -149,6 +149,7 @@ class DeliveryConfig:
     source_address: str = ""
     process: str = "separate"   # "separate": delivery in a second process (a second core); "inline": one
     process_nice: int = 10      # added key: how much nicer (nice(2)) that process runs than the receiving one
+    tls_reports: bool = True    # RFC 8460: daily TLS-RPT reports to domains that publish _smtp._tls
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")

@@ -286,6 +286,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         source_address=source,
         process=t.choice("process", d.process, DELIVERY_PROCESS),
         process_nice=t.integer("process_nice", d.process_nice, low=0, high=19),
+        tls_reports=t.flag("tls_reports", d.tls_reports),
     ))
 
 

@@ -47,6 +47,7 @@ from mailrelay.delivery.results import (
 )
 from mailrelay.delivery.sasl import Exchange, PasswordLogin
 from mailrelay.delivery.tlsinfo import Negotiated, negotiated, stamped
+from mailrelay.delivery.tlsoutcome import OutcomeNotes
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 
@@ -81,6 +82,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._extensions: dict[bytes, bytes] = {}
         self._tls_active = self._tls_pending = self._tls_failed = False
         self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
+        self._tls_notes = OutcomeNotes(params)      # the session's TLS outcome for reports (RFC 8460)
         self._greeted = False
         self._exchange: Optional[Exchange] = None       # the AUTH exchange under way (delivery.sasl)
         self._awaiting: deque[Awaited] = deque()
@@ -114,6 +116,7 @@ class DeliveryClient(smtp.ESMTPClient):
         no_delay(self.transport)
         self._connected_at = self._clock.seconds()
         peer = getattr(self.transport.getPeer(), "host", None)
+        self._tls_notes.connected(self.transport)
         if peer and peer != self._host:
             self._host = f"{self._host}[{peer}]"
         # Trust the transport, not the setting: credentials must never follow a mis-wired plain socket.
@@ -127,6 +130,7 @@ class DeliveryClient(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
         self._tls = negotiated(self.transport)
+        self._tls_notes.completed()
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -229,6 +233,7 @@ class DeliveryClient(smtp.ESMTPClient):
         if self._parked:
             self._parked = False
             self._pool.forget(self._pool_key, self)      # closed by the server while idle: just drop it
+        self._tls_notes.lost(self.transport, reason, self._tls_active, self._tls_pending)
         if self._producer is not None:
             self._producer.stopProducing()
         if not self.finished.called:
@@ -250,7 +255,8 @@ class DeliveryClient(smtp.ESMTPClient):
             for j, res in zip(self.jobs, self._results)
         )
         tls = self._tls.name if self._tls is not None else None
-        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered)
+        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered,
+                             tls_outcome=None if self._reused else self._tls_notes.outcome)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
@@ -286,10 +292,12 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _on_helo(self, code: int, text: bytes) -> None:
         self._extensions = {}
+        self._tls_notes.no_starttls(text, "no EHLO, so no STARTTLS")
         self._next_job()
 
     def _on_ehlo(self, code: int, text: bytes) -> None:
         self._extensions = {}
+        self._tls_notes.ehlo(text)
         for line in text.split(b"\n")[1:]:
             keyword, _, value = line.strip().partition(b" ")
             self._extensions[keyword.upper()] = value.strip()
@@ -301,12 +309,14 @@ class DeliveryClient(smtp.ESMTPClient):
             return self._maybe_auth()
         if b"STARTTLS" in self._extensions:
             return self._send(b"STARTTLS", "STARTTLS", (220,), self._on_starttls, self._on_starttls_refused)
+        self._tls_notes.no_starttls(None, "STARTTLS not offered")
         if self.params.security == "starttls":
             self._failure = (451, "4.7.4", f"TLS is required, but {self._host} does not offer STARTTLS")
             return self._quit()
         self._maybe_auth()
 
     def _on_starttls_refused(self, code: int, text: bytes) -> None:
+        self._tls_notes.no_starttls(None, f"STARTTLS refused: {code} {printable(text, 100)}")
         if self.params.security == "starttls" or code == 421:
             return self._fail_from_reply(code, text, "STARTTLS")
         self._maybe_auth()      # RFC 3207 4: a 454 lets an opportunistic client go on in plaintext
@@ -321,6 +331,7 @@ class DeliveryClient(smtp.ESMTPClient):
             self.transport.startTLS(self.params.tls_options)
         except Exception as e:
             self._tls_failed = True
+            self._tls_notes.failed(printable(str(e).encode(), 100))
             return self._abort(421, "4.7.5", f"cannot start TLS with {self._host}: {printable(str(e).encode())}")
         self._ehlo()
 

@@ -24,6 +24,10 @@ Reported as soon as settled (docs/crash-safety.md section 2): with `on_settled`,
 recipient has a final answer (2xx or 5xx, from this exchanger or an earlier one) is handed over right
 after that reply, and the next job on the connection waits for the record.  A job with a recipient
 left at 4xx is reported at the end, once the later exchangers have had their say.
+
+TLS reports (RFC 8460): with a `tls_reports` sink (interfaces.ITLSReportSink), the TLS outcome of every
+new session with an exchanger (delivery.tlsoutcome) is recorded for the recipient domain, as
+"no-policy-found" (no MTA-STS or DANE policy applied; RFC 8460 4.4 reports those sessions too).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsE
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.envelope import domain_of
-from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop, ITLSReportSink
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.mx")
@@ -90,7 +94,7 @@ class MXDelivery:
     """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify"), `timeouts`, `pool` (idle
     connections; default a new ConnectionPool) and `send` (replacing the client's deliver_over, then
     called as send(endpoint, params, jobs, reactor), without connection reuse) may be replaced, mostly
-    by tests."""
+    by tests.  `tls_reports`: an ITLSReportSink hearing every session's TLS outcome, or None."""
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class MXDelivery:
         timeouts: Timeouts = Timeouts(),
         send: Optional[Callable[..., defer.Deferred]] = None,
         pool: Optional[ConnectionPool] = None,
+        tls_reports: Optional[ITLSReportSink] = None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -113,6 +118,7 @@ class MXDelivery:
         self.timeouts = timeouts
         self.send = send
         self.pool = pool if pool is not None else ConnectionPool(reactor)
+        self.tls_reports = tls_reports
         self._tls_kept: OrderedDict[str, Any] = OrderedDict()
         self.attempt_delay = CONNECTION_ATTEMPT_DELAY   # RFC 8305 §5 stagger between connection attempts
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
@@ -234,6 +240,7 @@ class MXDelivery:
                  on_settled: Optional[OnSettled] = None):
         policy = self.delivery.tls
         session: SessionResult = yield self._session(jobs, host, endpoint, _SECURITY[policy], on_settled)
+        self._report_tls(jobs, host, session)
         if endpoint.connected and endpoint.failures:     # e.g. a broken IPv6 route, hidden by the race
             log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
                      host=host.name, address=endpoint.connected,
@@ -248,6 +255,17 @@ class MXDelivery:
             again = self._eyeballs([address]) if address else endpoint
             session = yield self._session(jobs, host, again, "none", on_settled)
         return session
+
+    def _report_tls(self, jobs: list[Job], host: MXHost, session: SessionResult) -> None:
+        """RFC 8460: a new session's TLS outcome, for the daily report to the recipient domain."""
+        outcome = session.tls_outcome
+        if self.tls_reports is None or outcome is None or not jobs or not jobs[0].recipients:
+            return
+        try:
+            self.tls_reports.record(domain_of(jobs[0].recipients[0]), "no-policy-found", (), host.name,
+                                    outcome.result_type, outcome.success, outcome.detail)
+        except Exception:       # statistics must never cost a delivery
+            log.failure("recording a TLS outcome failed")
 
     def _session(self, jobs: list[Job], host: MXHost, endpoint: Any, security: str,
                  on_settled: Optional[OnSettled] = None) -> defer.Deferred:

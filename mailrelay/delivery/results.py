@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 # RFC 3463 section 2: class "." subject "." detail, at the start of the reply text (RFC 2034 section 4).
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
@@ -54,11 +54,14 @@ class SessionResult:
     `tls` names the negotiated protocol ("TLSv1.3") or is None in plaintext.  `tls_failed` says a TLS
     handshake (STARTTLS or implicit) failed, so an opportunistic caller may retry in plaintext.
     `before_mail` says the session failed before the first MAIL FROM was answered (connect, greeting,
-    EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host."""
+    EHLO, TLS, AUTH): nothing was said about any recipient, so an MX loop should try the next host.
+    `tls_outcome`: a delivery.tlsoutcome.TLSOutcome when the session was a new connection that meant to
+    use TLS and got as far as EHLO (RFC 8460 reporting), else None."""
     jobs: tuple[tuple[RecipientResult, ...], ...]
     tls: Optional[str] = None
     tls_failed: bool = False
     before_mail: bool = False
+    tls_outcome: Any = field(default=None, compare=False)
 
     @property
     def results(self) -> tuple[RecipientResult, ...]:

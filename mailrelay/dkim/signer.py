@@ -27,6 +27,7 @@ from mailrelay.dkim.keys import SigningKey
 DEFAULT_HEADERS = (
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to", "references",
     "mime-version", "content-type", "content-transfer-encoding",
+    "tls-report-domain", "tls-report-submitter",        # RFC 8460 5.3: a TLS report's own header fields
 )
 OVERSIGNED = ("from",)          # listed once more than present: no From can be added later (RFC 6376 8.15)
 MAX_HEADER_BLOCK = 1024 * 1024  # a header block larger than this is not signed
