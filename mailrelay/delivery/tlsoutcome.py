@@ -81,9 +81,12 @@ def _valid_now(certificate: Any) -> bool:
 
 
 def peer_certificate(transport: Any) -> Any:
-    """The certificate the server sent on this TLS transport, or None."""
+    """The certificate the server sent on this TLS transport, or None.  After a failed chain check
+    OpenSSL keeps the chain the server sent, not a verified peer: its first entry is the server's."""
     try:
-        return transport.getHandle().get_peer_certificate()
+        handle = transport.getHandle()
+        chain = handle.get_peer_cert_chain()
+        return chain[0] if chain else handle.get_peer_certificate()
     except Exception:
         return None
 

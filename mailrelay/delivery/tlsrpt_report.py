@@ -18,7 +18,7 @@ import json
 import re
 import secrets
 from datetime import datetime, timezone
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import Iterable, Optional
@@ -147,11 +147,14 @@ def build_message(hostname: str, domain: str, recipients: list[str], report: dic
     # RFC 8460 5.3: reports must be delivered despite TLS failures; RFC 8689 5 is how a message says so.
     message["TLS-Required"] = "No"
     span = f"{report['date-range']['start-datetime']} to {report['date-range']['end-datetime']}"
-    message.set_content(
-        f"This is an aggregate TLS report (RFC 8460) from {hostname} about its connections to the mail\n"
-        f"servers of {domain}, {span}.  The report itself is attached: {filename}\n")
+    message.set_content(f"This is an aggregate TLS report (RFC 8460) from {hostname}\n"
+                        f"about its connections to the mail servers of {domain},\n{span}.\n"
+                        f"The report is attached as {filename}\n", cte="7bit")
     message.make_mixed()
     message.set_type("multipart/report")                   # RFC 6522 3, RFC 8460 5.3
     message.set_param("report-type", "tlsrpt")
-    message.add_attachment(gz, maintype="application", subtype="tlsrpt+gzip", filename=filename)
+    part = MIMEPart(policy=SMTP)
+    part.set_content(gz, maintype="application", subtype="tlsrpt+gzip", disposition="attachment",
+                     filename=filename)
+    message.attach(part)
     return message.as_bytes(policy=SMTP)

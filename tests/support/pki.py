@@ -45,11 +45,13 @@ class TestCA:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, name: str, client: bool = False) -> tuple[bytes, bytes]:
+    def issue(self, name: str, client: bool = False, expired: bool = False) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for `name`: an IP address gets an IP SAN (and DNS localhost), a name
-        a DNS SAN; `client` makes it a client certificate (CN = name)."""
+        a DNS SAN; `client` makes it a client certificate (CN = name); `expired`: valid until yesterday."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            now -= datetime.timedelta(days=8)
         try:
             sans = [x509.IPAddress(ipaddress.ip_address(name)), x509.DNSName("localhost")]
         except ValueError:
@@ -82,10 +84,11 @@ class TestCA:
         (directory / f"{stem}.key").write_bytes(key_pem)
         return directory / f"{stem}.pem", directory / f"{stem}.key"
 
-    def server_options(self, name: str = "127.0.0.1", require_client_cert: bool = False) -> ssl.CertificateOptions:
-        """Server TLS options with a certificate for `name`; with `require_client_cert`, the handshake
-        fails unless the client presents a certificate this CA signed."""
-        cert_pem, key_pem = self.issue(name)
+    def server_options(self, name: str = "127.0.0.1", require_client_cert: bool = False,
+                       expired: bool = False) -> ssl.CertificateOptions:
+        """Server TLS options with a certificate for `name` (`expired`: one that ran out yesterday); with
+        `require_client_cert`, the handshake fails unless the client presents a certificate this CA signed."""
+        cert_pem, key_pem = self.issue(name, expired=expired)
         leaf = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
         extra = {}
         if require_client_cert:
