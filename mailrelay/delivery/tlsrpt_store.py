@@ -137,7 +137,8 @@ def decode_lines(data: bytes, into: dict) -> int:
 def locked(path: Path, blocking: bool = True) -> Iterator[bool]:
     """flock(2) on `path` for the block; yields False (and holds nothing) when `blocking` is False and
     another process holds it."""
-    make_directory(path.parent)
+    if not path.parent.is_dir():
+        os.makedirs(path.parent, 0o700, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
