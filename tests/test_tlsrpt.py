@@ -56,7 +56,7 @@ class StoreTests(unittest.TestCase):
         batches = st.take(self.directory, self.clock.seconds(), include_today)
         merged: dict = {}
         for batch in batches:
-            for domain, tallies in st.read_batch(batch).items():
+            for tallies in st.read_batch(batch).values():
                 for key, tally in tallies.items():
                     merged.setdefault(key, st.Tally()).merge(tally)
         return merged
@@ -316,7 +316,8 @@ class RecordTests(unittest.TestCase):
                          ["mailto:a@example.org"])
 
     def test_two_policies_or_none_mean_no_policy(self):
-        self.assertIsNone(rpt.parse_record(["v=TLSRPTv1; rua=mailto:a@x.example", "v=TLSRPTv1; rua=mailto:b@x.example"]))
+        self.assertIsNone(rpt.parse_record(["v=TLSRPTv1; rua=mailto:a@x.example",
+                                            "v=TLSRPTv1; rua=mailto:b@x.example"]))
         self.assertIsNone(rpt.parse_record([]))
         self.assertIsNone(rpt.parse_record(["v=TLSRPTv2; rua=mailto:a@x.example"]))
         self.assertIsNone(rpt.parse_record(["v=TLSRPTv1"]))

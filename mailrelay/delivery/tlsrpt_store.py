@@ -71,7 +71,10 @@ def day_start(day: str) -> int:
 
 def _text(value: Any) -> str:
     """Names and texts from the wire: printable ASCII only, bounded (they end up in a JSON report)."""
-    return "".join(c if " " <= c <= "~" else "?" for c in str(value)[:MAX_TEXT])
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii() and text.isprintable():
+        return text[:MAX_TEXT]                 # the usual case, without a loop over the characters
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_TEXT])
 
 
 @dataclass

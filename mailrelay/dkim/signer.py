@@ -133,7 +133,9 @@ class Signer:
         ]
         if self._expire:
             fields.append((b"x", str(now + int(self._expire)).encode("ascii")))
-        fields += [(b"h", b":".join(include)), (b"bh", body_hash), (b"b", b"0" * 60)]
+        # RFC 6376 3.5: FWS may follow each ":" of h=.  dkimpy folds at spaces (or, without one, anywhere:
+        # inside a header name, which no verifier reads back), so each name is followed by one.
+        fields += [(b"h", b": ".join(include)), (b"bh", body_hash), (b"b", b"0" * 60)]
         signer = dkim.DKIM(block, linesep=b"\r\n")
         signer.hasher = dkim.HASH_ALGORITHMS[key.algorithm]
         # gen_header signs with `pk.sign(digest).signature` on its Ed25519 path; our key object offers exactly
