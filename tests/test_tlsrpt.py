@@ -345,3 +345,49 @@ class ClassificationTests(unittest.TestCase):
         reason = Failure(SSL.Error([("SSL routines", "", "no shared cipher")]))
         self.assertEqual(tlsoutcome.handshake_failure(reason), "validation-failure")
         self.assertEqual(tlsoutcome.handshake_failure(None), "validation-failure")
+
+
+class FakeSender:
+    def __init__(self):
+        self.runs = []
+
+    def run(self, include_today):
+        from twisted.internet import defer
+        self.runs.append(include_today)
+        return defer.succeed([])
+
+
+class ServiceScheduleTests(unittest.TestCase):
+    def test_first_run_after_start_then_daily_shortly_after_midnight_utc(self):
+        from mailrelay.delivery import tlsrpt_send
+        clock = clock_at(NOON)
+        store = st.TLSReportStore(Path(self.mktemp()).absolute(), clock=clock)
+        sender = FakeSender()
+        service = tlsrpt_send.TLSReportService(store, sender, clock)
+        service.sender.outbox = tlsrpt_send.Outbox(store.directory, None, clock)
+        service.startService()
+        low, high = tlsrpt_send.RUN_AFTER_START
+        clock.advance(low - 1)
+        self.assertEqual(sender.runs, [])
+        clock.advance(high - low + 1)
+        self.assertEqual(sender.runs, [False])              # days gathered before a stop are sent
+        (call,) = [c for c in clock.getDelayedCalls() if c.func == service._daily]
+        midnight = NOON + 12 * 3600
+        self.assertTrue(midnight + 60 <= call.getTime() <= midnight + tlsrpt_send.JITTER, call.getTime() - midnight)
+        clock.advance(call.getTime() - clock.seconds())
+        self.assertEqual(sender.runs, [False, False])       # the day just ended, never today
+        (call,) = [c for c in clock.getDelayedCalls() if c.func == service._daily]
+        self.assertTrue(midnight + 86400 + 60 <= call.getTime() <= midnight + 86400 + tlsrpt_send.JITTER)
+
+    def test_stop_flushes_the_store_and_cancels_the_timers(self):
+        from mailrelay.delivery import tlsrpt_send
+        clock = clock_at(NOON)
+        store = st.TLSReportStore(Path(self.mktemp()).absolute(), clock=clock)
+        service = tlsrpt_send.TLSReportService(store, FakeSender(), clock)
+        service.startService()
+        store.record("example.org", "no-policy-found", (), "mx", None, True, {})
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        (tally,) = [t for b in st.take(store.directory, clock.seconds(), True)
+                    for d in st.read_batch(b).values() for t in d.values()]
+        self.assertEqual(tally.successes, 1)

@@ -187,6 +187,24 @@ class TLSReportEndToEndTests(unittest.TestCase):
         self.assertEqual((again.decode().strip(), status), ("no TLS reports due", 0), err)
 
     @defer.inlineCallbacks
+    def test_with_the_relay_stopped_the_reports_wait_in_the_spool_for_its_start(self):
+        relay = self.relay()
+        relay.start(reactor)
+        yield self.deliver(relay)
+        yield self.counted(relay)
+        yield relay.stop()
+        out, err, status = yield self.send_reports(relay)
+        self.assertEqual(status, 0, (out, err))
+        self.assertEqual(len(out.decode().splitlines()), 3, out)
+        self.assertEqual(len(list((relay.dir / "spool" / "queue").iterdir())), 2)
+        self.assertEqual(list((relay.dir / "spool" / "control").iterdir()), [])   # nobody to tell
+        self.assertEqual(self.reports.messages, [])
+        relay.start(reactor)
+        self.addCleanup(relay.stop)
+        arrived = yield self.reports.wait_for(2)
+        self.check_mail_reports(arrived)
+
+    @defer.inlineCallbacks
     def test_a_failed_post_is_kept_and_retried_by_the_relay(self):
         relay = self.relay()
         relay.start(reactor)
