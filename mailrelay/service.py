@@ -39,7 +39,7 @@ log = Logger(namespace="mailrelay.service")
 
 # Keys a reload cannot change: they are bound to sockets, files, processes or identities made at start.
 RESTART_ONLY = ("hostname", "spool", "tls", "listeners", "metrics", "log", "delivery.process", "suppression",
-                "http", "cluster")
+                "http", "cluster", "delivery.tls_reports")
 
 
 def restart_only(config: Config) -> dict:
@@ -246,6 +246,27 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
     return scheduler
 
 
+def tls_report_store(config: Config, reactor):
+    """The TLS report store in the spool (RFC 8460), or None with `[delivery] tls_reports = false`."""
+    if not config.delivery.tls_reports:
+        return None
+    from mailrelay.delivery.tlsrpt_store import TLSReportStore, store_directory
+
+    return TLSReportStore(store_directory(config.spool), clock=reactor)
+
+
+def tls_report_service(config: Config, sink, spool, scheduler, reactor):
+    """The daily TLS report run (delivery.tlsrpt_send) beside `scheduler`, in the process that
+    delivers; None without a store."""
+    if sink is None:
+        return None
+    from mailrelay.delivery.tlsrpt_send import TLSReportSender, TLSReportService, https_post, txt_lookup
+
+    sender = TLSReportSender(config.hostname, sink.directory, spool, txt_lookup(config.delivery.nameservers, reactor),
+                             https_post(reactor), reactor, spooled=scheduler.enqueue)
+    return TLSReportService(sink, sender, reactor)
+
+
 def suppression_watcher(config: Config, reactor, metrics):
     """The receiving side of `[suppression]` (spool.suppression): the list RCPT is judged by, kept
     up to date from the spool, its size a metrics gauge; None when suppression is off."""
@@ -330,7 +351,8 @@ class RelayService(service.MultiService):
         self.delivery: Optional[DeliveryParts] = None      # next hops live here only when delivery is inline
         self.events = None                                 # so do the webhook events (mailrelay.events)
         # built here in either mode: a bad one stops the start
-        delivery = build_delivery_parts(config, reactor, metrics=self.metrics)
+        self.tls_reports = tls_report_store(config, reactor) if config.delivery.process == "inline" else None
+        delivery = build_delivery_parts(config, reactor, metrics=self.metrics, tls_reports=self.tls_reports)
         if config.delivery.process == "separate":
             from mailrelay.delivery.process import DeliveryProcess
 
@@ -342,6 +364,9 @@ class RelayService(service.MultiService):
             self.events.setServiceParent(self)           # started before the scheduler, stopped after it
             self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics, self.events)
         self.scheduler.setServiceParent(self)
+        reports = tls_report_service(config, self.tls_reports, self.spool, self.scheduler, reactor)
+        if reports is not None:
+            reports.setServiceParent(self)
         if config.metrics.endpoint:
             # Separate: the delivery families come from the delivery process, over its pipe, per scrape.
             delivery_side = self.scheduler.metrics_text if self.delivery is None else None
@@ -407,7 +432,8 @@ class RelayService(service.MultiService):
         """Re-read the config file and apply it; False (and the old config in force) when it is refused."""
         def build(config: Config, reactor):   # delivery parts too in either mode: a bad one refuses the reload
             return (build_receiving_parts(config, reactor, limiter=self._limiter),
-                    build_delivery_parts(config, reactor, self.delivery, metrics=self.metrics))
+                    build_delivery_parts(config, reactor, self.delivery, metrics=self.metrics,
+                                         tls_reports=self.tls_reports))
 
         loaded = reread(self.config.path, build, self.reactor)
         if loaded is None:

@@ -153,7 +153,7 @@ class SigningTests(unittest.TestCase):
     def test_from_is_oversigned_so_an_added_from_breaks_the_signature(self):
         message = MESSAGES["8bit"]
         signed = self.signer.sign(io.BytesIO(message)) + message
-        self.assertIn(b"h=from:to:subject:from", signed.replace(b"\r\n ", b""))
+        self.assertIn(b"h=from: to: subject: from", signed.replace(b"\r\n ", b""))
         tampered = signed.replace(b"From: A", b"From: evil@attacker.example\r\nFrom: A", 1)
         results = yield self.verify_all(tampered)
         self.assertEqual(results, [False, False])

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("check", "passwd", "dkim", "queue", "route-test", "suppression", "apikey")   # mailrelay.cli.*
+SUBCOMMANDS = ("check", "passwd", "dkim", "queue", "route-test", "suppression", "apikey", "tlsrpt")   # mailrelay.cli.*
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -153,6 +153,7 @@ class DeliveryConfig:
     mta_sts_port: int = 443     # the HTTPS port policies are fetched from
     dane: bool = True           # RFC 7672: TLSA records from answers the resolver marks authenticated
     ca_file: Optional[Path] = None   # trust for MX certificates and policy hosts; None: the system's
+    tls_reports: bool = True    # RFC 8460: daily TLS-RPT reports to domains that publish _smtp._tls
 
 
 TRANSPORT_SECURITY = ("starttls", "tls", "none")

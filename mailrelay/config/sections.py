@@ -297,6 +297,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         mta_sts_port=t.port("mta_sts_port", d.mta_sts_port),
         dane=t.flag("dane", d.dane),
         ca_file=_pem_file(t, "ca_file"),
+        tls_reports=t.flag("tls_reports", d.tls_reports),
     ))
 
 

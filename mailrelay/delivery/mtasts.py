@@ -171,7 +171,7 @@ class MTASTS:
     def __init__(self, lookup: Any, fetch: Any, cache: Any, clock: Any):
         self.lookup, self.fetch, self.cache, self.clock = lookup, fetch, cache, clock
         self._failed: dict[str, tuple[Optional[str], float]] = {}     # domain -> (id, retry not before)
-        self._in_flight: dict[str, defer.Deferred] = {}
+        self._in_flight: dict[str, list[defer.Deferred]] = {}   # domain -> callers waiting for one discovery
 
     def policy_for(self, domain: str) -> defer.Deferred:
         """Deferred[StsAnswer]; never fails.  Concurrent calls for one domain share one discovery.
@@ -181,18 +181,21 @@ class MTASTS:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return defer.succeed(StsAnswer(None))      # no DNS name: no policy can exist
-        if domain in self._in_flight:
-            shared = defer.Deferred()
-            self._in_flight[domain].addBoth(lambda r: (shared.callback(r), r)[1])
-            return shared
+        mine = defer.Deferred()                 # each caller its own: a caller's callbacks never see another's
+        waiters = self._in_flight.get(domain)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        waiters = self._in_flight[domain] = [mine]
         d = defer.maybeDeferred(self._discover, domain)
         d.addErrback(self._unexpected, domain)
-        self._in_flight[domain] = d
 
         def done(result):
-            self._in_flight.pop(domain, None)
-            return result
-        return d.addBoth(done)
+            del self._in_flight[domain]
+            for waiter in waiters:
+                waiter.callback(result)
+        d.addCallback(done)
+        return mine
 
     def _unexpected(self, failure: Failure, domain: str) -> StsAnswer:
         log.failure("{domain}: MTA-STS discovery failed locally", failure, domain=domain)

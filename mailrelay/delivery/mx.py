@@ -29,6 +29,10 @@ Reported as soon as settled (docs/crash-safety.md section 2): with `on_settled`,
 recipient has a final answer (2xx or 5xx, from this exchanger or an earlier one) is handed over right
 after that reply, and the next job on the connection waits for the record.  A job with a recipient
 left at 4xx is reported at the end, once the later exchangers have had their say.
+
+TLS reports (RFC 8460): with a `tls_reports` sink (interfaces.ITLSReportSink), delivery.tlspolicy
+records the TLS outcome of every new session with an exchanger for the recipient domain, under the
+policy that applied ("sts", "tlsa", or "no-policy-found": RFC 8460 4.4 reports those sessions too).
 """
 from __future__ import annotations
 
@@ -259,7 +263,7 @@ class MXDelivery:
         host = plan.host
         session: SessionResult = yield self._session(jobs, host, endpoint, plan.security, on_settled,
                                                      plan.tls_options)
-        self.policies.report(plan, session)
+        self.policies.report(plan, session, endpoint.connected)
         if endpoint.connected and endpoint.failures:     # e.g. a broken IPv6 route, hidden by the race
             log.info("{queue_id}: {host}: connected to {address} after {failed}", queue_id=_queue_ids(jobs),
                      host=host.name, address=endpoint.connected,

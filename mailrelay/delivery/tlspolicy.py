@@ -204,9 +204,10 @@ class TLSPolicies:
             self._record(plan.policy_domain, plan.policy_type, plan.policy_strings, plan.host.name,
                          plan.problem[0], False, plan.problem[1])
 
-    def report(self, plan: HostPlan, session: Any) -> None:
-        """One session's TLS outcome (session: delivery.results.SessionResult); a session on a reused
-        connection was counted when that connection was made."""
+    def report(self, plan: HostPlan, session: Any, address: Optional[str] = None) -> None:
+        """One session's TLS outcome (session: delivery.results.SessionResult; `address`: the exchanger's
+        address it ran on, RFC 8460 4.3 receiving-ip); a session on a reused connection was counted when
+        that connection was made."""
         if session.reused or plan.problem is not None:
             return         # counted when the connection was made / by before(): one record per session
         verdict: Optional[Verdict] = session.tls_verdict
@@ -223,8 +224,11 @@ class TLSPolicies:
                 return         # no TLS wanted, or the session ended before STARTTLS could be offered
         success = verdict.ok and (plan.kind in ("dane", "mta-sts", "mta-sts-testing", "verify")
                                   or session.tls is not None)
+        detail = {"failure-reason-code": verdict.detail} if verdict.detail else {}
+        if address:
+            detail["receiving-ip"] = address
         self._record(plan.policy_domain, plan.policy_type, plan.policy_strings, plan.host.name,
-                     verdict.result_type, success, verdict.detail)
+                     verdict.result_type, success, detail)
         if not verdict.ok:
             log.info("{domain}: {host}: TLS {what} ({policy}): {result}: {detail}", domain=plan.policy_domain,
                      host=plan.host.name, what="refused" if verdict.enforce else "check failed, delivered anyway",
@@ -233,6 +237,8 @@ class TLSPolicies:
     def _record(self, domain, policy_type, strings, mx_host, result_type, success, detail) -> None:
         if self.metrics is not None:
             self.metrics.tls_policy_result(policy_type, result_type or "success")
+        if not isinstance(detail, dict):       # RFC 8460 4.3: the reason, for whoever debugs the failure
+            detail = {"failure-reason-code": detail} if detail else {}
         try:
             self.sink.record(domain, policy_type, tuple(strings), mx_host, result_type, success, detail)
         except Exception:

@@ -77,7 +77,8 @@ class DeliveryWorker(service.MultiService):
     def __init__(self, config, reactor):
         super().__init__()
         from mailrelay.metrics import Metrics, metrics_service
-        from mailrelay.service import build_delivery_parts, build_events, build_scheduler
+        from mailrelay.service import (build_delivery_parts, build_events, build_scheduler, tls_report_service,
+                                       tls_report_store)
         from mailrelay.spool.store import Spool
 
         self.config, self.reactor = config, reactor
@@ -85,11 +86,15 @@ class DeliveryWorker(service.MultiService):
         self.spool = Spool(config.spool, clock=reactor, reactor=reactor, owner=False,
                            directory_fsync=config.queue.directory_fsync)
         self.spool.setServiceParent(self)
-        self.parts = build_delivery_parts(config, reactor, metrics=self.metrics)
+        self.tls_reports = tls_report_store(config, reactor)      # RFC 8460: None when tls_reports is off
+        self.parts = build_delivery_parts(config, reactor, metrics=self.metrics, tls_reports=self.tls_reports)
         self.events = build_events(config, reactor, self.metrics)   # webhooks: outboxes and senders
         self.events.setServiceParent(self)
         self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics, self.events)
         self.scheduler.setServiceParent(self)
+        reports = tls_report_service(config, self.tls_reports, self.spool, self.scheduler, reactor)
+        if reports is not None:
+            reports.setServiceParent(self)
         if config.metrics.delivery_endpoint:
             metrics_service(config.metrics.delivery_endpoint, self.metrics, reactor=reactor).setServiceParent(self)
 
@@ -116,7 +121,8 @@ class DeliveryWorker(service.MultiService):
         from mailrelay.service import build_delivery_parts, reread
 
         loaded = reread(self.config.path, lambda config, reactor: build_delivery_parts(config, reactor, self.parts,
-                                                                              metrics=self.metrics),
+                                                                              metrics=self.metrics,
+                                                                              tls_reports=self.tls_reports),
                         self.reactor, source, delivery_only=True)
         if loaded is not None:
             self.config, parts = loaded

@@ -28,6 +28,7 @@ from mailrelay.idn import domain_key
 DEFAULT_HEADERS = (
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to", "references",
     "mime-version", "content-type", "content-transfer-encoding",
+    "tls-report-domain", "tls-report-submitter",        # RFC 8460 5.3: a TLS report's own header fields
 )
 OVERSIGNED = ("from",)          # listed once more than present: no From can be added later (RFC 6376 8.15)
 MAX_HEADER_BLOCK = 1024 * 1024  # a header block larger than this is not signed
@@ -134,7 +135,9 @@ class Signer:
         ]
         if self._expire:
             fields.append((b"x", str(now + int(self._expire)).encode("ascii")))
-        fields += [(b"h", b":".join(include)), (b"bh", body_hash), (b"b", b"0" * 60)]
+        # RFC 6376 3.5: FWS may follow each ":" of h=.  dkimpy folds at spaces (or, without one, anywhere:
+        # inside a header name, which no verifier reads back), so each name is followed by one.
+        fields += [(b"h", b": ".join(include)), (b"bh", body_hash), (b"b", b"0" * 60)]
         signer = dkim.DKIM(block, linesep=b"\r\n")
         signer.hasher = dkim.HASH_ALGORITHMS[key.algorithm]
         # gen_header signs with `pk.sign(digest).signature` on its Ed25519 path; our key object offers exactly
