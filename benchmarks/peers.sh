@@ -85,8 +85,9 @@ peers_unpack() {
                 break
             fi
             dpkg-deb -x "$file" "$PEERS_ROOT"
-            [ "$pkg" = "$(peer_packages "$name" | head -n 1)" ] \
-                && PEER_VERSION[$name]="$(dpkg-deb -f "$file" Version)"
+            if [ "$pkg" = "$(peer_packages "$name" | head -n 1)" ]; then
+                PEER_VERSION[$name]="$(dpkg-deb -f "$file" Version)"
+            fi
         done
         [ -z "${PEER_PROBLEM[$name]:-}" ] || continue
         binary="$(peer_binary "$name")"
@@ -234,13 +235,14 @@ descendants() {   # descendants PID: every process below PID, by parent pid
     done
 }
 
+# Safe under `set -e` (it runs from the exit trap too): no command here may fail the function.
 stop_peer() {
-    local name="$1" pid="${PEER_PID[$1]:-}" below left
+    local name="$1" pid="${PEER_PID[$1]:-}" below left="" p
     [ -n "$pid" ] || return 0
-    below="$(descendants "$pid" | tr '\n' ' ')"
+    below="$(descendants "$pid" | tr '\n' ' ' || true)"
     # Exim's receiving and delivering processes outlive the daemon: they carry our config's path.
     if [ "$name" = exim ]; then
-        below="$below $(grep -lsF -- "$PEERS_DIR/exim/exim.conf" /proc/[0-9]*/cmdline \
+        below="$below $( (grep -lsF -- "$PEERS_DIR/exim/exim.conf" /proc/[0-9]*/cmdline || true) \
             | cut -d/ -f3 | tr '\n' ' ')"
     fi
     kill -TERM "$pid" 2>/dev/null || true
@@ -249,17 +251,20 @@ stop_peer() {
     wait "$pid" 2>/dev/null || true
     for _ in $(seq 30); do
         left=""
-        for p in $below; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+        for p in $below; do
+            if [ "$p" != "$pid" ] && kill -0 "$p" 2>/dev/null; then left="$left $p"; fi
+        done
         [ -n "$left" ] || break
         sleep 0.1
     done
     for p in $left; do kill -KILL "$p" 2>/dev/null || true; done
     PEER_PID[$name]=
+    return 0
 }
 
 peers_stop() {
     local name
-    for name in "${PEER_NAMES[@]}"; do stop_peer "$name"; done
+    for name in "${PEER_NAMES[@]}"; do stop_peer "$name" || true; done
 }
 
 peer_alive() { [ -n "${PEER_PID[$1]:-}" ] && kill -0 "${PEER_PID[$1]}" 2>/dev/null; }
@@ -329,7 +334,7 @@ probe_durability() {   # probe_durability NAME PORT PID
         return 0
     fi
     for p in "$pid" $(descendants "$pid"); do
-        for t in /proc/"$p"/task/*; do [ -d "$t" ] && tids+=(-p "${t##*/}"); done
+        for t in /proc/"$p"/task/*; do if [ -d "$t" ]; then tids+=(-p "${t##*/}"); fi; done
     done
     strace -f -tt -y -s 120 -o "$out" \
         -e trace=fsync,fdatasync,sync_file_range,syncfs,msync,sync,write,writev,sendto,sendmsg \

@@ -284,7 +284,7 @@ cleanup() {
         wait "$STEP_PID" 2>/dev/null || true
     fi
     stop_mailrelay
-    [ "$WITH_PEERS" = 0 ] || peers_stop
+    [ "$WITH_PEERS" = 0 ] || peers_stop || true
     stop_postfix
     if [ -n "${SINK_PID:-}" ]; then
         kill "$SINK_PID" 2>/dev/null || true
@@ -443,8 +443,13 @@ harness table "$RESULTS"
 # One session's time, step by step: what bounds -s 1 (both relays still up, the sink still counting).
 if [ -z "$MR_PROBLEM" ] && [ "$WITH_STEPS" = 1 ]; then
     say ""
-    "$PYTHON" "$HERE/steps.py" "postfix=127.0.0.1:$PF_PORT" "mailrelay=127.0.0.1:$MR_PORT" \
-        --sessions "$STEP_SESSIONS" || true
+    step_relays=("postfix=127.0.0.1:$PF_PORT" "mailrelay=127.0.0.1:$MR_PORT")
+    if [ "$WITH_PEERS" = 1 ]; then
+        for name in "${PEER_NAMES[@]}"; do
+            [ -n "${PEER_PROBLEM[$name]:-}" ] || step_relays+=("$name=127.0.0.1:${PEER_PORT[$name]}")
+        done
+    fi
+    "$PYTHON" "$HERE/steps.py" "${step_relays[@]}" --sessions "$STEP_SESSIONS" || true
 fi
 MR_FAILED=0
 if [ -n "$MR_PROBLEM" ] && [ "$WITH_MAILRELAY" = 1 ]; then
