@@ -84,7 +84,10 @@ peers_unpack() {
                 PEER_PROBLEM[$name]="$(cat "$err")"
                 break
             fi
-            dpkg-deb -x "$file" "$PEERS_ROOT"
+            if ! dpkg-deb -x "$file" "$PEERS_ROOT" 2>"$err"; then
+                PEER_PROBLEM[$name]="dpkg-deb -x $(basename "$file") failed: $(head -n 1 "$err")"
+                break
+            fi
             if [ "$pkg" = "$(peer_packages "$name" | head -n 1)" ]; then
                 PEER_VERSION[$name]="$(dpkg-deb -f "$file" Version)"
             fi
@@ -94,8 +97,7 @@ peers_unpack() {
         [ -x "$binary" ] || { PEER_PROBLEM[$name]="$binary is not in its package"; continue; }
         for lib in $(missing_libraries "$binary"); do
             pkg="$(library_package "$lib")"
-            if file="$(fetch_deb "$debs" "$pkg" 2>"$err")"; then
-                dpkg-deb -x "$file" "$PEERS_ROOT"
+            if file="$(fetch_deb "$debs" "$pkg" 2>"$err")" && dpkg-deb -x "$file" "$PEERS_ROOT"; then
                 say "  $name: $lib is not installed on this machine: unpacked from $(basename "$file")"
             fi
         done
@@ -403,5 +405,6 @@ peers_report() {
     for name in "${PEER_NAMES[@]}"; do
         [ -z "${PEER_PROBLEM[$name]:-}" ] || say "$(tr a-z A-Z <<<"$name") NOT MEASURED: ${PEER_PROBLEM[$name]}"
     done
-    say "peers: Exim ${PEER_VERSION[exim]:-?}, OpenSMTPD ${PEER_VERSION[opensmtpd]:-?} (Debian packages, unpacked in $PEERS_DIR)"
+    say "peers: Exim ${PEER_VERSION[exim]:-(not unpacked)}, OpenSMTPD ${PEER_VERSION[opensmtpd]:-(not unpacked)}" \
+        "(Debian packages, unpacked in $PEERS_DIR)"
 }
