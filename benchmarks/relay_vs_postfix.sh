@@ -14,12 +14,15 @@
 #
 # Options: --runs N, --timeout SECONDS (per run), --loads 1,3 (only these loads, numbered as below),
 # --no-mailrelay, --keep (keep the work directory and its logs), --memory (also run benchmarks/memory.py),
-# --no-steps (skip the per-step latency of one session, benchmarks/steps.py, printed after the table).  Environment: MAILRELAY_VENV (a virtualenv with
+# --no-steps (skip the per-step latency of one session, benchmarks/steps.py, printed after the table),
+# --peers (also Exim and OpenSMTPD as relays, interleaved with the others, each one's durability shown
+# by an strace of one message: benchmarks/peers.sh).  Environment: MAILRELAY_VENV (a virtualenv with
 # bin/twistd), BENCH_TMPDIR (where the work directory goes; default /var/tmp, which is a disk and not
-# tmpfs on Debian: queues must really fsync for "durable" to mean anything).
+# tmpfs on Debian: queues must really fsync for "durable" to mean anything), BENCH_PEERS_DEBS (a
+# directory for the peers' .deb files, kept between runs; default: fetched into the work directory).
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 RUNS=3
 TIMEOUT=120
@@ -29,6 +32,7 @@ WITH_MAILRELAY=1
 WITH_MEMORY=0
 ONLY_LOADS=""
 WITH_STEPS=1
+WITH_PEERS=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; RUNS=1 ;;
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT="$2"; shift ;;
         --loads) ONLY_LOADS=",$2,"; shift ;;
         --no-steps) WITH_STEPS=0 ;;
+        --peers) WITH_PEERS=1 ;;
         --keep) KEEP=1 ;;
         --no-mailrelay) WITH_MAILRELAY=0 ;;
         --memory) WITH_MEMORY=1 ;;
@@ -79,6 +84,8 @@ VENV="$(find_venv || true)"
 if [ -n "$VENV" ]; then PYTHON="$VENV/bin/python"; else PYTHON="$(command -v python3 || true)"; fi
 [ -n "$PYTHON" ] || die "no Python found (set MAILRELAY_VENV to a virtualenv with mailrelay installed)"
 harness() { "$PYTHON" "$HERE/harness.py" "$@"; }
+# shellcheck source=benchmarks/peers.sh
+[ "$WITH_PEERS" = 0 ] || . "$HERE/peers.sh"
 
 # A long harness step runs as a background job and is waited for: `wait` returns as soon as a trapped
 # signal arrives (a foreground command would delay the trap until it ended), and cleanup can stop it.
@@ -277,6 +284,7 @@ cleanup() {
         wait "$STEP_PID" 2>/dev/null || true
     fi
     stop_mailrelay
+    [ "$WITH_PEERS" = 0 ] || peers_stop || true
     stop_postfix
     if [ -n "${SINK_PID:-}" ]; then
         kill "$SINK_PID" 2>/dev/null || true
@@ -393,6 +401,18 @@ warm_up "$PF_PORT" || reset_postfix || die "the private Postfix did not restart 
 if [ -z "$MR_PROBLEM" ]; then
     warm_up "$MR_PORT" || reset_mailrelay || true
 fi
+if [ "$WITH_PEERS" = 1 ]; then
+    peers_prepare
+    peers_start
+    for name in "${PEER_NAMES[@]}"; do
+        if [ -n "${PEER_PROBLEM[$name]:-}" ]; then
+            say "$(tr a-z A-Z <<<"$name") NOT MEASURED: ${PEER_PROBLEM[$name]}"
+        else
+            say "$name ${PEER_VERSION[$name]:-} 127.0.0.1:${PEER_PORT[$name]}"
+        fi
+    done
+    peers_probe_all
+fi
 
 load_number=0
 for entry in "${LOADS[@]}"; do
@@ -409,6 +429,7 @@ for entry in "${LOADS[@]}"; do
     for run in $(seq "$RUNS"); do
         run_postfix "$label" "$run" "$messages" "${source_args[@]}"
         run_mailrelay "$label" "$run" "$messages" "${source_args[@]}"
+        [ "$WITH_PEERS" = 0 ] || run_peers "$label" "$run" "$messages" "${source_args[@]}"
     done
 done
 
@@ -418,11 +439,17 @@ say "  e2e = end to end (all at smtp-sink); ratio = mailrelay / Postfix;"
 say "  ceiling = smtp-source straight into smtp-sink; runs = finished runs, postfix/mailrelay"
 say ""
 harness table "$RESULTS"
+[ "$WITH_PEERS" = 0 ] || peers_report
 # One session's time, step by step: what bounds -s 1 (both relays still up, the sink still counting).
 if [ -z "$MR_PROBLEM" ] && [ "$WITH_STEPS" = 1 ]; then
     say ""
-    "$PYTHON" "$HERE/steps.py" "postfix=127.0.0.1:$PF_PORT" "mailrelay=127.0.0.1:$MR_PORT" \
-        --sessions "$STEP_SESSIONS" || true
+    step_relays=("postfix=127.0.0.1:$PF_PORT" "mailrelay=127.0.0.1:$MR_PORT")
+    if [ "$WITH_PEERS" = 1 ]; then
+        for name in "${PEER_NAMES[@]}"; do
+            [ -n "${PEER_PROBLEM[$name]:-}" ] || step_relays+=("$name=127.0.0.1:${PEER_PORT[$name]}")
+        done
+    fi
+    "$PYTHON" "$HERE/steps.py" "${step_relays[@]}" --sessions "$STEP_SESSIONS" || true
 fi
 MR_FAILED=0
 if [ -n "$MR_PROBLEM" ] && [ "$WITH_MAILRELAY" = 1 ]; then
