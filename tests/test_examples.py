@@ -2,7 +2,9 @@
 (certificates, keys, secrets) exist beside it."""
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class Examples(unittest.TestCase):
             path.write_text("s3cret\n")
 
     def test_every_example_validates(self):
-        examples = sorted(EXAMPLES.glob("*.conf"))
+        examples = sorted(EXAMPLES.rglob("*.conf"))
         self.assertGreaterEqual(len(examples), 5)
         for example in examples:
             directory = Path(self.mktemp()).absolute()
@@ -70,7 +72,7 @@ class Examples(unittest.TestCase):
             self.assertEqual(config.path, directory / example.name, example.name)
 
     def test_the_examples_say_what_they_are_for(self):
-        for example in EXAMPLES.glob("*.conf"):
+        for example in EXAMPLES.rglob("*.conf"):
             self.assertTrue(example.read_text().startswith("#"), example.name)
 
     def test_smarthosts_in_2026(self):
@@ -90,3 +92,31 @@ class Examples(unittest.TestCase):
         self.assertEqual(kinds["m365-connector-certificate.conf"][:3], ("none", True, False))
         self.assertEqual(kinds["gmail-oauth2-relay.conf"][:3], ("oauthbearer", False, True))
         self.assertEqual(kinds["gmail-oauth2-relay.conf"][3], "https://oauth2.googleapis.com/token")
+
+
+class ClusterExample(unittest.TestCase):
+    """examples/cluster: HAProxy in front of two nodes that share one Redis."""
+
+    def test_haproxy_accepts_the_configuration(self):
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(haproxy).exists():
+            raise unittest.SkipTest("haproxy is not installed (.ci/run installs it)")
+        result = subprocess.run([haproxy, "-c", "-f", str(EXAMPLES / "cluster" / "haproxy.cfg")],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertNotIn("WARNING", result.stdout + result.stderr)
+
+    def test_every_backend_server_is_a_node_listener_that_expects_the_proxy_header(self):
+        nodes = {}
+        for name in ("relay1", "relay2"):
+            data = tomllib.loads((EXAMPLES / "cluster" / f"{name}.conf").read_text())
+            nodes[name] = data
+        self.assertEqual(len({n["cluster"]["redis"] for n in nodes.values()}), 1)   # one Redis for all
+        servers = re.findall(r"^\s*server (\S+) (\S+):(\d+) send-proxy-v2",
+                             (EXAMPLES / "cluster" / "haproxy.cfg").read_text(), re.M)
+        self.assertEqual(len(servers), 6)
+        for name, address, port in servers:
+            listeners = {table["endpoint"]: table for table in nodes[name]["listen"]}
+            endpoint = f"tcp:{port}:interface={address}"
+            self.assertIn(endpoint, listeners, f"{name} {address}:{port}")
+            self.assertTrue(listeners[endpoint].get("proxy_protocol"), endpoint)
