@@ -180,6 +180,11 @@ class IDeliveryReporter(Interface):
         """The one delay DSN for a spooled message. `recipients`: a delivery.RecipientResult per recipient
         still pending, each with its last (temporary) reply."""
 
+    def success(message, results, action):
+        """A success DSN (RFC 3461 NOTIFY=SUCCESS) for a spooled message. `action`: "relayed" (handed to
+        a next hop that does not offer DSN, RFC 3461 6.2.1) or "delivered" (into the mailbox itself);
+        `results`: a delivery.RecipientResult per such recipient, with the reply that accepted it."""
+
 
 class IDeliveryEvents(Interface):
     """Hears every per-recipient outcome the scheduler records (the webhook events, mailrelay.events).
@@ -278,10 +283,6 @@ class IThrottle(Interface):
         """A list of throttle.DestinationStatus, one per destination with anything to show (a pause in
         force or past, a connection open, a rate position in the future).  Safe to call from a thread
         other than the reactor's: it only reads."""
-    def success(message, results, action):
-        """A success DSN (RFC 3461 NOTIFY=SUCCESS) for a spooled message. `action`: "relayed" (handed to
-        a next hop that does not offer DSN, RFC 3461 6.2.1) or "delivered" (into the mailbox itself);
-        `results`: a delivery.RecipientResult per such recipient, with the reply that accepted it."""
 
 
 class IDNSLookup(Interface):

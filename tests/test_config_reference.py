@@ -251,7 +251,8 @@ class NoPrivatePaths(unittest.TestCase):
         readme = (ROOT / "README.md").read_text()
         configuration = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
         self.assertIn("docs/config.md", configuration)
-        files = [ROOT / "README.md", ROOT / "tap.conf", *ROOT.glob("docs/*.md"), *ROOT.glob("examples/*"),
+        examples = [p for p in ROOT.rglob("examples/*") if p.is_file()]
+        files = [ROOT / "README.md", ROOT / "tap.conf", *ROOT.glob("docs/*.md"), *examples,
                  *ROOT.glob("mailrelay/**/*.py")]
         for path in files:
             text = path.read_text()
