@@ -4,16 +4,19 @@
                                               └──── one redis-server (shared limits) ────┘
 
 Measures, in one run:
-  1. one node alone, smtp-source straight at it: messages/s end to end;
+  1. one node alone, smtp-source straight at it, without and with `[cluster] redis`: messages/s end to end;
   2. N nodes (`--nodes`, default 3) behind HAProxy: the same load, messages/s end to end, and every
      message's Message-Id counted at the sink — delivered exactly once (none missing, none twice);
   3. the shared limit: the nodes reloaded (SIGHUP) with `[limits] messages_per_minute = L` for the one
      identity the load relays as, then `--burst` messages offered at once through HAProxy: how many the
      cluster accepted (one budget of L for all nodes, plus what refilled during the burst) against the
      N × L that unshared counters would let through.
-Needs root-free tools only: Debian's haproxy, redis-server and Postfix's smtp-source (installed as
-relay_vs_postfix.sh does when missing, which needs root).  Loopback only.  Asserts nothing; prints a
-table.  Options: --nodes N, --messages M, --sessions S, --limit L, --burst B.
+The sink is a Python thread per session that reads every Message-Id (to count duplicates): on a two-core
+machine it, not the relays, sets the ceiling of every rate here — compare the rows with each other, and
+take absolute throughput from relay_vs_postfix.sh. Needs root-free tools only: Debian's haproxy, redis-
+server and Postfix's smtp-source (installed as relay_vs_postfix.sh does when missing, which needs root).
+Loopback only. Asserts nothing; prints a table. Options: --nodes N, --messages M, --sessions S, --limit
+L, --burst B.
 """
 from __future__ import annotations
 
@@ -269,25 +272,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        "--save", "", "--appendonly", "no", "--dir", str(work)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for_port("127.0.0.1", redis_port, 10)
-        # 1. one node alone
-        single = Node(venv, work, 0, sink.port, redis_port, False, high)
-        nodes.append(single)
-        wait_for_port("127.0.0.1", single.port, 60)
-        smtp_source(single.port, 100, args.sessions)            # warm-up
-        sink.wait_for(100, 120)
-        before = sink.total
-        start = time.monotonic()
-        smtp_source(single.port, args.messages, args.sessions)
-        sink.wait_for(before + args.messages, 600)
-        one_rate = args.messages / (time.monotonic() - start)
-        single.stop()
-        print(f"one node: {one_rate:.0f} msg/s end to end", flush=True)
+        # 1. one node alone, without and with the shared Redis
+        rates = []
+        for index, redis in ((0, None), (9, redis_port)):
+            single = Node(venv, work, index, sink.port, redis, False, high)
+            nodes.append(single)
+            wait_for_port("127.0.0.1", single.port, 60)
+            before = sink.total
+            smtp_source(single.port, 100, args.sessions)            # warm-up
+            sink.wait_for(before + 100, 120)
+            before = sink.total
+            start = time.monotonic()
+            smtp_source(single.port, args.messages, args.sessions)
+            sink.wait_for(before + args.messages, 600)
+            rates.append(args.messages / (time.monotonic() - start))
+            single.stop()
+        alone_rate, one_rate = rates
+        print(f"one node: {alone_rate:.0f} msg/s end to end without Redis, {one_rate:.0f} with", flush=True)
         # 2. N nodes behind HAProxy
         cluster = [Node(venv, work, i + 1, sink.port, redis_port, True, high) for i in range(args.nodes)]
         nodes.extend(cluster)
         front = free_port()
         cfg = work / "haproxy.cfg"
-        cfg.write_text("global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+        cfg.write_text("global\n    maxconn 4000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n"
                        "    timeout client 60s\n    timeout server 60s\n\nfrontend smtp\n"
                        f"    bind 127.0.0.1:{front}\n    default_backend nodes\n\nbackend nodes\n"
                        "    balance roundrobin\n"
@@ -296,9 +303,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       stderr=subprocess.DEVNULL))
         for n in cluster:
             wait_for_port("127.0.0.1", n.port, 60)
-        wait_for_port("127.0.0.1", front, 20)
-        smtp_source(front, 100, args.sessions)
-        sink.wait_for(before + args.messages + 100, 120)
+        if not wait_for_port("127.0.0.1", front, 20, lambda: procs[-1].poll() is None):
+            print("cluster.py: haproxy did not start", file=sys.stderr)
+            return 1
+        before = sink.total
+        smtp_source(front, 100, args.sessions)                  # warm-up
+        sink.wait_for(before + 100, 120)
         sink.ids.clear()
         before = sink.total
         start = time.monotonic()
@@ -320,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{args.nodes * args.limit}", flush=True)
         print()
         print("| cluster on one machine | figure |\n| --- | --- |")
-        print(f"| one node, end to end (msg/s) | {one_rate:.0f} |")
+        print(f"| one node without [cluster], end to end (msg/s) | {alone_rate:.0f} |")
+        print(f"| one node with [cluster] redis, end to end (msg/s) | {one_rate:.0f} |")
         print(f"| {args.nodes} nodes behind HAProxy, end to end (msg/s) | {n_rate:.0f} |")
         print(f"| messages delivered / sent | {len(counts)} / {args.messages} |")
         print(f"| messages delivered more than once | {twice} |")
