@@ -37,7 +37,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness import free_port, wait_for_port  # noqa: E402
+from harness import free_port, mailrelay_conf, wait_for_port  # noqa: E402
 from memory import find_venv, raise_fd_limit  # noqa: E402
 
 REPO = HERE.parent
@@ -112,38 +112,15 @@ class CountingSink(socketserver.ThreadingTCPServer):
 
 def node_conf(port: int, sink_port: int, spool: Path, redis_port: Optional[int], proxy: bool,
               limit: int) -> str:
-    proxied = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n' if proxy else ""
-    cluster = f'[cluster]\nredis = "redis://127.0.0.1:{redis_port}/0"\n\n' if redis_port else ""
-    return f'''# Written by benchmarks/cluster.py: one node of the cluster.
-hostname = "node-{port}.localhost"
-spool = "{spool}"
-
-[[listen]]
-kind = "relay"
-endpoint = "tcp:{port}:interface=127.0.0.1"
-{proxied}
-[limits]
-max_message_size = "50MiB"
-max_connections = 2000
-max_connections_per_ip = 2000
-messages_per_minute = {limit}
-
-{cluster}[[permit]]                 # the burst's client: an identity of its own ("permit[0]")
-networks = ["127.0.0.5/32"]
-
-[[permit]]
-networks = ["127.0.0.0/8"]
-
-[transports.sink]
-host = "127.0.0.1"
-port = {sink_port}
-security = "none"
-verify = false
-
-[[route]]
-recipients = ["*"]
-transport = "sink"
-'''
+    """The benchmark's tap.conf (harness.mailrelay_conf) behind HAProxy, with the shared Redis and a
+    permit rule of its own for the burst's client."""
+    return mailrelay_conf(
+        port, sink_port, spool,
+        listener='proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n' if proxy else "",
+        limits=f"messages_per_minute = {limit}\n",
+        permits='[[permit]]                 # the burst\'s client: an identity of its own ("permit[0]")\n'
+                'networks = ["127.0.0.5/32"]\n\n',
+        tables=f'\n[cluster]\nredis = "redis://127.0.0.1:{redis_port}/0"\n' if redis_port else "")
 
 
 class Node:

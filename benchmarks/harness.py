@@ -250,13 +250,16 @@ def format_problems(results: Sequence[RunResult]) -> str:
 # --- a mailrelay configuration equivalent to the private Postfix ---------------------------------
 
 def mailrelay_conf(port: int, sink_port: int, spool: Path, *, max_connections: int = 2000,
-                   max_message_size: str = "50MiB", delivery_process: str = "separate") -> str:
+                   max_message_size: str = "50MiB", delivery_process: str = "separate",
+                   listener: str = "", limits: str = "", permits: str = "", tables: str = "") -> str:
     """tap.conf text: one loopback relay listener, 127.0.0.0/8 allowlisted, every recipient to the sink.
 
     The limits are raised so that they never decide a benchmark: Postfix exempts $mynetworks from its
     per-client connection limits (smtpd_client_event_limit_exceptions), so mailrelay gets the same room.
     Delivery runs in its own process (`[delivery] process`), as Postfix's smtp(8) runs apart from smtpd(8):
     both relays may use both cores. MAILRELAY_DELIVERY_PROCESS=inline measures the single-process relay.
+    `listener`, `limits`: more lines for the listener and [limits]; `permits`: [[permit]] tables before
+    the one for 127.0.0.0/8; `tables`: more tables at the end (cluster.py's nodes use all four).
     """
     return f'''# Written by benchmarks/harness.py: the mailrelay side of the Postfix comparison.
 hostname = "mailrelay-bench.localhost"
@@ -265,13 +268,13 @@ spool = "{spool}"
 [[listen]]
 kind = "relay"
 endpoint = "tcp:{port}:interface=127.0.0.1"
-
+{listener}
 [limits]
 max_message_size = "{max_message_size}"
 max_connections = {max_connections}
 max_connections_per_ip = {max_connections}
-
-[[permit]]
+{limits}
+{permits}[[permit]]
 networks = ["127.0.0.0/8"]
 
 [transports.sink]
@@ -286,7 +289,7 @@ transport = "sink"
 
 [delivery]
 process = "{os.environ.get("MAILRELAY_DELIVERY_PROCESS", delivery_process)}"
-'''
+{tables}'''
 
 
 # --- a discarding SMTP sink (memory.py's next hop) ----------------------------------------------
