@@ -261,9 +261,12 @@ def tls_report_service(config: Config, sink, spool, scheduler, reactor):
     if sink is None:
         return None
     from mailrelay.delivery.tlsrpt_send import TLSReportSender, TLSReportService, https_post, txt_lookup
+    from mailrelay.delivery.tlsverify import load_trust
 
+    # `[delivery] ca_file` is the trust of delivery's HTTPS too (MTA-STS policy hosts, report endpoints).
+    post = https_post(reactor, load_trust(config.delivery.ca_file) if config.delivery.ca_file else None)
     sender = TLSReportSender(config.hostname, sink.directory, spool, txt_lookup(config.delivery.nameservers, reactor),
-                             https_post(reactor), reactor, spooled=scheduler.enqueue)
+                             post, reactor, spooled=scheduler.enqueue)
     return TLSReportService(sink, sender, reactor)
 
 
