@@ -328,6 +328,20 @@ class RelayTests(unittest.TestCase):
         yield wait_until(lambda: not relay.service.spool.queue_ids(), "the spool to empty")
 
     @defer.inlineCallbacks
+    def test_notify_success_to_an_lmtp_mailbox_is_reported_delivered_not_relayed(self):
+        server = LMTPSink()
+        port = server.start(reactor)
+        self.addCleanup(server.stop)
+        relay = self.start(self.relay(f'host = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'))
+        code, _ = yield relay.submit("relay", "app@example.org", ["a@example.net"], BODY,
+                                     rcpt_options={"a@example.net": ["NOTIFY=SUCCESS"]})
+        self.assertEqual(code, 250)
+        yield wait_until(lambda: len(server.deliveries) >= 2, "the message and its success report")
+        report = dict((r, d) for r, d in server.deliveries)["app@example.org"]
+        self.assertIn(b"Action: delivered", report)       # RFC 3464 2.3.3: the LMTP reply is the mailbox's
+        self.assertNotIn(b"Action: relayed", report)
+
+    @defer.inlineCallbacks
     def test_connection_lost_part_way_through_the_replies_resends_only_the_unanswered(self):
         server = LMTPSink(drop_after=1)
         port = server.start(reactor)

@@ -18,6 +18,7 @@ STARTTLS and AUTH over TCP, CHUNKING, connection reuse are all the SMTP client's
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Optional
 
 from mailrelay.delivery.chunking import ChunkingClient
@@ -45,7 +46,11 @@ class LMTPClient(ChunkingClient):
             self._unanswered = deque(self._accepted)
         index = self._unanswered.popleft()
         recipients = self.jobs[self._job_index].recipients
-        self._results[self._job_index][index] = from_reply(recipients[index], code, text, self._host)
+        result = from_reply(recipients[index], code, text, self._host)
+        if result.delivered:
+            # RFC 2033 4.2: this reply is the mailbox's own: delivered, not relayed (RFC 3464 2.3.3).
+            result = replace(result, final=True)
+        self._results[self._job_index][index] = result
         if code == 421:
             self._unanswered = None
             return self._closing(code, text)      # the ones not answered get the session's failure
