@@ -2,7 +2,6 @@
 once its event is durable (over task.Clock, with small in-memory doubles)."""
 from __future__ import annotations
 
-import json
 import random
 
 from twisted.internet import defer, task
@@ -14,60 +13,10 @@ from mailrelay.config import DeliveryConfig, QueueConfig
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IDeliveryEvents, INextHop, IRouter, ISpool, ISpoolControl
+from mailrelay.interfaces import IDeliveryEvents, INextHop, IRouter
+from tests.support.scheduling import MemorySpool as Spool
 
 NOW = 1_767_225_600.0
-
-
-class Message:
-    def __init__(self, queue_id, envelope, state):
-        self.queue_id, self.envelope, self.state, self.held, self.size = queue_id, envelope, state, False, 10
-
-
-@implementer(ISpool, ISpoolControl)
-class Spool:
-    def __init__(self):
-        self.envelopes, self.states, self.removed = {}, {}, []
-
-    def new_message(self, envelope):
-        raise NotImplementedError
-
-    def queue_ids(self):
-        return list(self.envelopes)
-
-    def load(self, queue_id):
-        return Message(queue_id, self.envelopes[queue_id], json.loads(json.dumps(self.states.get(queue_id, {}))))
-
-    def save_state(self, queue_id, state):
-        self.states[queue_id] = json.loads(json.dumps(state))
-        return defer.succeed(None)
-
-    def remove(self, queue_id):
-        self.removed.append(queue_id)
-        del self.envelopes[queue_id]
-
-    def take_requests(self):
-        return []
-
-    def state_of(self, queue_id):
-        return json.loads(json.dumps(self.states.get(queue_id, {})))
-
-    def is_held(self, queue_id):
-        return False
-
-    def suspension(self):
-        return None
-
-    def set_suspension(self, record):
-        raise AssertionError("never suspended here")
-
-    def forget_fresh(self, queue_id):
-        pass
-
-    def hold(self, queue_id):
-        raise AssertionError("never held here")
-
-    release = hold
 
 
 @implementer(INextHop)
