@@ -113,6 +113,10 @@ class ISpoolControl(ISpool):
     def set_suspension(record):
         """Write (a dict) or clear (None) the suspension record, atomically and durably."""
 
+    def take_fresh(queue_id):
+        """The just-committed message kept in memory for its first load (a SpooledMessage), taken out,
+        or None: the scheduler then loads it from the files."""
+
     def forget_fresh(queue_id):
         """Drop any copy of the message kept in memory since its commit: the files are the truth again
         (another process may change them while deliveries are suspended)."""
@@ -159,6 +163,14 @@ class IBatchNextHop(INextHop):
         `jobs`, with the same meaning as deliver()'s — every job, the reported ones included. A connection
         lost part-way settles the jobs not yet answered with a 4xx result; the Deferred itself does not
         fail.  Older hops without `on_settled` still work: the scheduler then records at the end."""
+
+
+class IPooledNextHop(INextHop):
+    """A next hop that keeps idle connections for reuse (delivery.pool). Optional: the relay closes them
+    on stop, and when a reload replaces the hop, only for hops that provide it."""
+
+    def close_idle():
+        """QUIT every idle connection and keep none from now on; a Deferred firing once they are closed."""
 
 
 class IRouter(Interface):

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from mailrelay import tls
 from mailrelay.config import Config, ConfigError, load
-from mailrelay.interfaces import IIncomingQueue, IMessageWriter
+from mailrelay.interfaces import IIncomingQueue, IMessageWriter, IPooledNextHop
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.service")
@@ -150,7 +150,7 @@ class DeliveryParts:
         """QUIT on the idle connections the next hops keep for reuse (on stop, or once replaced)."""
         hops = [*self.transports.values(), self.direct]
         return defer.DeferredList([defer.maybeDeferred(hop.close_idle) for hop in hops
-                                   if hasattr(hop, "close_idle")], consumeErrors=True)
+                                   if IPooledNextHop.providedBy(hop)], consumeErrors=True)
 
 
 def build_receiving_parts(config: Config, reactor, limiter=None) -> ReceivingParts:

@@ -48,7 +48,7 @@ class BatchHopMarker:
     def deliver(self, message, recipients):
         raise NotImplementedError
 
-    def deliver_batch(self, jobs):
+    def deliver_batch(self, jobs, on_settled=None):
         raise NotImplementedError
 
 
@@ -95,7 +95,7 @@ class FakeBatchHop(FakeHop):
         self.explode = False
         self.short_answer = False
 
-    def deliver_batch(self, jobs):
+    def deliver_batch(self, jobs, on_settled=None):
         self.batches.append([job.message.queue_id for job in jobs])
         if self.explode:
             raise RuntimeError("the hop blew up")
@@ -258,7 +258,7 @@ class RecordingBatchHop:
     def deliver(self, message, recipients):
         raise AssertionError("a batch must not be split into deliver() calls")
 
-    def deliver_batch(self, jobs):
+    def deliver_batch(self, jobs, on_settled=None):
         self.batches.append([job.message.open().read() for job in jobs])
         return defer.succeed([[RecipientResult(r, 250, "2.0.0", "ok") for r in job.recipients] for job in jobs])
 

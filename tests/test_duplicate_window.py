@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.job import Job, report_once, takes_on_settled
+from mailrelay.delivery.job import Job, report_once
 from mailrelay.delivery.dns import MXHost
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.routes import Router
@@ -143,18 +143,6 @@ class ClientTests(unittest.TestCase):
             report(index, [])
         self.assertEqual(seen, [0, 1, 2])
         self.assertIsNone(report_once(None))
-
-    def test_hops_with_and_without_the_callback_are_told_apart(self):
-        class Old:
-            def deliver_batch(self, jobs):
-                pass
-
-        class New:
-            def deliver_batch(self, jobs, on_settled=None):
-                pass
-        self.assertFalse(takes_on_settled(Old()))
-        self.assertTrue(takes_on_settled(New()))
-        self.assertFalse(takes_on_settled(object()))
 
 
 # -- the scheduler over a real sink ----------------------------------------------------------------

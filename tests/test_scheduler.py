@@ -111,6 +111,9 @@ class FakeSpool:
     def set_suspension(self, record):
         self.suspended = record
 
+    def take_fresh(self, queue_id):
+        return None
+
     def forget_fresh(self, queue_id):
         self.forgotten = [*self.forgotten, queue_id]
 

@@ -26,7 +26,7 @@ from twisted.internet import defer
 
 from mailrelay.delivery.attempts import _Attempt, _Job
 from mailrelay.delivery.batch import batch_size, take_batch
-from mailrelay.delivery.job import Job, takes_on_settled
+from mailrelay.delivery.job import Job
 
 
 class ConcurrencyMixin:
@@ -98,12 +98,11 @@ class ConcurrencyMixin:
             d.addCallback(lambda results: [results])
         else:
             jobs = [Job(job.attempt.message, job.recipients) for job in batch]
-            if takes_on_settled(first.hop):
-                d = defer.maybeDeferred(first.hop.deliver_batch, jobs,
-                                        on_settled=lambda index, results: self._record_settled(
-                                            index, results, batch, recorded))
-            else:     # an older hop: every delivery is recorded when the connection is done
-                d = defer.maybeDeferred(first.hop.deliver_batch, jobs)
+            # IBatchNextHop.deliver_batch takes on_settled; a hop may leave jobs unreported (then
+            # recorded when the connection is done).
+            d = defer.maybeDeferred(first.hop.deliver_batch, jobs,
+                                    on_settled=lambda index, results: self._record_settled(
+                                        index, results, batch, recorded))
         d.addErrback(self._hop_failed, batch)
         d.addBoth(self._release_slot, first.limit_key, shaped, batch)
         d.addCallback(self._record_batch, batch, recorded)

@@ -5,7 +5,6 @@ connection step (delivery.connect) and the next hops (delivery.mx, delivery.smar
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -43,15 +42,6 @@ def report_once(on_settled: Optional[OnSettled]) -> Optional[OnSettled]:
         reported.add(index)
         return on_settled(index, results)
     return report
-
-
-def takes_on_settled(hop: Any) -> bool:
-    """Whether `hop.deliver_batch` accepts the `on_settled` keyword (older or test hops may not)."""
-    try:
-        parameters = inspect.signature(hop.deliver_batch).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return "on_settled" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from mailrelay.delivery.results import RecipientResult, SessionResult, settle_al
 from mailrelay.delivery.tlspolicy import HostPlan, TLSPolicies
 from mailrelay.delivery.tlsverify import UnverifiedTLS
 from mailrelay.envelope import domain_of
-from mailrelay.interfaces import IBatchNextHop, IDNSLookup, INextHop
+from mailrelay.interfaces import IBatchNextHop, IDNSLookup, INextHop, IPooledNextHop
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery.mx")
@@ -67,7 +67,7 @@ def _family(address: str) -> int:
     return ipaddress.ip_address(address).version
 
 
-@implementer(INextHop, IBatchNextHop)
+@implementer(INextHop, IBatchNextHop, IPooledNextHop)
 class MXDelivery:
     """Direct-to-MX next hop.  `resolver`, `trust_root` (for "verify" and MTA-STS; default `[delivery]
     ca_file`, else the system's), `timeouts`, `pool` (idle connections; default a new ConnectionPool) and

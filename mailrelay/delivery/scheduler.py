@@ -381,8 +381,7 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         """(message, MessageState), or None — logged — if it is gone or unreadable.  An unreadable state
         leaves the message in the spool untouched for the postmaster: never guessed, never lost."""
         try:
-            take_fresh = getattr(self._spool, "take_fresh", None)     # optional: spools that remember
-            message = (take_fresh(queue_id) if take_fresh else None) or self._spool.load(queue_id)
+            message = self._spool.take_fresh(queue_id) or self._spool.load(queue_id)   # ISpoolControl
             self._track(message)
             return message, MessageState.from_dict(message.state, message.envelope.recipients)
         except StateError as e:

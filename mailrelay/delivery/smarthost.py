@@ -39,7 +39,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, settle_all
 from mailrelay.delivery.unixhop import deliver_to_socket
 from mailrelay.delivery.secret import Secret, read_secret  # noqa: F401 (Secret: still importable from here)
-from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop, IPooledNextHop
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery")
@@ -144,7 +144,7 @@ def deliver_to_host(
     return attempt(params).addCallback(maybe_plaintext)
 
 
-@implementer(INextHop, IBatchNextHop)
+@implementer(INextHop, IBatchNextHop, IPooledNextHop)
 class SmarthostTransport:
     """A named `[transports.NAME]`: every message routed to it goes to one host, with its security mode,
     certificate check, client certificate and credentials.  The password is read once here; it appears

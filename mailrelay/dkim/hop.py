@@ -20,10 +20,10 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import alsoProvides, implementer
 
 from mailrelay.delivery.results import settle_all
-from mailrelay.delivery.job import Job, takes_on_settled
+from mailrelay.delivery.job import Job
 from mailrelay.delivery.sevenbit import SEVEN_BIT, Needs, convert_message
 from mailrelay.dkim.permission import may_sign
-from mailrelay.interfaces import IBatchNextHop, INextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop, IPooledNextHop
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.dkim")
@@ -80,11 +80,14 @@ class DKIMHop:
         self._threadpool = threadpool or reactor.getThreadPool()
         if IBatchNextHop.providedBy(inner):
             alsoProvides(self, IBatchNextHop)     # batches only when the hop behind it can take them
+        if IPooledNextHop.providedBy(inner):
+            alsoProvides(self, IPooledNextHop)    # keeps idle connections when the hop behind it does
 
     def close_idle(self):
-        """Close the idle connections the hop behind us keeps (its connection cache)."""
-        close = getattr(self._inner, "close_idle", None)
-        return close() if close is not None else defer.succeed(None)
+        """Close the idle connections the hop behind us keeps (IPooledNextHop, its connection cache)."""
+        if IPooledNextHop.providedBy(self._inner):
+            return self._inner.close_idle()
+        return defer.succeed(None)
 
     def headers_for(self, message, received=None) -> bytes:
         """Runs in a worker thread: the header lines to put in front of `message` (verified as `received`,
@@ -161,11 +164,9 @@ class DKIMHop:
             if not ready:
                 return results
             inner_jobs = [job for _, job in ready]
-            if on_settled is not None and takes_on_settled(self._inner):
-                d = self._inner.deliver_batch(
-                    inner_jobs, on_settled=lambda k, job_results: on_settled(ready[k][0], job_results))
-            else:
-                d = self._inner.deliver_batch(inner_jobs)
+            inner_settled = None if on_settled is None else (
+                lambda k, job_results: on_settled(ready[k][0], job_results))
+            d = self._inner.deliver_batch(inner_jobs, on_settled=inner_settled)
 
             def merge(batch_results):
                 for (index, _), job_results in zip(ready, batch_results):

@@ -112,6 +112,9 @@ class MemorySpool:
     def set_suspension(self, record):
         self.suspended = record
 
+    def take_fresh(self, queue_id):
+        return None
+
     def forget_fresh(self, queue_id):
         pass
 
