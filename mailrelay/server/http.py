@@ -211,7 +211,7 @@ class Submission:
             sender=self.sender, recipients=tuple(self.recipients), received_at=site.clock.seconds(),
             client_address=self.client.address, identity=self.identity,
             body="7BIT" if self.octets.isascii() else "8BITMIME", tls=self.client.tls, smtputf8=self._smtputf8(),
-            dkim_senders=tuple(getattr(site.policy, "signing_senders", lambda client: ())(self.client)),
+            dkim_senders=tuple(site.policy.signing_senders(self.client)),            # IRelayPolicy
             params=self.params,
         )
         try:

@@ -206,8 +206,7 @@ class TransactionMixin:
         if postmaster and postmaster in self._rcpts and \
                 policy.check_recipient(client, self._mail.sender, postmaster) is not None:
             return ()
-        signing_senders = getattr(policy, "signing_senders", None)     # a policy without it: never signed
-        return tuple(signing_senders(client)) if signing_senders is not None else ()
+        return tuple(policy.signing_senders(client))                   # IRelayPolicy
 
     def _received(self, queue_id: str, envelope: Envelope) -> bytes:
         return received_header(
