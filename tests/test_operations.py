@@ -46,9 +46,11 @@ class Observability(unittest.TestCase):
         self.assertEqual(code, 250)
         queue_id = text.decode().rsplit(" ", 1)[1]
         yield self.sink.wait_for(1)
-        queue = relay.dir / "spool" / "queue"
-        for _ in range(100):        # removed from the spool once its result is recorded (and counted)
-            if not any(queue.iterdir()):
+        log = relay.dir / "relay.json"
+        for _ in range(200):        # the scheduler logs "removed" once it has forgotten the message too
+            if log.exists() and f'"queue_id":"{queue_id}"' in log.read_text().replace(" ", "") and any(
+                    '"stage":"removed"' in line.replace(" ", "") and queue_id in line
+                    for line in log.read_text().splitlines()):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
 
