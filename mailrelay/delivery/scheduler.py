@@ -64,6 +64,7 @@ from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
 from mailrelay.spool.ids import id_time
 from mailrelay.spool.message import CorruptMessage, UnknownMessage
+from mailrelay.crossthread import read_unlocked
 
 __all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STATUS_FILE", "STOP_TIMEOUT", "Scheduler"]
 
@@ -340,14 +341,10 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
 
         Called by the metrics collector in a threadpool thread: it only reads, and copies the dict in
         one C-level call; a concurrent resize (RuntimeError) is simply read again."""
-        for _ in range(3):
-            try:
-                received, held = list(self._received.values()), len(self._held)
-                break
-            except RuntimeError:
-                continue
-        else:
+        copied = read_unlocked(lambda: (list(self._received.values()), len(self._held)), None)
+        if copied is None:
             return 0, 0.0, 0
+        received, held = copied
         oldest = self._now() - min(received) if received else 0.0
         return len(received), max(0.0, oldest), held
 

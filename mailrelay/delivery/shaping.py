@@ -29,6 +29,7 @@ from twisted.internet import task
 from mailrelay.config import Throttle
 from mailrelay.delivery.attempts import _Job
 from mailrelay.delivery.throttle import DestinationStatus, slows_down
+from mailrelay.crossthread import read_unlocked
 
 STATUS_INTERVAL = 1.0      # seconds between two looks at whether <spool>/throttle.json needs writing ...
 STATUS_REFRESH = 5.0       # ... which it does after a change, and at least this often while throttles exist
@@ -159,16 +160,14 @@ class ShapingMixin:
         if not self._rules:
             return None
         now = self._now()
-        for _ in range(3):
-            try:
-                waiting: dict[str, int] = {}
-                for (_, destination), jobs in list(self._waiting.items()):
-                    if destination is not None:
-                        waiting[destination] = waiting.get(destination, 0) + len(jobs)
-                return self._throttle.status(now), waiting, now
-            except RuntimeError:
-                continue
-        return [], {}, now
+
+        def read() -> tuple:
+            waiting: dict[str, int] = {}
+            for (_, destination), jobs in list(self._waiting.items()):
+                if destination is not None:
+                    waiting[destination] = waiting.get(destination, 0) + len(jobs)
+            return self._throttle.status(now), waiting, now
+        return read_unlocked(read, ([], {}, now))
 
     def _start_status(self) -> None:
         """Write <spool>/throttle.json every STATUS_INTERVAL while throttles are configured; remove a stale one."""

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from mailrelay.config import Throttle
 from mailrelay.config.model import MAX_THROTTLE_PAUSE
 from mailrelay.interfaces import IThrottle
+from mailrelay.crossthread import read_unlocked
 
 PRUNE_EVERY = 256          # starts between two sweeps of destinations that have nothing left to remember
 QUIET_AFTER = 2 * MAX_THROTTLE_PAUSE   # seconds after a pause ended with no news: the row is forgotten
@@ -172,13 +173,8 @@ class LocalThrottle:
             entry.in_a_row = 0
 
     def status(self, now: float) -> list[DestinationStatus]:
-        for _ in range(3):
-            try:
-                entries = list(self._destinations.items())
-                break
-            except RuntimeError:             # resized by the reactor thread meanwhile: read again
-                continue
-        else:
+        entries = read_unlocked(lambda: list(self._destinations.items()), None)
+        if entries is None:
             return []
         return [DestinationStatus(name, e.rule.messages_per_minute, e.rule.connections, e.connections, e.tat,
                                   e.paused_until, e.in_a_row, e.reason)

@@ -48,6 +48,7 @@ from mailrelay.idn import domain_key
 from mailrelay.interfaces import ISuppressionCheck, Reply
 from mailrelay.logger import Logger
 from mailrelay.spool.files import FILE_MODE, fsync_directory, write_all
+from mailrelay.crossthread import read_unlocked
 
 JOURNAL = "suppression.jsonl"
 LOCK = "suppression.lock"
@@ -227,13 +228,8 @@ class SuppressionList:
 
     def size(self) -> int:
         """Entries in force (read by the metrics collector from another thread: a copy is taken first)."""
-        for _ in range(3):
-            try:
-                entries = list(self._entries.values())
-                break
-            except RuntimeError:       # resized meanwhile by the reactor thread: read again
-                continue
-        else:
+        entries = read_unlocked(lambda: list(self._entries.values()), None)
+        if entries is None:
             return 0
         now = self._clock.seconds()
         return sum(1 for e in entries if e.since + self.duration > now)
