@@ -5,10 +5,9 @@ scheduler did about it (deliver calls, saved state, DSNs, removal).
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -21,105 +20,15 @@ from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT, Scheduler
 from mailrelay.delivery.state import MessageState, RecipientState, StateError
 from mailrelay.envelope import Envelope, domain_of
-from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpool, ISpoolControl
+from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpoolControl
+from tests.support.scheduling import MemoryMessage, MemorySpool
 
 NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
 
 
 # -- in-memory fakes -------------------------------------------------------------------------------
 
-@dataclass
-class FakeMessage:
-    queue_id: str
-    envelope: Envelope
-    state: dict
-    held: bool
-    size: int = 100
-
-    def open(self):
-        raise NotImplementedError("the scheduler never reads the body")
-
-
-@implementer(ISpool, ISpoolControl)
-class FakeSpool:
-    """Records save_state/remove; states go through JSON as a real spool would store them."""
-
-    def __init__(self):
-        self.envelopes: dict[str, Envelope] = {}
-        self.states: dict[str, dict] = {}
-        self.held: set[str] = set()
-        self.saves: list[tuple[str, dict]] = []
-        self.removed: list[str] = []
-        self.requests: list[tuple[str, str | None]] = []
-        self.paused_saves: list[defer.Deferred] | None = None   # a list: saves wait until fired
-
-    def add(self, queue_id, recipients, sender="sender@example.org", received_at=NOW, state=None, held=False):
-        self.envelopes[queue_id] = Envelope(sender, tuple(recipients), received_at)
-        if state is not None:
-            self.states[queue_id] = state
-        if held:
-            self.held.add(queue_id)
-
-    def new_message(self, envelope):
-        raise NotImplementedError
-
-    def queue_ids(self):
-        return list(self.envelopes)
-
-    def load(self, queue_id):
-        return FakeMessage(queue_id, self.envelopes[queue_id], copy.deepcopy(self.states.get(queue_id, {})),
-                           queue_id in self.held)
-
-    def state_of(self, queue_id):
-        return copy.deepcopy(self.states.get(queue_id, {}))
-
-    def is_held(self, queue_id):
-        return queue_id in self.held
-
-    def save_state(self, queue_id, state):
-        assert queue_id in self.envelopes, f"save_state after remove: {queue_id}"
-        state = json.loads(json.dumps(state))
-        self.saves.append((queue_id, state))
-        if self.paused_saves is None:
-            self.states[queue_id] = state
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self.paused_saves.append(d)
-        return d.addCallback(lambda _: self.states.__setitem__(queue_id, state))
-
-    def remove(self, queue_id):
-        self.removed.append(queue_id)
-        del self.envelopes[queue_id]
-        self.states.pop(queue_id, None)
-
-    def hold(self, queue_id):
-        self.held.add(queue_id)
-
-    def release(self, queue_id):
-        self.held.discard(queue_id)
-
-    def take_requests(self):
-        requests, self.requests = self.requests, []
-        return requests
-
-    suspended: dict | None = None
-    forgotten: list[str] = []
-
-    def suspension(self):
-        return self.suspended
-
-    def set_suspension(self, record):
-        self.suspended = record
-
-    def take_fresh(self, queue_id):
-        return None
-
-    def forget_fresh(self, queue_id):
-        self.forgotten = [*self.forgotten, queue_id]
-
-    def recipient_state(self, queue_id, recipient) -> RecipientState:
-        state = MessageState.from_dict(self.states[queue_id], self.envelopes[queue_id].recipients)
-        return state.get(recipient)
+FakeMessage, FakeSpool = MemoryMessage, MemorySpool     # the shared doubles (tests/support/scheduling.py)
 
 
 @implementer(INextHop)

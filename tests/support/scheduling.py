@@ -59,15 +59,26 @@ class BodyMessage:
 
 @implementer(ISpool, ISpoolControl)
 class MemorySpool:
+    """A spool in memory for scheduler tests: records save_state (`saves`), removals (`removed`) and the
+    copies dropped from memory (`forgotten`); states go through JSON as a real spool would store them.
+    `paused_saves`, when a list: each save waits there until the test fires it."""
+
     def __init__(self):
         self.envelopes: dict[str, Envelope] = {}
         self.states: dict[str, dict] = {}
         self.held: set[str] = set()
+        self.saves: list[tuple[str, dict]] = []
         self.removed: list[str] = []
         self.requests: list = []
+        self.forgotten: list[str] = []
+        self.paused_saves: Optional[list[defer.Deferred]] = None
 
-    def add(self, queue_id, recipients, sender="sender@example.org", received_at=NOW):
+    def add(self, queue_id, recipients, sender="sender@example.org", received_at=NOW, state=None, held=False):
         self.envelopes[queue_id] = Envelope(sender, tuple(recipients), received_at)
+        if state is not None:
+            self.states[queue_id] = state
+        if held:
+            self.held.add(queue_id)
 
     def new_message(self, envelope):
         raise NotImplementedError
@@ -80,8 +91,15 @@ class MemorySpool:
                              queue_id in self.held)
 
     def save_state(self, queue_id, state):
-        self.states[queue_id] = json.loads(json.dumps(state))
-        return defer.succeed(None)
+        assert queue_id in self.envelopes, f"save_state after remove: {queue_id}"
+        state = json.loads(json.dumps(state))
+        self.saves.append((queue_id, state))
+        if self.paused_saves is None:
+            self.states[queue_id] = state
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.paused_saves.append(d)
+        return d.addCallback(lambda _: self.states.__setitem__(queue_id, state))
 
     def remove(self, queue_id):
         self.removed.append(queue_id)
@@ -116,7 +134,7 @@ class MemorySpool:
         return None
 
     def forget_fresh(self, queue_id):
-        pass
+        self.forgotten.append(queue_id)
 
     def recipient_state(self, queue_id, recipient) -> RecipientState:
         return MessageState.from_dict(self.states.get(queue_id, {}), self.envelopes[queue_id].recipients).get(recipient)
