@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -39,9 +40,10 @@ from twisted.python.failure import Failure
 from mailrelay.cli import transfer
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
-from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, list_lines, paused_destinations,
-                                        printable, sender_text, show_lines, throttle_lines, webhook_dict,
+from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, paused_destinations, printable,
+                                        sender_text, show_lines, summary_line, throttle_lines, webhook_dict,
                                         webhook_lines)
+from mailrelay.cli.queue_listing import list_queue
 from mailrelay.config.webhooks import display_url
 from mailrelay.events.store import read_backlog
 from mailrelay.delivery.control import ADMIN_BOUNCE
@@ -166,14 +168,16 @@ def _entry(spool: Spool, queue_id: str) -> QueueEntry:
 
 def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) -> int:
     held = spool.held_ids()
-    entries = [e for e in (read_entry(spool, q, held) for q in spool.queue_ids()) if e is not None]
+    ids = spool.queue_ids()
     if args.json:
+        entries = [e for e in (read_entry(spool, q, held) for q in ids) if e is not None]
         print(json.dumps([entry_dict(e) for e in entries], indent=2))
         return EXIT_OK
     status = _throttle_status(spool, config)
     paused = paused_destinations(status, now)
-    print("\n".join(list_lines(entries, now, paused)
-                     + webhook_lines(read_backlog(config.spool), _shown(config), now)))
+    summary = list_queue(ids, lambda queue_id: read_entry(spool, queue_id, held), now, paused, sys.stdout)
+    print("\n".join([summary_line(summary.count, summary.held, summary.oldest, now)]
+                    + webhook_lines(read_backlog(config.spool), _shown(config), now)))
     if paused:
         print("\n".join(throttle_lines(status, now, running=True)))
     suspended = spool.suspension()

@@ -98,13 +98,18 @@ def list_lines(entries: list[QueueEntry], now: float, paused: Optional[dict[str,
     running relay's paused destinations (domain -> until); a message waiting for one says so."""
     if not entries:
         return ["queue is empty"]
-    lines = [list_line(entry, now) + _paused_note(entry, paused or {}, now) for entry in entries]
-    held = sum(1 for e in entries if e.held)
+    lines = [list_line(entry, now) + paused_note(entry, paused or {}, now) for entry in entries]
     arrivals = [e.envelope.received_at for e in entries if e.envelope is not None]
-    oldest = f", oldest {human_duration(now - min(arrivals))}" if arrivals else ""
-    noun = "message" if len(entries) == 1 else "messages"
-    lines.append(f"{len(entries)} {noun}, {held} held{oldest}")
+    lines.append(summary_line(len(entries), sum(1 for e in entries if e.held), min(arrivals, default=None), now))
     return lines
+
+
+def summary_line(count: int, held: int, oldest: Optional[float], now: float) -> str:
+    """The last line of `queue list`: how many messages, how many held, how long the oldest has waited."""
+    if not count:
+        return "queue is empty"
+    age = f", oldest {human_duration(now - oldest)}" if oldest is not None else ""
+    return f"{count} {'message' if count == 1 else 'messages'}, {held} held{age}"
 
 
 def list_line(entry: QueueEntry, now: float) -> str:
@@ -129,7 +134,7 @@ def list_line(entry: QueueEntry, now: float) -> str:
             f"next {next_attempt}  last {last}{held}")
 
 
-def _paused_note(entry: QueueEntry, paused: dict[str, float], now: float) -> str:
+def paused_note(entry: QueueEntry, paused: dict[str, float], now: float) -> str:
     if entry.state is None or not paused:
         return ""
     domains = sorted({d for d in (domain_of(r.recipient) for r in entry.state.pending) if paused.get(d, 0) > now})

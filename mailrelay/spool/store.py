@@ -39,7 +39,7 @@ from mailrelay.spool.files import (CommitJob, SpoolLocked, SpoolPaths, acquire_l
                                    is_locked, make_directory, unlink_quietly)
 from mailrelay.spool.fsinfo import filesystem_type, names_durable_with_file_fsync
 from mailrelay.spool.message import (CorruptMessage, InProgress, SpooledMessage, UnknownMessage, check_file,
-                                     read_header)
+                                     read_header_fd)
 from mailrelay.spool.threads import BlockingThreads
 from mailrelay.spool.writer import MessageWriter
 
@@ -67,6 +67,7 @@ class Spool(Service):
             from twisted.internet import reactor
         self.directory = Path(directory)
         self.paths = SpoolPaths(self.directory)
+        self._queue_dir, self._state_dir = str(self.paths.queue), str(self.paths.state)
         self._reactor = reactor
         self._clock = reactor if clock is None else clock
         self._threadpool_size = threadpool_size
@@ -299,14 +300,16 @@ class Spool(Service):
         file or an unreadable state file; UnknownMessage (a KeyError) when there is no such message.
         `held`: the hold flag when the caller knows it already (held_ids()), saving a stat."""
         self._fresh.pop(queue_id, None)
-        path = self.paths.message(self._checked(queue_id))
+        name = os.path.join(self._queue_dir, self._checked(queue_id))      # str: no pathlib per message
         try:
-            f = open(path, "rb")
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
-        with f:
-            header = read_header(f)
-        return SpooledMessage(queue_id, header.envelope, header.size, path, header.data_offset,
+        try:
+            header = read_header_fd(fd)
+        finally:
+            os.close(fd)
+        return SpooledMessage(queue_id, header.envelope, header.size, Path(name), header.data_offset,
                               self._read_state(queue_id), self.is_held(queue_id) if held is None else held)
 
     def held_ids(self) -> set[str]:
@@ -323,14 +326,20 @@ class Spool(Service):
 
     def _read_state(self, queue_id: str) -> dict:
         try:
-            with open(self.paths.state_file(queue_id), "rb") as f:
-                state = json.load(f)
+            fd = os.open(os.path.join(self._state_dir, queue_id + ".json"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
+        except OSError as e:
+            raise CorruptMessage(f"state of {queue_id} unreadable: {e.__class__.__name__}") from None
+        try:
+            data = _read_all(fd)
+            state = json.loads(data)
         except (OSError, ValueError) as e:
             # Only disk corruption gets here (writes are atomic). Never guess ({} would deliver to every
             # recipient again): the message stays in the spool, unloadable, for the postmaster.
             raise CorruptMessage(f"state of {queue_id} unreadable: {e.__class__.__name__}") from None
+        finally:
+            os.close(fd)
         if not isinstance(state, dict):
             raise CorruptMessage(f"state of {queue_id} is not a JSON object")
         return state
@@ -470,6 +479,16 @@ class Spool(Service):
         self._poller = control.RequestPoller(self.take_requests, handler, self._clock, interval)
         self._poller.start()
         return self._poller
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole of a small file (a state file is a few hundred bytes) from its descriptor."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _unlink_message(paths: SpoolPaths, queue_id: str) -> set[Path]:
