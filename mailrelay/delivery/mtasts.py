@@ -246,11 +246,3 @@ def policy_url(domain: str, port: int = 443) -> str:
     """RFC 8461 3.3: the well-known URL of a domain's policy."""
     netloc = f"mta-sts.{domain}" + ("" if port == 443 else f":{port}")
     return f"https://{netloc}/.well-known/mta-sts.txt"
-
-
-def treq_fetcher(reactor: Any, lookup: Any, port: int = 443, ca_file: Any = None,
-                 timeout: float = FETCH_TIMEOUT):
-    """fetch(domain) -> Deferred[bytes] over treq (see the module docstring, RFC 8461 3.3)."""
-    from mailrelay.delivery.policyhttp import fetcher
-    return fetcher(reactor, lookup, port, ca_file, timeout)
-

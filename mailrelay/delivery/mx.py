@@ -111,7 +111,8 @@ class MXDelivery:
         lookup = self.resolver if IDNSLookup.providedBy(self.resolver) else None
         mtasts = None
         if d.mta_sts and lookup is not None:
-            from mailrelay.delivery.mtasts import MTASTS, treq_fetcher
+            from mailrelay.delivery.mtasts import MTASTS
+            from mailrelay.delivery.policyhttp import fetcher as treq_fetcher
             from mailrelay.delivery.mtasts_cache import PolicyCache
 
             fetch = treq_fetcher(self.reactor, lookup, d.mta_sts_port, d.ca_file)

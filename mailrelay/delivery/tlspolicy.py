@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from mailrelay.delivery.dane import TLSA, usable
 from mailrelay.delivery.dns import MXHost, ResolutionFailed
-from mailrelay.delivery.tlsverify import PolicyTLS, Verdict, load_trust
+from mailrelay.delivery.tlsverify import PolicyTLS, UnverifiedTLS, Verdict, load_trust
 from mailrelay.interfaces import ITLSReportSink, Reply
 from mailrelay.logger import Logger
 
@@ -183,8 +183,6 @@ class TLSPolicies:
         return options
 
     def _unverified(self, name: str):
-        from mailrelay.delivery.mx import UnverifiedTLS
-
         options = self._plain.pop(name, None) or UnverifiedTLS(name)
         self._plain[name] = options
         while len(self._plain) > TLS_KEPT:
