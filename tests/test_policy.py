@@ -11,7 +11,8 @@ from zope.interface.verify import verifyObject
 from mailrelay.config import Limits, Permit
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IRelayPolicy, Reply
-from mailrelay.server.policy import PermitPolicy, from_addresses, normal_domain, routing_trick
+from mailrelay.mailboxes import from_addresses, normal_domain, routing_trick
+from mailrelay.server.policy import PermitPolicy
 from mailrelay.server.ratelimit import RateLimiter
 
 net = ipaddress.ip_network

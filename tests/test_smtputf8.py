@@ -26,7 +26,7 @@ from mailrelay.envelope import Envelope, domain_of
 from mailrelay.interfaces import Reply
 from mailrelay.server import addresses
 from mailrelay.server.http import Refused, parse_body
-from mailrelay.server.policy import AddressPatterns, routing_trick
+from mailrelay.mailboxes import AddressPatterns, routing_trick
 from mailrelay.server.received import protocol_name, received_header
 from mailrelay.spool.suppression import address_key
 from mailrelay.spool import Spool

@@ -21,7 +21,7 @@ import functools
 from typing import Iterable, Optional
 
 from mailrelay.envelope import Envelope
-from mailrelay.server.policy import AddressPatterns, from_addresses
+from mailrelay.mailboxes import AddressPatterns, from_addresses
 
 
 @functools.lru_cache(maxsize=256)     # a handful of rules: parse each list once, not per message
