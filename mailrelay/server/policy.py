@@ -272,7 +272,7 @@ class PermitPolicy:
             return None
         return client.user if client.user is not None else f"permit[{rule.index}]"
 
-    def check_sender(self, client: ClientInfo, sender: str) -> Optional[Reply]:
+    def check_sender(self, client: ClientInfo, sender: str) -> Optional[Reply] | defer.Deferred[Optional[Reply]]:
         rule = self._rule_for(client)
         if rule is not None and sender and not rule.senders.allows(sender):
             return SENDER_DENIED
@@ -335,7 +335,7 @@ def from_addresses(headers: bytes) -> Optional[list[str]]:
     try:
         text = headers.decode("utf-8", "surrogateescape")    # RFC 6532: UTF-8 headers
         message = Parser(policy=email_policy.default).parsestr(text, headersonly=True)
-        found = []
+        found: list[str] = []
         for header in message.get_all("From", []):
             if any(not isinstance(d, NonASCIILocalPartDefect) for d in header.defects):
                 return None
