@@ -116,9 +116,11 @@ class _Generator(BytesGenerator):
 
     def _handle_message(self, msg) -> None:
         if msg.get_content_type() in GLOBAL_TYPES and isinstance(msg.get_payload(), str):
-            self._fp.write(msg.get_payload().encode("utf-8", "surrogateescape"))
+            # The generator's private output file and message/* hook: the stdlib has no public ones, and
+            # typeshed declares neither.
+            self._fp.write(msg.get_payload().encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
             return
-        super()._handle_message(msg)
+        super()._handle_message(msg)  # type: ignore[misc]
 
 
 def _field_block(fields: Iterable[tuple[str, str]]) -> Message:
@@ -195,14 +197,16 @@ class DSNBuilder:
         report.set_type("multipart/report")                   # RFC 6522 §3: the container of a DSN
         # RFC 6533 §6.1: the report-type names the status part's subtype
         report.set_param("report-type", "global-delivery-status" if glob else "delivery-status")
+        # typeshed's EmailMessage.attach takes only an EmailMessage; the stdlib attaches any Message (the
+        # status and header parts are plain Message objects on purpose: no MIME-Version, no set_content).
         if glob:
-            report.attach(self._global_status_part(envelope, results, action, now, retry_until))
+            report.attach(self._global_status_part(envelope, results, action, now, retry_until))  # type: ignore[arg-type]
         else:
-            report.attach(self._status_part(envelope, results, action, now, retry_until))
+            report.attach(self._status_part(envelope, results, action, now, retry_until))  # type: ignore[arg-type]
         # A mark nobody can predict (a remote reply quoted above cannot forge it) where a returned
         # message goes back byte for byte: re-serialising it could refold or re-encode its fields.
         mark = f"@@returned-{uuid.uuid4().hex}@@"
-        report.attach(_headers_part(headers, glob and envelope.smtputf8) if full is None
+        report.attach(_headers_part(headers, glob and envelope.smtputf8) if full is None  # type: ignore[arg-type]
                       else _message_part(full, mark))
         out = io.BytesIO()
         _Generator(out, policy=policy).flatten(report)
@@ -228,7 +232,7 @@ class DSNBuilder:
     def _status_part(self, envelope, results, action, now, retry_until) -> Message:
         part = Message(policy=_POLICY)
         part["Content-Type"] = "message/delivery-status"
-        blocks = [_field_block(self.message_fields(envelope))]
+        blocks: list[Message | str] = [_field_block(self.message_fields(envelope))]
         blocks += [_field_block(self.recipient_fields(r, action, now, retry_until, envelope)) for r in results]
         part.set_payload(blocks)
         return part

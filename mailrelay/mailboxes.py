@@ -156,7 +156,7 @@ def from_addresses(headers: bytes) -> Optional[list[str]]:
     try:
         text = headers.decode("utf-8", "surrogateescape")    # RFC 6532: UTF-8 headers
         message = Parser(policy=email_policy.default).parsestr(text, headersonly=True)
-        found = []
+        found: list[str] = []
         for header in message.get_all("From", []):
             if any(not isinstance(d, NonASCIILocalPartDefect) for d in header.defects):
                 return None

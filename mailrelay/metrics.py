@@ -197,7 +197,7 @@ class _ThrottleCollector(Collector):
     """The throttle gauges, from the scheduler's `throttle_snapshot` at scrape time (in the scrape's
     thread: the snapshot only reads).  Label values are destinations a [[throttle]] rule matched."""
 
-    def __init__(self, snapshot: Callable[[], tuple]) -> None:
+    def __init__(self, snapshot: Callable[[], Optional[tuple]]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -396,7 +396,7 @@ class Metrics:
         """Read whether the `[cluster] redis` link is up (1) or not (0) from `up` at every scrape."""
         self.registry.register(_SizeCollector("mailrelay_cluster_redis_up",
                                               "1 while the shared Redis counters answer, else 0.", up))
-    def watch_throttles(self, snapshot: Callable[[], tuple]) -> None:
+    def watch_throttles(self, snapshot: Callable[[], Optional[tuple]]) -> None:
         """Read ([throttle.DestinationStatus], {destination: deliveries waiting}, the scheduler's time)
         from `snapshot` at every scrape, or None for no throttle gauges at all; a later call replaces
         the earlier one."""
@@ -443,7 +443,7 @@ class JoinedMetricsResource(resource.Resource):
         self._metrics, self._delivery = metrics, delivery
 
     def render_GET(self, request) -> object:
-        finished = []
+        finished: list[object] = []
         request.notifyFinish().addBoth(finished.append)     # the scraper may hang up meanwhile
         d = defer.maybeDeferred(self._delivery)
         d.addErrback(self._failed)

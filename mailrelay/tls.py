@@ -116,7 +116,7 @@ def ensure_self_signed(spool: Path, hostname: str) -> tuple[Path, bool]:
     return path, True
 
 
-def _decline_alpn(connection: SSL.Connection, offered: Sequence[bytes]) -> object:
+def _decline_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
     """SMTP has no ALPN protocol to pick: go on without one (RFC 7301 §3.2), never abort the handshake."""
     return SSL.NO_OVERLAPPING_PROTOCOLS
 

@@ -202,12 +202,12 @@ def describe(config: Config) -> list[tuple[str, str]]:
         signed = "signed (HMAC-SHA256)" if w.secret_file else "unsigned"
         trust = f", CAs from {w.ca_file}" if w.ca_file else ""
         lines.append((f"webhook[{i}]", f"{', '.join(w.events)} to {display_url(w.url)}, {signed}{trust}"))
-    for i, t in enumerate(config.throttles):
-        rate = f"{t.messages_per_minute}/min" if t.messages_per_minute else "no rate limit"
-        cap = f"{t.connections} connections" if t.connections else "no connection cap of its own"
-        pause = (f"pause {human_duration(t.pause)} on 421 / 4.7.x, doubling up to 1h" if t.pause
+    for i, rule in enumerate(config.throttles):
+        rate = f"{rule.messages_per_minute}/min" if rule.messages_per_minute else "no rate limit"
+        cap = f"{rule.connections} connections" if rule.connections else "no connection cap of its own"
+        pause = (f"pause {human_duration(rule.pause)} on 421 / 4.7.x, doubling up to 1h" if rule.pause
                  else "no pause")
-        lines.append((f"throttle[{i}]", f"each of {_list(t.domains)}: {rate}, {cap}, {pause}"))
+        lines.append((f"throttle[{i}]", f"each of {_list(rule.domains)}: {rate}, {cap}, {pause}"))
     joined = " (the delivery process's included)" if d.process == "separate" else ""
     lines.append(("metrics", f"{config.metrics.endpoint}{joined}" if config.metrics.endpoint else "off"))
     if config.metrics.delivery_endpoint and d.process == "separate":

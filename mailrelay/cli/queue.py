@@ -346,6 +346,7 @@ def _flush(spool: Spool, queue_id: Optional[str]) -> int:
 def _make_due(spool: Spool, entry: QueueEntry) -> bool:
     """Persist next_attempt = 0 ("now") for every pending recipient; True if one is pending."""
     state = entry.state
+    assert state is not None    # the caller (_flush) skips an unreadable state
     if not state.pending:
         return False
     for rcpt in state.pending:
@@ -362,7 +363,7 @@ def do_bounce(spool: Spool, args: argparse.Namespace, now: float, config: Config
 
 def _bounce(spool: Spool, queue_id: str, bounces: bool) -> int:
     entry = _entry(spool, queue_id)
-    if entry.state is None:
+    if entry.state is None or entry.envelope is None:
         raise CLIError(f"{queue_id}: cannot bounce: {printable(entry.problem or 'unreadable')}")
     pending = entry.state.pending
     if not pending:

@@ -107,7 +107,7 @@ def list_queue(ids: list[str], read: Reader, now: float, paused: dict[str, float
 
 
 def _read_pipe(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     try:
         while chunk := os.read(fd, 4096):
             chunks.append(chunk)

@@ -85,6 +85,7 @@ def sts_lines(config: Config, resolver, domain: str) -> tuple[list[str], Optiona
     else:
         lines = [f"mta-sts: TXT id {policy_id}" if policy_id else "mta-sts: no (valid) _mta-sts TXT record"]
     cached = PolicyCache(config.spool).get(domain, time.time())
+    policy: Optional[Policy]
     if cached is not None and (policy_id is None or cached.policy_id == policy_id):
         age = int(time.time() - cached.fetched_at)
         lines.append(f"mta-sts: cached policy id {cached.policy_id}, fetched {age}s ago")

@@ -224,7 +224,7 @@ def submit(settings: SendmailConfig, sender: str, recipients: list[str], message
         port_number = int(port)
     except ValueError:
         raise Failure(EX_CONFIG, f"server: {settings.server!r} is not host:port") from None
-    password = None
+    password = ""
     if settings.username:
         try:
             with open(settings.password_file or "", encoding="utf-8") as f:   # the secret's first line
@@ -235,6 +235,7 @@ def submit(settings: SendmailConfig, sender: str, recipients: list[str], message
     if needs_smtputf8(sender, recipients, message):
         options.append("SMTPUTF8")      # RFC 6531 3.4; smtplib then sends the commands as UTF-8
     try:
+        smtp: smtplib.SMTP
         if settings.security == "tls":
             smtp = smtplib.SMTP_SSL(host, port_number, timeout=TIMEOUT, context=_tls_context(settings))
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import cast
 
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, guarded, load_config
 
@@ -75,6 +76,7 @@ def _send(args: argparse.Namespace) -> int:
 def _run_reactor(config, paths, running: bool) -> list:
     """The report run on a reactor of our own (DNS lookups on threads, https through treq)."""
     from twisted.internet import defer, reactor, task
+    from twisted.internet.base import ReactorBase
     from twisted.python.failure import Failure
 
     from mailrelay.delivery.tlsrpt_send import ReportRunBusy, TLSReportSender, https_post, txt_lookup
@@ -106,7 +108,8 @@ def _run_reactor(config, paths, running: bool) -> list:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: main().addBoth(done))
-    reactor.run(installSignalHandlers=False)
+    # The installed reactor is a ReactorBase; IReactorCore.run declares no installSignalHandlers.
+    cast(ReactorBase, reactor).run(installSignalHandlers=False)
     result = outcome.get("result")
     if isinstance(result, Failure):
         result.raiseException()

@@ -31,6 +31,7 @@ from typing import Optional
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from mailrelay.cluster import gcra
@@ -120,7 +121,7 @@ class RedisLink(service.Service):
         return d.addErrback(noscript)
 
     def _bounded(self, d: defer.Deferred, conn) -> defer.Deferred:
-        result = defer.Deferred()
+        result: defer.Deferred[object] = defer.Deferred()
 
         def late():
             if not result.called:
@@ -185,7 +186,8 @@ class RedisLink(service.Service):
     def _make_endpoint(self):
         if self._endpoint is not None:
             return self._endpoint
-        endpoint = endpoints.HostnameEndpoint(self._reactor, self.url.host, self.url.port, timeout=CONNECT_TIMEOUT)
+        endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(self._reactor, self.url.host, self.url.port,
+                                                                     timeout=CONNECT_TIMEOUT)
         if self.url.tls:
             from twisted.internet import ssl
 

@@ -11,7 +11,7 @@ import difflib
 import os
 import stat
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Literal, NoReturn, Optional, overload
 
 from mailrelay.config.model import ConfigError
 from mailrelay.config.values import _domain_pattern, _is_number, parse_duration, parse_size
@@ -72,6 +72,14 @@ class _Reader:
 
     # --- scalars
 
+    # A str default, or required=True, gives a str; otherwise the value may be missing (None).
+    @overload
+    def text(self, key: str, default: str, required: bool = False) -> str: ...
+    @overload
+    def text(self, key: str, default: None = None, *, required: Literal[True]) -> str: ...
+    @overload
+    def text(self, key: str, default: Optional[str] = None, required: bool = False) -> Optional[str]: ...
+
     def text(self, key: str, default: Optional[str] = None, required: bool = False) -> Optional[str]:
         value = self.get(key, lambda v: isinstance(v, str), "a string")
         if value is _MISSING:
@@ -92,7 +100,12 @@ class _Reader:
     def port(self, key: str, default: int) -> int:
         return self.integer(key, default, 1, 65535)
 
-    def flag(self, key: str, default: bool) -> bool:
+    @overload
+    def flag(self, key: str, default: bool) -> bool: ...
+    @overload
+    def flag(self, key: str, default: None) -> Optional[bool]: ...
+
+    def flag(self, key: str, default: Optional[bool]) -> Optional[bool]:
         value = self.get(key, lambda v: isinstance(v, bool), "true or false")
         return default if value is _MISSING else value
 
@@ -126,6 +139,11 @@ class _Reader:
         if size == 0:
             self.fail(key, "must be more than 0")
         return size
+
+    @overload
+    def endpoint(self, key: str, default: str) -> str: ...
+    @overload
+    def endpoint(self, key: str, default: None) -> Optional[str]: ...
 
     def endpoint(self, key: str, default: Optional[str]) -> Optional[str]:
         """A Twisted server endpoint string, parsed (not listened on) to catch mistakes now."""
@@ -169,6 +187,12 @@ class _Reader:
         return tuple(result)
 
     # --- paths
+
+    @overload
+    def path(self, key: str, default: Path, readable: bool = False, allow_empty: bool = False) -> Path: ...
+    @overload
+    def path(self, key: str, default: None = None, readable: bool = False,
+             allow_empty: bool = False) -> Optional[Path]: ...
 
     def path(self, key: str, default: Optional[Path] = None, readable: bool = False,
              allow_empty: bool = False) -> Optional[Path]:

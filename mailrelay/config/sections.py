@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from mailrelay.config.model import (
     AUTH_MECHANISMS, DEFAULT_ENDPOINTS, DEFAULT_LISTENERS, DEFAULT_TRANSPORT_PORTS, DELIVERY_PROCESS,
@@ -378,7 +378,7 @@ def _throttle(t: _Reader) -> Throttle:
     ))
 
 
-def _throttles(tables: list[_Reader]) -> tuple[Throttle, ...]:
+def _throttles(tables: Sequence[_Reader]) -> tuple[Throttle, ...]:
     """[[throttle]] rules in order; a rule after one matching every domain could never apply."""
     rules: list[Throttle] = []
     for t in tables:

@@ -93,6 +93,7 @@ class ChunkingClient(DeliveryClient):
 
     def _send_chunk(self, lines: Any = ()) -> bool:
         """The next chunk, after `lines` in the same write; False when the file could not be read."""
+        assert self._chunks is not None       # set by _send_data for the BDAT transfer under way
         try:
             data, last = self._chunks.next()
         except OSError:
@@ -126,6 +127,7 @@ class ChunkingClient(DeliveryClient):
         if self._transaction_dead():
             self._chunks_failed = True
             return self._drained()
+        assert self._chunks is not None       # a BDAT reply: the transfer is still under way
         while self._chunks_awaited < self._window and not self._chunks.done:
             if not self._send_chunk():
                 return

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.mail import smtp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -73,6 +73,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
     __setattr__ = object.__setattr__     # ESMTPClient's only warns about tlsMode, on every assignment
+    transport: ITLSTransport     # a TCP connection (TLS, or able to start it); set before connectionMade
 
     def __init__(self, params: SessionParams, jobs: list[Job], clock: Any,
                  pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None,
@@ -80,7 +81,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         smtp.ESMTPClient.__init__(self, None, params.tls_options, params.helo)
         self.params = params
         self._clock = clock
-        self.callLater = clock.callLater     # TimeoutMixin's clock
+        # TimeoutMixin's clock: its callLater attribute is the documented hook for replacing it.
+        self.callLater = clock.callLater     # type: ignore[method-assign]
         self._pool, self._pool_key = pool, pool_key
         self._host = params.remote_host
         self._extensions: dict[bytes, bytes] = {}
@@ -233,6 +235,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._lost = True
         if self._parked:
             self._parked = False
+            assert self._pool is not None and self._pool_key is not None     # parked by _end_session
             self._pool.forget(self._pool_key, self)      # closed by the server while idle: just drop it
         if self._producer is not None:
             self._producer.stopProducing()
@@ -324,6 +327,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if code == 235:
             self._exchange = None
             return self._next_job()
+        assert self._exchange is not None       # a 334 answers the AUTH exchange _maybe_auth started
         response = self._exchange.respond(text)
         if response is None:
             return self._abort(421, "4.7.0", f"{self._host} sent an AUTH challenge {self._exchange.mechanism.decode()} "
@@ -332,6 +336,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
 
     def _on_auth_refused(self, code: int, text: bytes) -> None:
         exchange, self._exchange = self._exchange, None
+        assert exchange is not None       # the refusal answers the AUTH exchange _maybe_auth started
         exchange.refused(code)
         self._fail_from_reply(code, exchange.scrub(text), "AUTH")
 
@@ -533,7 +538,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         # Nothing is expected while the body streams; a reply now is the server giving up early.
         self._expect((), self._on_early_reply, self._on_early_reply, "the message body",
                      "the end of the body transfer")
-        self._producer = StuffingProducer(self.jobs[self._job_index].message.open(), self.transport, self.resetTimeout)
+        consumer = cast(IConsumer, self.transport)     # a TCP or TLS transport is a consumer (registerProducer)
+        self._producer = StuffingProducer(self.jobs[self._job_index].message.open(), consumer, self.resetTimeout)
         self._producer.start().addCallbacks(self._on_body_sent, self._on_body_failed)
 
     def _on_early_reply(self, code: int, text: bytes) -> None:
@@ -564,7 +570,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     def _end_session(self) -> None:
         """Every job is settled.  A clean connection waits in the pool for the next batch (Postfix's
         connection cache); anything else, or a full pool, ends with QUIT as before."""
-        if self._pool is None or not self._fit_for_reuse or self._failure is not None or self._tls_failed:
+        if (self._pool is None or self._pool_key is None or not self._fit_for_reuse or self._failure is not None
+                or self._tls_failed):
             return self._quit()
         if not self._pool.park(self._pool_key, self):
             return self._quit()
@@ -577,6 +584,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         # Unasked-for words on an idle connection are the server closing it (421, RFC 5321 3.8) or
         # confusion: either way it is not fit to carry mail.  Drop it without a QUIT.
         self._fit_for_reuse = self._parked = False
+        assert self._pool is not None and self._pool_key is not None     # parked by _end_session
         self._pool.forget(self._pool_key, self)
         self.transport.loseConnection()
 
@@ -597,7 +605,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     def quit_idle(self) -> defer.Deferred:
         """Say QUIT on the idle connection and close it (RFC 5321 4.1.1.10); fires once it is closed."""
         self._parked = False
-        closed = defer.Deferred()
+        closed: defer.Deferred[None] = defer.Deferred()
         if self._lost:
             closed.callback(None)
             return closed

@@ -111,6 +111,7 @@ class StuffingProducer:
         self._source.close()
         self._unregister()
         done, self._done = self._done, None
+        assert done is not None       # every caller checks that a transfer is under way
         if error is None:
             done.callback(None)
         else:

@@ -181,7 +181,8 @@ class MTASTS:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return defer.succeed(StsAnswer(None))      # no DNS name: no policy can exist
-        mine = defer.Deferred()                 # each caller its own: a caller's callbacks never see another's
+        # each caller its own: a caller's callbacks never see another's
+        mine: defer.Deferred[StsAnswer] = defer.Deferred()
         waiters = self._in_flight.get(domain)
         if waiters is not None:
             waiters.append(mine)

@@ -50,7 +50,7 @@ _ERROR_CODE = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}")   # RFC 6749 5.
 FETCH_RESULTS = ("success", "refused", "server_error", "bad_response", "unreachable", "timeout")
 
 # post(url, form) -> Deferred[(HTTP status, body bytes)]; may fail (no connection, bad TLS, cancelled).
-Post = Callable[[str, dict], defer.Deferred]
+Post = Callable[[str, dict], "defer.Deferred[tuple[int, bytes]]"]
 
 
 class TokenUnavailable(Exception):
@@ -99,7 +99,8 @@ def treq_post(reactor: Any, ca_file: Optional[Path] = None, connect_timeout: flo
     client = HTTPClient(agent)
 
     def post(url: str, form: dict) -> defer.Deferred:
-        d = client.post(url, data=form, headers={"Accept": ["application/json"]})
+        headers: dict[bytes | str, list[bytes | str]] = {"Accept": ["application/json"]}
+        d = client.post(url, data=form, headers=headers)
 
         def read(response: Any) -> defer.Deferred:
             chunks: list[bytes] = []
@@ -185,6 +186,9 @@ class OAuth2TokenSource:
     def _refresh_token(self) -> str:
         """Ours, unless the file changed since we last read or wrote it (an operator, or `mailrelay
         route-test` saving a rotated one): then the file's."""
+        # Only for the refresh-token grant (_form): _refresh was read from refresh_token_file.
+        assert self._refresh is not None and self.oauth2.refresh_token_file is not None
+        current: Optional[bytes]
         try:
             current = read_secret(self.oauth2.refresh_token_file).reveal()
         except OSError:
@@ -211,7 +215,7 @@ class OAuth2TokenSource:
         started = self._clock.seconds()
         d = defer.maybeDeferred(self._post, self.oauth2.token_url, self._form())
         d.addTimeout(self.timeout, self._clock)
-        d.addCallback(lambda answer: self._parse(*answer, started))
+        d.addCallback(lambda answer: self._parse(answer[0], answer[1], started))     # (status, body)
         d.addErrback(self._why)
         d.addBoth(self._settle)
 
@@ -239,6 +243,7 @@ class OAuth2TokenSource:
         if self._refresh is None or not isinstance(new, str) or not new or new.encode() == self._refresh.reveal():
             return
         path = self.oauth2.refresh_token_file
+        assert path is not None       # _refresh was read from it
         try:
             write_atomically(path, new.encode("utf-8") + b"\n")
         except OSError as e:

@@ -15,11 +15,11 @@ against `[delivery] ca_file` or the system's trust (BrowserLikePolicyForHTTPS). 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, error, protocol
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -92,8 +92,9 @@ def fetcher(reactor: Any, lookup: Any, port: int = 443, ca_file: Any = None, tim
 
     def fetch(domain: str) -> defer.Deferred:
         url = policy_url(domain, port)
+        headers: dict[bytes | str, list[bytes | str]] = {"Accept": ["text/plain"]}
         d = client.get(url, allow_redirects=False, timeout=timeout,    # RFC 8461 3.3: no redirects
-                       headers={"Accept": ["text/plain"]})
+                       headers=headers)
         d.addCallback(_read)
         return d.addErrback(_failed, url)
 
@@ -130,7 +131,8 @@ class _Collector(protocol.Protocol):
         self._size += len(data)
         if self._size > MAX_POLICY_SIZE:
             self.done.errback(_TooBig())
-            self.transport.stopProducing()
+            # IResponse.deliverBody connects us to the body's producer, not to a socket's transport.
+            cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:

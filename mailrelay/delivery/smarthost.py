@@ -28,6 +28,7 @@ from typing import Any, Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, endpoints, ssl
+from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
 from mailrelay import config
@@ -125,7 +126,7 @@ def deliver_to_host(
                            login=login, protocol=protocol)
 
     def attempt(params: SessionParams) -> defer.Deferred:
-        endpoint = endpoints.HostnameEndpoint(
+        endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
             reactor, host, port, timeout=timeouts.connect, bindAddress=(bind_address, 0) if bind_address else None)
         if params.security == "tls":
             endpoint = endpoints.wrapClientTLS(options, endpoint)
@@ -203,6 +204,7 @@ class SmarthostTransport:
         if self.tokens is None:
             login = None
             if self._password is not None and self.transport.auth_kind == "password":
+                assert self.transport.username is not None      # config: a password goes with a username
                 login = sasl.PasswordLogin(self.transport.username, self._password.reveal())
             return self._send(jobs, on_settled, login)
         return self._with_token(jobs, on_settled, again=True)
@@ -221,15 +223,16 @@ class SmarthostTransport:
         )
 
     def _with_token(self, jobs: list[Job], on_settled: Optional[OnSettled], again: bool) -> defer.Deferred:
-        t = self.transport
+        t, tokens, username = self.transport, self.tokens, self.transport.username
+        assert tokens is not None and username is not None     # an OAuth2 transport (deliver_jobs)
 
         def send(token: BearerToken) -> defer.Deferred:
-            login = sasl.BearerLogin(t.auth_kind, t.username, token.value.reveal(), t.host, t.port)
+            login = sasl.BearerLogin(t.auth_kind, username, token.value.reveal(), t.host, t.port)
 
             def judged(result: SessionResult) -> Any:
                 if not login.rejected:
                     return result
-                self.tokens.rejected(token)
+                tokens.rejected(token)
                 if again and result.before_mail:
                     log.info("oauth2: transport {transport}: {host} refused the token (535); fetching a new one",
                              transport=t.name, host=t.host)
@@ -243,7 +246,7 @@ class SmarthostTransport:
             return SessionResult(tuple(settle_all(j.recipients, 454, "4.7.0", text, t.host) for j in jobs),
                                  before_mail=True)
 
-        return self.tokens.token().addCallbacks(send, unavailable)
+        return tokens.token().addCallbacks(send, unavailable)
 
     def close_idle(self) -> defer.Deferred:
         """QUIT every idle connection and keep none from now on; fires once they are all closed."""

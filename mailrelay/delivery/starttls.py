@@ -9,16 +9,45 @@ Kept apart from the client's transaction logic; it works on the client's own sta
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
+
+from twisted.internet.interfaces import ISystemHandle, ITLSTransport
 
 from mailrelay.delivery.results import printable
-from mailrelay.delivery.tlsinfo import judged, negotiated
+from mailrelay.delivery.tlsinfo import Negotiated, judged, negotiated
 from mailrelay.interfaces import ITLSPeerCheck
+
+if TYPE_CHECKING:
+    from mailrelay.delivery.job import SessionParams
+    from mailrelay.delivery.tlsverify import Verdict
 
 
 class StartTLSSteps:
     """Methods of DeliveryClient: `_maybe_starttls` after each EHLO, `handshakeCompleted` (Twisted's
     IHandshakeListener), `tls_verified_by` (ITLSVerification)."""
+
+    # The client state these steps work on; DeliveryClient sets all of it in __init__ / _begin.
+    transport: ITLSTransport        # TCP, maybe TLS already (makeConnection sets it before any reply)
+    params: SessionParams
+    _host: str
+    _extensions: dict[bytes, bytes]
+    _tls: Optional[Negotiated]
+    _tls_active: bool
+    _tls_pending: bool
+    _tls_failed: bool
+    _verdict: Optional[Verdict]
+    _starttls_missing: bool
+    _failure: Optional[tuple[int, str, str]]
+
+    if TYPE_CHECKING:   # DeliveryClient's (and LineReceiver's) methods the steps call
+        def _abort(self, code: int, status: str, text: str) -> None: ...
+        def _quit(self) -> None: ...
+        def _ehlo(self) -> None: ...
+        def _maybe_auth(self) -> None: ...
+        def _fail_from_reply(self, code: int, text: bytes, context: str) -> None: ...
+        def _send(self, line: bytes, command: str, codes, on_ok: Callable,
+                  on_fail: Optional[Callable] = None) -> None: ...
+        def clearLineBuffer(self) -> bytes: ...
 
     @property
     def tls_verified_by(self) -> Optional[str]:
@@ -31,7 +60,9 @@ class StartTLSSteps:
         if ITLSPeerCheck.providedBy(options):
             # RFC 7672 2.2 / RFC 8461 4.2: the peer is judged now, before the EHLO reply is read and
             # long before MAIL FROM; a failure under an enforcing policy ends the session here.
-            self._verdict = options.check(self.transport.getHandle())      # never raises
+            # A TLS transport (TLSMemoryBIOProtocol, or TCP after startTLS) is a system handle: its OpenSSL connection.
+            handle = cast(ISystemHandle, self.transport).getHandle()
+            self._verdict = options.check(handle)      # never raises
             self._tls = judged(self._tls, self._verdict)
             if not self._verdict.ok and self._verdict.enforce:
                 self._abort(421, "4.7.5", options.refusal(self._host, self._verdict))

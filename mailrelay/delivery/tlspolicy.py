@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from mailrelay.delivery.dane import TLSA, usable
@@ -166,6 +167,7 @@ class TLSPolicies:
 
     def _base(self, host: MXHost) -> HostPlan:
         security = SECURITY[self.tls]
+        options: Optional[IOpenSSLClientConnectionCreator]
         if self.tls == "verify":
             options = self._options(host.name, "verify", policy='[delivery] tls = "verify"')
         else:

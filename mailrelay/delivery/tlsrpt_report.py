@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from email.message import EmailMessage, MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import unquote, urlsplit
 
 from mailrelay.delivery.tlsrpt_store import DETAIL_FIELDS, PolicyKey, Tally
@@ -85,7 +85,7 @@ def build_report(hostname: str, domain: str, begin: float, end: float, tallies: 
             policy["mx-host"] = [s.split(":", 1)[1].strip() for s in strings if s.lower().startswith("mx:")]
         elif host:
             policy["mx-host"] = [host]
-        entry = {"policy": policy,
+        entry: dict[str, Any] = {"policy": policy,
                  "summary": {"total-successful-session-count": tally.successes,
                              "total-failure-session-count": tally.failures}}
         details = [_detail(row, count) for row, count in sorted(tally.details.items())]
@@ -156,5 +156,7 @@ def build_message(hostname: str, domain: str, recipients: list[str], report: dic
     part = MIMEPart(policy=SMTP)
     part.set_content(gz, maintype="application", subtype="tlsrpt+gzip", disposition="attachment",
                      filename=filename)
-    message.attach(part)
+    # typeshed's EmailMessage.attach takes only an EmailMessage; the stdlib attaches any part (a MIMEPart on
+    # purpose: EmailMessage.set_content would add a MIME-Version field to the attachment).
+    message.attach(part)  # type: ignore[arg-type]
     return message.as_bytes(policy=SMTP)

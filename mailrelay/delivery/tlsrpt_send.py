@@ -101,7 +101,8 @@ def https_post(reactor: Any, trust_root: Any = None, timeout: float = POST_TIMEO
     def post(url: str, body: bytes) -> defer.Deferred:
         if not url.lower().startswith("https://"):
             return defer.fail(ValueError("only https: report URIs are posted"))
-        d = client.post(url, data=body, headers={"Content-Type": [rpt.MEDIA_TYPE]})
+        headers: dict[bytes | str, list[bytes | str]] = {"Content-Type": [rpt.MEDIA_TYPE]}
+        d = client.post(url, data=body, headers=headers)
         d.addTimeout(timeout, reactor)
 
         def drained(response):

@@ -142,6 +142,7 @@ class PolicyTLS:
         if seen is None or seen.error is not None:
             if seen is None:
                 return "certificate-not-trusted", "the chain was not checked on this connection"
+            assert seen.error is not None
             reason = _REASONS.get(seen.error, f"verify error {seen.error}")
             kind = "certificate-expired" if seen.error in _EXPIRED else "certificate-not-trusted"
             return kind, f"certificate chain: {reason} (depth {seen.depth})"

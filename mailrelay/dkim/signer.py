@@ -107,7 +107,8 @@ class Signer:
         keys = self.keys_for(domain) if domain else []
         if not keys:
             return b""
-        if permitted is not None and not permitted(from_addresses(headers), block):
+        # from_addresses is not None here: from_domain found the domain in it.
+        if permitted is not None and not permitted(from_addresses(headers) or [], block):
             return b""
         hasher = BodyHasher(self._canonicalization[1])
         for chunk in iter(lambda: f.read(CHUNK), b""):

@@ -44,7 +44,7 @@ RETRY_FIRST = 5.0
 RETRY_MAX = 900.0
 RETRIED_4XX = (408, 429)     # RFC 9110 §15.5.9 Request Timeout, RFC 6585 §4 Too Many Requests
 USER_AGENT = "mailrelay-webhook/1"
-IDLE_CONNECTION = 20.0       # seconds a kept-alive connection to a receiver may stay idle
+IDLE_CONNECTION = 20         # seconds a kept-alive connection to a receiver may stay idle (the pool takes an int)
 POST_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
 
 Post = Callable[[str, bytes, dict], defer.Deferred]     # (url, body, headers) -> Deferred[status code]

@@ -14,6 +14,7 @@ finish, then the outbox thread ends.
 """
 from __future__ import annotations
 
+from functools import partial
 import random
 from pathlib import Path
 from typing import Optional
@@ -89,7 +90,7 @@ class DeliveryEvents(service.Service):
             sender = self._senders.pop(url)
             sender.stop()
             self._close_poster(url)
-            sender.outbox.flushed().addBoth(lambda _, o=sender.outbox: o.close())
+            sender.outbox.flushed().addBoth(lambda _, o: o.close(), sender.outbox)
             log.info("webhook {url}: no longer configured; its {count} waiting events stay in the spool",
                      url=sender.outbox.shown, count=sender.outbox.live)
         for url, config in wanted.items():
@@ -100,15 +101,15 @@ class DeliveryEvents(service.Service):
                 log.error("webhook {url}: cannot read its secret or CA file ({error}); not sending",
                           url=display_url(url), error=type(e).__name__)
                 continue
-            sender = self._senders.get(url)
-            if sender is not None:
+            existing = self._senders.get(url)
+            if existing is not None:
                 self._close_poster(url)
                 self._posters[url] = post
-                sender.outbox.max_pending = config.max_pending
-                sender.reconfigure(config, post.post, key, self.drop_after)
+                existing.outbox.max_pending = config.max_pending
+                existing.reconfigure(config, post.post, key, self.drop_after)
                 continue
-            outbox = Outbox(self.spool, url, config.max_pending, self._threads.run, lambda u=url: self._ready(u),
-                            on_drop=lambda reason, u=url: self._drop(u, reason))
+            outbox = Outbox(self.spool, url, config.max_pending, self._threads.run, partial(self._ready, url),
+                            on_drop=partial(self._drop, url))
             try:
                 waiting = outbox.load()
             except OSError as e:
@@ -150,7 +151,11 @@ class DeliveryEvents(service.Service):
             self._close_poster(url)
         outboxes = [s.outbox for s in self._senders.values()]
         d = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
-        d.addBoth(lambda _: [o.close() for o in outboxes])
+
+        def close_all(_: object) -> None:
+            for o in outboxes:
+                o.close()
+        d.addBoth(close_all)
         d.addBoth(lambda _: self._threads.stop())
         return d
 

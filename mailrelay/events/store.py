@@ -251,7 +251,7 @@ class Outbox:
                          url=self.shown, max=self.max_pending, dropped=self.dropped)
             return defer.succeed(False)
         self.live += 1
-        d = defer.Deferred()
+        d: defer.Deferred[bool] = defer.Deferred()
         self._buffer.append((StoredEvent(event_id, body, created, 0, self._next_seq()), d))
         self._write()
         return d

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from mailrelay import idn
 from mailrelay.interfaces import Reply
@@ -99,7 +99,9 @@ def parse_mail(argument: str) -> Union[MailFrom, Reply]:
     sender = "" if path == "" else _mailbox(path, BAD_PATH, utf8)
     if isinstance(sender, Reply):
         return sender
-    size, body, kept = None, "7BIT", {}
+    size: Optional[int] = None
+    body = "7BIT"
+    kept: dict = {}        # RET, ENVID, REQUIRETLS as MailFrom.params keeps them (server.params)
     for key, value in params.items():
         if key == "SMTPUTF8":
             if value is not None:

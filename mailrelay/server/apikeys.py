@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from twisted import logger as twisted_logger   # the type of a class-level Logger seen from an instance
+
 from mailrelay.logger import Logger
 from mailrelay.server.passwords import _atomic_write, _replace_entry, parse_entries, valid_user_name
 
@@ -62,7 +64,7 @@ def set_key(path: Path, name: str) -> str:
     return key
 
 
-def parse_key_file(data: bytes, source: str, log: Optional[Logger] = None) -> dict[str, str]:
+def parse_key_file(data: bytes, source: str, log: Optional[twisted_logger.Logger] = None) -> dict[str, str]:
     """The `name -> stored hash` entries; malformed and duplicate lines skipped, logged by line number."""
     return parse_entries(data, source, _HASH.match, "API key", "duplicate API key entry skipped", log)
 

@@ -242,7 +242,7 @@ class RelayServerFactory(protocol.ServerFactory):
             return defer.succeed(None)
         self._log.info("{kind} listener: shutting down, {busy} transaction(s) may finish within {grace}s",
                        kind=self.listener.kind, busy=busy, grace=grace)
-        done = defer.Deferred()
+        done: defer.Deferred[None] = defer.Deferred()
         self._drain_waiters.append(done)
         grace_over = self.clock.callLater(grace, self._grace_over)
         cut = self.clock.callLater(grace + CLOSE_BOUND, self._cut)

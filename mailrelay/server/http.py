@@ -31,9 +31,10 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ISystemHandle, ITCPTransport
 from twisted.web import http
 
 from mailrelay import config
@@ -163,13 +164,14 @@ def _address(text: str, field: str, keyword: str) -> str:
         line = addresses.wire_text(f"{keyword}:<{text}>")
     except UnicodeEncodeError:
         raise Refused(400, f"{field}: holds a lone surrogate, which is no UTF-8 text") from None
+    parsed: Union[addresses.MailFrom, addresses.RcptTo, Reply]
     if keyword == "FROM":
         parsed = addresses.parse_mail(line + " SMTPUTF8")
     else:
         parsed = addresses.parse_rcpt(line, smtputf8=True)
     if isinstance(parsed, Reply):
         raise Refused(400, f"{field}: {parsed.text}", parsed)
-    return parsed.sender if keyword == "FROM" else parsed.recipient
+    return parsed.sender if isinstance(parsed, addresses.MailFrom) else parsed.recipient
 
 
 class Submission:
@@ -270,9 +272,21 @@ class Submission:
         return reader.outcome, headers.headers, content_filter.removed if content_filter is not None else 0
 
 
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    class _ApiChannel(http.HTTPChannel):
+        """What ApiFactory.buildProtocol makes of twisted.web's channel (for the type checker only)."""
+        site: ApiFactory                # set by ApiFactory.buildProtocol
+        transport: ITCPTransport        # TCP, or TLS over TCP (an ssl: endpoint)
+
+
 class ApiRequest(http.Request):
     """One HTTP request: refused from its headers alone when they decide it, else read (bounded) and
     submitted.  Never a traceback to the client: an unexpected error is a 503 and a log line."""
+
+    channel: _ApiChannel
+    content: io.BytesIO            # gotLength replaces twisted.web's file with one of ours
 
     _answered = False
     _gone = False
@@ -381,7 +395,8 @@ class ApiRequest(http.Request):
         if not self.isSecure():
             return None
         try:
-            handle = self.channel.transport.getHandle()
+            # isSecure(): a TLS transport, whose system handle is its OpenSSL connection.
+            handle = cast("SSL.Connection", cast(ISystemHandle, self.channel.transport).getHandle())
             return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
         except Exception:
             return "TLS unknown"
@@ -459,6 +474,7 @@ class ApiFactory(http.HTTPFactory):
                 self.metrics.refused("connection_limit")
             return None
         channel = super().buildProtocol(addr)
+        assert channel is not None      # HTTPFactory always builds one
         channel.requestFactory = ApiRequest
         channel.site = self
         if self.connections is not None:
@@ -499,7 +515,7 @@ class ApiFactory(http.HTTPFactory):
         """The listener has stopped accepting: fires once the commits in flight are done."""
         waiters = []
         for d in list(self._pending):
-            waiter = defer.Deferred()
+            waiter: defer.Deferred[object] = defer.Deferred()
             d.addBoth(_fire, waiter)
             waiters.append(waiter)
         return defer.DeferredList(waiters)

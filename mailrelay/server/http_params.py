@@ -51,7 +51,7 @@ def parse_options(data: dict, recipients: list[str]) -> dict:
             raise ValueError(f"dsn.envid must be printable ASCII text of at most {ENVID_MAX} characters once "
                              "xtext-encoded (RFC 3461 4.4)")
         params["ENVID"] = envid
-    per_recipient = {r: {} for r in recipients}
+    per_recipient: dict[str, dict[str, str]] = {r: {} for r in recipients}
     if "notify" in dsn:
         notify = _notify(dsn["notify"])
         for entry in per_recipient.values():

@@ -47,7 +47,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from ldaptor.ldapfilter import InvalidLDAPFilter, parseFilter
 from ldaptor.protocols import pureldap
-from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
+from ldaptor.protocols.ldap.distinguishedname import DistinguishedName, RelativeDistinguishedName
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -97,7 +97,7 @@ def group_search_base(group: str) -> str:
     """Where to look for groups nested in `group`: the trailing dc= components of its DN (the whole
     naming context), or its parent when it has none."""
     rdns = DistinguishedName(group).split()
-    suffix = []
+    suffix: list[RelativeDistinguishedName] = []
     for rdn in reversed(rdns):
         if len(rdn.split()) != 1 or rdn.split()[0].attributeType.lower() != "dc":
             break
@@ -169,7 +169,8 @@ class LDAPChecker:
         self._urls = tuple(parse_url(u) for u in ldap.urls)
         trust = load_trust_root(ldap.ca_file) if (ldap.starttls or any(u.tls for u in self._urls)) else None
         self._tls = {u: self._tls_options(u, trust) for u in self._urls if trust is not None}
-        self._service_password = read_secret(ldap.service_password_file) if ldap.service_dn else b""
+        self._service_password = (read_secret(ldap.service_password_file)
+                                  if ldap.service_dn and ldap.service_password_file else b"")
         if ldap.service_dn and not self._service_password:
             # RFC 4513 §5.1.2: an empty password would make the service bind an anonymous one.
             raise ValueError(f"auth.ldap.service_password_file: {ldap.service_password_file} is empty")
@@ -295,6 +296,7 @@ class LDAPChecker:
             raise UnauthorizedLogin(f"bind refused: {e}") from None
 
     async def _bind_service(self, conn: LDAPConnection) -> None:
+        assert self._config.service_dn is not None      # called only with a service account
         try:
             await conn.bind(self._config.service_dn, self._service_password)
         except LDAPResultError as e:
@@ -302,6 +304,8 @@ class LDAPChecker:
             raise DirectoryError(f"service account bind refused: {e}") from None
 
     async def _find_user(self, conn: LDAPConnection, user: str) -> str:
+        # Without bind_dn, _check_config required both (the search-then-bind login).
+        assert self._config.search_filter is not None and self._config.search_base is not None
         try:
             filter_ = parseFilter(substitute(self._config.search_filter, escape_filter_value(user)))
         except InvalidLDAPFilter:

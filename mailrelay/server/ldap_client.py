@@ -12,7 +12,7 @@ and a lost connection errbacks Deferreds that a timeout has already cancelled (A
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
@@ -45,6 +45,8 @@ class LDAPResultError(Exception):
 class LDAPConnection(LDAPClient):
     """An LDAP client protocol for one login: one request at a time, every Deferred fired once."""
 
+    onwire: dict[int, tuple[defer.Deferred, list]]    # LDAPClient's: message id -> (Deferred, responses)
+
     def __init__(self):
         super().__init__()
         self._close_waiters: list[defer.Deferred] = []
@@ -76,7 +78,7 @@ class LDAPConnection(LDAPClient):
         if not d.called:
             d.callback(responses)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.connected = 0
         self._fail_all(DirectoryError(f"connection lost: {reason.getErrorMessage() if reason else ''}"))
         self._closed = True
@@ -97,7 +99,7 @@ class LDAPConnection(LDAPClient):
         if not self.connected:
             return defer.fail(DirectoryError("not connected"))
         msg = pureldap.LDAPMessage(op)
-        d = defer.Deferred()
+        d: defer.Deferred[list] = defer.Deferred()
         self.onwire[msg.id] = (d, [])
         self.transport.write(msg.toWire())
         return d
@@ -159,7 +161,7 @@ class LDAPConnection(LDAPClient):
         return self._when_closed()
 
     def _when_closed(self) -> defer.Deferred:
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._close_waiters.append(d)
         return d
 
@@ -182,12 +184,14 @@ class _ConnectionFactory(protocol.Factory):
 def endpoint_for(reactor, url: LDAPURL, tls: Optional[IOpenSSLClientConnectionCreator]
                  ) -> IStreamClientEndpoint:
     """The client endpoint for `url`: TLS from the first byte for ldaps://, with `tls` options."""
+    endpoint: IStreamClientEndpoint
     if url.is_ip:
         cls = TCP6ClientEndpoint if ":" in url.host else TCP4ClientEndpoint
         endpoint = cls(reactor, url.host, url.port)
     else:
         endpoint = HostnameEndpoint(reactor, url.host, url.port)
     if url.tls:
+        assert tls is not None      # LDAPChecker makes TLS options for every ldaps:// URL
         endpoint = wrapClientTLS(tls, endpoint)
     return endpoint
 
@@ -195,7 +199,8 @@ def endpoint_for(reactor, url: LDAPURL, tls: Optional[IOpenSSLClientConnectionCr
 async def connect(reactor, url: LDAPURL, tls: Optional[IOpenSSLClientConnectionCreator]) -> LDAPConnection:
     """A connected LDAPConnection, or DirectoryError.  Cancelling the caller cancels the attempt."""
     try:
-        return await endpoint_for(reactor, url, tls).connect(_ConnectionFactory())
+        connected = await endpoint_for(reactor, url, tls).connect(_ConnectionFactory())
+        return cast(LDAPConnection, connected)      # what _ConnectionFactory builds
     except (defer.CancelledError, ConnectingCancelledError):
         raise defer.CancelledError() from None   # the caller's timeout, not this directory's fault
     except Exception as e:

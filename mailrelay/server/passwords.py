@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import argon2
 import bcrypt
+from twisted import logger as twisted_logger   # the type of a class-level Logger seen from an instance
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -97,7 +98,7 @@ class _Snapshot:
 
 
 def parse_entries(data: bytes, source: str, valid_value: Callable[[str], Any], what: str, duplicate: str,
-                  log: Optional[Logger] = None) -> dict[str, str]:
+                  log: Optional[twisted_logger.Logger] = None) -> dict[str, str]:
     """The `name -> stored value` entries of a `name:value` file (the password file, the API key file);
     malformed lines (a bad name, or a value `valid_value` refuses) and repeated names are skipped and
     logged by file name and line number (never their content: it may hold a hash)."""
@@ -120,7 +121,7 @@ def parse_entries(data: bytes, source: str, valid_value: Callable[[str], Any], w
     return entries
 
 
-def parse_password_file(data: bytes, source: str, log: Optional[Logger] = None) -> dict[str, str]:
+def parse_password_file(data: bytes, source: str, log: Optional[twisted_logger.Logger] = None) -> dict[str, str]:
     """The `user -> hash` entries of a password file's contents (see parse_entries)."""
     return parse_entries(data, source, valid_hash, "password", "duplicate entry for a user skipped", log)
 

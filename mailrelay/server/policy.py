@@ -138,7 +138,7 @@ class PermitPolicy:
             return None
         return client.user if client.user is not None else f"permit[{rule.index}]"
 
-    def check_sender(self, client: ClientInfo, sender: str) -> Optional[Reply]:
+    def check_sender(self, client: ClientInfo, sender: str) -> Optional[Reply] | defer.Deferred[Optional[Reply]]:
         rule = self._rule_for(client)
         if rule is not None and sender and not rule.senders.allows(sender):
             return SENDER_DENIED

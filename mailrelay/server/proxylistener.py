@@ -20,7 +20,9 @@ import ipaddress
 from typing import Optional, Sequence
 
 from twisted.internet import interfaces
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import policies
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from mailrelay.config import IPNetwork
@@ -41,8 +43,14 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
     STARTTLS puts the socket's TLS layer around this wrapper, so the end of the handshake is told here
     and passed on."""
 
+    transport: interfaces.ITCPTransport       # the accepted connection from the proxy (makeConnection)
+    factory: ProxyProtocolFactory
+    # None until the header is read (and again once the connection is lost); ProtocolWrapper's own
+    # type says it is always set, as it connects the inner protocol at once.
+    wrappedProtocol: Optional[interfaces.IProtocol]  # type: ignore[assignment]
+
     def __init__(self, factory: "ProxyProtocolFactory"):
-        super().__init__(factory, None)
+        super().__init__(factory, None)  # type: ignore[arg-type]  # no inner protocol yet (see above)
         self._buffer = b""
         self._header: Optional[ProxyHeader] = None
         self._timer = None
@@ -137,7 +145,7 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
         if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         if not self._refused and self._header is None and self._buffer:
             log.info("PROXY protocol: connection from {ip} on {listener} closed by the peer inside the "
@@ -148,7 +156,7 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
             inner.connectionLost(reason)
 
 
-class ProxyProtocolFactory(policies.WrappingFactory):
+class ProxyProtocolFactory(policies.WrappingFactory[ProxyHeaderReader]):
     """Puts the PROXY protocol in front of `wrappedFactory` (the listener's own factory)."""
 
     protocol = ProxyHeaderReader

@@ -66,7 +66,8 @@ class RateLimiter:
         if rate <= 0 or per <= 0 or max_keys <= 0:
             raise ValueError("rate, per and max_keys must be positive")
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+            clock = reactor
         self._rate = rate
         self._per = per
         self._clock = clock

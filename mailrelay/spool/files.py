@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
+from mailrelay.envelope import Envelope
 from mailrelay.spool.message import SIZE_OFFSET, encode_size
 
 DIRECTORY_MODE = 0o700
@@ -110,7 +111,7 @@ def create_file(path: Path) -> int:
     return os.open(path, _CREATE, FILE_MODE)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -161,7 +162,7 @@ class CommitJob:
     pending: bytes
     size: int
     final_path: Path
-    envelope: object = None   # envelope.Envelope, kept so the spool can answer load() from memory
+    envelope: Optional[Envelope] = None   # kept so the spool can answer load() from memory
 
 
 def finish_message(job: CommitJob) -> None:

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -89,7 +90,7 @@ class Spool(Service):
         # moment after the commit) is answered from memory instead of re-reading what we just wrote.
         self._fresh: dict[str, SpooledMessage] = {}
         # The directory fsync covering recent removals: a DelayedCall until it starts, then a Deferred.
-        self._removal_sync = None
+        self._removal_sync: Optional[IDelayedCall | Deferred[None]] = None
         self._removal_dirs: set[Path] = set()             # directories changed by removals since
         self.batch_count = 0          # group commits run so far (for tests and metrics)
         self.largest_batch = 0
@@ -138,7 +139,7 @@ class Spool(Service):
         if self._removal_sync is not None and not isinstance(self._removal_sync, Deferred):
             self._removal_sync.cancel()       # a clean stop leaves every removal on disk
             self._sync_removals()
-        idle = Deferred()
+        idle: Deferred[None] = Deferred()
         if self._jobs:
             self._idle_waiters.append(idle)
         else:
@@ -213,7 +214,7 @@ class Spool(Service):
         return MessageWriter(self._ids.next_id(), envelope, self.paths, self._enqueue_commit)
 
     def _enqueue_commit(self, job: CommitJob) -> Deferred:
-        d = Deferred()
+        d: Deferred[object] = Deferred()
         self._batch.append((job, d))
         if self._pool is None or (self._jobs == 0 and self._batch_call is None):
             self._flush_batch()       # nothing else on the disk: no reason to wait for the end of the turn
@@ -483,7 +484,7 @@ class Spool(Service):
 
 def _read_all(fd: int) -> bytes:
     """The whole of a small file (a state file is a few hundred bytes) from its descriptor."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 65536)
         if not chunk:

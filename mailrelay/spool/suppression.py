@@ -393,7 +393,7 @@ class SuppressionRecorder:
         """Fires once every noted failure is written (or its write failed)."""
         if not self._busy and not self._pending:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._idle.append(d)
         return d
 

@@ -40,7 +40,7 @@ class BlockingThreads:
         """`f(*args)` on one of the threads; RuntimeError when the threads are not running."""
         if not self.running:
             raise RuntimeError(f"{self._name}: not running")
-        d = Deferred()
+        d: Deferred[object] = Deferred()
         self._queue.put((f, args, d))
         return d
 
