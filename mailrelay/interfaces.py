@@ -55,8 +55,10 @@ class IMessageWriter(Interface):
         """Append bytes of the message (headers and body). Memory use must not grow with message size."""
 
     def commit():
-        """Make the message durable (fsync file, rename, fsync directory). Returns a Deferred firing with
-        the queue id once it is; only then may the server answer 250."""
+        """Make the message durable: the rest written to its file (created under its final name in queue/),
+        its size put in place of the in-progress mark, the file fsync'd, then the directory fsync'd (one
+        for a batch of commits; none where the file's fsync already made its name durable). No rename.
+        Returns a Deferred firing with the queue id once it is; only then may the server answer 250."""
 
     def abort():
         """Throw the partial message away. Safe to call more than once, and after a failed commit."""
