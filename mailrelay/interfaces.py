@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_routes, tests.test_mtasts, tests.test_policy -*-
 """The seams between the stages of a message's journey.
 
     server (session, policy) --IIncomingQueue--> spool --IScheduler--> delivery (router, next hop) --> dsn

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_chunking -*-
 """Outgoing CHUNKING (RFC 3030): the message sent in BDAT chunks instead of DATA, when the hop offers it.
 
 Journey: the delivery client (delivery.client) reaches the point of sending a job's body; this subclass

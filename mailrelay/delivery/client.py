@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery_client, tests.test_tls_policy, tests.test_connection_cache -*-
 """The outgoing ESMTP client: one connection, one or more messages, a result for every recipient.
 
 Journey: the scheduler picks a next hop (smarthost transport or MX host); the next hop connects and runs

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_requiretls_end_to_end, tests.test_capabilities, tests.test_mx -*-
 """Which TLS a message itself asks for (RFC 8689): REQUIRETLS, or `TLS-Required: No`.
 
 Part of the delivery stage.  In: a spooled message (its envelope, and its header block read from the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sevenbit, tests.test_smtputf8 -*-
 """Converting a spooled message to 7-bit MIME for a next hop that does not offer 8BITMIME, and re-encoding
 lines over 998 octets for every next hop.
 

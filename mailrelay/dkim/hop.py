@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_capabilities, tests.test_dkim, tests.test_connection_reuse -*-
 """DKIM on the way out: an INextHop that signs and/or verifies, then hands the message to the real hop.
 
 In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_delivery_process -*-
 """The queue file format, and a spooled message as the delivery side sees it.
 
 In: an envelope.Envelope and the message bytes.  Out: one file per message, no pickle:

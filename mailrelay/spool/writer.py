@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_smtputf8 -*-
 """Receiving one message into the spool: the IMessageWriter the SMTP session writes DATA into.
 
 In: the envelope, then the message bytes in pieces (CRLF lines, already un-dot-stuffed).  Out: a file
