@@ -23,8 +23,8 @@ from mailrelay.delivery.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
-from tests.test_delivery_client import FAST
-from tests.test_mx import message_to
+from tests.support.esmtp import FAST
+from tests.support.messages import message_to
 
 MESSAGE = b"From: <app@example.org>\r\nTo: <a@v.example>\r\nSubject: tls facts\r\n\r\nhello\r\n"
 RESULTS = "mailrelay_delivery_results_total"

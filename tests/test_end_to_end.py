@@ -10,20 +10,11 @@ from twisted.trial import unittest
 
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
+from tests.support.messages import strip_received
 
 MESSAGE = (b"From: App <app@example.org>\r\nTo: <user@example.com>\r\nSubject: hello\r\n"
            b"Message-ID: <1@example.org>\r\n\r\nbody line\r\n..leading dot stays one dot\r\n"
            b"\xc3\xa9 8-bit\r\n")
-
-
-def strip_received(data: bytes) -> bytes:
-    """The message as the client sent it: without the Received header the relay put on top."""
-    assert data.startswith(b"Received: "), data[:200]
-    end = 0
-    while True:
-        end = data.index(b"\r\n", end) + 2
-        if data[end:end + 1] not in (b" ", b"\t"):
-            return data[end:]
 
 
 class EndToEnd(unittest.TestCase):

@@ -19,13 +19,12 @@ from mailrelay.server import ldap
 from mailrelay.server.factory import RelayServerFactory
 from mailrelay.server.realm import FoldedLogin, build_portal
 from tests.support import slapd as fixture
-from tests.test_access_end_to_end import (
-    FOREIGN_HOST, NETWORK_ONLY, RECIPIENT_RULES, SENDER_RULES, Client, RelayTestCase, message, status,
+from tests.support.access import (
+    FOREIGN_HOST, NETWORK_ONLY, RECIPIENT_RULES, SENDER_RULES, Client, RelayTestCase, message, status, submit,
 )
+from tests.support.ldapauth import DIRECT_BIND, SlapdTestCase, ldap_section, login
 from tests.support.logcapture import LogLines
-from tests.test_ldap import SlapdTestCase, login
-from tests.test_ldap_end_to_end import DIRECT_BIND, ldap_section, submit
-from tests.test_server_network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
+from tests.support.network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
 
 CHECK_TIME = 2.0     # seconds the slow checker takes for each answer
 

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from mailrelay.server.factory import CLOSE_BOUND
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
-from tests.test_server_session import Harness
+from tests.support.session import Harness
 
 GRACE = 30.0
 BODY_HEAD = b"Subject: graceful\r\nMessage-ID: <graceful@example.org>\r\n\r\nfirst half\r\n"
