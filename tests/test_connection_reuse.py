@@ -28,7 +28,7 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.state import MessageState
 from mailrelay.dkim.hop import DKIMHop
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IBatchNextHop
+from mailrelay.interfaces import IBatchNextHop, ISpooledMessage
 from mailrelay.spool.store import Spool
 from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
@@ -236,11 +236,13 @@ class FakeSigner:
         return b"DKIM-Signature: v=1; fake\r\n"
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class BodyMessage:
     queue_id: str
     body: bytes
     envelope: Envelope = Envelope("a@example.org", ("b@example.net",), 0.0)
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:
@@ -458,3 +460,9 @@ class HopDownEndToEnd(unittest.TestCase):
         self.assertEqual(len(sink.sessions), 1)
         self.assertEqual(sorted(number_of(m.data) for m in sink.messages), list(range(20)))
         yield until(lambda: not service.spool.queue_ids(), "the spool to empty")
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, BodyMessage("q0", b"Subject: 0\r\n\r\nfine\r\n")))

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
@@ -271,8 +274,10 @@ class DirectDelivery(Base):
         self.assertEqual((first.transactions, second.transactions), ([], []))
 
 
+@implementer(ISpooledMessage)
 class SpoolLike:
     """A spooled message as the next hops see it: queue id, envelope, size, open()."""
+    path = None           # not read from a spool file
 
     def __init__(self, queue_id: str, envelope: Envelope, data: bytes):
         self.queue_id, self.envelope, self.data = queue_id, envelope, data
@@ -280,3 +285,10 @@ class SpoolLike:
 
     def open(self):
         return io.BytesIO(self.data)
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        envelope = Envelope("a@example.org", ("b@example.net",), 0.0)
+        self.assertTrue(verifyObject(ISpooledMessage, SpoolLike("Q1", envelope, b"Subject: x\r\n\r\ny\r\n")))

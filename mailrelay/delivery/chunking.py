@@ -115,7 +115,7 @@ class ChunkingClient(DeliveryClient):
 
     def _unreadable(self) -> None:
         log.failure("cannot read {queue_id}", Failure(),
-                    queue_id=getattr(self.jobs[self._job_index].message, "queue_id", "?"))
+                    queue_id=self.jobs[self._job_index].message.queue_id)
         self._abort(451, "4.3.0", "local error reading the queued message")
 
     def _transaction_dead(self) -> bool:

@@ -39,5 +39,5 @@ def tls_optional(message) -> bool:
     try:
         return dsnparams.tls_required_no(header_block(message))
     except OSError:
-        log.failure("{queue_id}: cannot read the header block", queue_id=getattr(message, "queue_id", "?"))
+        log.failure("{queue_id}: cannot read the header block", queue_id=message.queue_id)
         return False

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Optional
 
+from zope.interface import implementer
+
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 MAGIC = b"MAILRELAY-SPOOL/1 size="
 SIZE_DIGITS = 20
@@ -103,6 +106,7 @@ def check_file(path: Path) -> ParsedHeader:
         raise CorruptMessage(f"unreadable: {e.strerror}") from None
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class SpooledMessage:
     """One complete message in the spool. `state` is the scheduler's own JSON ({} before the first save)."""

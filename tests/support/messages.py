@@ -9,18 +9,23 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from zope.interface import implementer
+
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 
 BODY = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\n\r\nHello.\r\n.dot line\r\n"
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class FakeMessage:
     """What the delivery client reads of a spooled message."""
     queue_id: str
     envelope: Envelope
     data: bytes = BODY
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:

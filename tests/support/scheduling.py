@@ -28,11 +28,12 @@ from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
 from mailrelay.delivery.state import MessageState, RecipientState
 from mailrelay.envelope import Envelope, domain_of
-from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, ISpool, ISpoolControl
+from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, ISpool, ISpoolControl, ISpooledMessage
 
 NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class MemoryMessage:
     queue_id: str
@@ -40,17 +41,20 @@ class MemoryMessage:
     state: dict
     held: bool
     size: int = 100
+    path = None           # not read from a spool file
 
     def open(self):
         raise NotImplementedError("the scheduler never reads the body")
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class BodyMessage:
     """A message a real next hop can send (it reads the body): `BodyMessage.to("a@b.test")`."""
     queue_id: str
     envelope: Envelope
     data: bytes = b"From: a@example.org\r\nSubject: test\r\n\r\nbody\r\n"
+    path = None           # not read from a spool file
 
     @classmethod
     def to(cls, *recipients: str) -> "BodyMessage":
