@@ -23,6 +23,7 @@ from twisted.internet import defer
 from tests.support.access import (
     ALLOWED_HOST, FOREIGN_HOST, NETWORK_ONLY, SENDER, USERS_ONLY, Client, RelayTestCase, message, status,
 )
+from tests.support.polling import until
 from tests.support.relay import PASSWORD, RelayFixture
 
 
@@ -366,7 +367,8 @@ class ConnectionLimitTests(RelayTestCase):
         self.assertTrue(lines[3].startswith(b"220 "), lines[3])
         self.assertTrue(extra_closed)
         # Once the relay has seen those connections close, the host may connect again.
-        yield self.until(lambda: relay.service.factories[0].connections.total == 0)
+        yield until(lambda: relay.service.factories[0].connections.total == 0, "the closed connections to be counted",
+                    timeout=20)
         replies = yield self.run_client(again)
         self.assertEqual(replies, [(250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")])
         yield self.settle(relay, ["user@allowed.example"])

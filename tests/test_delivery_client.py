@@ -19,17 +19,8 @@ from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
 from mailrelay.interfaces import INextHop
 from tests.support.conversation import FakeMessage
 from tests.support.esmtp import BODY, FAST, Certificates, Conversation, message
+from tests.support.polling import until
 from tests.support.sink import DEFAULT_EXTENSIONS, Sink
-
-
-@defer.inlineCallbacks
-def until(condition, seconds: float = 10.0):
-    """Let the reactor run (a thread's work come back) until `condition()` is true."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 # -- conversations over a StringTransport --------------------------------------------------------------
@@ -68,7 +59,7 @@ class ConversationTests(unittest.TestCase):
         body = "Subject: café\r\n\r\nolé\r\n".encode("utf-8")
         c = Conversation(self, [Job(message(body, eight_bit=True), ("a@example.net",))])
         c.greet("SIZE")
-        yield until(lambda: c.transport.value())        # the conversion runs in a thread
+        yield until(lambda: c.transport.value(), "the converted message")   # the conversion runs in a thread
         c.expect("QUIT")
         [r] = c.close().results
         self.assertEqual((r.code, r.status), (554, "5.6.3"))
@@ -81,7 +72,7 @@ class ConversationTests(unittest.TestCase):
         job = Job(message(body, octets="8bit"), ("a@example.net",))     # BODY=7BIT, but the spool saw 8-bit
         c = Conversation(self, [job])
         c.greet("SIZE 1000", "PIPELINING")
-        yield until(lambda: c.transport.value())
+        yield until(lambda: c.transport.value(), "the converted message")
         converted = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
                      b"ol=C3=A9\r\n")
         c.expect(f"MAIL FROM:<app@example.org> SIZE={len(converted)}", "RCPT TO:<a@example.net>", "DATA")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import email
 import smtplib
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 from tests.support.messages import strip_received
@@ -115,10 +116,7 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual(self.sink.data_replies, [])   # the 451 was given to a first attempt
         self.assertEqual(strip_received(self.sink.messages[0].data), MESSAGE)
         spool = relay.dir / "spool" / "queue"
-        for _ in range(50):
-            if not any(spool.iterdir()):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: not any(spool.iterdir()), timeout=5, interval=0.1)
         self.assertEqual(list(spool.iterdir()), [])
 
     @defer.inlineCallbacks

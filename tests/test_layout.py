@@ -72,9 +72,9 @@ class TestCaseNameHeaderTests(unittest.TestCase):
 class TestModuleIndependenceTests(unittest.TestCase):
     def test_no_test_module_imports_another(self) -> None:
         offenders = []
-        for path in test_modules():
+        for path in test_modules() + sorted(ROOT.joinpath("tests", "support").glob("*.py")):
             for name in imported_test_modules(path.read_text()):
-                offenders.append(f"{path.name} imports {name}")
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
         self.assertEqual(offenders, [], "shared fakes and helpers belong in tests/support/")
 
     def test_every_form_of_the_import_is_seen(self) -> None:

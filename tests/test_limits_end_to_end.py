@@ -25,6 +25,7 @@ from tests.support.access import (
 from tests.support.ldapauth import DIRECT_BIND, SlapdTestCase, ldap_section, login
 from tests.support.logcapture import LogLines
 from tests.support.network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
+from tests.support.polling import eventually
 
 CHECK_TIME = 2.0     # seconds the slow checker takes for each answer
 
@@ -65,10 +66,7 @@ class ParallelGuessTests(NetworkTestBase):
             clients.append(client)
         # Seven wrong guesses at once: three are checked (slowly), the other four are turned away at once.
         pending = [c.send(f"AUTH PLAIN {plain(b'alice', b'guess %d' % i)}\r\n") for i, c in enumerate(clients[:7])]
-        for _ in range(int(CHECK_TIME / 2 / 0.05)):
-            if sum(d.called for d in pending) >= 4:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: sum(d.called for d in pending) >= 4, timeout=CHECK_TIME / 2, interval=0.05)
         # The right password while those three checks are still running: no failure has been
         # recorded yet, and still it gets no check.
         self.assertEqual(checker.calls, 3)

@@ -22,6 +22,7 @@ from mailrelay.interfaces import ISpooledMessage
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.relay import RelayFixture
 from tests.support.sink import Sink
@@ -31,15 +32,6 @@ SECRET = b"the secret body line"
 MESSAGE = (b"From: App <app@example.org>\r\nTo: <user@example.com>\r\nSubject: secret\r\n"
            b"Message-ID: <rt1@example.org>\r\n\r\n" + SECRET + b"\r\n")
 TLS_NO = MESSAGE.replace(b"Subject: secret\r\n", b"Subject: report\r\nTLS-Required: No\r\n")
-
-
-@defer.inlineCallbacks
-def until(predicate, what: str, timeout: float = 30.0):
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        yield task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def report_blocks(data: bytes) -> tuple:
@@ -228,7 +220,6 @@ class TLSRequiredNo(Base):
         self.assertIn(b"TLS-Required: No", arrived.data)
         self.assertTrue(arrived.tls)                 # RFC 8689 4.2.2: STARTTLS still, if it can be had
         self.assertIn("4.7.5", logs)
-
 
 
 class DirectDelivery(Base):

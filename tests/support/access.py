@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import smtplib
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
+from tests.support.polling import until
 from tests.support.relay import RelayFixture
 from tests.support.sink import Sink
 
@@ -120,21 +121,13 @@ class RelayTestCase(unittest.TestCase):
         return sorted(r for m in self.sink.messages for r in m.rcpt_tos)
 
     @defer.inlineCallbacks
-    def until(self, condition, tries: int = 400):
-        """Wait (bounded) for `condition()` to hold, giving the reactor turns in between."""
-        for _ in range(tries):
-            if condition():
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("condition never held")
-
-    @defer.inlineCallbacks
     def settle(self, relay: RelayFixture, expected: list[str]):
         """Wait until the sink holds `expected` recipients and the relay's queue is empty, then assert
         that the sink received exactly those: an empty queue means nothing else can still arrive."""
         queue = relay.dir / "spool" / "queue"
         try:
-            yield self.until(lambda: len(self.delivered()) >= len(expected) and not any(queue.iterdir()))
+            yield until(lambda: len(self.delivered()) >= len(expected) and not any(queue.iterdir()),
+                        "the sink to hold every expected recipient and the queue to empty", timeout=20)
         except self.failureException:
             pass                     # the assertions below say what is missing
         self.assertEqual(self.delivered(), sorted(expected))
