@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn, tests.test_metrics, tests.test_smtputf8 -*-
 """Delivery status notifications: telling the envelope sender what became of a message (RFC 3464).
 
 Job in the journey: the last stage.  When the scheduler gives up on recipients (a 5xx, or the queue

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn_params -*-
 """The DSN (RFC 3461) and REQUIRETLS (RFC 8689) requests a message carries, as the spool keeps them.
 
 At the side of the journey, like `envelope`: the server's parameter parser (server/params.py) writes

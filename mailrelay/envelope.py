@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sevenbit, tests.test_queue_front, tests.test_policy -*-
 """Plain values that travel between the stages: who the client is, and a message's envelope.
 
 Frozen dataclasses, no behaviour beyond (de)serialisation, so every stage may hold them safely.

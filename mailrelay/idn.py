@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtputf8, tests.test_smtputf8_end_to_end -*-
 """Internationalised domain names and UTF-8 addresses: one form to compare, look up and send them in.
 
 At the side of the journey, used by every stage that looks at a domain: the config (patterns and keys

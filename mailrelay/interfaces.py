@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_routes, tests.test_mtasts, tests.test_policy -*-
 """The seams between the stages of a message's journey.
 
     server (session, policy) --IIncomingQueue--> spool --IScheduler--> delivery (router, next hop) --> dsn
@@ -55,8 +56,10 @@ class IMessageWriter(Interface):
         """Append bytes of the message (headers and body). Memory use must not grow with message size."""
 
     def commit():
-        """Make the message durable (fsync file, rename, fsync directory). Returns a Deferred firing with
-        the queue id once it is; only then may the server answer 250."""
+        """Make the message durable: the rest written to its file (created under its final name in queue/),
+        its size put in place of the in-progress mark, the file fsync'd, then the directory fsync'd (one
+        for a batch of commits; none where the file's fsync already made its name durable). No rename.
+        Returns a Deferred firing with the queue id once it is; only then may the server answer 250."""
 
     def abort():
         """Throw the partial message away. Safe to call more than once, and after a failed commit."""
@@ -133,11 +136,37 @@ class IScheduler(Interface):
         `[delivery] process` mode (the delivery process gets the order down its pipe)."""
 
 
+class ISpooledMessage(Interface):
+    """A message as the delivery side reads it: the spool's own (spool.message.SpooledMessage), or a form of
+    one made on the way out (dkim.hop.PrefixedMessage, with header lines in front; delivery.sevenbit.
+    ConvertedMessage, re-encoded).  What INextHop.deliver is given."""
+
+    queue_id = Attribute("The spool's id for the message (str); every log line about the message names it.")
+    envelope = Attribute("Its envelope.Envelope: sender, recipients, BODY=, octets, long_lines, SMTPUTF8, DSN.")
+    size = Attribute("The number of octets open() gives.")
+    path = Attribute("The queue file the octets are read from (a pathlib.Path), or None when they are not read "
+                     "from a spool file.  A converted form is written beside it, in the spool's tmp/.")
+
+    def open():
+        """A new binary file object at the first octet of the message, ending at its last; the caller
+        streams it (nothing reads the whole message into memory) and closes it."""
+
+
+class ISelfConvertingMessage(ISpooledMessage):
+    """Optional: a message that makes its own form for a next hop that cannot take it as it is — DKIM's
+    signed message, which is converted and then signed again, as a signature covers what is sent
+    (RFC 6376 5.3).  delivery.sevenbit.downgrade asks such a message instead of converting it."""
+
+    def seven_bit(needs):
+        """A Deferred firing with the message's form for a hop that takes `needs` (delivery.sevenbit.Needs),
+        or failing with sevenbit.Unconvertible when it has none."""
+
+
 class INextHop(Interface):
     """One way out: a smarthost transport, or direct MX delivery."""
 
     def deliver(message, recipients):
-        """Send a spooled message to `recipients` (all of one route) in one transaction.
+        """Send a spooled message (an ISpooledMessage) to `recipients` (all of one route) in one transaction.
 
         Returns a Deferred firing with a list of delivery.RecipientResult, one per recipient, each with
         the reply that settles it (2xx delivered, 4xx retry, 5xx bounce). Connection-level failures give

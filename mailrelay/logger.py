@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_logger, tests.test_logrelay -*-
 """The two per-event costs of twisted.logger that showed up in the delivery process's profile, made
 cheap without changing a byte of what is logged.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_logrelay -*-
 """The delivery process's log lines, written into the main process's log.
 
 Where it sits: beside the journey. With `[delivery] process = "separate"` and no `[log] file`, the

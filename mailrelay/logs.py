@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_logs, tests.test_logger, tests.test_logrelay -*-
 """Structured logs: one line per event, each carrying the queue id, so one message can be followed
 from receipt to delivery (`grep 3F2A... mail.log`).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_metrics, tests.test_cluster_redis, tests.test_server_bdat -*-
 """Prometheus metrics: what the relay counts along the message's journey, served at `/metrics`.
 
 Place in the journey: beside every stage.  The listeners count connections, AUTH results, accepted and

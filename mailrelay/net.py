@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_net -*-
 """Socket settings and the write path shared by both ends of our SMTP connections (the server sessions
 and the client), and by the pipe to the delivery process."""
 import os

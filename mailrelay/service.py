@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_queue_front, tests.test_dns_cache, tests.test_operations -*-
 """Wiring: one `Config` in, one Twisted `IService` out — the whole relay, ready to add to any Application.
 
     from mailrelay.config import load

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls_listeners, tests.test_delivery_tls_facts, tests.test_config -*-
 """The relay's own certificate and TLS policy, for STARTTLS (ports 25/587) and implicit TLS (port 465).
 
 In: `[tls] cert/key` paths, or none, and the listener kind.  Out: one `ServerTLS` per listener kind,

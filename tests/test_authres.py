@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from mailrelay.server.authres import AuthResultsFilter, authserv_id
-from tests.test_server_session import Harness, transaction
+from tests.support.session import Harness, transaction
 
 OURS = b"Authentication-Results: relay.test; dkim=pass header.d=bank.example\r\n"
 THEIRS = b"Authentication-Results: mx.partner.example;\r\n\tspf=pass smtp.mailfrom=partner.example\r\n"

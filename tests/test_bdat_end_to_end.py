@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from tests.support.sink import Sink
 from tests.support.wire import WireClient, malformed
-from tests.test_content_end_to_end import start_relay
-from tests.test_end_to_end import strip_received
+from tests.support.content import start_relay
+from tests.support.messages import strip_received
 
 MESSAGE = ("From: App <app@example.org>\r\nTo: u@example.com\r\nSubject: chunked\r\n"
            "Content-Type: text/plain; charset=utf-8\r\n\r\nGrüße aus Köln\r\n..two dots stay two\r\n.\r\n"

@@ -6,9 +6,8 @@ and through the relay.
 from __future__ import annotations
 
 import io
-import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailrelay.delivery import chunking
@@ -30,15 +29,6 @@ def chunks_of(data: bytes, size: int) -> list[tuple[bytes, bool]]:
     while not reader.done:
         out.append(reader.next())
     return out
-
-
-@defer.inlineCallbacks
-def until(predicate, what: str, bound: float = 30.0):
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        yield task.deferLater(reactor, 0.01, lambda: None)
 
 
 class ChunkReaderTests(unittest.TestCase):

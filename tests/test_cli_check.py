@@ -13,7 +13,7 @@ from twisted.trial import unittest
 import mailrelay
 from mailrelay.cli import check
 from mailrelay.cli.main import main
-from tests.test_config import SES_SECRET, write_example
+from tests.support.example_config import SES_SECRET, write_example
 
 PROJECT_ROOT = Path(mailrelay.__file__).resolve().parent.parent
 BROKEN_ROUTE = '[transports.smarthost]\nhost = "smtp.example"\n[[route]]\ntransport = "ses"\n'

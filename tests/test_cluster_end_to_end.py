@@ -11,17 +11,20 @@ import smtplib
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailrelay.server import apikeys
-from tests.support import redisserver
+from tests.support import polling, redisserver
 from tests.support.logcapture import LogLines
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
+
+# A look may cost an SMTP conversation with a relay: one every 0.1 s, for at most 20 s unless told.
+eventually = partial(polling.eventually, timeout=20.0, interval=0.1)
 
 MESSAGE = b"From: app@example.org\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nbody\r\n"
 RATE_LIMITED = (450, "4.7.1 Too many messages from this client, try again later")
@@ -66,17 +69,6 @@ def rcpt_sync(relay: RelayFixture, recipient: str) -> tuple[int, str]:
         smtp.mail("app@example.org")
         code, text = smtp.rcpt(recipient)
         return code, text.decode("ascii", "replace")
-
-
-@defer.inlineCallbacks
-def eventually(check, seconds: float = 20.0, step: float = 0.1):
-    """Poll `check()` (a value, or a Deferred) until it is true; its last value."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = yield defer.maybeDeferred(check)
-        if value or time.monotonic() > deadline:
-            return value
-        yield task.deferLater(reactor, step, lambda: None)
 
 
 def post_sync(port: int, key: str) -> tuple[int, dict]:
@@ -230,7 +222,7 @@ class RedisGoneTests(TwoRelaysTestCase):
         self.assertGreaterEqual(self.metric(self.a, "mailrelay_cluster_redis_fallbacks_total", {"what": "rate"}), 3)
 
         self.redis.start()
-        back = yield eventually(lambda: self.a.service.cluster.up and self.b.service.cluster.up, seconds=40)
+        back = yield eventually(lambda: self.a.service.cluster.up and self.b.service.cluster.up, timeout=40)
         self.assertTrue(back)
         self.assertEqual(len(self.logs.take("reachable again")), 2)
         for _ in range(3):
@@ -253,7 +245,7 @@ class RedisGoneTests(TwoRelaysTestCase):
         self.assertEqual(reply[0], 550)                            # A's journal is in force on A
         self.redis.start()                                         # back, and empty
         reply = yield eventually(lambda: threads.deferToThread(rcpt_sync, self.b, "away@example.net")
-                                 .addCallback(lambda r: r if r[0] == 550 else None), seconds=40)
+                                 .addCallback(lambda r: r if r[0] == 550 else None), timeout=40)
         self.assertEqual(reply[0], 550)
         self.assertIn("noted while Redis was down", reply[1])
 
@@ -279,7 +271,7 @@ class TwistdPairTests(unittest.TestCase):
             relays.append(relay)
         a, b = relays
         ready = yield eventually(lambda: all("reachable: limits" in (r.dir / "twistd.log").read_text()
-                                             for r in relays), seconds=30)
+                                             for r in relays), timeout=30)
         self.assertTrue(ready)
         for relay in (a, b, a, b, a):
             code, _ = yield threads.deferToThread(send_sync, relay)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
@@ -19,14 +18,7 @@ from mailrelay.server.ratelimit import RateLimiter
 from tests.support import redisserver
 from tests.support.logcapture import LogLines
 from tests.support.pki import TestCA
-
-
-@defer.inlineCallbacks
-def eventually(check, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while not check() and time.monotonic() < deadline:
-        yield task.deferLater(reactor, 0.05, lambda: None)
-    return check()
+from tests.support.polling import eventually
 
 
 class LinkTestCase(unittest.TestCase):
@@ -96,7 +88,7 @@ class RealRedisTests(LinkTestCase):
         self.assertTrue(allowed)
         self.assertEqual(len(self.logs.take("no reply within 0.1s")), 1)
         server.process.send_signal(signal.SIGCONT)
-        self.assertTrue((yield eventually(lambda: link.up, seconds=40)))
+        self.assertTrue((yield eventually(lambda: link.up, timeout=40)))
         self.assertEqual(len(self.logs.take("reachable again")), 1)
         self.assertEqual(self.metrics.registry.get_sample_value("mailrelay_cluster_redis_fallbacks_total",
                                                                 {"what": "rate"}), 2)

@@ -29,10 +29,8 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.spool.store import Spool
 from tests.support.sink import Sink
-from tests.test_connection_reuse import wait_until
-from tests.test_delivery_client import (
-    FAST, Certificates, Conversation, TLSStringTransport, message,
-)
+from tests.support.esmtp import FAST, Certificates, Conversation, TLSStringTransport, message
+from tests.support.polling import until
 
 KEY = PoolKey("127.0.0.1", 25, "none")
 
@@ -367,7 +365,7 @@ class RealSinkTests(unittest.TestCase):
         yield hop.deliver(message(), ["a@x.test"])
         self.assertEqual((len(hop.pool), len(sink._connections)), (1, 1))
         clock.advance(IDLE_TIME)
-        yield wait_until(lambda: not sink._connections, "the idle connection to close", bound=10)
+        yield until(lambda: not sink._connections, "the idle connection to close", timeout=10)
         self.assertEqual(verbs(sink.sessions[0])[-1], b"QUIT")
         self.assertEqual(len(hop.pool), 0)
 
@@ -392,7 +390,7 @@ class RealSinkTests(unittest.TestCase):
         [connection] = sink._connections
         connection.reply("421 4.4.2 sink.test idle timeout")
         connection.transport.loseConnection()
-        yield wait_until(lambda: len(hop.pool) == 0, "the pool to drop the connection", bound=10)
+        yield until(lambda: len(hop.pool) == 0, "the pool to drop the connection", timeout=10)
         [r] = yield hop.deliver(message(), ["b@x.test"])
         self.assertEqual(r.code, 250)
         self.assertEqual([mails(s) for s in sink.sessions], [1, 1])
@@ -422,7 +420,7 @@ class RealSinkTests(unittest.TestCase):
         yield defer.gatherResults([hop.deliver(message(), [f"u{n}@x.test"]) for n in range(3)])
         self.assertEqual((len(hop.pool), len(sink.sessions)), (3, 3))
         yield hop.close_idle()
-        yield wait_until(lambda: not sink._connections, "the sink to see every connection closed", bound=10)
+        yield until(lambda: not sink._connections, "the sink to see every connection closed", timeout=10)
         self.assertEqual([verbs(s)[-1] for s in sink.sessions], [b"QUIT"] * 3)
         [r] = yield hop.deliver(message(), ["late@x.test"])    # after close_idle: delivered, then QUIT
         self.assertEqual(r.code, 250)
@@ -475,7 +473,7 @@ class MXReuseTests(unittest.TestCase):
         self.assertEqual(len(sink.sessions), 1)
         self.assertEqual(mails(sink.sessions[0]), 3)
         yield mx.close_idle()
-        yield wait_until(lambda: not sink._connections, "the idle connection to close", bound=10)
+        yield until(lambda: not sink._connections, "the idle connection to close", timeout=10)
         self.assertEqual(verbs(sink.sessions[0])[-1], b"QUIT")
 
     def test_tls_options_are_built_once_per_exchanger_name(self):
@@ -512,6 +510,6 @@ class SchedulerReuseTests(unittest.TestCase):
             writer.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
             scheduler.enqueue((yield writer.commit()))
             yield sink.wait_for(n + 1)
-            yield wait_until(lambda: not spool.queue_ids(), "the spool to empty", bound=10)
+            yield until(lambda: not spool.queue_ids(), "the spool to empty", timeout=10)
         self.assertEqual(len(sink.sessions), 1)
         self.assertEqual(mails(sink.sessions[0]), 5)

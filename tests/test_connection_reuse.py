@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -28,11 +28,12 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.state import MessageState
 from mailrelay.dkim.hop import DKIMHop
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import IBatchNextHop, IDeliveryReporter
+from mailrelay.interfaces import IBatchNextHop, ISpooledMessage
 from mailrelay.spool.store import Spool
 from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
-from tests.test_scheduler import FakeHop, SchedulerTestCase
+from tests.support.polling import until
+from tests.support.scheduling import FakeHop, RecordingReporter, SchedulerTestCase
 
 
 # -- the arithmetic -------------------------------------------------------------------------------
@@ -235,11 +236,13 @@ class FakeSigner:
         return b"DKIM-Signature: v=1; fake\r\n"
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class BodyMessage:
     queue_id: str
     body: bytes
     envelope: Envelope = Envelope("a@example.org", ("b@example.net",), 0.0)
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:
@@ -297,17 +300,6 @@ class DKIMBatchTests(unittest.TestCase):
 
 # -- a real spool, a real transport, a real sink ------------------------------------------------------
 
-@implementer(IDeliveryReporter)
-class RecordingReporter:
-    def __init__(self):
-        self.bounces: list[tuple[str, list[tuple[str, int]]]] = []
-
-    def bounce(self, message, results):
-        self.bounces.append((message.queue_id, [(r.recipient, r.code) for r in results]))
-
-    def delay(self, message, recipients):
-        pass
-
 
 def body(n: int, lines: int = 3) -> bytes:
     text = b"".join(b"line %d of message %d\r\n" % (i, n) for i in range(lines))
@@ -317,16 +309,6 @@ def body(n: int, lines: int = 3) -> bytes:
 def number_of(data: bytes) -> int:
     start = data.index(b"<reuse-") + 7
     return int(data[start:data.index(b"@", start)])
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, what: str, bound: float = 20.0):
-    """Poll the reactor until `predicate()` holds; fail the test (not hang) after `bound` seconds."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 class RealSinkTests(unittest.TestCase):
@@ -373,7 +355,7 @@ class RealSinkTests(unittest.TestCase):
         ids = yield self.queue([(f"user{n}@example.com",) for n in range(20)])
         self.scheduler(per_domain=1).startService()
         yield self.sink.wait_for(20)
-        yield wait_until(lambda: not self.spool.queue_ids(), "the spool to empty")
+        yield until(lambda: not self.spool.queue_ids(), "the spool to empty")
         self.assertEqual(len(self.sink.sessions), 1)
         self.assertEqual(sorted(number_of(m.data) for m in self.sink.messages), list(range(20)))
         self.assertEqual([m.rcpt_tos for m in self.sink.messages], [[f"user{n}@example.com"] for n in range(20)])
@@ -403,7 +385,7 @@ class RealSinkTests(unittest.TestCase):
         self.sink.data_replies = ["250 2.0.0 ok"] * 6 + ["554 5.6.0 content refused"]
         ids = yield self.queue(recipients)
         self.scheduler(per_domain=1).startService()
-        yield wait_until(self.settled([ids[5]]), "all but the 452 to be settled")
+        yield until(self.settled([ids[5]]), "all but the 452 to be settled")
         self.assertEqual(len(self.sink.sessions), 1)
         self.assertEqual(sorted(number_of(m.data) for m in self.sink.messages), [0, 1, 2, 3, 4, 6, 8, 9])
         self.assertEqual(sorted(self.reporter.bounces), sorted([
@@ -418,7 +400,7 @@ class RealSinkTests(unittest.TestCase):
         ids = yield self.queue([(f"user{n}@example.com",) for n in range(6)], bodies)
         scheduler = self.scheduler(per_domain=1)
         scheduler.startService()
-        yield wait_until(self.settled(ids[2:]), "the first attempt to be recorded")
+        yield until(self.settled(ids[2:]), "the first attempt to be recorded")
         self.assertEqual(len(self.sink.sessions), 1)
         self.assertEqual(sorted(number_of(m.data) for m in self.sink.messages), [0, 1])
         self.assertEqual(self.spool.queue_ids(), ids[2:])
@@ -433,7 +415,7 @@ class RealSinkTests(unittest.TestCase):
         scheduler = self.scheduler(per_domain=1)
         scheduler.startService()
         scheduler.flush()
-        yield wait_until(lambda: not self.spool.queue_ids(), "the retried messages to be delivered")
+        yield until(lambda: not self.spool.queue_ids(), "the retried messages to be delivered")
         self.assertEqual(len(self.sink.sessions), 2)
         self.assertEqual(sorted(number_of(m.data) for m in self.sink.messages), list(range(6)))
         for queue_id in ids[2:]:
@@ -465,7 +447,7 @@ class HopDownEndToEnd(unittest.TestCase):
             return len(ids) == 20 and all(
                 MessageState.from_dict(m.state, m.envelope.recipients).recipients[0].attempts
                 for m in map(spool.load, ids))
-        yield wait_until(all_tried, "every message to have failed its first attempt")
+        yield until(all_tried, "every message to have failed its first attempt")
         # A restart settles the attempts still winding down (a flush would retry those on their own).
         yield relay.stop()
 
@@ -477,4 +459,10 @@ class HopDownEndToEnd(unittest.TestCase):
         yield sink.wait_for(20)
         self.assertEqual(len(sink.sessions), 1)
         self.assertEqual(sorted(number_of(m.data) for m in sink.messages), list(range(20)))
-        yield wait_until(lambda: not service.spool.queue_ids(), "the spool to empty")
+        yield until(lambda: not service.spool.queue_ids(), "the spool to empty")
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, BodyMessage("q0", b"Subject: 0\r\n\r\nfine\r\n")))

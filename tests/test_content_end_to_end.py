@@ -9,37 +9,20 @@ from __future__ import annotations
 import email
 import io
 import smtplib
-from typing import Optional
 
-import dkim
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from mailrelay.dkim import keys
 from mailrelay.dkim.keys import SigningKey
 from mailrelay.dkim.signer import Signer
-from mailrelay.dkim.verifier import make_resolver, txt_lookup
-from tests.support.dnsserver import DNSServer
-from tests.support.relay import RelayFixture
 from tests.support.sink import DEFAULT_EXTENSIONS, Sink
-from tests.test_end_to_end import strip_received
+from tests.support.messages import strip_received
+from tests.support.content import PARTNER, DKIMRelayTestCase, start_relay
 
 CLEAN = b"From: app@example.org\r\nTo: u@example.com\r\nSubject: clean\r\n\r\nfine\r\n"
 SMUGGLED = (b"From: app@example.org\r\nTo: u@example.com\r\nSubject: one\r\n\r\nbody\r\n\x00.\r\n"
             b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
             b"From: ceo@example.org\r\nSubject: smuggled\r\n\r\npay now\r\n")
-
-
-def start_relay(test: unittest.TestCase, sink_port: int, extra: str = "",
-                files: Optional[dict] = None) -> RelayFixture:
-    relay = RelayFixture(test.mktemp(), extra=(
-        f'[transports.sink]\nhost = "127.0.0.1"\nport = {sink_port}\nsecurity = "none"\n\n'
-        '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n' + extra))
-    for name, content in (files or {}).items():
-        (relay.dir / name).write_bytes(content)
-    relay.start(reactor)
-    test.addCleanup(relay.stop)
-    return relay
 
 
 class NulEndToEnd(unittest.TestCase):
@@ -79,9 +62,6 @@ class NulEndToEnd(unittest.TestCase):
         self.assertNotIn(b"smuggled", b"".join(t.data_raw for t in self.sink.transactions))
 
 
-WITHOUT_8BITMIME = tuple(e for e in DEFAULT_EXTENSIONS if e != "8BITMIME")
-RSA = keys.generate("rsa", 2048)
-PARTNER = keys.generate("rsa", 2048)
 TEXT = "Grüße aus Köln, ½ €\r\n.\r\n--not-a-boundary\r\n" + "é" * 300 + "\r\ntrailing \r\n"
 # 8-bit body, nothing declared: smtplib sends no BODY= parameter, as a careless client would not.
 EIGHT_BIT = (b"From: App <app@example.org>\r\nTo: u@example.com\r\nSubject: greetings\r\n"
@@ -97,34 +77,8 @@ def texts(data: bytes) -> list:
             if p.get_content_maintype() == "text"]
 
 
-class EightBitEndToEnd(unittest.TestCase):
+class EightBitEndToEnd(DKIMRelayTestCase):
     timeout = 90
-
-    def setUp(self):
-        self.dns = DNSServer({
-            ("rsa._domainkey.example.org", "TXT"): [keys.txt_record(RSA)],
-            ("up._domainkey.partner.example", "TXT"): [keys.txt_record(PARTNER)],
-        })
-        self.dns_port = self.dns.start(reactor)
-        self.addCleanup(self.dns.stop)
-        self.lookup = txt_lookup(make_resolver([("127.0.0.1", self.dns_port)]))
-
-    def sink(self, extensions=WITHOUT_8BITMIME) -> int:
-        self.next_hop = Sink(extensions=extensions)
-        port = self.next_hop.start(reactor)
-        self.addCleanup(self.next_hop.stop)
-        return port
-
-    def relay(self, port: int, dkim_section: str = "") -> RelayFixture:
-        return start_relay(self, port, f'[delivery]\nnameservers = ["127.0.0.1:{self.dns_port}"]\n\n'
-                           + dkim_section, files={"rsa.pem": keys.private_pem(RSA)})
-
-    def verify(self, message: bytes):
-        def run():
-            checker = dkim.DKIM(message)
-            count = sum(1 for k, _ in checker.headers if k.lower() == b"dkim-signature")
-            return [checker.verify(idx=i, dnsfunc=self.lookup) for i in range(count)]
-        return threads.deferToThread(run)
 
     def assertPure7Bit(self, data: bytes) -> None:
         self.assertTrue(data.isascii(), data[:400])

@@ -5,9 +5,10 @@ import signal
 import smtplib
 import threading
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 
@@ -73,15 +74,13 @@ class KillNine(unittest.TestCase):
         self.assertGreaterEqual(len(accepted), 250)
         sink = self.start_sink()
         yield threads.deferToThread(self.relay.spawn)
+
         # Messages committed but not yet acknowledged when the relay died are delivered too (they were
         # durable), so the sink may see more than `accepted`: wait for every acknowledged one by its id.
-        seen: set[int] = set()
-        for _ in range(600):
-            seen = {n for m in sink.messages for n in [_crash_number(m.data)] if n is not None}
-            if accepted <= seen:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(accepted - seen, set())
+        def seen() -> set[int]:
+            return {n for m in sink.messages for n in [_crash_number(m.data)] if n is not None}
+        yield eventually(lambda: accepted <= seen(), timeout=60, interval=0.1)
+        self.assertEqual(accepted - seen(), set())
 
 
 def _crash_number(data: bytes):

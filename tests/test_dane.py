@@ -4,30 +4,18 @@ for some names), SMTP sinks with the certificates the records name or others.
 """
 from __future__ import annotations
 
-import hashlib
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailrelay.delivery import dane
 from mailrelay.delivery.dane import TLSA
 from tests.support.pki import TestCA
-from tests.support.tlsworld import World
-from tests.test_mx import message_to
+from tests.support.tlsworld import World, record, sink_cert
+from tests.support.messages import message_to
 
 RCPT = "b@example.net"
-
-
-def record(usage: int, selector: int, mtype: int, cert: x509.Certificate) -> TLSA:
-    if selector == 0:
-        content = cert.public_bytes(serialization.Encoding.DER)
-    else:
-        content = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
-    data = {0: content, 1: hashlib.sha256(content).digest(), 2: hashlib.sha512(content).digest()}[mtype]
-    return TLSA(usage, selector, mtype, data)
 
 
 def leaf(ca: TestCA, name: str, **options) -> x509.Certificate:
@@ -245,9 +233,3 @@ class DANEDeliveryTests(unittest.TestCase):
         self.assertEqual(len(sink.messages), 1)
 
 
-def sink_cert(sink) -> bytes:
-    """The PEM certificate the sink's TLS options present."""
-    from OpenSSL import SSL, crypto
-
-    connection = SSL.Connection(sink.tls_options.getContext(), None)
-    return crypto.dump_certificate(crypto.FILETYPE_PEM, connection.get_certificate())

@@ -7,113 +7,23 @@ TLS where TLS is the point.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
-from twisted.internet import defer, error, reactor, ssl, task
-from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
-from zope.interface import directlyProvides
 from zope.interface.verify import verifyObject
 
 from mailrelay import config
-from mailrelay.delivery.client import DeliveryClient
-from mailrelay.delivery.job import Job, SessionParams, Timeouts
 from mailrelay.delivery.dotstuff import CHUNK_SIZE, stuff_all
+from mailrelay.delivery.job import Job, Timeouts
 from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
-from mailrelay.envelope import Envelope
 from mailrelay.interfaces import INextHop
-from mailrelay.tls import generate_self_signed
+from tests.support.conversation import FakeMessage
+from tests.support.esmtp import BODY, FAST, Certificates, Conversation, message
+from tests.support.polling import until
 from tests.support.sink import DEFAULT_EXTENSIONS, Sink
-
-BODY = b"Subject: test\r\n\r\nHello.\r\n.\r\n..two dots\r\n.\r\nbye\r\n"
-
-
-@dataclass(frozen=True)
-class FakeMessage:
-    """The spooled-message contract: queue_id, envelope, size, open() at the first message byte."""
-    queue_id: str
-    envelope: Envelope
-    body: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.body)
-
-    def open(self):
-        return io.BytesIO(self.body)
-
-
-def message(body: bytes = BODY, sender: str = "app@example.org", recipients=("a@example.net",),
-            eight_bit: bool = False, octets=None) -> FakeMessage:
-    envelope = Envelope(sender, tuple(recipients), 0.0, body="8BITMIME" if eight_bit else "7BIT", octets=octets)
-    return FakeMessage("Q1", envelope, body)
-
-
-@defer.inlineCallbacks
-def until(condition, seconds: float = 10.0):
-    """Let the reactor run (a thread's work come back) until `condition()` is true."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 # -- conversations over a StringTransport --------------------------------------------------------------
-
-
-class TLSStringTransport(StringTransport):
-    tls_started_with = None
-
-    def startTLS(self, options):
-        self.tls_started_with = options
-
-
-class Conversation:
-    """A DeliveryClient on a StringTransport: feed server lines, read client lines."""
-
-    def __init__(self, test, jobs, implicit_tls=False, **params):
-        params.setdefault("helo", "relay.test")
-        params.setdefault("remote_host", "mx.test")
-        params.setdefault("security", "none")
-        self.clock = task.Clock()
-        self.transport = TLSStringTransport()
-        if implicit_tls:
-            directlyProvides(self.transport, ISSLTransport)
-        self.client = DeliveryClient(SessionParams(**params), jobs, self.clock)
-        self.client.makeConnection(self.transport)
-        self.test = test
-
-    def server(self, *lines: str) -> None:
-        self.client.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
-
-    def sent(self) -> list[bytes]:
-        lines = self.transport.value().split(b"\r\n")
-        self.transport.clear()
-        return lines[:-1]
-
-    def expect(self, *lines: str) -> None:
-        self.test.assertEqual(self.sent(), [line.encode() for line in lines])
-
-    def stream_body(self) -> bytes:
-        while self.transport.producer is not None:
-            self.transport.producer.resumeProducing()
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def close(self):
-        """The connection ends (as the transport would report it); returns the SessionResult."""
-        self.client.connectionLost(Failure(error.ConnectionDone()))
-        return self.test.successResultOf(self.client.finished)
-
-    def greet(self, *extensions: str) -> None:
-        self.server("220 mx.test ESMTP")
-        self.expect("EHLO relay.test")
-        lines = ["mx.test", *extensions]
-        self.server(*[f"250-{line}" for line in lines[:-1]], f"250 {lines[-1]}")
 
 
 class ConversationTests(unittest.TestCase):
@@ -149,7 +59,7 @@ class ConversationTests(unittest.TestCase):
         body = "Subject: café\r\n\r\nolé\r\n".encode("utf-8")
         c = Conversation(self, [Job(message(body, eight_bit=True), ("a@example.net",))])
         c.greet("SIZE")
-        yield until(lambda: c.transport.value())        # the conversion runs in a thread
+        yield until(lambda: c.transport.value(), "the converted message")   # the conversion runs in a thread
         c.expect("QUIT")
         [r] = c.close().results
         self.assertEqual((r.code, r.status), (554, "5.6.3"))
@@ -162,7 +72,7 @@ class ConversationTests(unittest.TestCase):
         job = Job(message(body, octets="8bit"), ("a@example.net",))     # BODY=7BIT, but the spool saw 8-bit
         c = Conversation(self, [job])
         c.greet("SIZE 1000", "PIPELINING")
-        yield until(lambda: c.transport.value())
+        yield until(lambda: c.transport.value(), "the converted message")
         converted = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
                      b"ol=C3=A9\r\n")
         c.expect(f"MAIL FROM:<app@example.org> SIZE={len(converted)}", "RCPT TO:<a@example.net>", "DATA")
@@ -499,22 +409,6 @@ class PipeliningTests(unittest.TestCase):
 
 
 # -- real deliveries to the loopback sink ----------------------------------------------------------------
-
-
-class Certificates:
-    def __init__(self, hostname: str):
-        cert_pem, key_pem = generate_self_signed(hostname)
-        self.cert_pem = cert_pem
-        self.server_options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
-
-    def ca_file(self, test) -> str:
-        path = test.mktemp()
-        with open(path, "wb") as f:
-            f.write(self.cert_pem)
-        return path
-
-
-FAST = Timeouts(connect=5, reply=5, data_end=5)
 
 
 class SinkDeliveryTests(unittest.TestCase):

@@ -8,6 +8,7 @@ import signal
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from tests.support.polling import eventually
 from tests.support.relay import RelayFixture
 from tests.support.sink import Sink
 
@@ -43,11 +44,12 @@ class SeparateDeliveryProcess(unittest.TestCase):
         self.assertTrue(arrived[0].data.endswith(MESSAGE))
         self.assertNotEqual(self.child_pid(), os.getpid())
         log_file = self.relay.dir / "relay.json"
-        for _ in range(50):
-            events = [json.loads(line) for line in log_file.read_text().splitlines()]
-            if any(e.get("queue_id") == queue_id and e.get("stage") == "delivered" for e in events):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+
+        def logged() -> list[dict]:
+            return [json.loads(line) for line in log_file.read_text().splitlines()]
+        yield eventually(lambda: any(e.get("queue_id") == queue_id and e.get("stage") == "delivered" for e in logged()),
+                         timeout=5, interval=0.1)
+        events = logged()
         stages = [e.get("stage") for e in events if e.get("queue_id") == queue_id]
         self.assertIn("delivered", stages)       # written by the delivery process, to the same file
         # "queued" once, also by the delivery process (as Postfix's qmgr), before the delivery, with all
@@ -78,11 +80,11 @@ class SeparateDeliveryProcess(unittest.TestCase):
         """SIGKILL the delivery process, wait for its successor, then submit one message (250)."""
         first = self.child_pid()
         os.kill(first, signal.SIGKILL)
-        for _ in range(100):
+
+        def successor() -> bool:
             transport = self.service.scheduler._transport
-            if transport is not None and transport.pid not in (None, first):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+            return transport is not None and transport.pid not in (None, first)
+        yield eventually(successor, timeout=10, interval=0.1)
         code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
         self.assertEqual(code, 250)
 
@@ -287,11 +289,11 @@ class ChildLogLines(unittest.TestCase):
         self.assertEqual(code, 250)
         queue_id = text.decode().rsplit(" ", 1)[1]
         yield self.sink.wait_for(1)
-        for _ in range(50):
-            mine = [e for e in events if e.get("queue_id") == queue_id and "delivered" in e.get("log_text", "")]
-            if mine:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+
+        def delivered() -> list[dict]:
+            return [e for e in events if e.get("queue_id") == queue_id and "delivered" in e.get("log_text", "")]
+        yield eventually(delivered, timeout=5, interval=0.1)
+        mine = delivered()
         self.assertEqual(len(mine), 1)
         self.assertTrue(mine[0]["log_namespace"].startswith("mailrelay.delivery.scheduler"))
         self.assertIn("user@example.com", mine[0]["log_text"])
@@ -309,11 +311,8 @@ class ChildLogLines(unittest.TestCase):
         queue_id = text.decode().rsplit(" ", 1)[1]
         yield self.sink.wait_for(1)
         log_file = relay.dir / "relay.log"
-        for _ in range(50):
-            lines = log_file.read_text().splitlines()
-            if any(f"{queue_id}: delivered" in line for line in lines):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: f"{queue_id}: delivered" in log_file.read_text(), timeout=5, interval=0.1)
+        lines = log_file.read_text().splitlines()
         delivered = [line for line in lines if f"{queue_id}: delivered" in line]
         self.assertEqual(len(delivered), 1)
         self.assertIn("[mailrelay.delivery.scheduler", delivered[0])
@@ -398,10 +397,8 @@ class MetricsOfBothProcesses(unittest.TestCase):
         self.assertEqual(code, 250)
         yield self.sink.wait_for(1)
         queue = self.relay.dir / "spool" / "queue"
-        for _ in range(100):        # removed once its result is recorded (and counted)
-            if not any(queue.iterdir()):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        # removed once its result is recorded (and counted)
+        yield eventually(lambda: not any(queue.iterdir()), timeout=5, interval=0.05)
 
     @defer.inlineCallbacks
     def test_one_scrape_of_the_main_endpoint_shows_the_delivery_once(self):

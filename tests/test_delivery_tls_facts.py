@@ -12,7 +12,7 @@ import json
 import os
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
@@ -21,10 +21,11 @@ from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
+from tests.support.polling import until
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
-from tests.test_delivery_client import FAST
-from tests.test_mx import message_to
+from tests.support.esmtp import FAST
+from tests.support.messages import message_to
 
 MESSAGE = b"From: <app@example.org>\r\nTo: <a@v.example>\r\nSubject: tls facts\r\n\r\nhello\r\n"
 RESULTS = "mailrelay_delivery_results_total"
@@ -109,14 +110,11 @@ file = "relay.log"
     @defer.inlineCallbacks
     def counted(self, n: int):
         """Wait (bounded) until `n` delivered recipients are counted: the sink's 250 comes first."""
-        for _ in range(200):
-            total = sum(s.value for f in self.service.metrics.registry.collect()
-                        if f.name == "mailrelay_delivery_results"
-                        for s in f.samples if s.name == RESULTS and s.labels["result"] == "delivered")
-            if total >= n:
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"fewer than {n} deliveries counted")
+        def total() -> float:
+            return sum(s.value for f in self.service.metrics.registry.collect()
+                       if f.name == "mailrelay_delivery_results"
+                       for s in f.samples if s.name == RESULTS and s.labels["result"] == "delivered")
+        yield until(lambda: total() >= n, f"{n} deliveries to be counted", timeout=10, interval=0.05)
 
     def value(self, **labels) -> float:
         return self.service.metrics.registry.get_sample_value(RESULTS, dict(labels, result="delivered")) or 0.0

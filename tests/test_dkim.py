@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import ALGORITHMS
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.cli.main import main as cli_main
 from mailrelay.delivery.results import RecipientResult
@@ -24,6 +26,7 @@ from mailrelay.dkim.permission import may_sign
 from mailrelay.dkim.signer import Signer
 from mailrelay.dkim.verifier import Verifier, make_resolver, txt_lookup
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 from tests.support.dnsserver import DNSServer
 
 RSA = keys.generate("rsa", 2048)
@@ -227,7 +230,9 @@ class VerifierTests(unittest.TestCase):
         self.assertIn(b"dkim=neutral", header)
 
 
+@implementer(ISpooledMessage)
 class _Spooled:
+    path = None           # not read from a spool file
     def __init__(self, data: bytes, dkim_senders=("*",), identity=None):
         self.data, self.queue_id, self.size = data, "Q1", len(data)
         self.envelope = Envelope("app@example.org", ("b@example.com",), 0.0, identity=identity,
@@ -410,3 +415,9 @@ class KeyToolTests(unittest.TestCase):
         self.assertIn("OK", good[1])
         self.assertEqual(bad[0], 1, bad[1])
         self.assertIn("MISMATCH", bad[1])
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, _Spooled(b"Subject: x\r\n\r\ny\r\n")))

@@ -15,7 +15,7 @@ from mailrelay.dkim.verifier import make_resolver, txt_lookup
 from tests.support.dnsserver import DNSServer
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
-from tests.test_end_to_end import strip_received
+from tests.support.messages import strip_received
 
 RSA = keys.generate("rsa", 2048)
 ED = keys.generate("ed25519")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import io
-from dataclasses import dataclass
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -16,34 +14,9 @@ from mailrelay.dkim.permission import may_sign
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter
 from tests.support.fakes import FakeQueue
+from tests.support.dsn import ARRIVAL, BODY, BOUNCED, HEADERS, original
 
-HEADERS = (b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: quarterly numbers\r\n"
-           b"Message-ID: <m1@example.org>\r\n")
-BODY = b"The secret body line.\r\n"
-ARRIVAL = 1_700_000_000.0       # Tue, 14 Nov 2023 22:13:20 +0000
 NOW = ARRIVAL + 3600
-
-
-@dataclass(frozen=True)
-class FakeMessage:
-    queue_id: str
-    envelope: Envelope
-    data: bytes
-
-    def open(self):
-        return io.BytesIO(self.data)
-
-
-def original(sender: str = "alice@example.org", data: bytes = HEADERS + b"\r\n" + BODY, **envelope) -> FakeMessage:
-    env = Envelope(sender=sender, recipients=("bob@example.net", "carol@example.net"), received_at=ARRIVAL,
-                   **envelope)
-    return FakeMessage("ORIG1", env, data)
-
-
-BOUNCED = [
-    RecipientResult("bob@example.net", 550, "5.1.1", "<bob@example.net>: no such user", "mx1.example.net[192.0.2.1]"),
-    RecipientResult("carol@example.net", 451, "4.4.7", "delivery time expired; last reply: 451 4.3.0 busy", ""),
-]
 
 
 class RecordingScheduler:

@@ -12,6 +12,7 @@ import signal
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
@@ -42,15 +43,6 @@ def dsn_params(transaction) -> list[str]:
 
 def by_recipient(blocks) -> dict:
     return {b["Final-Recipient"].split(";", 1)[1].strip(): b for b in blocks}
-
-
-@defer.inlineCallbacks
-def until(predicate, what: str, timeout: float = 30.0):
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        yield task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def spool_empty(relay: RelayFixture) -> bool:

@@ -7,7 +7,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.trial import unittest
-from zope.interface import alsoProvides
+from zope.interface import alsoProvides, implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay import config, dsnparams
 from mailrelay.delivery import offer
@@ -15,6 +16,7 @@ from mailrelay.delivery.job import Job
 from mailrelay.delivery.state import DELIVERED, MessageState, RecipientState
 from mailrelay.delivery.tlsinfo import Negotiated
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 from mailrelay.server import addresses
 from mailrelay.server.factory import RelayServerFactory
 from tests.support.fakes import AllowAllPolicy, FakeQueue, TLSStringTransport
@@ -182,8 +184,12 @@ class SessionTests(unittest.TestCase):
 def job(params: dict, recipients=("b@example.net",), sender="a@example.org") -> Job:
     envelope = Envelope(sender=sender, recipients=tuple(recipients), received_at=0.0, params=params)
 
+    @implementer(ISpooledMessage)
     class Message:
-        size = 100
+        queue_id, path, size = "Q1", None, 100
+
+        def open(self):
+            raise NotImplementedError("the MAIL and RCPT parameters never need the body")
     message = Message()
     message.envelope = envelope
     return Job(message, tuple(recipients))
@@ -279,3 +285,9 @@ class HeaderFieldTests(unittest.TestCase):
         self.assertFalse(dsnparams.tls_required_no(b"TLS-Required: Yes\r\n"))
         # RFC 8689 3: more than one MUST NOT appear: then none counts.
         self.assertFalse(dsnparams.tls_required_no(b"TLS-Required: No\r\nTLS-Required: No\r\n"))
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, job({}).message))

@@ -29,8 +29,9 @@ from mailrelay.envelope import Envelope
 from mailrelay.spool.store import Spool
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink, SinkProtocol
-from tests.test_connection_reuse import RecordingReporter, wait_until
-from tests.test_delivery_client import Conversation, message
+from tests.support.esmtp import Conversation, message
+from tests.support.polling import until
+from tests.support.scheduling import RecordingReporter
 
 
 def mail_froms(sink: Sink) -> int:
@@ -217,35 +218,35 @@ class SchedulerOverSinkTests(unittest.TestCase):
         # One recipient of each message gets 452: the message stays queued, so its record is a save.
         ids = yield self.queue([(f"user{n}@example.com", f"full{n}@example.com") for n in range(3)])
         self.start()
-        yield wait_until(lambda: self.spool.held, "message 1's save")
+        yield until(lambda: self.spool.held, "message 1's save")
         self.assertEqual([(op, q) for op, q, _ in self.spool.held], [("save", ids[0])])
         yield turns()
         self.assertEqual(mail_froms(self.sink), 1)
         self.assertEqual(len(self.sink.messages), 1)
         self.spool.release(0)
-        yield wait_until(lambda: len(self.spool.held) == 2, "message 2's save")
+        yield until(lambda: len(self.spool.held) == 2, "message 2's save")
         self.assertEqual(mail_froms(self.sink), 2)
         self.assertEqual(self.spool.held[1][:2], ("save", ids[1]))
         self.spool.release(1)
-        yield wait_until(lambda: len(self.spool.held) == 3, "message 3's save")
+        yield until(lambda: len(self.spool.held) == 3, "message 3's save")
         self.spool.release(2)
-        yield wait_until(lambda: all(self.real.load(q).state for q in ids), "every state on disk")
+        yield until(lambda: all(self.real.load(q).state for q in ids), "every state on disk")
         self.assertEqual(len(self.sink.sessions), 1)       # still one connection for the three
 
     @defer.inlineCallbacks
     def test_a_delivered_message_is_removed_before_the_next_one_is_offered(self):
         ids = yield self.queue([(f"user{n}@example.com",) for n in range(2)])
         self.start()
-        yield wait_until(lambda: self.spool.held, "message 1's removal")
+        yield until(lambda: self.spool.held, "message 1's removal")
         self.assertEqual([(op, q) for op, q, _ in self.spool.held], [("remove", ids[0])])
         yield turns()
         self.assertEqual(mail_froms(self.sink), 1)
         self.spool.release(0)
-        yield wait_until(lambda: len(self.spool.held) == 2, "message 2's removal")
+        yield until(lambda: len(self.spool.held) == 2, "message 2's removal")
         self.assertEqual(mail_froms(self.sink), 2)
         self.assertFalse(self.real.exists(ids[0]))
         self.spool.release(1)
-        yield wait_until(lambda: not self.real.queue_ids(), "the spool to empty")
+        yield until(lambda: not self.real.queue_ids(), "the spool to empty")
 
 
 # -- kill -9 of a real relay -----------------------------------------------------------------------
@@ -301,7 +302,7 @@ class KillNineMidBatch(unittest.TestCase):
             code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], numbered(n))
             self.assertEqual(code, 250)
         stalling = self.start_sink(stall_at=5)
-        yield wait_until(lambda: len(stalling.transactions) == 5, "message 5's end of data", bound=60)
+        yield until(lambda: len(stalling.transactions) == 5, "message 5's end of data", timeout=60)
         self.relay.kill(signal.SIGKILL)
         first = [number(t.data) for t in stalling.transactions]
         accepted = [number(m.data) for m in stalling.messages]
@@ -311,7 +312,7 @@ class KillNineMidBatch(unittest.TestCase):
         sink = self.start_sink()
         yield threads.deferToThread(self.relay.spawn)
         yield sink.wait_for(16)
-        yield wait_until(lambda: not self.queued(), "the relay's queue to empty", bound=60)
+        yield until(lambda: not self.queued(), "the relay's queue to empty", timeout=60)
         yield turns()
         again = [number(m.data) for m in sink.messages]
         self.assertEqual(len(again), len(set(again)), "a message went twice to the second sink")

@@ -5,25 +5,17 @@ from __future__ import annotations
 import email
 import smtplib
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
+from tests.support.messages import strip_received
 
 MESSAGE = (b"From: App <app@example.org>\r\nTo: <user@example.com>\r\nSubject: hello\r\n"
            b"Message-ID: <1@example.org>\r\n\r\nbody line\r\n..leading dot stays one dot\r\n"
            b"\xc3\xa9 8-bit\r\n")
-
-
-def strip_received(data: bytes) -> bytes:
-    """The message as the client sent it: without the Received header the relay put on top."""
-    assert data.startswith(b"Received: "), data[:200]
-    end = 0
-    while True:
-        end = data.index(b"\r\n", end) + 2
-        if data[end:end + 1] not in (b" ", b"\t"):
-            return data[end:]
 
 
 class EndToEnd(unittest.TestCase):
@@ -124,10 +116,7 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual(self.sink.data_replies, [])   # the 451 was given to a first attempt
         self.assertEqual(strip_received(self.sink.messages[0].data), MESSAGE)
         spool = relay.dir / "spool" / "queue"
-        for _ in range(50):
-            if not any(spool.iterdir()):
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: not any(spool.iterdir()), timeout=5, interval=0.1)
         self.assertEqual(list(spool.iterdir()), [])
 
     @defer.inlineCallbacks

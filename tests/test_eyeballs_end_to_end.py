@@ -23,7 +23,7 @@ from mailrelay.delivery.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
 from tests.support.sink import Sink
-from tests.test_mx import BODY, message_to
+from tests.support.messages import BODY, message_to
 
 # A connect timeout far above what any test here may take: a hung address waited out would show.
 SLOW_CONNECT = Timeouts(connect=10.0, reply=10.0, data_end=10.0)

@@ -6,13 +6,11 @@ real OpenLDAP slapd on 127.0.0.1 (tests.support.slapd; skipped with a reason whe
 """
 from __future__ import annotations
 
-import socket
 
 from ldaptor.protocols import pureber, pureldap
 from ldaptor.protocols.ldap.ldapserver import BaseLDAPServer
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -27,15 +25,10 @@ from mailrelay.server.ldap_client import DirectoryError, LDAPConnection, connect
 from mailrelay.server.realm import TemporaryAuthFailure
 from tests.support.logcapture import LogLines
 from tests.support import slapd as fixture
+from tests.support.ldapauth import SlapdTestCase, login
 
 BIND_DN = "uid={user}," + fixture.PEOPLE
 SECRET = "s3cret-p\u00e4ss"
-
-
-def login(checker, user, password) -> defer.Deferred:
-    return checker.requestAvatarId(UsernamePassword(user.encode("utf-8"), password.encode("utf-8")))
-
-
 
 
 # -- names, escaping, URLs ---------------------------------------------------------------------------
@@ -327,69 +320,6 @@ class ConversationTests(unittest.SynchronousTestCase):
 
 
 # -- against a real slapd --------------------------------------------------------------------------------
-
-
-class _SilentFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self):
-        self.connections = []
-
-    def buildProtocol(self, addr):
-        proto = _Silent()
-        proto.factory = self
-        return proto
-
-
-class _Silent(protocol.Protocol):
-    """Accepts a TCP connection and never says a word."""
-
-    def connectionMade(self):
-        self.factory.connections.append(self)
-
-    def connectionLost(self, reason=None):
-        self.factory.connections.remove(self)
-
-
-class SlapdTestCase(unittest.TestCase):
-    def setUp(self):
-        self.slapd = fixture.shared_slapd()
-
-    def checker(self, **config) -> LDAPChecker:
-        config.setdefault("urls", (self.slapd.ldap_url,))
-        config.setdefault("timeout", 5.0)
-        config.setdefault("cache", 0)
-        return LDAPChecker(LDAPConfig(**config), reactor)
-
-    def search_checker(self, **config) -> LDAPChecker:
-        config.setdefault("search_base", fixture.BASE)
-        config.setdefault("search_filter", "(&(objectClass=inetOrgPerson)(uid={user}))")
-        config.setdefault("service_dn", fixture.SERVICE_DN)
-        config.setdefault("service_password_file", self.slapd.service_password_file)
-        return self.checker(**config)
-
-    async def refused(self, d, exception=UnauthorizedLogin):
-        with self.assertRaises(exception):
-            await d
-
-    @staticmethod
-    def dead_url(scheme: str = "ldap") -> str:
-        """A URL for a port of 127.0.0.1 that nobody listens on: connections are refused."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return f"{scheme}://127.0.0.1:{s.getsockname()[1]}"
-
-    def silent_server(self) -> str:
-        factory = _SilentFactory()
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(self._stop_silent, port, factory)
-        return f"127.0.0.1:{port.getHost().port}"
-
-    @staticmethod
-    def _stop_silent(port, factory):
-        for conn in list(factory.connections):
-            conn.transport.abortConnection()
-        return port.stopListening()
 
 
 class DirectBindTests(SlapdTestCase):

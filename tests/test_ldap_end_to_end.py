@@ -10,65 +10,17 @@ Skipped with a reason when slapd is not installed.
 """
 from __future__ import annotations
 
-import base64
 
 from twisted.internet import defer
 
 from tests.support.logcapture import LogLines
 from tests.support import slapd as fixture
-from tests.test_access_end_to_end import (
-    FOREIGN_HOST, USERS_ONLY, Client, RelayTestCase, message, status,
-)
-
-DIRECT_BIND = (
-    'bind_dn = "uid={user},' + fixture.PEOPLE + '"\n'
-    f'require_group = "{fixture.MAIL_SENDERS}"\n'
-)
-
-
-def ldap_section(urls: list[str], ca_file, starttls: bool, rest: str = DIRECT_BIND, cache: str = "0") -> str:
-    listed = ", ".join(f'"{u}"' for u in urls)
-    return (f"[auth.ldap]\nurl = [{listed}]\nstarttls = {'true' if starttls else 'false'}\n"
-            f'ca_file = "{ca_file}"\ntimeout = "5s"\ncache = "{cache}"\n' + rest)
-
-
-def plain(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode("utf-8")).decode("ascii")
-
-
-def auth_login(client: Client, user: str, password: str) -> tuple[int, bytes]:
-    """AUTH LOGIN, step by step (RFC 4954 §4: "=" would be an empty response)."""
-    code, text = client.cmd("AUTH LOGIN")
-    if code != 334:
-        return code, text
-    code, text = client.cmd(base64.b64encode(user.encode("utf-8")).decode("ascii"))
-    if code != 334:
-        return code, text
-    return client.cmd(base64.b64encode(password.encode("utf-8")).decode("ascii") or "=")
-
-
-def submit(relay, user: str, password: str, mechanism: str = "PLAIN", subject: str = "hello"):
-    """Blocking: log in on 587 after STARTTLS, then try to send one message.  Returns the replies as
-    (code, status): [AUTH, MAIL, RCPT, DATA], or [AUTH, MAIL] when MAIL is refused."""
-    client = Client(relay, "submission", FOREIGN_HOST)
-    client.starttls()
-    if mechanism == "PLAIN":
-        reply = client.cmd("AUTH PLAIN " + plain(user, password))
-    else:
-        reply = auth_login(client, user, password)
-    replies = [status(reply)]
-    replies.append(status(client.mail(f"{user}@example.org")))
-    if replies[-1][0] == 250:
-        replies += [status(client.rcpt(f"{subject}@allowed.example")),
-                    status(client.data(message(sender=f"{user}@example.org", subject=subject)))]
-    client.quit()
-    return replies
+from tests.support.access import USERS_ONLY, RelayTestCase, plain, submit
+from tests.support.ldapauth import ldap_section
 
 
 OK = [(235, "2.7.0"), (250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")]
 REFUSED = [(535, "5.7.8"), (530, "5.7.0")]      # and no MAIL without a login (RFC 6409 §4.3)
-
-
 
 
 class LDAPThroughSMTPTests(RelayTestCase):

@@ -17,7 +17,7 @@ from mailrelay.server.policy import PermitPolicy
 from mailrelay.server.ratelimit import RateLimiter, client_key
 from mailrelay.server.realm import FoldedLogin, RelayRealm, IRelayUser, build_portal
 from tests.support.fakes import PendingChecker, memory_portal
-from tests.test_server_session import Harness, b64
+from tests.support.session import Harness, b64
 
 net = ipaddress.ip_network
 LAN_RULE = (Permit(networks=(net("10.0.0.0/8"),)), Permit(users=("*",)))

@@ -19,13 +19,13 @@ from mailrelay.server import ldap
 from mailrelay.server.factory import RelayServerFactory
 from mailrelay.server.realm import FoldedLogin, build_portal
 from tests.support import slapd as fixture
-from tests.test_access_end_to_end import (
-    FOREIGN_HOST, NETWORK_ONLY, RECIPIENT_RULES, SENDER_RULES, Client, RelayTestCase, message, status,
+from tests.support.access import (
+    FOREIGN_HOST, NETWORK_ONLY, RECIPIENT_RULES, SENDER_RULES, Client, RelayTestCase, message, status, submit,
 )
+from tests.support.ldapauth import DIRECT_BIND, SlapdTestCase, ldap_section, login
 from tests.support.logcapture import LogLines
-from tests.test_ldap import SlapdTestCase, login
-from tests.test_ldap_end_to_end import DIRECT_BIND, ldap_section, submit
-from tests.test_server_network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
+from tests.support.network import HOSTNAME, NetworkTestBase, SMTPTestClient, TrackedSession
+from tests.support.polling import eventually
 
 CHECK_TIME = 2.0     # seconds the slow checker takes for each answer
 
@@ -66,10 +66,7 @@ class ParallelGuessTests(NetworkTestBase):
             clients.append(client)
         # Seven wrong guesses at once: three are checked (slowly), the other four are turned away at once.
         pending = [c.send(f"AUTH PLAIN {plain(b'alice', b'guess %d' % i)}\r\n") for i, c in enumerate(clients[:7])]
-        for _ in range(int(CHECK_TIME / 2 / 0.05)):
-            if sum(d.called for d in pending) >= 4:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: sum(d.called for d in pending) >= 4, timeout=CHECK_TIME / 2, interval=0.05)
         # The right password while those three checks are still running: no failure has been
         # recorded yet, and still it gets no check.
         self.assertEqual(checker.calls, 3)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from mailrelay import config
@@ -20,6 +19,7 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from tests.support.conversation import Conversation, message
 from tests.support.lmtpserver import LMTP_EXTENSIONS, LMTPSink
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.relay import SEPARATE, RelayFixture
 
 THREE = ("a@example.net", "b@example.net", "c@example.net")
@@ -31,15 +31,6 @@ def short_dir(test: unittest.TestCase) -> Path:
     path = Path(tempfile.mkdtemp(prefix="lmtp"))
     test.addCleanup(shutil.rmtree, path, True)
     return path
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, what: str, bound: float = 30.0):
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 # -- configuration -----------------------------------------------------------------------------------
@@ -314,7 +305,7 @@ class RelayTests(unittest.TestCase):
         relay = self.start(self.relay(f'host = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'))
         code, _ = yield relay.submit("relay", "app@example.org", list(THREE), BODY)
         self.assertEqual(code, 250)
-        yield wait_until(lambda: len(server.deliveries) >= 3, "a, b (retried) and the DSN")
+        yield until(lambda: len(server.deliveries) >= 3, "a, b (retried) and the DSN")
         delivered = sorted(r for r, _ in server.deliveries)
         self.assertEqual(delivered, ["a@example.net", "app@example.org", "b@example.net"])   # each once
         first, *later = server.transactions
@@ -325,7 +316,7 @@ class RelayTests(unittest.TestCase):
         self.assertIn(b"c@example.net", dsn)
         self.assertIn(b"5.1.1", dsn)
         self.assertNotIn(b"Final-Recipient: rfc822; b@example.net", dsn)
-        yield wait_until(lambda: not relay.service.spool.queue_ids(), "the spool to empty")
+        yield until(lambda: not relay.service.spool.queue_ids(), "the spool to empty")
 
     @defer.inlineCallbacks
     def test_notify_success_to_an_lmtp_mailbox_is_reported_delivered_not_relayed(self):
@@ -336,7 +327,7 @@ class RelayTests(unittest.TestCase):
         code, _ = yield relay.submit("relay", "app@example.org", ["a@example.net"], BODY,
                                      rcpt_options={"a@example.net": ["NOTIFY=SUCCESS"]})
         self.assertEqual(code, 250)
-        yield wait_until(lambda: len(server.deliveries) >= 2, "the message and its success report")
+        yield until(lambda: len(server.deliveries) >= 2, "the message and its success report")
         report = dict((r, d) for r, d in server.deliveries)["app@example.org"]
         self.assertIn(b"Action: delivered", report)       # RFC 3464 2.3.3: the LMTP reply is the mailbox's
         self.assertNotIn(b"Action: relayed", report)
@@ -349,8 +340,8 @@ class RelayTests(unittest.TestCase):
         relay = self.start(self.relay(f'host = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'))
         code, _ = yield relay.submit("relay", "app@example.org", list(THREE), BODY)
         self.assertEqual(code, 250)
-        yield wait_until(lambda: len(server.deliveries) >= 3, "every recipient delivered")
-        yield wait_until(lambda: not relay.service.spool.queue_ids(), "the spool to empty")
+        yield until(lambda: len(server.deliveries) >= 3, "every recipient delivered")
+        yield until(lambda: not relay.service.spool.queue_ids(), "the spool to empty")
         self.assertEqual(sorted(r for r, _ in server.deliveries), list(THREE))     # no duplicate
         self.assertEqual([t.rcpt_tos for t in server.transactions],
                          [list(THREE), ["b@example.net", "c@example.net"]])
@@ -368,7 +359,7 @@ class RelayTests(unittest.TestCase):
             code, _ = yield relay.submit("relay", "app@example.org", list(THREE),
                                          BODY.replace(b"lmtp-1", b"lmtp-%d" % n))
             self.assertEqual(code, 250)
-        yield wait_until(lambda: len(server.deliveries) >= 6, "four deliveries and two DSNs", bound=60)
+        yield until(lambda: len(server.deliveries) >= 6, "four deliveries and two DSNs", timeout=60)
         self.assertEqual(sorted(r for r, _ in server.deliveries),
                          ["a@example.net"] * 2 + ["app@example.org"] * 2 + ["b@example.net"] * 2)
         self.assertTrue(all(cmd[1].startswith(b"LHLO") for cmd in (s.commands[0] for s in server.sessions)))

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from mailrelay import logs
 from mailrelay.config import DeliveryConfig, LogConfig, QueueConfig
 from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
-from tests.test_scheduler import NOW, FakeHop, FakeReporter, FakeRouter, FakeSpool
+from tests.support.scheduling import NOW, FakeHop, FakeReporter, FakeRouter, MemorySpool
 
 SECRET = "hunter2"
 
@@ -176,7 +176,7 @@ class JSONFormatTests(unittest.TestCase):
         capture = Capture("json", "mailrelay.delivery.scheduler")
         clock = task.Clock()
         clock.advance(NOW)
-        spool, direct = FakeSpool(), FakeHop(script={"b@example.net": [(451, "4.4.1"), (250, "2.0.0")]})
+        spool, direct = MemorySpool(), FakeHop(script={"b@example.net": [(451, "4.4.1"), (250, "2.0.0")]})
         spool.add("Q8", ["b@example.net"], received_at=NOW)
         scheduler = Scheduler(spool, FakeRouter(), {}, direct, QueueConfig(first_retry=300.0, max_retry=600.0),
                               DeliveryConfig(), FakeReporter(), clock=clock, rng=random.Random(1))

@@ -9,11 +9,10 @@ import email
 import smtplib
 
 from twisted.internet import defer, threads
-from twisted.trial import unittest
 
+from tests.support.content import WITHOUT_8BITMIME, DKIMRelayTestCase, start_relay
+from tests.support.messages import strip_received
 from tests.support.sink import DEFAULT_EXTENSIONS
-from tests import test_content_end_to_end as content
-from tests.test_end_to_end import strip_received
 
 HTML = b"<html><body>" + b"".join(b"<tr><td>row %d</td><td>ok</td></tr>" % i for i in range(90)) + b"</body></html>"
 assert len(HTML) > 3000
@@ -35,11 +34,8 @@ def parts(data: bytes) -> list:
             if not p.is_multipart()]
 
 
-class LongLinesEndToEnd(unittest.TestCase):
+class LongLinesEndToEnd(DKIMRelayTestCase):
     timeout = 120
-    # The DNS server (for the DKIM key), sink and relay set-up of the 8-bit end-to-end tests.
-    setUp, sink, relay, verify = (content.EightBitEndToEnd.setUp, content.EightBitEndToEnd.sink,
-                                  content.EightBitEndToEnd.relay, content.EightBitEndToEnd.verify)
 
     def assertNoLongLine(self, data_raw: bytes) -> None:
         longest = max(len(line) for line in data_raw.split(b"\r\n"))
@@ -77,7 +73,7 @@ class LongLinesEndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_next_hop_without_8bitmime_gets_7bit_mime_without_long_lines(self):
-        arrived = yield self.deliver(content.WITHOUT_8BITMIME)
+        arrived = yield self.deliver(WITHOUT_8BITMIME)
         self.assertSameContent(arrived)
         for transaction in arrived:
             self.assertTrue(transaction.data_raw.isascii())
@@ -85,7 +81,7 @@ class LongLinesEndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_with_dkim_the_signature_is_made_after_reencoding_and_verifies_at_either_hop(self):
-        for extensions in (DEFAULT_EXTENSIONS, content.WITHOUT_8BITMIME):
+        for extensions in (DEFAULT_EXTENSIONS, WITHOUT_8BITMIME):
             arrived = yield self.deliver(extensions, DKIM)
             self.assertSameContent(arrived)
             for transaction in arrived:
@@ -120,7 +116,7 @@ class LongLinesEndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_separate_delivery_process_knows_the_long_lines_too(self):
-        relay = content.start_relay(self, self.sink(DEFAULT_EXTENSIONS), '[delivery]\nprocess = "separate"\n')
+        relay = start_relay(self, self.sink(DEFAULT_EXTENSIONS), '[delivery]\nprocess = "separate"\n')
         code, _ = yield relay.submit("relay", "app@example.org", ["u@example.com"], PLAIN)
         self.assertEqual(code, 250)
         [arrived] = yield self.next_hop.wait_for(1)

@@ -16,8 +16,8 @@ from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
 from mailrelay.dsn import DSNReporter
 from mailrelay.metrics import Metrics, metrics_service
 from tests.support.fakes import FakeQueue
-from tests.test_dsn import BOUNCED, original
-from tests.test_scheduler import NOW, FakeHop, FakeReporter, FakeRouter, FakeSpool
+from tests.support.dsn import BOUNCED, original
+from tests.support.scheduling import NOW, FakeHop, FakeReporter, FakeRouter, MemorySpool
 
 
 def value(metrics: Metrics, name: str, **labels) -> float:
@@ -146,7 +146,7 @@ class SchedulerMetricsTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(NOW)
-        self.spool = FakeSpool()
+        self.spool = MemorySpool()
         self.direct = FakeHop(clock=self.clock)
         self.metrics = Metrics()
 

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from mailrelay.delivery.mtasts_cache import PolicyCache
 from tests.support.tlsworld import World
-from tests.test_mx import message_to
+from tests.support.messages import message_to
 
 RCPT = "b@example.net"
 

@@ -6,9 +6,7 @@ one OS-chosen port (`[delivery] mx_port` is one port for every exchanger).
 """
 from __future__ import annotations
 
-import io
 import random
-from dataclasses import dataclass
 
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.error import CannotListenError
@@ -21,31 +19,11 @@ from mailrelay.delivery.dns import (
     MXHost, MXResolver, ResolutionFailed, make_resolver, resolve_sync, shuffle_equal_preferences,
 )
 from mailrelay.delivery.mx import MXDelivery
-from mailrelay.envelope import Envelope
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import Sink
+from tests.support.messages import BODY, message_to
 
-BODY = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\n\r\nHello.\r\n.dot line\r\n"
 FAST = Timeouts(connect=5.0, reply=10.0, data_end=10.0)
-
-
-@dataclass(frozen=True)
-class FakeMessage:
-    """What the delivery client reads of a spooled message."""
-    queue_id: str
-    envelope: Envelope
-    data: bytes = BODY
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def open(self):
-        return io.BytesIO(self.data)
-
-
-def message_to(*recipients: str, sender: str = "a@example.org") -> FakeMessage:
-    return FakeMessage("Q1", Envelope(sender=sender, recipients=recipients, received_at=1_700_000_000.0))
 
 
 class DNSTestCase(unittest.TestCase):

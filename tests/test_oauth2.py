@@ -17,6 +17,8 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay import config
 from mailrelay.cli.main import main
@@ -25,6 +27,7 @@ from mailrelay.delivery import oauth2, sasl
 from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 from mailrelay.metrics import Metrics
 from tests.support.pki import TestCA
 from tests.support.sink import Sink
@@ -35,8 +38,10 @@ SECRET = "client-s3cret-value"
 USER = "relay@corp.example"
 
 
+@implementer(ISpooledMessage)
 class Message:
     """A spooled message as the delivery client reads it."""
+    path = None           # not read from a spool file
 
     def __init__(self, queue_id: str = "Q1", body: bytes = b"Subject: hi\r\n\r\nhello\r\n"):
         self.queue_id, self._body = queue_id, body
@@ -608,3 +613,9 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("token: unavailable now: token endpoint answered HTTP 400 (invalid_client)", out)
         for secret in (SECRET, "at-1"):
             self.assertNotIn(secret, out)
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, Message()))

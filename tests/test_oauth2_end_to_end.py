@@ -11,14 +11,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
 from tests.support.tokenserver import TokenEndpoint
@@ -83,15 +83,6 @@ class OAuth2ThroughTwistd(unittest.TestCase):
             return response.read().decode()
 
     @defer.inlineCallbacks
-    def eventually(self, check, seconds: float = 30):
-        """Wait until check() (or the Deferred it returns) is true."""
-        deadline = time.monotonic() + seconds
-        while not (yield defer.maybeDeferred(check)):
-            if time.monotonic() > deadline:
-                self.fail(f"not within {seconds}s")
-            yield task.deferLater(reactor, 0.1, lambda: None)
-
-    @defer.inlineCallbacks
     def test_deferred_while_the_endpoint_fails_then_delivered_and_the_rotation_survives_a_restart(self):
         log = self.relay.dir / "twistd.log"
         self.endpoint.mode = "500"
@@ -99,13 +90,14 @@ class OAuth2ThroughTwistd(unittest.TestCase):
         code, _ = yield self.relay.submit("relay", "app@example.org", ["user@example.com"], message(1))
         self.assertEqual(code, 250)
         yield self.endpoint.wait_for(2)                   # the first attempt and one retry, both refused
-        yield self.eventually(lambda: self.run_cli("queue", "list").addCallback(
-            lambda out: "OAuth2 token unavailable" in out))
+        yield until(lambda: self.run_cli("queue", "list").addCallback(
+            lambda out: "OAuth2 token unavailable" in out), "the token error in the queue listing", interval=0.1)
         listing = yield self.run_cli("queue", "list")
         json_listing = yield self.run_cli("queue", "list", "--json")
         self.assertIn("454 4.7.0 OAuth2 token unavailable", listing)
         self.assertIn("token endpoint answered HTTP 500", json_listing)
-        yield self.eventually(lambda: "token endpoint answered HTTP 500" in log.read_text())
+        yield until(lambda: "token endpoint answered HTTP 500" in log.read_text(), "the HTTP 500 in the log",
+                    interval=0.1)
         self.assertEqual(self.sink.messages, [])
         self.assertEqual(self.sink.sessions, [])          # no connection to the smarthost without a token
         failed = self.endpoint.count
@@ -116,7 +108,8 @@ class OAuth2ThroughTwistd(unittest.TestCase):
         self.assertEqual((delivered.auth_identity, delivered.client_cert), (USER, "relay-client.corp.example"))
         rotated = (self.relay.dir / "refresh.token").read_text().strip()
         self.assertEqual(rotated, self.endpoint.issued[0].replace("at-", "rt-"))
-        yield self.eventually(lambda: self.run_cli("queue", "list").addCallback(lambda out: "queue is empty" in out))
+        yield until(lambda: self.run_cli("queue", "list").addCallback(lambda out: "queue is empty" in out),
+                    "the queue to empty", interval=0.1)
         metrics = yield threads.deferToThread(self.scrape)
         self.assertIn('mailrelay_oauth2_token_fetches_total{result="success",transport="m365"} 1.0', metrics)
         self.assertIn(f'mailrelay_oauth2_token_fetches_total{{result="server_error",transport="m365"}} {failed:.1f}',

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -21,6 +21,7 @@ from mailrelay.cli.main import main
 from mailrelay.config import ConfigError, Limits, Permit, load
 from mailrelay.envelope import ClientInfo
 from mailrelay.server.policy import PermitPolicy
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
 
@@ -224,12 +225,8 @@ class Twistd(unittest.TestCase):
         original = relay.path.read_text()
         relay.path.write_text(original + "\n" + OPEN_GATEWAY)      # appended: it becomes permit[2]
         relay.process.send_signal(signal.SIGHUP)
-        log = ""
-        for _ in range(150):
-            log = (relay.dir / "twistd.log").read_text()
-            if "reload refused" in log:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: "reload refused" in (relay.dir / "twistd.log").read_text(), timeout=15, interval=0.1)
+        log = (relay.dir / "twistd.log").read_text()
         refused = [line for line in log.splitlines() if "reload refused" in line]
         self.assertEqual(len(refused), 1, log[-2000:])
         self.assertIn(f"{relay.path}: {OPEN_GATEWAY_LINE.replace('permit[0]', 'permit[2]')}", refused[0])

@@ -9,10 +9,11 @@ import signal
 import smtplib
 import urllib.request
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from tests.support.logcapture import LogLines
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 
@@ -47,12 +48,12 @@ class Observability(unittest.TestCase):
         queue_id = text.decode().rsplit(" ", 1)[1]
         yield self.sink.wait_for(1)
         log = relay.dir / "relay.json"
-        for _ in range(200):        # the scheduler logs "removed" once it has forgotten the message too
-            if log.exists() and f'"queue_id":"{queue_id}"' in log.read_text().replace(" ", "") and any(
-                    '"stage":"removed"' in line.replace(" ", "") and queue_id in line
-                    for line in log.read_text().splitlines()):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+
+        def removed() -> bool:      # the scheduler logs "removed" once it has forgotten the message too
+            return log.exists() and f'"queue_id":"{queue_id}"' in log.read_text().replace(" ", "") and any(
+                '"stage":"removed"' in line.replace(" ", "") and queue_id in line
+                for line in log.read_text().splitlines())
+        yield eventually(removed, timeout=10, interval=0.05)
 
         body = yield threads.deferToThread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
@@ -178,10 +179,7 @@ class Reload(unittest.TestCase):
 
         relay.path.write_text(relay.path.read_text().replace(f"port = {self.sink_port}", f"port = {other_port}"))
         relay.process.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "applied" in (relay.dir / "twistd.log").read_text():
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: "applied" in (relay.dir / "twistd.log").read_text(), timeout=10, interval=0.1)
         code, _ = yield relay.submit("relay", "app@example.org", ["user@example.com"], MESSAGE)
         self.assertEqual(code, 250)
         yield other.wait_for(1)
@@ -254,10 +252,7 @@ class Reload(unittest.TestCase):
 
         relay.path.write_text(relay.path.read_text().replace("messages_per_minute = 1", "messages_per_minute = 2"))
         relay.process.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "applied" in (relay.dir / "twistd.log").read_text():
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: "applied" in (relay.dir / "twistd.log").read_text(), timeout=10, interval=0.1)
         self.assertIn("applied", (relay.dir / "twistd.log").read_text())
         self.assertEqual((yield threads.deferToThread(rate_refused, relay)), 450)   # no fresh budget
         self.assertIsNone(relay.process.poll())

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from mailrelay.delivery.state import MessageState
 from mailrelay.envelope import Envelope
 from mailrelay.spool import Spool
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture, free_port
 from tests.support.sink import Sink
 
@@ -149,10 +150,7 @@ class StoppedRelayTransfer(unittest.TestCase):
         self.sink.stall_after = 3                    # the fourth final dot is never answered
         process = cli(self.config, "transfer", "--to", f"127.0.0.1:{self.port}", "--security", "none",
                       wait=False)
-        for _ in range(600):
-            if self.sink.stalled:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: self.sink.stalled, timeout=30, interval=0.05)
         self.assertEqual(self.sink.stalled, 1)
         process.send_signal(signal.SIGKILL)
         yield threads.deferToThread(process.wait)

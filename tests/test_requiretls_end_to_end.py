@@ -10,15 +10,19 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.relay import RelayFixture
 from tests.support.sink import Sink
@@ -28,15 +32,6 @@ SECRET = b"the secret body line"
 MESSAGE = (b"From: App <app@example.org>\r\nTo: <user@example.com>\r\nSubject: secret\r\n"
            b"Message-ID: <rt1@example.org>\r\n\r\n" + SECRET + b"\r\n")
 TLS_NO = MESSAGE.replace(b"Subject: secret\r\n", b"Subject: report\r\nTLS-Required: No\r\n")
-
-
-@defer.inlineCallbacks
-def until(predicate, what: str, timeout: float = 30.0):
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        yield task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def report_blocks(data: bytes) -> tuple:
@@ -227,7 +222,6 @@ class TLSRequiredNo(Base):
         self.assertIn("4.7.5", logs)
 
 
-
 class DirectDelivery(Base):
     """RFC 8689 4.2.1 under `tls = "verify"`: an exchanger without REQUIRETLS is left for the next one;
     only when none can take the message does it bounce (5.7.30)."""
@@ -271,8 +265,10 @@ class DirectDelivery(Base):
         self.assertEqual((first.transactions, second.transactions), ([], []))
 
 
+@implementer(ISpooledMessage)
 class SpoolLike:
     """A spooled message as the next hops see it: queue id, envelope, size, open()."""
+    path = None           # not read from a spool file
 
     def __init__(self, queue_id: str, envelope: Envelope, data: bytes):
         self.queue_id, self.envelope, self.data = queue_id, envelope, data
@@ -280,3 +276,10 @@ class SpoolLike:
 
     def open(self):
         return io.BytesIO(self.data)
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        envelope = Envelope("a@example.org", ("b@example.net",), 0.0)
+        self.assertTrue(verifyObject(ISpooledMessage, SpoolLike("Q1", envelope, b"Subject: x\r\n\r\ny\r\n")))

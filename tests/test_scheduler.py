@@ -6,24 +6,21 @@ scheduler did about it (deliver calls, saved state, DSNs, removal).
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 
-from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.internet import defer
 from twisted.trial import unittest
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailrelay.config import DeliveryConfig, QueueConfig, Route
+from mailrelay.config import DeliveryConfig, Route
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT, Scheduler
 from mailrelay.delivery.state import MessageState, RecipientState, StateError
-from mailrelay.envelope import Envelope, domain_of
-from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, IScheduler, ISpoolControl
-from tests.support.scheduling import MemoryMessage, MemorySpool
-
-NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import IScheduler, ISpoolControl
+from tests.support.scheduling import (
+    NOW, FakeHop, MemoryMessage, MemorySpool, ReporterDown, SchedulerTestCase,
+)
 
 
 # -- in-memory fakes -------------------------------------------------------------------------------
@@ -31,138 +28,8 @@ NOW = 1_767_225_600.0    # 2026-01-01T00:00:00Z
 FakeMessage, FakeSpool = MemoryMessage, MemorySpool     # the shared doubles (tests/support/scheduling.py)
 
 
-@implementer(INextHop)
-class FakeHop:
-    """Answers from a script (recipient -> replies, one per attempt, the last repeating; default 250).
-    manual=True: answers wait until finish_one()/finish_all(), so in-flight deliveries can be counted."""
-
-    def __init__(self, name="mx.example.net", script=None, manual=False, clock=None):
-        self.name, self.script, self.manual, self.clock = name, dict(script or {}), manual, clock
-        self.calls: list[tuple[str, tuple[str, ...]]] = []
-        self.call_times: list[float] = []
-        self.pending: list[tuple[defer.Deferred, list, str]] = []
-        self.in_flight: dict[str, int] = {}
-        self.max_in_flight = 0
-        self.max_in_flight_per_domain = 0
-
-    def deliver(self, message, recipients):
-        self.calls.append((message.queue_id, tuple(recipients)))
-        if self.clock is not None:
-            self.call_times.append(self.clock.seconds())
-        results = [self._answer(r) for r in recipients]
-        if not self.manual:
-            return defer.succeed(results)
-        domain = domain_of(recipients[0])
-        self.in_flight[domain] = self.in_flight.get(domain, 0) + 1
-        self.max_in_flight = max(self.max_in_flight, sum(self.in_flight.values()))
-        self.max_in_flight_per_domain = max(self.max_in_flight_per_domain, self.in_flight[domain])
-        d = defer.Deferred()
-        self.pending.append((d, results, domain))
-        return d
-
-    def _answer(self, recipient):
-        replies = self.script.get(recipient, [(250, "2.0.0")])
-        code, status = replies.pop(0) if len(replies) > 1 else replies[0]
-        return RecipientResult(recipient, code, status, f"reply {code}", self.name)
-
-    def finish_one(self):
-        d, results, domain = self.pending.pop(0)
-        self.in_flight[domain] -= 1
-        d.callback(results)
-
-    def finish_all(self):
-        while self.pending:
-            self.finish_one()
-
-
-@implementer(IRouter)
-class FakeRouter:
-    """config-like matching: a route's recipients are domains or "*"; after_attempts honoured."""
-
-    def __init__(self, routes=()):
-        self.routes = tuple(routes)
-        self.calls: list[tuple[str, int]] = []
-
-    def route(self, sender, recipient, attempts):
-        self.calls.append((recipient, attempts))
-        for route in self.routes:
-            if attempts >= route.after_attempts and (
-                    "*" in route.recipients or domain_of(recipient) in route.recipients):
-                return route
-        return None
-
-
-@implementer(IDeliveryReporter)
-class FakeReporter:
-    def __init__(self):
-        self.bounces: list[tuple[str, list[RecipientResult]]] = []
-        self.delays: list[tuple[str, list[RecipientResult]]] = []
-        self.successes: list[tuple[str, list[str], str]] = []
-        self.fail_next_bounce = self.fail_next_success = False
-
-    def bounce(self, message, results):
-        if self.fail_next_bounce:
-            self.fail_next_bounce = False
-            return defer.fail(ReporterDown())
-        self.bounces.append((message.queue_id, list(results)))
-        return defer.succeed(None)
-
-    def delay(self, message, recipients):
-        self.delays.append((message.queue_id, list(recipients)))
-
-    def success(self, message, results, action):
-        if self.fail_next_success:
-            self.fail_next_success = False
-            return defer.fail(ReporterDown())
-        self.successes.append((message.queue_id, [r.recipient for r in results], action))
-
-
-class ReporterDown(Exception):
-    pass
-
-
 class HopExploded(Exception):
     pass
-
-
-# -- the test base --------------------------------------------------------------------------------
-
-class SchedulerTestCase(unittest.TestCase):
-    def setUp(self):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = FakeSpool()
-        self.direct = FakeHop(clock=self.clock)
-        self.router = FakeRouter()
-        self.reporter = FakeReporter()
-        self.transports: dict[str, FakeHop] = {}
-        self.queue = QueueConfig(first_retry=300.0, max_retry=1200.0, lifetime=86400.0, delay_warning=0.0)
-        self.delivery = DeliveryConfig(concurrency=10, concurrency_per_domain=5)
-        self.events: list[dict] = []
-
-    def make(self, start=True, reporter="default", **queue_changes) -> Scheduler:
-        queue = QueueConfig(**{**self.queue.__dict__, **queue_changes})
-        scheduler = Scheduler(self.spool, self.router, self.transports, self.direct, queue, self.delivery,
-                              self.reporter if reporter == "default" else reporter,
-                              clock=self.clock, rng=random.Random(1))
-        scheduler.log = Logger(observer=self.events.append)
-        if start:
-            scheduler.startService()
-            self.addCleanup(self.stop, scheduler)
-        return scheduler
-
-    def stop(self, scheduler):
-        if not scheduler.running:
-            return None
-        d = scheduler.stopService()
-        self.clock.advance(STOP_TIMEOUT)
-        return d
-
-    def logged_failures(self, exception_type) -> int:
-        return sum(1 for e in self.events if "log_failure" in e and e["log_failure"].check(exception_type))
-
-    def stages(self, queue_id):
-        return [e["stage"] for e in self.events if e.get("queue_id") == queue_id and "stage" in e]
 
 
 # -- the tests ------------------------------------------------------------------------------------

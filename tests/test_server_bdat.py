@@ -11,8 +11,8 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.server.bdat import parse_bdat
-from tests.test_end_to_end import strip_received
-from tests.test_server_session import Harness, login
+from tests.support.messages import strip_received
+from tests.support.session import Harness, login
 
 ENVELOPE = b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
 MESSAGE = b"From: a@example.org\r\nSubject: chunks\r\n\r\nfirst line\r\n..two dots stay\r\n.\r\nlast\r\n"

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Optional
 
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.delivery.sevenbit import (
     MAX_LINE, READ_LIMIT, ConvertedMessage, Needs, Unconvertible, convert_message, downgrade, needs_downgrade,
     needs_for,
 )
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class Spooled:
     queue_id: str
@@ -466,3 +470,9 @@ class LongLineTests(unittest.TestCase):
             data = f.read()
         self.assertLessEqual(longest(data), 76)
         self.assertEqual(email.message_from_bytes(data).get_payload(decode=True), body[16:])
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, spooled(b"x\r\n")))

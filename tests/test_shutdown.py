@@ -10,13 +10,14 @@ from __future__ import annotations
 import signal
 import socket
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from mailrelay.server.factory import CLOSE_BOUND
+from tests.support.polling import eventually
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
-from tests.test_server_session import Harness
+from tests.support.session import Harness
 
 GRACE = 30.0
 BODY_HEAD = b"Subject: graceful\r\nMessage-ID: <graceful@example.org>\r\n\r\nfirst half\r\n"
@@ -248,10 +249,7 @@ class RelayShutdownTests(unittest.TestCase):
         self.assertIn(b"<graceful@example.org>", delivered[0].data)
         self.assertIn(b"second half", delivered[0].data)
         queue = self.relay.dir / "spool" / "queue"
-        for _ in range(100):
-            if not any(queue.iterdir()):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: not any(queue.iterdir()), timeout=5, interval=0.05)
         self.assertEqual(len(self.sink.messages), 1)              # once
 
 

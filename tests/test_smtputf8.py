@@ -10,6 +10,8 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay import config, idn
 from mailrelay.delivery import offer
@@ -23,7 +25,7 @@ from mailrelay.dkim.keys import SigningKey
 from mailrelay.dkim.signer import Signer
 from mailrelay.dsn import DSNBuilder, address_field, is_global
 from mailrelay.envelope import Envelope, domain_of
-from mailrelay.interfaces import Reply
+from mailrelay.interfaces import ISpooledMessage, Reply
 from mailrelay.server import addresses
 from mailrelay.server.http import Refused, parse_body
 from mailrelay.mailboxes import AddressPatterns, routing_trick
@@ -174,11 +176,16 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual((envelope.smtputf8, envelope.utf8_headers, envelope.octets), (True, False, "8bit"))
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class FakeMessage:
     envelope: Envelope
     size: int = 100
     queue_id: str = "Q1"
+    path = None           # not read from a spool file
+
+    def open(self):
+        raise NotImplementedError("choosing what to offer never reads the body")
 
 
 def job(sender: str, *recipients: str, smtputf8: bool = True, utf8_headers=False, octets="8bit") -> Job:
@@ -186,11 +193,13 @@ def job(sender: str, *recipients: str, smtputf8: bool = True, utf8_headers=False
     return Job(FakeMessage(envelope), recipients)
 
 
+@implementer(ISpooledMessage)
 @dataclass
 class BodyMessage:
     envelope: Envelope
     body: bytes
     queue_id: str = "Q2"
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:
@@ -404,3 +413,11 @@ class HttpTests(unittest.TestCase):
         with self.assertRaises(Refused) as e:
             parse_body(self.body("a@example.org", ["\ud800@example.org"]), self.LIMITS)
         self.assertIn("surrogate", e.exception.body["error"])
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        envelope = Envelope("a@example.org", ("b@example.net",), 0.0)
+        self.assertTrue(verifyObject(ISpooledMessage, FakeMessage(envelope)))
+        self.assertTrue(verifyObject(ISpooledMessage, BodyMessage(envelope, b"x\r\n")))

@@ -24,7 +24,7 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.service import build_delivery_parts
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import Sink
-from tests.test_mx import message_to
+from tests.support.messages import message_to
 
 FAST = Timeouts(connect=5.0, reply=10.0, data_end=10.0)
 

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from mailrelay.config import Limits, Permit
 from mailrelay.server.addresses import BAD_PATH, BAD_RCPT, parse_mail, parse_rcpt
 from mailrelay.server.policy import PermitPolicy
-from tests.test_server_session import Harness
+from tests.support.session import Harness
 
 # An unauthenticated network client that may send only from example.org to allowed.example.
 RULES = (Permit(networks=(ipaddress.ip_network("127.0.0.1/32"),),

@@ -19,6 +19,7 @@ from mailrelay.spool.control import parse_request_name, request_name
 from mailrelay.spool.ids import QueueIdGenerator, is_valid_queue_id
 from mailrelay.spool.message import MAGIC, check_file
 from mailrelay.spool.writer import BUFFER_LIMIT
+from tests.support.polling import eventually
 
 BINARY_BODY = (b"Subject: all the bytes\r\n\r\n" + bytes(range(256)) + b"\r\n.\r\n..\r\nbare\nlf\rcr\x00\r\n")
 
@@ -530,7 +531,6 @@ class RemovalTests(SpoolTestCase):
     def test_removal_is_done_once_unlinked_and_its_directory_fsyncs_are_shared(self):
         import threading
 
-        from twisted.internet import reactor, task
 
         from mailrelay.spool import store
 
@@ -553,18 +553,12 @@ class RemovalTests(SpoolTestCase):
         yield gatherResults([self.spool.remove(queue_id) for queue_id in ids[:3]])
         self.assertFalse(any(self.spool.exists(queue_id) for queue_id in ids[:3]))  # gone before any fsync
         self.assertEqual(synced, [])
-        for _ in range(200):
-            if synced:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield eventually(lambda: synced, timeout=2, interval=0.01)
         # One fsync for the three, of exactly the directories they changed (no hold flags were there).
         self.assertEqual(synced, [tuple(sorted((self.directory / "queue", self.directory / "state")))])
         yield gatherResults([self.spool.remove(queue_id) for queue_id in ids[3:]])  # during the slow one
         release.set()
-        for _ in range(200):
-            if len(synced) == 2:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield eventually(lambda: len(synced) == 2, timeout=2, interval=0.01)
         self.assertEqual(synced[1], (self.directory / "queue",))   # one more, for all three
         yield self.spool.stopService()
         self.assertEqual(len(synced), 2)

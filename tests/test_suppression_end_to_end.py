@@ -10,14 +10,14 @@ import signal
 import smtplib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 import mailrelay
 from tests.support.logcapture import LogLines
+from tests.support.polling import eventually
 from tests.support.relay import RelayFixture, free_port
 from tests.support.sink import Sink
 
@@ -47,15 +47,13 @@ def rcpt(relay: RelayFixture, recipient: str, source: str | None = None) -> defe
     return threads.deferToThread(rcpt_sync, relay, recipient, source)
 
 
-@defer.inlineCallbacks
-def rcpt_until(relay: RelayFixture, recipient: str, code: int, seconds: float = 15.0):
+def rcpt_until(relay: RelayFixture, recipient: str, code: int, seconds: float = 15.0) -> defer.Deferred:
     """The RCPT reply to `recipient`, asked again until it has `code` (or the time is up)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        reply = yield rcpt(relay, recipient)
-        if reply[0] == code or time.monotonic() > deadline:
-            return reply
-        yield task.deferLater(reactor, 0.2, lambda: None)
+    replies: list = []
+
+    def asked() -> defer.Deferred:
+        return rcpt(relay, recipient).addCallback(lambda reply: replies.append(reply) or reply[0] == code)
+    return eventually(asked, timeout=seconds, interval=0.2).addCallback(lambda _: replies[-1])
 
 
 class SuppressionEndToEnd:
@@ -196,10 +194,8 @@ class SenderRefused(unittest.TestCase):
         self.addCleanup(relay.stop)
         code, _ = yield relay.submit("relay", "app@example.org", ["gone@example.net"], MESSAGE)
         self.assertEqual(code, 250)
-        for _ in range(100):           # bounced, its DSN (from <>) refused the same way and dropped
-            if not service.spool.queue_ids() and len(sink.sessions) >= 2:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        # bounced, its DSN (from <>) refused the same way and dropped
+        yield eventually(lambda: not service.spool.queue_ids() and len(sink.sessions) >= 2, timeout=10, interval=0.1)
         self.assertEqual(service.spool.queue_ids(), [])
         yield service.scheduler._suppression.wait()
         self.assertFalse((relay.dir / "spool" / "suppression.jsonl").exists())

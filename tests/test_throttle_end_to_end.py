@@ -27,22 +27,13 @@ from mailrelay.delivery.state import MessageState
 from mailrelay.delivery.throttle import slows_down
 from mailrelay.spool import Spool
 from tests.support.dnsserver import DNSServer
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.relay import RelayFixture
 from tests.support.scheduling import BodyMessage
 from tests.support.sink import Sink
 
 MESSAGE = b"From: app@example.org\r\nSubject: shaped\r\n\r\nbody\r\n"
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, what: str, bound: float = 30.0):
-    """Poll the reactor until `predicate()` holds; fail (not hang) after `bound` seconds."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 def events(relay: RelayFixture) -> list[dict]:
@@ -140,7 +131,7 @@ class ThrottleEndToEnd(unittest.TestCase):
             f'nameservers = ["127.0.0.1:{dns_port}"]\n\n'
             '[[throttle]]\ndomains = ["cap.test"]\nconnections = 2\n', sink)
         yield self.submit(relay, *[f"user{i}@cap.test" for i in range(6)])
-        yield wait_until(lambda: len(sink.held) == 2, "two messages held at the sink")
+        yield until(lambda: len(sink.held) == 2, "two messages held at the sink")
         yield task.deferLater(reactor, 0.5, lambda: None)     # time for a third connection, if one came
         self.assertEqual(sink.max_at_once, 2)
         self.assertEqual(len(sink.held), 2)
@@ -168,7 +159,7 @@ class ThrottleEndToEnd(unittest.TestCase):
         sink = Sink(rcpt_replies={"first@slow.test": ["421 4.7.0 slow down, too many messages"]})
         relay = self.start_relay(self.smarthost('[[throttle]]\ndomains = "*"\npause = "6s"\n'), sink)
         (first,) = yield self.submit(relay, "first@slow.test")
-        yield wait_until(lambda: any(e.get("stage") == "throttle-paused" for e in events(relay)),
+        yield until(lambda: any(e.get("stage") == "throttle-paused" for e in events(relay)),
                          "slow.test paused")
         paused_at = time.monotonic()
         waiting = yield self.submit(relay, "second@slow.test", "third@slow.test")
@@ -176,7 +167,7 @@ class ThrottleEndToEnd(unittest.TestCase):
         yield sink.wait_for(1)                                    # other.test: not held by the pause
         self.assertEqual(sink.messages[0].rcpt_tos, ["user@other.test"])
         # The status file follows within a second.
-        yield wait_until(lambda: waiting[1] in self.cli(relay, "throttle") or time.monotonic() - paused_at > 5,
+        yield until(lambda: waiting[1] in self.cli(relay, "throttle") or time.monotonic() - paused_at > 5,
                          "the waiting messages in `queue throttle`")
         if time.monotonic() - paused_at < 5:                     # still within the pause (a loaded
             self.assertEqual([self.attempts(relay, q) for q in waiting], [0, 0])   # machine may be late)
@@ -191,7 +182,7 @@ class ThrottleEndToEnd(unittest.TestCase):
         yield sink.wait_for(4)
         self.assertEqual(sorted(r for m in sink.messages for r in m.rcpt_tos),
                          ["first@slow.test", "second@slow.test", "third@slow.test", "user@other.test"])
-        yield wait_until(lambda: sum(e.get("stage") == "delivered" for e in events(relay)) == 4,
+        yield until(lambda: sum(e.get("stage") == "delivered" for e in events(relay)) == 4,
                          "four deliveries logged")
         lines = events(relay)
         for queue_id in waiting:       # tried once, when the pause was over, and delivered
@@ -212,7 +203,7 @@ class ThrottleEndToEnd(unittest.TestCase):
             '[[route]]\nrecipients = ["*"]\ntransport = "gone"\n\n'
             '[[throttle]]\ndomains = "*"\npause = "1m"\n'.replace("GONE_PORT", str(free_port())), Sink())
         (queue_id,) = yield self.submit(relay, "user@gone.test")
-        yield wait_until(lambda: self.attempts(relay, queue_id) == 1, "the failed attempt saved")
+        yield until(lambda: self.attempts(relay, queue_id) == 1, "the failed attempt saved")
         self.assertTrue(any(e.get("stage") == "deferred" for e in events(relay)))
         self.assertFalse(any(e.get("stage") == "throttle-paused" for e in events(relay)))
 
@@ -253,10 +244,7 @@ class ThrottleThroughTwistd(unittest.TestCase):
             seen["metrics"] = text
             return 'mailrelay_throttle_paused{destination="slow.test"} 1.0' in text
 
-        deadline = time.monotonic() + 60
-        while not (yield paused_in_metrics()):
-            self.assertLess(time.monotonic(), deadline, "slow.test never showed as paused")
-            yield task.deferLater(reactor, 0.2, lambda: None)
+        yield until(paused_in_metrics, "slow.test to show as paused in the metrics", timeout=60, interval=0.2)
         self.assertIn('mailrelay_throttle_waiting{destination="slow.test"} 1.0', seen["metrics"])
 
         def queue(*argv: str) -> subprocess.CompletedProcess:

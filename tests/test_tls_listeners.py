@@ -15,12 +15,13 @@ import ssl
 import subprocess
 
 from OpenSSL import SSL
-from twisted.internet import defer, error, reactor, task, threads
+from twisted.internet import defer, error, reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailrelay import tls
+from tests.support.polling import eventually
 from tests.support.relay import RelayFixture
 from tests.support.testca import issue
 
@@ -99,10 +100,7 @@ class ListenerBase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def wait_for_handshake_lines(self, count: int = 1):
-        for _ in range(100):
-            if len(self.handshake_lines()) >= count:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: len(self.handshake_lines()) >= count, timeout=5, interval=0.05)
         return self.handshake_lines()
 
     def openssl(self, kind: str, *args: str) -> defer.Deferred:

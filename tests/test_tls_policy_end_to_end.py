@@ -14,8 +14,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from tests.support.relay import SEPARATE, RelayFixture, free_port
-from tests.support.tlsworld import World
-from tests.test_dane import record, sink_cert
+from tests.support.tlsworld import World, record, sink_cert
 
 MESSAGE = b"From: <app@example.org>\r\nTo: <b@example.net>\r\nSubject: policy\r\n\r\nhello\r\n"
 

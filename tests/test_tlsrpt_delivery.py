@@ -22,7 +22,7 @@ from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.tlsrpt_store import TLSReportStore
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import ITLSReportSink
+from mailrelay.interfaces import ISpooledMessage, ITLSReportSink
 from tests.support.dnsserver import DNSServer
 from tests.support.pki import TestCA
 from tests.support.sink import Sink
@@ -31,10 +31,12 @@ BODY = b"From: a@example.org\r\nTo: b@tls.example\r\nSubject: tls report\r\n\r\n
 FAST = Timeouts(connect=5.0, reply=10.0, data_end=10.0)
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class Message:
     queue_id: str
     envelope: Envelope
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:
@@ -189,3 +191,9 @@ class TLSOutcomeTests(unittest.TestCase):
         ((row, count),) = tally.details.items()
         self.assertEqual(row[:2], ("starttls-not-supported", "mx.tls.example"))
         self.assertEqual(count, 1)
+
+
+class TestDoubleTests(unittest.TestCase):
+    def test_the_message_double_is_an_ispooledmessage(self):
+        """What the hops here are given provides the interface they rely on (no probing)."""
+        self.assertTrue(verifyObject(ISpooledMessage, message()))

@@ -15,11 +15,10 @@ import gzip
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import dkim
-from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet import defer, reactor, threads, utils
 from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
@@ -28,6 +27,7 @@ from mailrelay.delivery.tlsrpt_store import decode_lines
 from mailrelay.dkim import keys
 from tests.support.dnsserver import DNSServer
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.reportserver import ReportReceiver
 from tests.support.sink import Sink
@@ -109,15 +109,13 @@ class TLSReportEndToEndTests(unittest.TestCase):
         saw: it is appended within a second of each session's end, in whichever process delivers."""
         journal = relay.dir / "spool" / "tlsrpt" / "journal"
         expected = len(self.plain.sessions) + len(self.tls.sessions)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def sessions() -> int:
             tallies: dict = {}
             for path in journal.iterdir() if journal.is_dir() else ():
                 decode_lines(path.read_bytes(), tallies)
-            if sum(t.successes + t.failures for t in tallies.values()) >= expected:
-                return
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.fail(f"the journal did not count {expected} sessions")
+            return sum(t.successes + t.failures for t in tallies.values())
+        yield until(lambda: sessions() >= expected, f"the journal to count {expected} sessions", interval=0.1)
 
     def send_reports(self, relay: RelayFixture) -> defer.Deferred:
         """`mailrelay tlsrpt send --config tap.conf` as a subprocess: (stdout, stderr, exit status)."""

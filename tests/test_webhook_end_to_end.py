@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from mailrelay.events.store import read_backlog
 from tests.support.pki import TestCA
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.relay import SEPARATE, RelayFixture
 from tests.support.sink import Sink
@@ -20,16 +20,6 @@ from tests.support.webhookserver import WebhookReceiver
 
 MESSAGE = b"From: app@example.org\r\nTo: someone@example.com\r\nSubject: hook\r\n\r\nbody\r\n"
 SECRET = b"webhook-test-secret"
-
-
-@defer.inlineCallbacks
-def until(condition, what: str, limit: float = 30.0):
-    """Wait (polling the reactor) until `condition()` holds; fail after `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        yield task.deferLater(reactor, 0.05, lambda: None)
 
 
 class _Relay(unittest.TestCase):
@@ -73,7 +63,6 @@ class _Relay(unittest.TestCase):
         for post in self.receiver.posts:
             self.assertTrue(self.receiver.signature_ok(post), post.headers)
             self.assertEqual(post.headers["content-type"], "application/json")
-
 
 
 class Receiving(_Relay):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_api -*-
 """`mailrelay apikey NAME --config FILE`: create or replace NAME's key for the HTTP injection API.
 
 Before the journey starts: how an operator lets an application submit over HTTP.  In: a name (the

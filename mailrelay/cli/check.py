@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cli_check, tests.test_webhook, tests.test_http_api -*-
 """`mailrelay check --config FILE`: validate a tap.conf and say what it means, before the relay runs it.
 
 Not a stage of the message's journey but its rehearsal: in, a config path; out, a few human-readable

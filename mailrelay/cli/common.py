@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_suppression, tests.test_cli_queue, tests.test_webhook -*-
 """What every `mailrelay` subcommand shares: exit statuses, the one-line error, loading the config.
 
 A subcommand never shows a traceback: a user error, an OS error or a bug each end as one line on

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim -*-
 """`mailrelay dkim genkey DOMAIN SELECTOR [--algorithm rsa|ed25519] [--bits N] [--output FILE] --config F`
 writes a private key (mode 0600) and prints the DNS TXT record to publish;
 `mailrelay dkim check DOMAIN SELECTOR --config F` compares the published record with the configured key.

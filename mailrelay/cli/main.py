@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle_config, tests.test_cli_route_test, tests.test_cli_passwd -*-
 """`mailrelay SUBCOMMAND ... --config FILE`: one entry point, one module per subcommand.
 
 Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `func`, a callable

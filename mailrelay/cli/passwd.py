@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cli_passwd -*-
 """`mailrelay passwd USER --config FILE [--stdin]`: add or change a password-file entry.
 
 Before the journey starts: this is how an operator gives a client a login for SMTP AUTH (RFC 4954).

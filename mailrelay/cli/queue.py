@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cli_queue, tests.test_webhook -*-
 """`mailrelay queue list|show ID|flush [ID]|hold ID|release ID|delete ID|bounce ID|suspend|resume|
 webhooks|throttle|transfer --config FILE`.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle_cli, tests.test_cli_queue -*-
 """What `mailrelay queue list|show` prints: the spool as an operator reads it.
 
 Not a stage of the message's journey but a window on the middle of it: in, `QueueEntry` values (a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cli_route_policy -*-
 """The TLS policy lines of `mailrelay route-test` for direct delivery: the domain's MTA-STS policy (RFC
 8461: the TXT id, the policy as the relay's cache holds it or as fetched now, its mode and MX patterns)
 and each exchanger's DANE TLSA records (RFC 7672) with whether the resolver authenticated them — then

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cli_route_test -*-
 """`mailrelay route-test ADDRESS [--sender S] [--from-domain D] --config F`: what the relay would do with a
 recipient, without sending anything — the route (and any fallback after failed attempts), the transport or
 the MX hosts resolved with the configured DNS, the TLS policy (for direct delivery: the domain's MTA-STS

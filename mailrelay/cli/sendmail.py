@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sendmail -*-
 """`mailrelay-sendmail`: a drop-in for /usr/sbin/sendmail that submits to a relay over SMTP.
 
 In: sendmail's command line (`-t`, `-i`/`-oi`, `-f`, `-F`, recipients as arguments) and a message on stdin.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_suppression -*-
 """`mailrelay suppression list [--json] | add ADDRESS [--reason TEXT] | remove ADDRESS --config FILE`.
 
 The operator's hand on the suppression list (spool/suppression.py): the recipients refused at RCPT

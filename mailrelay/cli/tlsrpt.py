@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tlsrpt, tests.test_tlsrpt_end_to_end -*-
 """`mailrelay tlsrpt send --config FILE`: send the TLS reports (RFC 8460) due now.
 
 It does what the relay's daily run does (delivery.tlsrpt_send), at once, and with today's results so

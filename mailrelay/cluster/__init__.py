@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cluster_gcra, tests.test_cluster_link -*-
 """Shared counters in Redis (`[cluster] redis`): the limits and the suppression list every relay naming
 the same Redis shares, with each relay's own counters behind them when Redis does not answer.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_suppression -*-
 """A blocking Redis client for the command line (`mailrelay suppression` with `[cluster] redis`): one
 socket, RESP2, a few commands, every wait bounded.  The relay itself never uses it (cluster/redis.py)."""
 from __future__ import annotations

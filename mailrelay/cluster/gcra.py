@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cluster_gcra -*-
 """The Lua scripts the shared limiters run inside Redis, one atomic call each.
 
 Where it sits: at the side of the journey (mailrelay.cluster).  In: a key and the numbers of one

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cluster_shared -*-
+# -*- test-case-name: tests.test_cluster_redis, tests.test_cluster_session, tests.test_cluster_link -*-
 """The limits every relay naming one Redis shares, each with this relay's own counters behind it.
 
 Where it sits: at the side of the journey; the receiving side holds these where it held the local

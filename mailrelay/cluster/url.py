@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cluster_redis, tests.test_cluster_link -*-
 """`[cluster] redis`: the URL of the shared Redis, parsed, and shown only with its password masked.
 
 `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS.  Imported by the config stage to

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_queue_front, tests.test_dns_cache, tests.test_operations -*-
 """What the relay builds from `[cluster]`: the link to Redis and the shared limiters around the local ones.
 
 Called by service.py (the receiving process; the delivery process never talks to Redis: the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_config_reference, tests.test_throttle_config -*-
 """tap.conf: the configuration contract (docs/config.md) as typed, immutable objects.
 
 First stage of the journey: everything the relay does is decided by one `Config`, loaded once at start

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """What a loaded tap.conf is: the frozen dataclasses, their defaults and the allowed values.
 
 Part of the first stage of the journey (mailrelay.config).  In: nothing; this module only declares.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """Never an open relay by configuration: `[[permit]]` rules that would relay for anyone are refused.
 
 Part of the first stage of the journey (mailrelay.config).  In: the `[[permit]]` tables (their readers,

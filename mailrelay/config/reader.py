@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config_reference -*-
 """The reader: typed access to one TOML table that knows its key path.
 
 Part of the first stage of the journey (mailrelay.config).  In: a parsed TOML table, the config file's

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """The sections of tap.conf, one function each: a table in, a frozen section dataclass out.
 
 Part of the first stage of the journey (mailrelay.config).  In: a `_Reader` for one table ([limits],

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """How a `[transports.NAME]` proves who we are: `auth`, the OAuth2 keys, and a TLS client certificate.
 
 Part of the first stage of the journey (mailrelay.config), called by sections._transport.  In: the

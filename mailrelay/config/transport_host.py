@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """Where a `[transports.NAME]` is and which protocol it speaks: `host`, `port`, `security`, `protocol`.
 
 Part of the first stage of the journey (mailrelay.config), called by sections._transport.  In: the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config, tests.test_logger, tests.test_routes -*-
 """Values inside tap.conf keys: durations, sizes, host:port and domain match patterns.
 
 Part of the first stage of the journey (mailrelay.config).  In: one raw TOML value (a string or a

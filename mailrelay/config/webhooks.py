@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook, tests.test_config, tests.test_logger -*-
 """`[[webhook]]`: where per-recipient delivery events are POSTed (mailrelay.events).
 
 Part of the first stage of the journey (mailrelay.config).  In: the `_Reader`s of the `[[webhook]]`

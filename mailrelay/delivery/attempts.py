@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle_cli, tests.test_webhook_scheduler, tests.test_scheduler -*-
 """What the delivery scheduler works with: one message's attempt, one delivery, a broken next hop.
 
 Part of the delivery stage (delivery.scheduler).  In: a loaded spool message and its MessageState.

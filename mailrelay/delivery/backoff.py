@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_backoff -*-
 """Retry intervals: how long a temporarily failed recipient waits before its next attempt.
 
 In: the number of failed attempts so far.  Out: a delay in seconds.  The base interval is

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_connection_reuse -*-
 """Connection reuse: which waiting deliveries share one connection.
 
 Place in the journey: inside the scheduler, between "due now" and the next hop.  In: the deliveries

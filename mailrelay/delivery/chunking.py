@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_chunking -*-
 """Outgoing CHUNKING (RFC 3030): the message sent in BDAT chunks instead of DATA, when the hop offers it.
 
 Journey: the delivery client (delivery.client) reaches the point of sending a job's body; this subclass
@@ -115,7 +116,7 @@ class ChunkingClient(DeliveryClient):
 
     def _unreadable(self) -> None:
         log.failure("cannot read {queue_id}", Failure(),
-                    queue_id=getattr(self.jobs[self._job_index].message, "queue_id", "?"))
+                    queue_id=self.jobs[self._job_index].message.queue_id)
         self._abort(451, "4.3.0", "local error reading the queued message")
 
     def _transaction_dead(self) -> bool:

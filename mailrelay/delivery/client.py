@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery_client, tests.test_tls_policy, tests.test_connection_cache -*-
 """The outgoing ESMTP client: one connection, one or more messages, a result for every recipient.
 
 Journey: the scheduler picks a next hop (smarthost transport or MX host); the next hop connects and runs
@@ -555,7 +556,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._producer = None
         if not reason.check(defer.CancelledError):      # cancelled: the connection is already going away
             log.failure("cannot read {queue_id}", reason,
-                        queue_id=getattr(self.jobs[self._job_index].message, "queue_id", "?"))
+                        queue_id=self.jobs[self._job_index].message.queue_id)
             self._abort(451, "4.3.0", "local error reading the queued message")
 
     def _on_data_end(self, code: int, text: bytes) -> None:

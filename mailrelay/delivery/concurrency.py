@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook_scheduler, tests.test_scheduler, tests.test_logs -*-
 """Concurrency of the delivery scheduler: which waiting deliveries start, and in which batches.
 
 Part of the delivery stage (delivery.scheduler).  In: `_Job`s waiting per limit key ("domain:<d>" for

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_connection_cache -*-
 """Connecting an outgoing SMTP session: `deliver_over(endpoint, params, jobs)` runs a DeliveryClient
 (delivery.client; with BDAT, delivery.chunking; for params.protocol "lmtp", delivery.lmtp) over a fresh
 connection, or over one parked in a ConnectionPool (delivery.pool), and returns a Deferred SessionResult

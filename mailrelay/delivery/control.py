@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook_scheduler, tests.test_scheduler, tests.test_logs -*-
 """The queue CLI's control requests, as the delivery scheduler carries them out.
 
 Part of the delivery stage (delivery.scheduler).  In: (verb, queue id) pairs from

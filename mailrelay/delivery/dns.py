@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dns_cache, tests.test_mtasts, tests.test_mx -*-
 """Where a recipient domain's mail goes: MX resolution for direct delivery, off the reactor thread.
 
 Job in the journey: the scheduler hands direct delivery (delivery.mx) one recipient domain; this module

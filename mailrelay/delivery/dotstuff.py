@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dotstuff, tests.test_delivery_client -*-
 """Dot-stuffing for the outgoing DATA phase (RFC 5321 section 4.5.2), correct across chunk boundaries.
 
 Journey: the delivery client streams a spooled message (CRLF lines, not dot-stuffed) to the next hop.

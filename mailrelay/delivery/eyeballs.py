@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_eyeballs -*-
 """Happy eyeballs (RFC 8305) for connecting to one mail exchanger: the connection attempt scheduler.
 
 Job in the journey: direct delivery (delivery.mx) knows an exchanger's addresses from its own resolver

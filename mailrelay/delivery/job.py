@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_mx, tests.test_delivery_client, tests.test_chunking -*-
 """What one outgoing SMTP session is asked to do: the jobs (a spooled message and the recipients to try),
 how to talk to the remote host (`SessionParams`, `Timeouts`), and how settled jobs are reported
 (`OnSettled`, `report_once`).  Plain values and small helpers shared by the client (delivery.client), the

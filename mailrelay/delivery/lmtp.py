@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_lmtp, tests.test_chunking -*-
 """The outgoing LMTP client (RFC 2033): SMTP's client with LHLO, and one reply per recipient at the end.
 
 Journey: a `[transports.NAME]` with `protocol = "lmtp"` (a final delivery agent such as Dovecot, over TCP

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_mx, tests.test_capabilities, tests.test_tlsrpt_delivery -*-
 """Direct delivery: hand a message to the recipient domain's own mail exchangers (no smarthost).
 
 Job in the journey: the next hop the scheduler uses when no route names a transport.  In: a spooled

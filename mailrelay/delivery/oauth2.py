@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_oauth2 -*-
 """OAuth2 bearer tokens for a smarthost transport (`auth = "xoauth2"` / `"oauthbearer"`).
 
 Journey: SmarthostTransport asks its `OAuth2TokenSource` for a token before each connection it makes;

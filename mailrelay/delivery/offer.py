@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn_params, tests.test_smtputf8 -*-
 """What one job's transaction looks like to one server: whether the server can take it at all, and the
 MAIL FROM and RCPT TO commands with the parameters its extensions allow.  In: a Job (delivery.job), the
 server's EHLO extensions and what protects the session (delivery.tlsinfo).  Used by the delivery client

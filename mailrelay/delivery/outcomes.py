@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook_scheduler, tests.test_scheduler, tests.test_logs -*-
 """Outcomes of the delivery scheduler: results recorded, then each attempt settled.
 
 Part of the delivery stage (delivery.scheduler).  In: per-recipient RecipientResults of one

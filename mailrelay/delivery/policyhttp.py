@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mtasts_end_to_end -*-
+# -*- test-case-name: tests.test_mtasts, tests.test_cli_route_policy, tests.test_tls_policy -*-
 """Fetching an MTA-STS policy over HTTPS (RFC 8461 3.3) with treq, the host resolved by the delivery
 resolver.
 

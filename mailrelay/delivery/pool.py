@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_connection_cache -*-
 """The connection cache: idle SMTP client connections kept open for the next delivery to the same hop.
 
 Journey: after a delivery client has sent its last job, it asks to be parked here instead of saying

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery_process -*-
 """The main process's end of `[delivery] process = "separate"`: starts the delivery process
 (mailrelay.delivery.worker), tells it of every committed message, forwards reloads, logs what it logs,
 starts it again if it dies, and stops it gracefully.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_requiretls_end_to_end, tests.test_capabilities, tests.test_mx -*-
 """Which TLS a message itself asks for (RFC 8689): REQUIRETLS, or `TLS-Required: No`.
 
 Part of the delivery stage.  In: a spooled message (its envelope, and its header block read from the
@@ -38,5 +39,5 @@ def tls_optional(message) -> bool:
     try:
         return dsnparams.tls_required_no(header_block(message))
     except OSError:
-        log.failure("{queue_id}: cannot read the header block", queue_id=getattr(message, "queue_id", "?"))
+        log.failure("{queue_id}: cannot read the header block", queue_id=message.queue_id)
         return False

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_suppression, tests.test_webhook_scheduler, tests.test_dsn -*-
 """What a delivery attempt answers, per recipient (RFC 5321 section 4.2, RFC 3463 enhanced status codes).
 
 Journey: the delivery client and the next hops (smarthost, MX) produce these; the scheduler reads them to

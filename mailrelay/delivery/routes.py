@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_routes, tests.test_throttle, tests.test_connection_reuse -*-
 """Routes: which next hop a recipient's delivery attempt goes to (config.md `[[route]]`).
 
 Journey: the scheduler asks `Router.route(sender, recipient, attempts)` before each attempt.

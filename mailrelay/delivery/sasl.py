@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_oauth2 -*-
 """The SASL side of the delivery client's AUTH (RFC 4954): what to send for each mechanism we speak.
 
 Journey: the next hop (smarthost.SmarthostTransport) puts a login into job.SessionParams; once the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_capabilities, tests.test_delivery_client, tests.test_chunking -*-
 """Secrets a next hop holds (a smarthost password, an OAuth2 client secret, a refresh token, a bearer
 token): a wrapper that never shows its value in a repr, a log line or a traceback.
 

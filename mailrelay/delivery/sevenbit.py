@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sevenbit, tests.test_smtputf8 -*-
 """Converting a spooled message to 7-bit MIME for a next hop that does not offer 8BITMIME, and re-encoding
 lines over 998 octets for every next hop.
 
@@ -60,8 +61,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from twisted.internet import defer, threads
+from zope.interface import implementer
 
 from mailrelay.delivery.dotstuff import CHUNK_SIZE
+from mailrelay.interfaces import ISelfConvertingMessage, ISpooledMessage
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.delivery")
@@ -135,20 +138,22 @@ def downgrade(message: Any, host: str, extensions: Optional[dict] = None) -> def
     """A Deferred firing with `message` in the form a hop offering `extensions` takes (None: no 8BITMIME):
     7-bit MIME, or for a hop with 8BITMIME its lines over 998 octets re-encoded (another message object,
     or `message` itself when nothing needed converting), or with the (code, status, text) that settles it.
-    Never fails.  A message with a `seven_bit(needs)` method (one DKIM signs) converts itself, so that it
-    is signed after converting."""
+    Never fails.  An ISelfConvertingMessage (one DKIM signs) converts itself, so that it is signed after
+    converting."""
     needs = needs_for(extensions or {})
-    own = getattr(message, "seven_bit", None)
-    d = own(needs) if own is not None else threads.deferToThread(convert_message, message, needs)
+    if ISelfConvertingMessage.providedBy(message):
+        d = message.seven_bit(needs)
+    else:
+        d = threads.deferToThread(convert_message, message, needs)
     long_only = needs.eight_bit_ok or message.envelope.octets == "7bit"
 
     def converted(result: Any) -> Any:
         if long_only:
             log.info("{queue_id}: lines over 998 octets re-encoded for {host}",
-                     queue_id=getattr(message, "queue_id", "?"), host=host)
+                     queue_id=message.queue_id, host=host)
         else:
             log.info("{queue_id}: converted to 7-bit MIME for {host}, which does not offer 8BITMIME",
-                     queue_id=getattr(message, "queue_id", "?"), host=host)
+                     queue_id=message.queue_id, host=host)
         return result
 
     def failed(failure):
@@ -157,7 +162,7 @@ def downgrade(message: Any, host: str, extensions: Optional[dict] = None) -> def
         if failure.check(Unconvertible):
             return 554, "5.6.3", f"8-bit message, but {host} does not offer 8BITMIME, and {failure.value}"
         log.failure("{queue_id}: converting to 7-bit MIME failed", failure,
-                    queue_id=getattr(message, "queue_id", "?"))
+                    queue_id=message.queue_id)
         return 451, "4.3.0", "local error converting the message to 7-bit MIME"
     return d.addCallbacks(converted, failed)
 
@@ -181,19 +186,18 @@ class _Reader(io.RawIOBase):
         return len(data)
 
 
+@implementer(ISpooledMessage)
 class ConvertedMessage:
-    """A spooled message seen in its converted form; every other attribute is the original's.  The form
+    """A spooled message seen in its converted form, under the original's queue id and path.  The form
     lives in an unlinked temporary file, closed (and so gone) with this object."""
 
     def __init__(self, original: Any, converted: BinaryIO, size: int, needs: Needs = SEVEN_BIT):
         self._original, self._file, self.size = original, converted, size
+        self.queue_id, self.path = original.queue_id, original.path
         if needs.eight_bit_ok:      # only long lines re-encoded: 8-bit parts stay 8-bit
             self.envelope = replace(original.envelope, long_lines=False)
         else:
             self.envelope = replace(original.envelope, body="7BIT", octets="7bit", long_lines=False)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._original, name)
 
     def open(self) -> BinaryIO:
         return io.BufferedReader(_Reader(self._file.fileno(), self.size), CHUNK_SIZE)
@@ -228,7 +232,7 @@ def convert_message(message: Any, needs: Needs = SEVEN_BIT) -> Any:
 
 def _tmp_dir(message: Any) -> Optional[str]:
     """The spool's tmp/ directory beside the message's queue/ (same disk, private), if there is one."""
-    path = getattr(message, "path", None)
+    path = message.path
     if path is None:
         return None
     tmp = Path(path).parent.parent / "tmp"

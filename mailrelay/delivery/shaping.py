@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle_cli, tests.test_throttle -*-
 """Traffic shaping in the delivery scheduler: `[[throttle]]` applied to the deliveries waiting for a slot.
 
 Part of the delivery stage (delivery.scheduler).  In: the waiting line a delivery stands in (one per

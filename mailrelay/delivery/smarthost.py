@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_capabilities, tests.test_delivery_client, tests.test_chunking -*-
 """Next hops that are one known host: named smarthost transports, and the per-host step of MX delivery.
 
 Journey: the scheduler asks the router for a route; a route names a transport (`[transports.NAME]`),

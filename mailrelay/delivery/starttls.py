@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery_client, tests.test_tls_policy, tests.test_connection_cache -*-
 """The STARTTLS steps of the outgoing ESMTP client (delivery.client.DeliveryClient): asking for TLS after
 EHLO, starting it, and judging the peer when the handshake completes (the TLS policies of direct
 delivery: delivery.tlsverify's checks for DANE, MTA-STS and `tls = "verify"`).

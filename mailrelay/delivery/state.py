@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle_cli, tests.test_queue_transfer, tests.test_scheduler -*-
 """The persisted delivery state of one spooled message: where each recipient stands.
 
 The scheduler keeps it beside the message in the spool (ISpool.save_state) and writes it after

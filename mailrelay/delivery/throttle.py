@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_throttle, tests.test_throttle_config, tests.test_throttle_end_to_end -*-
 """Per-destination traffic shaping (`[[throttle]]`): a smooth message rate, a cap on connections at once,
 and pauses after a destination says "slow down".
 

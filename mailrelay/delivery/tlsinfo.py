@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls_policy, tests.test_dsn_params, tests.test_delivery_tls_facts -*-
 """What TLS protected a delivery session, in the small fixed vocabulary that metrics and logs use.
 
 Journey: the delivery client (delivery.client) reads it from the connection when its TLS handshake

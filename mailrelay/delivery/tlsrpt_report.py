@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tlsrpt -*-
 """TLS reports as RFC 8460 defines them: the reporting policy a domain publishes, the JSON report, and
 the mail message that carries it.  Pure functions and plain values; no I/O (the sender,
 delivery.tlsrpt_send, looks up, spools and posts).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tlsrpt, tests.test_tlsrpt_end_to_end -*-
 """Sending TLS reports (RFC 8460 section 5): the daily run in the process that delivers, and the same
 work for `mailrelay tlsrpt send`.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tlsrpt, tests.test_tlsrpt_delivery, tests.test_tlsrpt_end_to_end -*-
 """The TLS report store: every direct-to-MX session's TLS outcome, counted for SMTP TLS Reporting
 (RFC 8460), kept in the spool directory until a report is sent.
 

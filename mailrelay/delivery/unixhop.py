@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_capabilities, tests.test_delivery_client, tests.test_chunking -*-
 """A next hop on a local socket: `[transports.NAME] host = "unix:PATH"` (e.g. Dovecot's LMTP socket).
 
 Journey: smarthost.SmarthostTransport sends a batch here instead of to host:port when its transport

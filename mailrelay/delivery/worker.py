@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery_process -*-
 """The delivery process: `[delivery] process = "separate"` runs the scheduler and the next hops here, on
 the machine's second core, while the main process receives and spools.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim, tests.test_dkim_permit, tests.test_dkim_end_to_end -*-
 """DKIM at the side of the journey (RFC 6376, RFC 8463): sign for our domains, verify what arrives.
 
 `keys` loads RSA and Ed25519 PEM keys, `bodyhash` hashes a spooled body without holding it in memory,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim -*-
 """The DKIM body hash (RFC 6376 3.4.3/3.4.4, 3.7) of a body read in chunks, in constant memory.
 
 dkimpy canonicalises a whole body held in memory; a spooled message may be 50 MiB. The line-local steps

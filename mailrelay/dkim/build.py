@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_queue_front, tests.test_dns_cache, tests.test_operations -*-
 """From `[dkim]` to the objects the delivery stage uses: a Signer (mode "sign" with keys) and a Verifier
 (`verify = true`). Keys are loaded once here, at start or reload, so a bad key file is a start-up error."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_capabilities, tests.test_dkim, tests.test_connection_reuse -*-
 """DKIM on the way out: an INextHop that signs and/or verifies, then hands the message to the real hop.
 
 In: a spooled message and its recipients (or a batch of them, for a hop that reuses connections).
@@ -23,7 +24,7 @@ from mailrelay.delivery.results import settle_all
 from mailrelay.delivery.job import Job
 from mailrelay.delivery.sevenbit import SEVEN_BIT, Needs, convert_message
 from mailrelay.dkim.permission import may_sign
-from mailrelay.interfaces import IBatchNextHop, INextHop, IPooledNextHop
+from mailrelay.interfaces import IBatchNextHop, INextHop, IPooledNextHop, ISelfConvertingMessage, ISpooledMessage
 from mailrelay.logger import Logger
 
 log = Logger(namespace="mailrelay.dkim")
@@ -51,16 +52,13 @@ class _PrefixedReader(io.RawIOBase):
         super().close()
 
 
+@implementer(ISpooledMessage)
 class PrefixedMessage:
-    """A spooled message seen with extra header lines in front; every other attribute is the original's.
-    `seven_bit(needs)`, when given, gives a Deferred of its form for a hop that takes `needs`
-    (delivery/sevenbit.py)."""
+    """A spooled message seen with extra header lines in front, under its queue id, envelope and path."""
 
-    def __init__(self, message, prefix: bytes, seven_bit=None):
-        self._message, self.prefix, self.seven_bit = message, prefix, seven_bit
-
-    def __getattr__(self, name):
-        return getattr(self._message, name)
+    def __init__(self, message, prefix: bytes):
+        self._message, self.prefix = message, prefix
+        self.queue_id, self.envelope, self.path = message.queue_id, message.envelope, message.path
 
     @property
     def size(self) -> int:
@@ -68,6 +66,19 @@ class PrefixedMessage:
 
     def open(self):
         return io.BufferedReader(_PrefixedReader(self.prefix, self._message.open()), 64 * 1024)
+
+
+@implementer(ISelfConvertingMessage)
+class SignedMessage(PrefixedMessage):
+    """A message with its DKIM-Signature in front that, for a hop that cannot take it as it is, makes its
+    own form: `convert(needs)` gives a Deferred of it, converted and then signed (delivery/sevenbit.py)."""
+
+    def __init__(self, message, prefix: bytes, convert):
+        super().__init__(message, prefix)
+        self._convert = convert
+
+    def seven_bit(self, needs=SEVEN_BIT):
+        return self._convert(needs)
 
 
 @implementer(INextHop)
@@ -106,7 +117,7 @@ class DKIMHop:
         """What the inner hop gets: `message` with `prefix` in front, re-signed if it is converted."""
         if not prefix:
             return message
-        return PrefixedMessage(message, prefix, lambda needs=SEVEN_BIT: deferToThreadPool(
+        return SignedMessage(message, prefix, lambda needs: deferToThreadPool(
             self._reactor, self._threadpool, self._seven_bit, message, prefix, needs))
 
     def _seven_bit(self, message, prefix: bytes, needs: Needs = SEVEN_BIT):
@@ -119,12 +130,12 @@ class DKIMHop:
 
     def _permitted(self, message, addresses: list[str], header_block: bytes) -> bool:
         """Runs in a worker thread: may the sender of `message` use these From: addresses?"""
-        if may_sign(getattr(message, "envelope", None), addresses, header_block):
+        if may_sign(message.envelope, addresses, header_block):
             return True
         shown = "".join(c if c.isprintable() else "?" for c in ", ".join(addresses)[:200])
         self._reactor.callFromThread(
             log.info, "dkim: {queue_id}: not signed: its client may not use the From: {addresses}",
-            queue_id=getattr(message, "queue_id", "?"), addresses=shown)
+            queue_id=message.queue_id, addresses=shown)
         return False
 
     def deliver(self, message, recipients):
@@ -136,7 +147,7 @@ class DKIMHop:
         def failed(failure):
             # Mail our domains must sign never leaves unsigned (DMARC would reject it): keep it queued.
             log.failure("dkim: {queue_id}: signing/verification failed; deferred", failure,
-                        queue_id=getattr(message, "queue_id", "?"))
+                        queue_id=message.queue_id)
             return list(settle_all(recipients, 451, "4.3.0", "DKIM signing failed, will retry"))
 
         d.addCallbacks(send, failed)
@@ -159,7 +170,7 @@ class DKIMHop:
                     ready.append((index, Job(self._prefixed(job.message, value), tuple(job.recipients))))
                 else:
                     log.failure("dkim: {queue_id}: signing/verification failed; deferred", value,
-                                queue_id=getattr(job.message, "queue_id", "?"))
+                                queue_id=job.message.queue_id)
                     results[index] = list(settle_all(job.recipients, 451, "4.3.0", "DKIM signing failed, will retry"))
             if not ready:
                 return results

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config_reference, tests.test_examples, tests.test_cli_route_test -*-
 """DKIM private keys: RSA (>= 1024 bits) or Ed25519, PEM in PKCS#8 or PKCS#1, type detected.
 
 In: a key file path.  Out: a `SigningKey` whose `sign(digest)` uses OpenSSL (cryptography), and the DNS TXT

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn, tests.test_dkim -*-
 """May the relay sign this message with our keys?  The permit decision, carried in the envelope.
 
 In: a spooled message's envelope (`dkim_senders`, `identity`) and the From: addresses the signer parsed

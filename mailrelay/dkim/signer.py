@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim, tests.test_smtputf8, tests.test_content_end_to_end -*-
 """Make DKIM-Signature headers (RFC 6376 3.5, 5) for messages whose From: domain has keys.
 
 In: a spooled message as a binary file (headers, blank line, body).  Out: the header lines to prepend —

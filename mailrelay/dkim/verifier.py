@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dkim_permit, tests.test_dkim, tests.test_content_end_to_end -*-
 """Check incoming DKIM signatures (RFC 6376 6) and say so in an Authentication-Results header (RFC 8601).
 
 In: a spooled message as a binary file.  Out: one `Authentication-Results:` header line (folded) with a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook -*-
 """Delivery events: one JSON document per recipient outcome, POSTed to each `[[webhook]]` URL.
 
 At the side of the delivery stage.  The scheduler tells an `IDeliveryEvents` (service.DeliveryEvents)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook -*-
 """The event document POSTed for one recipient outcome.
 
     {"id": "6f1c...", "event": "delivered", "queue_id": "...", "sender": "a@example.org",

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook -*-
 """POSTs to one webhook URL: the events of its outbox, until each is answered 2xx.
 
 In: the outbox (store.Outbox) of one URL and its `[[webhook]]` config.  Out: HTTP POSTs of each event

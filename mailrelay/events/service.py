@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook -*-
 """The IDeliveryEvents service: every `[[webhook]]` URL's outbox and sender, in the process that runs
 the scheduler (the delivery process with `[delivery] process = "separate"`, else the relay's own).
 

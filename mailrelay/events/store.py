@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_webhook, tests.test_webhook_end_to_end -*-
 """The durable outbox of one webhook URL, in the spool: what is still to be POSTed there.
 
 In: event documents (event.py) from the IDeliveryEvents service; acknowledgements from the sender once

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_source_routes, tests.test_dsn_params, tests.test_smtputf8 -*-
 """Command arguments: EHLO/HELO names, MAIL FROM / RCPT TO paths and their ESMTP parameters.
 
 Its job in the message's journey: the session hands it the text after the command verb; it hands back

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_api, tests.test_cluster_end_to_end -*-
 """The API key file: who may use the HTTP injection API, and how `mailrelay apikey` writes it.
 
 Where it sits in the journey: the HTTP listener (server/http.py) hands it the bearer token of each

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_network, tests.test_server_session -*-
 """The AUTH exchange of a server session (RFC 4954): mechanisms PLAIN and LOGIN, only under TLS.
 
 Its job in the message's journey: before MAIL, turn a client's AUTH command and its 334 responses into

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_authres -*-
 """Forged Authentication-Results: removed on the way in (RFC 8601 section 5).
 
 Where it sits: between the DATA reader and the spool writer, when the relay verifies DKIM and so adds

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_bdat -*-
 """CHUNKING (RFC 3030): the BDAT command of a server session, its chunks read by count, not by lines.
 
 Its job in the message's journey: the other way into the spool besides DATA.  In: `BDAT <size> [LAST]`

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_data -*-
 """The DATA phase reader: raw bytes after `354` in, un-dot-stuffed CRLF content out.
 
 Its job in the message's journey: between the server session (which hands it every byte the client

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cluster_gcra, tests.test_shutdown, tests.test_server_network -*-
 """The listener's protocol factory: one RelaySession per connection, plus the per-listener counters.
 
 Its job in the message's journey: the first stage a client meets.  In: the listener's configuration

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_api, tests.test_smtputf8 -*-
 """The HTTP injection API: `POST /v1/messages` on a `[[listen]] kind = "http"` listener.
 
 Its job in the message's journey: a second front door beside SMTP, for applications without an SMTP

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_api, tests.test_smtputf8 -*-
 """The HTTP injection API's optional delivery requests: `"dsn"` (RFC 3461) and `"requiretls"` (RFC 8689).
 
 Its job in the message's journey: http.py hands over the request's JSON object and its recipients; this

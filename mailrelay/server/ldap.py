@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap, tests.test_limits_end_to_end -*-
 """AUTH against LDAP / Active Directory: is this user name and password good, says the directory?
 
 Where it sits: the SMTP session's AUTH PLAIN/LOGIN hands a `UsernamePassword` to the cred portal, which

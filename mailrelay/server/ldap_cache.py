@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """Remembering recent successful LDAP logins, so a busy submission port does not bind for every message.
 
 Part of AUTH against LDAP (mailrelay.server.ldap).  In: (user, password) pairs the directory accepted,

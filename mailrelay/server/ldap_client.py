@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """One short LDAP connection: connect (TCP, TLS), STARTTLS, simple bind, search, close.
 
 Part of AUTH against LDAP (mailrelay.server.ldap).  In: an `LDAPURL` and the TLS client options.

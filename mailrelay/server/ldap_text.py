@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """Text that goes to an LDAP directory: user names checked, DNs and filters escaped, URLs parsed.
 
 Part of AUTH against LDAP (mailrelay.server.ldap).  In: the user name a client typed, the templates and

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn_params, tests.test_source_routes, tests.test_smtputf8 -*-
 """The MAIL FROM and RCPT TO parameters of DSN (RFC 3461) and REQUIRETLS (RFC 8689).
 
 Its job in the message's journey: addresses.py splits a command's parameters into (KEYWORD, value)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_passwords, tests.test_cli_passwd -*-
 """The password file: who may log in with SMTP AUTH PLAIN/LOGIN, and how `mailrelay passwd` edits it.
 
 Where it sits in the journey: the session's AUTH command (RFC 4954) hands the portal a username and

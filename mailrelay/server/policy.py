@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_policy, tests.test_source_routes, tests.test_open_relay -*-
 """The relay policy: who may relay what, from the `[[permit]]` rules of tap.conf.
 
 Where it sits in the journey: the SMTP session asks it at MAIL FROM, at each RCPT TO and after DATA,

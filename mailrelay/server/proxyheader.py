@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy_haproxy, tests.test_proxy_protocol -*-
 """The PROXY protocol header (HAProxy's proxy-protocol.txt, versions 1 and 2), parsed strictly.
 
 Its job in the message's journey: before a listener behind a load balancer says anything, learn who the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy_protocol -*-
 """A listener behind a load balancer: the PROXY protocol header (v1 or v2) read before anything else.
 
 Its job in the message's journey: the layer between the socket and the listener's own factory

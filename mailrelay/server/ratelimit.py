@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_policy, tests.test_cluster_gcra, tests.test_cluster_redis -*-
 """Per-identity rate limiting: how many messages one client identity may start per minute.
 
 Where it sits in the journey: the relay policy (mailrelay.server.policy) asks it at MAIL FROM, once the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_realm, tests.test_passwords, tests.test_ldap -*-
 """The cred realm: what a successful AUTH gives the session — the user's name, nothing more.
 
 What that user may relay is the policy's business (mailrelay.server.policy), not the realm's.

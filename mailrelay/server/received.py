@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_received, tests.test_smtputf8 -*-
 """The trace header the relay prepends to every message it accepts.
 
 Its job in the message's journey: written by the session as the first bytes of each message, as soon as

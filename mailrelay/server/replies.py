@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_network, tests.test_server_bdat, tests.test_server_session -*-
 """Replies a server session shares between its parts, and the refusal reasons metrics count them by.
 
 Its job in the message's journey: none of its own; it names the replies the session (session.py,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_session, tests.test_server_network -*-
 """One client connection: the hardened ESMTP server session.
 
 Its job in the message's journey: the relay's front door.  In: the bytes a client sends, the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server_network, tests.test_server_session -*-
 """The mail transaction of a server session: MAIL, RCPT, DATA and the commit before 250.
 
 Its job in the message's journey: turn one client transaction into one committed spool message.  In:

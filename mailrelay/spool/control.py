@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool -*-
 """The control channel: how `mailrelay queue flush|hold|release|delete` reaches a running relay.
 
 In (CLI side): a verb and maybe a queue id.  Out (relay side): the same, within one poll interval.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_spool_crash, tests.test_spool_threads -*-
 """The spool's directories and the blocking file operations on them (fsync, rename, unlink).
 
 In: paths and bytes.  Out: durable files.  Everything here blocks and is thread-safe (no shared state):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool_fsinfo -*-
 """Which filesystem holds the spool, and whether a new file's own fsync makes its name durable.
 
 Where it sits: inside the spool stage. Spool.startService asks once, for queue/, and `[queue]

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool -*-
 """Queue ids: the name a message carries from its first byte in the spool to its last delivery attempt.
 
 In: the current time.  Out: 16 characters of Crockford base32 ([0-9A-Z] without I, L, O, U), so an id is

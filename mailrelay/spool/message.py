@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_delivery_process -*-
 """The queue file format, and a spooled message as the delivery side sees it.
 
 In: an envelope.Envelope and the message bytes.  Out: one file per message, no pickle:
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Optional
 
+from zope.interface import implementer
+
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 MAGIC = b"MAILRELAY-SPOOL/1 size="
 SIZE_DIGITS = 20
@@ -130,6 +134,7 @@ def check_file(path: Path) -> ParsedHeader:
         raise CorruptMessage(f"unreadable: {e.strerror}") from None
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class SpooledMessage:
     """One complete message in the spool. `state` is the scheduler's own JSON ({} before the first save)."""

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool_crash, tests.test_spool -*-
 """Start-up recovery: make the spool consistent after a crash, without ever deleting mail.
 
 In: a spool directory left by a relay that stopped in any way (SIGKILL, power loss).  Out: the ids of the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_spool_crash, tests.test_queue_front -*-
 """The durable spool: where an accepted message waits between the SMTP session and its last delivery.
 
 In: envelopes and message bytes from the session (new_message → write → commit), per-recipient state

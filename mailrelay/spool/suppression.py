@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_suppression, tests.test_cluster_session, tests.test_cluster_link -*-
 """The suppression list: recipients that failed for good, refused at RCPT until they expire or are removed.
 
 Place in the journey: beside the spool, shared by both ends.  Delivery (outcomes.py, through

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool_threads -*-
 """The spool's own threads: blocking file work (every fsync above all) done off the reactor thread.
 
 Where it sits: inside the spool stage, under store.Spool. In: callables and their arguments (`run`).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool, tests.test_smtputf8 -*-
 """Receiving one message into the spool: the IMessageWriter the SMTP session writes DATA into.
 
 In: the envelope, then the message bytes in pieces (CRLF lines, already un-dot-stuffed).  Out: a file
@@ -16,7 +17,7 @@ gets the final envelope line written over its in-progress one at commit, padded 
 spaces, which JSON ignores (`true` is one character shorter than the `false` written first).
 
 A write error (disk full) is kept and reported by commit(), so the session can answer
-452 4.3.1 instead of seeing an exception in the middle of DATA.
+451 4.3.0 (server/transaction.py) instead of seeing an exception in the middle of DATA.
 """
 from __future__ import annotations
 

@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from twisted.internet import error, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay.delivery.job import SessionParams
 from mailrelay.envelope import Envelope
+from mailrelay.interfaces import ISpooledMessage
 
 
+@implementer(ISpooledMessage)
 @dataclass(frozen=True)
 class FakeMessage:
     """The spooled-message contract: queue_id, envelope, size, open() at the first message byte."""
     queue_id: str
     envelope: Envelope
     body: bytes
+    path = None           # not read from a spool file
 
     @property
     def size(self) -> int:

@@ -8,18 +8,25 @@ policy host, and SMTP sinks standing in for mail exchangers on 127.0.0.x, all on
     world.publish("example.net", "enforce", ["mx1.example.net"])   # the TXT record and the policy
     results = yield world.mx().deliver(message_to("b@example.net"), ["b@example.net"])
     world.reports.records                                           # what the ITLSReportSink was told
+
+`record(usage, selector, mtype, cert)` is the TLSA record (RFC 6698) naming a certificate; `sink_cert(sink)`
+the PEM certificate a sink presents.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor, ssl
 from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
 from mailrelay import tls as relay_tls
 from mailrelay.config import DeliveryConfig
+from mailrelay.delivery.dane import TLSA
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.mx import MXDelivery
@@ -126,3 +133,21 @@ class World:
                         tls_reports=self.reports)
         self.test.addCleanup(mx.close_idle)
         return mx
+
+
+def record(usage: int, selector: int, mtype: int, cert: x509.Certificate) -> TLSA:
+    if selector == 0:
+        content = cert.public_bytes(serialization.Encoding.DER)
+    else:
+        content = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    data = {0: content, 1: hashlib.sha256(content).digest(), 2: hashlib.sha512(content).digest()}[mtype]
+    return TLSA(usage, selector, mtype, data)
+
+
+def sink_cert(sink) -> bytes:
+    """The PEM certificate the sink's TLS options present."""
+    from OpenSSL import SSL, crypto
+
+    connection = SSL.Connection(sink.tls_options.getContext(), None)
+    return crypto.dump_certificate(crypto.FILETYPE_PEM, connection.get_certificate())

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_crash, tests.test_delivery_process -*-
 """twistd plugin: `twistd -n mailrelay --config tap.conf`.
 
 A config error is one line on stderr naming the file and key, and twistd exits with status 2; nothing starts
