@@ -47,6 +47,8 @@ BOUNCED = [
 
 
 class RecordingScheduler:
+    logs_queued = False
+
     def __init__(self):
         self.enqueued: list[str] = []
 
