@@ -7,7 +7,10 @@ own work is measured.
 
 - `string`: N sessions over twisted.internet.testing.StringTransport (no sockets, no reactor): connect,
   EHLO, MAIL, RCPT, DATA, a 2 KiB body, QUIT, connection lost.  Then one session with M pipelined
-  transactions (MAIL, RCPT, BDAT 2 KiB LAST each).  The best of `--repeat` rounds, in microseconds.
+  transactions (MAIL, RCPT, BDAT 2 KiB LAST each).  The best of `--repeat` rounds, in microseconds of
+  this process's CPU time (time.process_time: what other processes take of the machine stays out).
+- `calls`: the Python and C function calls of one such session, and of one pipelined message:
+  a count, not a time, so it is the same on a busy machine.
 - `idle`: memory per open idle session (tracemalloc, 1000 sessions after EHLO), in bytes.
 - `loopback`: N sessions over real loopback TCP, `--clients` at a time, the clients in this process
   (their cost is in the figure too, the same before and after a change of the session): sessions/s.
@@ -16,7 +19,7 @@ own work is measured.
   with STARTTLS, an unknown command, an over-long line and the idle timeout: what a Twisted base class
   still does for the session.
 
-    .venv/bin/python benchmarks/session_cost.py                  # all four, a few seconds
+    .venv/bin/python benchmarks/session_cost.py                  # all five, a few seconds
     .venv/bin/python benchmarks/session_cost.py --sessions 5000 --repeat 5 string
 """
 from __future__ import annotations
@@ -119,10 +122,10 @@ def string_sessions(n: int) -> float:
     reply = one_session(f)
     assert reply.count(b"\r\n250 2.0.0 Ok: queued as ") == 1 and reply.endswith(b"221 2.0.0 relay.test Bye\r\n"), reply
     gc.collect()
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(n):
         one_session(f)
-    return (time.perf_counter() - start) / n * 1e6
+    return (time.process_time() - start) / n * 1e6
 
 
 def pipelined_messages(m: int) -> float:
@@ -135,10 +138,10 @@ def pipelined_messages(m: int) -> float:
     one = (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT %d LAST\r\n" % len(BODY)) + BODY
     batch = one * 50
     gc.collect()
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(m // 50):
         session.dataReceived(batch)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert transport.value().count(b"250 2.0.0 Ok: queued as ") == m // 50 * 50
     session.connectionLost(None)
     return elapsed / (m // 50 * 50) * 1e6
@@ -252,6 +255,38 @@ class _Clients(protocol.ClientFactory):
             self._start()
 
 
+def calls_per_session() -> tuple[int, int, int, int]:
+    """(Python calls, C calls) in one whole session, then per pipelined message: what the session does,
+    counted by sys.setprofile, the same on any machine and under any load."""
+    counts = collections.Counter()
+
+    def profile(frame, event, arg):
+        counts[event] += 1
+
+    f = factory()
+    one_session(f)                       # warm: first-time imports and caches stay out of the count
+    sys.setprofile(profile)
+    try:
+        one_session(f)
+    finally:
+        sys.setprofile(None)
+    session = counts["call"], counts["c_call"]
+    transport = StringTransport(peerAddress=ADDRESS)
+    protocol = f.buildProtocol(ADDRESS)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"EHLO client.test\r\n")
+    one = (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT %d LAST\r\n" % len(BODY)) + BODY
+    protocol.dataReceived(one)
+    counts.clear()
+    sys.setprofile(profile)
+    try:
+        protocol.dataReceived(one * 10)
+    finally:
+        sys.setprofile(None)
+    assert transport.value().count(b"250 2.0.0 Ok: queued as ") == 11
+    return session + (counts["call"] // 10, counts["c_call"] // 10)
+
+
 def trace() -> list[tuple[str, int]]:
     """(Twisted function, calls) run with a session as `self` during 20 string sessions."""
     from mailrelay.server.session import RelaySession
@@ -300,7 +335,7 @@ class TLSStringTransport(StringTransport):
         directlyProvides(self, providedBy(self), ISSLTransport)
 
 
-WHAT = ["string", "idle", "loopback", "trace"]
+WHAT = ["string", "calls", "idle", "loopback", "trace"]
 
 
 def main(argv=None) -> int:
@@ -319,6 +354,10 @@ def main(argv=None) -> int:
               f"best of {args.repeat} x {args.sessions})")
         print(f"string:   {per_message:7.1f} us per message (pipelined MAIL, RCPT, BDAT 2 KiB LAST in one "
               f"session; best of {args.repeat} x {args.messages})")
+    if "calls" in args.what:
+        py, c, py_message, c_message = calls_per_session()
+        print(f"calls:    {py:7d} Python calls and {c} C calls per session; {py_message} and {c_message} per "
+              f"pipelined message (sys.setprofile)")
     if "idle" in args.what:
         print(f"idle:     {idle_memory():7.0f} bytes per open session after EHLO (tracemalloc, 1000 sessions)")
     if "loopback" in args.what:
