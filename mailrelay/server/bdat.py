@@ -4,7 +4,7 @@
 Its job in the message's journey: the other way into the spool besides DATA.  In: `BDAT <size> [LAST]`
 command lines and then exactly <size> octets each, handed over by the session's input path (session.py
 `_process`), pipelined (RFC 2920) or not.  Out: one reply per chunk; the chunks' content streamed to the
-same IMessageWriter as DATA's (transaction.py `_open_message`), through the same DataReader, in its
+same IMessageWriter as DATA's (transaction.py `open_message`), through the same DataReader, in its
 `dots=False` mode: no dot-stuffing to undo and no end-of-data sequence — a chunk may hold CRLF "." CRLF
 or a whole SMTP dialogue and it is content (SMTP smuggling: CVE-2023-51764 class) — while bare LF is
 normalised and bare CR, NUL, over-long lines and size are refused exactly as for DATA.  The last chunk's
