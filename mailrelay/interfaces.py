@@ -68,6 +68,11 @@ class IMessageWriter(Interface):
 class IIncomingQueue(Interface):
     """What the server hands accepted messages to."""
 
+    logs_queued = Attribute(
+        'True when something behind this queue writes each committed message\'s "queued" log line (the '
+        'delivery process does, as Postfix\'s qmgr does); the server (SMTP session, HTTP API) then leaves '
+        'it out.  False: the server writes it.')
+
     def new_message(envelope):
         """Start receiving a message with this envelope.Envelope; returns an IMessageWriter."""
 
@@ -127,6 +132,10 @@ class ISpoolControl(ISpool):
 
 class IScheduler(Interface):
     """Runs the queue: decides when each message is tried, and by which route."""
+
+    logs_queued = Attribute(
+        'True when the scheduler writes each enqueued message\'s "queued" log line itself (the delivery '
+        'process stand-in, delivery.process.DeliveryProcess); service.QueueFront passes it on.')
 
     def enqueue(queue_id):
         """A message was committed to the spool: try it as soon as limits allow."""

@@ -101,7 +101,7 @@ class QueueFront:
     def logs_queued(self) -> bool:
         """True when the scheduler writes each message's "queued" line (the delivery process does, as
         Postfix's qmgr does); the session then leaves it out."""
-        return bool(getattr(self._scheduler, "logs_queued", False))
+        return bool(self._scheduler.logs_queued)        # IScheduler declares it
 
     def new_message(self, envelope):
         return _NotifyingWriter(self._spool.new_message(envelope), self._scheduler)

@@ -1,7 +1,10 @@
 # -*- test-case-name: tests.test_capabilities -*-
-"""Optional capabilities of the next hops are declared on interfaces (mailrelay.interfaces), not probed:
-the real hops provide what they do, and the DKIM wrapper passes on exactly what the hop behind it has."""
+"""Optional capabilities are declared on interfaces (mailrelay.interfaces), not probed: the real next
+hops provide what they do, and the DKIM wrapper passes on exactly what the hop behind it has; every
+incoming queue and scheduler says whether it writes the "queued" log line (logs_queued)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -13,7 +16,12 @@ from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.dkim.hop import DKIMHop
-from mailrelay.interfaces import IBatchNextHop, INextHop, IPooledNextHop
+from mailrelay.delivery.process import DeliveryProcess
+from mailrelay.interfaces import IBatchNextHop, IIncomingQueue, INextHop, IPooledNextHop, IScheduler, ISpoolControl
+from mailrelay.service import QueueFront
+from mailrelay.spool.store import Spool
+from tests.support.fakes import FakeQueue
+from tests.support.scheduling import MemorySpool
 
 
 @implementer(INextHop)
@@ -44,3 +52,35 @@ class NextHopCapabilities(unittest.TestCase):
         self.assertFalse(IPooledNextHop.providedBy(plain))
         self.assertFalse(IBatchNextHop.providedBy(plain))
         self.assertIsNone(self.successResultOf(plain.close_idle()))
+
+
+@implementer(IScheduler)
+class _Scheduler:
+    def __init__(self, logs_queued: bool):
+        self.logs_queued = logs_queued
+
+    def enqueue(self, queue_id):
+        pass
+
+    def flush(self, queue_id=None):
+        pass
+
+
+class QueueCapabilities(unittest.TestCase):
+    """Who writes a message's "queued" line is declared (IIncomingQueue.logs_queued, IScheduler.logs_queued):
+    the server reads the attribute of whatever queue it was given."""
+
+    def test_every_queue_declares_whether_it_logs_the_queued_line(self):
+        spool = Spool(Path(self.mktemp()))
+        for queue in (spool, FakeQueue(), QueueFront(spool, _Scheduler(False))):
+            self.assertTrue(verifyObject(IIncomingQueue, queue))
+            self.assertIs(queue.logs_queued, False)
+        self.assertTrue(verifyObject(ISpoolControl, MemorySpool()))
+        self.assertIs(MemorySpool().logs_queued, False)
+
+    def test_the_front_passes_on_what_its_scheduler_declares(self):
+        spool = Spool(Path(self.mktemp()))
+        process = DeliveryProcess(self.mktemp(), reactor=task.Clock())
+        for scheduler, expected in ((_Scheduler(False), False), (_Scheduler(True), True), (process, True)):
+            self.assertTrue(verifyObject(IScheduler, scheduler))
+            self.assertIs(QueueFront(spool, scheduler).logs_queued, expected)

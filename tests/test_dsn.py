@@ -20,6 +20,8 @@ NOW = ARRIVAL + 3600
 
 
 class RecordingScheduler:
+    logs_queued = False
+
     def __init__(self):
         self.enqueued: list[str] = []
 

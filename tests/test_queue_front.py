@@ -14,6 +14,8 @@ from mailrelay.spool.store import Spool
 
 
 class _Scheduler:
+    logs_queued = False
+
     def __init__(self, order: list, fail: bool = False):
         self.order, self.fail = order, fail
 

@@ -280,7 +280,7 @@ class ContentTests(BdatTestCase):
         self.client.send(ENVELOPE + b"BDAT 1000000 LAST\r\n")
         for _ in range(99):
             self.assertEqual(self.client.send(b"x" * 10000), "")
-            self.assertLess(len(self.client.protocol._bdat.reader._partial), 1002)
+            self.assertLess(len(self.client.protocol.transactions.chunks.message.reader._partial), 1002)
         self.assertEqual(replies(self.client.send(b"x" * 10000)), ["554 5.6.0"])
 
 

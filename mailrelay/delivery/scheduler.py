@@ -89,6 +89,8 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
     `throttles`: the [[throttle]] rules; `throttle`: their state, an IThrottle (default: a LocalThrottle);
     `status_path`: where the throttle status is written for the queue CLI (None: nowhere)."""
 
+    logs_queued = False     # IScheduler: the session writes each message's "queued" line (QueueFront)
+
     log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,

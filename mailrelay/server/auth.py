@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_network, tests.test_server_session -*-
+# -*- test-case-name: tests.test_server_parts, tests.test_server_network, tests.test_server_session -*-
 """The AUTH exchange of a server session (RFC 4954): mechanisms PLAIN and LOGIN, only under TLS.
 
 Its job in the message's journey: before MAIL, turn a client's AUTH command and its 334 responses into
@@ -16,150 +16,196 @@ minute, on all listeners together.  An attempt is counted when its check starts;
 client gets 421 4.7.0 without a check.  A success refunds its attempt; a failure or an undecided check
 (454) does not.
 
-`AuthMixin` is one part of `RelaySession` (session.py); it uses the session's state (`_tls_on`,
-`_helo`, `_user`, `_user_folded`, `_mail`, `_auth`, `_mechanism`, `_logout`, `_ip`, `_ip_key`, `_timers`,
-`_clock`, `_limits`,
-`factory`, `hostname`) and its helpers (`_send`, `_reply`, `_count`, `_set_busy`, `_close`,
-`_log`, `_log_unexpected`).
+`Authenticator` is a collaborator of the protocol (session.py), one per connection.  It reads and
+writes the connection's state (state.Connection: TLS, HELO, the user it sets), looks at the
+transaction's (state.Transaction: AUTH is refused inside one) and answers through the session's
+ISessionChannel (replies.py); the factory gives it the portal, the mechanisms and the attempt window.
 """
 from __future__ import annotations
 
 import binascii
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 
 from mailrelay.interfaces import Reply
+from mailrelay.logger import Logger
+from mailrelay.server import replies
 from mailrelay.server.realm import IRelayUser
+from mailrelay.server.replies import LOCAL_ERROR, SESSION_LOG_NAMESPACE, ISessionChannel
+from mailrelay.server.state import Connection, Transaction
 
 MAX_AUTH_LINE = 12288 - 2         # AUTH lines may be longer (RFC 4954 4)
 AUTH_FAILURE_DELAY = 1.0          # seconds before each 535: slows down password guessing
 
+log = Logger(namespace=SESSION_LOG_NAMESPACE)
 
-class AuthMixin:
-    """The AUTH command and the exchange that follows it, for RelaySession."""
 
-    def ext_AUTH(self, rest: str) -> None:
+class Authenticator:
+    """The AUTH command and the exchange that follows it, for one session."""
+
+    def __init__(self, factory, connection: Connection, transaction: Transaction, channel: ISessionChannel,
+                 clock) -> None:
+        self._factory = factory
+        self._connection = connection
+        self._transaction = transaction
+        self._channel = channel
+        self._clock = clock
+        self._exchange: Optional[tuple] = None   # (mechanism,) or LOGIN's (mechanism, user) while under way
+        self._logout: Optional[Callable[[], None]] = None
+        self._delay = None                       # the pending 535 (AUTH_FAILURE_DELAY)
+
+    @property
+    def in_progress(self) -> bool:
+        """An exchange is under way: the next line is a response to a 334, not a command."""
+        return self._exchange is not None
+
+    def cancel(self) -> None:
+        """Forget an exchange under way (a line too long, an error, STARTTLS, shutdown)."""
+        self._exchange = None
+
+    def connection_lost(self) -> None:
+        """No 535 is sent any more; the portal's logout runs once."""
+        delay, self._delay = self._delay, None
+        if delay is not None and delay.active():
+            delay.cancel()
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout()
+
+    def command(self, rest: str) -> None:
         """AUTH mechanism [initial-response]: refused, answered with a 334 prompt, or checked at once."""
-        refusal = self._auth_refusal()
+        refusal = self._refusal()
         if refusal is not None:
-            self._reply(refusal)
+            self._channel.reply(refusal)
             return
-        if self.factory.auth_failures.exhausted(self._ip_key):
+        factory = self._factory
+        if factory.auth_failures.exhausted(self._connection.key):
             self._too_many_failures()
             return
         words = rest.split()
         if not words or len(words) > 2:
-            self._send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            self._channel.send(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
             return
         mechanism = words[0].upper()
-        if mechanism not in self.factory.mechanisms:
-            self._send(504, "5.5.4", "Unrecognized authentication type")
+        if mechanism not in factory.mechanisms:
+            self._channel.send(504, "5.5.4", "Unrecognized authentication type")
             return
-        self._auth = (mechanism,)
-        self._mechanism = mechanism
+        self._exchange = (mechanism,)
+        self._connection.mechanism = mechanism
         if len(words) == 2:
-            self._auth_response(words[1])
+            self.response(words[1])
         else:
-            self._write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
+            self._channel.write(b"334 " + (b"VXNlcm5hbWU6" if mechanism == "LOGIN" else b"") + b"\r\n")
 
-    def _auth_refusal(self) -> Optional[Reply]:
-        if not self._tls_on:
+    def _refusal(self) -> Optional[Reply]:
+        connection = self._connection
+        if not connection.tls:
             # RFC 4954 4 / RFC 3207: plaintext passwords are never accepted outside TLS.
             return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-        if self.factory.portal is None or not self.factory.mechanisms:
+        if self._factory.portal is None or not self._factory.mechanisms:
             return Reply(502, "5.5.1", "AUTH not available")
-        if self._helo is None:
+        if connection.helo is None:
             return Reply(503, "5.5.1", "Send EHLO first")
-        if self._user is not None:
+        if connection.user is not None:
             return Reply(503, "5.5.1", "Already authenticated")
-        if self._mail is not None:
+        if self._transaction.open:
             return Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")  # RFC 4954 4
         return None
 
-    def _auth_response(self, text: str) -> None:
+    def response(self, text: str) -> None:
         """One client response in an AUTH exchange (initial response or a 334 continuation)."""
         if text == "*":
-            self._auth = None
-            self._send(501, "5.7.0", "Authentication cancelled")     # RFC 4954 4
+            self._exchange = None
+            self._channel.send(501, "5.7.0", "Authentication cancelled")     # RFC 4954 4
             return
         decoded = _decode_b64(text)
         if decoded is None:
-            self._auth = None
-            self._send(501, "5.5.2", "Cannot decode AUTH response")
+            self._exchange = None
+            self._channel.send(501, "5.5.2", "Cannot decode AUTH response")
             return
-        mechanism = self._auth[0]
-        if mechanism == "LOGIN" and len(self._auth) == 1:
-            self._auth = (mechanism, decoded)
-            self._write(b"334 UGFzc3dvcmQ6\r\n")
+        exchange = self._exchange
+        mechanism = exchange[0]
+        if mechanism == "LOGIN" and len(exchange) == 1:
+            self._exchange = (mechanism, decoded)
+            self._channel.write(b"334 UGFzc3dvcmQ6\r\n")
             return
-        credentials = _login_credentials(self._auth, decoded)
-        self._auth = None
+        credentials = _login_credentials(exchange, decoded)
+        self._exchange = None
         if credentials is None:
-            self._send(501, "5.5.2", "Malformed AUTH response")
+            self._channel.send(501, "5.5.2", "Malformed AUTH response")
             return
         self._check_credentials(*credentials)
 
     def _check_credentials(self, user: bytes, password: bytes) -> None:
         # Counted when the check starts, not when it fails: otherwise N connections in parallel (or one
         # pipelining) each get a guess checked before any failure is recorded (CWE-307, CWE-362).
-        count = self.factory.auth_failures.record(self._ip_key)
-        self._set_busy(True)
+        count = self._factory.auth_failures.record(self._connection.key)
+        self._channel.hold()
         if isinstance(count, defer.Deferred):
             # Counted in Redis for every relay (cluster.shared), within its bounded wait.
             count.addCallback(self._attempt_counted, user, password)
-            count.addErrback(self._log_unexpected)
+            count.addErrback(self._unexpected)
             return
         self._attempt_counted(count, user, password)
 
     def _attempt_counted(self, count: int, user: bytes, password: bytes) -> None:
-        if self.factory.auth_failures.over_limit(count):
-            self._count("auth", "failure", self._mechanism)
-            self._log.info("AUTH from {ip} refused unchecked: {count} attempts in the last minute",
-                           ip=self._ip, count=count)
+        factory = self._factory
+        if factory.auth_failures.over_limit(count):
+            replies.count(factory.metrics, "auth", "failure", self._connection.mechanism)
+            log.info("AUTH from {ip} refused unchecked: {count} attempts in the last minute",
+                     ip=self._connection.address, count=count)
             self._too_many_failures()
             return
-        d = defer.maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
+        d = defer.maybeDeferred(factory.portal.login, UsernamePassword(user, password), None, IRelayUser)
         name = user.decode("utf-8", "replace")
-        d.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(name,))
-        d.addErrback(self._log_unexpected)
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(name,))
+        d.addErrback(self._unexpected)
 
-    def _auth_succeeded(self, result) -> None:
+    def _succeeded(self, result) -> None:
         _, avatar, logout = result
-        self._user, self._logout = avatar.name, logout
-        self._user_folded = bool(getattr(avatar, "folded", False))
+        connection = self._connection
+        connection.user, self._logout = avatar.name, logout
+        connection.user_folded = bool(avatar.folded)            # IRelayUser declares it
         # A good password refunds its attempt: users behind one NAT address are not locked out by
         # their own logins.  Failures and undecided checks (454) stay counted.
-        self.factory.auth_failures.refund(self._ip_key)
-        self._count("auth", "success", self._mechanism)
-        self._send(235, "2.7.0", "Authentication successful")
-        self._set_busy(False)
+        self._factory.auth_failures.refund(connection.key)
+        replies.count(self._factory.metrics, "auth", "success", connection.mechanism)
+        self._channel.send(235, "2.7.0", "Authentication successful")
+        self._channel.release()
 
-    def _auth_failed(self, failure, name: str) -> None:
+    def _failed(self, failure, name: str) -> None:
+        connection, metrics = self._connection, self._factory.metrics
         if not failure.check(UnauthorizedLogin):
             # realm.TemporaryAuthFailure, a directory timeout, a bug: the client may try later.
-            self._log.warn("AUTH for {user!r} from {ip} could not be checked: {error}",
-                           user=name, ip=self._ip, error=failure.type.__name__)
-            self._count("auth", "temporary", self._mechanism)
-            self._send(454, "4.7.0", "Temporary authentication failure")
-            self._set_busy(False)
+            log.warn("AUTH for {user!r} from {ip} could not be checked: {error}",
+                     user=name, ip=connection.address, error=failure.type.__name__)
+            replies.count(metrics, "auth", "temporary", connection.mechanism)
+            self._channel.send(454, "4.7.0", "Temporary authentication failure")
+            self._channel.release()
             return
-        self._count("auth", "failure", self._mechanism)
-        count = self.factory.auth_failures.count(self._ip_key)
-        self._log.info("AUTH failed for {user!r} from {ip} ({count} attempts in the last minute)", user=name,
-                       ip=self._ip, count=count)
-        self._timers["auth"] = self._clock.callLater(AUTH_FAILURE_DELAY, self._auth_refused)
+        replies.count(metrics, "auth", "failure", connection.mechanism)
+        count = self._factory.auth_failures.count(connection.key)
+        log.info("AUTH failed for {user!r} from {ip} ({count} attempts in the last minute)", user=name,
+                 ip=connection.address, count=count)
+        self._delay = self._clock.callLater(AUTH_FAILURE_DELAY, self._refused)
 
-    def _auth_refused(self) -> None:
-        self._timers.pop("auth", None)
-        self._send(535, "5.7.8", "Authentication credentials invalid")
-        self._set_busy(False)
+    def _refused(self) -> None:
+        self._delay = None
+        self._channel.send(535, "5.7.8", "Authentication credentials invalid")
+        self._channel.release()
 
     def _too_many_failures(self) -> None:
-        self._send(421, "4.7.0", f"{self.hostname} Too many authentication failures, closing connection")
-        self._close()
+        self._channel.send(421, "4.7.0",
+                           f"{self._factory.hostname} Too many authentication failures, closing connection")
+        self._channel.close()
+
+    def _unexpected(self, failure) -> None:
+        log.failure("unexpected error in {ip}'s session", failure, ip=self._connection.address)
+        self._channel.reply(LOCAL_ERROR)
+        self._channel.release()
 
 
 def _decode_b64(text: str) -> Optional[bytes]:

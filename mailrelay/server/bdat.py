@@ -4,7 +4,7 @@
 Its job in the message's journey: the other way into the spool besides DATA.  In: `BDAT <size> [LAST]`
 command lines and then exactly <size> octets each, handed over by the session's input path (session.py
 `_process`), pipelined (RFC 2920) or not.  Out: one reply per chunk; the chunks' content streamed to the
-same IMessageWriter as DATA's (transaction.py `_open_message`), through the same DataReader, in its
+same IMessageWriter as DATA's (transaction.py `open_message`), through the same DataReader, in its
 `dots=False` mode: no dot-stuffing to undo and no end-of-data sequence — a chunk may hold CRLF "." CRLF
 or a whole SMTP dialogue and it is content (SMTP smuggling: CVE-2023-51764 class) — while bare LF is
 normalised and bare CR, NUL, over-long lines and size are refused exactly as for DATA.  The last chunk's
@@ -27,10 +27,10 @@ The rules (RFC 3030 section 2 unless noted):
   (RFC 5321 7.8).  A readable size with a bad end marker (`BDAT 10 LATER`): the chunk is read and
   discarded, `501 5.5.4`, and a BDAT message in progress is thrown away.
 
-`BdatMixin` is one part of `RelaySession`; it uses the session's state (`_inbuf`, `_inpos`, `_mail`,
-`_rcpts`, `_reader`, `_writer`, `_write_failed`, `_limits`, `_ip`, `_log`), its helpers (`_send`,
-`_reply`, `_count`, `_close`, `_abort_writer`, `_reset_transaction`, `_reset_transaction_safely`) and
-the transaction's (`_new_reader`, `_open_message`, `_end_of_data`).
+`BdatReceiver` belongs to the session's TransactionHandler (transaction.py), whose envelope, content
+path (`new_envelope`, `new_reader`, `open_message`, `finish`) and state it uses; it answers through the
+session's ISessionChannel (replies.py).  The protocol hands it a chunk's octets straight from its input
+buffer (`feed`, then `done` once the chunk is complete).
 """
 from __future__ import annotations
 
@@ -39,8 +39,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mailrelay.interfaces import Reply
+from mailrelay.logger import Logger
+from mailrelay.server import replies
 from mailrelay.server.data import TOO_BIG, DataReader
-from mailrelay.server.replies import LOCAL_ERROR, refusal_reason
+from mailrelay.server.replies import LOCAL_ERROR, SESSION_LOG_NAMESPACE, ISessionChannel, refusal_reason
+
+log = Logger(namespace=SESSION_LOG_NAMESPACE)
 
 MAX_SIZE_DIGITS = 20
 _SIZE = re.compile(r"[0-9]{1,%d}" % MAX_SIZE_DIGITS)
@@ -81,19 +85,28 @@ class Chunk:
     reply: Optional[Reply] = None       # answered with this (its octets discarded): no message takes them
 
 
-class BdatMixin:
-    """BDAT for RelaySession (before TransactionMixin in its bases: DATA and RCPT check here first)."""
+class BdatReceiver:
+    """BDAT for one session's TransactionHandler: the chunk being read, the message they build."""
 
-    _chunk: Optional[Chunk]
-    _bdat: Optional[BdatMessage]
+    def __init__(self, transactions, channel: ISessionChannel, limits) -> None:
+        self._transactions = transactions        # the TransactionHandler that owns this
+        self._channel = channel
+        self._limits = limits
+        self.chunk: Optional[Chunk] = None       # a chunk being read: input is counted, not lines
+        self.message: Optional[BdatMessage] = None
 
-    def do_BDAT(self, rest: str) -> None:
+    @property
+    def reading(self) -> bool:
+        """A chunk's octets are still to come: the next input is content, not a command."""
+        return self.chunk is not None
+
+    def command(self, rest: str) -> None:
         parsed = parse_bdat(rest)
+        transactions = self._transactions
         if parsed is None:
-            self._reply(UNREADABLE_SIZE)
-            self._abort_writer()
-            self._reset_transaction()
-            self._close()
+            self._channel.reply(UNREADABLE_SIZE)
+            transactions.abort()
+            self._channel.close()
             return
         size, last, well_formed = parsed
         chunk = Chunk(size, size, last)
@@ -101,100 +114,90 @@ class BdatMixin:
             chunk.reply = self._start_chunk(size, well_formed)
         except Exception:
             # Whatever went wrong, the chunk's octets are still read (never run as commands).
-            self._log.failure("error at a BDAT command from {ip}", ip=self._ip)
-            self._reset_transaction_safely()
+            log.failure("error at a BDAT command from {ip}", ip=transactions.client_address)
+            transactions.abort()
             chunk.reply = LOCAL_ERROR
         if size == 0:
             self._chunk_done(chunk)
         else:
-            self._chunk = chunk
+            self.chunk = chunk
 
     def _start_chunk(self, size: int, well_formed: bool) -> Optional[Reply]:
         """Take a chunk into its transaction's message (opened by the first chunk); the reply to give
         after its octets instead, when no message takes them."""
         if not well_formed:
             return BAD_SYNTAX
-        if self._mail is None or not self._rcpts:
+        transactions = self._transactions
+        if not transactions.has_recipients:
             return NEED_RCPT
-        message = self._bdat
-        envelope = self._new_envelope() if message is None else None
+        message = self.message
+        envelope = transactions.new_envelope() if message is None else None
         if message is None:
-            message = self._bdat = BdatMessage(self._new_reader(dots=False))
+            message = self.message = BdatMessage(transactions.new_reader(dots=False))
         message.declared += size
         if message.refusal is None and message.declared > self._limits.max_message_size:
             self._refuse_message(message, TOO_BIG)      # RFC 1870 6.3: known before a byte is read
         elif envelope is not None:
-            self._open_message(envelope)
+            transactions.open_message(envelope)
         return None
 
-    def do_DATA(self, rest: str) -> None:
-        if self._bdat is not None:
-            self._answer(DATA_AFTER_BDAT)    # RFC 3030 2: DATA and BDAT never in one transaction
-            return
-        super().do_DATA(rest)
-
-    def do_RCPT(self, rest: str) -> None:
-        if self._bdat is not None:
-            self._answer(RCPT_AFTER_BDAT)    # the message (and its Received header) is under way
-            return
-        super().do_RCPT(rest)
-
-    def _feed_chunk(self) -> bool:
-        """Read what has arrived of the current chunk; True once it is complete (and answered)."""
-        chunk, message = self._chunk, self._bdat
-        start = self._inpos
-        end = min(len(self._inbuf), start + chunk.left)
+    def feed(self, buffer: bytes, start: int) -> tuple[int, bool]:
+        """Read what `buffer[start:]` holds of the current chunk: (the position after its octets,
+        whether the chunk is complete — then `done` answers it)."""
+        chunk, message = self.chunk, self.message
+        end = min(len(buffer), start + chunk.left)
         if end > start:
             if chunk.reply is None and message.refusal is None:
-                whole = start == 0 and end == len(self._inbuf)
-                message.reader.feed(self._inbuf if whole else self._inbuf[start:end])
+                whole = start == 0 and end == len(buffer)
+                message.reader.feed(buffer if whole else buffer[start:end])
             chunk.left -= end - start
-            self._inpos = end
-        if chunk.left:
-            return False
-        self._chunk = None
+        return end, not chunk.left
+
+    def done(self) -> None:
+        """The current chunk is complete: answer it."""
+        chunk, self.chunk = self.chunk, None
         try:
             self._chunk_done(chunk)
         except Exception:
-            self._log.failure("error at the end of a BDAT chunk from {ip}", ip=self._ip)
-            self._reset_transaction_safely()
-            self._reply(LOCAL_ERROR)
-        return True
+            log.failure("error at the end of a BDAT chunk from {ip}", ip=self._transactions.client_address)
+            self._transactions.abort()
+            self._channel.reply(LOCAL_ERROR)
 
     def _chunk_done(self, chunk: Chunk) -> None:
         """All of a chunk's octets are read: answer it (for LAST: refuse, or commit and then answer)."""
+        transactions = self._transactions
         if chunk.reply is not None:
-            if chunk.reply is BAD_SYNTAX and self._bdat is not None:
-                self._abort_writer()         # a chunk of the message was lost: the message with it
-                self._reset_transaction()
+            if chunk.reply is BAD_SYNTAX and self.message is not None:
+                transactions.abort()         # a chunk of the message was lost: the message with it
             if chunk.reply.code == 503:
-                self._answer(chunk.reply)    # out of order: not a refused message (as DATA's 503)
+                self.answer(chunk.reply)     # out of order: not a refused message (as DATA's 503)
             else:
-                self._reply(chunk.reply)
+                self._channel.reply(chunk.reply)
             return
-        message = self._bdat
+        message = self.message
         if message.refusal is None:
             if chunk.last and message.reader.outcome is None:
                 message.reader.finish()
-            refusal = message.reader.outcome or (LOCAL_ERROR if self._write_failed else None)
+            refusal = message.reader.outcome or (LOCAL_ERROR if transactions.write_failed else None)
             if refusal is not None:
                 self._refuse_message(message, refusal)
             elif chunk.last:
-                self._bdat, self._reader = None, message.reader
-                self._end_of_data()          # the policy's look at the headers, then commit, then 250
+                self.message = None
+                transactions.finish(message.reader)   # the policy's look at the headers, commit, 250
                 return
             else:
-                self._send(250, "2.0.0", f"Ok: {chunk.size} octets")
+                self._channel.send(250, "2.0.0", f"Ok: {chunk.size} octets")
                 return
         if chunk.last:
-            self._reset_transaction()
-        self._answer(message.refusal)        # counted once, in _refuse_message
+            transactions.clear()
+        self.answer(message.refusal)         # counted once, in _refuse_message
 
-    def _answer(self, reply: Reply) -> None:
-        self._send(reply.code, reply.status, reply.text)
+    def answer(self, reply: Reply) -> None:
+        """A reply not counted as a refusal (an out-of-order command, or one counted already)."""
+        self._channel.send(reply.code, reply.status, reply.text)
 
     def _refuse_message(self, message: BdatMessage, refusal: Reply) -> None:
         """The message fails: its partial content is thrown away; what is left of it will be discarded."""
         message.refusal = refusal
-        self._abort_writer()
-        self._count("refused", refusal_reason(refusal))
+        self._transactions.abort_writer()
+        replies.count(self._transactions.metrics, "refused", refusal_reason(refusal))

@@ -405,7 +405,7 @@ class ApiRequest(http.Request):
     def _accepted(self, result) -> None:
         queue_id, envelope, size = result
         site = self.channel.site
-        if not getattr(site.queue, "logs_queued", False):
+        if not site.queue.logs_queued:          # IIncomingQueue declares it
             log_queued(_log, queue_id, envelope, size)
         if site.metrics is not None:
             site.metrics.accepted("http", size)

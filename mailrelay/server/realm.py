@@ -11,7 +11,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 
 class TemporaryAuthFailure(Exception):
@@ -20,7 +20,11 @@ class TemporaryAuthFailure(Exception):
 
 
 class IRelayUser(Interface):
-    """An authenticated client identity (attribute `name`)."""
+    """An authenticated client identity: what a successful AUTH gives the session."""
+
+    name = Attribute("The login as the relay knows it from now on (policy, logs, Received): a str.")
+    folded = Attribute("True when `name` is a case-insensitive login (LDAP / AD) already case-folded "
+                       "(FoldedLogin): permit rules' `users` lists then match it case-insensitively.")
 
 
 class FoldedLogin(str):

@@ -14,16 +14,20 @@ reply; RFC 2034 3 exempts the 220 greeting and the HELO/EHLO reply, whose first 
 domain, and 334/354 are not 2xx/4xx/5xx), RFC 3207 (STARTTLS), RFC 4954 (AUTH PLAIN and LOGIN, only
 under TLS), RFC 6409 (submission needs AUTH), RFC 8314 (implicit TLS).
 
-Built on twisted.mail.smtp.ESMTP for its shape (do_*/ext_* dispatch), but every command handler and
-the input path are our own: stock Twisted's holes (STARTTLS injection, DATA smuggling, unbounded lines) are closed here
-and in data.py.  Input is read from one buffer by `_process`: as command lines, as DATA content
-(data.py) or as a BDAT chunk of a counted length (bdat.py); while an AUTH check or a commit is
-pending the transport is paused and nothing more is processed, so replies never reorder (#8126).
+A `twisted.internet.protocol.Protocol` of its own (no twisted.mail.smtp base: nothing of it was left
+in use but its constructor; benchmarks/session_cost.py shows which Twisted methods run on a session).
+Stock Twisted's holes (STARTTLS injection, DATA smuggling, unbounded lines) are closed here and in
+data.py.  Input is read from one buffer by `_process`: as command lines, as DATA content (data.py) or
+as a BDAT chunk of a counted length (bdat.py); while an AUTH check or a commit is pending the input
+waits unread, so replies never reorder (#8126).
 
-The session is in parts, each a module: this one holds the connection, the input path, the simple
-commands, EHLO and STARTTLS; auth.py the AUTH exchange (AuthMixin); transaction.py MAIL, RCPT, DATA
-and the commit (TransactionMixin); bdat.py BDAT and its chunks, read by count (BdatMixin); replies.py
-the replies they share.
+The session is composed, not mixed: this protocol holds the connection, the input path, the timers,
+the simple commands, EHLO and STARTTLS, and owns its collaborators — `Authenticator` (auth.py, the AUTH
+exchange) and `TransactionHandler` (transaction.py: MAIL, RCPT, DATA and the commit; its BdatReceiver,
+bdat.py, reads BDAT chunks).  What the session knows is in plain objects (state.py): `connection`
+(state.Connection) and `transaction` (state.Transaction), shared with the collaborators.  They answer
+the client through a `SessionChannel`, the protocol's one narrow face towards them
+(replies.ISessionChannel), never through its attributes.
 
 Graceful shutdown (driven by the factory): `shut_down()` closes an idle session at once with 421 4.3.2;
 a session in a transaction finishes it, then its next command other than QUIT gets 421 4.3.2;
@@ -34,27 +38,25 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
+from twisted.internet import protocol
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
-from twisted.mail import smtp
 from zope.interface import implementer
 
-from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import Reply
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
 from mailrelay.server import addresses
-from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, AuthMixin
-from mailrelay.server.authres import AuthResultsFilter
-from mailrelay.server.bdat import BdatMessage, BdatMixin, Chunk
-from mailrelay.server.data import DataReader, HeaderCollector
+from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, Authenticator
 from mailrelay.server.ratelimit import client_key
-from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, refusal_reason
-from mailrelay.server.transaction import TransactionMixin
+from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, ISessionChannel, refusal_reason
+from mailrelay.server.state import Connection, Transaction
+from mailrelay.server.transaction import TransactionHandler
 from mailrelay.tls import handshake_failure
 
 __all__ = [
     "AUTH_FAILURE_DELAY", "COMMANDS", "LOCAL_ERROR", "MAX_AUTH_LINE", "MAX_COMMAND_LINE", "SHUTTING_DOWN",
-    "RelaySession", "refusal_reason", "unmapped_ip",
+    "RelaySession", "SessionChannel", "refusal_reason", "unmapped_ip",
 ]
 
 MAX_COMMAND_LINE = 512 - 2        # octets without CRLF (RFC 5321 4.5.3.1.4)
@@ -80,76 +82,55 @@ def unmapped_ip(host: str) -> str:
     return str(mapped or address)
 
 
+@implementer(ISessionChannel)
+class SessionChannel:
+    """The protocol's face towards its collaborators (replies.ISessionChannel): replies, holding input,
+    closing, the client's description.  Nothing else of the protocol is reachable through it."""
+
+    # The session's own methods, bound once per connection: a reply costs no extra call.
+    __slots__ = ("write", "send", "reply", "hold", "release", "close", "client_info")
+
+    def __init__(self, session: "RelaySession") -> None:
+        self.write, self.send, self.reply = session._write, session._send, session._reply
+        self.hold, self.release, self.close = session._hold, session._release, session._close
+        self.client_info = session.client_info
+
+
 @implementer(IHandshakeListener)
-class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
-    """An ESMTP server session for one connection, configured by a RelayServerFactory.  The mixins come
-    before smtp.ESMTP so that their do_*/ext_* handlers replace Twisted's."""
+class RelaySession(protocol.Protocol):
+    """An ESMTP server session for one connection, configured by a RelayServerFactory."""
 
     _log = Logger()
 
     def __init__(self, factory):
-        super().__init__(chal={}, contextFactory=factory.tls_options)
         self.factory = factory
         self.hostname: str = factory.hostname
-        self.host = factory.hostname          # Twisted's attribute (bytes); we use self.hostname
         self._clock = factory.clock
         self._limits = factory.limits
+        self._tls_options = factory.tls_options
+        self._can_start_tls = False
         self._inbuf = b""
         self._inpos = 0                   # start of the unread part of _inbuf (avoids re-copying it)
-        self._busy = self._processing = self._closing = self._counted = self._paused = False
+        self._busy = self._processing = self._closing = self._paused = False
         self._draining = False            # shutdown began: finish the transaction in progress, no new one
-        self._tls_on = False
         self._handshake_done = False      # Twisted's TLS layer calls handshakeCompleted()
-        self._ip, self._port = "", 0
-        self._ip_key = ""                 # what per-IP limits count this peer under (IPv6: its /64)
         self._timers: dict[str, object] = {}
-        self._logout = None
-        self._auth: Optional[tuple] = None
-        self._chunk: Optional[Chunk] = None     # a BDAT chunk being read: input is counted, not lines
-        self._reset_session()
+        self.connection = Connection()
+        self.transaction = Transaction()
+        channel = SessionChannel(self)
+        self.auth = Authenticator(factory, self.connection, self.transaction, channel, self._clock)
+        self.transactions = TransactionHandler(factory, self._limits, self.connection, self.transaction,
+                                               channel, self._clock)
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _reset_session(self) -> None:
-        """Forget everything learned from the client (RFC 3207 4.2 after STARTTLS)."""
-        self._helo: Optional[str] = None
-        self._esmtp = False
-        self._user: Optional[str] = None
-        self._user_folded = False
-        self._auth = None
-        self._mechanism = ""
-        self._reset_transaction()
-
-    def _reset_transaction(self) -> None:
-        self._mail: Optional[addresses.MailFrom] = None
-        self._identity: Optional[str] = None
-        self._rcpts: list[str] = []
-        self._rcpt_params: dict[str, dict] = {}     # recipient -> its NOTIFY / ORCPT (RFC 3461)
-        self._reader: Optional[DataReader] = None
-        self._bdat: Optional[BdatMessage] = None
-        self._writer = None
-        self._content_filter: Optional[AuthResultsFilter] = None
-        self._headers: Optional[HeaderCollector] = None
-        self._write_failed = False
-        self._envelope: Optional[Envelope] = None
-
-    def _abort_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                writer.abort()
-            except Exception:
-                self._log.failure("abort of a partial message failed")
-
     def client_info(self) -> ClientInfo:
         """What the policy is told about this client."""
-        return ClientInfo(
-            address=self._ip, port=self._port, helo=self._helo or "", listener=self.factory.listener.kind,
-            user=self._user, user_folded=self._user_folded, tls=self._tls_description(),
-        )
+        self.connection.tls_description = self._tls_description()
+        return self.connection.client_info()
 
     def _tls_description(self) -> Optional[str]:
-        if not self._tls_on:
+        if not self.connection.tls:
             return None
         try:
             handle = self.transport.getHandle()
@@ -163,29 +144,30 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         peer = self.transport.getPeer()
-        self._ip = unmapped_ip(str(getattr(peer, "host", peer)))
-        self._port = getattr(peer, "port", 0)
-        self._ip_key = client_key(self._ip)
-        self._tls_on = ISSLTransport.providedBy(self.transport)
-        self.startedTLS = self._tls_on
-        self.canStartTLS = (
-            self.ctx is not None and not self._tls_on and ITLSTransport.providedBy(self.transport)
+        connection = self.connection
+        connection.address = unmapped_ip(str(getattr(peer, "host", peer)))
+        connection.port = getattr(peer, "port", 0)
+        connection.key = client_key(connection.address)
+        connection.listener = self.factory.listener.kind
+        connection.tls = ISSLTransport.providedBy(self.transport)
+        self._can_start_tls = (
+            self._tls_options is not None and not connection.tls and ITLSTransport.providedBy(self.transport)
         )
         if self.factory.shutting_down:
             # Accepted in the moment the listener was closing: no session is started any more.
             self._send(SHUTTING_DOWN.code, SHUTTING_DOWN.status, f"{self.hostname} {SHUTTING_DOWN.text}")
             self._close()
             return
-        if not self.factory.connections.open(self._ip_key):
+        if not self.factory.connections.open(connection.key):
             self._count("refused", "connection_limit")
-            self._log.info("connection from {ip} refused: connection limit", ip=self._ip)
+            self._log.info("connection from {ip} refused: connection limit", ip=connection.address)
             self._send(421, "4.7.0", f"{self.hostname} Too many connections, try again later")
             self._close()
             return
-        self._counted = True
+        connection.counted = True
         self._write(f"220 {self.greeting()}\r\n".encode("ascii"))    # the bookkeeping can follow it
         self.factory.session_opened(self)
-        self._count("connection", self.factory.listener.kind)
+        self._count("connection", connection.listener)
         self._timers["idle"] = self._clock.callLater(
             self._limits.idle_timeout, self._timed_out, "idle", "Idle timeout"
         )
@@ -200,23 +182,23 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         self._handshake_done = True
 
     def connectionLost(self, reason=None) -> None:
-        if self._tls_on and not self._handshake_done and self._counted:
+        connection = self.connection
+        if connection.tls and not self._handshake_done and connection.counted:
             # Postfix logs its SSL_accept errors too: a client that cannot connect is visible.
-            self._log.info("TLS handshake with {ip} on the {kind} listener failed: {reason}", ip=self._ip,
-                           kind=self.factory.listener.kind, reason=handshake_failure(reason, self._closing))
+            self._log.info("TLS handshake with {ip} on the {kind} listener failed: {reason}",
+                           ip=connection.address, kind=connection.listener,
+                           reason=handshake_failure(reason, self._closing))
         self._closing = True
         for call in self._timers.values():
             if call.active():
                 call.cancel()
         self._timers.clear()
-        if self._receiving():
-            self._abort_writer()      # connection lost mid-DATA/BDAT: the partial message is thrown away
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-        if self._counted:
-            self._counted = False
-            self.factory.connections.close(self._ip_key)
+        if self.transactions.receiving:
+            self.transactions.abort_writer()    # lost mid-DATA/BDAT: the partial message is thrown away
+        self.auth.connection_lost()
+        if connection.counted:
+            connection.counted = False
+            self.factory.connections.close(connection.key)
             self.factory.session_closed(self)
 
     # -- graceful shutdown -------------------------------------------------------------------------
@@ -236,33 +218,27 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         """The shutdown grace period ended: close, throwing away an unfinished message.  A commit
         already under way is left to finish (its 250 may still be sent); the factory cuts the
         connection shortly after in any case."""
-        if self._closing or (self._busy and self._writer is not None):
+        if self._closing or (self._busy and self.transactions.writing):
             return
         self._close_for_shutdown()
 
-    def _receiving(self) -> bool:
-        """Message content is being read: DATA, or BDAT chunks before the LAST one (not the commit)."""
-        return self._reader is not None or self._bdat is not None
-
     def _in_transaction(self) -> bool:
         """MAIL given, DATA being received, or a check/commit pending."""
-        return self._mail is not None or self._reader is not None or self._busy
+        return self.transaction.open or self.transactions.reading_data or self._busy
 
     def _close_for_shutdown(self) -> None:
-        self._log.info("closing connection from {ip}: relay shutting down", ip=self._ip)
+        self._log.info("closing connection from {ip}: relay shutting down", ip=self.connection.address)
         self._send(SHUTTING_DOWN.code, SHUTTING_DOWN.status, f"{self.hostname} {SHUTTING_DOWN.text}")
-        self._auth = None
-        self._abort_writer()            # an unacknowledged partial message: the client still has it
-        self._reset_transaction()
+        self.auth.cancel()
+        self.transactions.abort()       # an unacknowledged partial message: the client still has it
         self._close()
 
     def _timed_out(self, timer: str, why: str) -> None:
         self._timers.pop(timer, None)
-        self._log.info("closing connection from {ip}: {why}", ip=self._ip, why=why)
+        self._log.info("closing connection from {ip}: {why}", ip=self.connection.address, why=why)
         self._send(421, "4.4.2", f"{self.hostname} {why}, closing connection")
-        if self._receiving():
-            self._abort_writer()
-            self._reader = None
+        if self.transactions.receiving:
+            self.transactions.abort()
         self._close()
 
     def _close(self) -> None:
@@ -280,6 +256,7 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
 
     def _reply(self, reply: Reply) -> None:
         if reply.code >= 400:
+            self.connection.refused += 1
             self._count("refused", refusal_reason(reply))
         self._send(reply.code, reply.status, reply.text)
 
@@ -289,17 +266,16 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         if metrics is not None:
             getattr(metrics, event)(*args)
 
-    def _log_unexpected(self, failure) -> None:
-        self._log.failure("unexpected error in {ip}'s session", failure, ip=self._ip)
-        self._reply(LOCAL_ERROR)
-        self._set_busy(False)
-
-    def _set_busy(self, busy: bool) -> None:
+    def _hold(self) -> None:
         """While a check or a commit is pending, input waits unread, so pipelined replies keep their order
         (RFC 2920). The socket itself is paused only once BUSY_INPUT_LIMIT bytes wait (dataReceived):
         pausing for every commit would cost two epoll changes per message."""
-        self._busy = busy
-        if busy or self._closing:
+        self._busy = True
+
+    def _release(self) -> None:
+        """The pending check or commit is answered: the input that waited is read."""
+        self._busy = False
+        if self._closing:
             return
         if self._paused:
             self._paused = False
@@ -326,12 +302,13 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         if self._processing:
             return                    # re-entered from a Deferred that fired synchronously
         self._processing = True
+        transactions = self.transactions
         try:
             while self._inpos < len(self._inbuf) and not self._busy and not self._closing:
-                if self._chunk is not None:
+                if transactions.reading_chunk:
                     if not self._feed_chunk():
                         break
-                elif self._reader is not None:
+                elif transactions.reading_data:
                     if not self._feed_data():
                         break
                 elif not self._next_line():
@@ -340,6 +317,24 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
             if self._inpos:
                 self._inbuf, self._inpos = self._inbuf[self._inpos:], 0
             self._processing = False
+
+    def _feed_chunk(self) -> bool:
+        """A BDAT chunk's octets, read by count; True once the chunk is complete (and answered)."""
+        self._inpos, complete = self.transactions.feed_chunk(self._inbuf, self._inpos)
+        if complete:
+            self.transactions.chunk_done()
+        return complete
+
+    def _feed_data(self) -> bool:
+        """DATA's content; True once CRLF.CRLF was read (and answered: the rest is command lines)."""
+        data = self._inbuf[self._inpos:] if self._inpos else self._inbuf
+        self._inbuf, self._inpos = b"", 0
+        rest = self.transactions.feed_data(data)
+        if rest is None:
+            return False
+        self._inbuf = rest              # before the answer: its write sees the pipelined commands
+        self.transactions.data_done()
+        return True
 
     def _next_line(self) -> bool:
         end = self._inbuf.find(b"\r\n", self._inpos)
@@ -354,60 +349,43 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         try:
             self.lineReceived(line)
         except Exception:
-            self._log.failure("error handling a command from {ip}", ip=self._ip)
-            self._reset_transaction_safely()
+            self._log.failure("error handling a command from {ip}", ip=self.connection.address)
+            self.auth.cancel()
+            self.transactions.abort()
             self._reply(LOCAL_ERROR)
         return True
-
-    def _reset_transaction_safely(self) -> None:
-        self._auth = None
-        self._abort_writer()
-        self._reset_transaction()
 
     def lineReceived(self, line: bytes) -> None:
         """One command line (CRLF removed), or an AUTH response while an exchange is under way."""
         start = line[:5].upper()
-        in_auth = self._auth is not None or start == b"AUTH "
+        exchange = self.auth.in_progress
         limit = MAX_ENVELOPE_LINE if start in (b"MAIL ", b"RCPT ") else MAX_COMMAND_LINE
-        if len(line) > (MAX_AUTH_LINE if in_auth else limit):
-            self._auth = None
+        if len(line) > (MAX_AUTH_LINE if exchange or start == b"AUTH " else limit):
+            self.auth.cancel()
             self._send(500, "5.5.2", "Line too long")       # RFC 5321 4.5.3.1.4
             return
         text = line.decode("latin-1")
-        if self._auth is not None:
-            self._auth_response(text)
+        if exchange:
+            self.auth.response(text)
             return
-        self.state_COMMAND(text)
+        self._command(text)
 
-    def state_COMMAND(self, text: str) -> None:
+    def _command(self, text: str) -> None:
         if addresses.has_control(text):
             # Bare LF, bare CR, NUL...: never let them near an envelope or a header (injection).
             self._send(501, "5.5.4", "Syntax error: control characters are not allowed")
             return
         verb, _, argument = text.partition(" ")
-        if self._draining and self._mail is None and verb.upper() != "QUIT":
+        if self._draining and not self.transaction.open and verb.upper() != "QUIT":
             self._close_for_shutdown()      # the transaction in progress at shutdown is over: no new one
             return
-        method = self.lookupMethod(verb)
-        if method is None:
-            self.do_UNKNOWN(argument)
-        else:
-            method(argument)
+        verb = verb.upper()
+        if verb not in COMMANDS:
+            self._send(500, "5.5.2", "Command not recognized")
+            return
+        getattr(self, "do_" + verb)(argument)
 
-    def lookupMethod(self, command: str):
-        command = command.upper()
-        if command not in COMMANDS:
-            return None
-        return getattr(self, "do_" + command, None) or getattr(self, "ext_" + command)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # Not reached: our dataReceived enforces limits. Kept so no inherited path drops to command mode.
-        self._send(500, "5.5.2", "Line too long")
-
-    # -- simple commands ---------------------------------------------------------------------------
-
-    def do_UNKNOWN(self, rest: str) -> None:
-        self._send(500, "5.5.2", "Command not recognized")
+    # -- the commands ------------------------------------------------------------------------------
 
     def do_NOOP(self, rest: str) -> None:
         self._send(250, "2.0.0", "Ok")
@@ -423,8 +401,7 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         self._close()
 
     def do_RSET(self, rest: str) -> None:
-        self._abort_writer()
-        self._reset_transaction()
+        self.transactions.abort()
         self._send(250, "2.0.0", "Ok")
 
     def do_HELO(self, rest: str) -> None:
@@ -433,14 +410,28 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
     def do_EHLO(self, rest: str) -> None:
         self._hello(rest, esmtp=True)
 
+    def do_AUTH(self, rest: str) -> None:
+        self.auth.command(rest)
+
+    def do_MAIL(self, rest: str) -> None:
+        self.transactions.mail(rest)
+
+    def do_RCPT(self, rest: str) -> None:
+        self.transactions.rcpt(rest)
+
+    def do_DATA(self, rest: str) -> None:
+        self.transactions.data(rest)
+
+    def do_BDAT(self, rest: str) -> None:
+        self.transactions.bdat(rest)
+
     def _hello(self, argument: str, esmtp: bool) -> None:
         name = addresses.check_helo(argument)
         if isinstance(name, Reply):
             self._reply(name)       # no CR/LF/controls may reach Received (header injection)
             return
-        self._abort_writer()
-        self._reset_transaction()   # RFC 5321 4.1.4: EHLO/HELO resets the transaction
-        self._helo, self._esmtp = name, esmtp
+        self.transactions.abort()   # RFC 5321 4.1.4: EHLO/HELO resets the transaction
+        self.connection.helo, self.connection.esmtp = name, esmtp
         first = f"{self.hostname} Hello {name}"
         lines = [first] + (self.extensions() if esmtp else [])
         body = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
@@ -450,22 +441,23 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
         """The EHLO keywords for the session's current state."""
         ext = ["PIPELINING", f"SIZE {self._limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
                "SMTPUTF8", "CHUNKING", "DSN"]   # SMTPUTF8: RFC 6531 3.2, on every listener; DSN: RFC 3461
-        if self.canStartTLS and not self._tls_on:
+        tls = self.connection.tls
+        if self._can_start_tls and not tls:
             ext.append("STARTTLS")
-        if self._tls_on:
+        if tls:
             ext.append("REQUIRETLS")     # RFC 8689 2: offered only on a TLS session (after STARTTLS, 465)
-        if self._tls_on and self.factory.portal is not None and self.factory.mechanisms:
+        if tls and self.factory.portal is not None and self.factory.mechanisms:
             ext.append("AUTH " + " ".join(self.factory.mechanisms))   # RFC 4954: never in plaintext
         return ext
 
     # -- STARTTLS (RFC 3207) -----------------------------------------------------------------------
 
-    def ext_STARTTLS(self, rest: str) -> None:
+    def do_STARTTLS(self, rest: str) -> None:
         if rest.strip():
             self._send(501, "5.5.4", "STARTTLS takes no arguments")
-        elif self._tls_on:
+        elif self.connection.tls:
             self._send(503, "5.5.1", "TLS already active")
-        elif not self.canStartTLS:
+        elif not self._can_start_tls:
             self._send(454, "4.7.0", "TLS not available")
         else:
             self._send(220, "2.0.0", "Ready to start TLS")
@@ -473,7 +465,8 @@ class RelaySession(AuthMixin, BdatMixin, TransactionMixin, smtp.ESMTP):
             # plaintext and could have been injected by a man in the middle; discard it, and forget
             # everything learned so far (EHLO, MAIL, RCPT, AUTH).
             self._inbuf, self._inpos = b"", 0
-            self._abort_writer()
-            self._reset_session()
-            self.transport.startTLS(self.ctx)
-            self._tls_on = self.startedTLS = True
+            self.transactions.abort()
+            self.connection.forget()
+            self.auth.cancel()
+            self.transport.startTLS(self._tls_options)
+            self.connection.tls = True

@@ -57,6 +57,7 @@ RECOVER_IN_BACKGROUND = 1000
 @implementer(ISpool, ISpoolControl)
 class Spool(Service):
     _log = Logger()
+    logs_queued = False     # IIncomingQueue: the server writes the "queued" line of what is committed here
 
     def __init__(self, directory: Path, clock=None, threadpool_size: int = 4, reactor=None,
                  owner: bool = True, directory_fsync: str = "auto") -> None:

@@ -61,6 +61,8 @@ class FakeWriter:
 class FakeQueue:
     """`messages`: committed writers, in order. `writers`: every writer handed out."""
 
+    logs_queued = False     # the session writes the "queued" lines
+
     def __init__(self, commit_mode: str = "ok"):
         self.commit_mode = commit_mode      # "ok" | "fail" | "pending"
         self.messages: list[FakeWriter] = []

@@ -74,6 +74,8 @@ class MemorySpool:
     copies dropped from memory (`forgotten`); states go through JSON as a real spool would store them.
     `paused_saves`, when a list: each save waits there until the test fires it."""
 
+    logs_queued = False     # IIncomingQueue (through ISpool)
+
     def __init__(self):
         self.envelopes: dict[str, Envelope] = {}
         self.states: dict[str, dict] = {}
