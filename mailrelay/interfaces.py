@@ -147,7 +147,7 @@ class IScheduler(Interface):
 
 class ISpooledMessage(Interface):
     """A message as the delivery side reads it: the spool's own (spool.message.SpooledMessage), or a form of
-    one made on the way out (dkim.hop.PrefixedMessage, with header lines in front; delivery.sevenbit.
+    one made on the way out (delivery.signing.PrefixedMessage, with header lines in front; delivery.sevenbit.
     ConvertedMessage, re-encoded).  What INextHop.deliver is given."""
 
     queue_id = Attribute("The spool's id for the message (str); every log line about the message names it.")

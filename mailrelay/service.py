@@ -296,7 +296,7 @@ def dkim_wrapper(config: Config, reactor):
     signer, verifier = build_signer(config), build_verifier(config)
     if signer is None and verifier is None:
         return lambda hop: hop
-    from mailrelay.dkim.hop import DKIMHop
+    from mailrelay.delivery.signing import DKIMHop
 
     return lambda hop: DKIMHop(hop, signer=signer, verifier=verifier, reactor=reactor)
 

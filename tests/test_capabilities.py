@@ -15,7 +15,7 @@ from mailrelay import config
 from mailrelay.config import DeliveryConfig
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.smarthost import SmarthostTransport
-from mailrelay.dkim.hop import DKIMHop
+from mailrelay.delivery.signing import DKIMHop
 from mailrelay.delivery.process import DeliveryProcess
 from mailrelay.interfaces import IBatchNextHop, IIncomingQueue, INextHop, IPooledNextHop, IScheduler, ISpoolControl
 from mailrelay.service import QueueFront

@@ -26,7 +26,7 @@ from mailrelay.delivery.routes import Router
 from mailrelay.delivery.scheduler import Scheduler
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.state import MessageState
-from mailrelay.dkim.hop import DKIMHop
+from mailrelay.delivery.signing import DKIMHop
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IBatchNextHop, ISpooledMessage
 from mailrelay.spool.store import Spool

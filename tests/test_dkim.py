@@ -21,7 +21,7 @@ from mailrelay.cli.main import main as cli_main
 from mailrelay.delivery.results import RecipientResult
 from mailrelay.dkim import keys
 from mailrelay.dkim.bodyhash import BodyHasher
-from mailrelay.dkim.hop import DKIMHop
+from mailrelay.delivery.signing import DKIMHop
 from mailrelay.dkim.permission import may_sign
 from mailrelay.dkim.signer import Signer
 from mailrelay.dkim.verifier import Verifier, make_resolver, txt_lookup

@@ -2,7 +2,7 @@
 """What one outgoing SMTP session is asked to do: the jobs (a spooled message and the recipients to try),
 how to talk to the remote host (`SessionParams`, `Timeouts`), and how settled jobs are reported
 (`OnSettled`, `report_once`).  Plain values and small helpers shared by the client (delivery.client), the
-connection step (delivery.connect) and the next hops (delivery.mx, delivery.smarthost, dkim.hop).
+connection step (delivery.connect) and the next hops (delivery.mx, delivery.smarthost, delivery.signing).
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ be converted at all), the second writes the converted form to an unlinked tempor
 tmp/ directory (mode 0600, removed by the kernel once closed, even after a crash).  Only a header block
 is held whole (parsed by the stdlib `email` package; at most MAX_HEADER_BLOCK octets), and nesting is
 limited to MAX_DEPTH.  The work blocks: it runs in a thread pool, never on the reactor thread.  DKIM
-signing, when the hop signs, happens after converting, on the converted form (dkim/hop.py).
+signing, when the hop signs, happens after converting, on the converted form (delivery/signing.py).
 """
 from __future__ import annotations
 
