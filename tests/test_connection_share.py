@@ -18,6 +18,7 @@ from mailrelay.delivery.pool import UNAUTHENTICATED, ByAddress, ConnectionPool, 
 from tests.support.sink import Sink
 from tests.support.tlsworld import World
 from tests.test_connection_cache import StandInClient, mails, verbs
+from tests.test_connection_reuse import wait_until
 from tests.test_dane import record
 from tests.test_mx import message_to
 
@@ -62,15 +63,16 @@ class SharedAddressTests(unittest.TestCase):
 
     timeout = 60
 
-    def world(self, authenticated: bool = False) -> tuple[World, Sink]:
+    def world(self, authenticated: bool = False, more: int = 0, **sink_options) -> tuple[World, Sink]:
         world = World(self, authenticated=authenticated)
-        names = [f"mx.{d}.example" for d in "abc"]
-        for d, name in zip("abc", names):
+        domains = ["a", "b", "c"] + [f"d{n}" for n in range(more)]
+        names = [f"mx.{d}.example" for d in domains]
+        for d, name in zip(domains, names):
             world.zone((f"{d}.example", "MX"), [f"10 {name}."])
             world.zone((name, "A"), [ADDRESS])
-        options = world.ca.server_options(names[0], also=tuple(names[1:]), send_ca=True)
+        options = world.ca.server_options(names[0], also=tuple(names[1:4]), send_ca=True)
         self.certificate = world.ca.last_issued
-        sink = Sink(hostname=names[0])
+        sink = Sink(hostname=names[0], **sink_options)
         try:
             sink.start(reactor, port=world.mx_port, interface=ADDRESS, tls_options=options)
         except CannotListenError:
@@ -143,3 +145,18 @@ class SharedAddressTests(unittest.TestCase):
         b, a = yield self.send(mx, "b.example", "a.example")
         self.assertEqual([r.tls_verified for r in (b, a)], [False, True])
         self.assertEqual([mails(s) for s in sink.sessions], [1, 1])
+
+    @defer.inlineCallbacks
+    def test_an_address_keeps_as_many_idle_connections_as_deliveries_may_run_at_once(self):
+        world, sink = self.world(more=24, hold_data=True)     # no message is answered before release()
+        mx = world.mx(tls="none", concurrency=20)
+        first, second = [f"d{n}.example" for n in range(12)], [f"d{n}.example" for n in range(12, 24)]
+        for batch in (first, second):      # twelve domains at once, more than a smarthost's bound of ten
+            sending = defer.gatherResults([mx.deliver(message_to(f"u@{d}"), [f"u@{d}"]) for d in batch])
+            yield wait_until(lambda: len(sink.held) == 12, "every message to wait for its reply")
+            sink.release(hold=True)
+            results = yield sending
+            self.assertTrue(all(r.delivered for [r] in results), results)
+            self.assertEqual(len(mx.pool), 12)
+        self.assertEqual(len(sink.sessions), 12)
+        self.assertEqual(sorted(mails(s) for s in sink.sessions), [2] * 12)

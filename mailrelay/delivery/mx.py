@@ -105,7 +105,9 @@ class MXDelivery:
         self.trust_root = trust_root
         self.timeouts = timeouts
         self.send = send
-        self.pool = pool if pool is not None else ConnectionPool(reactor)
+        # One address may be every domain's exchanger (a hosting provider): as many idle connections to it
+        # as deliveries may run at once, not the per-destination bound a smarthost's pool has.
+        self.pool = pool if pool is not None else ConnectionPool(reactor, max_idle=max(1, delivery.concurrency))
         self.policies = policies if policies is not None else self._default_policies(spool, tls_reports, metrics)
         self.attempt_delay = CONNECTION_ATTEMPT_DELAY   # RFC 8305 §5 stagger between connection attempts
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear

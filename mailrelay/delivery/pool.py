@@ -10,7 +10,8 @@ Keys: a smarthost's connections by its name; direct delivery's by the address co
 that domains whose exchangers share an address share connections, as long as what the connection's TLS
 proved (nothing, or one host name / TLSA set) is what the next session requires.
 
-Bounds: at most `MAX_IDLE_PER_KEY` idle connections per destination, each idle at most `IDLE_TIME`
+Bounds: at most `max_idle` (MAX_IDLE_PER_KEY; direct delivery: `[delivery] concurrency`, as one address
+may serve every domain in flight) idle connections per key, each idle at most `IDLE_TIME`
 seconds and reused only while younger than `REUSE_TIME_LIMIT` (Postfix smtp_connection_reuse_time_limit).
 The client itself decides whether it is fit to park (no error, no 421, no per-connection limit reply);
 a connection the server closes or talks on while idle is dropped (RFC 5321 3.8).
