@@ -64,12 +64,11 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
     if clock is None:
         from twisted.internet import reactor as clock
     on_settled = report_once(on_settled)
-    taken = None
+    idle = None
     if pool is not None and key is not None:
-        taken = pool.take_any(key.keys()) if isinstance(key, ByAddress) else _taken(key, pool.take(key))
-    if taken is None:
+        idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
+    if idle is None:
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
-    idle = taken[1]
 
     def fresh_if_stale(result: SessionResult) -> Any:
         if not idle.stale:
@@ -78,10 +77,6 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
     return idle.reuse(jobs, on_settled, params.remote_host).addCallback(fresh_if_stale)
-
-
-def _taken(key: PoolKey, client: Any) -> Optional[tuple[PoolKey, Any]]:
-    return None if client is None else (key, client)
 
 
 def _key_at(key: Optional[PoolKey | ByAddress], addr: Any) -> Optional[PoolKey]:

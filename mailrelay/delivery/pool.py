@@ -120,12 +120,12 @@ class ConnectionPool:
         self.reused += 1
         return client
 
-    def take_any(self, keys: Iterable[PoolKey]) -> Optional[tuple[PoolKey, Any]]:
-        """(key, client) for the first of `keys` with an idle client (see `take`), or None."""
+    def take_any(self, keys: Iterable[PoolKey]) -> Optional[Any]:
+        """The client `take` gives for the first of `keys` that has one, or None."""
         for key in keys:
             client = self.take(key)
             if client is not None:
-                return key, client
+                return client
         return None
 
     def forget(self, key: PoolKey, client: Any) -> None:
