@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailrelay.config import load
+from mailrelay.config import ConfigError, load
 from mailrelay.delivery.dns import (
     MAX_NEGATIVE_TTL, MAX_TTL, AnswerCache, MXHost, MXResolver, ResolutionFailed, make_resolver,
 )
@@ -114,8 +114,8 @@ class ExpiryTests(_DNSCase):
         self.assertEqual(self.asked("gone.neg.example"), ["MX", "MX"])
 
 
-class ReloadTests(unittest.TestCase):
-    """A reload keeps the resolver (and its cache) unless `nameservers` change."""
+class _ConfigCase(unittest.TestCase):
+    """A loopback DNS server with ZONE and a configuration file naming it."""
 
     def setUp(self):
         self.dns = DNSServer(ZONE)
@@ -125,7 +125,7 @@ class ReloadTests(unittest.TestCase):
         self.dir.mkdir(parents=True)
         self.path = self.dir / "tap.conf"
 
-    def write(self, nameserver: str, concurrency: int = 100) -> Path:
+    def write(self, nameserver: str, concurrency: int = 100, cache: str = "") -> Path:
         self.path.write_text(f'''hostname = "relay.test"
 spool = "spool"
 [[listen]]
@@ -135,8 +135,13 @@ endpoint = "tcp:0:interface=127.0.0.1"
 process = "inline"
 concurrency = {concurrency}
 nameservers = ["{nameserver}"]
+{cache}
 ''')
         return self.path
+
+
+class ReloadTests(_ConfigCase):
+    """A reload keeps the resolver (and its cache) unless `nameservers` change."""
 
     @defer.inlineCallbacks
     def test_same_nameservers_keep_the_cache_other_nameservers_get_a_new_resolver(self):
@@ -293,3 +298,44 @@ class BoundAndCountTests(_DNSCase):
         self.assertEqual(count("miss"), asked)
         self.assertEqual(count("hit"), 3 + 1)
         self.assertEqual((self.resolver.cache.lookups_hit, self.resolver.cache.lookups_missed), (4, asked))
+
+
+class CacheSizeTests(_ConfigCase):
+    """`[delivery] dns_cache_size`: how many answers are kept; 0 keeps none; a change on reload starts an
+    empty cache."""
+
+    @defer.inlineCallbacks
+    def test_the_configured_size_bounds_the_cache_and_a_changed_size_gets_a_new_resolver(self):
+        config = load(self.write(f"127.0.0.1:{self.port}", cache="dns_cache_size = 2"))
+        self.assertEqual(config.delivery.dns_cache_size, 2)
+        first = build_delivery_parts(config, reactor)
+        self.addCleanup(first.resolver.stop)
+        yield first.resolver.resolve("example.net")        # MX, A, AAAA: three answers for two places
+        self.assertEqual(len(first.resolver.cache.data), 2)
+        same = build_delivery_parts(load(self.write(f"127.0.0.1:{self.port}", 5, "dns_cache_size = 2")), reactor, first)
+        self.assertIs(same.resolver, first.resolver)
+        bigger = build_delivery_parts(load(self.write(f"127.0.0.1:{self.port}", cache="dns_cache_size = 50")),
+                                      reactor, same)
+        self.addCleanup(bigger.resolver.stop)
+        self.assertIsNot(bigger.resolver, first.resolver)
+        asked = len(self.dns.queries)
+        yield bigger.resolver.resolve("example.net")
+        self.assertEqual(len(self.dns.queries), asked + 3)      # an empty cache: asked again
+        self.assertEqual(len(bigger.resolver.cache.data), 3)
+
+    @defer.inlineCallbacks
+    def test_a_size_of_zero_keeps_nothing_and_every_lookup_asks(self):
+        parts = build_delivery_parts(load(self.write(f"127.0.0.1:{self.port}", cache="dns_cache_size = 0")), reactor)
+        self.addCleanup(parts.resolver.stop)
+        for _ in range(2):
+            hosts = yield parts.resolver.resolve("example.net")
+            self.assertEqual([h.name for h in hosts], ["mx1.example.net"])
+        self.assertEqual([q[:2] for q in self.dns.queries], [("example.net", "MX"), ("mx1.example.net", "A"),
+                                                             ("mx1.example.net", "AAAA")] * 2)
+        self.assertIsNone(parts.resolver.cache)
+
+    def test_a_negative_size_is_refused_naming_the_file_and_key(self):
+        with self.assertRaises(ConfigError) as caught:
+            load(self.write(f"127.0.0.1:{self.port}", cache="dns_cache_size = -1"))
+        self.assertIn("dns_cache_size", str(caught.exception))
+        self.assertIn(str(self.path), str(caught.exception))

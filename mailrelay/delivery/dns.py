@@ -11,8 +11,9 @@ address records), RFC 5321 §4.1.3 (address literals), RFC 7505 (null MX), RFC 3
 dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); each lookup runs
 on a small dedicated thread pool so a slow nameserver never blocks the reactor.
 
-Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache for as long as
-the configuration's `nameservers` stay the same (a reload hands it on: `serves`).  Answers are kept for
+Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache (`[delivery]
+dns_cache_size` answers; 0: none) for as long as the configuration's `nameservers` and that size stay
+the same (a reload hands it on: `serves`).  Answers are kept for
 their TTL; NXDOMAIN and NODATA for the negative TTL of RFC 2308 section 5 (the lesser of the SOA's TTL
 and MINIMUM, as dnspython computes it), and not at all without an SOA (dnspython would keep those 300 s;
 RFC 2308 section 5 says they SHOULD NOT be cached).  A SERVFAIL, a REFUSED or a timeout is never cached:
@@ -373,9 +374,10 @@ class MXResolver:
         self._in_flight = 0
         self._retired = False
 
-    def serves(self, nameservers) -> bool:
-        """Whether this resolver asks exactly these nameservers (so a new configuration may keep it)."""
-        return tuple(nameservers) == self._nameservers
+    def serves(self, nameservers, cache_size: Optional[int] = None) -> bool:
+        """Whether this resolver asks exactly these nameservers (and keeps `cache_size` answers, when
+        given), so that a new configuration may keep it and its cache."""
+        return tuple(nameservers) == self._nameservers and cache_size in (None, self._cache_size)
 
     @property
     def cache(self) -> Optional[AnswerCache]:
@@ -388,7 +390,8 @@ class MXResolver:
         with self._resolver_lock:
             if self._resolver is None:
                 counted = self._metrics.dns_cache if self._metrics is not None else None
-                cache = AnswerCache(self._cache_size, on_lookup=counted)
+                # A size of 0: no cache at all (a local caching resolver does it; every lookup asks it).
+                cache = AnswerCache(self._cache_size, on_lookup=counted) if self._cache_size > 0 else None
                 self._resolver = make_resolver(self._nameservers, self._timeout, cache=cache)
             return self._resolver
 

@@ -101,7 +101,7 @@ class MXDelivery:
         self.delivery = delivery
         self.hostname = hostname
         self.reactor = reactor
-        self.resolver = resolver or MXResolver(delivery.nameservers, reactor)
+        self.resolver = resolver or MXResolver(delivery.nameservers, reactor, cache_size=delivery.dns_cache_size)
         self.trust_root = trust_root
         self.timeouts = timeouts
         self.send = send
