@@ -24,6 +24,7 @@ Metrics (all prefixed `mailrelay_`):
                                                      tls: none | tls1.0 .. tls1.3 | tls | unknown;
                                                      verified: true | false (certificate and name)
     delivery_latency_seconds                         histogram: receipt to successful delivery
+    dns_cache_lookups_total{result}                  direct delivery's DNS lookups: hit (from its cache) | miss
     dsn_sent_total{kind}                             DSNs queued: failed | delayed | relayed | delivered (RFC 3464)
     oauth2_token_fetches_total{transport,result}     OAuth2 token requests of a smarthost transport:
                                                      success | refused | server_error | bad_response |
@@ -131,7 +132,7 @@ DELIVERY_FAMILIES = frozenset((
     "mailrelay_queue_held_messages", "mailrelay_webhook_posts", "mailrelay_webhook_dropped",
     "mailrelay_webhook_pending", "mailrelay_webhook_oldest_event_age_seconds",
     "mailrelay_throttle_paused", "mailrelay_throttle_waiting", "mailrelay_throttle_connections",
-    "mailrelay_tls_policy_results", "mailrelay_oauth2_token_fetches",
+    "mailrelay_tls_policy_results", "mailrelay_oauth2_token_fetches", "mailrelay_dns_cache_lookups",
 ))
 WEBHOOK_RESULTS = ("ok", "refused", "server_error", "timeout", "error", "dropped")
 WEBHOOK_DROPS = ("full", "error", "refused")
@@ -307,6 +308,9 @@ class Metrics:
                                          registry=r)
         self.tls_policy_results = Counter("mailrelay_tls_policy_results", "TLS outcomes of direct delivery "
                                           "by policy type and RFC 8460 result.", ["policy", "result"], registry=r)
+        self.dns_cache_lookups = Counter("mailrelay_dns_cache_lookups", "Direct delivery's DNS lookups "
+                                         "answered from its cache (hit) or by a nameserver (miss).", ["result"],
+                                         registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
         self._webhooks = _WebhookCollector()
@@ -361,6 +365,10 @@ class Metrics:
         TLS_POLICY_RESULTS (an RFC 8460 result type, or "success")."""
         self.tls_policy_results.labels(_fold(policy, TLS_POLICY_TYPES, "no-policy-found"),
                                        _fold(result, TLS_POLICY_RESULTS, "validation-failure")).inc()
+
+    def dns_cache(self, hit: bool) -> None:
+        """One DNS lookup of direct delivery (MX, A, AAAA, TLSA, TXT): from the cache or not (any thread)."""
+        self.dns_cache_lookups.labels("hit" if hit else "miss").inc()
 
     def dsn(self, kind: str) -> None:
         """A DSN was queued to the sender: one of DSN_KINDS (its Action)."""

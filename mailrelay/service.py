@@ -186,8 +186,9 @@ def build_delivery_parts(config: Config, reactor, previous: Optional[DeliveryPar
 
     outbound = dkim_wrapper(config, reactor)
     resolver = previous.resolver if previous is not None else None
-    if resolver is None or not resolver.serves(config.delivery.nameservers):
-        resolver = MXResolver(config.delivery.nameservers, reactor)
+    if resolver is None or not resolver.serves(config.delivery.nameservers, config.delivery.dns_cache_size):
+        resolver = MXResolver(config.delivery.nameservers, reactor, cache_size=config.delivery.dns_cache_size,
+                              metrics=metrics)
     return DeliveryParts(
         router=Router(config.routes),
         transports={name: outbound(SmarthostTransport(t, config.hostname, clock=reactor, reactor=reactor,

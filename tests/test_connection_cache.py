@@ -30,27 +30,14 @@ from mailrelay.envelope import Envelope
 from mailrelay.spool.store import Spool
 from tests.support.sink import Sink
 from tests.support.esmtp import FAST, Certificates, Conversation, TLSStringTransport, message
+from tests.support.fakes import StandInClient
 from tests.support.polling import until
+from tests.support.sink import mails, verbs
 
 KEY = PoolKey("127.0.0.1", 25, "none")
 
 
 # -- the pool, with stand-in clients ------------------------------------------------------------------
-
-class StandInClient:
-    """What the pool uses of a DeliveryClient."""
-
-    def __init__(self, age: float = 0.0):
-        self._age = age
-        self.quits = 0
-
-    def age(self) -> float:
-        return self._age
-
-    def quit_idle(self):
-        self.quits += 1
-        return defer.succeed(None)
-
 
 class PoolTests(unittest.TestCase):
     def setUp(self):
@@ -310,14 +297,6 @@ class StaleFallbackTests(unittest.TestCase):
 
 
 # -- real deliveries to the loopback sink ----------------------------------------------------------------
-
-def mails(session) -> int:
-    return sum(1 for _, line in session.commands if line.startswith(b"MAIL FROM"))
-
-
-def verbs(session) -> list[bytes]:
-    return [line.split(b" ")[0].upper() for _, line in session.commands]
-
 
 class RealSinkTests(unittest.TestCase):
     timeout = 30

@@ -299,6 +299,7 @@ def _delivery(t: _Reader) -> DeliveryConfig:
         dane=t.flag("dane", d.dane),
         ca_file=_pem_file(t, "ca_file"),
         tls_reports=t.flag("tls_reports", d.tls_reports),
+        dns_cache_size=t.integer("dns_cache_size", d.dns_cache_size, low=0, high=10_000_000),
     ))
 
 

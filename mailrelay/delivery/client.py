@@ -124,9 +124,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self._connected_at = self._clock.seconds()
-        peer = getattr(self.transport.getPeer(), "host", None)
-        if peer and peer != self._host:
-            self._host = f"{self._host}[{peer}]"
+        self._host = self._with_peer(self.params.remote_host)
         # Trust the transport, not the setting: credentials must never follow a mis-wired plain socket.
         self._tls_active = ISSLTransport.providedBy(self.transport) or isinstance(self.transport, TLSMemoryBIOProtocol)
         self._tls_pending = self._tls_active      # implicit TLS: the handshake is under way
@@ -593,11 +591,21 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         """Seconds since the connection was made."""
         return 0.0 if self._connected_at is None else self._clock.seconds() - self._connected_at
 
-    def reuse(self, jobs: list[Job], on_settled: Optional[OnSettled] = None) -> defer.Deferred:
+    def _with_peer(self, name: str) -> str:
+        """How results name the server: "mx.example[192.0.2.1]", or the name alone when it is the address."""
+        peer = getattr(self.transport.getPeer(), "host", None)
+        return f"{name}[{peer}]" if peer and peer != name else name
+
+    def reuse(self, jobs: list[Job], on_settled: Optional[OnSettled] = None,
+              remote_host: Optional[str] = None) -> defer.Deferred:
         """Run `jobs` on this parked connection, from MAIL FROM on: greeting, EHLO, TLS and AUTH still hold.
         Fires like `finished` (SessionResult, never failing); `stale` then tells whether the connection
-        proved dead before its first reply, so that nothing was tried.  `on_settled` as for __init__."""
+        proved dead before its first reply, so that nothing was tried.  `on_settled` as for __init__;
+        `remote_host`: the name results give the server from now on (direct delivery reuses a connection
+        for another exchanger name at the same address)."""
         self._parked = False
+        if remote_host is not None:
+            self._host = self._with_peer(remote_host)
         self._begin(jobs, reused=True, on_settled=on_settled)
         self.setTimeout(self.params.timeouts.reply)
         self._next_job()

@@ -9,7 +9,8 @@ instead of ending with QUIT, and a later `deliver_over` to the same PoolKey runs
 at MAIL FROM (RFC 5321 3.3: one session may carry many transactions).  That first command is the liveness
 check: a parked connection found closed, or answering 421, before its first reply is replaced by a fresh
 one for the same jobs, and counts as no attempt.  Never reused: after a 421, an error, a failed TLS
-handshake, a refused MAIL FROM or a "too many" (X.5.3) reply.
+handshake, a refused MAIL FROM or a "too many" (X.5.3) reply.  Direct delivery keys its connections by
+the address they went to (delivery.pool.ByAddress), so two exchanger names on one address share them.
 """
 from __future__ import annotations
 
@@ -22,17 +23,20 @@ from mailrelay.delivery.chunking import ChunkingClient
 from mailrelay.delivery.client import SECURITY_MODES, DeliveryClient
 from mailrelay.delivery.lmtp import LMTPClient
 from mailrelay.delivery.job import Job, OnSettled, SessionParams, report_once
-from mailrelay.delivery.pool import ConnectionPool, PoolKey
+from mailrelay.delivery.pool import ByAddress, ConnectionPool, PoolKey
 from mailrelay.delivery.results import SessionResult, printable, settle_all
 
 class _Factory(protocol.Factory):
+    """Builds the one client of a connection once the address connected to is known (its pool key)."""
     noisy = False       # no "Starting/Stopping factory" pair in the log for every delivery connection
 
-    def __init__(self, build: Callable[[], DeliveryClient]):
+    def __init__(self, build: Callable[[Any], DeliveryClient]):
         self._build = build
+        self.client: Optional[DeliveryClient] = None
 
     def buildProtocol(self, addr) -> DeliveryClient:
-        return self._build()
+        self.client = self._build(addr)
+        return self.client
 
 
 def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -> SessionResult:
@@ -45,13 +49,15 @@ def connect_failure_result(jobs: list[Job], reason: Failure, remote_host: str) -
 
 
 def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any = None,
-                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey] = None,
+                 pool: Optional[ConnectionPool] = None, key: Optional[PoolKey | ByAddress] = None,
                  on_settled: Optional[OnSettled] = None) -> defer.Deferred:
     """Send `jobs` over an idle connection from `pool` under `key` when there is one, else connect with
     `endpoint` (wrapped in TLS already when params.security == "tls").  With a pool, a connection that
-    ends cleanly is parked there for the next call instead of closed.  `on_settled(index, results)` is
-    called once per job as soon as it is settled, and the next job waits for its Deferred (see above);
-    jobs it was not called for (connection lost) are only in the final result.
+    ends cleanly is parked there for the next call instead of closed.  `key` is one PoolKey, or a
+    ByAddress: an idle connection to any of its addresses is taken (the first in its order), and a new
+    one is parked under the address it went to.  `on_settled(index, results)` is called once per job as
+    soon as it is settled, and the next job waits for its Deferred (see above); jobs it was not called
+    for (connection lost) are only in the final result.
 
     Returns a Deferred firing with a SessionResult once every job is settled; it never fails."""
     if params.security not in SECURITY_MODES:
@@ -59,7 +65,9 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
     if clock is None:
         from twisted.internet import reactor as clock
     on_settled = report_once(on_settled)
-    idle = pool.take(key) if pool is not None else None
+    idle = None
+    if pool is not None and key is not None:
+        idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
     if idle is None:
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
@@ -69,20 +77,33 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
         pool.stale += 1       # dead before any reply: nothing was tried, so this is no failed attempt
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
-    return idle.reuse(jobs, on_settled).addCallback(fresh_if_stale)
+    return idle.reuse(jobs, on_settled, params.remote_host).addCallback(fresh_if_stale)
+
+
+def _key_at(key: Optional[PoolKey | ByAddress], addr: Any) -> Optional[PoolKey]:
+    """The key a new connection is parked under: `key`, or for ByAddress the peer's address's (None,
+    so never parked, if the transport has no IP address)."""
+    if not isinstance(key, ByAddress):
+        return key
+    host = getattr(addr, "host", None)
+    return key.at(host) if host else None
 
 
 def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
-             pool: Optional[ConnectionPool], key: Optional[PoolKey],
+             pool: Optional[ConnectionPool], key: Optional[PoolKey | ByAddress],
              on_settled: Optional[OnSettled] = None) -> defer.Deferred:
     client_class = LMTPClient if params.protocol == "lmtp" else ChunkingClient     # RFC 2033 / RFC 5321
-    client = client_class(params, jobs, clock, pool, key, on_settled)
+
+    def build(addr: Any) -> DeliveryClient:
+        parked_as = _key_at(key, addr)
+        return client_class(params, jobs, clock, pool if parked_as is not None else None, parked_as, on_settled)
+
+    factory = _Factory(build)
 
     def connected(_):
-        return client.finished
+        return factory.client.finished
 
     def failed(reason: Failure):
         return connect_failure_result(jobs, reason, params.remote_host)
 
-    return endpoint.connect(_Factory(lambda: client)).addCallbacks(connected, failed)
-
+    return endpoint.connect(factory).addCallbacks(connected, failed)

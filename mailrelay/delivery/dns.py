@@ -12,12 +12,19 @@ address records), RFC 5321 §4.1.3 (address literals), RFC 7505 (null MX), RFC 3
 dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); each lookup runs
 on a small dedicated thread pool so a slow nameserver never blocks the reactor.
 
-Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache for as long as
-the configuration's `nameservers` stay the same (a reload hands it on: `serves`).  Answers are kept for
+Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache (`[delivery]
+dns_cache_size` answers; 0: none) for as long as the configuration's `nameservers` and that size stay
+the same (a reload hands it on: `serves`).  Answers are kept for
 their TTL; NXDOMAIN and NODATA for the negative TTL of RFC 2308 section 5 (the lesser of the SOA's TTL
 and MINIMUM, as dnspython computes it), and not at all without an SOA (dnspython would keep those 300 s;
 RFC 2308 section 5 says they SHOULD NOT be cached).  A SERVFAIL, a REFUSED or a timeout is never cached:
 the next lookup asks again (RFC 2308 section 7 allows a short cache of those; none is simpler and safe).
+Every kept answer's lifetime is clamped: at most MAX_TTL (a day) for an answer, MAX_NEGATIVE_TTL (three
+hours, RFC 2308 section 5) for a negative one, at least MIN_TTL (none: a TTL of 0 means "do not cache",
+RFC 1035 section 3.2.1).  An answer is kept whole, its response flags included, so one that came with the
+AD bit is still authenticated when read from the cache, and one that came without it never becomes so.
+Lookups answered from the cache and lookups that went to a nameserver are counted (`hits`, `misses`,
+and mailrelay.metrics' `dns_cache` when a Metrics is given).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any, Callable, Optional
 
 import dns.exception
 import dns.flags
@@ -48,6 +56,9 @@ DOMAIN_BUDGET = 30.0        # seconds for all the queries about one domain (MX, 
 MAX_MX_HOSTS = 16           # a domain with more MX hosts than this is not worth more DNS work
 DNS_THREADS = 4
 CACHE_SIZE = 10_000         # answers kept (least recently used out): MX, A and AAAA per destination
+MIN_TTL = 0.0               # seconds an answer is kept at least (0: a TTL of 0 is not cached, RFC 1035 3.2.1)
+MAX_TTL = 86_400.0          # ... at most, however long its TTL
+MAX_NEGATIVE_TTL = 10_800.0     # ... at most for NXDOMAIN/NODATA (RFC 2308 section 5: one to three hours)
 
 
 @dataclass(frozen=True)
@@ -116,14 +127,51 @@ def make_resolver(nameservers=(), timeout: float = DEFAULT_TIMEOUT, cache=None) 
     return resolver
 
 
-class NegativeAwareCache(dns.resolver.LRUCache):
-    """dnspython's LRU cache, but a negative answer without an SOA (no negative TTL) is not kept."""
+class AnswerCache(dns.resolver.LRUCache):
+    """dnspython's LRU cache (thread-safe, `max_size` answers, least recently used out) with the rules of
+    the module docstring: a negative answer without an SOA is not kept, every lifetime is clamped, and
+    each lookup is counted as a hit or a miss (`on_lookup(hit)` is told too, from the resolver thread)."""
+
+    def __init__(self, max_size: int = CACHE_SIZE, *, min_ttl: float = MIN_TTL, max_ttl: float = MAX_TTL,
+                 max_negative_ttl: float = MAX_NEGATIVE_TTL,
+                 on_lookup: Optional[Callable[[bool], None]] = None):
+        super().__init__(max_size)
+        self.min_ttl, self.max_ttl, self.max_negative_ttl = min_ttl, max_ttl, max_negative_ttl
+        self.on_lookup = on_lookup
+        self.lookups_hit = self.lookups_missed = 0
 
     def put(self, key, value) -> None:
+        negative = value.rrset is None
         # RFC 2308 section 5: "Negative responses without SOA records SHOULD NOT be cached".
-        if value.rrset is None and not any(r.rdtype == dns.rdatatype.SOA for r in value.response.authority):
+        if negative and not any(r.rdtype == dns.rdatatype.SOA for r in value.response.authority):
             return
+        now = time.time()
+        ttl = value.expiration - now    # dnspython's: the least TTL of the answer (RFC 2308: the SOA's, negative)
+        ttl = min(max(ttl, self.min_ttl), self.max_negative_ttl if negative else self.max_ttl)
+        if ttl <= 0:
+            return              # RFC 1035 3.2.1: a zero TTL is for the transaction in progress only
+        value.expiration = now + ttl
         super().put(key, value)
+
+    def get(self, key):
+        value = super().get(key)
+        # dnspython asks for (name, type), then on a miss for (name, ANY), where it keeps NXDOMAIN: one
+        # lookup is a hit when either answers, a miss when the second does not.
+        if value is not None or key[1] == dns.rdatatype.ANY:
+            self._count(value is not None)
+        return value
+
+    def _count(self, hit: bool) -> None:
+        with self.lock:
+            if hit:
+                self.lookups_hit += 1
+            else:
+                self.lookups_missed += 1
+        if self.on_lookup is not None:
+            self.on_lookup(hit)
+
+
+NegativeAwareCache = AnswerCache     # the name it had before it clamped and counted
 
 
 class _Budget:
@@ -153,7 +201,7 @@ def _lookup_secure(resolver: dns.resolver.Resolver, name: str, rdtype, budget: _
     except dns.resolver.NXDOMAIN as e:
         raise _NameNotFound(name, _nx_authenticated(e)) from None
     except dns.resolver.NoAnswer:
-        return []
+        return [], False          # not raised with raise_on_no_answer=False; the pair all the same
     except dns.exception.Timeout:
         raise _LookupTemporary("timed out") from None
     except dns.resolver.NoNameservers:
@@ -293,7 +341,8 @@ def check_domain(domain: str) -> None:
 @implementer(IDNSLookup)
 class MXResolver:
     """Resolves recipient domains on a dedicated thread pool, started on first use, through one
-    dnspython resolver and its answer cache (see the module docstring), also made on first use.
+    dnspython resolver and its answer cache (see the module docstring), also made on first use:
+    `cache_size` answers at most, hits and misses told to `metrics` (a mailrelay.metrics.Metrics) if given.
 
     `stop()` stops the pool; it is also stopped when the reactor shuts down.  `retire()` stops it once
     the lookups in flight are answered (a reload replaced this resolver)."""
@@ -306,6 +355,8 @@ class MXResolver:
         threads: int = DNS_THREADS,
         rng: random.Random | None = None,
         budget: float = DOMAIN_BUDGET,
+        cache_size: int = CACHE_SIZE,
+        metrics: Any = None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -315,6 +366,8 @@ class MXResolver:
         self._budget = budget
         self._threads = threads
         self._rng = rng or random.Random()
+        self._cache_size = cache_size
+        self._metrics = metrics
         self._pool: ThreadPool | None = None
         self._trigger = None
         self._resolver: dns.resolver.Resolver | None = None
@@ -322,16 +375,24 @@ class MXResolver:
         self._in_flight = 0
         self._retired = False
 
-    def serves(self, nameservers) -> bool:
-        """Whether this resolver asks exactly these nameservers (so a new configuration may keep it)."""
-        return tuple(nameservers) == self._nameservers
+    def serves(self, nameservers, cache_size: Optional[int] = None) -> bool:
+        """Whether this resolver asks exactly these nameservers (and keeps `cache_size` answers, when
+        given), so that a new configuration may keep it and its cache."""
+        return tuple(nameservers) == self._nameservers and cache_size in (None, self._cache_size)
+
+    @property
+    def cache(self) -> Optional[AnswerCache]:
+        """The answer cache (None before the first lookup)."""
+        return self._resolver.cache if self._resolver is not None else None
 
     def _dns(self) -> dns.resolver.Resolver:
         """The one dnspython resolver (thread-safe to share: its cache has a lock, and each lookup passes
         its own lifetime instead of changing the resolver)."""
         with self._resolver_lock:
             if self._resolver is None:
-                cache = NegativeAwareCache(CACHE_SIZE)
+                counted = self._metrics.dns_cache if self._metrics is not None else None
+                # A size of 0: no cache at all (a local caching resolver does it; every lookup asks it).
+                cache = AnswerCache(self._cache_size, on_lookup=counted) if self._cache_size > 0 else None
                 self._resolver = make_resolver(self._nameservers, self._timeout, cache=cache)
             return self._resolver
 

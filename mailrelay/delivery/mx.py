@@ -21,9 +21,13 @@ DANE, an enforced MTA-STS policy, "required" or "verify"), RFC 7505, RFC 8689 (a
 refused by one exchanger tries the next; a message tagged `TLS-Required: No` is sent as opportunistic
 TLS would send it when the TLS policy — `[delivery] tls`, MTA-STS or DANE — cannot be met).
 
-Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by exchanger
-name, port, security and TLS options (built once per exchanger name and kept, so equal checks share
-one object), and the next batch to that exchanger — for any domain it serves — starts at MAIL FROM on it.
+Connection reuse: sessions that end cleanly wait in a delivery.pool.ConnectionPool keyed by the address
+connected to, port, source address, security and TLS requirement (delivery.pool.ByAddress), and the next
+batch to any exchanger with that address — for any domain, under any exchanger name — starts at MAIL
+FROM on it, provided the connection's TLS proved what that batch's policy needs: nothing (opportunistic,
+"required", unusable TLSA records: any name at the address may share) or, for DANE, MTA-STS and
+"verify", the same host name and TLSA set or policy (the TLS options object, built once per exchanger
+name and policy and kept, so equal checks share one object).
 `close_idle()` says QUIT on them all.
 
 Reported as soon as settled (docs/crash-safety.md section 2): with `on_settled`, a job whose every
@@ -48,7 +52,7 @@ from mailrelay.delivery.connect import deliver_over
 from mailrelay.delivery.job import Job, OnSettled, SessionParams, Timeouts
 from mailrelay.delivery.dns import MXHost, MXResolver, ResolutionFailed
 from mailrelay.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY, HappyEyeballsEndpoint, interleave
-from mailrelay.delivery.pool import ConnectionPool, PoolKey
+from mailrelay.delivery.pool import UNAUTHENTICATED, ByAddress, ConnectionPool
 from mailrelay.delivery.requiretls import tls_optional
 from mailrelay.delivery.results import RecipientResult, SessionResult, settle_all
 from mailrelay.delivery.tlspolicy import HostPlan, TLSPolicies
@@ -98,11 +102,13 @@ class MXDelivery:
         self.delivery = delivery
         self.hostname = hostname
         self.reactor = reactor
-        self.resolver = resolver or MXResolver(delivery.nameservers, reactor)
+        self.resolver = resolver or MXResolver(delivery.nameservers, reactor, cache_size=delivery.dns_cache_size)
         self.trust_root = trust_root
         self.timeouts = timeouts
         self.send = send
-        self.pool = pool if pool is not None else ConnectionPool(reactor)
+        # One address may be every domain's exchanger (a hosting provider): as many idle connections to it
+        # as deliveries may run at once, not the per-destination bound a smarthost's pool has.
+        self.pool = pool if pool is not None else ConnectionPool(reactor, max_idle=max(1, delivery.concurrency))
         self.policies = policies if policies is not None else self._default_policies(spool, tls_reports, metrics)
         self.attempt_delay = CONNECTION_ATTEMPT_DELAY   # RFC 8305 §5 stagger between connection attempts
         self.plaintext_fallbacks = 0     # opportunistic TLS handshakes that failed and were retried in clear
@@ -322,8 +328,10 @@ class MXDelivery:
         )
         if self.send is not None:
             return self.send(endpoint, params, jobs, self.reactor)
-        # Reuse per exchanger: whichever of its addresses the connection went to (RFC 8305 picks it).
-        key = PoolKey(host.name, self.delivery.mx_port, security, params.tls_options)
+        # Reuse by address: any idle connection to one of the addresses this session would race for
+        # (RFC 8305), whichever exchanger name it was made for, if its TLS proved what this one needs.
+        key = ByAddress(tuple(endpoint.addresses), self.delivery.mx_port, security,
+                        _tls_requirement(security, params.tls_options), self.delivery.source_address or None)
         return deliver_over(endpoint, params, jobs, self.reactor, pool=self.pool, key=key, on_settled=on_settled)
 
     def _tls_options(self, name: str):
@@ -348,6 +356,17 @@ class MXDelivery:
     def stop(self) -> None:
         """Stop the resolver's threads (also done at reactor shutdown)."""
         self.resolver.stop()
+
+
+def _tls_requirement(security: str, tls_options: Any) -> Any:
+    """What a parked connection's TLS must have proved to carry this session: nothing beyond the security
+    mode when the certificate is not checked (opportunistic, "required", unusable TLSA: RFC 7435, RFC 7672
+    2.2), so any exchanger name at the address will do; else the very options object that checked it,
+    which stands for one host name and one TLSA set or MTA-STS policy (RFC 7672 3.2, RFC 8461 4.1): a
+    connection verified for one name never carries mail whose policy wants another."""
+    if security == "none":
+        return None
+    return UNAUTHENTICATED if isinstance(tls_options, UnverifiedTLS) else tls_options
 
 
 def _final(result: RecipientResult) -> bool:

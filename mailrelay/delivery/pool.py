@@ -7,15 +7,21 @@ TCP connect, greeting, EHLO, STARTTLS and AUTH (Postfix's connection cache, smtp
 In: clients (mailrelay.delivery.client.DeliveryClient) at the end of a clean session, under a `PoolKey`.
 Out: the same clients, to `take` for another session, or QUIT after `IDLE_TIME` (RFC 5321 4.1.1.10).
 
-Bounds: at most `MAX_IDLE_PER_KEY` idle connections per destination, each idle at most `IDLE_TIME`
+Keys: a smarthost's connections by its name; direct delivery's by the address connected to (ByAddress), so
+that domains whose exchangers share an address share connections, as long as what the connection's TLS
+proved (nothing, or one host name / TLSA set) is what the next session requires.
+
+Bounds: at most `max_idle` (MAX_IDLE_PER_KEY; direct delivery: `[delivery] concurrency`, as one address
+may serve every domain in flight) idle connections per key, each idle at most `IDLE_TIME`
 seconds and reused only while younger than `REUSE_TIME_LIMIT` (Postfix smtp_connection_reuse_time_limit).
 The client itself decides whether it is fit to park (no error, no 421, no per-connection limit reply);
 a connection the server closes or talks on while idle is dropped (RFC 5321 3.8).
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from twisted.internet import defer
 
@@ -26,13 +32,51 @@ REUSE_TIME_LIMIT = 300.0     # seconds after which a connection is no longer par
 
 @dataclass(frozen=True)
 class PoolKey:
-    """Which connections are interchangeable: the same address and port, the same security mode, the same
-    TLS options object (compared by identity, so the same certificate and name checks) and the same login."""
+    """Which connections are interchangeable: the same host and port, the same security mode, the same
+    TLS options object (compared by identity, so the same certificate and name checks, or a token that
+    stands for "TLS not authenticated": UNAUTHENTICATED), the same login and the same local source
+    address.  `host` is a smarthost's name, or for direct delivery the address connected to (ByAddress)."""
     host: str
     port: int
     security: str
     tls_options: Any = None
     username: Optional[str] = None
+    source: Optional[str] = None
+
+
+# The TLS requirement of a connection whose certificate is not checked (opportunistic, "required",
+# DANE with only unusable TLSA records): any such connection to the address serves any such session.
+UNAUTHENTICATED = "unauthenticated"
+
+
+def address_text(address: str) -> str:
+    """One spelling per IP address (RFC 5952 for IPv6), so that keys built from DNS answers and from
+    the socket's peer compare equal; anything else as it is."""
+    try:
+        return ipaddress.ip_address(address).compressed
+    except ValueError:
+        return address
+
+
+@dataclass(frozen=True)
+class ByAddress:
+    """The keys of direct delivery's connections to one exchanger: one per address it may connect to,
+    in the order they are tried.  A connection is parked under the address it went to, so a later
+    session for another exchanger name with that address (two domains' MX names on one IP) takes it
+    when its port, source address, security mode and TLS requirement (`tls`: UNAUTHENTICATED, None for
+    no TLS, or the verifying options object, which names the one host name or TLSA set it checked)
+    are the same."""
+    addresses: tuple[str, ...]
+    port: int
+    security: str
+    tls: Any = None
+    source: Optional[str] = None
+
+    def at(self, address: str) -> PoolKey:
+        return PoolKey(address_text(address), self.port, self.security, self.tls, None, self.source)
+
+    def keys(self) -> list[PoolKey]:
+        return [self.at(address) for address in self.addresses]
 
 
 class ConnectionPool:
@@ -76,6 +120,14 @@ class ConnectionPool:
         expiry.cancel()
         self.reused += 1
         return client
+
+    def take_any(self, keys: Iterable[PoolKey]) -> Optional[Any]:
+        """The client `take` gives for the first of `keys` that has one, or None."""
+        for key in keys:
+            client = self.take(key)
+            if client is not None:
+                return client
+        return None
 
     def forget(self, key: PoolKey, client: Any) -> None:
         """The client's idle connection went away (closed by the server, or a line arrived): drop it."""

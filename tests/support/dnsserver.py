@@ -227,12 +227,17 @@ class DNSServer:
 
     # -- sockets ------------------------------------------------------------------------------------
 
-    def start(self, reactor=None, interface: str = "127.0.0.1") -> int:
-        """Listen on UDP and TCP on one OS-chosen port of `interface`; return the port."""
+    def start(self, reactor=None, interface: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on UDP and TCP on one OS-chosen port of `interface` (or on `port`); return the port."""
         if reactor is None:
             from twisted.internet import reactor
         self.host = interface
         self._tcp_factory = _TCPFactory(self)
+        if port:
+            self._udp = reactor.listenUDP(port, _UDPServer(self), interface=interface)
+            self._tcp = reactor.listenTCP(port, self._tcp_factory, interface=interface)
+            self.port = port
+            return port
         for _ in range(20):
             udp = reactor.listenUDP(0, _UDPServer(self), interface=interface)
             port = udp.getHost().port

@@ -216,3 +216,18 @@ def silent_redis_link(clock, metrics=None, timeout: float = 0.1):
     conn = SilentRedisConnection()
     link._conn, link.up, link._announced = conn, True, True
     return link, conn
+
+
+class StandInClient:
+    """What the pool uses of a DeliveryClient."""
+
+    def __init__(self, age: float = 0.0):
+        self._age = age
+        self.quits = 0
+
+    def age(self) -> float:
+        return self._age
+
+    def quit_idle(self):
+        self.quits += 1
+        return defer.succeed(None)

@@ -484,3 +484,11 @@ def _path_and_params(rest: str, prefix: str) -> tuple[str, list[str]]:
         rest = rest[len(prefix):]
     path, _, params = rest.strip().partition(">")
     return path.lstrip("<"), params.split()
+
+
+def mails(session) -> int:
+    return sum(1 for _, line in session.commands if line.startswith(b"MAIL FROM"))
+
+
+def verbs(session) -> list[bytes]:
+    return [line.split(b" ")[0].upper() for _, line in session.commands]
