@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_scheduler -*-
 """The delivery scheduler: decides when each spooled message is tried, by which next hop, and what
 becomes of each recipient.
 

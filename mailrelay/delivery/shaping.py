@@ -61,10 +61,6 @@ class Shaper:
         self._status_dirty, self._status_written = False, 0.0
         self._lines_written = work.line_changes  # the waiting lines as the status last showed them
 
-    @property
-    def rules(self) -> ThrottleRules:
-        return self._rules
-
     def set_rules(self, rules: ThrottleRules) -> None:
         """A reload's rules: they apply at once to the state kept (a paused destination stays paused); the
         status file starts or stops with the first or last rule."""
