@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_scheduler_parts -*-
+# -*- test-case-name: tests.test_scheduler_outcomes -*-
 """The DSNs the delivery scheduler asks for: which are due, and handing them to the DSN reporter.
 
 Part of the delivery stage (delivery.scheduler, called from delivery.outcomes).  In: one message's
