@@ -177,9 +177,36 @@ class INextHop(Interface):
     def deliver(message, recipients):
         """Send a spooled message (an ISpooledMessage) to `recipients` (all of one route) in one transaction.
 
-        Returns a Deferred firing with a list of delivery.RecipientResult, one per recipient, each with
-        the reply that settles it (2xx delivered, 4xx retry, 5xx bounce). Connection-level failures give
-        every recipient a 4xx result; the Deferred itself does not fail."""
+        Returns a Deferred firing with a list of IRecipientResult (delivery.RecipientResult), one per
+        recipient, each with the reply that settles it (2xx delivered, 4xx retry, 5xx bounce).
+        Connection-level failures give every recipient a 4xx result; the Deferred itself does not fail."""
+
+
+class IRecipientResult(Interface):
+    """What a next hop answers for one recipient on one attempt (delivery.results.RecipientResult): the
+    scheduler reads every attribute here, none of them optional."""
+
+    recipient = Attribute("The recipient address the result settles.")
+    code = Attribute("The SMTP reply code (int): 2xx delivered, 4xx retried, 5xx failed for good.")
+    status = Attribute("The RFC 3463 enhanced status code, its class agreeing with `code`.")
+    text = Attribute("The reply text, printable ASCII.")
+    remote_host = Attribute('The host that answered, or "" when none did.')
+    tls = Attribute('What protected the session that gave it (delivery.tlsinfo: "none", "tls1.3", ...), '
+                    "or None when no SMTP session said (a DNS failure, no connection).")
+    tls_verified = Attribute("True when that TLS authenticated the server.")
+    tls_verified_by = Attribute("ITLSVerification.tls_verified_by of that session, or None.")
+    sender_refused = Attribute("Settled by the next hop's refusal of MAIL FROM: a verdict on the sender, "
+                               "never on this recipient (it does not suppress the recipient).")
+    remote_reply = Attribute("The code and status are the next hop's own reply, not the relay's verdict on a "
+                             "failed connection, timeout or handshake.")
+    dsn_passed = Attribute("Delivered to a hop that offers DSN (RFC 3461): it reports on its own.")
+    final = Attribute("Delivered into the mailbox itself (no further hop): NOTIFY=SUCCESS gets a "
+                      '"delivered" DSN rather than a "relayed" one (RFC 3464 2.3.3).')
+    next_host = Attribute("A permanent answer from this server only: direct delivery tries the domain's other "
+                          "exchangers before it stands (REQUIRETLS, RFC 8689 4.2.1).")
+    delivered = Attribute("True for a 2xx `code`.")
+    temporary = Attribute("True for a 4xx `code`.")
+    permanent = Attribute("True for a 5xx `code`.")
 
 
 class IBatchNextHop(INextHop):

@@ -14,7 +14,8 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig, Route
 from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT, Scheduler
+from mailrelay.delivery.recovery import StartupScan
+from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT
 from mailrelay.delivery.state import MessageState, RecipientState, StateError
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IScheduler, ISpoolControl
@@ -550,13 +551,13 @@ class DepthTests(SchedulerTestCase):
         loads = []
         self.patch(self.spool, "load", lambda q, load=self.spool.load: loads.append(q) or load(q))
         steps: list[int] = []
-        recover = Scheduler._recover_some
+        step = StartupScan.step
 
-        def counted(scheduler):
-            before = len(scheduler._timetable)
-            recover(scheduler)
-            steps.append(len(scheduler._timetable) - before)
-        self.patch(Scheduler, "_recover_some", counted)
+        def counted(scan):
+            before = len(scan._timetable)
+            step(scan)
+            steps.append(len(scan._timetable) - before)
+        self.patch(StartupScan, "step", counted)
         self.make()
         self.assertEqual(loads, [])                       # nothing opened to schedule it
         self.clock.advance(0)
@@ -576,7 +577,7 @@ class DepthTests(SchedulerTestCase):
         in_work = []
         for _ in range(40):
             self.clock.advance(0)
-            in_work.append(len(scheduler._attempts))
+            in_work.append(len(scheduler._work.attempts))
         limit = max(ACTIVE_MIN, ACTIVE_PER_SLOT * self.delivery.concurrency)
         self.assertEqual(max(in_work), limit)             # bounded by the active set, not the depth
         self.assertEqual(len(self.direct.calls), self.delivery.concurrency)

@@ -106,9 +106,9 @@ class Outcomes(unittest.TestCase):
         self.spool.envelopes["Q1"] = Envelope("a@example.org", ("later@example.net",), NOW)
         scheduler = self.scheduler(events, {"later@example.net": (451, "4.2.0", "busy")})
         self.clock.advance(0)
-        self.assertIn("Q1", scheduler._attempts)          # the attempt is not settled yet
+        self.assertIn("Q1", scheduler._work.attempts)          # the attempt is not settled yet
         events.waiting.pop().callback(True)
-        self.assertNotIn("Q1", scheduler._attempts)
+        self.assertNotIn("Q1", scheduler._work.attempts)
 
     def test_expiry_is_an_expired_event_with_4_4_7(self):
         events = Recorder()

@@ -370,7 +370,7 @@ def _bounce(spool: Spool, queue_id: str, bounces: bool) -> int:
     if not pending:
         print(f"{queue_id} has no pending recipient: nothing to bounce")
         return EXIT_OK
-    # The same final answer the scheduler records for a bounce request (scheduler._close_pending): at
+    # The same final answer the scheduler records for a bounce request (Outcomes._close_pending): at
     # start it finds recipients bounced but not reported, sends the DSN (RFC 3464) and removes the message.
     state = entry.state
     for rcpt in pending:

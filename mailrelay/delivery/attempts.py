@@ -11,7 +11,7 @@ recipient 451 4.3.5 (RFC 3463) so the failure is retried like a remote 4xx (RFC 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -55,7 +55,7 @@ class _Attempt:
 class _Job:
     """One deliver() call: one message, one next hop, the recipients that go that way."""
     attempt: _Attempt
-    hop: object                   # INextHop
+    hop: Any                      # INextHop (IBatchNextHop: it may carry several on one connection)
     hop_name: str                 # "direct" or the transport name, for the log
     limit_key: str                # "domain:<d>" (direct) or "transport:<name>"
     recipients: tuple[str, ...]

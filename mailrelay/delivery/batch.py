@@ -39,7 +39,7 @@ def batch_size(waiting: int, free_slots: int, limit: int = MAX_BATCH) -> int:
     return max(1, min(limit, share))
 
 
-def take_batch(waiting: deque, size: int, hop_of: Callable[[J], object]) -> list:
+def take_batch(waiting: deque[J], size: int, hop_of: Callable[[J], object]) -> list[J]:
     """Pop the first delivery and up to `size - 1` more that go through the very same next hop object
     (after a reload, older deliveries may still name the previous one).  The rest keep their order.
     A hop that cannot batch always gets a group of one."""
@@ -47,7 +47,8 @@ def take_batch(waiting: deque, size: int, hop_of: Callable[[J], object]) -> list
     hop = hop_of(first)
     if size <= 1 or not can_batch(hop):
         return [first]
-    taken, kept = [first], deque()
+    taken: list[J] = [first]
+    kept: deque[J] = deque()
     while waiting and len(taken) < size:
         job = waiting.popleft()
         (taken if hop_of(job) is hop else kept).append(job)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhook_scheduler, tests.test_scheduler, tests.test_logs -*-
+# -*- test-case-name: tests.test_scheduler, tests.test_webhook_scheduler, tests.test_logs -*-
 """Concurrency of the delivery scheduler: which waiting deliveries start, and in which batches.
 
 Part of the delivery stage (delivery.scheduler).  In: `_Job`s waiting per limit key ("domain:<d>" for
@@ -12,28 +12,77 @@ message on that connection waiting until the record is durable (docs/crash-safet
 Waiting lines are per limit key and throttled destination (attempts._Job.line); `[[throttle]]` may hold a
 line back or narrow what it starts (delivery.shaping).
 
-`ConcurrencyMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_waiting`,
-`_in_flight`, `_per_key`, `_pumping`, `_pump_again`, `_pump_call`, `_clock`, `_delivery`,
-`_metrics`, `running`, `log` and its `_now`, `_hop_failed`, `_record`, `_record_failed`, `_finish`,
-`_shaped`, `_shaping_started`, `_shaping_finished` and `_announce_resumed`.
+`Slots` is one collaborator of `Scheduler` (scheduler.py): it takes the deliveries from the waiting lines of
+a QueueState, asks the Shaper (delivery.shaping) at every start and finish, and hands every delivery's
+results to a Recorder — delivery.outcomes.Outcomes, or anything with its `record` and `record_failed`.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Protocol
 
 from twisted.internet import defer
+from twisted.internet.base import DelayedCall
+from twisted.python.failure import Failure
 
-from mailrelay.delivery.attempts import _Attempt, _Job
+from mailrelay.delivery.attempts import _Job
 from mailrelay.delivery.batch import batch_size, take_batch
 from mailrelay.delivery.job import Job
+from mailrelay.delivery.queuestate import QueueState
+from mailrelay.delivery.results import RecipientResult
+from mailrelay.delivery.shaping import Shaper
+from mailrelay.logger import Logger
 
 
-class ConcurrencyMixin:
-    """The slots and the waiting lines of deliveries, for Scheduler."""
+class Recorder(Protocol):
+    """What becomes of one delivery's results (delivery.outcomes.Outcomes)."""
 
-    def _pump(self) -> None:
+    def record(self, results, job: _Job) -> defer.Deferred:
+        """Apply `results` (a list of RecipientResult, or None: none given) to `job`'s message; fires once
+        that record is durable."""
+
+    def record_failed(self, failure: Failure, job: _Job) -> None:
+        """`record` failed for `job`."""
+
+
+class Slots:
+    """The connection slots and the waiting lines of deliveries, for Scheduler.  `work`: the QueueState
+    whose lines it starts; `shaper`: the [[throttle]] gate; `recorder`: told of every delivery's results;
+    `clock`: IReactorTime; `concurrency`, `per_key`: `[delivery] concurrency` and
+    `concurrency_per_domain`; `metrics`: a mailrelay.metrics.Metrics, or None; `log`: the scheduler's.
+    Nothing starts before `start()` or after `stop()`; deliveries in flight finish either way."""
+
+    def __init__(self, work: QueueState, shaper: Shaper, recorder: Recorder, clock, concurrency: int,
+                 per_key: int, metrics, log: Logger):
+        self._work, self._shaper, self._recorder, self._clock = work, shaper, recorder, clock
+        self._metrics, self.log = metrics, log
+        self.set_limits(concurrency, per_key)
+        self._in_flight = 0
+        self._per_key: dict[str, int] = {}
+        self._pumping = self._pump_again = False
+        self._pump_call: Optional[DelayedCall] = None   # a pump asked for at the end of this reactor turn
+        self._running = False
+
+    @property
+    def in_flight(self) -> int:
+        """Connection slots in use."""
+        return self._in_flight
+
+    def set_limits(self, concurrency: int, per_key: int) -> None:
+        """The limits (a reload's apply to the next start: slots in use stay in use)."""
+        self._total, self._per_key_limit = max(1, concurrency), max(1, per_key)
+
+    def start(self) -> None:
+        self._running = True
+
+    def stop(self) -> None:
+        """Start nothing more; what is in flight finishes and is recorded."""
+        self._running = False
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
+
+    def pump(self) -> None:
         """Start every waiting delivery the limits allow: FIFO within a domain (or transport), domains
         in the order they started waiting, and a full domain does not hold up the others.  Re-entrant
         calls (a next hop answering synchronously) are folded into the running loop."""
@@ -49,7 +98,7 @@ class ConcurrencyMixin:
         finally:
             self._pumping = False
 
-    def _pump_soon(self) -> None:
+    def pump_soon(self) -> None:
         """Pump once every message due in this reactor turn has queued its deliveries, so that those
         bound for the same next hop can share a connection instead of the first going alone."""
         if self._pump_call is None or not self._pump_call.active():
@@ -57,25 +106,24 @@ class ConcurrencyMixin:
 
     def _pump_now(self) -> None:
         self._pump_call = None
-        self._pump()
+        self.pump()
 
     def _start_what_fits(self) -> None:
-        total, per_key = max(1, self._delivery.concurrency), max(1, self._delivery.concurrency_per_domain)
-        now = self._now()
-        self._announce_resumed(now)
-        for line in list(self._waiting):
-            jobs, key = self._waiting.get(line), line[0]
-            while jobs and self.running and self._in_flight < total and self._per_key.get(key, 0) < per_key:
+        total, per_key = self._total, self._per_key_limit
+        now = self._clock.seconds()
+        self._shaper.announce_resumed(now)
+        for line, jobs in self._work.lines():
+            key = line[0]
+            while jobs and self._running and self._in_flight < total and self._per_key.get(key, 0) < per_key:
                 free = min(total - self._in_flight, per_key - self._per_key.get(key, 0))
                 # [[throttle]]: a destination held back by its rate, connections or a pause waits in its
                 # own line; the lines of other destinations go on (delivery.shaping).
-                free, most = self._shaped(jobs[0], free, now)
+                free, most = self._shaper.gate(jobs[0], free, now)
                 if not free:
                     break
                 size = batch_size(len(jobs), free) if most < 0 else batch_size(len(jobs), free, most)
                 self._start(take_batch(jobs, size, lambda job: job.hop), now)
-            if not jobs:
-                self._waiting.pop(line, None)
+            self._work.line_done(line)
             if self._in_flight >= total:
                 return
 
@@ -87,7 +135,7 @@ class ConcurrencyMixin:
         first = batch[0]
         self._in_flight += 1
         self._per_key[first.limit_key] = self._per_key.get(first.limit_key, 0) + 1
-        shaped = first.destination if self._shaping_started(first, now) else None
+        shaped = self._shaper.started(first, now)
         for job in batch:
             self.log.info("{queue_id}: attempt via {hop} for {recipients}", queue_id=job.attempt.queue_id,
                           hop=job.hop_name, recipients=list(job.recipients), batch=len(batch), stage="attempt")
@@ -108,20 +156,28 @@ class ConcurrencyMixin:
         d.addBoth(self._release_slot, first.limit_key, shaped, batch)
         d.addCallback(self._record_batch, batch, recorded)
 
-    def _release_slot(self, result, limit_key: str, shaped: Optional[str] = None, batch: tuple = ()):
+    def _hop_failed(self, failure: Failure, batch: list[_Job]) -> list[list[RecipientResult]]:
+        # INextHop promises never to fail; if one does anyway, the message must not be lost: every
+        # recipient is retried (RFC 3463 4.4.0: other network/routing problem).
+        self.log.failure("{queue_id}: next hop {hop} failed", failure,
+                         queue_id=",".join(job.attempt.queue_id for job in batch), hop=batch[0].hop_name)
+        return [[RecipientResult(r, 451, "4.4.0", "local error in the next hop", "") for r in job.recipients]
+                for job in batch]
+
+    def _release_slot(self, result, limit_key: str, shaped: Optional[str], batch: list[_Job]):
         self._in_flight -= 1
         self._per_key[limit_key] -= 1
         if not self._per_key[limit_key]:
             del self._per_key[limit_key]
         if shaped is not None:
-            self._shaping_finished(shaped)
+            self._shaper.finished(shaped)
             if isinstance(result, list):
                 # What the destination said counts before the freed slot starts anything for it (a
                 # pause, before its next message); recording the results later tells the same again.
-                now = self._now()
+                now = self._clock.seconds()
                 for job, job_results in zip(batch, result):
-                    self._shaping_outcome(job, list(job_results or ()), now)
-        self._pump()
+                    self._shaper.outcome(job, list(job_results or ()), now)
+        self.pump()
         return result
 
     def _record_settled(self, index: int, results, batch: list[_Job], recorded: set[int]):
@@ -131,32 +187,18 @@ class ConcurrencyMixin:
         if index in recorded or not 0 <= index < len(batch):
             return None
         recorded.add(index)
-        d = defer.maybeDeferred(self._record, results, batch[index])
-        d.addErrback(self._record_failed, batch[index])
+        d = defer.maybeDeferred(self._recorder.record, results, batch[index])
+        d.addErrback(self._recorder.record_failed, batch[index])
         return d
 
-    def _record_batch(self, results, batch: list[_Job], recorded: frozenset = frozenset()) -> None:
+    def _record_batch(self, results, batch: list[_Job], recorded: set[int]) -> None:
         """Each delivery of a batch not yet recorded through on_settled is recorded, saved and acted on
-        exactly as a lone one would be; one that the next hop gave no results for is retried (see _record)."""
+        exactly as a lone one would be; one that the next hop gave no results for is retried (see
+        Outcomes.record)."""
         results = list(results or ())
         for index, job in enumerate(batch):
             if index in recorded:
                 continue
             job_results = results[index] if index < len(results) else None
-            d = defer.maybeDeferred(self._record, job_results, job)
-            d.addErrback(self._record_failed, job)
-
-    def _drop_waiting(self, attempt: _Attempt, finish: bool = True) -> None:
-        """Forget the deliveries of `attempt` that have not started (hold, delete, bounce, stop)."""
-        dropped = 0
-        for key, jobs in list(self._waiting.items()):
-            kept = deque(job for job in jobs if job.attempt is not attempt)
-            dropped += len(jobs) - len(kept)
-            if kept:
-                self._waiting[key] = kept
-            else:
-                del self._waiting[key]
-        attempt.outstanding -= dropped
-        self._status_dirty = self._status_dirty or bool(dropped)
-        if finish and dropped and not attempt.outstanding:
-            self._finish(attempt)
+            d = defer.maybeDeferred(self._recorder.record, job_results, job)
+            d.addErrback(self._recorder.record_failed, job)

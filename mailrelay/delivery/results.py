@@ -3,7 +3,8 @@
 
 Journey: the delivery client and the next hops (smarthost, MX) produce these; the scheduler reads them to
 mark a recipient delivered (2xx), retry it later (4xx) or bounce it with a DSN (5xx, RFC 3464).
-In: SMTP replies, or connection-level failures.  Out: frozen `RecipientResult` / `SessionResult` values.
+In: SMTP replies, or connection-level failures.  Out: frozen `RecipientResult` (IRecipientResult) /
+`SessionResult` values.
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from zope.interface import implementer
+
+from mailrelay.interfaces import IRecipientResult
+
 # RFC 3463 section 2: class "." subject "." detail, at the start of the reply text (RFC 2034 section 4).
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
+@implementer(IRecipientResult)
 @dataclass(frozen=True)
 class RecipientResult:
     """The reply that settles one recipient on one attempt, e.g. (rcpt, 550, "5.1.1", "User unknown", host).

@@ -34,15 +34,22 @@ Rules implemented:
   and delivery latency; `queue_snapshot()` feeds the queue gauges from memory, without touching the spool,
   and `throttle_snapshot()` the throttle gauges.
 
-The scheduler is in parts, each a module: this one holds the service, the timers (when each message
-is due) and the routing of its recipients to next hops; concurrency.py the slots and batches;
-shaping.py the throttles; outcomes.py recording results and settling attempts (DSNs, expiry,
-removal); control.py the queue CLI's requests; attempts.py the objects they share.
+The scheduler is a Service that owns small collaborators, each given what it needs in its constructor
+(the spool, the clock, the config, the other collaborators it asks, callables for what it tells):
+- queuestate.QueueState: what is in memory — messages seen (the queue gauges), messages in work (the
+  bounded active set), deliveries waiting for a slot;
+- timetable.Timetable: when each message not in work is due, admitting at most 200 per reactor turn;
+- recovery.SpoolReader / StartupScan: loading a message when it is due, and the start-up scan;
+- shaping.Shaper: the `[[throttle]]` gate over an IThrottle, and the throttle status;
+- concurrency.Slots: the connection slots and batches;
+- outcomes.Outcomes (with reports.Reports for the DSNs): recording results and settling attempts;
+- control.Control: the queue CLI's requests.
+This module holds the service, admitting a due message (its recipients routed to next hops and queued
+as deliveries), and the wiring; attempts.py holds the objects the parts share.
 """
 from __future__ import annotations
 
 import random
-from collections import deque
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -53,45 +60,40 @@ from zope.interface import implementer
 from mailrelay.config import DeliveryConfig, QueueConfig
 from mailrelay.delivery.attempts import _Attempt, _Job, _LocalFailure
 from mailrelay.delivery.backoff import Backoff
-from mailrelay.delivery.concurrency import ConcurrencyMixin
-from mailrelay.delivery.control import ADMIN_BOUNCE, POLL_INTERVAL, ControlMixin
-from mailrelay.delivery.outcomes import OutcomesMixin
-from mailrelay.delivery.shaping import STATUS_FILE, ShapingMixin
-from mailrelay.delivery.state import MessageState, StateError, due_time
-from mailrelay.delivery.throttle import LocalThrottle, ThrottleRules
+from mailrelay.delivery.concurrency import Slots
+from mailrelay.delivery.control import ADMIN_BOUNCE, POLL_INTERVAL, Control
+from mailrelay.delivery.outcomes import Outcomes
+from mailrelay.delivery.queuestate import ACTIVE_HARD_LIMIT, ACTIVE_MIN, ACTIVE_PER_SLOT, QueueState
+from mailrelay.delivery.recovery import RECOVER_PER_TURN, SpoolReader, StartupScan
+from mailrelay.delivery.reports import Reports
+from mailrelay.delivery.shaping import STATUS_FILE, Shaper
+from mailrelay.delivery.throttle import DestinationStatus, LocalThrottle, ThrottleRules
 from mailrelay.delivery.timetable import Timetable
 from mailrelay.envelope import domain_of
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
-from mailrelay.spool.ids import id_time
-from mailrelay.spool.message import CorruptMessage, UnknownMessage
-from mailrelay.crossthread import read_unlocked
 
-__all__ = ["ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL", "STATUS_FILE", "STOP_TIMEOUT", "Scheduler"]
+__all__ = ["ACTIVE_HARD_LIMIT", "ACTIVE_MIN", "ACTIVE_PER_SLOT", "ADMIN_BOUNCE", "DUE_SLACK", "POLL_INTERVAL",
+           "RECOVER_PER_TURN", "STATUS_FILE", "STOP_TIMEOUT", "Scheduler"]
 
 STOP_TIMEOUT = 30.0      # stopService waits at most this long for deliveries in flight
 DUE_SLACK = 1.0          # recipients due within this many seconds join the attempt being made
-RECOVER_PER_TURN = 500   # messages the start-up scan schedules per reactor turn (the rest: later turns)
-ACTIVE_MIN = 1000        # messages in work (loaded, waiting for a slot or in flight) at most: this, or
-ACTIVE_PER_SLOT = 10     # ... this many per `[delivery] concurrency` slot, whichever is more
-ACTIVE_HARD_LIMIT = 20000  # ... and never more, even while most wait for a throttle (Postfix's
-                           # qmgr_message_active_limit is the same figure)
 
 
 @implementer(IScheduler)
-class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, service.Service):
-    """The queue runner.  `spool`: ISpool (plus hold/release/take_requests); `router`: IRouter;
+class Scheduler(service.Service):
+    """The queue runner.  `spool`: an ISpoolControl; `router`: IRouter;
     `transports`: INextHop per transport name; `direct`: the INextHop for MX delivery; `reporter`: an
     IDeliveryReporter or None (no DSNs); `clock`: IReactorTime (default: the reactor); `rng`: the
     jitter's random source; `metrics`: a mailrelay.metrics.Metrics, or None for no metrics; `suppression`:
     told of every permanent failure (spool.suppression.SuppressionRecorder), or None ([suppression] off);
     `events`: an IDeliveryEvents told of every per-recipient outcome (webhooks), or None;
     `throttles`: the [[throttle]] rules; `throttle`: their state, an IThrottle (default: a LocalThrottle);
-    `status_path`: where the throttle status is written for the queue CLI (None: nowhere)."""
+    `status_path`: where the throttle status is written for the queue CLI (None: nowhere).
+
+    `log` is the one logger of the scheduler and all its parts (setting it sets theirs)."""
 
     logs_queued = False     # IScheduler: the session writes each message's "queued" line (QueueFront)
-
-    log = Logger()
 
     def __init__(self, spool, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                  delivery: DeliveryConfig, reporter, clock=None, rng: Optional[random.Random] = None,
@@ -100,35 +102,43 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         if clock is None:
             from twisted.internet import reactor as clock
         self._spool, self._router, self._transports, self._direct = spool, router, transports, direct
-        self._queue, self._delivery, self._reporter, self._clock = queue, delivery, reporter, clock
+        self._queue, self._delivery, self._clock = queue, delivery, clock
+        self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
         self._rng = rng or random.Random()
-        self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        self._log = Logger(namespace=f"{__name__}.Scheduler", source=self)
+        log = self._log
+        backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        self._work = QueueState(delivery.concurrency)
         # When each message not in work is due; admits them as room allows (delivery.timetable).
-        self._timetable = Timetable(clock, self._due, self._has_room)
-        self._recovery: Optional[list[str]] = None   # ids the start-up scan has still to schedule
-        self._attempts: dict[str, _Attempt] = {}
-        self._waiting: dict[str, deque[_Job]] = {}   # limit key -> deliveries waiting for a slot
-        self._in_flight = 0
-        self._per_key: dict[str, int] = {}
-        self._pumping = self._pump_again = False
-        self._pump_call = None                   # a pump asked for at the end of this reactor turn
+        self._timetable = Timetable(clock, self._due, self._work.has_room)
+        self._reader = SpoolReader(spool, self._work, log)
+        self._scan = StartupScan(clock, spool, self._reader, self._work, self._timetable, self._schedule, log)
+        self._shaper = Shaper(ThrottleRules(throttles), throttle if throttle is not None else LocalThrottle(),
+                              self._work, clock, self._pump, log, status_path)
+        self._reports = Reports(reporter, queue, log)
+        self._outcomes = Outcomes(spool, self._work, self._shaper, self._reports, clock, queue, backoff,
+                                  self._schedule, self._attempt_over, log, metrics=metrics, events=events,
+                                  suppression=suppression)
+        self._slots = Slots(self._work, self._shaper, self._outcomes, clock, delivery.concurrency,
+                            delivery.concurrency_per_domain, metrics, log)
+        self._control = Control(spool, self._work, self._timetable, self._reader, self._scan, clock, log,
+                                self.flush, self._recover, self._outcomes.finish)
         self._poller: Optional[task.LoopingCall] = None
         self._stop_waiters: list[defer.Deferred] = []
-        self._received: dict[str, float] = {}    # queue id -> received_at of every message seen in the spool
-        self._held: set[str] = set()
-        self._metrics = metrics
-        self._suppression = suppression          # a spool.suppression.SuppressionRecorder, or None (off)
-        self._events = events                    # an IDeliveryEvents, or None
-        self._rules = ThrottleRules(throttles)
-        self._throttle = throttle if throttle is not None else LocalThrottle()
-        self._open_to: dict[str, int] = {}       # throttled destination -> connections this scheduler has open
-        self._paused: dict[str, float] = {}      # destination -> end of the pause announced in the log
-        self._throttle_call = None               # the wake-up for the earliest held-back destination
-        self._status_path, self._status_loop = status_path, None
-        self._status_dirty, self._status_written = False, 0.0
         if metrics is not None:
             metrics.watch_queue(self.queue_snapshot)
             metrics.watch_throttles(self.throttle_snapshot)
+
+    @property
+    def log(self) -> Logger:
+        return self._log
+
+    @log.setter
+    def log(self, log: Logger) -> None:
+        self._log = log
+        for part in (self._reader, self._scan, self._shaper, self._reports, self._outcomes, self._slots,
+                     self._control):
+            part.log = log
 
     def reconfigure(self, router, transports: Mapping[str, object], direct, queue: QueueConfig,
                     delivery: DeliveryConfig, throttles: Optional[tuple] = None) -> None:
@@ -137,45 +147,40 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         New `throttles` apply at once to the state kept (a paused destination stays paused)."""
         self._router, self._transports, self._direct = router, transports, direct
         self._queue, self._delivery = queue, delivery
-        self._backoff = Backoff(queue.first_retry, queue.max_retry, rng=self._rng)
+        self._outcomes.reconfigure(queue, Backoff(queue.first_retry, queue.max_retry, rng=self._rng))
+        self._reports.reconfigure(queue)
+        self._work.set_concurrency(delivery.concurrency)
+        self._slots.set_limits(delivery.concurrency, delivery.concurrency_per_domain)
         if throttles is not None:
-            had = bool(self._rules)
-            self._rules = ThrottleRules(throttles)
-            if self.running and bool(self._rules) != had:
-                self._stop_status()
-                self._start_status()
+            self._shaper.set_rules(ThrottleRules(throttles))
         self._pump()
 
     # -- the service ------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self._slots.start()
         self._timetable.start()
         if self._spool.suspension() is not None:     # a drain left the spool suspended: stay so
-            self._suspend()
-        self._recover_all()
-        self._poller = task.LoopingCall(self._poll_requests)
+            self._control.suspend()
+        self._scan.start()
+        self._poller = task.LoopingCall(self._control.poll)
         self._poller.clock = self._clock
         self._poller.start(POLL_INTERVAL, now=False)
-        self._start_status()
+        self._shaper.start()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
-        self._stop_status()
+        self._shaper.stop()
         self._timetable.stop()
-        self._recovery = None
-        if self._pump_call is not None and self._pump_call.active():
-            self._pump_call.cancel()
-        self._pump_call = None
-        for attempt in {job.attempt for jobs in self._waiting.values() for job in jobs}:
-            self._drop_waiting(attempt, finish=False)
-            if not attempt.outstanding:
-                del self._attempts[attempt.queue_id]   # nothing in flight: its saved state is complete
-        if not self._attempts:
+        self._scan.stop()
+        self._slots.stop()
+        self._work.drop_all_waiting()
+        if not self._work.attempts:
             return defer.succeed(None)
-        done = defer.Deferred()
+        done: defer.Deferred = defer.Deferred()
         self._stop_waiters.append(done)
         bound = self._clock.callLater(STOP_TIMEOUT, self._stopped, "timed out")
 
@@ -185,142 +190,109 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
             return result
         return done.addBoth(cancel_bound)
 
+    def _attempt_over(self) -> None:
+        """An attempt left work (Outcomes): room for another message; the last one a stop waits for?"""
+        self._timetable.kick()
+        if not self.running and not self._work.attempts:
+            self._stopped("deliveries finished")
+
+    def _stopped(self, why: str) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        if waiters:
+            self.log.info("scheduler stopped: {why}", why=why, queue_id="*", stage="stopped")
+        for d in waiters:
+            d.callback(None)
+
     # -- IScheduler and the queue CLI -------------------------------------------------------------
 
     def enqueue(self, queue_id: str) -> None:
         """A message was just committed: try it at once, subject to the concurrency limits."""
-        self._received.setdefault(queue_id, self._now())
-        self._schedule(queue_id, self._now())
+        now = self._clock.seconds()
+        self._work.seen(queue_id, now)
+        self._schedule(queue_id, now)
 
     def flush(self, queue_id: Optional[str] = None) -> None:
         """Make every message (or one) due now, whatever its next_attempt says."""
-        ids = self._queue_ids() if queue_id is None else [queue_id]
+        ids = self._reader.queue_ids() if queue_id is None else [queue_id]
+        now = self._clock.seconds()
         for one in ids:
-            self._schedule(one, self._now(), force=True)
+            self._schedule(one, now, force=True)
+
+    # -- the queue as metrics see it --------------------------------------------------------------
+
+    def queue_snapshot(self) -> tuple[int, float, int]:
+        """(messages in the queue, age of the oldest in seconds, held messages), from memory only; safe
+        to call from the metrics collector's thread (QueueState.snapshot)."""
+        return self._work.snapshot(self._clock.seconds())
+
+    def throttle_snapshot(self) -> Optional[tuple[list[DestinationStatus], dict[str, int], float]]:
+        """(the throttle's status, deliveries waiting per throttled destination, now), or None without
+        [[throttle]] rules; safe to call from a scrape thread (Shaper.snapshot)."""
+        return self._shaper.snapshot()
 
     # -- when messages are due --------------------------------------------------------------------
-
-    def _recover_all(self) -> None:
-        """Schedule every message in the spool by its persisted state: RECOVER_PER_TURN per reactor turn,
-        so a restart over a deep queue answers at once and catches up in the background."""
-        self._recovery = self._queue_ids()
-        self._recovery.reverse()                     # oldest first, popped from the end
-        self._recover_some()
-
-    def _recover_some(self) -> None:
-        ids = self._recovery
-        if ids is None or not self.running:
-            return
-        for _ in range(min(RECOVER_PER_TURN, len(ids))):
-            self._recover_quick(ids.pop())
-        if ids:
-            self._clock.callLater(0, self._recover_some)
-        else:
-            self._recovery = None
-            self.log.info("start-up scan done: {count} messages in the queue", count=len(self._received),
-                          queue_id="*", stage="recovered")
-
-    def _recover_quick(self, queue_id: str) -> None:
-        """Schedule one message by its state file alone (the message itself is read when it is due)."""
-        if queue_id in self._attempts or queue_id in self._timetable:
-            return                                   # enqueued or flushed meanwhile
-        made = id_time(queue_id)        # when it was received, near enough until it is loaded
-        self._received.setdefault(queue_id, self._now() if made is None else made)
-        try:
-            if self._spool.is_held(queue_id):
-                self._load(queue_id)        # held (rare): loaded once, so the queue gauges know it
-                return
-            when = due_time(self._spool.state_of(queue_id))
-        except (CorruptMessage, OSError, ValueError):
-            when = 0.0                               # loaded when due: the load says what is wrong
-        self._schedule(queue_id, when)
-
-    def _recover(self, queue_id: str) -> None:
-        """Schedule a message by its persisted state (due now if never tried)."""
-        loaded = self._load_unheld(queue_id, "scheduled")
-        if loaded is None:
-            return
-        message, state = loaded
-        self._schedule(queue_id, self._next_due(message, state, report_retry=self._now()))
-
-    def _load_unheld(self, queue_id: str, what: str):
-        """(message, state) of a message that may be delivered, or None (gone, unreadable, or held)."""
-        loaded = self._load(queue_id)
-        if loaded is not None and loaded[0].held:
-            self.log.info("{queue_id}: held, not {what}", queue_id=queue_id, what=what, stage="held")
-            return None
-        return loaded
-
-    def _next_due(self, message, state: MessageState, report_retry: float) -> float:
-        """When to look at a message again: its earliest pending recipient (never past its lifetime),
-        or `report_retry` if a bounce is still to be handed to the reporter."""
-        candidates = [min(r.next_attempt, self._expiry(message)) for r in state.pending]
-        if state.unreported or not candidates:
-            candidates.append(report_retry)
-        return min(candidates)
 
     def _schedule(self, queue_id: str, when: float, force: bool = False) -> None:
         if not self.running:
             return
-        if force and queue_id in self._attempts:
-            self._attempts[queue_id].force_again = True
+        attempt = self._work.attempts.get(queue_id) if force else None
+        if attempt is not None:
+            attempt.force_again = True
         self._timetable.schedule(queue_id, when, force)
 
-    def _unschedule(self, queue_id: str) -> None:
-        self._timetable.unschedule(queue_id)
-
-    def _has_room(self) -> bool:
-        """Whether another message may be taken into work: loaded, routed, waiting for a slot.  Deliveries
-        held back by a [[throttle]] (a paused or rate-held destination) do not count against the limit, up
-        to ACTIVE_HARD_LIMIT in all: a destination on hold never holds up the others."""
-        in_work, limit = len(self._attempts), max(ACTIVE_MIN, ACTIVE_PER_SLOT * self._delivery.concurrency)
-        if in_work < limit:
-            return True
-        if in_work >= ACTIVE_HARD_LIMIT:
-            return False
-        shaped = sum(len(jobs) for (_key, destination), jobs in self._waiting.items() if destination is not None)
-        return in_work - shaped < limit
-
-    def _due(self, queue_id: str, force: bool = False) -> None:
-        if not self.running or queue_id in self._attempts or self._suspended_due(queue_id):
-            return   # an attempt in progress reschedules the message when it ends
-        loaded = self._load_unheld(queue_id, "tried")
+    def _recover(self, queue_id: str) -> None:
+        """Schedule a message by its persisted state (due now if never tried): a released message."""
+        loaded = self._reader.load_unheld(queue_id, "scheduled")
         if loaded is None:
             return
         message, state = loaded
-        attempt = self._begin(message, state)
-        now = self._now()
-        if now < self._expiry(message):
+        now = self._clock.seconds()
+        self._schedule(queue_id, state.next_due(message.envelope.received_at + self._queue.lifetime,
+                                                report_retry=now))
+
+    def _due(self, queue_id: str, force: bool = False) -> None:
+        """The timetable admits a message into work: its due recipients queued as deliveries, or (nothing
+        to send now) the attempt settled at once — expiry, a DSN still to hand over, the next schedule."""
+        if not self.running or queue_id in self._work.attempts or self._control.suspended_due(queue_id):
+            return   # an attempt in progress reschedules the message when it ends
+        loaded = self._reader.load_unheld(queue_id, "tried")
+        if loaded is None:
+            return
+        message, state = loaded
+        attempt = self._work.begin(message, state)
+        now = self._clock.seconds()
+        if now < message.envelope.received_at + self._queue.lifetime:
             due = [r for r in state.pending if force or r.next_attempt <= now + DUE_SLACK]
             for job in self._jobs_for(attempt, due):
-                self._waiting.setdefault(job.line, deque()).append(job)
-                self._status_dirty = self._status_dirty or job.destination is not None
-                attempt.outstanding += 1
+                self._work.queue(job)
         if attempt.outstanding:
-            self._pump_soon()
+            self._slots.pump_soon()
         else:
-            self._finish(attempt)   # nothing to send now: expire, report or reschedule
+            self._outcomes.finish(attempt)   # nothing to send now: expire, report or reschedule
 
-    def _begin(self, message, state: MessageState) -> _Attempt:
-        attempt = _Attempt(message, state)
-        self._attempts[attempt.queue_id] = attempt
-        return attempt
+    def _pump(self) -> None:
+        self._slots.pump()
+
+    # -- routing ----------------------------------------------------------------------------------
 
     def _jobs_for(self, attempt: _Attempt, due) -> list[_Job]:
         """Group the due recipients by route: one deliver() per next hop (and per domain, direct), and
         per recipient domain a [[throttle]] rule matches (the destination, also through a smarthost)."""
         groups: dict[tuple, list[str]] = {}
-        hops: dict[tuple, tuple] = {}
+        hops: dict[tuple, tuple[object, str, str]] = {}
         for rcpt in due:
-            key, hop = self._route(attempt, rcpt.recipient, rcpt.attempts)
-            destination = self._destination_of(domain_of(rcpt.recipient)) if key[0] != "error" else None
+            key, way = self._route(attempt, rcpt.recipient, rcpt.attempts)
+            destination = self._shaper.destination_of(domain_of(rcpt.recipient)) if key[0] != "error" else None
             key = (*key, destination)
             groups.setdefault(key, []).append(rcpt.recipient)
-            hops[key] = hop
-        return [_Job(attempt, *hops[key], tuple(recipients), destination=key[-1])
-                for key, recipients in groups.items()]
+            hops[key] = way
+        jobs = []
+        for key, recipients in groups.items():
+            hop, hop_name, limit_key = hops[key]
+            jobs.append(_Job(attempt, hop, hop_name, limit_key, tuple(recipients), destination=key[-1]))
+        return jobs
 
-    def _route(self, attempt: _Attempt, recipient: str, attempts: int) -> tuple[tuple, tuple]:
+    def _route(self, attempt: _Attempt, recipient: str, attempts: int) -> tuple[tuple, tuple[object, str, str]]:
         """(group key, (hop, hop name, limit key)) for one recipient; `attempts` = failed attempts so
         far, so `after_attempts` routes take over from direct delivery (or another route)."""
         try:
@@ -336,60 +308,3 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         if hop is None:
             hop = _LocalFailure(f"transport {route.transport!r} is not configured")
         return ("route", route), (hop, route.transport, f"transport:{route.transport}")
-
-    # -- the queue as metrics see it --------------------------------------------------------------
-
-    def queue_snapshot(self) -> tuple[int, float, int]:
-        """(messages in the queue, age of the oldest in seconds, held messages), from memory only.
-
-        Called by the metrics collector in a threadpool thread: it only reads, and copies the dict in
-        one C-level call; a concurrent resize (RuntimeError) is simply read again."""
-        copied = read_unlocked(lambda: (list(self._received.values()), len(self._held)), None)
-        if copied is None:
-            return 0, 0.0, 0
-        received, held = copied
-        oldest = self._now() - min(received) if received else 0.0
-        return len(received), max(0.0, oldest), held
-
-    def _track(self, message) -> None:
-        self._received[message.queue_id] = message.envelope.received_at
-        if message.held:
-            self._held.add(message.queue_id)
-        else:
-            self._held.discard(message.queue_id)
-
-    def _forget(self, queue_id: str) -> None:
-        self._received.pop(queue_id, None)
-        self._held.discard(queue_id)
-
-    # -- small helpers ----------------------------------------------------------------------------
-
-    def _now(self) -> float:
-        return self._clock.seconds()
-
-    def _expiry(self, message) -> float:
-        return message.envelope.received_at + self._queue.lifetime
-
-    def _queue_ids(self) -> list[str]:
-        try:
-            return list(self._spool.queue_ids())
-        except Exception:
-            self.log.failure("cannot list the spool")
-            return []
-
-    def _load(self, queue_id: str):
-        """(message, MessageState), or None — logged — if it is gone or unreadable.  An unreadable state
-        leaves the message in the spool untouched for the postmaster: never guessed, never lost."""
-        try:
-            message = self._spool.take_fresh(queue_id) or self._spool.load(queue_id)   # ISpoolControl
-            self._track(message)
-            return message, MessageState.from_dict(message.state, message.envelope.recipients)
-        except StateError as e:
-            self.log.error("{queue_id}: unreadable delivery state, left in the spool: {error}",
-                           queue_id=queue_id, error=str(e), stage="error")
-        except UnknownMessage:
-            # Removed meanwhile, or still being received (its commit will enqueue it): nothing to do.
-            self.log.debug("{queue_id}: not in the spool (yet)", queue_id=queue_id)
-        except Exception:
-            self.log.failure("{queue_id}: cannot load from the spool", queue_id=queue_id)
-        return None

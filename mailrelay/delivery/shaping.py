@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_throttle_cli, tests.test_throttle -*-
+# -*- test-case-name: tests.test_throttle, tests.test_throttle_cli -*-
 """Traffic shaping in the delivery scheduler: `[[throttle]]` applied to the deliveries waiting for a slot.
 
 Part of the delivery stage (delivery.scheduler).  In: the waiting line a delivery stands in (one per
@@ -14,23 +14,26 @@ their line with their saved state untouched (no attempt counted, no backoff, no 
 order once it lets them.  A recipient that got the "slow down" reply itself did make an attempt (it
 is counted, with that reply), and is tried again when the pause ends, not after the backoff.
 
-`ShapingMixin` is one part of `Scheduler` (scheduler.py); it uses the scheduler's `_waiting`,
-`_throttle`, `_rules`, `_clock`, `_metrics`, `_status_path`, `_status_dirty`, `_status_written`,
-`running`, `log` and its `_now` and `_pump`; concurrency.py asks it at every start and finish.
+`Shaper` is one collaborator of `Scheduler` (scheduler.py), given the waiting lines (a QueueState), the
+IThrottle and a `wake` callable; delivery.concurrency asks it at every start and finish, delivery.outcomes
+about every delivery's results.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import task
+from twisted.internet.base import DelayedCall
 
 from mailrelay.config import Throttle
-from mailrelay.delivery.attempts import _Job
-from mailrelay.delivery.throttle import DestinationStatus, slows_down
 from mailrelay.crossthread import read_unlocked
+from mailrelay.delivery.attempts import _Job
+from mailrelay.delivery.queuestate import QueueState
+from mailrelay.delivery.throttle import DestinationStatus, ThrottleRules, slows_down
+from mailrelay.logger import Logger
 
 STATUS_INTERVAL = 1.0      # seconds between two looks at whether <spool>/throttle.json needs writing ...
 STATUS_REFRESH = 5.0       # ... which it does after a change, and at least this often while throttles exist
@@ -38,24 +41,58 @@ STATUS_FILE = "throttle.json"
 LISTED_IDS = 20            # queue ids of waiting deliveries named per destination in the status file
 
 
-class ShapingMixin:
-    """Throttles for Scheduler: the gate at each start, the outcome of each delivery, the status."""
+class Shaper:
+    """`[[throttle]]` for the scheduler: the gate at each start, the outcome of each delivery, the status.
+
+    `rules`: the ThrottleRules; `throttle`: their state, an IThrottle (only its methods are used, so one
+    shared between relays may stand in); `work`: the QueueState whose waiting lines it gates and counts;
+    `clock`: IReactorTime; `wake`: called when a held-back destination may go on (the scheduler pumps);
+    `status_path`: where the status is written for the queue CLI (None: nowhere); `log`: the scheduler's."""
+
+    def __init__(self, rules: ThrottleRules, throttle, work: QueueState, clock, wake: Callable[[], None],
+                 log: Logger, status_path: Optional[Path] = None):
+        self._rules, self._throttle, self._work, self._clock = rules, throttle, work, clock
+        self._wake, self.log, self._status_path = wake, log, status_path
+        self._open_to: dict[str, int] = {}       # throttled destination -> connections this scheduler has open
+        self._paused: dict[str, float] = {}      # destination -> end of the pause announced in the log
+        self._throttle_call: Optional[DelayedCall] = None   # the wake-up for the earliest held-back one
+        self._running = False
+        self._status_loop: Optional[task.LoopingCall] = None
+        self._status_dirty, self._status_written = False, 0.0
+        self._lines_written = work.line_changes  # the waiting lines as the status last showed them
+
+    def set_rules(self, rules: ThrottleRules) -> None:
+        """A reload's rules: they apply at once to the state kept (a paused destination stays paused); the
+        status file starts or stops with the first or last rule."""
+        had = bool(self._rules)
+        self._rules = rules
+        if self._running and bool(rules) != had:
+            self._stop_status()
+            self._start_status()
+
+    def start(self) -> None:
+        self._running = True
+        self._start_status()
+
+    def stop(self) -> None:
+        self._running = False
+        self._stop_status()
 
     # -- the gate ---------------------------------------------------------------------------------
 
     def _rule_of(self, job: _Job) -> Optional[Throttle]:
         return self._rules.match(job.destination) if job.destination is not None else None
 
-    def _destination_of(self, recipient_domain: str) -> Optional[str]:
+    def destination_of(self, recipient_domain: str) -> Optional[str]:
         """The throttled destination a recipient of this domain belongs to, or None (no rule matches)."""
         return recipient_domain if self._rules.match(recipient_domain) is not None else None
 
-    def _shaped(self, job: _Job, free: int, now: float) -> tuple[int, int]:
-        """(connection slots the line of `job` may use now, messages its next connection may carry);
-        (0, 0) when the destination must wait — with a wake-up set for when it may go on, or none when
-        only a connection ending helps (that pumps)."""
+    def gate(self, job: _Job, free: int, now: float) -> tuple[int, int]:
+        """(connection slots the line of `job` may use now, messages its next connection may carry, -1
+        for no limit of the throttle's own); (0, 0) when the destination must wait — with a wake-up set
+        for when it may go on, or none when only a connection ending helps (that pumps)."""
         rule = self._rule_of(job)
-        if rule is None:
+        if rule is None or job.destination is None:
             return free, -1
         ready = self._throttle.ready_at(job.destination, rule, now)
         if ready is None:
@@ -70,17 +107,19 @@ class ShapingMixin:
         # left open for reuse (delivery.pool) carries the next, so no connection is made for nothing.
         return free, (1 if rule.interval or rule.pause else -1)
 
-    def _shaping_started(self, first: _Job, now: float) -> bool:
-        """A connection for `first`'s line starts now; True when the throttle counts it (finish then)."""
+    def started(self, first: _Job, now: float) -> Optional[str]:
+        """A connection for `first`'s line starts now: its destination when the throttle counts it (then
+        `finished` with it), else None."""
         rule = self._rule_of(first)
-        if rule is None:
-            return False
+        if rule is None or first.destination is None:
+            return None
         self._throttle.start(first.destination, rule, now)
         self._open_to[first.destination] = self._open_to.get(first.destination, 0) + 1
         self._status_dirty = True
-        return True
+        return first.destination
 
-    def _shaping_finished(self, destination: str) -> None:
+    def finished(self, destination: str) -> None:
+        """The connection `started` counted for `destination` is over."""
         self._status_dirty = True
         self._throttle.finish(destination)
         left = self._open_to.get(destination, 0) - 1
@@ -90,26 +129,26 @@ class ShapingMixin:
             self._open_to.pop(destination, None)
 
     def _wake_at(self, when: float) -> None:
-        """Pump at `when` (one timer for every held-back destination: the earliest)."""
+        """Wake the scheduler at `when` (one timer for every held-back destination: the earliest)."""
         call = self._throttle_call
         if call is not None and call.active():
             if call.getTime() <= when:
                 return
             call.cancel()
-        self._throttle_call = self._clock.callLater(max(0.0, when - self._now()), self._woken)
+        self._throttle_call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._woken)
 
     def _woken(self) -> None:
         self._throttle_call = None
-        if self.running:
-            self._pump()
+        if self._running:
+            self._wake()
 
     # -- what a delivery's results say about its destination ----------------------------------------
 
-    def _shaping_outcome(self, job: _Job, results: list, now: float) -> Optional[float]:
+    def outcome(self, job: _Job, results: list, now: float) -> Optional[float]:
         """Tell the throttle what `job`'s destination answered; the end of the pause in force when a
         recipient was asked to slow down (it is tried again then), else None."""
         rule = self._rule_of(job)
-        if rule is None:
+        if rule is None or job.destination is None:
             return None
         slow = next((r for r in results if slows_down(r)), None)
         if slow is None:
@@ -125,17 +164,17 @@ class ShapingMixin:
             self.log.warn("{queue_id}: destination {destination} paused for {seconds:g}s after {reply}; "
                           "{waiting} deliveries wait for it", queue_id=job.attempt.queue_id,
                           destination=job.destination, seconds=round(until - now, 3), reply=reply,
-                          waiting=self._waiting_for(job.destination), stage="throttle-paused")
+                          waiting=self._work.waiting_for(job.destination), stage="throttle-paused")
             self._wake_at(until)
             self._publish_status()
         return until
 
-    def _announce_resumed(self, now: float) -> None:
+    def announce_resumed(self, now: float) -> None:
         """One log line for each pause that has ended, with the deliveries it held back."""
         ended = [d for d, until in self._paused.items() if until <= now]
         for destination in ended:
             del self._paused[destination]
-            ids = self._waiting_ids(destination)
+            ids = self._work.waiting_ids(destination)
             self.log.info("destination {destination} resumed after its pause; {waiting} deliveries go on: "
                           "{queue_ids}", queue_id="*", destination=destination, waiting=len(ids),
                           queue_ids=",".join(ids[:LISTED_IDS]) or "-", stage="throttle-resumed")
@@ -144,30 +183,16 @@ class ShapingMixin:
 
     # -- the status: metrics and <spool>/throttle.json ----------------------------------------------
 
-    def _waiting_for(self, destination: str) -> int:
-        return sum(len(jobs) for (_, dest), jobs in list(self._waiting.items()) if dest == destination)
-
-    def _waiting_ids(self, destination: str) -> list[str]:
-        ids: dict[str, None] = {}
-        for (_, dest), jobs in list(self._waiting.items()):
-            if dest == destination:
-                ids.update((job.attempt.queue_id, None) for job in list(jobs))
-        return list(ids)
-
-    def throttle_snapshot(self) -> Optional[tuple[list[DestinationStatus], dict[str, int], float]]:
+    def snapshot(self) -> Optional[tuple[list[DestinationStatus], dict[str, int], float]]:
         """(the throttle's status, deliveries waiting per throttled destination, now), from memory only;
         None without [[throttle]] rules (no gauges then).  Called by the metrics collector in a scrape
         thread: it only reads, and reads again if the reactor thread resized a dict meanwhile."""
         if not self._rules:
             return None
-        now = self._now()
+        now = self._clock.seconds()
 
         def read() -> tuple:
-            waiting: dict[str, int] = {}
-            for (_, destination), jobs in list(self._waiting.items()):
-                if destination is not None:
-                    waiting[destination] = waiting.get(destination, 0) + len(jobs)
-            return self._throttle.status(now), waiting, now
+            return self._throttle.status(now), self._work.waiting_per_destination(), now
         return read_unlocked(read, ([], {}, now))
 
     def _start_status(self) -> None:
@@ -191,27 +216,30 @@ class ShapingMixin:
         self._remove_status()       # pauses live in memory: a stopped relay has none in force
 
     def _refresh_status(self) -> None:
-        if self._status_dirty or self._now() - self._status_written >= STATUS_REFRESH:
+        dirty = self._status_dirty or self._work.line_changes != self._lines_written
+        if dirty or self._clock.seconds() - self._status_written >= STATUS_REFRESH:
             self._publish_status()
 
     def _publish_status(self) -> None:
-        if self._status_path is None or not self.running or not self._rules:
+        if self._status_path is None or not self._running or not self._rules:
             return
-        now = self._now()
+        now = self._clock.seconds()
         self._status_dirty, self._status_written = False, now
-        statuses, waiting, _ = self.throttle_snapshot() or ([], {}, now)
+        self._lines_written = self._work.line_changes
+        statuses, waiting, _ = self.snapshot() or ([], {}, now)
         known = {s.destination for s in statuses}
         rows = [dict(destination=s.destination, messages_per_minute=s.messages_per_minute,
                      connections_cap=s.connections_cap, connections=s.connections, next_start=s.next_start,
                      paused_until=s.paused_until, pauses_in_a_row=s.pauses_in_a_row, reason=s.reason,
-                     waiting=waiting.get(s.destination, 0), waiting_ids=self._waiting_ids(s.destination)[:LISTED_IDS])
+                     waiting=waiting.get(s.destination, 0),
+                     waiting_ids=self._work.waiting_ids(s.destination)[:LISTED_IDS])
                 for s in statuses]
         for destination in sorted(set(waiting) - known):
             rule = self._rules.match(destination)
             rows.append(dict(destination=destination, messages_per_minute=rule.messages_per_minute if rule else 0,
                              connections_cap=rule.connections if rule else 0, connections=0, next_start=0.0,
                              paused_until=0.0, pauses_in_a_row=0, reason="", waiting=waiting[destination],
-                             waiting_ids=self._waiting_ids(destination)[:LISTED_IDS]))
+                             waiting_ids=self._work.waiting_ids(destination)[:LISTED_IDS]))
         try:
             write_status(self._status_path, {"written_at": now, "pid": os.getpid(),
                                              "interval": STATUS_REFRESH, "destinations": rows})

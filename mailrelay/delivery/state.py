@@ -26,7 +26,7 @@ Schema (version 1):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from mailrelay.delivery.results import RecipientResult
 
@@ -79,7 +79,7 @@ class RecipientState:
     def recorded(self, result: RecipientResult, now: float, retry_at: float) -> "RecipientState":
         """This recipient after one attempt answered with `result`; `retry_at` applies to a retry."""
         reply = LastReply(result.code, result.status, result.text, result.remote_host)
-        changes = dict(attempts=self.attempts + 1, last_reply=reply,
+        changes: dict[str, Any] = dict(attempts=self.attempts + 1, last_reply=reply,
                        first_attempt=now if self.first_attempt is None else self.first_attempt)
         if result.delivered:
             changes["done"] = DELIVERED
@@ -155,6 +155,14 @@ class MessageState:
     def finished(self) -> bool:
         """Every recipient has a final answer and every bounce was handed over: the message may go."""
         return not any(r.pending or r.needs_report for r in self.recipients)
+
+    def next_due(self, expires_at: float, report_retry: float) -> float:
+        """When to look at the message again: its earliest pending recipient (never past `expires_at`,
+        the end of its lifetime), or `report_retry` if a DSN is still to be handed over."""
+        candidates = [min(r.next_attempt, expires_at) for r in self.pending]
+        if self.unreported or not candidates:
+            candidates.append(report_retry)
+        return min(candidates)
 
     def get(self, recipient: str) -> RecipientState:
         for r in self.recipients:
