@@ -1,6 +1,7 @@
 """The shape of the package, read from its source with `ast`: no import cycles (counting the imports made
 inside functions too), and the stages import only what comes before them on the message's journey
-(config → server → spool → delivery → dsn), never what comes after; config imports no stage."""
+(config → server → spool → delivery → dsn → events: webhooks are told of delivery's outcomes), never
+what comes after; config imports no stage."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,7 @@ from twisted.trial import unittest
 import mailrelay
 
 PACKAGE = Path(mailrelay.__file__).resolve().parent
-JOURNEY = ("config", "server", "spool", "delivery", "dsn")
+JOURNEY = ("config", "server", "spool", "delivery", "dsn", "events")
 
 
 def modules() -> dict[str, Path]:
