@@ -48,7 +48,7 @@ from mailrelay.delivery.pool import ConnectionPool, PoolKey
 from mailrelay.delivery.results import (
     RecipientResult, SessionResult, from_reply, parse_reply, printable,
 )
-from mailrelay.delivery.sasl import Exchange, PasswordLogin
+from mailrelay.delivery.sasl import ClientLogin, LoginFailed, PasswordLogin
 from mailrelay.delivery.starttls import StartTLSSteps
 from mailrelay.delivery.tlsinfo import Negotiated, stamped
 from mailrelay.interfaces import ITLSVerification
@@ -92,7 +92,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._verdict = None           # the TLS policy's judgement of the peer (delivery.tlsverify), if any
         self._starttls_missing = False
         self._greeted = False
-        self._exchange: Optional[Exchange] = None       # the AUTH exchange under way (delivery.sasl)
+        self._login = ClientLogin(params.login or (PasswordLogin(params.username, params.password or b"")
+                                                   if params.username else None), self._host)
         self._awaiting: deque[Awaited] = deque()
         self._command = "connect"
         self._connected_at: Optional[float] = None
@@ -305,39 +306,29 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._maybe_starttls()
 
     def _maybe_auth(self) -> None:
-        login = self.params.login or (PasswordLogin(self.params.username, self.params.password or b"")
-                                      if self.params.username else None)
-        if login is None:
+        if not self._login.wanted:
             return self._next_job()
-        if not self._tls_active:
-            # RFC 4954 4 / RFC 8314: a password is never sent in plaintext, whatever the server offers.
-            self._failure = (451, "4.7.11", f"not sending credentials to {self._host} without TLS")
+        self._login.host = self._host          # with the peer's address, once connected
+        try:
+            command = self._login.begin(self._extensions.get(b"AUTH", b""), self._tls_active)
+        except LoginFailed as e:
+            self._failure = e.failure
             return self._quit()
-        self._exchange = login.start(self._extensions.get(b"AUTH", b"").upper().split())
-        if self._exchange is None:
-            offered = printable(self._extensions.get(b"AUTH", b"none"))
-            self._failure = (451, "4.7.0", f"{self._host} offers no AUTH mechanism we use "
-                             f"(we use {login.wanted}; offered: {offered})")
-            return self._quit()
-        self._send(self._exchange.command, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
+        self._send(command, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
 
     def _on_auth_step(self, code: int, text: bytes) -> None:
         """235: in.  334: the mechanism's next response (delivery.sasl), if it has one."""
         if code == 235:
-            self._exchange = None
+            self._login.succeeded()
             return self._next_job()
-        assert self._exchange is not None       # a 334 answers the AUTH exchange _maybe_auth started
-        response = self._exchange.respond(text)
-        if response is None:
-            return self._abort(421, "4.7.0", f"{self._host} sent an AUTH challenge {self._exchange.mechanism.decode()} "
-                               "has no answer for")
+        try:
+            response = self._login.respond(text)
+        except LoginFailed as e:
+            return self._abort(*e.failure)
         self._send(response, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
 
     def _on_auth_refused(self, code: int, text: bytes) -> None:
-        exchange, self._exchange = self._exchange, None
-        assert exchange is not None       # the refusal answers the AUTH exchange _maybe_auth started
-        exchange.refused(code)
-        self._fail_from_reply(code, exchange.scrub(text), "AUTH")
+        self._fail_from_reply(code, self._login.refused(code, text), "AUTH")
 
     # -- transactions: MAIL, RCPT, DATA, once per job --------------------------------------------------
 

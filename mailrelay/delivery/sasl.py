@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_oauth2 -*-
+# -*- test-case-name: tests.test_sasl, tests.test_oauth2, tests.test_delivery_client -*-
 """The SASL side of the delivery client's AUTH (RFC 4954): what to send for each mechanism we speak.
 
 Journey: the next hop (smarthost.SmarthostTransport) puts a login into job.SessionParams; once the
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import base64
 from typing import Any, Optional
+
+from mailrelay.delivery.results import printable
 
 OAUTH_MECHANISMS = {"xoauth2": b"XOAUTH2", "oauthbearer": b"OAUTHBEARER"}
 
@@ -112,3 +114,53 @@ class BearerLogin:
             after_error = base64.b64encode(b"\x01")     # RFC 7628 3.2.3: a single %x01
         blob = base64.b64encode(raw)
         return Exchange(self.mechanism, b"AUTH " + self.mechanism, [blob, after_error], [blob, self._token], self)
+
+
+class LoginFailed(Exception):
+    """AUTH cannot even start: `failure` is the (code, status, text) every recipient of the session gets."""
+
+    def __init__(self, code: int, status: str, text: str):
+        super().__init__(text)
+        self.failure = (code, status, text)
+
+
+class ClientLogin:
+    """The AUTH exchange of one outgoing session (RFC 4954), apart from the protocol that sends its lines:
+    which mechanism, each response, and what a refusal may show.  `login`: a PasswordLogin or BearerLogin,
+    or None when the session logs in to nobody; `host`: the server's name for messages."""
+
+    def __init__(self, login, host: str):
+        self.wanted = login is not None
+        self._login, self.host = login, host
+        self._exchange: Optional[Exchange] = None
+
+    def begin(self, offered: bytes, tls_active: bool) -> bytes:
+        """The AUTH command for the server's `AUTH` keyword value; LoginFailed when it must not be sent."""
+        if not tls_active:
+            # RFC 4954 4 / RFC 8314: a password is never sent in plaintext, whatever the server offers.
+            raise LoginFailed(451, "4.7.11", f"not sending credentials to {self.host} without TLS")
+        self._exchange = self._login.start(offered.upper().split())
+        if self._exchange is None:
+            raise LoginFailed(451, "4.7.0", f"{self.host} offers no AUTH mechanism we use "
+                              f"(we use {self._login.wanted}; offered: {printable(offered or b'none')})")
+        return self._exchange.command
+
+    def respond(self, challenge: bytes) -> bytes:
+        """The answer to a 334 challenge; LoginFailed (421) when the mechanism has none."""
+        assert self._exchange is not None       # a 334 answers the AUTH command begin() returned
+        response = self._exchange.respond(challenge)
+        if response is None:
+            raise LoginFailed(421, "4.7.0", f"{self.host} sent an AUTH challenge "
+                              f"{self._exchange.mechanism.decode()} has no answer for")
+        return response
+
+    def succeeded(self) -> None:
+        self._exchange = None
+
+    def refused(self, code: int, text: bytes) -> bytes:
+        """The server's refusal, told to the mechanism (a token refused is a token renewed), with any
+        secret scrubbed from the text that goes on to logs and DSNs."""
+        exchange, self._exchange = self._exchange, None
+        assert exchange is not None       # the refusal answers the AUTH command begin() returned
+        exchange.refused(code)
+        return exchange.scrub(text)
