@@ -31,10 +31,11 @@ import time
 from typing import Any, Optional
 
 from twisted.logger import ILogObserver, LogLevel
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.logger import event_text
-from mailrelay.redaction import needs_redaction, redact, scrub, scrub_value
+from mailrelay.redaction import plain_fields, redact, scrub, scrub_value
 
 WORKER_NAMESPACE = "mailrelay.delivery.worker"
 TEXT = "log_text"
@@ -61,11 +62,12 @@ def _failure(failure: Any, secrets: tuple[str, ...]) -> dict:
 def event_line(event: dict) -> str:
     """One line (with its newline) carrying `event`, redacted."""
     secrets: tuple[str, ...] = ()
-    if needs_redaction(event):
+    fields = plain_fields(event)
+    if fields is None:
         event, secrets = redact(event)
-    record = {key: value for key, value in event.items() if key[:4] != "log_"}
-    if secrets:
-        record = scrub_value(record, secrets)
+        record = scrub_value({key: value for key, value in event.items() if key[:4] != "log_"}, secrets)
+    else:
+        record = {name: event[name] for name in fields}
     for key in _KEPT:
         if key in event:
             record[key] = event[key]
@@ -75,6 +77,8 @@ def event_line(event: dict) -> str:
     record[TEXT] = scrub(text, secrets) if secrets else text
     if event.get("log_failure") is not None:
         record["log_failure"] = _failure(event["log_failure"], secrets)
+    if isinstance(record.get("failure"), Failure):      # twisted.python.log.err's: its traceback is in the text
+        del record["failure"]
     try:
         return _encode(record) + "\n"
     except Exception:      # a field that even repr() cannot write

@@ -9,7 +9,7 @@ scrubbed from any other text, a message or a traceback included. Twisted's own k
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 REDACTED = "[redacted]"
 SENSITIVE_WORDS = ("password", "secret", "passwd", "credential", "auth_data", "token")
@@ -29,16 +29,39 @@ def _is_sensitive_name(name: str) -> bool:
 
 
 def needs_redaction(event: Mapping[str, Any]) -> bool:
-    """True when `event` has a sensitive field at its top level or in a dict or list of its fields
-    (a cheap test: most events have none, and are then written as they are)."""
-    for key, value in event.items():
-        if key[:4] == "log_":
-            continue
-        if _is_sensitive_name(key):
-            return True
+    """True when `event` has a sensitive field at its top level or in a dict or list of its fields."""
+    return plain_fields(event) is None
+
+
+def plain_fields(event: Mapping[str, Any]) -> Optional[tuple]:
+    """The names of `event`'s fields (not Twisted's `log_*`) when none needs redacting, else None.
+    Cheap: one call site's events have the same names, so what the names say is remembered by the
+    tuple of them; only values that are dicts or lists are looked into."""
+    names = tuple(event)
+    fields = _by_names.get(names)
+    if fields is None:
+        fields = _judge_names(names)
+    if fields is _SENSITIVE:
+        return None
+    for name in fields:
+        value = event[name]
         if isinstance(value, (dict, list, tuple)) and _nested_sensitive(value, 1):
-            return True
-    return False
+            return None
+    return fields
+
+
+_SENSITIVE = ("[sensitive]",)
+_by_names: dict[tuple, tuple] = {}
+_NAMES_KEPT = 4096        # distinct field-name tuples remembered (call sites are far fewer)
+
+
+def _judge_names(names: tuple) -> tuple:
+    fields = tuple(name for name in names if not (isinstance(name, str) and name.startswith("log_")))
+    judged = _SENSITIVE if any(is_sensitive(name) for name in fields) else fields
+    if len(_by_names) >= _NAMES_KEPT:
+        _by_names.clear()
+    _by_names[names] = judged
+    return judged
 
 
 def _nested_sensitive(value: Any, depth: int) -> bool:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from twisted.logger import LogLevel, LogPublisher, formatEvent, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailrelay import config
@@ -120,6 +121,25 @@ class Wire(unittest.TestCase):
         out = Lines()
         make_observer(config.LogConfig(format="text"), out)(event)
         return out.lines()
+
+    def test_a_legacy_err_in_the_child_is_one_event_here_that_legacy_observers_can_write(self):
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python import log as legacy
+
+        out = io.StringIO()
+        publisher = LogPublisher()
+        publisher.addObserver(PipeObserver(out))
+        try:
+            raise ValueError("legacy")
+        except ValueError:      # what twisted.python.log.err publishes
+            legacy.LogPublisher(publisher, publisher).msg(failure=Failure(), isError=1, why="it failed")
+        [line] = out.getvalue().splitlines()
+        self.assertNotIn('"failure"', line)
+        event = event_from_line(line)
+        self.assertIn("ValueError: legacy", event["log_text"])
+        written = []         # e.g. twistd --syslog: a legacy observer in the main process
+        LegacyLogObserverWrapper(lambda legacy_event: written.append(legacy.textFromEventDict(legacy_event)))(event)
+        self.assertIn("ValueError: legacy", written[0])
 
     def test_secrets_never_go_up_the_pipe(self):
         def emit(log):
