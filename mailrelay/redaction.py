@@ -36,18 +36,27 @@ def needs_redaction(event: Mapping[str, Any]) -> bool:
 def plain_fields(event: Mapping[str, Any]) -> Optional[tuple]:
     """The names of `event`'s fields (not Twisted's `log_*`) when none needs redacting, else None.
     Cheap: one call site's events have the same names, so what the names say is remembered by the
-    tuple of them; only values that are dicts or lists are looked into."""
+    tuple of them; values are looked into only when one is not of a type known to hold no dict or list."""
     names = tuple(event)
     fields = _by_names.get(names)
     if fields is None:
         fields = _judge_names(names)
     if fields is _SENSITIVE:
         return None
-    for name in fields:
-        value = event[name]
-        if isinstance(value, (dict, list, tuple)) and _nested_sensitive(value, 1):
-            return None
+    if _LEAF_TYPES.issuperset(map(type, event.values())):
+        return fields
+    for name, value in event.items():
+        if isinstance(value, (dict, list, tuple)):
+            if name[:4] != "log_" and _nested_sensitive(value, 1):
+                return None
+        elif len(_LEAF_TYPES) < _LEAF_TYPES_KEPT:
+            _LEAF_TYPES.add(type(value))
     return fields
+
+
+# Types seen in events that are not dicts, lists or tuples (nor subclasses): such a value holds no field.
+_LEAF_TYPES: set[type] = {str, int, float, bool, type(None), bytes}
+_LEAF_TYPES_KEPT = 256
 
 
 _SENSITIVE = ("[sensitive]",)
