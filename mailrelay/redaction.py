@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.test_redaction -*-
 """What a log line never shows: the values of credential fields, wherever they are written (the `[log]`
 lines, twistd's own text log, the delivery process's events on their way up the pipe).
 
