@@ -8,12 +8,12 @@ In (stdin, one line each): `enqueue QUEUEID` for a message the main process just
 `metrics SEQ`, answered on `--reply-fd` (the main process's `[metrics] endpoint` serves what comes back:
 `metrics SEQ LENGTH`, a newline, LENGTH bytes of the delivery families' text exposition). End of stdin
 means stop: deliveries in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines
-go to `[log] file` when one is set, else to standard output as events, one JSON object a line, redacted
-(mailrelay.logrelay.PipeObserver), gathered for LOG_BATCH_DELAY: that is a pipe to the main process, which
-publishes them as events of its own log (delivery.process, mailrelay.logrelay). The spool is shared: the main process
-holds its lock and ran recovery before starting this one. With `--config-on-stdin` the config is the
-bytes the main process validated (its first line); the files only the receiving side reads ([tls],
-[auth]) are not opened here either.
+go to `[log] file` when one is set, else to standard output as events, one JSON object a line,
+redacted (mailrelay.logrelay.PipeObserver), gathered for LOG_BATCH_DELAY: that is a pipe to the main
+process, which publishes them as events of its own log (delivery.process, mailrelay.logrelay). The
+spool is shared: the main process holds its lock and ran recovery before starting this one. With
+`--config-on-stdin` the config is the bytes the main process validated (its first line); the files
+only the receiving side reads ([tls], [auth]) are not opened here either.
 """
 from __future__ import annotations
 
