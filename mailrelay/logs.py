@@ -25,13 +25,15 @@ formats (`[log] format`):
   that is not twisted.logger's own (`log_*`); values JSON cannot hold are written as their repr().
 
 Only events whose namespace is "mailrelay" or below it are written, at level info and above.
-REDACTION: a field whose name contains password, secret, passwd, credential, auth_data or token (any
-case, at any depth of a dict) is written as "[redacted]", the message text is formatted from the
-redacted event, and the values of such fields (4 characters or longer) are scrubbed from any other text.
+REDACTION (mailrelay.redaction): a field whose name contains password, secret, passwd, credential,
+auth_data or token (any case, at any depth of a dict) is written as "[redacted]", the message text is
+formatted from the redacted event, and the values of such fields (4 characters or longer) are scrubbed
+from any other text.
 
 Where lines go (`install`): `file` set → appended there (line-buffered), besides twistd's own log.
-`file` empty and format "text" → nothing extra: twistd's own log already prints every event, the
-delivery process's too (it sends them here: LogService.relay, mailrelay.logrelay).
+`file` empty and format "text" → nothing extra: twistd's own log already prints every event (in
+mailrelay.logger's renderer, which the plugin installs through twistd), the delivery process's too
+(its events come up a pipe and are published here: LogService.relay, mailrelay.logrelay).
 `file` empty and format "json" → JSON lines on the process's original standard output (sys.__stdout__,
 what systemd or a container collects; twistd may print its own text log there too unless given
 `--logfile`; under a daemonising twistd stdout is /dev/null, so set `file`).
@@ -40,12 +42,11 @@ Standards: times are RFC 3339 / ISO 8601 UTC with milliseconds; JSON is RFC 8259
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sys
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 from constantly import NamedConstant
 from twisted.application import service
@@ -53,13 +54,11 @@ from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher, formatE
 from zope.interface import implementer
 
 from mailrelay.config import LogConfig
-from mailrelay.logger import restore_observers, speed_up_text_observers
-from mailrelay.logrelay import relay_text
+from mailrelay.logrelay import REMOTE_FAILURE, TEXT, publish_lines
+from mailrelay.redaction import (MIN_SCRUB_LENGTH, REDACTED, SENSITIVE_WORDS, is_sensitive, redact,  # noqa: F401
+                                 scrub, scrub_value)
 
 NAMESPACE = "mailrelay"
-REDACTED = "[redacted]"
-SENSITIVE_WORDS = ("password", "secret", "passwd", "credential", "auth_data", "token")
-MIN_SCRUB_LENGTH = 4      # shorter secret values are not searched for in free text (they would eat it)
 
 # Postfix's word for the outcome of a delivery stage (status=sent, status=deferred, ...).
 STATUS_WORDS = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced", "expired": "expired"}
@@ -68,69 +67,6 @@ MESSAGE_STAGES = ("received", "queued", "attempt", *STATUS_WORDS)
 # CWE-117 (log injection): a CR or LF from a client (EHLO, address, reply text) would forge a log line.
 _CONTROLS = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 _HEADER_KEYS = ("time", "level", "namespace", "message")
-
-
-# -- redaction ------------------------------------------------------------------------------------
-
-def is_sensitive(name: object) -> bool:
-    """True for a field name that may carry a credential."""
-    return _is_sensitive_name(str(name))
-
-
-@functools.lru_cache(maxsize=1024)      # field names are few; every event asks about each of them
-def _is_sensitive_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in SENSITIVE_WORDS)
-
-
-def _redact_value(value: Any, secrets: list[str]) -> Any:
-    """`value` with every sensitive dict key's value replaced (collected into `secrets`)."""
-    if isinstance(value, dict):
-        return {k: _hide(v, secrets) if is_sensitive(k) else _redact_value(v, secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_redact_value(v, secrets) for v in value)
-    return value
-
-
-def _hide(value: Any, secrets: list[str]) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    if isinstance(value, str) and len(value) >= MIN_SCRUB_LENGTH:
-        secrets.append(value)
-    return REDACTED
-
-
-def redact(event: dict) -> tuple[dict, tuple[str, ...]]:
-    """A copy of `event` with sensitive fields hidden, and the hidden values (for scrubbing text)."""
-    secrets: list[str] = []
-    clean = {}
-    for key, value in event.items():
-        if key.startswith("log_"):
-            clean[key] = value
-        elif is_sensitive(key):
-            clean[key] = _hide(value, secrets)
-        else:
-            clean[key] = _redact_value(value, secrets)
-    return clean, tuple(sorted(set(secrets), key=len, reverse=True))
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret value replaced by [redacted]."""
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-def _scrub_value(value: Any, secrets: tuple[str, ...]) -> Any:
-    if not secrets:
-        return value
-    if isinstance(value, str):
-        return scrub(value, secrets)
-    if isinstance(value, dict):
-        return {k: _scrub_value(v, secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub_value(v, secrets) for v in value]
-    return value
 
 
 # -- the Postfix-like body of a message event -----------------------------------------------------
@@ -226,7 +162,8 @@ def _level(event: dict) -> str:
 def _failure_summary(event: dict) -> Optional[str]:
     failure = event.get("log_failure")
     if failure is None:
-        return None
+        remote = event.get(REMOTE_FAILURE)      # one from the delivery process (mailrelay.logrelay)
+        return remote["error"] if remote else None
     try:
         return f"{failure.type.__name__}: {failure.getErrorMessage()}"
     except Exception:
@@ -235,6 +172,9 @@ def _failure_summary(event: dict) -> Optional[str]:
 
 def _message_text(clean: dict) -> str:
     text = formatEvent(clean) if clean.get("log_format") is not None else ""
+    remote = clean.get(REMOTE_FAILURE)
+    if remote and clean.get(TEXT) == text:      # the delivery process's failure: its traceback apart
+        text = text.removesuffix("\n" + remote["traceback"])
     if "queue_id" in clean:
         prefix = f"{clean['queue_id']}:"
         if not text.startswith(prefix):
@@ -283,7 +223,10 @@ def format_json(event: dict) -> str:
             record["traceback"] = failure.getTraceback()
         except Exception:
             pass
-    return json.dumps(_scrub_value(record, secrets), ensure_ascii=False, allow_nan=False)
+    elif clean.get(REMOTE_FAILURE):
+        record["error"] = clean[REMOTE_FAILURE]["error"]
+        record["traceback"] = clean[REMOTE_FAILURE]["traceback"]
+    return json.dumps(scrub_value(record, secrets), ensure_ascii=False, allow_nan=False)
 
 
 def wanted(event: dict, min_level: LogLevel = LogLevel.info) -> bool:
@@ -338,7 +281,6 @@ class LogService(service.Service):
         self._stdout = stream
         self._file: Optional[TextIO] = None
         self.observer: Optional[ILogObserver] = None
-        self._sped_up: list = []
 
     def privilegedStartService(self) -> None:
         self._open_file()
@@ -360,20 +302,17 @@ class LogService(service.Service):
     def startService(self) -> None:
         stream = self._stream()         # an unwritable file fails here, before anything runs
         super().startService()
-        self._sped_up = speed_up_text_observers(self._publisher)     # twistd's own log: same lines
         if stream is not None:
             self.observer = make_observer(self.log_config, stream)
             self._publisher.addObserver(self.observer)
 
     def relay(self, text: str) -> None:
-        """Whole lines the delivery process rendered as classic text: into this process's log
-        (mailrelay.logrelay), as one write when twistd's own log is all there is."""
-        relay_text(self._publisher, text, [observer for observer, _ in self._sped_up])
+        """Whole lines of the delivery process's events (mailrelay.logrelay): published here, where every
+        observer of this process's log writes them."""
+        publish_lines(self._publisher, text)
 
     def stopService(self) -> None:
         super().stopService()
-        restore_observers(self._sped_up)
-        self._sped_up = []
         if self.observer is not None:
             self._publisher.removeObserver(self.observer)
             self.observer = None

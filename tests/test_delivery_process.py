@@ -277,11 +277,21 @@ class ChildLogLines(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_childs_lines_are_events_of_this_process(self):
-        from twisted.logger import globalLogPublisher
+        """Structured: each event the child logs is published here with its queue id, namespace, level
+        and fields, and written by this process's observers like its own events."""
+        import io
 
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from mailrelay.config import LogConfig
+        from mailrelay.logs import make_observer
+
+        events, json_out, text_out = [], io.StringIO(), io.StringIO()
+        json_observer = make_observer(LogConfig(format="json"), json_out)
+        text_observer = make_observer(LogConfig(format="text"), text_out)      # Postfix-like, from the fields
+        for observer in (events.append, json_observer, text_observer):
+            globalLogPublisher.addObserver(observer)
+            self.addCleanup(globalLogPublisher.removeObserver, observer)
         relay = self.relay()
         relay.start(reactor)
         self.addCleanup(relay.stop)
@@ -291,12 +301,27 @@ class ChildLogLines(unittest.TestCase):
         yield self.sink.wait_for(1)
 
         def delivered() -> list[dict]:
-            return [e for e in events if e.get("queue_id") == queue_id and "delivered" in e.get("log_text", "")]
+            return [e for e in events if e.get("queue_id") == queue_id and e.get("stage") == "delivered"]
         yield eventually(delivered, timeout=5, interval=0.1)
         mine = delivered()
         self.assertEqual(len(mine), 1)
-        self.assertTrue(mine[0]["log_namespace"].startswith("mailrelay.delivery.scheduler"))
-        self.assertIn("user@example.com", mine[0]["log_text"])
+        delivered = mine[0]
+        self.assertTrue(delivered["log_namespace"].startswith("mailrelay.delivery.scheduler"))
+        self.assertEqual(delivered["log_level"], LogLevel.info)
+        self.assertEqual(delivered["recipient"], "user@example.com")
+        self.assertIn("user@example.com", delivered["log_text"])
+        queued = [e for e in events if e.get("queue_id") == queue_id and e.get("stage") == "queued"]
+        self.assertEqual([(e["log_namespace"], e["sender"], e["client"]) for e in queued],
+                         [("mailrelay.queue", "app@example.org", "127.0.0.1")])
+        self.assertLessEqual(queued[0]["log_time"], delivered["log_time"])      # the child's own times
+        records = [json.loads(line) for line in json_out.getvalue().splitlines()]
+        [line] = [r for r in records if r.get("queue_id") == queue_id and r.get("stage") == "delivered"]
+        self.assertEqual((line["recipient"], line["level"]), ("user@example.com", "info"))
+        self.assertIn(f"{queue_id}: delivered user@example.com via sink", line["message"])
+        [text_line] = [t for t in text_out.getvalue().splitlines() if f"{queue_id}: to=" in t and "status=sent" in t]
+        self.assertIn(" info mailrelay.delivery.scheduler", text_line)
+        self.assertIn(f"{queue_id}: to=<user@example.com>, relay=", text_line)
+        self.assertIn("status=sent (250 ", text_line)
 
     @defer.inlineCallbacks
     def test_twistd_with_a_log_file_has_the_childs_lines_in_it(self):

@@ -98,7 +98,7 @@ class ClassicTextTests(unittest.TestCase):
 
 
 class TwistdObserverTests(unittest.TestCase):
-    """twistd's own log observer, sped up: the file it writes must not change by a byte."""
+    """twistd's own log observer, written by classic_text: the file it writes must not change by a byte."""
 
     def emit_all(self, publisher):
         log = Logger(namespace="mailrelay.test", observer=publisher)
@@ -111,51 +111,127 @@ class TwistdObserverTests(unittest.TestCase):
         except ZeroDivisionError:
             log.failure("it broke: {why}", why="division")
 
-    def run_publisher(self, speed_up: bool, time_format=None):
+    def write(self, observer_for) -> str:
         import io
 
-        from twisted.logger import textFileLogObserver
-
-        from mailrelay.logger import restore_observers, speed_up_text_observers
-
         publisher, out = LogPublisher(), io.StringIO()
-        observer = textFileLogObserver(out) if time_format is None else textFileLogObserver(out, time_format)
-        publisher.addObserver(observer)
-        changed = speed_up_text_observers(publisher) if speed_up else []
+        publisher.addObserver(observer_for(out))
         self.patch(time, "time", lambda: 1795834572.5)       # both runs log at the same instant
         self.emit_all(publisher)
-        restore_observers(changed)
-        return out.getvalue(), changed, observer
+        self.flushLoggedErrors(ZeroDivisionError)
+        return out.getvalue()
 
     def test_the_lines_are_byte_for_byte_twisted_s(self):
-        fast, changed, _ = self.run_publisher(True)
-        slow, _, _ = self.run_publisher(False)
-        self.assertEqual(len(changed), 1)
+        from twisted.logger import textFileLogObserver
+
+        from mailrelay.logger import text_observer
+
+        fast, slow = self.write(text_observer), self.write(textFileLogObserver)
         self.assertEqual(fast, slow)
         self.assertIn("Q1: client=127.0.0.1, from=<a@example.org> (queue active)", fast)
         self.assertIn("ZeroDivisionError", fast)
-        self.flushLoggedErrors(ZeroDivisionError)
 
-    def test_an_observer_with_its_own_time_format_is_left_alone(self):
-        _, changed, observer = self.run_publisher(True, time_format="%H:%M")
-        self.assertEqual(changed, [])
-        self.assertIsNot(observer.formatEvent, classic_text)
-        self.flushLoggedErrors(ZeroDivisionError)
+    def test_a_credential_never_reaches_twistd_s_log(self):
+        from mailrelay.logger import text_observer
 
-    def test_the_log_service_speeds_up_while_running_and_restores_on_stop(self):
+        def emit_all(publisher):
+            log = Logger(namespace="mailrelay.test", observer=publisher)
+            log.info("login {user} with {password}", user="bob", password="hunter2-secret")
+            log.warn("peer said {reply}", reply="535 hunter2-secret rejected", auth_token="hunter2-secret")
+        self.emit_all = emit_all
+        out = self.write(text_observer)
+        self.assertNotIn("hunter2", out)
+        self.assertIn("login bob with [redacted]", out)
+        self.assertIn("peer said 535 [redacted] rejected", out)
+
+
+class TwistdHookTests(unittest.TestCase):
+    """The observer is installed the way twistd lets one: as the application's ILogObserver."""
+
+    def options(self, *argv):
+        from twisted.scripts.twistd import ServerOptions
+
+        options = ServerOptions()
+        options.parseOptions([*argv, "mailrelay", "--config", "tap.conf"])
+        return options
+
+    def test_standard_output_for_nodaemon_without_a_file_or_with_a_dash(self):
+        import io
+        import sys
+
+        from mailrelay.logger import twistd_observer
+
+        for argv in (["-n"], ["-n", "--logfile=-"]):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            observer = twistd_observer(self.options(*argv))
+            Logger(namespace="mailrelay.test", observer=observer).info("{queue_id}: hi", queue_id="Q8")
+            self.assertRegex(out.getvalue(), r"^\S+ \[mailrelay.test#info\] Q8: hi\n$")
+
+    def test_a_log_file_rotated_on_sigusr1(self):
+        import signal
+
+        from mailrelay.logger import twistd_observer
+
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        path = self.mktemp()
+        observer = twistd_observer(self.options("-n", f"--logfile={path}"))
+        Logger(namespace="mailrelay.test", observer=observer).info("{queue_id}: hello", queue_id="Q7")
+        with open(path) as f:
+            self.assertRegex(f.read(), r"^\S+ \[mailrelay.test#info\] Q7: hello\n$")
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    def test_syslog_logger_and_a_daemon_on_stdout_are_left_to_twistd(self):
+        from mailrelay.logger import twistd_observer
+
+        self.assertIsNone(twistd_observer(None))
+        self.assertIsNone(twistd_observer(self.options("-n", "--logger=mailrelay.logger.observer")))
+        self.assertIsNone(twistd_observer(self.options("--logfile=-")))
+        self.assertIsNone(twistd_observer({"syslog": True, "nodaemon": True}))
+
+    def test_the_application_twistd_makes_gets_the_observer(self):
         import io
 
-        from twisted.logger import textFileLogObserver
+        from twisted.application import service
+        from twisted.logger import ILogObserver
 
-        from mailrelay.config import LogConfig
-        from mailrelay.logs import LogService
+        from mailrelay.logger import TwistdLog, text_observer
 
-        publisher = LogPublisher()
-        observer = textFileLogObserver(io.StringIO())
-        original = observer.formatEvent
-        publisher.addObserver(observer)
-        service = LogService(LogConfig(), publisher)
-        service.startService()
-        self.assertIs(observer.formatEvent, classic_text)
-        service.stopService()
-        self.assertIs(observer.formatEvent, original)
+        relay, observer = service.MultiService(), text_observer(io.StringIO())
+        relay.setName("mailrelay")
+        application = service.Application("mailrelay")
+        TwistdLog(relay, observer).setServiceParent(application)      # what twistd does with makeService's
+        self.assertIs(application.getComponent(ILogObserver), observer)
+        self.assertIs(relay.parent.parent, service.IServiceCollection(application))
+
+    def test_an_application_that_has_an_observer_keeps_it(self):
+        import io
+
+        from twisted.application import service
+        from twisted.logger import ILogObserver
+
+        from mailrelay.logger import TwistdLog, text_observer
+
+        application, theirs = service.Application("mailrelay"), text_observer(io.StringIO())
+        application.setComponent(ILogObserver, theirs)
+        TwistdLog(service.MultiService(), text_observer(io.StringIO())).setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), theirs)
+
+    def test_the_logger_option_factory_writes_twistd_s_lines_on_standard_output(self):
+        import io
+        import sys
+
+        from twisted.logger import ILogObserver
+
+        from mailrelay.logger import observer
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        made = observer()
+        self.assertTrue(ILogObserver.providedBy(made))
+        made({"log_format": "{x}", "x": "hello", "log_namespace": "mailrelay.test", "log_level": LogLevel.info,
+              "log_time": 0.0})
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(
+            {"log_format": "{x}", "x": "hello", "log_namespace": "mailrelay.test", "log_level": LogLevel.info,
+             "log_time": 0.0}))

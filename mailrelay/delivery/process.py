@@ -17,9 +17,10 @@ Orders down the same pipe: `flush [ID]` (make every message, or one, due now) an
 delivery side's metrics families, for `[metrics] endpoint` here). The child answers the latter on its fd 3,
 a pipe of its own: `metrics SEQ LENGTH`, a newline, then LENGTH bytes of text exposition.
 
-Log lines: with `[log] file` the child appends to that file itself. Without one it sends them up its
-standard output, in batches (worker.LOG_BATCH_DELAY), and `log_text` puts them into this process's log
-(mailrelay.logrelay): a daemonised twistd's log file, rotated by twistd, gets them like our own. What
+Log lines: with `[log] file` the child appends to that file itself. Without one it sends its events up
+its standard output, one JSON object a line, in batches (worker.LOG_BATCH_DELAY), and `log_text`
+publishes them as events of this process's log (mailrelay.logrelay), with their namespace, level, time,
+queue id and fields: a daemonised twistd's log file, rotated by twistd, gets them like our own. What
 the child writes to its standard error (a traceback, a refused config) is logged here as warnings.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from zope.interface import implementer
 
 from mailrelay.interfaces import IScheduler
 from mailrelay.logger import Logger
-from mailrelay.logrelay import relay_text
+from mailrelay.logrelay import publish_lines
 from mailrelay.logs import log_queued
 from mailrelay.net import write_now
 
@@ -108,12 +109,12 @@ class DeliveryProcess(service.Service):
                  log_text: Optional[Callable[[str], None]] = None, source: Optional[bytes] = None):
         """`spool`: ours; what it remembers of a fresh commit (size, offset, envelope) goes down the pipe
         with the id, so the child need not read the file back to start delivering it. `log_text`: takes
-        the child's log lines (whole classic text lines); default: onto twisted.logger's global
-        publisher (mailrelay.logrelay). `source`: the config file's bytes as validated (Config.source);
+        the child's log lines (whole lines, one event each: mailrelay.logrelay); default: published on
+        twisted.logger's global publisher. `source`: the config file's bytes as validated (Config.source);
         None: the child reads the file itself."""
         self.config_path, self.reactor, self.python, self.spool = str(config_path), reactor, python, spool
         self.source = source
-        self._log_text = log_text or (lambda text: relay_text(globalLogPublisher, text))
+        self._log_text = log_text or (lambda text: publish_lines(globalLogPublisher, text))
         self._child = None
         self._transport = None
         self._restart = None

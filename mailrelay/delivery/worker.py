@@ -9,12 +9,12 @@ In (stdin, one line each): `enqueue QUEUEID` for a message the main process just
 `metrics SEQ`, answered on `--reply-fd` (the main process's `[metrics] endpoint` serves what comes back:
 `metrics SEQ LENGTH`, a newline, LENGTH bytes of the delivery families' text exposition). End of stdin
 means stop: deliveries in flight finish (bounded, Scheduler.stopService) and the process exits. Log lines
-go to `[log] file` when one is set, else to standard output in twistd's text format
-(mailrelay.logger.classic_text), gathered for LOG_BATCH_DELAY: that is a pipe to the main process, which
-puts them into its own log (delivery.process, mailrelay.logrelay). The spool is shared: the main process
-holds its lock and ran recovery before starting this one. With `--config-on-stdin` the config is the
-bytes the main process validated (its first line); the files only the receiving side reads ([tls],
-[auth]) are not opened here either.
+go to `[log] file` when one is set, else to standard output as events, one JSON object a line,
+redacted (mailrelay.logrelay.PipeObserver), gathered for LOG_BATCH_DELAY: that is a pipe to the main
+process, which publishes them as events of its own log (delivery.process, mailrelay.logrelay). The
+spool is shared: the main process holds its lock and ran recovery before starting this one. With
+`--config-on-stdin` the config is the bytes the main process validated (its first line); the files
+only the receiving side reads ([tls], [auth]) are not opened here either.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, stdio
-from twisted.logger import FileLogObserver, globalLogBeginner
+from twisted.logger import globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 
-from mailrelay.logger import Logger, classic_text
+from mailrelay.logger import Logger
+from mailrelay.logrelay import PipeObserver
 from mailrelay.logs import log_queued
 
 log = Logger(namespace="mailrelay.delivery.worker")
@@ -158,7 +159,7 @@ class TickBufferedStream:
             self._reactor.callLater(self._delay, self.drain)
 
     def flush(self) -> None:
-        """FileLogObserver flushes after every event; the real write happens once per turn (drain)."""
+        """A file observer flushes after every event; the real write happens once per turn (drain)."""
 
     def drain(self) -> None:
         self._pending = False
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     else:
         stream = TickBufferedStream(sys.stdout, reactor, LOG_BATCH_DELAY)   # to the main process's log
         reactor.addSystemEventTrigger("after", "shutdown", stream.drain)
-        globalLogBeginner.beginLoggingTo([FileLogObserver(stream, classic_text)], redirectStandardIO=False)
+        globalLogBeginner.beginLoggingTo([PipeObserver(stream)], redirectStandardIO=False)
     worker = DeliveryWorker(config, reactor)
     worker.startService()
     reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)

@@ -3,6 +3,11 @@
 
 A config error is one line on stderr naming the file and key, and twistd exits with status 2; nothing starts
 half-configured.
+
+twistd's own log is written by mailrelay's renderer (mailrelay.logger: the same lines as Twisted's,
+cheaper), to where twistd's options say (`--logfile`, `-n`): makeService wraps the relay in
+mailrelay.logger.TwistdLog, which gives twistd's application that observer as its ILogObserver, the
+component twistd logs to when no `--logger` is given. `--syslog` and `--logger` are left to twistd.
 """
 import sys
 
@@ -24,11 +29,13 @@ class MailRelayServiceMaker:
 
     def makeService(self, options):
         from mailrelay.config import ConfigError, load
+        from mailrelay.logger import TwistdLog, twistd_observer
         from mailrelay.service import make_service
 
         try:
             config = load(options["config"])
-            return make_service(config, handle_sighup=True)
+            relay = make_service(config, handle_sighup=True)
+            return TwistdLog(relay, twistd_observer(options.parent))
         except ConfigError as e:
             sys.stderr.write(f"mailrelay: {e}\n")
             raise SystemExit(2) from None
