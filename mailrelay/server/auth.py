@@ -127,6 +127,7 @@ class Authenticator:
             self._channel.send(501, "5.5.2", "Cannot decode AUTH response")
             return
         exchange = self._exchange
+        assert exchange is not None     # a response comes only in an exchange command() began (in_progress)
         mechanism = exchange[0]
         if mechanism == "LOGIN" and len(exchange) == 1:
             self._exchange = (mechanism, decoded)

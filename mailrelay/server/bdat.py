@@ -145,11 +145,14 @@ class BdatReceiver:
         """Read what `buffer[start:]` holds of the current chunk: (the position after its octets,
         whether the chunk is complete — then `done` answers it)."""
         chunk, message = self.chunk, self.message
+        assert chunk is not None        # the session feeds chunks only while `reading`
         end = min(len(buffer), start + chunk.left)
         if end > start:
-            if chunk.reply is None and message.refusal is None:
-                whole = start == 0 and end == len(buffer)
-                message.reader.feed(buffer if whole else buffer[start:end])
+            if chunk.reply is None:
+                assert message is not None      # no reply of its own: _start_chunk took it into the message
+                if message.refusal is None:
+                    whole = start == 0 and end == len(buffer)
+                    message.reader.feed(buffer if whole else buffer[start:end])
             chunk.left -= end - start
         return end, not chunk.left
 
@@ -157,6 +160,7 @@ class BdatReceiver:
         """The current chunk is complete: answer it."""
         chunk, self.chunk = self.chunk, None
         try:
+            assert chunk is not None    # called once `feed` has completed the chunk
             self._chunk_done(chunk)
         except Exception:
             log.failure("error at the end of a BDAT chunk from {ip}", ip=self._transactions.client_address)
@@ -175,22 +179,24 @@ class BdatReceiver:
                 self._channel.reply(chunk.reply)
             return
         message = self.message
-        if message.refusal is None:
-            if chunk.last and message.reader.outcome is None:
-                message.reader.finish()
-            refusal = message.reader.outcome or (LOCAL_ERROR if transactions.write_failed else None)
-            if refusal is not None:
-                self._refuse_message(message, refusal)
-            elif chunk.last:
-                self.message = None
-                transactions.finish(message.reader)   # the policy's look at the headers, commit, 250
+        assert message is not None          # no reply of its own: _start_chunk took it into the message
+        refusal = message.refusal
+        if refusal is None:
+            reader = message.reader
+            if chunk.last and reader.outcome is None:
+                reader.finish()
+            refusal = reader.outcome or (LOCAL_ERROR if transactions.write_failed else None)
+            if refusal is None:
+                if chunk.last:
+                    self.message = None
+                    transactions.finish(reader)     # the policy's look at the headers, commit, 250
+                else:
+                    self._channel.send(250, "2.0.0", f"Ok: {chunk.size} octets")
                 return
-            else:
-                self._channel.send(250, "2.0.0", f"Ok: {chunk.size} octets")
-                return
+            self._refuse_message(message, refusal)
         if chunk.last:
             transactions.clear()
-        self.answer(message.refusal)         # counted once, in _refuse_message
+        self.answer(refusal)                # counted once, in _refuse_message
 
     def answer(self, reply: Reply) -> None:
         """A reply not counted as a refusal (an out-of-order command, or one counted already)."""

@@ -90,9 +90,10 @@ class DataReader:
         if self.finished:
             raise RuntimeError("DataReader.feed after the end of data")
         if self._skipping:
-            data = self._skip(data)
-            if data is None:
+            kept = self._skip(data)
+            if kept is None:
                 return None
+            data = kept
         if b"\n" not in data:
             # The line goes on: grown in place, so a long line sent in tiny pieces costs linear time,
             # not a copy of everything so far per piece.

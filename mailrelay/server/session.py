@@ -36,10 +36,18 @@ a session in a transaction finishes it, then its next command other than QUIT ge
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+    ISystemHandle,
+    ITLSTransport,
+    ITransport,
+)
 from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo
@@ -53,6 +61,9 @@ from mailrelay.server.replies import LOCAL_ERROR, SHUTTING_DOWN, ISessionChannel
 from mailrelay.server.state import Connection, Transaction
 from mailrelay.server.transaction import TransactionHandler
 from mailrelay.tls import handshake_failure
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 __all__ = [
     "AUTH_FAILURE_DELAY", "COMMANDS", "LOCAL_ERROR", "MAX_AUTH_LINE", "MAX_COMMAND_LINE", "SHUTTING_DOWN",
@@ -101,6 +112,9 @@ class RelaySession(protocol.Protocol):
     """An ESMTP server session for one connection, configured by a RelayServerFactory."""
 
     _log = Logger()
+    # Set by makeConnection before any other method runs; TCP, TLS (465, or after STARTTLS), a PROXY
+    # listener's wrapper, or a test's StringTransport.  What it may do beyond ITransport is asked where used.
+    transport: ITransport
 
     def __init__(self, factory):
         self.factory = factory
@@ -114,7 +128,7 @@ class RelaySession(protocol.Protocol):
         self._busy = self._processing = self._closing = self._paused = False
         self._draining = False            # shutdown began: finish the transaction in progress, no new one
         self._handshake_done = False      # Twisted's TLS layer calls handshakeCompleted()
-        self._timers: dict[str, object] = {}
+        self._timers: dict[str, IDelayedCall] = {}
         self.connection = Connection()
         self.transaction = Transaction()
         channel = SessionChannel(self)
@@ -133,7 +147,8 @@ class RelaySession(protocol.Protocol):
         if not self.connection.tls:
             return None
         try:
-            handle = self.transport.getHandle()
+            # connection.tls: a TLS transport, whose handle is its OpenSSL connection (ISystemHandle).
+            handle = cast("SSL.Connection", cast(ISystemHandle, self.transport).getHandle())
             version, cipher = handle.get_protocol_version_name(), handle.get_cipher_name()
         except Exception:
             return "TLS unknown"
@@ -279,8 +294,13 @@ class RelaySession(protocol.Protocol):
             return
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self._producer().resumeProducing()
         self._process()
+
+    def _producer(self) -> IPushProducer:
+        """The transport as the producer of the client's bytes: every connection transport Twisted gives a
+        protocol is one (ITransport does not say so)."""
+        return cast(IPushProducer, self.transport)
 
     # -- input -------------------------------------------------------------------------------------
 
@@ -294,7 +314,7 @@ class RelaySession(protocol.Protocol):
         if self._busy:
             if len(self._inbuf) - self._inpos > BUSY_INPUT_LIMIT and not self._paused:
                 self._paused = True         # memory stays bounded while we wait
-                self.transport.pauseProducing()
+                self._producer().pauseProducing()
             return
         self._process()
 
@@ -468,5 +488,6 @@ class RelaySession(protocol.Protocol):
             self.transactions.abort()
             self.connection.forget()
             self.auth.cancel()
-            self.transport.startTLS(self._tls_options)
+            # _can_start_tls: connectionMade found the transport an ITLSTransport.
+            cast(ITLSTransport, self.transport).startTLS(self._tls_options)
             self.connection.tls = True

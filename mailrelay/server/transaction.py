@@ -32,7 +32,7 @@ from typing import Optional
 from twisted.internet import defer
 
 from mailrelay.envelope import Envelope
-from mailrelay.interfaces import Reply
+from mailrelay.interfaces import IMessageWriter, Reply
 from mailrelay.logger import Logger
 from mailrelay.logs import log_queued
 from mailrelay.server import addresses, replies
@@ -59,7 +59,7 @@ class TransactionHandler:
         self._channel = channel
         self._clock = clock
         self._reader: Optional[DataReader] = None      # DATA's content reader (and BDAT's, at its end)
-        self._writer = None                            # the IMessageWriter of the message being received
+        self._writer: Optional[IMessageWriter] = None  # the spool writer of the message being received
         self._content_filter: Optional[AuthResultsFilter] = None
         self._headers: Optional[HeaderCollector] = None
         self._write_failed = False
@@ -267,12 +267,16 @@ class TransactionHandler:
     def feed_data(self, data: bytes) -> Optional[bytes]:
         """DATA's content as it arrives; None while it goes on, else the bytes after CRLF.CRLF (then
         `data_done` answers it)."""
-        return self._reader.feed(data)
+        reader = self._reader
+        assert reader is not None       # the session feeds DATA's bytes only while `reading_data`
+        return reader.feed(data)
 
     def data_done(self) -> None:
         """DATA's CRLF.CRLF was read: refuse, or commit and only then answer 250."""
         try:
-            self.finish(self._reader)
+            reader = self._reader
+            assert reader is not None   # the reader that has just found CRLF.CRLF (feed_data)
+            self.finish(reader)
         except Exception:
             log.failure("error at the end of data from {ip}", ip=self._connection.address)
             self.abort()
@@ -300,11 +304,11 @@ class TransactionHandler:
         factory = self._factory
         self._envelope, self._headers = envelope, HeaderCollector()
         try:
-            self._writer = factory.queue.new_message(envelope)
-            self._writer.write(self._received(self._writer.queue_id, envelope))
+            writer = self._writer = factory.queue.new_message(envelope)
+            writer.write(self._received(writer.queue_id, envelope))
             if factory.authserv_id:
                 # RFC 8601 5: a field claiming our own authserv-id from outside is forged; dropped.
-                self._content_filter = AuthResultsFilter(self._writer.write, factory.authserv_id)
+                self._content_filter = AuthResultsFilter(writer.write, factory.authserv_id)
         except Exception:
             log.failure("the queue refused a new message")
             self.abort_writer()
@@ -314,19 +318,20 @@ class TransactionHandler:
         transaction, connection = self._transaction, self._connection
         client = self._channel.client_info()
         mail = transaction.mail
+        assert mail is not None     # asked only once MAIL and RCPT were accepted (has_recipients)
         return Envelope(
             sender=mail.sender, recipients=tuple(transaction.recipients), received_at=self._clock.seconds(),
             client_address=connection.address, client_helo=connection.helo or "", identity=transaction.identity,
             body=mail.body, tls=client.tls, smtputf8=mail.smtputf8,
-            dkim_senders=self._dkim_senders(client), params=transaction.envelope_params(),
+            dkim_senders=self._dkim_senders(client, mail.sender), params=transaction.envelope_params(),
         )
 
-    def _dkim_senders(self, client) -> tuple[str, ...]:
+    def _dkim_senders(self, client, sender: str) -> tuple[str, ...]:
         """Whose From: our keys may sign (dkim/permission.py): the client's rule's `senders`, or none at
         all when a recipient was taken only through the postmaster exception (it lets anyone in)."""
         policy, postmaster, transaction = self._factory.policy, self._factory.postmaster, self._transaction
         if postmaster and postmaster in transaction.recipients and \
-                policy.check_recipient(client, transaction.mail.sender, postmaster) is not None:
+                policy.check_recipient(client, sender, postmaster) is not None:
             return ()
         return tuple(policy.signing_senders(client))                   # IRelayPolicy
 
@@ -344,9 +349,11 @@ class TransactionHandler:
         """DataReader's sink: straight to the writer, so memory does not grow with the message."""
         if self._write_failed:
             return
-        write = self._writer.write if self._content_filter is None else self._content_filter.feed
+        writer, headers = self._writer, self._headers
+        assert writer is not None and headers is not None   # open_message set them before any content
+        write = writer.write if self._content_filter is None else self._content_filter.feed
         try:
-            pass_content(chunk, self._headers, write)
+            pass_content(chunk, headers, write)
         except Exception:
             log.failure("writing message content failed")
             self._write_failed = True
@@ -358,15 +365,17 @@ class TransactionHandler:
         if outcome is None and self._write_failed:
             outcome = LOCAL_ERROR
         if outcome is None:
-            outcome = self._factory.policy.check_message(
-                self._channel.client_info(), self._transaction.mail.sender, self._headers.headers
-            )
+            mail, headers = self._transaction.mail, self._headers
+            assert mail is not None and headers is not None     # the message open_message began
+            outcome = self._factory.policy.check_message(self._channel.client_info(), mail.sender, headers.headers)
         if outcome is not None:
             self.abort()
             self._channel.reply(outcome)
             return
         writer, envelope = self._writer, self._envelope
-        if self._content_filter is not None and not self._finish_filter(writer):
+        assert writer is not None       # not write_failed: open_message's writer took all the content
+        content_filter = self._content_filter
+        if content_filter is not None and not self._finish_filter(content_filter, writer):
             return
         self._channel.hold()
         d = defer.maybeDeferred(writer.commit)
@@ -374,8 +383,8 @@ class TransactionHandler:
         d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, size))
         d.addErrback(self._unexpected)
 
-    def _finish_filter(self, writer) -> bool:
-        content_filter, self._content_filter = self._content_filter, None
+    def _finish_filter(self, content_filter: AuthResultsFilter, writer: IMessageWriter) -> bool:
+        self._content_filter = None
         try:
             content_filter.finish()
         except Exception:
