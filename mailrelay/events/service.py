@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from zope.interface import implementer
 
 from mailrelay.config import WebhookConfig
@@ -139,19 +139,20 @@ class DeliveryEvents(service.Service):
             sender = self._senders.get(url)
             self._metrics.webhook_dropped(sender.outbox.shown if sender else url, reason)
 
-    def _close_poster(self, url: str) -> None:
+    def _close_poster(self, url: str) -> defer.Deferred:
+        """Close the idle connections of `url`'s HTTP client; fires once they are closed."""
         poster = self._posters.pop(url, None)
-        if poster is not None:
-            poster.close()
+        return poster.close() if poster is not None else defer.succeed(None)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         for sender in self._senders.values():
             sender.stop()
-        for url in list(self._posters):
-            self._close_poster(url)
+        closing = [self._close_poster(url) for url in list(self._posters)]
+        # A cancelled POST aborts its connection, which closes on the reactor's next turn.
+        closing.append(task.deferLater(self.reactor, 0, lambda: None))
         outboxes = [s.outbox for s in self._senders.values()]
-        d = defer.DeferredList([o.flushed() for o in outboxes], consumeErrors=True)
+        d = defer.DeferredList([o.flushed() for o in outboxes] + closing, consumeErrors=True)
 
         def close_all(_: object) -> None:
             for o in outboxes:
