@@ -148,7 +148,8 @@ class RedisLink(service.Service):
         return result
 
     def fell_back(self, what: str) -> None:
-        """Count one decision taken locally because Redis did not answer (`what`: rate | auth | suppression)."""
+        """Count one decision taken locally because Redis did not answer (`what`: rate | auth | suppression |
+        throttle)."""
         self.fallbacks += 1
         if self._metrics is not None:
             self._metrics.cluster_fallback(what)
@@ -156,6 +157,11 @@ class RedisLink(service.Service):
     def seconds(self) -> float:
         """The relay's clock (the link's reactor): what local expiry is judged by."""
         return self._reactor.seconds()
+
+    @property
+    def clock(self):
+        """The link's reactor, as an IReactorTime: for the timers of what uses the link."""
+        return self._reactor
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

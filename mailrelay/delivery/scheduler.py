@@ -195,6 +195,12 @@ class Scheduler(ControlMixin, ConcurrencyMixin, ShapingMixin, OutcomesMixin, ser
         for one in ids:
             self._schedule(one, self._now(), force=True)
 
+    def wake(self) -> None:
+        """Look at the waiting deliveries again this reactor turn: the throttle's answer changed on its
+        own (a shared IThrottle whose store just answered, mailrelay.cluster.throttle)."""
+        if self.running:
+            self._pump_soon()
+
     # -- when messages are due --------------------------------------------------------------------
 
     def _recover_all(self) -> None:
