@@ -373,3 +373,58 @@ class SharedStateTests(RealRedisTestCase):
         self.assertNotEqual(self.redis.command("EXISTS", "t:throttle:rate:example.net"), "0")   # shared again
         self.assertEqual(self.metrics.registry.get_sample_value("mailrelay_cluster_redis_fallbacks_total",
                                                                 {"what": "throttle"}), fallbacks)
+
+
+def throttled_config(sink_port: int, url: str, process: str, per_minute: int) -> str:
+    return (f'[transports.sink]\nhost = "127.0.0.1"\nport = {sink_port}\nsecurity = "none"\n\n'
+            '[[route]]\nrecipients = ["*"]\ntransport = "sink"\n\n'
+            f'[delivery]\nprocess = "{process}"\n\n'
+            f'[[throttle]]\ndomains = ["example.net"]\nmessages_per_minute = {per_minute}\n\n'
+            f'[cluster]\nredis = "{url}"\ntimeout = "0.5s"\nkey_prefix = "e2e:"\n')
+
+
+class TwoRelaysOneSinkTests(unittest.TestCase):
+    """Two relays, each taking half the messages for example.net, deliver to one sink: together they
+    keep the one rate of the rule (alone each would go twice as fast)."""
+    process = "inline"
+    per_minute = 120                  # 0.5 s apart
+    messages = 8
+
+    @defer.inlineCallbacks
+    def test_two_relays_keep_one_rate_together(self):
+        from twisted.internet import threads
+
+        from tests.support.relay import RelayFixture
+        from tests.support.sink import Sink
+
+        if not redisserver.available():
+            raise unittest.SkipTest("redis-server is not installed")
+        redis = redisserver.RedisServer(tempfile.mkdtemp(prefix="mailrelay-redis-")).start()
+        self.addCleanup(redis.stop)
+        sink = Sink()
+        port = sink.start(reactor)
+        self.addCleanup(sink.stop)
+        relays = []
+        for name in ("a", "b"):
+            relay = RelayFixture(self.mktemp() + name,
+                                 extra=throttled_config(port, redis.url, self.process, self.per_minute))
+            relay.start(reactor)
+            self.addCleanup(relay.stop)
+            relays.append(relay)
+        message = b"From: app@example.org\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nbody\r\n"
+        for i in range(self.messages):
+            code, _ = yield threads.deferToThread(relays[i % 2].submit_sync, "relay", "app@example.org",
+                                                  ["bob@example.net"], message)
+            self.assertEqual(code, 250)
+        yield sink.wait_for(self.messages)
+        times = sorted(sink.mail_times)
+        interval = 60.0 / self.per_minute
+        # One start per interval for the two together, plus the burst of one (and a little for the
+        # connection set-up between a start and its MAIL FROM).
+        self.assertGreaterEqual(times[-1] - times[0], (self.messages - 2) * interval - 0.3, times)
+        self.assertNotEqual(redis.command("EXISTS", "e2e:throttle:rate:example.net"), "0")
+
+
+class TwoRelaysOneSinkSeparateTests(TwoRelaysOneSinkTests):
+    """The same with `[delivery] process = "separate"`: the delivery processes hold the links."""
+    process = "separate"
