@@ -95,7 +95,7 @@ class UnitTests(unittest.TestCase):
                                 "test:throttle:pause:example.net"])
         self.assertEqual(args[:4], ["", 1.0, 0, shared.LEASE])        # the server's clock, the interval
         self.clock.advance(0.002)
-        self.link.answer([2, 400, 0, -1, 0, ""])                      # another relay holds the slot before
+        self.link.answer([2, 400000, 0, -1, 0, ""])                      # another relay holds the slot before
         self.assertEqual(self.woken, [self.now()])                    # the scheduler looks again at once
         granted = self.now() + 0.4
         self.assertAlmostEqual(self.throttle.ready_at("example.net", RATE, self.now()), granted)

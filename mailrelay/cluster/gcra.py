@@ -137,8 +137,9 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 # lease (seconds), member.  One start's place: a pause in force answers {0, 0, left, ago, row, reason}
 # (nothing taken); a full cap {1, 0, 0, ago, row, reason}; else the next free start is booked (the TAT
 # moves one interval on: one start per interval in all, no burst) and the lease taken, answering
-# {2, wait, 0, ago, row, reason}: the start may go `wait` ms from now.  `ago`: ms since the latest
-# pause began, -1 when none is remembered.
+# {2, wait, 0, ago, row, reason}: the start may go `wait` µs from now (µs: a fast rate's next start is
+# often less than a millisecond away).  `left`, `ago`: ms; `ago` since the latest pause began, -1
+# when none is remembered.
 THROTTLE_RESERVE = _NOW + """
 local interval = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
@@ -163,10 +164,10 @@ if interval > 0 then
   local start = math.max(tat, now)
   redis.call('SET', KEYS[1], string.format('%.6f', start + interval),
              'PX', math.max(1, math.ceil((start + interval - now) * 1000)))
-  wait = math.ceil((start - now) * 1000)
+  wait = math.ceil((start - now) * 1000000)
 end
 if limit > 0 then
-  local ms = math.ceil(lease * 1000) + wait
+  local ms = math.ceil(lease * 1000 + wait / 1000)
   redis.call('ZADD', KEYS[2], now + ms / 1000, ARGV[5])
   if redis.call('PTTL', KEYS[2]) < ms then
     redis.call('PEXPIRE', KEYS[2], ms)

@@ -193,7 +193,7 @@ class SharedThrottle(service.Service):
         state, wait, left, ago, row = (int(x) for x in answer[:5])
         self._adopt(destination, rule, ago, left, row, _text(answer[5]) if len(answer) > 5 else "")
         if state == 2:
-            view.grant, view.member = now + wait / 1000.0, member
+            view.grant, view.member = now + wait / 1e6, member
         elif state == 1:
             view.full_until = now + FULL_RETRY
         self._wake()
