@@ -21,8 +21,9 @@ time; an attempt is recorded when its check starts, those older than the window 
 
 Connection leases (ACQUIRE / RELEASE) are for limits on things held open, such as connections to one
 destination: a sorted set of leases scored by when they lapse, so a relay that dies holding some
-frees them within one lease time.  A pause ("slow down" for a while) needs no script: `SET key 1 PX ms`
-and `EXISTS key`.  Rates, leases and pauses all go through RedisLink with its bounded wait.
+frees them within one lease time.  `[[throttle]]` (cluster/throttle.py) has scripts of its own
+(THROTTLE_*): one booking per start reads the pause, takes a lease and the next place in the rate at
+once.  Rates, leases and pauses all go through RedisLink with its bounded wait.
 
 Time is an argument (`now`, seconds): tests pass it in and are deterministic.  An empty `now` makes
 the script read the Redis server's own clock (TIME), which is what the relays do, so that relays
