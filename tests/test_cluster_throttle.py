@@ -207,6 +207,20 @@ class UnitTests(unittest.TestCase):
         self.clock.advance(shared.LEASE / 3)
         self.assertEqual([c[0] for c in self.link.calls], ["throttle_renew"])
 
+    def test_what_is_over_is_forgotten_and_an_unused_booking_goes_back(self):
+        now = self.now()
+        self.throttle.ready_at("example.net", RATE, now)
+        self.link.answer([2, 0, 0, -1, 0, ""])
+        self.throttle.start("example.net", RATE, now)
+        self.assertEqual(self.throttle._views, {})                     # a rate alone: nothing left to hold
+        self.throttle.ready_at("example.org", CAPPED, now)
+        member = self.link.calls[-1][2][4]
+        self.link.answer([2, 0, 0, -1, 0, ""])                        # booked, never started
+        self.clock.advance(shared.LEASE + 1.0)
+        self.throttle.renew()
+        self.assertEqual(self.link.calls[-1][:3], ("release", ["test:throttle:conn:example.org"], [member]))
+        self.assertEqual(self.throttle._views, {})
+
     def test_rules_with_nothing_to_share_never_ask(self):
         plain = Throttle(domains=("example.net",), messages_per_minute=0, connections=0, pause=0.0)
         self.assertEqual(self.throttle.ready_at("example.net", plain, self.now()), self.now())

@@ -122,6 +122,7 @@ class SharedThrottle(service.Service):
             if view.member:
                 view.open.append(view.member)
                 view.member = ""
+            self._forget(destination, view)
             return
         # Started on this relay's own say: Redis was away.  A connection it opens still gets a lease,
         # put into Redis at the next renewal (when Redis is back), so that the cluster counts it.
@@ -214,6 +215,8 @@ class SharedThrottle(service.Service):
         if ago < 0:
             return
         view = self._views.get(destination)
+        if view is None and row:
+            view = self._views[destination] = _View()     # kept until a success ends the row
         if view is not None:
             view.row = row
         now = self.link.seconds()
@@ -229,7 +232,19 @@ class SharedThrottle(service.Service):
     # -- leases ---------------------------------------------------------------------------------------
 
     def renew(self) -> None:
-        """Renew the leases of this relay's open connections (each LEASE / 3, and when Redis comes back)."""
+        """Renew the leases of this relay's open connections (each LEASE / 3, and when Redis comes back);
+        drop a booking nobody used for LEASE seconds (its deliveries went elsewhere or were removed: its
+        lease goes back) and forget the destinations with nothing left here."""
+        now = self.link.seconds()
+        for destination, view in list(self._views.items()):
+            if view.grant is not None and view.grant + self.lease < now:
+                view.grant, member, view.member = None, view.member, ""
+                if member and self.link.up:
+                    d = self.link.evalsha("release", [self._key("conn", destination)], [member])
+                    d.addErrback(self._failed_quietly, "release")
+            if view.row and not self.local.pauses_in_a_row(destination):
+                view.row = 0                  # the local view forgot the row (quiet for long): so do we
+            self._forget(destination, view)
         if not self.link.up:
             return
         for destination, view in list(self._views.items()):
