@@ -60,12 +60,12 @@ class _View:
     grant: Optional[float] = None          # a booked start (this clock) not yet used
     member: str = ""                       # the lease that came with it ("" : no cap)
     open: list[str] = field(default_factory=list)    # leases of the connections started
-    full_until: float = 0.0                # the cap was full: ask again then
+    ask_after: float = 0.0                 # the cap was full, or Redis said paused: ask again then
     row: int = 0                           # pauses in a row as Redis counts them
     local_until: float = 0.0               # Redis refused a booking (not an outage): decide here until then
 
     def idle(self, now: float) -> bool:
-        return not (self.pending or self.grant is not None or self.open or self.row or self.full_until > now
+        return not (self.pending or self.grant is not None or self.open or self.row or self.ask_after > now
                     or self.local_until > now)
 
 
@@ -103,15 +103,15 @@ class SharedThrottle(service.Service):
             return view.grant
         if view.pending:
             return now + self.link.timeout
-        if view.full_until > now:
-            return view.full_until
+        if view.ask_after > now:
+            return view.ask_after
         self._reserve(destination, rule, view)
         if view.pending:
             return now + self.link.timeout     # the answer comes within the bounded wait (on_ready)
         if view.grant is not None:
             return view.grant
-        if view.full_until > now:
-            return view.full_until
+        if view.ask_after > now:
+            return view.ask_after
         return self.local.ready_at(destination, rule, now)   # answered at once: a pause, or Redis away
 
     def start(self, destination: str, rule: Throttle, now: float) -> None:
@@ -196,7 +196,9 @@ class SharedThrottle(service.Service):
         if state == 2:
             view.grant, view.member = now + wait / 1e6, member
         elif state == 1:
-            view.full_until = now + FULL_RETRY
+            view.ask_after = now + FULL_RETRY
+        else:
+            view.ask_after = now + max(left, 1) / 1000.0     # paused for the cluster: not before its end
         self._wake()
 
     def _refused(self, failure, destination: str, view: _View) -> None:

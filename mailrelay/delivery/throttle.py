@@ -184,7 +184,7 @@ class LocalThrottle:
         sharing the destination reports it (mailrelay.cluster.throttle): from now on this relay holds
         the destination back until then, and a reply to a delivery that began before it belongs to it.
         A pause this relay knows already (it began within SAME_PAUSE of this one's start) keeps its
-        start and takes the later end; an older one changes nothing."""
+        start; an older one keeps this relay's start and row.  Either way the later end holds."""
         entry = self._destinations.get(destination)
         if entry is None:
             if until <= now and not in_a_row:
@@ -192,11 +192,10 @@ class LocalThrottle:
             entry = self._get(destination, rule)
         if entry.paused_at is None or began > entry.paused_at + SAME_PAUSE:
             entry.paused_at, entry.in_a_row = began, in_a_row
-            entry.paused_until, entry.reason = max(entry.paused_until, until), reason or entry.reason
         elif began >= entry.paused_at - SAME_PAUSE:
             entry.in_a_row = max(entry.in_a_row, in_a_row)
-            if until > entry.paused_until:
-                entry.paused_until, entry.reason = until, reason or entry.reason
+        if until > entry.paused_until:          # in force for the cluster: held back here too, to its end
+            entry.paused_until, entry.reason = until, reason or entry.reason
 
     def status(self, now: float) -> list[DestinationStatus]:
         entries = read_unlocked(lambda: list(self._destinations.items()), None)
