@@ -47,7 +47,10 @@ Metrics (all prefixed `mailrelay_`):
                                                      shared counters answer, 0 while this relay counts
                                                      on its own (`watch_cluster`)
     cluster_redis_fallbacks_total{what}              decisions taken locally because Redis did not
-                                                     answer: rate | auth | suppression
+                                                     answer: rate | auth | suppression | throttle (with
+                                                     `[delivery] process = "separate"` the throttle's
+                                                     link is the delivery process's: both families are
+                                                     then on `[metrics] delivery_endpoint`)
     throttle_paused{destination}                     gauge: 1 while a [[throttle]] destination is paused
                                                      after a "slow down" reply, 0 once it resumed
     throttle_waiting{destination}                    gauge: deliveries waiting for a throttled destination
@@ -142,7 +145,7 @@ WebhookBacklog = Callable[[], "list[tuple[str, int, float]]"]
 DeliveryText = Callable[[], "defer.Deferred[Optional[bytes]]"]
 
 
-CLUSTER_FALLBACKS = ("rate", "auth", "suppression")
+CLUSTER_FALLBACKS = ("rate", "auth", "suppression", "throttle")
 
 def _fold(value: str, allowed: tuple[str, ...], other: str = "other") -> str:
     """A label value from the fixed set, or `other` (bounded cardinality whatever the input)."""

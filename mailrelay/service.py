@@ -222,10 +222,11 @@ def build_events(config: Config, reactor, metrics):
                           metrics=metrics)
 
 
-def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metrics, events=None):
+def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metrics, events=None, throttle=None):
     """The scheduler over `spool` with `parts`' routes and next hops, and its DSN reporter (unless
     `[queue] bounces = false`) — in the main process, or in the delivery process. `events`: the
-    IDeliveryEvents told of every outcome (build_events), or None."""
+    IDeliveryEvents told of every outcome (build_events), or None. `throttle`: the `[[throttle]]` state
+    shared with other relays (cluster.wiring.shared_throttle), or None for the scheduler's own."""
     from mailrelay.delivery.scheduler import STATUS_FILE, Scheduler
 
     reporter = None
@@ -242,7 +243,9 @@ def build_scheduler(config: Config, spool, parts: DeliveryParts, reactor, metric
                                           getattr(spool, "run_blocking", None))
     scheduler = Scheduler(spool, parts.router, parts.transports, parts.direct, config.queue, config.delivery,
                           reporter, clock=reactor, metrics=metrics, suppression=suppression, events=events,
-                          throttles=config.throttles, status_path=config.spool / STATUS_FILE)
+                          throttles=config.throttles, throttle=throttle, status_path=config.spool / STATUS_FILE)
+    if throttle is not None:
+        throttle.on_ready = scheduler.wake       # a booking answered: the deliveries waiting may go
     if reporter is not None:
         reporter.scheduler = scheduler
     return scheduler
@@ -367,7 +370,11 @@ class RelayService(service.MultiService):
             self.delivery = delivery
             self.events = build_events(config, reactor, self.metrics)
             self.events.setServiceParent(self)           # started before the scheduler, stopped after it
-            self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics, self.events)
+            throttle = cluster.shared_throttle(self.cluster)     # [[throttle]] for the cluster, or None
+            if throttle is not None:
+                throttle.setServiceParent(self)
+            self.scheduler = build_scheduler(config, self.spool, delivery, reactor, self.metrics, self.events,
+                                             throttle)
         self.scheduler.setServiceParent(self)
         reports = tls_report_service(config, self.tls_reports, self.spool, self.scheduler, reactor)
         if reports is not None:

@@ -124,6 +124,34 @@ class FallbackTests(unittest.TestCase):
         self.assertTrue(failures[0].check(RedisUnavailable))
 
 
+class HangingEndpoint:
+    """A connect that never completes on its own: the Deferred handed out, to see it cancelled."""
+
+    def __init__(self):
+        self.attempts: list[defer.Deferred] = []
+
+    def connect(self, factory):
+        d = defer.Deferred()
+        self.attempts.append(d)
+        return d
+
+
+class StopTests(unittest.TestCase):
+    def test_a_connect_under_way_is_dropped_at_stop_and_never_reported(self):
+        clock = task.Clock()
+        endpoint = HangingEndpoint()
+        logs = LogLines(self)
+        link = RedisLink(RedisURL.parse("redis://127.0.0.1:6390/0"), clock, endpoint=endpoint)
+        link.startService()
+        self.assertEqual(len(endpoint.attempts), 1)
+        link.stopService()
+        self.assertTrue(endpoint.attempts[0].called)                  # cancelled
+        self.assertFalse(logs.take("unreachable"))                    # a stopped link says nothing
+        clock.advance(60)
+        self.assertEqual(len(endpoint.attempts), 1)                   # and tries nothing more
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class InterfaceTests(unittest.TestCase):
     def test_local_and_shared_counters_provide_their_interfaces(self):
         clock = task.Clock()

@@ -89,6 +89,7 @@ class RedisLink(service.Service):
         self._announced: Optional[bool] = None    # the state last logged: log each change once
         self._attempt = 0
         self._retry = None
+        self._attempt_d = None               # the connect under way (stopService cancels it)
         self._connecting = False
         self._shas = {name: gcra.sha1(script) for name, script in gcra.SCRIPTS.items()}
         self.fallbacks = 0
@@ -149,7 +150,8 @@ class RedisLink(service.Service):
         return result
 
     def fell_back(self, what: str) -> None:
-        """Count one decision taken locally because Redis did not answer (`what`: rate | auth | suppression)."""
+        """Count one decision taken locally because Redis did not answer (`what`: rate | auth | suppression |
+        throttle)."""
         self.fallbacks += 1
         if self._metrics is not None:
             self._metrics.cluster_fallback(what)
@@ -157,6 +159,11 @@ class RedisLink(service.Service):
     def seconds(self) -> float:
         """The relay's clock (the link's reactor): what local expiry is judged by."""
         return self._reactor.seconds()
+
+    @property
+    def clock(self):
+        """The link's reactor, as an IReactorTime: for the timers of what uses the link."""
+        return self._reactor
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -177,6 +184,9 @@ class RedisLink(service.Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        attempt, self._attempt_d = self._attempt_d, None
+        if attempt is not None and self._connecting:
+            attempt.cancel()                 # a connect or handshake under way: dropped, not reported later
         conn, self._conn = self._conn, None
         self.up = False
         if conn is not None and conn.transport is not None:
@@ -207,7 +217,7 @@ class RedisLink(service.Service):
         from txredisapi import RedisProtocol      # imported here: see the module docstring
 
         factory = _Factory(RedisProtocol, self.url)
-        d = self._make_endpoint().connect(factory)
+        d = self._attempt_d = self._make_endpoint().connect(factory)
         timer = self._reactor.callLater(CONNECT_TIMEOUT, d.cancel)
         d.addCallback(self._handshake, factory)
         d.addBoth(self._connect_done, timer)
@@ -265,6 +275,8 @@ class RedisLink(service.Service):
             self._announced = True
 
     def _failed(self, failure) -> None:
+        if not self.running:
+            return                           # stopped meanwhile: nothing to announce, nothing to retry
         why = failure.getErrorMessage() if not failure.check(defer.CancelledError) else \
             f"no connection within {CONNECT_TIMEOUT:g}s"
         self._announce_down(why)

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_queue_front, tests.test_dns_cache, tests.test_operations -*-
 """What the relay builds from `[cluster]`: the link to Redis and the shared limiters around the local ones.
 
-Called by service.py (the receiving process; the delivery process never talks to Redis: the
-suppression entries it writes reach Redis through the receiving process's watcher of the journal).
+Called by service.py (the receiving side) and by the delivery side — inline (service.py, sharing the
+receiving side's link) or the delivery process (delivery/worker.py, with a link of its own) — for the
+shared `[[throttle]]` state.  The suppression entries the delivery side writes reach Redis through the
+receiving process's watcher of the journal.
 """
 from __future__ import annotations
 
@@ -21,6 +23,17 @@ def redis_link(config, reactor, metrics=None) -> Optional[RedisLink]:
         return None
     return RedisLink(RedisURL.parse(cluster.redis), reactor, timeout=cluster.timeout, prefix=cluster.key_prefix,
                      metrics=metrics, ca_file=cluster.ca_file)
+
+
+def shared_throttle(link: Optional[RedisLink]):
+    """The `[[throttle]]` state the scheduler asks: shared (a SharedThrottle, an IService to start and
+    stop with the delivery side, its `on_ready` to be set to the scheduler's wake) when there is a link,
+    else None (the scheduler keeps its own LocalThrottle)."""
+    if link is None:
+        return None
+    from mailrelay.cluster.throttle import SharedThrottle
+
+    return SharedThrottle(link)
 
 
 def shared_limiter(link: Optional[RedisLink], config, reactor):

@@ -230,6 +230,12 @@ class Scheduler(service.Service):
         [[throttle]] rules; safe to call from a scrape thread (Shaper.snapshot)."""
         return self._shaper.snapshot()
 
+    def wake(self) -> None:
+        """Look at the waiting deliveries again this reactor turn: the throttle's answer changed on its
+        own (a shared IThrottle whose store just answered, mailrelay.cluster.throttle)."""
+        if self.running:
+            self._slots.pump_soon()
+
     # -- when messages are due --------------------------------------------------------------------
 
     def _schedule(self, queue_id: str, when: float, force: bool = False) -> None:

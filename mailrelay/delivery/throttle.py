@@ -36,6 +36,7 @@ from mailrelay.crossthread import read_unlocked
 
 PRUNE_EVERY = 256          # starts between two sweeps of destinations that have nothing left to remember
 QUIET_AFTER = 2 * MAX_THROTTLE_PAUSE   # seconds after a pause ended with no news: the row is forgotten
+SAME_PAUSE = 1.0           # seconds: pauses another relay reports this close to ours are ours (adopt)
 
 
 def _normalise(pattern: str) -> str:
@@ -172,6 +173,30 @@ class LocalThrottle:
         entry = self._destinations.get(destination)
         if entry is not None and (entry.paused_at is None or started > entry.paused_at):
             entry.in_a_row = 0
+
+    def pauses_in_a_row(self, destination: str) -> int:
+        """The pauses in a row this relay counts for `destination` (0: none, or ended by a success)."""
+        entry = self._destinations.get(destination)
+        return entry.in_a_row if entry is not None else 0
+
+    def adopt(self, destination: str, rule: Throttle, began: float, until: float, in_a_row: int,
+              reason: str, now: float) -> None:
+        """A pause that began at `began` and lasts until `until` (times on this clock) as another relay
+        sharing the destination reports it (mailrelay.cluster.throttle): from now on this relay holds
+        the destination back until then, and a reply to a delivery that began before it belongs to it.
+        A pause this relay knows already (it began within SAME_PAUSE of this one's start) keeps its
+        start; an older one keeps this relay's start and row.  Either way the later end holds."""
+        entry = self._destinations.get(destination)
+        if entry is None:
+            if until <= now and not in_a_row:
+                return                        # nothing to remember
+            entry = self._get(destination, rule)
+        if entry.paused_at is None or began > entry.paused_at + SAME_PAUSE:
+            entry.paused_at, entry.in_a_row = began, in_a_row
+        elif began >= entry.paused_at - SAME_PAUSE:
+            entry.in_a_row = max(entry.in_a_row, in_a_row)
+        if until > entry.paused_until:          # in force for the cluster: held back here too, to its end
+            entry.paused_until, entry.reason = until, reason or entry.reason
 
     def status(self, now: float) -> list[DestinationStatus]:
         entries = read_unlocked(lambda: list(self._destinations.items()), None)

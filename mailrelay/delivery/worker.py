@@ -78,6 +78,7 @@ class DeliveryWorker(service.MultiService):
 
     def __init__(self, config, reactor):
         super().__init__()
+        from mailrelay.cluster import wiring as cluster
         from mailrelay.metrics import Metrics, metrics_service
         from mailrelay.service import (build_delivery_parts, build_events, build_scheduler, tls_report_service,
                                        tls_report_store)
@@ -92,7 +93,14 @@ class DeliveryWorker(service.MultiService):
         self.parts = build_delivery_parts(config, reactor, metrics=self.metrics, tls_reports=self.tls_reports)
         self.events = build_events(config, reactor, self.metrics)   # webhooks: outboxes and senders
         self.events.setServiceParent(self)
-        self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics, self.events)
+        # `[cluster] redis`: this process's own link, for the [[throttle]] state the relays share.
+        self.cluster = cluster.redis_link(config, reactor, self.metrics)
+        throttle = cluster.shared_throttle(self.cluster)
+        if self.cluster is not None:
+            self.cluster.setServiceParent(self)
+            throttle.setServiceParent(self)
+        self.scheduler = build_scheduler(config, self.spool, self.parts, reactor, self.metrics, self.events,
+                                         throttle)
         self.scheduler.setServiceParent(self)
         reports = tls_report_service(config, self.tls_reports, self.spool, self.scheduler, reactor)
         if reports is not None:
