@@ -36,6 +36,9 @@ from mailrelay.spool.threads import BlockingThreads
 log = Logger(namespace="mailrelay.events")
 
 
+CLOSE_WAIT = 2.0         # seconds a stop waits for the webhook clients' idle connections to close
+
+
 @implementer(IDeliveryEvents)
 class DeliveryEvents(service.Service):
     """`spool`: the spool directory; `webhooks`: the `[[webhook]]` configs; `drop_after`: seconds after
@@ -142,14 +145,15 @@ class DeliveryEvents(service.Service):
     def _close_poster(self, url: str) -> defer.Deferred:
         """Close the idle connections of `url`'s HTTP client; fires once they are closed."""
         poster = self._posters.pop(url, None)
-        return poster.close() if poster is not None else defer.succeed(None)
+        return defer.maybeDeferred(poster.close) if poster is not None else defer.succeed(None)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         for sender in self._senders.values():
             sender.stop()
-        closing = [self._close_poster(url) for url in list(self._posters)]
-        # A cancelled POST aborts its connection, which closes on the reactor's next turn.
+        # Idle connections are closed, waited for at most CLOSE_WAIT (a TLS close waits on the peer);
+        # a cancelled POST aborts its connection, which closes on the reactor's next turn.
+        closing = [self._close_poster(url).addTimeout(CLOSE_WAIT, self.reactor) for url in list(self._posters)]
         closing.append(task.deferLater(self.reactor, 0, lambda: None))
         outboxes = [s.outbox for s in self._senders.values()]
         d = defer.DeferredList([o.flushed() for o in outboxes] + closing, consumeErrors=True)
