@@ -7,9 +7,9 @@ delivery side inline or the delivery process standing in for it) and of the deli
 
 The stages (config → server → spool → delivery → dsn → events, cluster at the side) never import this
 module: each only knows the next through mailrelay.interfaces, and what it needs is handed to it here.
-Only mailrelay.service (the receiving process's lifecycle: reload, graceful stop), the delivery
-process's entry point (mailrelay.delivery_main) and the command line call it. What `[cluster]` adds
-around the local parts is mailrelay.cluster.wiring, called from here alone.
+Only mailrelay.service (the receiving process's lifecycle: reload, graceful stop) and the delivery
+process's entry point (mailrelay.delivery_main) call it; the command line may (tests/test_structure.py).
+What `[cluster]` adds around the local parts is mailrelay.cluster.wiring, called from here alone.
 """
 from __future__ import annotations
 
