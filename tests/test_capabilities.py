@@ -18,7 +18,7 @@ from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.signing import DKIMHop
 from mailrelay.delivery.process import DeliveryProcess
 from mailrelay.interfaces import IBatchNextHop, IIncomingQueue, INextHop, IPooledNextHop, IScheduler, ISpoolControl
-from mailrelay.service import QueueFront
+from mailrelay.wiring import QueueFront
 from mailrelay.spool.store import Spool
 from tests.support.fakes import FakeQueue
 from tests.support.scheduling import MemorySpool

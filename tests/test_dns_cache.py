@@ -22,7 +22,8 @@ from mailrelay.delivery.dns import (
     MAX_NEGATIVE_TTL, MAX_TTL, AnswerCache, MXHost, MXResolver, ResolutionFailed, make_resolver,
 )
 from mailrelay.metrics import Metrics
-from mailrelay.service import build_delivery_parts, make_service
+from mailrelay.service import make_service
+from mailrelay.wiring import build_delivery_parts
 from tests.support.dnsserver import DNSServer
 
 ZONE = {

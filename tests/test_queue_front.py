@@ -1,4 +1,4 @@
-"""service.QueueFront: what the listeners hand messages to — the spool, with the scheduler told of each
+"""wiring.QueueFront: what the listeners hand messages to — the spool, with the scheduler told of each
 commit only after the session has had its answer."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailrelay.envelope import Envelope
-from mailrelay.service import QueueFront
+from mailrelay.wiring import QueueFront
 from mailrelay.spool.store import Spool
 
 

@@ -21,7 +21,7 @@ from mailrelay.delivery.job import Timeouts
 from mailrelay.delivery.dns import MXResolver
 from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.smarthost import SmarthostTransport
-from mailrelay.service import build_delivery_parts
+from mailrelay.wiring import build_delivery_parts
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import Sink
 from tests.support.messages import message_to

@@ -1,7 +1,9 @@
 """The shape of the package, read from its source with `ast`: no import cycles (counting the imports made
 inside functions too), and the stages import only what comes before them on the message's journey
 (config → server → spool → delivery → dsn → events: webhooks are told of delivery's outcomes), never
-what comes after; config imports no stage."""
+what comes after; config imports no stage. The composition root (mailrelay.wiring, with
+mailrelay.service and the delivery process's entry point) is imported by nothing but the root and the
+command line: the stages are handed what they need."""
 from __future__ import annotations
 
 import ast
@@ -14,6 +16,10 @@ import mailrelay
 
 PACKAGE = Path(mailrelay.__file__).resolve().parent
 JOURNEY = ("config", "server", "spool", "delivery", "dsn", "events")
+# The composition root: the modules that know every stage. Only they (and the command line) may import them.
+ROOT = ("mailrelay.wiring", "mailrelay.service", "mailrelay.delivery_main")
+# Called by the root alone: what to build from `[cluster]`.
+ROOT_ONLY = ROOT + ("mailrelay.cluster.wiring",)
 
 
 def modules() -> dict[str, Path]:
@@ -120,14 +126,24 @@ def stage(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def in_root(module: str) -> bool:
+    return module in ROOT or module == "mailrelay.cli" or module.startswith("mailrelay.cli.")
+
+
+def root_imports(edges: dict[str, set[str]]) -> list[str]:
+    """`module -> target` for every import of a root module (or of cluster.wiring) from outside the root."""
+    return sorted(f"{module} -> {target}" for module, targets in edges.items() if not in_root(module)
+                  for target in targets if target in ROOT_ONLY)
+
+
 class StructureTests(unittest.TestCase):
     def setUp(self):
         self.edges = graph()
 
     def test_the_graph_sees_imports_inside_functions(self):
-        # service.py builds the delivery side lazily; a reader that missed function-level imports
+        # wiring.py builds the delivery side lazily; a reader that missed function-level imports
         # would find no cycle anywhere and prove nothing.
-        self.assertIn("mailrelay.delivery.scheduler", self.edges["mailrelay.service"])
+        self.assertIn("mailrelay.delivery.scheduler", self.edges["mailrelay.wiring"])
         self.assertIn("mailrelay.config", self.edges["mailrelay.server.policy"])
 
     def test_no_import_cycles(self):
@@ -145,3 +161,37 @@ class StructureTests(unittest.TestCase):
                 if stage(target) in JOURNEY and JOURNEY.index(stage(target)) > JOURNEY.index(stage(module)):
                     later.append(f"{module} -> {target}")
         self.assertEqual(later, [])
+
+    def test_only_the_root_imports_the_root(self):
+        # The stages get what they need handed in; the root (and the command line) alone assembles them.
+        self.assertEqual(root_imports(self.edges), [])
+
+    def test_the_root_is_where_the_assembly_happens(self):
+        for module in ROOT:
+            self.assertIn(module, self.edges)
+        self.assertIn("mailrelay.wiring", self.edges["mailrelay.service"])
+        self.assertIn("mailrelay.wiring", self.edges["mailrelay.delivery_main"])
+        self.assertIn("mailrelay.cluster.wiring", self.edges["mailrelay.wiring"])
+        self.assertIn("mailrelay.delivery.worker", self.edges["mailrelay.wiring"])
+
+    def test_the_delivery_stage_never_imports_the_root(self):
+        """Not directly, and not through anything it imports: the delivery process's service and its
+        parent-side stand-in (delivery.process) know no root module."""
+        delivery = [name for name in self.edges if stage(name) == "delivery"]
+        self.assertIn("mailrelay.delivery.worker", delivery)
+        self.assertIn("mailrelay.delivery.process", delivery)
+        for name in delivery:
+            seen, todo = set(), [name]
+            while todo:
+                module = todo.pop()
+                if module in seen:
+                    continue
+                seen.add(module)
+                todo.extend(self.edges.get(module, ()))
+            self.assertEqual(sorted(seen & set(ROOT_ONLY)), [], name)
+
+    def test_the_root_check_finds_a_stage_importing_the_root(self):
+        edges = {"mailrelay.delivery.worker": {"mailrelay.service"}, "mailrelay.wiring": {"mailrelay.delivery.worker"},
+                 "mailrelay.cli.queue": {"mailrelay.wiring"}, "mailrelay.server.policy": {"mailrelay.cluster.wiring"}}
+        self.assertEqual(root_imports(edges), ["mailrelay.delivery.worker -> mailrelay.service",
+                                               "mailrelay.server.policy -> mailrelay.cluster.wiring"])

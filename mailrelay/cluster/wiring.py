@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_queue_front, tests.test_dns_cache, tests.test_operations -*-
 """What the relay builds from `[cluster]`: the link to Redis and the shared limiters around the local ones.
 
-Called by service.py (the receiving side) and by the delivery side — inline (service.py, sharing the
-receiving side's link) or the delivery process (delivery/worker.py, with a link of its own) — for the
-shared `[[throttle]]` state.  The suppression entries the delivery side writes reach Redis through the
+Called by the composition root (mailrelay.wiring) alone: for the receiving process, and for the
+delivery side — inline (sharing the receiving side's link) or the delivery process (with a link of its
+own) — for the shared `[[throttle]]` state.  The suppression entries the delivery side writes reach Redis through the
 receiving process's watcher of the journal.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_delivery_process -*-
 """The main process's end of `[delivery] process = "separate"`: starts the delivery process
-(mailrelay.delivery.worker), tells it of every committed message, forwards reloads, logs what it logs,
+(mailrelay.delivery_main), tells it of every committed message, forwards reloads, logs what it logs,
 starts it again if it dies, and stops it gracefully.
 
 Python runs one thread at a time, so one process uses one core; receiving (sessions, spool writes) and
@@ -18,7 +18,7 @@ delivery side's metrics families, for `[metrics] endpoint` here). The child answ
 a pipe of its own: `metrics SEQ LENGTH`, a newline, then LENGTH bytes of text exposition.
 
 Log lines: with `[log] file` the child appends to that file itself. Without one it sends its events up
-its standard output, one JSON object a line, in batches (worker.LOG_BATCH_DELAY), and `log_text`
+its standard output, one JSON object a line, in batches (delivery.worker.LOG_BATCH_DELAY), and `log_text`
 publishes them as events of this process's log (mailrelay.logrelay), with their namespace, level, time,
 queue id and fields: a daemonised twistd's log file, rotated by twistd, gets them like our own. What
 the child writes to its standard error (a traceback, a refused config) is logged here as warnings.
@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
@@ -54,7 +55,8 @@ REPLY_FD = 3             # the child's end of the pipe its answers come up
 
 class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self, owner: "DeliveryProcess"):
-        self.owner, self.ended = owner, defer.Deferred()
+        self.owner = owner
+        self.ended: defer.Deferred = defer.Deferred()
         self._partial = {1: b"", 2: b""}      # bytes after the last newline, per pipe
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -115,9 +117,9 @@ class DeliveryProcess(service.Service):
         self.config_path, self.reactor, self.python, self.spool = str(config_path), reactor, python, spool
         self.source = source
         self._log_text = log_text or (lambda text: publish_lines(globalLogPublisher, text))
-        self._child = None
-        self._transport = None
-        self._restart = None
+        self._child: Optional[_ChildProtocol] = None
+        self._transport: Optional[IProcessTransport] = None
+        self._restart: Optional[IDelayedCall] = None
         self._outgoing: list[tuple] = []       # (queue id, SpooledMessage or None) for this turn
         self._started_at = 0.0
         self._delay = RESTART_DELAY
@@ -135,15 +137,15 @@ class DeliveryProcess(service.Service):
         self._restart = None
         self._started_at = self.reactor.seconds()
         self._child = _ChildProtocol(self)
-        self._transport = self.reactor.spawnProcess(
-            self._child, self.python, [self.python, "-m", "mailrelay.delivery.worker", "--config", self.config_path,
+        self._transport = transport = self.reactor.spawnProcess(
+            self._child, self.python, [self.python, "-m", "mailrelay.delivery_main", "--config", self.config_path,
                                        "--reply-fd", str(REPLY_FD)]
             + (["--config-on-stdin"] if self.source is not None else []),
             env=child_environment(), childFDs={0: "w", 1: "r", 2: "r", REPLY_FD: "r"},
         )
         if self.source is not None:
             self._write(config_line("config", self.source))
-        log.info("delivery process started (pid {pid})", pid=self._transport.pid)
+        log.info("delivery process started (pid {pid})", pid=transport.pid)
         flushes, self._flushes = self._flushes, []
         for line in flushes:             # after its recovery has scheduled the spool: they still apply
             self._write(line.encode("ascii"))
@@ -168,7 +170,7 @@ class DeliveryProcess(service.Service):
             return defer.succeed(None)
         self._sequence += 1
         sequence = self._sequence
-        answer = defer.Deferred()
+        answer: defer.Deferred = defer.Deferred()
         self._asked[sequence] = answer
         timer = self.reactor.callLater(timeout, self._answer, sequence, None)
 
@@ -193,8 +195,8 @@ class DeliveryProcess(service.Service):
             if not newline:
                 return
             try:
-                verb, sequence, length = head.split(b" ")
-                sequence, length = int(sequence), int(length)
+                verb, number, size = head.split(b" ")
+                sequence, length = int(number), int(size)
                 if verb != b"metrics" or length < 0:
                     raise ValueError(head)
             except ValueError:
@@ -237,11 +239,14 @@ class DeliveryProcess(service.Service):
             log_queued(log, queue_id, message.envelope, message.size)
 
     def _write(self, data: bytes) -> None:
-        stdin = getattr(self._transport, "pipes", {}).get(0)
+        transport = self._transport
+        if transport is None:
+            return                       # no child to tell (callers check first)
+        stdin = getattr(transport, "pipes", {}).get(0)   # twisted's Process keeps its pipes there
         if stdin is not None:
             write_now(stdin, data)       # straight into the pipe when nothing is queued before it
         else:
-            self._transport.write(data)
+            transport.write(data)
 
     def child_output(self, fd: int, text: str) -> None:
         """Whole lines from the child: its log (fd 1) or its standard error (fd 2)."""
@@ -283,7 +288,8 @@ class DeliveryProcess(service.Service):
         if self._transport is None:
             return defer.succeed(None)
         self._send_enqueued()             # ids still waiting for this turn's write go first
-        transport, ended = self._transport, self._child.ended
+        transport = self._transport
+        ended = self._child.ended if self._child is not None else defer.succeed(None)
         self._transport = None
         transport.closeStdin()            # the child's signal to finish its deliveries and exit
         timers = [self.reactor.callLater(STOP_BOUND, self._signal, transport, "TERM"),
