@@ -15,6 +15,7 @@ relay_vs_postfix.sh runs it with `--steps` while both relays and the sink are up
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -142,13 +143,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=2048, help="message bytes (default 2048)")
     parser.add_argument("--round", type=int, default=50, help="sessions per relay before switching")
     args = parser.parse_args(argv)
+    before = os.getloadavg()
     try:
         timings = measure(args.relays, args.sessions, args.size, args.round)
     except (OSError, StepError) as e:
         print(f"steps.py: {e}", file=sys.stderr)
         return 1
     print(f"median milliseconds per step, {args.sessions} sequential sessions per relay, "
-          f"{args.size}-byte messages:")
+          f"{args.size}-byte messages (load average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after):")
     print(format_table(timings))
     return 0
 

@@ -1,13 +1,16 @@
 """mailrelay.net.write_now over real loopback TCP connections: the direct send never reorders, never
-bypasses TLS, never starves a producer, and falls back to Twisted's buffer for whatever is left."""
+bypasses TLS, never starves a producer, and falls back to Twisted's buffer for whatever is left.
+close_now: the FIN right behind what was sent, and the ordinary close when anything is still buffered."""
 from __future__ import annotations
+
+import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 
-from mailrelay.net import write_now
+from mailrelay.net import close_now, write_now
 
 
 class _Collect(protocol.Protocol):
@@ -98,6 +101,74 @@ class WriteNowTests(unittest.TestCase):
         transport = StringTransport()
         write_now(transport, b"220 hi\r\n")
         self.assertEqual(transport.value(), b"220 hi\r\n")
+
+
+class _Held(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.accepted.append(self)
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """Everything the peer sends up to its FIN, read with a blocking socket (the reactor does not run)."""
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+class CloseNowTests(unittest.TestCase):
+    """A raw blocking client socket on one end, a Twisted transport on the other."""
+
+    @defer.inlineCallbacks
+    def accepted(self):
+        factory = protocol.Factory.forProtocol(_Held)
+        factory.accepted = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+        self.addCleanup(client.close)
+        while not factory.accepted:
+            yield deferLater(reactor, 0.001, lambda: None)
+        return factory.accepted[0], client
+
+    @defer.inlineCallbacks
+    def test_the_fin_follows_a_direct_write_without_a_reactor_turn(self):
+        server, client = yield self.accepted()
+        write_now(server.transport, b"221 2.0.0 Bye\r\n")
+        close_now(server.transport)
+        # The reactor is not running while the test reads: the reply and the FIN are in the kernel already.
+        self.assertEqual(_read_to_eof(client), b"221 2.0.0 Bye\r\n")
+        self.assertFalse(server.lost.called)          # the descriptor itself is closed on the next turn
+        yield server.lost
+
+    @defer.inlineCallbacks
+    def test_buffered_data_is_sent_before_the_close(self):
+        server, client = yield self.accepted()
+        server.transport.write(b"250 2.0.0 Ok\r\n")      # in Twisted's buffer, not the kernel's
+        write_now(server.transport, b"221 2.0.0 Bye\r\n")
+        close_now(server.transport)                       # so no shutdown now: loseConnection flushes first
+        self.assertEqual(server.transport._tempDataBuffer, [b"250 2.0.0 Ok\r\n", b"221 2.0.0 Bye\r\n"])
+        yield server.lost
+        self.assertEqual(_read_to_eof(client), b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+
+    @defer.inlineCallbacks
+    def test_a_peer_already_gone_is_closed_quietly(self):
+        server, client = yield self.accepted()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()                  # an RST, which the server's reactor has not seen yet
+        self.assertTrue(server.transport.connected)
+        close_now(server.transport)     # shutdown() on a reset socket: no exception escapes
+        yield server.lost
+
+    def test_other_transports_lose_their_connection_as_usual(self):
+        transport = StringTransport()
+        close_now(transport)
+        self.assertTrue(transport.disconnecting)
 
 
 class _Echo(protocol.ProcessProtocol):

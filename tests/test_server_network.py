@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import base64
+import socket
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from mailrelay import config
 from tests.support.fakes import memory_portal
@@ -109,3 +111,83 @@ class ManyConnectionsTests(NetworkTestBase):
         self.assertTrue(greeting.startswith("421 4.7.0"))
         yield third.lost
         self.assertEqual([first[1][:3], second[1][:3]], ["220", "220"])
+
+
+class CloseNetworkTests(NetworkTestBase):
+    """The close after QUIT (and after a 421): the last reply first, then the FIN, nothing after it."""
+
+    @defer.inlineCallbacks
+    def raw_session(self, **listen):
+        """A blocking client socket, its greeting read, and the server's session for it."""
+        factory = self.listen(**listen)
+        client = socket.create_connection(("127.0.0.1", self.port_number), timeout=10)
+        self.addCleanup(client.close)
+        while not factory.sessions:
+            yield deferLater(reactor, 0.001, lambda: None)
+        greeting = client.recv(512)
+        return client, factory.sessions[0], greeting
+
+    @staticmethod
+    def read_to_eof(client: socket.socket) -> bytes:
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+        return data
+
+    @defer.inlineCallbacks
+    def test_the_221_and_the_fin_are_sent_while_quit_is_handled(self):
+        client, session, greeting = yield self.raw_session()
+        self.assertEqual(greeting, b"220 relay.test ESMTP mailrelay\r\n")
+        # QUIT handed to the session directly: the reactor does not turn before the client reads the close.
+        session.dataReceived(b"QUIT\r\n")
+        self.assertEqual(self.read_to_eof(client), b"221 2.0.0 relay.test Bye\r\n")
+        yield session.lost
+
+    @defer.inlineCallbacks
+    def test_a_421_for_a_line_too_long_is_followed_by_the_close(self):
+        client, session, _ = yield self.raw_session()
+        session.dataReceived(b"X" * 20_000)    # unread input left: the 421 is buffered, sent on the next turn
+        yield session.lost
+        self.assertEqual(self.read_to_eof(client),
+                         b"421 4.5.2 relay.test Line too long, closing connection\r\n")
+
+    @defer.inlineCallbacks
+    def test_pipelined_commands_before_quit_are_all_answered_before_the_close(self):
+        self.listen()
+        client, _ = yield self.connect()
+        client.transport.write(b"EHLO client.test\r\nNOOP\r\nRSET\r\nQUIT\r\n")
+        yield client.lost
+        self.assertEqual([reply[:3] for reply in client.replies], ["250", "250", "250", "221"])
+        self.assertEqual(client.replies[-1], "221 2.0.0 relay.test Bye")
+
+    @defer.inlineCallbacks
+    def test_nothing_pipelined_after_quit_is_answered(self):
+        self.listen()
+        client, _ = yield self.connect()
+        client.transport.write(b"QUIT\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\n")
+        yield client.lost
+        self.assertEqual(client.replies, ["221 2.0.0 relay.test Bye"])
+
+    @defer.inlineCallbacks
+    def test_quit_after_a_committed_message(self):
+        self.listen()
+        client, _ = yield self.connect()
+        yield client.send("EHLO client.test\r\n")
+        replies = yield StartTLSNetworkTests._transaction(self, client)
+        self.assertEqual(replies[-1], "250 2.0.0 Ok: queued as Q000001")
+        reply = yield client.send("QUIT\r\n")
+        self.assertEqual(reply, "221 2.0.0 relay.test Bye")
+        yield client.lost
+        self.assertEqual(len(self.queue.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_quit_after_starttls_closes_through_tls(self):
+        self.listen()
+        client, _ = yield self.connect()
+        yield client.send("EHLO client.test\r\n")
+        yield client.send("STARTTLS\r\n")
+        client.transport.startTLS(self.client_tls)
+        yield client.send("EHLO client.test\r\n")
+        reply = yield client.send("QUIT\r\n")
+        self.assertEqual(reply, "221 2.0.0 relay.test Bye")
+        yield client.lost

@@ -53,7 +53,7 @@ from zope.interface import implementer
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import Reply
 from mailrelay.logger import Logger
-from mailrelay.net import no_delay, write_now
+from mailrelay.net import close_now, no_delay, write_now
 from mailrelay.server import addresses
 from mailrelay.server.auth import AUTH_FAILURE_DELAY, MAX_AUTH_LINE, Authenticator
 from mailrelay.server.ratelimit import client_key
@@ -258,7 +258,7 @@ class RelaySession(protocol.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self.transport.loseConnection()
+        close_now(self.transport)     # the FIN right behind the last reply, not a reactor turn later
 
     def _write(self, data: bytes) -> None:
         if self._inpos < len(self._inbuf):
