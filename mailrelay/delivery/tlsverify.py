@@ -155,11 +155,15 @@ class PolicyTLS:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class UnverifiedTLS:
-    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI."""
+    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI.
+
+    Every instance shares one SSL context (unverified_context): it holds nothing of the exchanger —
+    the host name goes into each connection's SNI — and building one costs more than a whole
+    delivery on a reused connection."""
 
     def __init__(self, hostname: str):
         self._hostname = hostname
-        self._context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+        self._context = unverified_context()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -167,6 +171,17 @@ class UnverifiedTLS:
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
         connection.set_connect_state()
         return connection
+
+
+_UNVERIFIED_CONTEXT: list[SSL.Context] = []     # the one shared context, built on first use
+
+
+def unverified_context() -> SSL.Context:
+    """The SSL context of every UnverifiedTLS: TLS 1.2 at least, no certificate checked, no per-host
+    setting (the client never offers a session for resumption, so nothing of one host reaches another)."""
+    if not _UNVERIFIED_CONTEXT:
+        _UNVERIFIED_CONTEXT.append(ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext())
+    return _UNVERIFIED_CONTEXT[0]
 
 
 def _names(connection: SSL.Connection, hostname: str) -> bool:
