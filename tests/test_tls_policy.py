@@ -216,3 +216,52 @@ class UnverifiedContextTests(unittest.TestCase):
         old.set_max_proto_version(SSL.TLS1_1_VERSION)
         client = UnverifiedTLS("mx.c.example").clientConnectionForTLS(None)
         self.assertRaises(SSL.Error, _handshake, client, old)     # the shared context keeps TLS 1.2 at least
+
+
+class PolicyContextTests(unittest.TestCase):
+    """`verify`, MTA-STS and DANE options for many exchangers: one options object per exchanger and policy
+    (what a reused connection is matched by), all over one SSL context per kind — building one, the
+    system's trust loaded into it, per batch past TLS_KEPT exchangers cost tens of milliseconds — and the
+    checks still judge each connection by its own exchanger's name."""
+
+    def test_exchangers_beyond_the_kept_ones_share_one_context_per_kind(self):
+        from mailrelay.delivery.tlspolicy import TLS_KEPT
+        policies = TLSPolicies("verify")
+        names = [f"mx.d{n}.example" for n in range(TLS_KEPT + 20)]
+        contexts = set()
+        for _ in range(2):
+            for name in names:
+                [plan] = self.successResultOf(policies.plan(name[3:], [MXHost(name, 10, ("127.0.0.2",))]))
+                self.assertIsInstance(plan.tls_options, PolicyTLS)
+                self.assertEqual(plan.tls_options.hostname, name)
+                contexts.add(id(plan.tls_options.clientConnectionForTLS(None).get_context()))
+        self.assertEqual(len(contexts), 1)
+
+        dane = policies._options("mx.d0.example", "dane", records=(EE,))
+        self.assertNotIn(id(dane.clientConnectionForTLS(None).get_context()), contexts)
+        self.assertIs(policies._options("mx.d1.example", "dane", records=(EE,)).clientConnectionForTLS(None)
+                      .get_context(), dane.clientConnectionForTLS(None).get_context())
+
+    def test_each_connection_on_the_shared_context_is_judged_by_its_own_name(self):
+        from OpenSSL import SSL
+
+        from mailrelay.delivery.tlsverify import load_trust
+        from tests.support import testca
+        pair = testca.issue(self.mktemp(), "mx.a.example")
+        other = testca.issue(self.mktemp(), "mx.a.example")          # another CA: not trusted
+        policies = TLSPolicies("verify", ca_file=pair.ca)
+        self.assertIsNotNone(load_trust(pair.ca))
+
+        def server(issued):
+            context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            context.use_certificate_file(str(issued.cert))
+            context.use_privatekey_file(str(issued.key))
+            return context
+
+        verdicts = []
+        for name, issued in (("mx.a.example", pair), ("mx.b.example", pair), ("mx.a.example", other)):
+            [plan] = self.successResultOf(policies.plan(name[3:], [MXHost(name, 10, ("127.0.0.2",))]))
+            client = plan.tls_options.clientConnectionForTLS(None)
+            _handshake(client, server(issued))
+            verdicts.append(plan.tls_options.check(client).result_type)
+        self.assertEqual(verdicts, [None, "certificate-host-mismatch", "certificate-not-trusted"])

@@ -85,6 +85,18 @@ def load_trust(ca_file: Optional[Path]) -> Any:
         [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs])
 
 
+def policy_context(kind: str, trust: Any = None) -> SSL.Context:
+    """The SSL context of PolicyTLS of `kind`: TLS 1.2 at least, the chain verified against `trust` (the
+    system's when None; none for DANE, which reads the chain itself) with every error only noted."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)     # RFC 8996
+    context.set_options(SSL.OP_NO_COMPRESSION)             # CRIME (CVE-2012-4929)
+    if kind != "dane":
+        IOpenSSLTrustRoot(trust if trust is not None else ssl.platformTrust())._addCACertsToContext(context)
+    context.set_verify(SSL.VERIFY_PEER, _noting(_Seen()))
+    return context
+
+
 @implementer(IOpenSSLClientConnectionCreator, ITLSPeerCheck)
 class PolicyTLS:
     """STARTTLS options for one exchanger under one policy.  `kind`: "dane" (with `records`),
@@ -92,19 +104,16 @@ class PolicyTLS:
     `policy`: how replies name the policy ("the MTA-STS policy of example.net")."""
 
     def __init__(self, hostname: str, kind: str, *, trust: Any = None, records: Sequence[dane.TLSA] = (),
-                 enforce: bool = True, policy: str = ""):
+                 enforce: bool = True, policy: str = "", context: Optional[SSL.Context] = None):
         self.hostname = hostname.rstrip(".").strip("[]")
         self.kind = kind
         self.records = tuple(records)
         self.enforce = enforce
         self.policy = policy or {"dane": "DANE", "verify": 'tls = "verify"'}.get(kind, kind)
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)     # RFC 8996
-        context.set_options(SSL.OP_NO_COMPRESSION)             # CRIME (CVE-2012-4929)
-        if kind != "dane":
-            IOpenSSLTrustRoot(trust if trust is not None else ssl.platformTrust())._addCACertsToContext(context)
-        context.set_verify(SSL.VERIFY_PEER, _noting(_Seen()))
-        self._context = context
+        # `context`: one policy_context(kind, trust) shared by many exchangers (loading the system's
+        # trust costs tens of milliseconds); nothing in it names a host: SNI, the verify callback and
+        # the checks are per connection.
+        self._context = context if context is not None else policy_context(kind, trust)
         self._seen: "weakref.WeakKeyDictionary[SSL.Connection, _Seen]" = weakref.WeakKeyDictionary()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
