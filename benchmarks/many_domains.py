@@ -10,10 +10,12 @@ Two loads, each `--messages` messages of 2 KiB over 20 injecting sessions:
   only a relay reusing them by address (or a new one per domain) can share;
 - one: all to one domain (one.bench.test).
 For each relay and load: the end-to-end delivery rate (first message injected to last one at the sink),
-the connections the sink saw, and the DNS questions the relay asked; medians of `--runs` runs and the
-ratios mailrelay / Postfix.  Before the runs each relay sends one message to every domain (uncounted),
-so both start warm: mailrelay's DNS cache holds the answers (TTL 300 s), Postfix has no cache of its own
-and asks for every delivery, as it does in production without a local caching resolver.
+the connections the sink saw, the DNS questions the relay asked, and the relay's CPU time per message
+(its whole process tree, reaped children included: on a shared machine far steadier than the rate);
+medians of `--runs` runs and the ratios mailrelay / Postfix.  Before the runs each relay sends one
+message to every domain (uncounted), so both start warm: mailrelay's DNS cache holds the answers (TTL
+300 s), Postfix has no cache of its own and asks for every delivery, as it does in production without a
+local caching resolver.
 
 Nothing leaves this machine: the script runs itself in a private mount namespace (`unshare -m`) whose
 /etc/resolv.conf (a bind mount) names only the loopback DNS server, so Postfix and anything else
@@ -49,7 +51,7 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from deep_queue import SINK, SOURCE, Mailrelay, Postfix  # noqa: E402
+from deep_queue import CLK_TCK, SINK, SOURCE, Mailrelay, Postfix, descendants  # noqa: E402
 from harness import wait_for_port  # noqa: E402
 
 DNS_ADDRESS = "127.0.0.35"     # the only nameserver anything in the namespace knows
@@ -229,6 +231,20 @@ class Run:
     rate: float
     connections: int
     dns_questions: int
+    cpu_ms: float = 0.0          # the relay's CPU time per message (its process tree), in milliseconds
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of `root` and its descendants, the exited children they waited for included (Postfix's
+    smtp and cleanup processes come and go): far steadier on a shared machine than a rate."""
+    total = 0
+    for pid in descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])      # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
 
 
 def wait_messages(sink: Sink, target: int, timeout: float) -> Optional[float]:
@@ -255,13 +271,15 @@ def one_run(relay, dns: DNS, work: Path, rcpts: list[str], timeout: float) -> Ru
     sink = Sink(work)
     try:
         asked = dns.asked()
+        cpu = tree_cpu(relay.root())
         start = time.monotonic()
         inject(relay.port, rcpts)
         done = wait_messages(sink, len(rcpts), timeout)
         if done is None:
             raise RuntimeError(f"{relay.name}: only {sink.read()[1]} of {len(rcpts)} messages arrived in {timeout} s")
+        used = tree_cpu(relay.root()) - cpu      # before the idle wait: idle connections cost next to nothing
         sessions = settled_sessions(sink) - sink.probe_sessions
-        return Run(len(rcpts) / (done - start), sessions, dns.asked() - asked)
+        return Run(len(rcpts) / (done - start), sessions, dns.asked() - asked, used * 1000 / len(rcpts))
     finally:
         sink.stop()
 
@@ -279,7 +297,7 @@ def measure(relay, dns: DNS, work: Path, args, say) -> dict[str, list[Run]]:
                 r = one_run(relay, dns, work, recipients(load, args.messages, args.domains), args.timeout)
                 results[load].append(r)
                 say(f"  {relay.name} run {run + 1} {load}: {r.rate:.0f} msg/s, {r.connections} connections, "
-                    f"{r.dns_questions} DNS questions")
+                    f"{r.dns_questions} DNS questions, {r.cpu_ms:.2f} CPU ms/message")
     finally:
         relay.stop()
     return results
@@ -290,21 +308,25 @@ def table(results: dict[str, dict[str, list[Run]]], messages: int, domains: int)
         runs = results.get(relay, {}).get(load, [])
         return statistics.median(getattr(r, attribute) for r in runs) if runs else None
 
-    def cell(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:,.0f}"
+    def cell(value: Optional[float], digits: int = 0) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
 
     rows = ["| load | figure | mailrelay | Postfix | mailrelay / Postfix |", "| --- | --- | --- | --- | --- |"]
     labels = {"many": f"{messages:,} to {domains:,} domains", "one": f"{messages:,} to one domain"}
     for load in ("many", "one"):
         for attribute, what in (("rate", "delivery rate (msg/s)"), ("connections", "connections to the MX"),
-                                ("dns_questions", "DNS questions")):
+                                ("dns_questions", "DNS questions"), ("cpu_ms", "relay CPU per message (ms)")):
             mine, theirs = median("mailrelay", load, attribute), median("postfix", load, attribute)
             ratio = f"{mine / theirs:.2f}" if mine is not None and theirs else "-"
-            rows.append(f"| {labels[load]} | {what} | {cell(mine)} | {cell(theirs)} | {ratio} |")
+            digits = 2 if attribute == "cpu_ms" else 0
+            rows.append(f"| {labels[load]} | {what} | {cell(mine, digits)} | {cell(theirs, digits)} | {ratio} |")
     for relay in ("mailrelay", "postfix"):
         many, one = median(relay, "many", "rate"), median(relay, "one", "rate")
         if many and one:
             rows.append(f"| {relay}: many domains / one domain | delivery rate | | | {many / one:.2f} |")
+        many, one = median(relay, "many", "cpu_ms"), median(relay, "one", "cpu_ms")
+        if many and one:
+            rows.append(f"| {relay}: many domains / one domain | CPU per message | | | {many / one:.2f} |")
     return "\n".join(rows)
 
 

@@ -1,6 +1,6 @@
 # -*- test-case-name: benchmarks.test_many_domains -*-
 """Tests of many_domains.py's pieces: the zone it serves, the recipients it spreads, the sink counter it
-reads, the injector, and the table of medians and ratios.
+reads, the injector, the CPU time of a process tree, and the table of medians and ratios.
 
     .venv/bin/python -m twisted.trial benchmarks/test_many_domains.py
 
@@ -75,3 +75,23 @@ class TableTests(unittest.TestCase):
         self.assertIn("| 5,000 to 500 domains | connections to the MX | 20 | 40 | 0.50 |", text)
         self.assertIn("| 5,000 to one domain | DNS questions | 0 | 1,000 | 0.00 |", text)
         self.assertIn("| mailrelay: many domains / one domain | delivery rate | | | 0.50 |", text)
+
+    def test_cpu_per_message(self):
+        results = {"mailrelay": {"many": [Run(100, 10, 0, 2.5), Run(300, 30, 0, 1.5), Run(200, 20, 0, 2.0)],
+                                 "one": [Run(400, 5, 0, 1.0)]},
+                   "postfix": {"many": [Run(100, 40, 1000, 4.0)], "one": [Run(200, 10, 1000, 4.0)]}}
+        text = many_domains.table(results, 5000, 500)
+        self.assertIn("| 5,000 to 500 domains | relay CPU per message (ms) | 2.00 | 4.00 | 0.50 |", text)
+        self.assertIn("| mailrelay: many domains / one domain | CPU per message | | | 2.00 |", text)
+        self.assertIn("| postfix: many domains / one domain | CPU per message | | | 1.00 |", text)
+
+
+class TreeCPUTests(unittest.TestCase):
+    def test_a_child_that_burns_cpu_counts_after_it_is_waited_for(self):
+        import os
+        import subprocess
+        before = many_domains.tree_cpu(os.getpid())
+        child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+                                  "while time.process_time() < end: pass"])
+        child.wait()
+        self.assertGreaterEqual(many_domains.tree_cpu(os.getpid()) - before, 0.25)   # its cutime, once reaped

@@ -144,3 +144,124 @@ class InterfaceTests(unittest.TestCase):
                          ("4.7.4", "TLS is required by the MTA-STS policy of example.net, but "
                                    "mx.example.net[127.0.0.2] does not offer STARTTLS"))
         self.assertEqual(PolicyTLS("mx.example.net", "dane").without_starttls("mx")[0], "4.7.5")
+
+
+def _handshake(client, server_context):
+    """Run a TLS handshake between two pyOpenSSL connections over memory BIOs; the server connection."""
+    from OpenSSL import SSL
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    for _ in range(50):
+        for one in (client, server):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+        moved = False
+        for source, target in ((client, server), (server, client)):
+            try:
+                data = source.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            target.bio_write(data)
+            moved = True
+        if not moved:
+            break
+    return server
+
+
+class UnverifiedContextTests(unittest.TestCase):
+    """Opportunistic TLS ("opportunistic"/"required", unusable TLSA) for many exchangers: one SSL context
+    for all of them, however many names — building a context per exchanger made every delivery to a
+    domain beyond TLS_KEPT's names pay for one — and each connection still names its own host (SNI)."""
+
+    def test_exchangers_beyond_the_kept_ones_share_one_context(self):
+        from mailrelay.delivery.tlspolicy import TLS_KEPT
+        policies = TLSPolicies("opportunistic")
+        names = [f"mx.d{n}.example" for n in range(TLS_KEPT + 20)]
+        contexts = set()
+        for _ in range(2):                          # round robin over more names than are kept
+            for name in names:
+                [plan] = self.successResultOf(policies.plan(name[3:], [MXHost(name, 10, ("127.0.0.2",))]))
+                self.assertIsInstance(plan.tls_options, UnverifiedTLS)
+                contexts.add(id(plan.tls_options.clientConnectionForTLS(None).get_context()))
+        self.assertEqual(len(contexts), 1)
+        required = TLSPolicies("required")
+        [plan] = self.successResultOf(required.plan("other.example", [MXHost("mx.other.example", 10, ("127.0.0.3",))]))
+        self.assertEqual({id(plan.tls_options.clientConnectionForTLS(None).get_context())}, contexts)
+
+    def test_each_connection_on_the_shared_context_names_its_own_host(self):
+        from OpenSSL import SSL
+
+        from tests.support import testca
+        pair = testca.issue(self.mktemp(), "mx.a.example")
+        named: list = []
+        server_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        server_context.use_certificate_file(str(pair.cert))
+        server_context.use_privatekey_file(str(pair.key))
+        server_context.set_tlsext_servername_callback(lambda connection: named.append(connection.get_servername()))
+        versions = []
+        for name in ("mx.a.example", "mx.b.example", "127.0.0.2"):
+            client = UnverifiedTLS(name).clientConnectionForTLS(None)
+            server = _handshake(client, server_context)
+            # the certificate names mx.a.example only: not checked, so every handshake completes
+            self.assertIsNotNone(server.get_cipher_name())
+            self.assertIsNotNone(client.get_peer_certificate())
+            versions.append(client.get_protocol_version_name())
+        self.assertEqual(named, [b"mx.a.example", b"mx.b.example", None])   # an address literal: no SNI (RFC 6066 3)
+        self.assertTrue(all(v in ("TLSv1.2", "TLSv1.3") for v in versions), versions)
+        old = SSL.Context(SSL.TLS_SERVER_METHOD)
+        old.use_certificate_file(str(pair.cert))
+        old.use_privatekey_file(str(pair.key))
+        old.set_max_proto_version(SSL.TLS1_1_VERSION)
+        client = UnverifiedTLS("mx.c.example").clientConnectionForTLS(None)
+        self.assertRaises(SSL.Error, _handshake, client, old)     # the shared context keeps TLS 1.2 at least
+
+
+class PolicyContextTests(unittest.TestCase):
+    """`verify`, MTA-STS and DANE options for many exchangers: one options object per exchanger and policy
+    (what a reused connection is matched by), all over one SSL context per kind — building one, the
+    system's trust loaded into it, per batch past TLS_KEPT exchangers cost tens of milliseconds — and the
+    checks still judge each connection by its own exchanger's name."""
+
+    def test_exchangers_beyond_the_kept_ones_share_one_context_per_kind(self):
+        from mailrelay.delivery.tlspolicy import TLS_KEPT
+        policies = TLSPolicies("verify")
+        names = [f"mx.d{n}.example" for n in range(TLS_KEPT + 20)]
+        contexts = set()
+        for _ in range(2):
+            for name in names:
+                [plan] = self.successResultOf(policies.plan(name[3:], [MXHost(name, 10, ("127.0.0.2",))]))
+                self.assertIsInstance(plan.tls_options, PolicyTLS)
+                self.assertEqual(plan.tls_options.hostname, name)
+                contexts.add(id(plan.tls_options.clientConnectionForTLS(None).get_context()))
+        self.assertEqual(len(contexts), 1)
+
+        dane = policies._options("mx.d0.example", "dane", records=(EE,))
+        self.assertNotIn(id(dane.clientConnectionForTLS(None).get_context()), contexts)
+        self.assertIs(policies._options("mx.d1.example", "dane", records=(EE,)).clientConnectionForTLS(None)
+                      .get_context(), dane.clientConnectionForTLS(None).get_context())
+
+    def test_each_connection_on_the_shared_context_is_judged_by_its_own_name(self):
+        from OpenSSL import SSL
+
+        from mailrelay.delivery.tlsverify import load_trust
+        from tests.support import testca
+        pair = testca.issue(self.mktemp(), "mx.a.example")
+        other = testca.issue(self.mktemp(), "mx.a.example")          # another CA: not trusted
+        policies = TLSPolicies("verify", ca_file=pair.ca)
+        self.assertIsNotNone(load_trust(pair.ca))
+
+        def server(issued):
+            context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            context.use_certificate_file(str(issued.cert))
+            context.use_privatekey_file(str(issued.key))
+            return context
+
+        verdicts = []
+        for name, issued in (("mx.a.example", pair), ("mx.b.example", pair), ("mx.a.example", other)):
+            [plan] = self.successResultOf(policies.plan(name[3:], [MXHost(name, 10, ("127.0.0.2",))]))
+            client = plan.tls_options.clientConnectionForTLS(None)
+            _handshake(client, server(issued))
+            verdicts.append(plan.tls_options.check(client).result_type)
+        self.assertEqual(verdicts, [None, "certificate-host-mismatch", "certificate-not-trusted"])

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from mailrelay.delivery.dane import TLSA, usable
 from mailrelay.delivery.dns import MXHost, ResolutionFailed
-from mailrelay.delivery.tlsverify import PolicyTLS, UnverifiedTLS, Verdict, load_trust
+from mailrelay.delivery.tlsverify import PolicyTLS, UnverifiedTLS, Verdict, load_trust, policy_context
 from mailrelay.interfaces import ITLSReportSink, Reply
 from mailrelay.logger import Logger
 
@@ -43,7 +43,7 @@ log = Logger(namespace="mailrelay.delivery.tlspolicy")
 
 # [delivery] tls → the client's security mode ("required" and "verify" both insist on STARTTLS).
 SECURITY = {"none": "none", "opportunistic": "opportunistic", "required": "starttls", "verify": "starttls"}
-TLS_KEPT = 256          # PolicyTLS objects (an SSL context each) kept for reuse by exchanger and policy
+TLS_KEPT = 256          # PolicyTLS objects kept for reuse by exchanger and policy (their SSL context is shared)
 
 
 @implementer(ITLSReportSink)
@@ -86,6 +86,7 @@ class TLSPolicies:
         self.metrics = metrics
         self._kept: dict[tuple, PolicyTLS] = {}
         self._plain: dict[str, Any] = {}
+        self._contexts: dict[bool, Any] = {}    # DANE or not -> the SSL context every PolicyTLS of it shares
 
     # -- planning ---------------------------------------------------------------------------------------
 
@@ -178,7 +179,15 @@ class TLSPolicies:
         key = (name, kind, records, enforce, policy)
         options = self._kept.pop(key, None)
         if options is None:
-            options = PolicyTLS(name, kind, trust=self.trust, records=records, enforce=enforce, policy=policy)
+            # A new options object per exchanger and policy (a connection it verified is reused only for
+            # that same one, delivery.pool), over one shared context: past TLS_KEPT exchangers, building
+            # a context (the system's trust loaded into it) for every batch would cost more than the mail.
+            dane_kind = kind == "dane"
+            context = self._contexts.get(dane_kind)
+            if context is None:
+                context = self._contexts[dane_kind] = policy_context(kind, self.trust)
+            options = PolicyTLS(name, kind, trust=self.trust, records=records, enforce=enforce, policy=policy,
+                                context=context)
         self._kept[key] = options
         while len(self._kept) > TLS_KEPT:
             self._kept.pop(next(iter(self._kept)))

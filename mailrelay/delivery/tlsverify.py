@@ -85,6 +85,18 @@ def load_trust(ca_file: Optional[Path]) -> Any:
         [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs])
 
 
+def policy_context(kind: str, trust: Any = None) -> SSL.Context:
+    """The SSL context of PolicyTLS of `kind`: TLS 1.2 at least, the chain verified against `trust` (the
+    system's when None; none for DANE, which reads the chain itself) with every error only noted."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)     # RFC 8996
+    context.set_options(SSL.OP_NO_COMPRESSION)             # CRIME (CVE-2012-4929)
+    if kind != "dane":
+        IOpenSSLTrustRoot(trust if trust is not None else ssl.platformTrust())._addCACertsToContext(context)
+    context.set_verify(SSL.VERIFY_PEER, _noting(_Seen()))
+    return context
+
+
 @implementer(IOpenSSLClientConnectionCreator, ITLSPeerCheck)
 class PolicyTLS:
     """STARTTLS options for one exchanger under one policy.  `kind`: "dane" (with `records`),
@@ -92,19 +104,16 @@ class PolicyTLS:
     `policy`: how replies name the policy ("the MTA-STS policy of example.net")."""
 
     def __init__(self, hostname: str, kind: str, *, trust: Any = None, records: Sequence[dane.TLSA] = (),
-                 enforce: bool = True, policy: str = ""):
+                 enforce: bool = True, policy: str = "", context: Optional[SSL.Context] = None):
         self.hostname = hostname.rstrip(".").strip("[]")
         self.kind = kind
         self.records = tuple(records)
         self.enforce = enforce
         self.policy = policy or {"dane": "DANE", "verify": 'tls = "verify"'}.get(kind, kind)
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)     # RFC 8996
-        context.set_options(SSL.OP_NO_COMPRESSION)             # CRIME (CVE-2012-4929)
-        if kind != "dane":
-            IOpenSSLTrustRoot(trust if trust is not None else ssl.platformTrust())._addCACertsToContext(context)
-        context.set_verify(SSL.VERIFY_PEER, _noting(_Seen()))
-        self._context = context
+        # `context`: one policy_context(kind, trust) shared by many exchangers (loading the system's
+        # trust costs tens of milliseconds); nothing in it names a host: SNI, the verify callback and
+        # the checks are per connection.
+        self._context = context if context is not None else policy_context(kind, trust)
         self._seen: "weakref.WeakKeyDictionary[SSL.Connection, _Seen]" = weakref.WeakKeyDictionary()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
@@ -155,11 +164,15 @@ class PolicyTLS:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class UnverifiedTLS:
-    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI."""
+    """Client TLS that encrypts without authenticating (RFC 7435 opportunistic security), with SNI.
+
+    Every instance shares one SSL context (unverified_context): it holds nothing of the exchanger —
+    the host name goes into each connection's SNI — and building one costs more than a whole
+    delivery on a reused connection."""
 
     def __init__(self, hostname: str):
         self._hostname = hostname
-        self._context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+        self._context = unverified_context()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -167,6 +180,17 @@ class UnverifiedTLS:
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
         connection.set_connect_state()
         return connection
+
+
+_UNVERIFIED_CONTEXT: list[SSL.Context] = []     # the one shared context, built on first use
+
+
+def unverified_context() -> SSL.Context:
+    """The SSL context of every UnverifiedTLS: TLS 1.2 at least, no certificate checked, no per-host
+    setting (the client never offers a session for resumption, so nothing of one host reaches another)."""
+    if not _UNVERIFIED_CONTEXT:
+        _UNVERIFIED_CONTEXT.append(ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext())
+    return _UNVERIFIED_CONTEXT[0]
 
 
 def _names(connection: SSL.Connection, hostname: str) -> bool:
