@@ -65,9 +65,9 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
     if clock is None:
         from twisted.internet import reactor as clock
     on_settled = report_once(on_settled)
-    idle = None
-    if pool is not None and key is not None:
-        idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
+    if pool is None or key is None:
+        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
+    idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
     if idle is None:
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
@@ -100,7 +100,8 @@ def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
 
     factory = _Factory(build)
 
-    def connected(_):
+    def connected(_: Any) -> defer.Deferred:
+        assert factory.client is not None       # the endpoint connected: buildProtocol has run
         return factory.client.finished
 
     def failed(reason: Failure):
