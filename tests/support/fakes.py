@@ -33,6 +33,10 @@ class FakeWriter:
     def data(self) -> bytes:
         return b"".join(self.chunks)
 
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
     def write(self, data: bytes) -> None:
         assert not (self.aborted or self.committed), "write after abort/commit"
         assert isinstance(data, bytes)
