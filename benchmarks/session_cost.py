@@ -329,6 +329,10 @@ def trace() -> list[tuple[str, int]]:
 @implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
     tls_started = False
+    tcp_no_delay = False
+
+    def setTcpNoDelay(self, enabled):      # ITCPTransport's, which ITLSTransport extends
+        self.tcp_no_delay = bool(enabled)
 
     def startTLS(self, context_factory, normal=True):
         self.tls_started = True

@@ -51,6 +51,8 @@ class IMessageWriter(Interface):
     """One message being received. Lines arrive already un-dot-stuffed and with CRLF line ends."""
 
     queue_id = Attribute("The queue id given to this message, known before the first byte is written.")
+    size = Attribute("The number of message octets written so far (int): once committed, the size as spooled, "
+                     "our Received header included — what the 250 reply, the log line and metrics report.")
 
     def write(data):
         """Append bytes of the message (headers and body). Memory use must not grow with message size."""

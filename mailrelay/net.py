@@ -1,23 +1,28 @@
 # -*- test-case-name: tests.test_net -*-
 """Socket settings and the write path shared by both ends of our SMTP connections (the server sessions
 and the client), and by the pipe to the delivery process."""
+from __future__ import annotations
+
 import os
 import socket
 
 from twisted.internet import abstract, process, tcp
+from twisted.internet.interfaces import ITCPTransport
 
 
-def no_delay(transport) -> None:
+def no_delay(transport: object) -> None:
     """Turn off Nagle's algorithm: SMTP is a lock-step dialogue of small writes (a command, then the end
-    of data), and Nagle holding a small write back until the peer's delayed ACK costs ~40 ms a message."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is None and hasattr(transport, "transport"):    # TLS wraps the TCP transport
-        set_no_delay = getattr(transport.transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:       # not a TCP socket (a test transport, a UNIX socket)
-            pass
+    of data), and Nagle holding a small write back until the peer's delayed ACK costs ~40 ms a message.
+
+    Any TCP connection provides Twisted's ITCPTransport, and so does each wrapper around one (TLS, the
+    PROXY header reader: ProtocolWrapper provides what the transport it wraps does, and passes calls
+    on); a UNIX socket, a pipe or a test transport does not and is left alone."""
+    if not ITCPTransport.providedBy(transport):
+        return
+    try:
+        transport.setTcpNoDelay(True)
+    except OSError:       # the socket is already closed
+        pass
 
 
 def write_now(transport, data: bytes) -> None:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_capabilities -*-
 """Optional capabilities are declared on interfaces (mailrelay.interfaces), not probed: the real next
 hops provide what they do, and the DKIM wrapper passes on exactly what the hop behind it has; every
-incoming queue and scheduler says whether it writes the "queued" log line (logs_queued)."""
+incoming queue and scheduler says whether it writes the "queued" log line (logs_queued), and every
+message writer how many octets it took (IMessageWriter.size)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,10 @@ from mailrelay.delivery.mx import MXDelivery
 from mailrelay.delivery.smarthost import SmarthostTransport
 from mailrelay.delivery.signing import DKIMHop
 from mailrelay.delivery.process import DeliveryProcess
-from mailrelay.interfaces import IBatchNextHop, IIncomingQueue, INextHop, IPooledNextHop, IScheduler, ISpoolControl
+from mailrelay.envelope import Envelope
+from mailrelay.interfaces import (
+    IBatchNextHop, IIncomingQueue, IMessageWriter, INextHop, IPooledNextHop, IScheduler, ISpoolControl,
+)
 from mailrelay.wiring import QueueFront
 from mailrelay.spool.store import Spool
 from tests.support.fakes import FakeQueue
@@ -77,6 +81,21 @@ class QueueCapabilities(unittest.TestCase):
             self.assertIs(queue.logs_queued, False)
         self.assertTrue(verifyObject(ISpoolControl, MemorySpool()))
         self.assertIs(MemorySpool().logs_queued, False)
+
+    @defer.inlineCallbacks
+    def test_every_writer_declares_the_octets_it_took(self):
+        spool = Spool(Path(self.mktemp()))
+        envelope = Envelope("app@example.org", ("a@example.net",), 0.0)
+        for queue in (spool, FakeQueue(), QueueFront(spool, _Scheduler(False))):
+            writer = queue.new_message(envelope)
+            self.assertTrue(verifyObject(IMessageWriter, writer))
+            self.assertEqual(writer.size, 0)
+            chunks = (b"Subject: size\r\n\r\n", b"body\r\n")
+            for chunk in chunks:
+                writer.write(chunk)
+            self.assertEqual(writer.size, len(b"".join(chunks)), queue)
+            yield writer.commit()
+            self.assertEqual(writer.size, len(b"".join(chunks)), queue)
 
     def test_the_front_passes_on_what_its_scheduler_declares(self):
         spool = Spool(Path(self.mktemp()))

@@ -1,16 +1,21 @@
-"""mailrelay.net.write_now over real loopback TCP connections: the direct send never reorders, never
-bypasses TLS, never starves a producer, and falls back to Twisted's buffer for whatever is left.
-close_now: the FIN right behind what was sent, and the ordinary close when anything is still buffered."""
+"""mailrelay.net over real loopback TCP connections: write_now's direct send never reorders, never
+bypasses TLS, never starves a producer, and falls back to Twisted's buffer for whatever is left; no_delay
+sets TCP_NODELAY on the socket, through TLS and other wrappers; close_now sends the FIN right behind what
+was sent, and closes as usual when anything is still buffered."""
 from __future__ import annotations
 
 import socket
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, ssl, tcp
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import deferLater
+from twisted.protocols import policies
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 
-from mailrelay.net import close_now, write_now
+from mailrelay.net import close_now, no_delay, write_now
+from mailrelay.tls import generate_self_signed
 
 
 class _Collect(protocol.Protocol):
@@ -199,3 +204,48 @@ class PipeTests(unittest.TestCase):
         self.assertEqual(stdin._tempDataBuffer, [b"two\n", b"three\n"])
         process.closeStdin()
         self.assertEqual((yield echo.ended), b"one\ntwo\nthree\n")
+
+
+class _Connected(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+class NoDelayTests(unittest.TestCase):
+    """no_delay finds the TCP socket by ITCPTransport, through the wrappers Twisted and we put around it."""
+
+    @defer.inlineCallbacks
+    def connected(self, wrap=lambda factory: factory):
+        factory = protocol.Factory.forProtocol(_Connected)
+        factory.connected = defer.Deferred()
+        port = reactor.listenTCP(0, wrap(factory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(sock.close)
+        server = yield factory.connected
+        self.addCleanup(server.transport.abortConnection)
+        return server.transport
+
+    @staticmethod
+    def nodelay(transport) -> int:
+        tcp_transport = transport
+        while not isinstance(tcp_transport, tcp.Connection):    # down through the wrappers to the socket
+            tcp_transport = tcp_transport.transport
+        return tcp_transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    @defer.inlineCallbacks
+    def test_a_tcp_connection_and_a_wrapped_one_get_tcp_nodelay(self):
+        cert_pem, key_pem = generate_self_signed("localhost")
+        options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        for wrap in (lambda f: f, policies.WrappingFactory, lambda f: TLSMemoryBIOFactory(options, False, f)):
+            transport = yield self.connected(wrap)
+            self.assertTrue(ITCPTransport.providedBy(transport), transport)
+            self.assertEqual(self.nodelay(transport), 0)
+            no_delay(transport)
+            self.assertNotEqual(self.nodelay(transport), 0, transport)
+
+    def test_a_transport_without_tcp_is_left_alone(self):
+        transport = StringTransport()
+        no_delay(transport)
+        self.assertFalse(ITCPTransport.providedBy(transport))
+        self.assertEqual(transport.value(), b"")

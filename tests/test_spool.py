@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IIncomingQueue, IMessageWriter, ISpool
@@ -67,7 +68,7 @@ class RoundTripTests(SpoolTestCase):
     def test_spool_provides_the_stage_interfaces(self) -> None:
         self.assertTrue(ISpool.providedBy(self.spool))
         self.assertTrue(IIncomingQueue.providedBy(self.spool))
-        self.assertTrue(IMessageWriter.providedBy(self.spool.new_message(make_envelope())))
+        self.assertTrue(verifyObject(IMessageWriter, self.spool.new_message(make_envelope())))
 
     @inlineCallbacks
     def test_binary_body_and_envelope_survive_commit_and_load(self):

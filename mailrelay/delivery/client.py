@@ -21,36 +21,34 @@ job k+1 is offered, so a kill -9 can duplicate at most the one message in flight
 
 Connection reuse: see delivery.connect.
 
-Built on twisted.mail.smtp.ESMTPClient for its line handling and timeout plumbing, with the states
-rewritten: Twisted's retry-on-4xx, transcript logging (it kept AUTH secrets), chunk-wise dot-stuffing,
-silent STARTTLS skipping and exception-based error reporting are all replaced here.
+Built on Twisted's LineReceiver (reply lines) and TimeoutMixin (the reply timer) alone.  Collaborators
+it owns: delivery.starttls.StartTLS (STARTTLS and the peer's judgement) and delivery.sasl.ClientLogin
+(AUTH) per connection, delivery.ledger.Ledger (every recipient's result) per session.  (It was built on
+twisted.mail.smtp.ESMTPClient, whose states had all been rewritten here: traced, only that class's
+__init__ still ran — benchmarks/client_trace.py.)
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import replace
 from typing import Any, Callable, Optional, cast
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IConsumer, IHandshakeListener, ISSLTransport, ITLSTransport
-from twisted.mail import smtp
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, ITLSTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery import sevenbit
 from mailrelay.delivery.dotstuff import StuffingProducer
 from mailrelay.delivery import offer
-from mailrelay.delivery.job import (
-    Job, OnSettled, SessionParams, temporary_status, valid_address,
-)
+from mailrelay.delivery.job import Job, OnSettled, SessionParams, valid_address
+from mailrelay.delivery.ledger import Ledger
 from mailrelay.delivery.pool import ConnectionPool, PoolKey
-from mailrelay.delivery.results import (
-    RecipientResult, SessionResult, from_reply, parse_reply, printable,
-)
+from mailrelay.delivery.results import SessionResult, from_reply, parse_reply, printable
 from mailrelay.delivery.sasl import ClientLogin, LoginFailed, PasswordLogin
-from mailrelay.delivery.starttls import StartTLSSteps
-from mailrelay.delivery.tlsinfo import Negotiated, stamped
+from mailrelay.delivery.starttls import StartTLS, TLSFailed
 from mailrelay.interfaces import ITLSVerification
 from mailrelay.logger import Logger
 from mailrelay.net import no_delay, write_now
@@ -67,30 +65,26 @@ Awaited = tuple[str, str, Any, Callable, Callable]
 
 
 @implementer(IHandshakeListener, ITLSVerification)
-class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
+class DeliveryClient(LineReceiver, TimeoutMixin):
     """One client connection.  Each `_on_*` method handles the reply to the command that preceded it.
     `tls_verified_by` (ITLSVerification) says what authenticated its TLS, once the handshake is done."""
 
-    debug = False          # Twisted's transcript (self.log) would hold AUTH lines: never keep one
     MAX_LENGTH = 4096      # reply lines are at most 512 octets (RFC 5321 4.5.3.1.5); be lenient, not unbounded
-    __setattr__ = object.__setattr__     # ESMTPClient's only warns about tlsMode, on every assignment
     transport: ITLSTransport     # a TCP connection (TLS, or able to start it); set before connectionMade
 
     def __init__(self, params: SessionParams, jobs: list[Job], clock: Any,
                  pool: Optional[ConnectionPool] = None, pool_key: Optional[PoolKey] = None,
                  on_settled: Optional[OnSettled] = None):
-        smtp.ESMTPClient.__init__(self, None, params.tls_options, params.helo)
         self.params = params
+        self.identity = params.helo.encode("ascii")      # what EHLO / HELO / LHLO name us
         self._clock = clock
         # TimeoutMixin's clock: its callLater attribute is the documented hook for replacing it.
         self.callLater = clock.callLater     # type: ignore[method-assign]
         self._pool, self._pool_key = pool, pool_key
         self._host = params.remote_host
         self._extensions: dict[bytes, bytes] = {}
-        self._tls_active = self._tls_pending = self._tls_failed = False
-        self._tls: Optional[Negotiated] = None      # what the handshake negotiated; None: plaintext
-        self._verdict = None           # the TLS policy's judgement of the peer (delivery.tlsverify), if any
-        self._starttls_missing = False
+        self._reply: list[bytes] = []      # the lines of a multi-line reply so far
+        self._tls = StartTLS(params.security, params.tls_options, self._host)
         self._greeted = False
         self._login = ClientLogin(params.login or (PasswordLogin(params.username, params.password or b"")
                                                    if params.username else None), self._host)
@@ -104,13 +98,10 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
 
     def _begin(self, jobs: list[Job], reused: bool, on_settled: Optional[OnSettled] = None) -> None:
         """The state of one session (a list of jobs) on this connection."""
-        self.jobs = list(jobs)
+        self._ledger = Ledger(jobs)      # every recipient's result so far, and the session's failure
         self._on_settled = on_settled
         self._reported: set[int] = set()
         self.finished: defer.Deferred = defer.Deferred()
-        self._results: list[list[Optional[RecipientResult]]] = [[None] * len(j.recipients) for j in self.jobs]
-        self._failure: Optional[tuple[int, str, str]] = None
-        self._failure_said = False       # _failure is the server's own 4xx reply (delivery.throttle)
         self._mail_answered = self._in_transaction = False
         self._job_index = -1
         self._rcpt_index = -1
@@ -120,32 +111,36 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._reused, self._heard_back = reused, False
         self.stale = False     # a reused connection that was dead before its first reply: try a fresh one
 
+    @property
+    def jobs(self) -> list[Job]:
+        """This session's jobs (a job's message is replaced by its converted form when one is sent)."""
+        return self._ledger.jobs
+
     # -- plumbing: connection, replies, timeouts ------------------------------------------------------
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self._connected_at = self._clock.seconds()
-        self._host = self._with_peer(self.params.remote_host)
-        # Trust the transport, not the setting: credentials must never follow a mis-wired plain socket.
-        self._tls_active = ISSLTransport.providedBy(self.transport) or isinstance(self.transport, TLSMemoryBIOProtocol)
-        self._tls_pending = self._tls_active      # implicit TLS: the handshake is under way
+        self._name_server(self.params.remote_host)
         self.setTimeout(self.params.timeouts.reply)
-        if self.params.security == "tls" and not self._tls_active:
-            return self._abort(421, "4.7.5", f"implicit TLS to {self._host} requested, but the connection is plain")
+        try:
+            self._tls.connected(self.transport)
+        except TLSFailed as e:
+            return self._abort(*e.failure)
         self._expect((220,), self._on_greeting, self._on_bad_greeting, "connect", "the greeting")
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        self._tls_pending = False     # bytes after a handshake began can only have come through TLS
+        self._tls.heard()
         # RFC 5321 4.2: "NNN SP text" ends a reply, "NNN-text" continues it; anything else is garbage.
         if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
             return self._abort(421, "4.5.0", f"malformed reply from {self._host}: {printable(line, 80)}")
-        self.resp.append(line[4:])
-        if len(self.resp) > MAX_REPLY_LINES:
+        self._reply.append(line[4:])
+        if len(self._reply) > MAX_REPLY_LINES:
             return self._abort(421, "4.5.0", f"over-long multi-line reply from {self._host}")
         if line[3:4] == b"-":
             return None
-        code, text, self.resp = int(line[:3]), b"\n".join(self.resp), []
+        code, text, self._reply = int(line[:3]), b"\n".join(self._reply), []
         if code >= 400:
             self._note_refusal(code, text)
         if not self._heard_back:
@@ -213,15 +208,11 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
 
     def _record_failure(self, code: int, text: bytes, context: str) -> None:
         self._fit_for_reuse = False
-        status, clean = parse_reply(code, text)
-        self._failure = (code if 400 <= code < 500 else 451, temporary_status(status),
-                         f"{self._host} said {code} {clean} (after {context})")
-        self._failure_said = 400 <= code < 500
+        self._ledger.fail_with_reply(code, text, context, self._host)
 
     def _abort(self, code: int, status: str, text: str) -> None:
         self._fit_for_reuse = False
-        if self._failure is None:
-            self._failure = (code, status, text)
+        self._ledger.fail(code, status, text)
         self.transport.abortConnection()
 
     def _quit(self) -> None:
@@ -242,38 +233,26 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if not self.finished.called:
             if self._reused and not self._heard_back:
                 self.stale = True
-            if self._failure is None:
-                self._failure = self._failure_from(reason)
+            if self._ledger.failure is None:
+                self._ledger.failure = self._failure_from(reason)
             self.finished.callback(self._session_result())
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
 
     def _session_result(self) -> SessionResult:
-        """Every job's results; a recipient not settled by a reply gets the session's failure."""
-        code, status, text = self._failure or (451, "4.3.0", "no reply for this recipient")
-        jobs = tuple(
-            tuple(stamped((r or RecipientResult(rcpt, code, status, text, self._host,
-                                                remote_reply=self._failure_said)
-                           for rcpt, r in zip(j.recipients, res)), self._tls))
-            for j, res in zip(self.jobs, self._results)
-        )
-        tls = self._tls.name if self._tls is not None else None
-        return SessionResult(jobs, tls, self._tls_failed, before_mail=not self._mail_answered,
-                             tls_verdict=self._verdict, starttls_missing=self._starttls_missing, reused=self._reused)
+        return self._ledger.session_result(self._host, self._tls, not self._mail_answered, self._reused)
 
     def _failure_from(self, reason: Failure) -> tuple[int, str, str]:
         why = printable(str(reason.value).encode("utf-8", "replace"), 200)
-        if self._tls_pending:
-            # The handshake (certificate or host name check included) did not complete: RFC 3207 says
-            # nothing was agreed; an opportunistic caller may retry in plaintext, a required one may not.
-            self._tls_failed = True
-            return 421, "4.7.5", f"TLS handshake with {self._host} failed: {why}"
+        during_handshake = self._tls.lost(why)
+        if during_handshake is not None:
+            return during_handshake
         if not self._greeted:
             return 421, "4.4.2", f"connection to {self._host} lost before the greeting: {why}"
         return 421, "4.4.2", f"connection to {self._host} lost while waiting for {self._waiting_for}"
 
-    # -- session set-up: greeting, EHLO, STARTTLS, AUTH ----------------------------------------------
+    # -- session set-up: greeting, EHLO, STARTTLS (delivery.starttls), AUTH (delivery.sasl) ----------
 
     def _on_greeting(self, code: int, text: bytes) -> None:
         self._greeted = True
@@ -299,20 +278,52 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._next_job()
 
     def _on_ehlo(self, code: int, text: bytes) -> None:
-        self._extensions = {}
-        for line in text.split(b"\n")[1:]:
-            keyword, _, value = line.strip().partition(b" ")
-            self._extensions[keyword.upper()] = value.strip()
+        self._extensions = offer.ehlo_extensions(text)
         self._maybe_starttls()
+
+    def _maybe_starttls(self) -> None:
+        try:
+            if self._tls.wanted(self._extensions):
+                return self._send(b"STARTTLS", "STARTTLS", (220,), self._on_starttls, self._on_starttls_refused)
+        except TLSFailed as e:
+            self._ledger.failure = e.failure
+            return self._quit()
+        self._maybe_auth()
+
+    def _on_starttls_refused(self, code: int, text: bytes) -> None:
+        if self._tls.refusal_ends_session(code):
+            return self._fail_from_reply(code, text, "STARTTLS")
+        self._maybe_auth()
+
+    def _on_starttls(self, code: int, text: bytes) -> None:
+        # CVE-2011-0411 class: plaintext the server pipelined behind its 220 must not be read as if it came
+        # through TLS; and RFC 3207 4.2: forget everything learned before TLS, EHLO again.
+        self.clearLineBuffer()
+        self._extensions = {}
+        try:
+            self._tls.start(self.transport)
+        except TLSFailed as e:
+            return self._abort(*e.failure)
+        self._ehlo()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done (implicit TLS, or after STARTTLS)."""
+        try:
+            self._tls.handshake_completed(self.transport)
+        except TLSFailed as e:
+            self._abort(*e.failure)
+
+    @property
+    def tls_verified_by(self) -> Optional[str]:
+        return self._tls.tls_verified_by
 
     def _maybe_auth(self) -> None:
         if not self._login.wanted:
             return self._next_job()
-        self._login.host = self._host          # with the peer's address, once connected
         try:
-            command = self._login.begin(self._extensions.get(b"AUTH", b""), self._tls_active)
+            command = self._login.begin(self._extensions.get(b"AUTH", b""), self._tls.active)
         except LoginFailed as e:
-            self._failure = e.failure
+            self._ledger.failure = e.failure
             return self._quit()
         self._send(command, "AUTH", (235, 334), self._on_auth_step, self._on_auth_refused)
 
@@ -342,10 +353,11 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if self._job_index >= len(self.jobs):
             return self._end_session()
         job = self.jobs[self._job_index]
-        refusal = self._refusal(job)
+        refusal = offer.refusal(job, self._extensions, self._host, self._tls.protection, self.params.after_tls_failure)
         if refusal is not None:
             # RFC 8689 4.2.1: a server unfit for REQUIRETLS says nothing of the domain's other servers.
-            self._settle_job(*refusal, next_host=refusal[1] in offer.REQUIRETLS_STATUSES)
+            self._ledger.settle_rest(self._job_index, self._host, *refusal,
+                                     next_host=refusal[1] in offer.REQUIRETLS_STATUSES)
             return self._next_job()
         if sevenbit.needs_downgrade(job.message, ext := self._extensions):   # RFC 6152 3; RFC 5322 2.1.1: 998
             return self._pause(sevenbit.downgrade(job.message, self._host, ext), self._downgraded, "converting")
@@ -354,7 +366,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     def _downgraded(self, outcome: Any) -> None:
         """The job's message converted for the hop, or the (code, status, text) that settles it (sevenbit.py)."""
         if isinstance(outcome, tuple):
-            self._settle_job(*outcome)
+            self._ledger.settle_rest(self._job_index, self._host, *outcome)
             return self._next_job()
         job = self.jobs[self._job_index] = Job(outcome, self.jobs[self._job_index].recipients)
         self._start_transaction(job)
@@ -364,14 +376,14 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         or, to a server that offers PIPELINING, all in one write with the replies matched in order
         (RFC 2920 3.1: DATA ends the group; Postfix's smtp client does the same)."""
         self._mail_refused = False
-        valid = self._settle_invalid(job)
+        valid = self._ledger.settle_invalid(self._job_index, self._host)
         self._pipelined = b"PIPELINING" in self._extensions and bool(valid)
         if not self._pipelined:
-            return self._send(self._mail_command(job), "MAIL FROM", range(200, 300), self._on_mail,
+            return self._send(offer.mail_command(job, self._extensions), "MAIL FROM", range(200, 300), self._on_mail,
                               self._on_mail_refused)
         self._rcpt_index, self._accepted = len(job.recipients), []
         self._expect(range(200, 300), self._on_mail, self._on_mail_refused, "MAIL FROM")
-        lines = [self._mail_command(job)]
+        lines = [offer.mail_command(job, self._extensions)]
         for i in valid:
             lines.append(offer.rcpt_command(job, job.recipients[i], self._extensions))
             on_reply = self._pipelined_rcpt(i)
@@ -383,17 +395,6 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._awaiting.append(("DATA", "the reply to DATA", (354,), self._on_pipelined_354 if lines else
                                self._on_data, self._on_data_refused))
         write_now(self.transport, self.delimiter.join([*lines, b"DATA"]) + self.delimiter)
-
-    def _settle_invalid(self, job: Job) -> list[int]:
-        """Recipients whose address could inject a command line are refused here, never sent; returns
-        the indexes of the others."""
-        results, valid = self._results[self._job_index], []
-        for i, rcpt in enumerate(job.recipients):
-            if valid_address(rcpt):
-                valid.append(i)
-            else:
-                results[i] = RecipientResult(rcpt, 553, "5.1.3", "invalid address syntax", self._host)
-        return valid
 
     def _pipelined_rcpt(self, index: int) -> Callable:
         def on_reply(code: int, text: bytes) -> None:
@@ -417,9 +418,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if self._on_settled is None or index < 0 or index in self._reported:
             return False
         self._reported.add(index)
-        results = [r or RecipientResult(rcpt, 451, "4.3.0", "no reply for this recipient", self._host)
-                   for rcpt, r in zip(self.jobs[index].recipients, self._results[index])]
-        d = defer.maybeDeferred(self._on_settled, index, stamped(results, self._tls))
+        d = defer.maybeDeferred(self._on_settled, index, self._ledger.job_results(index, self._host, self._tls))
         d.addErrback(lambda f: log.failure("recording a settled job failed", f))
         self._pause(d, lambda _: self._next_job(), "recording")
         return True
@@ -441,21 +440,6 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         self._record_failure(code, text, "the end of a transaction")
         self._close()
 
-    def _refusal(self, job: Job) -> Optional[tuple[int, str, str]]:
-        tls = self._tls if self._tls_active else None
-        return offer.refusal(job, self._extensions, self._host, tls, self.params.after_tls_failure)
-
-    def _mail_command(self, job: Job) -> bytes:
-        return offer.mail_command(job, self._extensions)
-
-    def _settle_job(self, code: int, status: str, text: str, sender_refused: bool = False,
-                    remote_reply: bool = False, next_host: bool = False) -> None:
-        results = self._results[self._job_index]
-        for i, rcpt in enumerate(self.jobs[self._job_index].recipients):
-            if results[i] is None:
-                results[i] = RecipientResult(rcpt, code, status, text, self._host, sender_refused=sender_refused,
-                                             remote_reply=remote_reply, next_host=next_host)
-
     def _on_mail_refused(self, code: int, text: bytes) -> None:
         self._mail_answered = True
         if 400 <= code < 500:
@@ -463,8 +447,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if not 400 <= code < 600:
             return self._on_unexpected(code, text)
         result = from_reply("", code, text, self._host)
-        self._settle_job(result.code, result.status, result.text, sender_refused=True,    # the sender's fate
-                         remote_reply=result.remote_reply)
+        self._ledger.settle_rest(self._job_index, self._host, result.code, result.status, result.text,
+                                 sender_refused=True, remote_reply=result.remote_reply)     # the sender's fate
         if code == 421:
             return self._closing(code, text)
         if self._pipelined:
@@ -483,7 +467,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         recipients = self.jobs[self._job_index].recipients
         self._rcpt_index += 1
         while self._rcpt_index < len(recipients) and not valid_address(recipients[self._rcpt_index]):
-            self._rcpt_index += 1            # settled by _settle_invalid
+            self._rcpt_index += 1            # settled by Ledger.settle_invalid
         if self._rcpt_index < len(recipients):
             job = self.jobs[self._job_index]
             return self._send(offer.rcpt_command(job, recipients[self._rcpt_index], self._extensions), "RCPT TO",
@@ -501,20 +485,15 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         if 200 <= code < 300:
             self._accepted.append(index)
             return True
-        rcpt = self.jobs[self._job_index].recipients[index]
-        self._results[self._job_index][index] = from_reply(rcpt, code, text, self._host)
+        self._ledger.settle_reply(self._job_index, index, code, text, self._host)
         if code == 421:
             self._closing(code, text)
             return False
         return True
 
     def _settle_accepted(self, code: int, text: bytes) -> None:
-        recipients, results = self.jobs[self._job_index].recipients, self._results[self._job_index]
-        # RFC 3461 6.2.1: a server that offers DSN got the requests and reports on its own from now on.
-        dsn = b"DSN" in self._extensions
-        for i in self._accepted:
-            result = from_reply(recipients[i], code, text, self._host)
-            results[i] = replace(result, dsn_passed=True) if dsn and result.delivered else result
+        self._ledger.settle_accepted(self._job_index, self._accepted, code, text, self._host,
+                                     b"DSN" in self._extensions)
 
     def _on_data_refused(self, code: int, text: bytes) -> None:
         if not 400 <= code < 600:
@@ -560,8 +539,8 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
     def _end_session(self) -> None:
         """Every job is settled.  A clean connection waits in the pool for the next batch (Postfix's
         connection cache); anything else, or a full pool, ends with QUIT as before."""
-        if (self._pool is None or self._pool_key is None or not self._fit_for_reuse or self._failure is not None
-                or self._tls_failed):
+        if (self._pool is None or self._pool_key is None or not self._fit_for_reuse or self._ledger.failure is not None
+                or self._tls.failed):
             return self._quit()
         if not self._pool.park(self._pool_key, self):
             return self._quit()
@@ -582,10 +561,13 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         """Seconds since the connection was made."""
         return 0.0 if self._connected_at is None else self._clock.seconds() - self._connected_at
 
-    def _with_peer(self, name: str) -> str:
-        """How results name the server: "mx.example[192.0.2.1]", or the name alone when it is the address."""
-        peer = getattr(self.transport.getPeer(), "host", None)
-        return f"{name}[{peer}]" if peer and peer != name else name
+    def _name_server(self, name: str) -> None:
+        """How results, AUTH and TLS messages name the server: "mx.example[192.0.2.1]", or the name alone
+        when it is the address or the peer has none (a UNIX socket's IAddress)."""
+        peer = self.transport.getPeer()
+        address = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else None
+        self._host = f"{name}[{address}]" if address and address != name else name
+        self._login.host = self._tls.host = self._host
 
     def reuse(self, jobs: list[Job], on_settled: Optional[OnSettled] = None,
               remote_host: Optional[str] = None) -> defer.Deferred:
@@ -596,7 +578,7 @@ class DeliveryClient(StartTLSSteps, smtp.ESMTPClient):
         for another exchanger name at the same address)."""
         self._parked = False
         if remote_host is not None:
-            self._host = self._with_peer(remote_host)
+            self._name_server(remote_host)
         self._begin(jobs, reused=True, on_settled=on_settled)
         self.setTimeout(self.params.timeouts.reply)
         self._next_job()

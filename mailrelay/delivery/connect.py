@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
 from mailrelay.delivery.chunking import ChunkingClient
@@ -65,9 +66,9 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
     if clock is None:
         from twisted.internet import reactor as clock
     on_settled = report_once(on_settled)
-    idle = None
-    if pool is not None and key is not None:
-        idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
+    if pool is None or key is None:
+        return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
+    idle = pool.take_any(key.keys()) if isinstance(key, ByAddress) else pool.take(key)
     if idle is None:
         return _connect(endpoint, params, jobs, clock, pool, key, on_settled)
 
@@ -80,13 +81,14 @@ def deliver_over(endpoint: Any, params: SessionParams, jobs: list[Job], clock: A
     return idle.reuse(jobs, on_settled, params.remote_host).addCallback(fresh_if_stale)
 
 
-def _key_at(key: Optional[PoolKey | ByAddress], addr: Any) -> Optional[PoolKey]:
+def _key_at(key: Optional[PoolKey | ByAddress], addr: object) -> Optional[PoolKey]:
     """The key a new connection is parked under: `key`, or for ByAddress the peer's address's (None,
     so never parked, if the transport has no IP address)."""
     if not isinstance(key, ByAddress):
         return key
-    host = getattr(addr, "host", None)
-    return key.at(host) if host else None
+    if not isinstance(addr, (IPv4Address, IPv6Address)):      # a UNIX socket's IAddress has no host
+        return None
+    return key.at(addr.host)
 
 
 def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
@@ -100,7 +102,8 @@ def _connect(endpoint: Any, params: SessionParams, jobs: list[Job], clock: Any,
 
     factory = _Factory(build)
 
-    def connected(_):
+    def connected(_: Any) -> defer.Deferred:
+        assert factory.client is not None       # the endpoint connected: buildProtocol has run
         return factory.client.finished
 
     def failed(reason: Failure):

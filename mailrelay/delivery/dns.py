@@ -243,7 +243,8 @@ def _as_value(record):
 def _addresses(resolver, name: str, budget: _Budget) -> tuple[tuple[str, ...], bool, bool]:
     """A then AAAA addresses of `name`, whether a lookup failed temporarily, and whether every answer
     was authenticated (RFC 7672 2.2.2: the address records too must be secure for DANE)."""
-    found, failed, secure = [], False, True
+    found: list[str] = []
+    failed, secure = False, True
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         try:
             records, authenticated = _lookup_secure(resolver, name, rdtype, budget)

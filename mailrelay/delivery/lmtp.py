@@ -51,7 +51,7 @@ class LMTPClient(ChunkingClient):
         if result.delivered:
             # RFC 2033 4.2: this reply is the mailbox's own: delivered, not relayed (RFC 3464 2.3.3).
             result = replace(result, final=True)
-        self._results[self._job_index][index] = result
+        self._ledger.settle(self._job_index, index, result)
         if code == 421:
             self._unanswered = None
             return self._closing(code, text)      # the ones not answered get the session's failure

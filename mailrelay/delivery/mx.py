@@ -141,7 +141,7 @@ class MXDelivery:
 
         def local_error(failure):
             log.failure("{queue_id}: direct delivery failed locally", failure,
-                        queue_id=",".join(_queue_id(job.message) for job in jobs))
+                        queue_id=_queue_ids(jobs))
             return [list(settle_all(job.recipients, 451, "4.3.0", "local error in direct delivery"))
                     for job in jobs]
 
@@ -177,7 +177,8 @@ class MXDelivery:
         families alternating); only our source address's family when one is set; MAX_ADDRESSES in all.
         An exchanger its TLS policy refuses comes with no address (it is not tried)."""
         family = _family(self.delivery.source_address) if self.delivery.source_address else None
-        left, candidates = MAX_ADDRESSES, []
+        left = MAX_ADDRESSES
+        candidates: list[tuple[HostPlan, list[str]]] = []
         for plan in plans:
             if plan.refusal is not None:
                 candidates.append((plan, []))
@@ -237,13 +238,14 @@ class MXDelivery:
                     if unsettled:
                         # remote_host names the address that answered ("mx[192.0.2.1]") when one did.
                         log.info("{queue_id}: {where}: {count} recipient(s) not settled: {reply}",
-                                 queue_id=_queue_id(jobs[i].message), where=unsettled[0].remote_host or host.name,
+                                 queue_id=jobs[i].message.queue_id, where=unsettled[0].remote_host or host.name,
                                  count=len(unsettled),
                                  reply=f"{unsettled[0].code} {unsettled[0].status} {unsettled[0].text}")
         if refused and refused == len(plans):
             # Said in the recipients' state (queue list/show) and the log: nothing was even tried.
-            domain = plans[0].policy_domain
-            why = f"mail waits: the TLS policy refuses every MX host of {domain}: {plans[-1].refusal.text}"
+            domain, refusal = plans[0].policy_domain, plans[-1].refusal
+            assert refusal is not None          # every plan was refused
+            why = f"mail waits: the TLS policy refuses every MX host of {domain}: {refusal.text}"
             log.info("{queue_id}: {domain}: {why}", queue_id=_queue_ids(jobs), domain=domain, why=why)
             return [list(settle_all(job.recipients, 451, "4.7.5", why)) for job in jobs]
         return [[final[i].get(r) or last[i].get(r) or _unreachable(r, hosts) for r in job.recipients]
@@ -387,9 +389,5 @@ def _unreachable(recipient: str, hosts: list[MXHost]) -> RecipientResult:
     return RecipientResult(recipient, 451, "4.4.1", f"no usable address for any mail exchanger ({names})", "")
 
 
-def _queue_id(message) -> str:
-    return getattr(message, "queue_id", "?")
-
-
 def _queue_ids(jobs: list[Job]) -> str:
-    return ",".join(_queue_id(job.message) for job in jobs)
+    return ",".join(job.message.queue_id for job in jobs)      # ISpooledMessage.queue_id

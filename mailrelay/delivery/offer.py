@@ -12,6 +12,8 @@ RFC 3461 (RET, ENVID, NOTIFY, ORCPT passed on, xtext-encoded, to a server that o
 without, nothing: the scheduler then answers NOTIFY=SUCCESS itself with a "relayed" DSN, 6.2.1) and RFC
 8689 (REQUIRETLS: a message that needs it goes only over verified TLS to a server offering it, 4.2.1).
 
+`ehlo_extensions` reads the EHLO reply those checks and commands go by.
+
 What needs SMTPUTF8 (RFC 6531 3.2): a UTF-8 local part in the sender or one of the job's recipients, a
 header block of UTF-8 (RFC 6532) in a message its client declared SMTPUTF8 for, or a U-label domain in
 an address.  To a server without SMTPUTF8 only the last can go: a domain's A-label form is the same
@@ -24,6 +26,16 @@ from typing import Optional
 
 from mailrelay import dsnparams, idn
 from mailrelay.delivery.job import Job, valid_address
+
+
+def ehlo_extensions(ehlo_reply: bytes) -> dict[bytes, bytes]:
+    """The server's EHLO keywords (upper case) and their parameters, from the reply's lines after the
+    first (RFC 5321 4.1.1.1: "250-domain", then one "250-KEYWORD params" line per extension)."""
+    offered = {}
+    for line in ehlo_reply.split(b"\n")[1:]:
+        keyword, _, value = line.strip().partition(b" ")
+        offered[keyword.upper()] = value.strip()
+    return offered
 
 
 def _addresses(job: Job) -> tuple[str, ...]:

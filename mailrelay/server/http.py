@@ -237,7 +237,7 @@ class Submission:
             _log.info("{queue_id}: removed {count} Authentication-Results field(s) claiming to be ours "
                       "(forged, from {ip})", queue_id=writer.queue_id, count=removed, ip=self.client.address)
         d = defer.maybeDeferred(writer.commit)
-        return d.addCallback(lambda queue_id: (queue_id, envelope, getattr(writer, "size", len(self.octets))))
+        return d.addCallback(lambda queue_id: (queue_id, envelope, writer.size))      # IMessageWriter.size
 
     def _smtputf8(self) -> bool:
         """RFC 6531/6532: a UTF-8 address, or a header block that is UTF-8 text, makes an SMTPUTF8 message

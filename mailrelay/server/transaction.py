@@ -379,7 +379,7 @@ class TransactionHandler:
             return
         self._channel.hold()
         d = defer.maybeDeferred(writer.commit)
-        size = getattr(writer, "size", reader.size)       # as spooled (with our Received header)
+        size = writer.size       # IMessageWriter.size: as spooled (with our Received header)
         d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, size))
         d.addErrback(self._unexpected)
 

@@ -30,10 +30,15 @@ def message(body: bytes = BODY, sender: str = "app@example.org", recipients=("a@
 
 
 class TLSStringTransport(StringTransport):
+    """Can start TLS; with implicit TLS it provides ISSLTransport, an ITCPTransport: hence setTcpNoDelay."""
     tls_started_with = None
+    tcp_no_delay = False
 
     def startTLS(self, options):
         self.tls_started_with = options
+
+    def setTcpNoDelay(self, enabled):
+        self.tcp_no_delay = bool(enabled)
 
 
 class Conversation:

@@ -33,6 +33,10 @@ class FakeWriter:
     def data(self) -> bytes:
         return b"".join(self.chunks)
 
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
     def write(self, data: bytes) -> None:
         assert not (self.aborted or self.committed), "write after abort/commit"
         assert isinstance(data, bytes)
@@ -156,10 +160,18 @@ def memory_portal(**users: str):
 @implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
     """A StringTransport that accepts startTLS: records the options and from then on provides
-    ISSLTransport. `tls_started_at` is the length of the output when TLS began."""
+    ISSLTransport. `tls_started_at` is the length of the output when TLS began.  As an ITCPTransport
+    (which ITLSTransport extends) it keeps the TCP_NODELAY setting it is given in `tcp_no_delay`."""
 
     tls_options = None
     tls_started_at: Optional[int] = None
+    tcp_no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.tcp_no_delay = bool(enabled)
+
+    def getTcpNoDelay(self):
+        return self.tcp_no_delay
 
     def startTLS(self, contextFactory, normal=True):
         self.tls_options = contextFactory
