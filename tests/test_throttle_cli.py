@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from mailrelay.cli import main as cli_main
-from mailrelay.cli.queue_format import QueueEntry, list_lines, paused_destinations, throttle_lines
+from mailrelay.cli.queue_format import QueueEntry, list_line, paused_destinations, paused_note, throttle_lines
 from mailrelay.delivery.shaping import write_status
 from mailrelay.delivery.state import MessageState
 from mailrelay.envelope import Envelope
@@ -56,9 +56,10 @@ class FormatTests(unittest.TestCase):
         entry = QueueEntry("Q1", envelope, 100, False, MessageState.fresh(envelope.recipients))
         paused = paused_destinations(STATUS, NOW)
         self.assertEqual(paused, {"gmail.test": NOW + 90})
-        line = list_lines([entry], NOW, paused)[0]
+        line = list_line(entry, NOW) + paused_note(entry, paused, NOW)
         self.assertTrue(line.endswith("  waiting: gmail.test paused 1m more"), line)
-        self.assertNotIn("waiting:", list_lines([entry], NOW + 100, paused)[0])     # the pause is over
+        later = NOW + 100                                                         # the pause is over
+        self.assertNotIn("waiting:", list_line(entry, later) + paused_note(entry, paused, later))
 
 
 class CommandTests(unittest.TestCase):

@@ -94,17 +94,6 @@ def truncate(text: str, width: int) -> str:
 
 # -- list -------------------------------------------------------------------------------------------
 
-def list_lines(entries: list[QueueEntry], now: float, paused: Optional[dict[str, float]] = None) -> list[str]:
-    """One line per message and a summary line; ["queue is empty"] for no messages.  `paused`: the
-    running relay's paused destinations (domain -> until); a message waiting for one says so."""
-    if not entries:
-        return ["queue is empty"]
-    lines = [list_line(entry, now) + paused_note(entry, paused or {}, now) for entry in entries]
-    arrivals = [e.envelope.received_at for e in entries if e.envelope is not None]
-    lines.append(summary_line(len(entries), sum(1 for e in entries if e.held), min(arrivals, default=None), now))
-    return lines
-
-
 def summary_line(count: int, held: int, oldest: Optional[float], now: float) -> str:
     """The last line of `queue list`: how many messages, how many held, how long the oldest has waited."""
     if not count:
