@@ -99,17 +99,12 @@ class SharedThrottle(service.Service):
             view = self._views[destination] = _View()
         if view.local_until > now:
             return ready
+        if not (view.grant is not None or view.pending or view.ask_after > now):
+            self._reserve(destination, rule, view)
         if view.grant is not None:
             return view.grant
-        if view.pending:
-            return now + self.link.timeout
-        if view.ask_after > now:
-            return view.ask_after
-        self._reserve(destination, rule, view)
         if view.pending:
             return now + self.link.timeout     # the answer comes within the bounded wait (on_ready)
-        if view.grant is not None:
-            return view.grant
         if view.ask_after > now:
             return view.ask_after
         return self.local.ready_at(destination, rule, now)   # answered at once: a pause, or Redis away
