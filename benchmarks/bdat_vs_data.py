@@ -178,7 +178,7 @@ def submit(port: int, messages: list[bytes], clients: int) -> None:
 def all_tried(spool_dir: Path, count: int) -> bool:
     """Every one of `count` queued messages has had its first (failed) attempt."""
     sys.path.insert(0, str(REPO))
-    from mailrelay.delivery.state import MessageState
+    from mailrelay.queue.state import MessageState
     from mailrelay.spool.store import Spool
     spool = Spool(spool_dir)
     ids = spool.queue_ids()

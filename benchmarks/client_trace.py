@@ -1,4 +1,4 @@
-"""Which of Twisted's own methods the outgoing SMTP client (mailrelay.delivery.client.DeliveryClient)
+"""Which of Twisted's own methods the outgoing SMTP client (mailrelay.outbound.client.DeliveryClient)
 still calls: what a Twisted base class does for it.
 
 Where it sits: outside the message's journey, driving its last SMTP stage (the delivery client) alone
@@ -34,8 +34,8 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 from zope.interface import directlyProvides, providedBy  # noqa: E402
 
-from mailrelay.delivery.client import DeliveryClient  # noqa: E402
-from mailrelay.delivery.job import Job, SessionParams, Timeouts  # noqa: E402
+from mailrelay.outbound.client import DeliveryClient  # noqa: E402
+from mailrelay.queue.job import Job, SessionParams, Timeouts  # noqa: E402
 from tests.support.conversation import message  # noqa: E402
 
 WATCHED = ("twisted/mail/smtp.py", "twisted/protocols/basic.py", "twisted/protocols/policies.py",

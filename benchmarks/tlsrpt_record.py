@@ -1,4 +1,4 @@
-"""The cost of recording one TLS outcome in the TLS report store (delivery.tlsrpt_store), as direct MX
+"""The cost of recording one TLS outcome in the TLS report store (outbound.tlsrpt_store), as direct MX
 delivery pays it once per new session: the in-memory count, and the journal append that follows
 (one per FLUSH_DELAY, however many sessions it carries), on the real reactor's clock.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.internet import task
 
-from mailrelay.delivery.tlsrpt_store import TLSReportStore
+from mailrelay.outbound.tlsrpt_store import TLSReportStore
 
 
 def main() -> None:

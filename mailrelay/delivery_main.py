@@ -2,14 +2,14 @@
 """The delivery process's entry point: `[delivery] process = "separate"` runs the scheduler and the next
 hops in this process, on the machine's second core, while the main process receives and spools.
 
-    python -m mailrelay.delivery_main --config tap.conf      (started by delivery.process, not by hand)
+    python -m mailrelay.delivery_main --config tap.conf      (started by queue.process, not by hand)
 
 It reads the config, asks for batch scheduling, sets up the log, has the composition root
-(mailrelay.wiring.delivery_worker) build the delivery.worker.DeliveryWorker, and reads the main
-process's orders (delivery.worker.Commands) on stdin until it closes. Log lines go to `[log] file` when
+(mailrelay.wiring.delivery_worker) build the queue.worker.DeliveryWorker, and reads the main
+process's orders (queue.worker.Commands) on stdin until it closes. Log lines go to `[log] file` when
 one is set, else to standard output as events, one JSON object a line, redacted
 (mailrelay.logrelay.PipeObserver), gathered for LOG_BATCH_DELAY: that is a pipe to the main process,
-which publishes them as events of its own log (delivery.process, mailrelay.logrelay). With
+which publishes them as events of its own log (queue.process, mailrelay.logrelay). With
 `--config-on-stdin` the config is the bytes the main process validated (its first line); the files
 only the receiving side reads ([tls], [auth]) are not opened here either.
 """
@@ -25,7 +25,7 @@ from typing import Optional
 from twisted.internet import stdio
 from twisted.logger import globalLogBeginner
 
-from mailrelay.delivery.worker import LOG_BATCH_DELAY, Commands, TickBufferedStream
+from mailrelay.queue.worker import LOG_BATCH_DELAY, Commands, TickBufferedStream
 from mailrelay.logrelay import PipeObserver
 
 

@@ -22,7 +22,7 @@ SMTPUTF8) is a multipart/report; report-type=global-delivery-status whose status
 message/global-delivery-status (8bit, §6.1), with `utf-8;` address types (§3) for UTF-8 addresses
 (`rfc822;` stays for ASCII ones); its returned header block is message/global-headers (§6.3) when it
 holds UTF-8.  Such a DSN is itself spooled with `smtputf8` set, so it travels only to a next hop that
-offers SMTPUTF8 (or with its domains as A-labels, delivery/offer.py).
+offers SMTPUTF8 (or with its domains as A-labels, outbound/offer.py).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Envelope:
     # so the spool can patch it in place at commit (spool/writer.py).
     octets: Optional[str] = None
     # Whether a line of the content is longer than 998 octets (RFC 5321 4.5.3.1.6), seen as it was
-    # spooled: such a message is re-encoded before it leaves (delivery/sevenbit.py).  None: not known (a
+    # spooled: such a message is re-encoded before it leaves (outbound/sevenbit.py).  None: not known (a
     # spool file from before the field existed, when such lines were refused at the door): taken as False.
     long_lines: Optional[bool] = None
     # The client declared SMTPUTF8 (RFC 6531 3.4: `MAIL FROM:<...> SMTPUTF8`; for the HTTP API and a DSN:

@@ -137,7 +137,7 @@ class IScheduler(Interface):
 
     logs_queued = Attribute(
         'True when the scheduler writes each enqueued message\'s "queued" log line itself (the delivery '
-        'process stand-in, delivery.process.DeliveryProcess); service.QueueFront passes it on.')
+        'process stand-in, queue.process.DeliveryProcess); service.QueueFront passes it on.')
 
     def enqueue(queue_id):
         """A message was committed to the spool: try it as soon as limits allow."""
@@ -149,7 +149,7 @@ class IScheduler(Interface):
 
 class ISpooledMessage(Interface):
     """A message as the delivery side reads it: the spool's own (spool.message.SpooledMessage), or a form of
-    one made on the way out (delivery.signing.PrefixedMessage, with header lines in front; delivery.sevenbit.
+    one made on the way out (outbound.signing.PrefixedMessage, with header lines in front; outbound.sevenbit.
     ConvertedMessage, re-encoded).  What INextHop.deliver is given."""
 
     queue_id = Attribute("The spool's id for the message (str); every log line about the message names it.")
@@ -166,10 +166,10 @@ class ISpooledMessage(Interface):
 class ISelfConvertingMessage(ISpooledMessage):
     """Optional: a message that makes its own form for a next hop that cannot take it as it is — DKIM's
     signed message, which is converted and then signed again, as a signature covers what is sent
-    (RFC 6376 5.3).  delivery.sevenbit.downgrade asks such a message instead of converting it."""
+    (RFC 6376 5.3).  outbound.sevenbit.downgrade asks such a message instead of converting it."""
 
     def seven_bit(needs):
-        """A Deferred firing with the message's form for a hop that takes `needs` (delivery.sevenbit.Needs),
+        """A Deferred firing with the message's form for a hop that takes `needs` (outbound.sevenbit.Needs),
         or failing with sevenbit.Unconvertible when it has none."""
 
 
@@ -185,7 +185,7 @@ class INextHop(Interface):
 
 
 class IRecipientResult(Interface):
-    """What a next hop answers for one recipient on one attempt (delivery.results.RecipientResult): the
+    """What a next hop answers for one recipient on one attempt (queue.results.RecipientResult): the
     scheduler reads every attribute here, none of them optional."""
 
     recipient = Attribute("The recipient address the result settles.")
@@ -193,7 +193,7 @@ class IRecipientResult(Interface):
     status = Attribute("The RFC 3463 enhanced status code, its class agreeing with `code`.")
     text = Attribute("The reply text, printable ASCII.")
     remote_host = Attribute('The host that answered, or "" when none did.')
-    tls = Attribute('What protected the session that gave it (delivery.tlsinfo: "none", "tls1.3", ...), '
+    tls = Attribute('What protected the session that gave it (outbound.tlsinfo: "none", "tls1.3", ...), '
                     "or None when no SMTP session said (a DNS failure, no connection).")
     tls_verified = Attribute("True when that TLS authenticated the server.")
     tls_verified_by = Attribute("ITLSVerification.tls_verified_by of that session, or None.")
@@ -216,7 +216,7 @@ class IBatchNextHop(INextHop):
     scheduler batches only hops that provide it and calls deliver() once per message otherwise."""
 
     def deliver_batch(jobs, on_settled=None):
-        """Send `jobs` (a list of delivery.job.Job: a spooled message and its recipients, all bound
+        """Send `jobs` (a list of queue.job.Job: a spooled message and its recipients, all bound
         for this one next hop) over one connection, one transaction per job, in order.
 
         `on_settled(index, results)`, when given, is called as soon as job `index` has its final
@@ -233,7 +233,7 @@ class IBatchNextHop(INextHop):
 
 
 class IPooledNextHop(INextHop):
-    """A next hop that keeps idle connections for reuse (delivery.pool). Optional: the relay closes them
+    """A next hop that keeps idle connections for reuse (outbound.pool). Optional: the relay closes them
     on stop, and when a reload replaces the hop, only for hops that provide it."""
 
     def close_idle():
@@ -334,7 +334,7 @@ class IThrottle(Interface):
 
     Every answer comes at once, from memory: an implementation shared between relays (a store such as
     Redis) keeps a local view, brings it up to date on its own, and falls back to it alone when the store
-    is unreachable.  The local one is mailrelay.delivery.throttle.LocalThrottle."""
+    is unreachable.  The local one is mailrelay.queue.throttle.LocalThrottle."""
 
     def ready_at(destination, rule, now):
         """When a new connection to `destination` may start: a time <= `now` for at once, a later time
@@ -365,18 +365,18 @@ class IThrottle(Interface):
 
 
 class IDNSLookup(Interface):
-    """A resolver that answers single questions with the AD bit kept (delivery.dns.MXResolver): what the
+    """A resolver that answers single questions with the AD bit kept (outbound.dns.MXResolver): what the
     TLS policies of direct delivery (MTA-STS TXT, DANE TLSA, the policy host's addresses) ask."""
 
     def lookup(name, rdtype):
         """Deferred[delivery.dns.Lookup]: the records of (name, "TXT" | "TLSA" | "A" | "AAAA"), whether
         the answer was authenticated, and whether the name exists; fails only with
-        delivery.dns.ResolutionFailed when the answer is unknown (SERVFAIL, timeout)."""
+        outbound.dns.ResolutionFailed when the answer is unknown (SERVFAIL, timeout)."""
 
 
 class ITLSVerification(Interface):
-    """What authenticated the TLS of one outgoing connection (delivery.client.DeliveryClient, and the
-    delivery.tlsinfo.Negotiated it records)."""
+    """What authenticated the TLS of one outgoing connection (outbound.client.DeliveryClient, and the
+    outbound.tlsinfo.Negotiated it records)."""
 
     tls_verified_by = Attribute(
         '"dane" (RFC 7672: a TLSA record matched), "mta-sts" (RFC 8461: the chain and the MX name checked '
@@ -386,10 +386,10 @@ class ITLSVerification(Interface):
 
 class ITLSPeerCheck(Interface):
     """Client TLS options (an IOpenSSLClientConnectionCreator) that judge the peer after the handshake,
-    before any mail is offered: DANE and MTA-STS (delivery.tlspolicy)."""
+    before any mail is offered: DANE and MTA-STS (outbound.tlspolicy)."""
 
     def check(connection):
-        """The delivery.tlspolicy.Verdict for the pyOpenSSL connection whose handshake just completed."""
+        """The outbound.tlspolicy.Verdict for the pyOpenSSL connection whose handshake just completed."""
 
     def without_starttls(host):
         """(status, text) for a server that offers no STARTTLS although this policy needs TLS."""

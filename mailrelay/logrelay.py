@@ -2,9 +2,9 @@
 """The delivery process's log events, carried up a pipe and published again in the main process.
 
 Where it sits: beside the journey. With `[delivery] process = "separate"` and no `[log] file`, the
-delivery process (mailrelay.delivery.worker) writes each of its events to its standard output as one
+delivery process (mailrelay.queue.worker) writes each of its events to its standard output as one
 JSON object on one line (`PipeObserver`, `event_line`), in batches. The main process
-(mailrelay.delivery.process) reads them back (`event_from_line`) and publishes them on its own
+(mailrelay.queue.process) reads them back (`event_from_line`) and publishes them on its own
 twisted.logger publisher (`publish_lines`): they are events there like its own, with their namespace,
 level, time, queue id and fields, written by the same observers (twistd's log file, `[log]` JSON on
 standard output, a daemonised twistd's log, syslog).

@@ -105,7 +105,7 @@ REFUSAL_REASONS = (
     "other",
 )
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
-# What protected the session that settled a recipient (delivery.tlsinfo.LABELS), or "unknown" when no
+# What protected the session that settled a recipient (outbound.tlsinfo.LABELS), or "unknown" when no
 # session said (a DNS failure, no connection, a local error).
 TLS_LABELS = ("none", "tls1.0", "tls1.1", "tls1.2", "tls1.3", "tls", "unknown")
 _TLS_VERSIONS = {"TLSv1": "tls1.0", "TLSv1.1": "tls1.1", "TLSv1.2": "tls1.2", "TLSv1.3": "tls1.3"}

@@ -157,10 +157,10 @@ def build_delivery_parts(config: Config, reactor: Any, previous: Optional[Delive
     `previous` is kept when it asks the same nameservers. `metrics` counts the smarthosts' OAuth2 token
     fetches and the TLS policy outcomes of direct delivery; `tls_reports` (an ITLSReportSink, default
     none) is told each of those outcomes. Raises ValueError (unreadable secrets, bad keys)."""
-    from mailrelay.delivery.dns import MXResolver
-    from mailrelay.delivery.mx import MXDelivery
-    from mailrelay.delivery.routes import Router
-    from mailrelay.delivery.smarthost import SmarthostTransport
+    from mailrelay.outbound.dns import MXResolver
+    from mailrelay.outbound.mx import MXDelivery
+    from mailrelay.queue.routes import Router
+    from mailrelay.outbound.smarthost import SmarthostTransport
 
     outbound = dkim_wrapper(config, reactor)
     resolver = previous.resolver if previous is not None else None
@@ -207,7 +207,7 @@ def build_scheduler(config: Config, spool: Any, parts: DeliveryParts, reactor: A
     `[queue] bounces = false`) — in the main process, or in the delivery process. `events`: the
     IDeliveryEvents told of every outcome (build_events), or None. `throttle`: the `[[throttle]]` state
     shared with other relays (cluster.wiring.shared_throttle), or None for the scheduler's own."""
-    from mailrelay.delivery.scheduler import STATUS_FILE, Scheduler
+    from mailrelay.queue.scheduler import STATUS_FILE, Scheduler
 
     reporter: Any = None
     if config.queue.bounces:
@@ -235,18 +235,18 @@ def tls_report_store(config: Config, reactor: Any) -> Any:
     """The TLS report store in the spool (RFC 8460), or None with `[delivery] tls_reports = false`."""
     if not config.delivery.tls_reports:
         return None
-    from mailrelay.delivery.tlsrpt_store import TLSReportStore, store_directory
+    from mailrelay.outbound.tlsrpt_store import TLSReportStore, store_directory
 
     return TLSReportStore(store_directory(config.spool), clock=reactor)
 
 
 def tls_report_service(config: Config, sink: Any, spool: Any, scheduler: Any, reactor: Any) -> Any:
-    """The daily TLS report run (delivery.tlsrpt_send) beside `scheduler`, in the process that
+    """The daily TLS report run (outbound.tlsrpt_send) beside `scheduler`, in the process that
     delivers; None without a store."""
     if sink is None:
         return None
-    from mailrelay.delivery.tlsrpt_send import TLSReportSender, TLSReportService, https_post, txt_lookup
-    from mailrelay.delivery.tlsverify import load_trust
+    from mailrelay.outbound.tlsrpt_send import TLSReportSender, TLSReportService, https_post, txt_lookup
+    from mailrelay.outbound.tlsverify import load_trust
 
     # `[delivery] ca_file` is the trust of delivery's HTTPS too (MTA-STS policy hosts, report endpoints).
     post = https_post(reactor, load_trust(config.delivery.ca_file) if config.delivery.ca_file else None)
@@ -280,7 +280,7 @@ def dkim_wrapper(config: Config, reactor: Any) -> Callable[[Any], Any]:
     signer, verifier = build_signer(config), build_verifier(config)
     if signer is None and verifier is None:
         return lambda hop: hop
-    from mailrelay.delivery.signing import DKIMHop
+    from mailrelay.outbound.signing import DKIMHop
 
     return lambda hop: DKIMHop(hop, signer=signer, verifier=verifier, reactor=reactor)
 
@@ -365,7 +365,7 @@ def receiving_process(config: Config, reactor: Any) -> ReceivingProcess:
     scheduler: Any
     if config.delivery.process == "separate":
         build_delivery_parts(config, reactor, metrics=metrics)      # built here too: a bad one stops the start
-        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.queue.process import DeliveryProcess
 
         scheduler = DeliveryProcess(config.path, reactor, spool=spool, log_text=log_service.relay,
                                     source=config.source)
@@ -438,11 +438,11 @@ def _http_factory(listener: Any, config: Config, parts: ReceivingParts, queue: Q
 
 
 def delivery_worker(config: Config, reactor: Any) -> Any:
-    """The delivery process's service for `config` (delivery.worker.DeliveryWorker): the spool (not its
+    """The delivery process's service for `config` (queue.worker.DeliveryWorker): the spool (not its
     owner), its own `[cluster]` link for the shared `[[throttle]]` state, the delivery side, and
     `[metrics] delivery_endpoint`. Raises ValueError (unreadable secrets, bad keys)."""
     from mailrelay.cluster import wiring as cluster
-    from mailrelay.delivery.worker import DeliveryWorker
+    from mailrelay.queue.worker import DeliveryWorker
     from mailrelay.metrics import Metrics, metrics_service
     from mailrelay.spool.store import Spool
 

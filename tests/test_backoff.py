@@ -5,7 +5,7 @@ import random
 
 from twisted.trial import unittest
 
-from mailrelay.delivery.backoff import DEFAULT_JITTER, Backoff
+from mailrelay.queue.backoff import DEFAULT_JITTER, Backoff
 
 
 class _Fixed:

@@ -14,10 +14,10 @@ from zope.interface.verify import verifyObject
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.smarthost import SmarthostTransport
-from mailrelay.delivery.signing import DKIMHop
-from mailrelay.delivery.process import DeliveryProcess
+from mailrelay.outbound.mx import MXDelivery
+from mailrelay.outbound.smarthost import SmarthostTransport
+from mailrelay.outbound.signing import DKIMHop
+from mailrelay.queue.process import DeliveryProcess
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import (
     IBatchNextHop, IIncomingQueue, IMessageWriter, INextHop, IPooledNextHop, IScheduler, ISpoolControl,

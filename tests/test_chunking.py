@@ -1,4 +1,4 @@
-"""Outgoing CHUNKING (RFC 3030): mailrelay.delivery.chunking.  The chunk reader's edges, the BDAT
+"""Outgoing CHUNKING (RFC 3030): mailrelay.outbound.chunking.  The chunk reader's edges, the BDAT
 conversation (pipelined with MAIL and RCPT, chunk windows, a refused chunk, LMTP's per-recipient replies
 after BDAT LAST), and deliveries to the real loopback sink offering CHUNKING, byte for byte, directly
 and through the relay.
@@ -10,11 +10,11 @@ import io
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailrelay.delivery import chunking
-from mailrelay.delivery.chunking import ChunkingClient, ChunkReader
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.lmtp import LMTPClient
-from mailrelay.delivery.smarthost import deliver_to_host
+from mailrelay.outbound import chunking
+from mailrelay.outbound.chunking import ChunkingClient, ChunkReader
+from mailrelay.queue.job import Job
+from mailrelay.outbound.lmtp import LMTPClient
+from mailrelay.outbound.smarthost import deliver_to_host
 from tests.support.conversation import Conversation, message
 from tests.support.relay import RelayFixture
 from tests.support.sink import DEFAULT_EXTENSIONS, Sink

@@ -24,8 +24,8 @@ from mailrelay.cli import main as cli_main
 from mailrelay.cli import queue as cli_queue
 from mailrelay.cli.queue_format import HEADER_CAP, human_duration, human_size, printable, relative_time
 from mailrelay.config import DeliveryConfig, QueueConfig
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import POLL_INTERVAL, Scheduler
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.scheduler import POLL_INTERVAL, Scheduler
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter
 from mailrelay.spool import Spool

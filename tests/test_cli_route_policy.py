@@ -11,9 +11,9 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailrelay.cli.main import main
-from mailrelay.delivery.dane import TLSA
-from mailrelay.delivery.mtasts import parse_policy
-from mailrelay.delivery.mtasts_cache import PolicyCache
+from mailrelay.outbound.dane import TLSA
+from mailrelay.outbound.mtasts import parse_policy
+from mailrelay.outbound.mtasts_cache import PolicyCache
 from tests.support.tlsworld import World, policy_text
 
 

@@ -1,4 +1,4 @@
-"""mailrelay.delivery.pool and the client's idle connections: batches that follow one another reuse one
+"""mailrelay.outbound.pool and the client's idle connections: batches that follow one another reuse one
 connection to the next hop.
 
 Three layers: the pool alone with stand-in clients over task.Clock (parking, bounds, expiry, close);
@@ -17,15 +17,15 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.client import DeliveryClient
-from mailrelay.delivery.connect import deliver_over
-from mailrelay.delivery.job import Job, SessionParams
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.routes import Router
-from mailrelay.delivery.scheduler import Scheduler
-from mailrelay.delivery.pool import IDLE_TIME, MAX_IDLE_PER_KEY, REUSE_TIME_LIMIT, ConnectionPool, PoolKey
-from mailrelay.delivery.smarthost import SmarthostTransport
+from mailrelay.outbound.client import DeliveryClient
+from mailrelay.outbound.connect import deliver_over
+from mailrelay.queue.job import Job, SessionParams
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.outbound.mx import MXDelivery
+from mailrelay.queue.routes import Router
+from mailrelay.queue.scheduler import Scheduler
+from mailrelay.outbound.pool import IDLE_TIME, MAX_IDLE_PER_KEY, REUSE_TIME_LIMIT, ConnectionPool, PoolKey
+from mailrelay.outbound.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.spool.store import Spool
 from tests.support.sink import Sink

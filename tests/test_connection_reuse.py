@@ -1,6 +1,6 @@
 """Connection reuse: messages waiting for the same next hop go over one connection.
 
-Three layers: the batching arithmetic (delivery.batch); the scheduler over task.Clock with scripted
+Three layers: the batching arithmetic (queue.batch); the scheduler over task.Clock with scripted
 hops (one slot per batch, per-message outcomes, fallbacks); and a real spool, a real smarthost
 transport and a real SMTP sink on loopback, where the sink's recorded sessions show how many
 connections carried the messages — including refusals in the middle of a batch and a connection
@@ -19,14 +19,14 @@ from zope.interface.verify import verifyObject
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.batch import MAX_BATCH, batch_size, can_batch, take_batch
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.routes import Router
-from mailrelay.delivery.scheduler import Scheduler
-from mailrelay.delivery.smarthost import SmarthostTransport
-from mailrelay.delivery.state import MessageState
-from mailrelay.delivery.signing import DKIMHop
+from mailrelay.queue.batch import MAX_BATCH, batch_size, can_batch, take_batch
+from mailrelay.queue.job import Job
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.routes import Router
+from mailrelay.queue.scheduler import Scheduler
+from mailrelay.outbound.smarthost import SmarthostTransport
+from mailrelay.queue.state import MessageState
+from mailrelay.outbound.signing import DKIMHop
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IBatchNextHop, ISpooledMessage
 from mailrelay.spool.store import Spool

@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
-from mailrelay.delivery.pool import UNAUTHENTICATED, ByAddress, ConnectionPool, PoolKey
+from mailrelay.outbound.pool import UNAUTHENTICATED, ByAddress, ConnectionPool, PoolKey
 from tests.support.sink import Sink
 from tests.support.tlsworld import World
 from tests.support.fakes import StandInClient

@@ -9,8 +9,8 @@ from cryptography import x509
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailrelay.delivery import dane
-from mailrelay.delivery.dane import TLSA
+from mailrelay.outbound import dane
+from mailrelay.outbound.dane import TLSA
 from tests.support.pki import TestCA
 from tests.support.tlsworld import World, record, sink_cert
 from tests.support.messages import message_to

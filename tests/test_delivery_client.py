@@ -1,4 +1,4 @@
-"""mailrelay.delivery.client and smarthost: the outgoing ESMTP client.
+"""mailrelay.outbound.client and smarthost: the outgoing ESMTP client.
 
 Two halves: conversations driven through a StringTransport with a task.Clock (each test reads as the
 exchange it checks), and end-to-end deliveries to the real loopback sink (tests.support.sink), with real
@@ -13,9 +13,9 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailrelay import config
-from mailrelay.delivery.dotstuff import CHUNK_SIZE, stuff_all
-from mailrelay.delivery.job import Job, Timeouts
-from mailrelay.delivery.smarthost import SmarthostTransport, deliver_to_host
+from mailrelay.outbound.dotstuff import CHUNK_SIZE, stuff_all
+from mailrelay.queue.job import Job, Timeouts
+from mailrelay.outbound.smarthost import SmarthostTransport, deliver_to_host
 from mailrelay.interfaces import INextHop
 from tests.support.conversation import FakeMessage
 from tests.support.esmtp import BODY, FAST, Certificates, Conversation, message

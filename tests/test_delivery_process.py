@@ -130,7 +130,7 @@ class TickBuffering(unittest.TestCase):
     def test_log_lines_of_one_turn_are_written_together_at_its_end(self):
         import io
 
-        from mailrelay.delivery.worker import TickBufferedStream
+        from mailrelay.queue.worker import TickBufferedStream
 
         clock, out = task.Clock(), io.StringIO()
         stream = TickBufferedStream(out, clock)
@@ -144,7 +144,7 @@ class TickBuffering(unittest.TestCase):
     def test_lines_for_the_main_process_wait_for_the_batch_delay(self):
         import io
 
-        from mailrelay.delivery.worker import LOG_BATCH_DELAY, TickBufferedStream
+        from mailrelay.queue.worker import LOG_BATCH_DELAY, TickBufferedStream
 
         clock, out = task.Clock(), io.StringIO()
         stream = TickBufferedStream(out, clock, LOG_BATCH_DELAY)
@@ -160,8 +160,8 @@ class EnqueueDescriptions(unittest.TestCase):
     def test_a_fresh_commit_travels_down_the_pipe_and_is_taken_without_reading_the_file(self):
         from pathlib import Path
 
-        from mailrelay.delivery.process import enqueue_line
-        from mailrelay.delivery.worker import Commands, DeliveryWorker
+        from mailrelay.queue.process import enqueue_line
+        from mailrelay.queue.worker import Commands, DeliveryWorker
         from mailrelay.envelope import Envelope
         from mailrelay.spool.message import SpooledMessage
         from mailrelay.spool.store import Spool
@@ -184,7 +184,7 @@ class EnqueueDescriptions(unittest.TestCase):
         self.assertEqual(spool.take_fresh(sent.queue_id), sent)
 
     def test_a_bare_id_is_enqueued_to_be_read_from_the_spool(self):
-        from mailrelay.delivery.process import enqueue_line
+        from mailrelay.queue.process import enqueue_line
 
         self.assertEqual(enqueue_line("0123456789ABCDEF"), "enqueue 0123456789ABCDEF\n")
 
@@ -198,7 +198,7 @@ class QueuedLines(unittest.TestCase):
 
         from twisted.logger import globalLogPublisher
 
-        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.queue.process import DeliveryProcess
         from mailrelay.envelope import Envelope
         from mailrelay.spool.message import SpooledMessage
         from mailrelay.spool.store import Spool
@@ -242,8 +242,8 @@ class QueuedLines(unittest.TestCase):
         self.assertEqual(line["log_namespace"], "mailrelay.delivery.process")
 
     def test_the_child_s_side_writes_it_from_the_description(self):
-        from mailrelay.delivery.process import enqueue_line
-        from mailrelay.delivery.worker import Commands, DeliveryWorker
+        from mailrelay.queue.process import enqueue_line
+        from mailrelay.queue.worker import Commands, DeliveryWorker
 
         spool = self.spool
 
@@ -348,7 +348,7 @@ class ChildLogLines(unittest.TestCase):
     def test_what_the_child_writes_to_standard_error_is_logged_as_a_warning(self):
         from twisted.logger import LogLevel, globalLogPublisher
 
-        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.queue.process import DeliveryProcess
 
         events = []
         globalLogPublisher.addObserver(events.append)
@@ -367,7 +367,7 @@ class ChildLogLines(unittest.TestCase):
 
 class ChildOutputSplitting(unittest.TestCase):
     def test_lines_are_whole_even_when_a_read_ends_inside_a_character(self):
-        from mailrelay.delivery.process import _ChildProtocol
+        from mailrelay.queue.process import _ChildProtocol
 
         class Owner:
             def __init__(self):
@@ -459,7 +459,7 @@ class MetricsOfBothProcesses(unittest.TestCase):
     def test_a_stuck_delivery_process_costs_a_scrape_its_delivery_families_not_the_scrape(self):
         import time
 
-        from mailrelay.delivery.process import METRICS_WAIT
+        from mailrelay.queue.process import METRICS_WAIT
 
         yield self.deliver_one()
         pid = self.child_pid()
@@ -487,7 +487,7 @@ class PipeOrders(unittest.TestCase):
     """What goes down the child's stdin for a flush and a metrics request, and how answers come back."""
 
     def setUp(self):
-        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.queue.process import DeliveryProcess
 
         self.clock = task.Clock()
         self.written: list[bytes] = []

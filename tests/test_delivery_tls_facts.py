@@ -18,8 +18,8 @@ from twisted.web.client import Agent, readBody
 
 from mailrelay import tls
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.mx import MXDelivery
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.outbound.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
 from tests.support.polling import until
 from tests.support.relay import RelayFixture, free_port
@@ -192,7 +192,7 @@ class MXTLSFactsTests(unittest.TestCase):
 
 class DescribeTests(unittest.TestCase):
     def test_log_text(self):
-        from mailrelay.delivery.tlsinfo import describe
+        from mailrelay.queue.results import describe_tls as describe
 
         self.assertEqual([describe("tls1.3", True), describe("tls1.2", False), describe("none", True),
                           describe(None, False)], ["tls1.3 verified", "tls1.2 unverified", "none", None])

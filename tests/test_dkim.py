@@ -18,10 +18,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.cli.main import main as cli_main
-from mailrelay.delivery.results import RecipientResult
+from mailrelay.queue.results import RecipientResult
 from mailrelay.dkim import keys
 from mailrelay.dkim.bodyhash import BodyHasher
-from mailrelay.delivery.signing import DKIMHop
+from mailrelay.outbound.signing import DKIMHop
 from mailrelay.dkim.permission import may_sign
 from mailrelay.dkim.signer import Signer
 from mailrelay.dkim.verifier import Verifier, make_resolver, txt_lookup

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailrelay.config import ConfigError, load
-from mailrelay.delivery.dns import (
+from mailrelay.outbound.dns import (
     MAX_NEGATIVE_TTL, MAX_TTL, AnswerCache, MXHost, MXResolver, ResolutionFailed, make_resolver,
 )
 from mailrelay.metrics import Metrics

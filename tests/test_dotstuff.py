@@ -1,4 +1,4 @@
-"""mailrelay.delivery.dotstuff: stateful dot-stuffing, whatever the chunk boundaries (RFC 5321 4.5.2)."""
+"""mailrelay.outbound.dotstuff: stateful dot-stuffing, whatever the chunk boundaries (RFC 5321 4.5.2)."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from mailrelay.delivery.dotstuff import CHUNK_SIZE, DotStuffer, StuffingProducer, stuff_all
+from mailrelay.outbound.dotstuff import CHUNK_SIZE, DotStuffer, StuffingProducer, stuff_all
 
 TWISTED_CHUNK = 16 * 1024    # the size Twisted's FileSender stuffs independently
 

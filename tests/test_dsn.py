@@ -8,7 +8,7 @@ import email.policy
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mailrelay.delivery.results import RecipientResult
+from mailrelay.queue.results import RecipientResult
 from mailrelay.dsn import MAX_HEADER_BYTES, MAX_RETURN_BYTES, DSNReporter, read_headers
 from mailrelay.dkim.permission import may_sign
 from mailrelay.envelope import Envelope

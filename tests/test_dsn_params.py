@@ -1,6 +1,6 @@
 """DSN (RFC 3461) and REQUIRETLS (RFC 8689) parameters: xtext, the MAIL/RCPT parameter parser, what a
 server session offers, refuses and keeps in the envelope (StringTransport and task.Clock), what the
-delivery side passes on (delivery.offer), and how the spool keeps it (old files, unknown fields)."""
+delivery side passes on (outbound.offer), and how the spool keeps it (old files, unknown fields)."""
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
@@ -11,10 +11,10 @@ from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay import config, dsnparams
-from mailrelay.delivery import offer
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.state import DELIVERED, MessageState, RecipientState
-from mailrelay.delivery.tlsinfo import Negotiated
+from mailrelay.outbound import offer
+from mailrelay.queue.job import Job
+from mailrelay.queue.state import DELIVERED, MessageState, RecipientState
+from mailrelay.outbound.tlsinfo import Negotiated
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpooledMessage
 from mailrelay.server import addresses

@@ -19,12 +19,12 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import DeliveryConfig, QueueConfig, Route
-from mailrelay.delivery.job import Job, report_once
-from mailrelay.delivery.dns import MXHost
-from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.routes import Router
-from mailrelay.delivery.scheduler import Scheduler
-from mailrelay.delivery.smarthost import SmarthostTransport
+from mailrelay.queue.job import Job, report_once
+from mailrelay.outbound.dns import MXHost
+from mailrelay.outbound.mx import MXDelivery
+from mailrelay.queue.routes import Router
+from mailrelay.queue.scheduler import Scheduler
+from mailrelay.outbound.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.spool.store import Spool
 from tests.support.relay import RelayFixture, free_port

@@ -1,4 +1,4 @@
-"""Happy eyeballs (RFC 8305), the algorithm alone: delivery.eyeballs over scripted endpoints on a task.Clock.
+"""Happy eyeballs (RFC 8305), the algorithm alone: outbound.eyeballs over scripted endpoints on a task.Clock.
 
 Each fake endpoint records when it was asked to connect and hands back a Deferred the test settles:
 `succeed()` builds the protocol through the factory it was given (as a TCP connection does, in the same
@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.internet import defer, error, protocol, task
 from twisted.trial import unittest
 
-from mailrelay.delivery.eyeballs import (
+from mailrelay.outbound.eyeballs import (
     CONNECTION_ATTEMPT_DELAY, AllAttemptsFailed, HappyEyeballsEndpoint, _OnceFactory, interleave,
 )
 

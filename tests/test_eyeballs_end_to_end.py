@@ -17,9 +17,9 @@ from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.mx import MXDelivery
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.outbound.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
 from tests.support.logcapture import LogLines
 from tests.support.sink import Sink

@@ -1,12 +1,12 @@
-"""mailrelay.delivery.ledger: one session's results as replies settle them, and what the recipients no
+"""mailrelay.outbound.ledger: one session's results as replies settle them, and what the recipients no
 reply settled get.  The client's use of it is in test_delivery_client, test_lmtp and test_chunking."""
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.ledger import Ledger
-from mailrelay.delivery.starttls import StartTLS
+from mailrelay.queue.job import Job
+from mailrelay.outbound.ledger import Ledger
+from mailrelay.outbound.starttls import StartTLS
 from tests.support.conversation import message
 
 RECIPIENTS = ("a@example.net", "b\r\nRSET@example.net", "c@example.net")

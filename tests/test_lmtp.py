@@ -13,9 +13,9 @@ from twisted.trial import unittest
 
 from mailrelay import config
 from mailrelay.config import ConfigError, load
-from mailrelay.delivery.job import Job, Timeouts
-from mailrelay.delivery.lmtp import LMTPClient
-from mailrelay.delivery.smarthost import SmarthostTransport
+from mailrelay.queue.job import Job, Timeouts
+from mailrelay.outbound.lmtp import LMTPClient
+from mailrelay.outbound.smarthost import SmarthostTransport
 from tests.support.conversation import Conversation, message
 from tests.support.lmtpserver import LMTP_EXTENSIONS, LMTPSink
 from tests.support.pki import TestCA

@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay import logs
 from mailrelay.config import DeliveryConfig, LogConfig, QueueConfig
-from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
+from mailrelay.queue.scheduler import STOP_TIMEOUT, Scheduler
 from tests.support.scheduling import NOW, FakeHop, FakeReporter, FakeRouter, MemorySpool
 
 SECRET = "hunter2"
@@ -240,10 +240,10 @@ class RedactionTests(unittest.TestCase):
 class FilterTests(unittest.TestCase):
     def test_only_mailrelay_namespaces_are_written(self):
         capture = Capture("text")
-        for namespace in ("mailrelay", "mailrelay.delivery.mx", "twisted.web.server", "mailrelayish", "stdout"):
+        for namespace in ("mailrelay", "mailrelay.outbound.mx", "twisted.web.server", "mailrelayish", "stdout"):
             Logger(namespace=namespace, observer=capture.publisher).info("from {ns}", ns=namespace)
         self.assertEqual([line.split(": ", 1)[1] for line in capture.lines()],
-                         ["from mailrelay", "from mailrelay.delivery.mx"])
+                         ["from mailrelay", "from mailrelay.outbound.mx"])
 
     def test_debug_events_are_left_out(self):
         capture = Capture("json")

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from mailrelay.config import DeliveryConfig, QueueConfig
-from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
+from mailrelay.queue.scheduler import STOP_TIMEOUT, Scheduler
 from mailrelay.dsn import DSNReporter
 from mailrelay.metrics import Metrics, metrics_service
 from tests.support.fakes import FakeQueue

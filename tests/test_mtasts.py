@@ -9,12 +9,12 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from mailrelay.delivery.dns import Lookup, temporary
-from mailrelay.delivery.mtasts import (
+from mailrelay.outbound.dns import Lookup, temporary
+from mailrelay.outbound.mtasts import (
     MAX_AGE_LIMIT, MTASTS, REFRESH_AFTER, RETRY_AFTER, FetchFailed, PolicyInvalid, mx_matches, parse_policy,
     parse_txt, policy_url,
 )
-from mailrelay.delivery.mtasts_cache import PolicyCache, file_name
+from mailrelay.outbound.mtasts_cache import PolicyCache, file_name
 from mailrelay.interfaces import IDNSLookup
 
 GOOD = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 86400\r\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailrelay.delivery.mtasts_cache import PolicyCache
+from mailrelay.outbound.mtasts_cache import PolicyCache
 from tests.support.tlsworld import World
 from tests.support.messages import message_to
 

@@ -14,11 +14,11 @@ from twisted.trial import unittest
 
 from mailrelay import tls
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.dns import (
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.dns import (
     MXHost, MXResolver, ResolutionFailed, make_resolver, resolve_sync, shuffle_equal_preferences,
 )
-from mailrelay.delivery.mx import MXDelivery
+from mailrelay.outbound.mx import MXDelivery
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import Sink
 from tests.support.messages import BODY, message_to

@@ -23,9 +23,9 @@ from zope.interface.verify import verifyObject
 from mailrelay import config
 from mailrelay.cli.main import main
 from mailrelay.config import load
-from mailrelay.delivery import oauth2, sasl
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.smarthost import SmarthostTransport
+from mailrelay.outbound import oauth2, sasl
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.smarthost import SmarthostTransport
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpooledMessage
 from mailrelay.metrics import Metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from mailrelay.delivery.state import MessageState
+from mailrelay.queue.state import MessageState
 from mailrelay.envelope import Envelope
 from mailrelay.spool import Spool
 from tests.support.polling import eventually

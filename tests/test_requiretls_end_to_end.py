@@ -14,8 +14,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.mx import MXDelivery
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.outbound.mx import MXDelivery
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpooledMessage
 

@@ -1,11 +1,11 @@
-"""mailrelay.delivery.routes: first-match routing by recipient domain, sender and attempt count."""
+"""mailrelay.queue.routes: first-match routing by recipient domain, sender and attempt count."""
 from __future__ import annotations
 
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import Route
-from mailrelay.delivery.routes import Router
+from mailrelay.queue.routes import Router
 from mailrelay.interfaces import IRouter
 
 

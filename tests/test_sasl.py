@@ -1,4 +1,4 @@
-"""The client side of AUTH (mailrelay.delivery.sasl.ClientLogin): never over plaintext, a mechanism the
+"""The client side of AUTH (mailrelay.outbound.sasl.ClientLogin): never over plaintext, a mechanism the
 server offers, each 334 answered, a refusal scrubbed of our secrets.  The delivery client runs it over
 real connections in tests/test_delivery_client.py; here each step alone."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import base64
 
 from twisted.trial import unittest
 
-from mailrelay.delivery.sasl import ClientLogin, LoginFailed, PasswordLogin
+from mailrelay.outbound.sasl import ClientLogin, LoginFailed, PasswordLogin
 
 
 class ClientLoginTests(unittest.TestCase):

@@ -13,10 +13,10 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig, Route
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.recovery import StartupScan
-from mailrelay.delivery.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT
-from mailrelay.delivery.state import MessageState, RecipientState, StateError
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.recovery import StartupScan
+from mailrelay.queue.scheduler import ACTIVE_MIN, ACTIVE_PER_SLOT, POLL_INTERVAL, STOP_TIMEOUT
+from mailrelay.queue.state import MessageState, RecipientState, StateError
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IScheduler, ISpoolControl
 from tests.support.scheduling import (

@@ -12,19 +12,19 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig, QueueConfig
-from mailrelay.delivery.attempts import _Job
-from mailrelay.delivery.backoff import Backoff
-from mailrelay.delivery.control import Control
-from mailrelay.delivery.outcomes import Outcomes
-from mailrelay.delivery.queuestate import QueueState
-from mailrelay.delivery.recovery import SpoolReader, StartupScan
-from mailrelay.delivery.reports import Reports
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import Scheduler
-from mailrelay.delivery.shaping import Shaper
-from mailrelay.delivery.state import MessageState, RecipientState
-from mailrelay.delivery.throttle import LocalThrottle, ThrottleRules
-from mailrelay.delivery.timetable import Timetable
+from mailrelay.queue.attempts import _Job
+from mailrelay.queue.backoff import Backoff
+from mailrelay.queue.control import Control
+from mailrelay.queue.outcomes import Outcomes
+from mailrelay.queue.queuestate import QueueState
+from mailrelay.queue.recovery import SpoolReader, StartupScan
+from mailrelay.queue.reports import Reports
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.scheduler import Scheduler
+from mailrelay.queue.shaping import Shaper
+from mailrelay.queue.state import MessageState, RecipientState
+from mailrelay.queue.throttle import LocalThrottle, ThrottleRules
+from mailrelay.queue.timetable import Timetable
 from mailrelay.interfaces import IRecipientResult
 from tests.support.parts import SLOW, PartsTestCase, RecordingThrottle, attempt_of, job, message
 from tests.support.scheduling import NOW, ManualHop, MemorySpool

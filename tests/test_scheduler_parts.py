@@ -9,15 +9,15 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import Throttle
-from mailrelay.delivery.attempts import _Job
-from mailrelay.delivery.concurrency import Slots
-from mailrelay.delivery.queuestate import ACTIVE_HARD_LIMIT, ACTIVE_MIN, ACTIVE_PER_SLOT, QueueState, active_limit
-from mailrelay.delivery.recovery import SpoolReader, StartupScan
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.shaping import Shaper
-from mailrelay.delivery.state import MessageState, RecipientState
-from mailrelay.delivery.throttle import LocalThrottle, ThrottleRules
-from mailrelay.delivery.timetable import Timetable
+from mailrelay.queue.attempts import _Job
+from mailrelay.queue.concurrency import Slots
+from mailrelay.queue.queuestate import ACTIVE_HARD_LIMIT, ACTIVE_MIN, ACTIVE_PER_SLOT, QueueState, active_limit
+from mailrelay.queue.recovery import SpoolReader, StartupScan
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.shaping import Shaper
+from mailrelay.queue.state import MessageState, RecipientState
+from mailrelay.queue.throttle import LocalThrottle, ThrottleRules
+from mailrelay.queue.timetable import Timetable
 from mailrelay.interfaces import IThrottle
 from tests.support.parts import SLOW, PartsTestCase, RecordingThrottle, attempt_of, job, message
 from tests.support.scheduling import NOW, ManualHop, MemorySpool

@@ -1,4 +1,4 @@
-"""mailrelay.delivery.sevenbit: 8-bit content converted to 7-bit MIME for a next hop without 8BITMIME.
+"""mailrelay.outbound.sevenbit: 8-bit content converted to 7-bit MIME for a next hop without 8BITMIME.
 
 Unit tests on in-memory messages (the spooled-message contract); what a next hop receives over real
 sockets is in test_content_end_to_end."""
@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailrelay.delivery.sevenbit import (
+from mailrelay.outbound.sevenbit import (
     MAX_LINE, READ_LIMIT, ConvertedMessage, Needs, Unconvertible, convert_message, downgrade, needs_downgrade,
     needs_for,
 )

@@ -14,12 +14,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay import config, idn
-from mailrelay.delivery import offer
-from mailrelay.delivery.dns import MXResolver, ResolutionFailed
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.sevenbit import Unconvertible, convert_message
-from mailrelay.delivery.routes import Router
+from mailrelay.outbound import offer
+from mailrelay.outbound.dns import MXResolver, ResolutionFailed
+from mailrelay.queue.job import Job
+from mailrelay.queue.results import RecipientResult
+from mailrelay.outbound.sevenbit import Unconvertible, convert_message
+from mailrelay.queue.routes import Router
 from mailrelay.dkim import keys
 from mailrelay.dkim.keys import SigningKey
 from mailrelay.dkim.signer import Signer

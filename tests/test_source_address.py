@@ -17,10 +17,10 @@ from twisted.trial import unittest
 from mailrelay import config
 from mailrelay.cli.main import main
 from mailrelay.config import DeliveryConfig, load
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.smarthost import SmarthostTransport
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.outbound.mx import MXDelivery
+from mailrelay.outbound.smarthost import SmarthostTransport
 from mailrelay.wiring import build_delivery_parts
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import Sink

@@ -13,8 +13,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailrelay.delivery.sevenbit import SEVEN_BIT, ConvertedMessage, convert_message, downgrade
-from mailrelay.delivery.signing import PrefixedMessage, SignedMessage
+from mailrelay.outbound.sevenbit import SEVEN_BIT, ConvertedMessage, convert_message, downgrade
+from mailrelay.outbound.signing import PrefixedMessage, SignedMessage
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISelfConvertingMessage, ISpooledMessage
 from mailrelay.spool.store import Spool

@@ -1,4 +1,4 @@
-"""mailrelay.delivery.starttls: the TLS side of one outgoing connection, on its own — its inputs are the
+"""mailrelay.outbound.starttls: the TLS side of one outgoing connection, on its own — its inputs are the
 security mode, the TLS options, the server's name and EHLO keywords, and a transport (a StringTransport
 that can start TLS); the delivery client's use of it is in test_delivery_client and test_tls_policy."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import directlyProvides, implementer
 
-from mailrelay.delivery.starttls import StartTLS, TLSFailed
-from mailrelay.delivery.tlsverify import Verdict
+from mailrelay.outbound.starttls import StartTLS, TLSFailed
+from mailrelay.outbound.tlsverify import Verdict
 from mailrelay.interfaces import ITLSPeerCheck
 from tests.support.esmtp import TLSStringTransport
 

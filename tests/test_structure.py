@@ -1,6 +1,7 @@
 """The shape of the package, read from its source with `ast`: no import cycles (counting the imports made
 inside functions too), and the stages import only what comes before them on the message's journey
-(config → server → spool → delivery → dsn → events: webhooks are told of delivery's outcomes), never
+(config → server → spool → queue → outbound → dsn → events: the queue decides what to send when and
+hands it to outbound, which sends it; webhooks are told of delivery's outcomes), never
 what comes after; config imports no stage. The composition root (mailrelay.wiring, with
 mailrelay.service and the delivery process's entry point) is imported by nothing but the root and the
 command line: the stages are handed what they need."""
@@ -15,7 +16,7 @@ from twisted.trial import unittest
 import mailrelay
 
 PACKAGE = Path(mailrelay.__file__).resolve().parent
-JOURNEY = ("config", "server", "spool", "delivery", "dsn", "events")
+JOURNEY = ("config", "server", "spool", "queue", "outbound", "dsn", "events")
 # The composition root: the modules that know every stage. Only they (and the command line) may import them.
 ROOT = ("mailrelay.wiring", "mailrelay.service", "mailrelay.delivery_main")
 # Called by the root alone: what to build from `[cluster]`.
@@ -143,7 +144,7 @@ class StructureTests(unittest.TestCase):
     def test_the_graph_sees_imports_inside_functions(self):
         # wiring.py builds the delivery side lazily; a reader that missed function-level imports
         # would find no cycle anywhere and prove nothing.
-        self.assertIn("mailrelay.delivery.scheduler", self.edges["mailrelay.wiring"])
+        self.assertIn("mailrelay.queue.scheduler", self.edges["mailrelay.wiring"])
         self.assertIn("mailrelay.config", self.edges["mailrelay.server.policy"])
 
     def test_no_import_cycles(self):
@@ -172,14 +173,14 @@ class StructureTests(unittest.TestCase):
         self.assertIn("mailrelay.wiring", self.edges["mailrelay.service"])
         self.assertIn("mailrelay.wiring", self.edges["mailrelay.delivery_main"])
         self.assertIn("mailrelay.cluster.wiring", self.edges["mailrelay.wiring"])
-        self.assertIn("mailrelay.delivery.worker", self.edges["mailrelay.wiring"])
+        self.assertIn("mailrelay.queue.worker", self.edges["mailrelay.wiring"])
 
-    def test_the_delivery_stage_never_imports_the_root(self):
-        """Not directly, and not through anything it imports: the delivery process's service and its
-        parent-side stand-in (delivery.process) know no root module."""
-        delivery = [name for name in self.edges if stage(name) == "delivery"]
-        self.assertIn("mailrelay.delivery.worker", delivery)
-        self.assertIn("mailrelay.delivery.process", delivery)
+    def test_the_delivery_stages_never_import_the_root(self):
+        """Not directly, and not through anything they import: the delivery process's service and its
+        parent-side stand-in (queue.process) know no root module, nor does the outbound side."""
+        delivery = [name for name in self.edges if stage(name) in ("queue", "outbound")]
+        self.assertIn("mailrelay.queue.worker", delivery)
+        self.assertIn("mailrelay.queue.process", delivery)
         for name in delivery:
             seen, todo = set(), [name]
             while todo:
@@ -191,7 +192,7 @@ class StructureTests(unittest.TestCase):
             self.assertEqual(sorted(seen & set(ROOT_ONLY)), [], name)
 
     def test_the_root_check_finds_a_stage_importing_the_root(self):
-        edges = {"mailrelay.delivery.worker": {"mailrelay.service"}, "mailrelay.wiring": {"mailrelay.delivery.worker"},
+        edges = {"mailrelay.queue.worker": {"mailrelay.service"}, "mailrelay.wiring": {"mailrelay.queue.worker"},
                  "mailrelay.cli.queue": {"mailrelay.wiring"}, "mailrelay.server.policy": {"mailrelay.cluster.wiring"}}
-        self.assertEqual(root_imports(edges), ["mailrelay.delivery.worker -> mailrelay.service",
+        self.assertEqual(root_imports(edges), ["mailrelay.queue.worker -> mailrelay.service",
                                                "mailrelay.server.policy -> mailrelay.cluster.wiring"])

@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 import mailrelay
-from mailrelay.delivery.results import RecipientResult
+from mailrelay.queue.results import RecipientResult
 from mailrelay.spool import suppression
 from mailrelay.spool.suppression import (JOURNAL, TEXT_LIMIT, SuppressionList, SuppressionRecorder,
                                          SuppressionWatcher, address_key, suppresses)

@@ -17,11 +17,11 @@ from zope.interface.verify import verifyObject
 from prometheus_client.exposition import generate_latest
 
 from mailrelay.config import DeliveryConfig, QueueConfig, Route, Throttle
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.routes import Router
-from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
-from mailrelay.delivery.shaping import read_status
-from mailrelay.delivery.throttle import LocalThrottle, slows_down
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.routes import Router
+from mailrelay.queue.scheduler import STOP_TIMEOUT, Scheduler
+from mailrelay.queue.shaping import read_status
+from mailrelay.queue.throttle import LocalThrottle, slows_down
 from mailrelay.interfaces import IThrottle
 from mailrelay.metrics import Metrics
 from tests.support.scheduling import NOW, ManualHop, MemorySpool

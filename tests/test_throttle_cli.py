@@ -1,5 +1,5 @@
 """`mailrelay queue throttle` and the paused destinations at the end of `queue list`, from the status
-the running relay's scheduler writes (delivery.shaping), and what a stopped relay's spool says."""
+the running relay's scheduler writes (queue.shaping), and what a stopped relay's spool says."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +13,8 @@ from twisted.trial import unittest
 
 from mailrelay.cli import main as cli_main
 from mailrelay.cli.queue_format import QueueEntry, list_line, paused_destinations, paused_note, throttle_lines
-from mailrelay.delivery.shaping import write_status
-from mailrelay.delivery.state import MessageState
+from mailrelay.queue.shaping import write_status
+from mailrelay.queue.state import MessageState
 from mailrelay.envelope import Envelope
 from mailrelay.spool.files import acquire_lock
 

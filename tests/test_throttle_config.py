@@ -6,7 +6,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from mailrelay.config import ConfigError, Throttle, load
-from mailrelay.delivery.throttle import ThrottleRules
+from mailrelay.queue.throttle import ThrottleRules
 
 HEAD = 'hostname = "relay.test"\n'
 

@@ -21,10 +21,10 @@ from twisted.trial import unittest
 
 from mailrelay import config as configuration
 from mailrelay.cli import main as cli_main
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.smarthost import SmarthostTransport
-from mailrelay.delivery.state import MessageState
-from mailrelay.delivery.throttle import slows_down
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.smarthost import SmarthostTransport
+from mailrelay.queue.state import MessageState
+from mailrelay.queue.throttle import slows_down
 from mailrelay.spool import Spool
 from tests.support.dnsserver import DNSServer
 from tests.support.polling import until

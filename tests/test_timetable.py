@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet import task
 from twisted.trial import unittest
 
-from mailrelay.delivery.timetable import Timetable
+from mailrelay.queue.timetable import Timetable
 
 
 class TimetableTests(unittest.TestCase):

@@ -1,4 +1,4 @@
-"""The TLS policy plan of direct delivery (delivery.tlspolicy) without the network: which exchanger gets
+"""The TLS policy plan of direct delivery (outbound.tlspolicy) without the network: which exchanger gets
 DANE, MTA-STS or `[delivery] tls`, from fake lookups and a fixed MTA-STS answer; the seams' interfaces;
 what the ITLSReportSink and the metric are told."""
 from __future__ import annotations
@@ -8,14 +8,14 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
-from mailrelay.delivery.client import DeliveryClient
-from mailrelay.delivery.dane import TLSA
-from mailrelay.delivery.dns import Lookup, MXHost, MXResolver, temporary
-from mailrelay.delivery.mtasts import StsAnswer, parse_policy
-from mailrelay.delivery.results import SessionResult
-from mailrelay.delivery.tlsinfo import Negotiated
-from mailrelay.delivery.tlspolicy import NoReports, TLSPolicies
-from mailrelay.delivery.tlsverify import PolicyTLS, UnverifiedTLS, Verdict
+from mailrelay.outbound.client import DeliveryClient
+from mailrelay.outbound.dane import TLSA
+from mailrelay.outbound.dns import Lookup, MXHost, MXResolver, temporary
+from mailrelay.outbound.mtasts import StsAnswer, parse_policy
+from mailrelay.queue.results import SessionResult
+from mailrelay.outbound.tlsinfo import Negotiated
+from mailrelay.outbound.tlspolicy import NoReports, TLSPolicies
+from mailrelay.outbound.tlsverify import PolicyTLS, UnverifiedTLS, Verdict
 from mailrelay.interfaces import IDNSLookup, ITLSPeerCheck, ITLSReportSink, ITLSVerification
 from mailrelay.metrics import Metrics
 from tests.support.tlsworld import RecordingReports
@@ -176,7 +176,7 @@ class UnverifiedContextTests(unittest.TestCase):
     domain beyond TLS_KEPT's names pay for one — and each connection still names its own host (SNI)."""
 
     def test_exchangers_beyond_the_kept_ones_share_one_context(self):
-        from mailrelay.delivery.tlspolicy import TLS_KEPT
+        from mailrelay.outbound.tlspolicy import TLS_KEPT
         policies = TLSPolicies("opportunistic")
         names = [f"mx.d{n}.example" for n in range(TLS_KEPT + 20)]
         contexts = set()
@@ -225,7 +225,7 @@ class PolicyContextTests(unittest.TestCase):
     checks still judge each connection by its own exchanger's name."""
 
     def test_exchangers_beyond_the_kept_ones_share_one_context_per_kind(self):
-        from mailrelay.delivery.tlspolicy import TLS_KEPT
+        from mailrelay.outbound.tlspolicy import TLS_KEPT
         policies = TLSPolicies("verify")
         names = [f"mx.d{n}.example" for n in range(TLS_KEPT + 20)]
         contexts = set()
@@ -245,7 +245,7 @@ class PolicyContextTests(unittest.TestCase):
     def test_each_connection_on_the_shared_context_is_judged_by_its_own_name(self):
         from OpenSSL import SSL
 
-        from mailrelay.delivery.tlsverify import load_trust
+        from mailrelay.outbound.tlsverify import load_trust
         from tests.support import testca
         pair = testca.issue(self.mktemp(), "mx.a.example")
         other = testca.issue(self.mktemp(), "mx.a.example")          # another CA: not trusted

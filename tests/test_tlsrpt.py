@@ -23,8 +23,8 @@ from twisted.internet import task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailrelay.delivery import tlsrpt_report as rpt
-from mailrelay.delivery import tlsrpt_store as st
+from mailrelay.outbound import tlsrpt_report as rpt
+from mailrelay.outbound import tlsrpt_store as st
 from mailrelay.interfaces import ITLSReportSink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ class StoreTests(unittest.TestCase):
     def test_one_report_run_at_a_time(self):
         with st.report_lock(self.directory) as first:
             self.assertTrue(first)
-            script = ("import sys; from pathlib import Path; from mailrelay.delivery.tlsrpt_store import report_lock\n"
+            script = ("import sys; from pathlib import Path; from mailrelay.outbound.tlsrpt_store import report_lock\n"
                       f"with report_lock(Path({str(self.directory)!r})) as got: sys.exit(0 if got else 3)\n")
             other = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
             self.assertEqual(other.returncode, 3)
@@ -198,7 +198,7 @@ class StoreTests(unittest.TestCase):
         script = textwrap.dedent(f"""
             import os, signal
             from twisted.internet import reactor
-            from mailrelay.delivery.tlsrpt_store import TLSReportStore, FLUSH_DELAY
+            from mailrelay.outbound.tlsrpt_store import TLSReportStore, FLUSH_DELAY
             store = TLSReportStore({str(self.directory)!r}, clock=reactor)
             for _ in range(30):
                 store.record("example.org", "no-policy-found", (), "mx", None, True, {{}})
@@ -339,7 +339,7 @@ class FakeSender:
 
 class ServiceScheduleTests(unittest.TestCase):
     def test_first_run_after_start_then_daily_shortly_after_midnight_utc(self):
-        from mailrelay.delivery import tlsrpt_send
+        from mailrelay.outbound import tlsrpt_send
         clock = clock_at(NOON)
         store = st.TLSReportStore(Path(self.mktemp()).absolute(), clock=clock)
         sender = FakeSender()
@@ -360,7 +360,7 @@ class ServiceScheduleTests(unittest.TestCase):
         self.assertTrue(midnight + 86400 + 60 <= call.getTime() <= midnight + 86400 + tlsrpt_send.JITTER)
 
     def test_stop_flushes_the_store_and_cancels_the_timers(self):
-        from mailrelay.delivery import tlsrpt_send
+        from mailrelay.outbound import tlsrpt_send
         clock = clock_at(NOON)
         store = st.TLSReportStore(Path(self.mktemp()).absolute(), clock=clock)
         service = tlsrpt_send.TLSReportService(store, FakeSender(), clock)

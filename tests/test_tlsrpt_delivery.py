@@ -17,10 +17,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.mx import MXDelivery
-from mailrelay.delivery.tlsrpt_store import TLSReportStore
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.mx import MXDelivery
+from mailrelay.outbound.tlsrpt_store import TLSReportStore
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpooledMessage, ITLSReportSink
 from tests.support.dnsserver import DNSServer

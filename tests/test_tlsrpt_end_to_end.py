@@ -22,8 +22,8 @@ from twisted.internet import defer, reactor, threads, utils
 from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
-from mailrelay.delivery.tlsrpt_send import TLSReportService
-from mailrelay.delivery.tlsrpt_store import decode_lines
+from mailrelay.outbound.tlsrpt_send import TLSReportService
+from mailrelay.outbound.tlsrpt_store import decode_lines
 from mailrelay.dkim import keys
 from tests.support.dnsserver import DNSServer
 from tests.support.pki import TestCA

@@ -10,8 +10,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.config import DeliveryConfig, QueueConfig
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.scheduler import STOP_TIMEOUT, Scheduler
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IDeliveryEvents, INextHop, IRouter
 from tests.support.scheduling import MemorySpool as Spool

@@ -11,7 +11,7 @@ In: the config (for `spool`), an action, maybe a queue id.  Out: text (or `--jso
 - with a stopped relay: this process takes the spool lock itself for the few milliseconds it needs (so a
   relay starting meanwhile cannot race it; it refuses to start instead) and acts on the spool:
   hold/release set or clear the persisted hold flag, delete removes message, state and flag (no DSN),
-  flush sets every pending recipient's `next_attempt` to 0 ("now" in delivery/state.py), and bounce
+  flush sets every pending recipient's `next_attempt` to 0 ("now" in queue/state.py), and bounce
   gives every pending recipient the final answer the scheduler itself records for a bounce request
   (done="bounced", not yet reported, scheduler.ADMIN_BOUNCE), which the scheduler reports in a DSN
   (RFC 3464) and then removes the message as soon as it starts.
@@ -20,7 +20,7 @@ In: the config (for `spool`), an action, maybe a queue id.  Out: text (or `--jso
 `webhooks` shows only those.  Reading (list, show, webhooks) never takes the lock: queue and state
 files are replaced atomically.  `throttle`
 (and the end of `list`) shows the running relay's `[[throttle]]` state from <spool>/throttle.json,
-which its scheduler rewrites every few seconds and removes when it stops (delivery.shaping).
+which its scheduler rewrites every few seconds and removes when it stops (queue.shaping).
 Failures are one line on stderr, never a traceback: an unknown id exits 1, a config error exits 2.
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ from mailrelay.cli.queue_format import (HEADER_CAP, QueueEntry, entry_dict, paus
 from mailrelay.cli.queue_listing import list_queue
 from mailrelay.config.webhooks import display_url
 from mailrelay.events.store import read_backlog
-from mailrelay.delivery.control import ADMIN_BOUNCE
-from mailrelay.delivery.shaping import STATUS_FILE, read_status
-from mailrelay.delivery.state import BOUNCED, MessageState, StateError
+from mailrelay.queue.control import ADMIN_BOUNCE
+from mailrelay.queue.shaping import STATUS_FILE, read_status
+from mailrelay.queue.state import BOUNCED, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
 from mailrelay.spool.files import acquire_lock
 from mailrelay.spool.ids import is_valid_queue_id
@@ -189,7 +189,7 @@ def do_list(spool: Spool, args: argparse.Namespace, now: float, config: Config) 
 
 
 def _throttle_status(spool: Spool, config: Config) -> Optional[dict]:
-    """The running relay's throttle status (delivery.shaping writes it), or None: no rule, or no relay
+    """The running relay's throttle status (queue.shaping writes it), or None: no rule, or no relay
     running (a file a killed relay left behind says nothing about the present)."""
     if not config.throttles or not Spool.in_use(spool.directory):
         return None

@@ -3,7 +3,7 @@
 
 Not a stage of the message's journey but a window on the middle of it: in, `QueueEntry` values (a
 spooled message's envelope, size, hold flag and the scheduler's per-recipient state, see
-delivery/state.py) and the current time; out, text lines or JSON-able dicts.  Pure functions, no I/O:
+queue/state.py) and the current time; out, text lines or JSON-able dicts.  Pure functions, no I/O:
 the caller reads the spool (cli/queue.py) and passes `now`, so tests need no clock.
 
 Everything shown comes from outside: addresses and reply texts from remote servers, header fields from
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
-from mailrelay.delivery.state import MessageState, RecipientState
+from mailrelay.queue.state import MessageState, RecipientState
 from mailrelay.envelope import Envelope, domain_of
 
 HEADER_CAP = 64 * 1024        # `show` prints at most this many bytes of the header section
@@ -241,7 +241,7 @@ def webhook_dict(backlog, configured: set[str]) -> dict:
 # -- throttles --------------------------------------------------------------------------------------
 
 def paused_destinations(status: Optional[dict], now: float) -> dict[str, float]:
-    """destination -> end of its pause, for the pauses in force in a throttle status (delivery.shaping)."""
+    """destination -> end of its pause, for the pauses in force in a throttle status (queue.shaping)."""
     if not status:
         return {}
     return {str(row.get("destination")): float(row.get("paused_until") or 0)

@@ -2,7 +2,7 @@
 """The TLS policy lines of `mailrelay route-test` for direct delivery: the domain's MTA-STS policy (RFC
 8461: the TXT id, the policy as the relay's cache holds it or as fetched now, its mode and MX patterns)
 and each exchanger's DANE TLSA records (RFC 7672) with whether the resolver authenticated them — then
-what each exchanger would get (delivery.tlspolicy's precedence: DANE, then MTA-STS, then `[delivery]
+what each exchanger would get (outbound.tlspolicy's precedence: DANE, then MTA-STS, then `[delivery]
 tls`).
 
 Blocking, for the command line: DNS through the configured `nameservers` (dnspython), the policy over
@@ -19,12 +19,12 @@ import time
 from typing import Optional
 
 from mailrelay.config import Config
-from mailrelay.delivery.dane import TLSA, usable
-from mailrelay.delivery.dns import MXHost, ResolutionFailed, lookup_sync
-from mailrelay.delivery.mtasts import (
+from mailrelay.outbound.dane import TLSA, usable
+from mailrelay.outbound.dns import MXHost, ResolutionFailed, lookup_sync
+from mailrelay.outbound.mtasts import (
     MAX_POLICY_SIZE, Policy, PolicyInvalid, parse_policy, parse_txt, policy_url,
 )
-from mailrelay.delivery.mtasts_cache import PolicyCache
+from mailrelay.outbound.mtasts_cache import PolicyCache
 
 TIMEOUT = 30.0
 

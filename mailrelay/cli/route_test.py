@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 
 from mailrelay.config import Config, ConfigError, load
-from mailrelay.delivery.dns import ResolutionFailed, address_literal, check_domain, make_resolver, resolve_sync
-from mailrelay.delivery.routes import Router
+from mailrelay.outbound.dns import ResolutionFailed, address_literal, check_domain, make_resolver, resolve_sync
+from mailrelay.queue.routes import Router
 from mailrelay.envelope import domain_of
 
 ATTEMPTS_SHOWN = 10     # fallback routes with after_attempts up to this are listed
@@ -49,7 +49,7 @@ def token_text(t) -> tuple[str, bool]:
     """("token: ...", whether one was had) for an OAuth2 transport: one real request to its endpoint."""
     from twisted.internet import task
 
-    from mailrelay.delivery.oauth2 import BearerToken, OAuth2TokenSource, blocking_post
+    from mailrelay.outbound.oauth2 import BearerToken, OAuth2TokenSource, blocking_post
 
     try:
         source = OAuth2TokenSource(t.name, t.oauth2, clock=task.Clock(), post=blocking_post(t.oauth2.ca_file))

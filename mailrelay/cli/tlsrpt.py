@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_tlsrpt, tests.test_tlsrpt_end_to_end -*-
 """`mailrelay tlsrpt send --config FILE`: send the TLS reports (RFC 8460) due now.
 
-It does what the relay's daily run does (delivery.tlsrpt_send), at once, and with today's results so
+It does what the relay's daily run does (outbound.tlsrpt_send), at once, and with today's results so
 far: it takes the results gathered since the last report from <spool>/tlsrpt/ (a rename under the
 store's journal lock: the running relay's next append starts a new file, nothing is counted twice or
 lost), and sends each domain that publishes `_smtp._tls` a report — mail reports into the spool,
@@ -80,8 +80,8 @@ def _run_reactor(config, paths, running: bool) -> list:
     from twisted.internet.base import ReactorBase
     from twisted.python.failure import Failure
 
-    from mailrelay.delivery.tlsrpt_send import ReportRunBusy, TLSReportSender, https_post, txt_lookup
-    from mailrelay.delivery.tlsrpt_store import store_directory
+    from mailrelay.outbound.tlsrpt_send import ReportRunBusy, TLSReportSender, https_post, txt_lookup
+    from mailrelay.outbound.tlsrpt_store import store_directory
     from mailrelay.spool import Spool
     from mailrelay.spool.control import post_request
 

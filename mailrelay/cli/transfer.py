@@ -39,9 +39,9 @@ from twisted.python.failure import Failure
 
 from mailrelay.cli.common import EXIT_FAILED, EXIT_OK, CLIError, error, guarded, load_config
 from mailrelay.config import Config
-from mailrelay.delivery.job import Job
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.state import DELIVERED, LastReply, MessageState, StateError
+from mailrelay.queue.job import Job
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.state import DELIVERED, LastReply, MessageState, StateError
 from mailrelay.spool import CorruptMessage, Spool, SpoolLocked, UnknownMessage
 from mailrelay.spool.files import acquire_lock, fsync_directory
 
@@ -203,7 +203,7 @@ async def _send(reactor: Any, spool: Spool, config: Config, args: argparse.Names
     policy = {"none": "none", "opportunistic": "opportunistic"}.get(args.security,
                                                                     "verify" if args.verify else "required")
     where = f"{host}:{port}"
-    from mailrelay.delivery.smarthost import deliver_to_host   # the SMTP client and TLS: only when sending
+    from mailrelay.outbound.smarthost import deliver_to_host   # the SMTP client and TLS: only when sending
 
     def settled(index: int, results: list[RecipientResult]) -> defer.Deferred:
         job, state = batch[index]

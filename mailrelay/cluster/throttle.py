@@ -3,7 +3,7 @@
 cap and one pause per destination for the cluster, with this relay's own LocalThrottle behind it.
 
 Where it sits: at the side of the journey, behind the IThrottle seam the delivery scheduler asks
-(delivery.shaping).  IThrottle answers at once, from memory; Redis answers later.  So:
+(queue.shaping).  IThrottle answers at once, from memory; Redis answers later.  So:
 
 - The rate: before a connection to a throttled destination starts, this relay books the next free
   start in Redis (gcra.THROTTLE_RESERVE, atomic: the destination's TAT moves one interval on per
@@ -41,7 +41,7 @@ from zope.interface import implementer
 from mailrelay.cluster.redis import RedisLink, RedisUnavailable
 from mailrelay.config import Throttle
 from mailrelay.config.model import MAX_THROTTLE_PAUSE
-from mailrelay.delivery.throttle import QUIET_AFTER, DestinationStatus, LocalThrottle
+from mailrelay.queue.throttle import QUIET_AFTER, DestinationStatus, LocalThrottle
 from mailrelay.interfaces import IThrottle
 from mailrelay.logger import Logger
 

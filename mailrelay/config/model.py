@@ -61,7 +61,7 @@ class Limits:
     idle_timeout: float = 300.0
     session_timeout: float = 1800.0   # added key: an overall deadline per connection
     # Added key: the longest text line DATA accepts (octets without CRLF).  Lines over 998 (RFC 5321
-    # 4.5.3.1.6) are accepted up to this and re-encoded before they leave (delivery/sevenbit.py).
+    # 4.5.3.1.6) are accepted up to this and re-encoded before they leave (outbound/sevenbit.py).
     max_line_length: int = 64 * 1024
 
 

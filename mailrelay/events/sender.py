@@ -14,7 +14,7 @@ not a 2xx; a signed body is never replayed to a host the config does not name).
 
 At most `concurrency` POSTs are in flight; each is bounded by `timeout` (connect to the last byte of
 the answer).  Any answer but 2xx, a timeout or a connection failure puts the event back first in line
-and pauses the URL for a jittered, doubling interval (RETRY_FIRST up to RETRY_MAX, delivery.backoff);
+and pauses the URL for a jittered, doubling interval (RETRY_FIRST up to RETRY_MAX, queue.backoff);
 after the pause one POST probes, and full concurrency returns with the first 2xx.  The first
 connection failure after a 2xx is retried at once, without a pause: a kept-alive connection the
 receiver closed just as it was reused looks like that.  A 4xx other than
@@ -35,7 +35,7 @@ from typing import Callable, Optional
 from twisted.internet import defer
 
 from mailrelay.config import WebhookConfig
-from mailrelay.delivery.backoff import Backoff
+from mailrelay.queue.backoff import Backoff
 from mailrelay.events.store import Outbox, StoredEvent
 from mailrelay.logger import Logger
 

@@ -27,7 +27,7 @@ Policy (RFC 5321 4.1.1.4, 4.5.2, 4.5.3.1.6; CVE-2023-51764/51765/51766 and CVE-2
   with 5.6.0 "other media error" is the most precise pair: the content, not the mailbox or the
   system, is at fault.  Lines over 998 octets (RFC 5321 4.5.3.1.6) up to that bound are accepted, as
   Postfix does: the spool notes them and delivery re-encodes them, so none ever leaves
-  (delivery/sevenbit.py).  The reader never drops back to command mode mid-body (stock Twisted
+  (outbound/sevenbit.py).  The reader never drops back to command mode mid-body (stock Twisted
   answers 500 and executes the rest of the body as commands); a line over the bound is discarded as
   it streams, never buffered beyond `max_line` octets.
 - Over `max_size` content octets (counted as they stream): `552 5.3.4` after the real end of data;

@@ -1,4 +1,4 @@
-"""An outgoing client (delivery.client and its subclasses) on a StringTransport, for conversation tests:
+"""An outgoing client (outbound.client and its subclasses) on a StringTransport, for conversation tests:
 feed server lines, read what the client wrote, time on a task.Clock.  Plus the spooled-message contract
 as a small in-memory value (`FakeMessage`).
 
@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery.job import SessionParams
+from mailrelay.queue.job import SessionParams
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ISpooledMessage
 

@@ -4,7 +4,7 @@ and BOUNCED, one permanent and one temporary result for its two recipients.
 """
 from __future__ import annotations
 
-from mailrelay.delivery.results import RecipientResult
+from mailrelay.queue.results import RecipientResult
 from mailrelay.envelope import Envelope
 from tests.support.messages import FakeMessage
 

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_delivery_client, tests.test_connection_cache, tests.test_duplicate_window -*-
-"""The outgoing ESMTP client (delivery.client.DeliveryClient) in conversation with a test: `Conversation`
+"""The outgoing ESMTP client (outbound.client.DeliveryClient) in conversation with a test: `Conversation`
 puts it on a StringTransport that can start TLS (`TLSStringTransport`) with a task.Clock; the test feeds the
 server's lines and reads the client's.  `message()` is the spooled message it sends (BODY: dots to stuff);
 `Certificates` a self-signed server certificate and its CA file for real TLS to a sink; `FAST` short
@@ -13,8 +13,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
-from mailrelay.delivery.client import DeliveryClient
-from mailrelay.delivery.job import SessionParams, Timeouts
+from mailrelay.outbound.client import DeliveryClient
+from mailrelay.queue.job import SessionParams, Timeouts
 from mailrelay.envelope import Envelope
 from mailrelay.tls import generate_self_signed
 from tests.support.conversation import FakeMessage

@@ -12,10 +12,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.config import Throttle
-from mailrelay.delivery.attempts import _Job
-from mailrelay.delivery.queuestate import QueueState
-from mailrelay.delivery.state import MessageState
-from mailrelay.delivery.throttle import LocalThrottle
+from mailrelay.queue.attempts import _Job
+from mailrelay.queue.queuestate import QueueState
+from mailrelay.queue.state import MessageState
+from mailrelay.queue.throttle import LocalThrottle
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import IThrottle
 from tests.support.scheduling import NOW, MemoryMessage

@@ -24,9 +24,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.config import DeliveryConfig, QueueConfig
-from mailrelay.delivery.results import RecipientResult
-from mailrelay.delivery.scheduler import STOP_TIMEOUT, Scheduler
-from mailrelay.delivery.state import MessageState, RecipientState
+from mailrelay.queue.results import RecipientResult
+from mailrelay.queue.scheduler import STOP_TIMEOUT, Scheduler
+from mailrelay.queue.state import MessageState, RecipientState
 from mailrelay.envelope import Envelope, domain_of
 from mailrelay.interfaces import IDeliveryReporter, INextHop, IRouter, ISpool, ISpoolControl, ISpooledMessage
 

@@ -26,10 +26,10 @@ from zope.interface import implementer
 
 from mailrelay import tls as relay_tls
 from mailrelay.config import DeliveryConfig
-from mailrelay.delivery.dane import TLSA
-from mailrelay.delivery.dns import MXResolver
-from mailrelay.delivery.job import Timeouts
-from mailrelay.delivery.mx import MXDelivery
+from mailrelay.outbound.dane import TLSA
+from mailrelay.outbound.dns import MXResolver
+from mailrelay.queue.job import Timeouts
+from mailrelay.outbound.mx import MXDelivery
 from mailrelay.interfaces import ITLSReportSink
 from tests.support.dnsserver import DNSServer
 from tests.support.pki import TestCA
