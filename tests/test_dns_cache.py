@@ -71,6 +71,34 @@ class CacheTests(_DNSCase):
         self.assertEqual(len(self.dns.queries), queries)
 
     @defer.inlineCallbacks
+    def test_a_warm_cache_answers_at_once_without_the_thread_pool(self):
+        first = yield self.resolver.resolve("example.net")
+        txt = yield self.resolver.lookup("neg.example", "TXT")
+        gone = yield self.failure("gone.neg.example")
+        asked = len(self.dns.queries)
+        # Answered on this thread: the Deferreds have fired before resolve() and lookup() return.
+        second = self.resolver.resolve("example.net")
+        self.assertEqual(self.successResultOf(second), first)
+        again = self.resolver.lookup("neg.example", "TXT")
+        self.assertEqual(self.successResultOf(again), txt)
+        nx = self.failureResultOf(self.resolver.resolve("gone.neg.example"), ResolutionFailed)
+        self.assertEqual(nx.value.reply.status, gone.reply.status)
+        self.assertEqual(len(self.dns.queries), asked)
+        self.assertEqual(self.resolver._in_flight, 0)     # nothing was handed to the pool
+
+    @defer.inlineCallbacks
+    def test_a_partly_warm_cache_asks_the_rest_through_the_pool(self):
+        yield self.resolver.resolve("example.net")
+        cache = self.resolver.cache
+        cache.flush((dns.name.from_text("mx1.example.net"), dns.rdatatype.A, dns.rdataclass.IN))
+        d = self.resolver.resolve("example.net")
+        self.assertNoResult(d)          # the exchanger's address is gone: the thread asks for it
+        hosts = yield d
+        self.assertEqual(hosts, [MXHost("mx1.example.net", 10, ("127.0.0.2",))])
+        self.assertEqual(self.asked("example.net"), ["MX"])
+        self.assertEqual(self.asked("mx1.example.net"), ["A", "AAAA", "A"])
+
+    @defer.inlineCallbacks
     def test_servfail_is_temporary_every_time_and_never_cached(self):
         for _ in range(2):
             e = yield self.failure("broken.example")

@@ -9,8 +9,10 @@ preferences, each with all its A then AAAA addresses — or failing with `Resolu
 
 RFCs: RFC 5321 §5.1 (MX ordering, random among equal preferences, implicit MX from the domain's own
 address records), RFC 5321 §4.1.3 (address literals), RFC 7505 (null MX), RFC 3463 (status codes).
-dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); each lookup runs
-on a small dedicated thread pool so a slow nameserver never blocks the reactor.
+dnspython does the queries (it keeps the AD bit and knows TLSA, unlike twisted.names); a lookup that must
+ask a nameserver runs on a small dedicated thread pool so a slow nameserver never blocks the reactor.  One
+the cache can answer whole (every answer it needs still there) is answered at once, on the calling
+thread, as dnspython would answer it from that cache: no thread hop for the common case of a warm cache.
 
 Caching: one `MXResolver` keeps one dnspython resolver with a bounded LRU answer cache (`[delivery]
 dns_cache_size` answers; 0: none) for as long as the configuration's `nameservers` and that size stay
@@ -40,6 +42,8 @@ import dns.exception
 import dns.flags
 import dns.name
 import dns.nameserver
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
@@ -172,6 +176,59 @@ class AnswerCache(dns.resolver.LRUCache):
 
 
 NegativeAwareCache = AnswerCache     # the name it had before it clamped and counted
+
+
+class _CacheMiss(Exception):
+    """The cache cannot answer this: the lookup has to ask a nameserver (on the thread pool)."""
+
+
+class _CacheOnly:
+    """What `_lookup_secure` needs of a dnspython resolver, answered from an AnswerCache alone, as
+    dnspython reads its cache: the (name, type) answer (NODATA included), else an NXDOMAIN kept under
+    (name, ANY); where dnspython would go on to ask a nameserver, `_CacheMiss`.  Hits are counted only
+    once the whole question was answered (`commit`): after a miss the thread pool asks it all again
+    and counts it itself."""
+
+    lifetime = DEFAULT_TIMEOUT
+
+    def __init__(self, cache: AnswerCache):
+        self._cache = cache
+        self._hits = 0
+
+    def resolve(self, qname: str, rdtype, search: bool = False, raise_on_no_answer: bool = False,
+                lifetime: Optional[float] = None) -> dns.resolver.Answer:
+        name = dns.name.from_text(qname)
+        kept = dns.resolver.LRUCache.get       # the uncounted read: AnswerCache.get counts
+        answer = kept(self._cache, (name, dns.rdatatype.RdataType.make(rdtype), dns.rdataclass.IN))
+        if answer is not None:
+            self._hits += 1
+            return answer
+        answer = kept(self._cache, (name, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+            self._hits += 1
+            raise dns.resolver.NXDOMAIN(qnames=[name], responses={name: answer.response})
+        raise _CacheMiss(qname)
+
+    def commit(self) -> None:
+        for _ in range(self._hits):
+            self._cache._count(True)
+
+
+def _from_cache(cache: Optional[AnswerCache], work: Callable[..., Any], *args: Any) -> defer.Deferred | None:
+    """`work(resolver, *args)` answered from `cache` on this thread (a fired Deferred, holding its result
+    or its ResolutionFailed), or None when the cache cannot answer all of it."""
+    if cache is None:
+        return None
+    reader = _CacheOnly(cache)
+    try:
+        result = work(reader, *args)
+    except ResolutionFailed as e:
+        reader.commit()
+        return defer.fail(e)
+    except Exception:        # a miss, or anything unexpected: the thread pool does it the long way
+        return None
+    reader.commit()
+    return defer.succeed(result)
 
 
 class _Budget:
@@ -439,15 +496,20 @@ class MXResolver:
             check_domain(domain)
         except ResolutionFailed as e:
             return defer.fail(e)
-        self._in_flight += 1
-        d = deferToThreadPool(self._reactor, self._ensure_pool(), self._resolve_in_thread, domain)
-        d.addBoth(self._answered)
+        d = _from_cache(self.cache, resolve_sync, domain, self._budget)
+        if d is None:
+            self._in_flight += 1
+            d = deferToThreadPool(self._reactor, self._ensure_pool(), self._resolve_in_thread, domain)
+            d.addBoth(self._answered)
         d.addCallback(shuffle_equal_preferences, self._rng)
         return d
 
     def lookup(self, name: str, rdtype: str) -> defer.Deferred:
         """IDNSLookup: Deferred[Lookup] for one (name, type) through the same resolver and cache; fails
         only with ResolutionFailed (a temporary failure: the answer is unknown)."""
+        cached = _from_cache(self.cache, lookup_sync, name.lower().rstrip("."), rdtype, self._timeout)
+        if cached is not None:
+            return cached
         self._in_flight += 1
         d = deferToThreadPool(self._reactor, self._ensure_pool(), self._lookup_in_thread, name, rdtype)
         return d.addBoth(self._answered)
